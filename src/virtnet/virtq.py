@@ -1,0 +1,552 @@
+"""Split virtqueues (virtio 1.3, 2.7 "Split Virtqueues"), device side and driver side.
+
+Sans-I/O: the queues read and write guest memory through
+:class:`~virtnet.memory.GuestMemory` and decide *whether* to notify; the
+caller owns eventfds and kicks.
+
+Invariants kept on the device side (:class:`DeviceQueue`):
+
+* The available index may run at most ``size`` entries ahead of the device's
+  ``last_avail_idx`` (2.7.6); more raises :class:`VirtqueueError`.
+* A chain's head and every ``next`` are ``< size`` (2.7.5); a chain visits at
+  most ``size`` descriptors (the hop budget), so a loop is detected rather
+  than followed forever; an indirect table (2.7.5.3) holds at most
+  ``MAX_QUEUE_SIZE`` entries, has a length that is a non-zero multiple of
+  16, is never nested and is never combined with NEXT.
+* Device-writable descriptors never precede device-readable ones in a chain
+  (2.7.4.2), and a chain's total length is capped at :data:`MAX_CHAIN_BYTES`.
+* Every buffer handed out is a ``memoryview`` obtained from
+  :meth:`GuestMemory.view`, so nothing outside guest memory is touched.
+* Indexes are free-running 16-bit counters that wrap at 2**16.
+* One used-index publication and one notification decision per batch.
+
+Ordering: the device reads ``avail.idx`` before ring entries and writes used
+entries before ``used.idx``; on x86 (TSO) program order suffices for those.
+Where the spec needs a full barrier (a store followed by a load: publish used
+idx then read ``used_event``; write ``avail_event`` then re-read
+``avail.idx``) we take and release a lock, whose locked instruction is a full
+fence.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from virtnet.errors import VirtqueueError
+from virtnet.memory import GuestMemory
+
+__all__ = [
+    "DESC_SIZE",
+    "MAX_CHAIN_BYTES",
+    "MAX_QUEUE_SIZE",
+    "VIRTQ_AVAIL_F_NO_INTERRUPT",
+    "VIRTQ_DESC_F_INDIRECT",
+    "VIRTQ_DESC_F_NEXT",
+    "VIRTQ_DESC_F_WRITE",
+    "VIRTQ_USED_F_NO_NOTIFY",
+    "Chain",
+    "DeviceQueue",
+    "DriverQueue",
+    "RingLayout",
+    "split_ring_layout",
+    "vring_need_event",
+]
+
+#: 2.7 "Split Virtqueues": Queue Size is a power of 2, at most 32768.
+MAX_QUEUE_SIZE = 32768
+#: 2.7.5 "The Virtqueue Descriptor Table": 16 bytes per descriptor.
+DESC_SIZE = 16
+#: 2.7.5: flags.
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+#: 2.7.6 "The Virtqueue Available Ring" flags.
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+#: 2.7.8 "The Virtqueue Used Ring" flags.
+VIRTQ_USED_F_NO_NOTIFY = 1
+#: 2.7.4 alignment requirements: descriptor table 16, available ring 2, used ring 4.
+DESC_ALIGN = 16
+AVAIL_ALIGN = 2
+USED_ALIGN = 4
+#: Cap on the bytes one chain may describe.  The largest virtio-net packet is a
+#: 64 KiB GSO frame plus header; 16 MiB leaves room for other devices while
+#: bounding what a guest can make us account for.
+MAX_CHAIN_BYTES = 16 << 20
+
+_DESC = struct.Struct("<QIHH")
+_desc_unpack = _DESC.unpack_from
+_desc_pack = _DESC.pack_into
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """2.7.10: notify iff ``event_idx`` lies in ``[old_idx, new_idx)`` (mod 2**16)."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """Offsets of the three parts of a split ring laid out in one block."""
+
+    size: int
+    desc: int
+    avail: int
+    used: int
+    total: int
+
+
+def _check_size(size: int) -> None:
+    if not (0 < size <= MAX_QUEUE_SIZE) or size & (size - 1):
+        raise VirtqueueError(f"queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+
+
+def split_ring_layout(size: int, align: int = 4096) -> RingLayout:
+    """The legacy contiguous layout (2.7.2): desc, avail, then used aligned to ``align``."""
+    _check_size(size)
+    desc = 0
+    avail = size * DESC_SIZE
+    avail_end = avail + 6 + 2 * size
+    used = (avail_end + align - 1) // align * align
+    used_end = used + 6 + 8 * size
+    return RingLayout(size, desc, avail, used, used_end)
+
+
+_FENCE = threading.Lock()
+
+
+def _full_barrier() -> None:
+    _FENCE.acquire()
+    _FENCE.release()
+
+
+class Chain:
+    """A descriptor chain popped by the device: readable buffers, then writable ones."""
+
+    __slots__ = ("head", "in_", "in_len", "out", "out_len")
+
+    def __init__(
+        self,
+        head: int,
+        out: list[memoryview],
+        in_: list[memoryview],
+        out_len: int,
+        in_len: int,
+    ) -> None:
+        self.head = head
+        self.out = out
+        self.in_ = in_
+        self.out_len = out_len
+        self.in_len = in_len
+
+    def __repr__(self) -> str:
+        return (
+            f"Chain(head={self.head}, out={self.out_len}B/{len(self.out)},"
+            f" in={self.in_len}B/{len(self.in_)})"
+        )
+
+
+class _Rings:
+    """Typed views over the three parts of a split ring in guest memory."""
+
+    def __init__(
+        self, mem: GuestMemory, size: int, desc_addr: int, avail_addr: int, used_addr: int
+    ) -> None:
+        _check_size(size)
+        if desc_addr % DESC_ALIGN or avail_addr % AVAIL_ALIGN or used_addr % USED_ALIGN:
+            raise VirtqueueError(
+                f"misaligned ring: desc 0x{desc_addr:x} avail 0x{avail_addr:x} used 0x{used_addr:x}"
+            )
+        self.size = size
+        self.mask = size - 1
+        try:
+            self.desc = mem.view(desc_addr, size * DESC_SIZE)
+            # avail: flags, idx, ring[size], used_event
+            self.avail = mem.view(avail_addr, 6 + 2 * size).cast("H")
+            # used: flags, idx, ring[size] of (id u32, len u32), avail_event
+            used = mem.view(used_addr, 6 + 8 * size)
+        except VirtqueueError:
+            raise
+        except Exception as exc:  # GuestMemoryError
+            raise VirtqueueError(f"ring outside guest memory: {exc}") from exc
+        self.used = used.cast("H")
+        self.used_ring = used[4 : 4 + 8 * size].cast("I")
+        self.used_event_pos = 2 + size  # index into avail ('H')
+        self.avail_event_pos = 2 + 4 * size  # index into used ('H')
+
+
+class DeviceQueue:
+    """The device's side of one split virtqueue."""
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        *,
+        event_idx: bool = False,
+        last_avail_idx: int = 0,
+        used_idx: int | None = None,
+    ) -> None:
+        self.mem = mem
+        self._r = _Rings(mem, size, desc_addr, avail_addr, used_addr)
+        self.size = size
+        self.event_idx = event_idx
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        # After a restart (vhost-user SET_VRING_BASE) the used index continues
+        # from where the guest sees it; by default that equals last_avail_idx.
+        self.used_idx = (self.last_avail_idx if used_idx is None else used_idx) & 0xFFFF
+        self._signalled_used = self.used_idx
+        self._signalled_valid = False
+        self.notify_enabled = True
+
+    # -- available side ---------------------------------------------------
+    def avail_idx(self) -> int:
+        """The driver's current available index."""
+        return int(self._r.avail[1])
+
+    def pending(self) -> int:
+        """Chains the driver has made available and we have not popped."""
+        n = (self._r.avail[1] - self.last_avail_idx) & 0xFFFF
+        if n > self.size:
+            raise VirtqueueError(
+                f"available index {self._r.avail[1]} is {n} ahead of {self.last_avail_idx},"
+                f" more than the queue size {self.size}"
+            )
+        return n
+
+    def has_available(self) -> bool:
+        return self.pending() > 0
+
+    def pop(self, max_chains: int) -> list[Chain]:
+        """Pop up to ``max_chains`` available chains (a batch)."""
+        n = self.pending()
+        n = min(n, max_chains)
+        if n <= 0:
+            return []
+        r = self._r
+        avail = r.avail
+        mask = r.mask
+        size = self.size
+        desc = r.desc
+        view = self.mem.view
+        out_chains: list[Chain] = []
+        append = out_chains.append
+        idx = self.last_avail_idx
+        try:
+            for _ in range(n):
+                head = avail[2 + (idx & mask)]
+                idx += 1
+                if head >= size:
+                    raise VirtqueueError(f"available ring head {head} >= queue size {size}")
+                addr, length, flags, nxt = _desc_unpack(desc, head * DESC_SIZE)
+                if not flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
+                    # Fast path: a single direct descriptor.
+                    if length > MAX_CHAIN_BYTES:
+                        raise VirtqueueError(f"descriptor length {length} exceeds the cap")
+                    if flags & VIRTQ_DESC_F_WRITE:
+                        append(Chain(head, [], [view(addr, length)] if length else [], 0, length))
+                    else:
+                        append(Chain(head, [view(addr, length)] if length else [], [], length, 0))
+                    continue
+                append(self._walk(head, addr, length, flags, nxt))
+        except VirtqueueError:
+            raise
+        except Exception as exc:  # GuestMemoryError from view()
+            raise VirtqueueError(f"descriptor outside guest memory: {exc}") from exc
+        self.last_avail_idx = idx & 0xFFFF
+        return out_chains
+
+    def _walk(self, head: int, addr: int, length: int, flags: int, nxt: int) -> Chain:
+        size = self.size
+        desc = self._r.desc
+        view = self.mem.view
+        out: list[memoryview] = []
+        in_: list[memoryview] = []
+        out_len = 0
+        in_len = 0
+        hops = 0
+        table = desc
+        table_size = size
+        indirect = False
+        while True:
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if indirect:
+                    raise VirtqueueError(f"chain {head}: nested indirect descriptor")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise VirtqueueError(f"chain {head}: INDIRECT together with NEXT")
+                if out or in_:
+                    raise VirtqueueError(f"chain {head}: indirect descriptor after direct ones")
+                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
+                    raise VirtqueueError(f"chain {head}: bad indirect table length {length}")
+                table = view(addr, length)
+                table_size = length // DESC_SIZE
+                indirect = True
+                hops = 0
+                addr, length, flags, nxt = _desc_unpack(table, 0)
+                continue
+            if length:
+                if flags & VIRTQ_DESC_F_WRITE:
+                    in_.append(view(addr, length))
+                    in_len += length
+                else:
+                    if in_:
+                        raise VirtqueueError(f"chain {head}: readable descriptor after writable")
+                    out.append(view(addr, length))
+                    out_len += length
+                if out_len + in_len > MAX_CHAIN_BYTES:
+                    raise VirtqueueError(f"chain {head}: total length exceeds {MAX_CHAIN_BYTES}")
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            hops += 1
+            if hops >= table_size:
+                raise VirtqueueError(f"chain {head}: descriptor loop (more than {table_size} hops)")
+            if nxt >= table_size:
+                raise VirtqueueError(f"chain {head}: next {nxt} >= table size {table_size}")
+            addr, length, flags, nxt = _desc_unpack(table, nxt * DESC_SIZE)
+        return Chain(head, out, in_, out_len, in_len)
+
+    def unpop(self, count: int) -> None:
+        """Give back the last ``count`` popped chains (e.g. no room on the host side)."""
+        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+
+    # -- used side --------------------------------------------------------
+    def push(self, used: Sequence[tuple[int, int]]) -> None:
+        """Return chains as ``(head, written_len)`` and publish the used index once."""
+        if not used:
+            return
+        r = self._r
+        ring = r.used_ring
+        mask = r.mask
+        idx = self.used_idx
+        for head, length in used:
+            j = (idx & mask) << 1
+            ring[j] = head
+            ring[j + 1] = length
+            idx += 1
+        idx &= 0xFFFF
+        r.used[1] = idx
+        self.used_idx = idx
+
+    def push_one(self, head: int, length: int) -> None:
+        """Return one chain and publish the used index."""
+        r = self._r
+        idx = self.used_idx
+        j = (idx & r.mask) << 1
+        r.used_ring[j] = head
+        r.used_ring[j + 1] = length
+        idx = (idx + 1) & 0xFFFF
+        r.used[1] = idx
+        self.used_idx = idx
+
+    def should_notify(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last decision."""
+        r = self._r
+        new = self.used_idx
+        old = self._signalled_used
+        if new == old and self._signalled_valid:
+            return False
+        _full_barrier()
+        if self.event_idx:
+            event = r.avail[r.used_event_pos]
+            valid = self._signalled_valid
+            self._signalled_used = new
+            self._signalled_valid = True
+            return not valid or vring_need_event(event, new, old)
+        self._signalled_used = new
+        self._signalled_valid = True
+        return not r.avail[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def enable_notify(self, on: bool) -> bool:
+        """Ask the driver for (or release it from) kicks.
+
+        Returns True when, after enabling, chains are already available, so the
+        caller must process them instead of sleeping (the race of 2.7.10).
+        """
+        r = self._r
+        self.notify_enabled = on
+        if self.event_idx:
+            if on:
+                r.used[r.avail_event_pos] = self.last_avail_idx
+        elif on:
+            r.used[0] &= ~VIRTQ_USED_F_NO_NOTIFY & 0xFFFF
+        else:
+            r.used[0] |= VIRTQ_USED_F_NO_NOTIFY
+        if not on:
+            return False
+        _full_barrier()
+        return self.has_available()
+
+
+class DriverQueue:
+    """The driver's side of one split virtqueue (what Linux's virtio_ring does)."""
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        *,
+        event_idx: bool = False,
+    ) -> None:
+        self.mem = mem
+        self._r = _Rings(mem, size, desc_addr, avail_addr, used_addr)
+        self.size = size
+        self.event_idx = event_idx
+        # Free descriptors as a stack; next pointers kept in our own shadow,
+        # never read back from (device-writable) guest memory.
+        self._free = list(range(size - 1, -1, -1))
+        self._tokens: list[object | None] = [None] * size
+        self._chain: list[list[int]] = [[] for _ in range(size)]
+        self.avail_idx = 0
+        self._published = 0
+        self._kicked = 0
+        self.last_used_idx = 0
+        for i in range(3 + size):
+            self._r.avail[i] = 0
+        for i in range(3 + 4 * size):
+            self._r.used[i] = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def add(
+        self,
+        out: Sequence[tuple[int, int]],
+        in_: Sequence[tuple[int, int]],
+        token: object,
+    ) -> int | None:
+        """Queue a chain of readable ``out`` then writable ``in_`` buffers.
+
+        Returns the head index, or None when not enough descriptors are free.
+        The chain becomes visible to the device at the next :meth:`kick_needed`
+        (or :meth:`publish`).
+        """
+        n = len(out) + len(in_)
+        if n == 0:
+            raise ValueError("a chain needs at least one buffer")
+        free = self._free
+        if len(free) < n:
+            return None
+        desc = self._r.desc
+        ids = [free.pop() for _ in range(n)]
+        last = n - 1
+        for k, (addr, length) in enumerate((*out, *in_)):
+            flags = VIRTQ_DESC_F_WRITE if k >= len(out) else 0
+            nxt = 0
+            if k < last:
+                flags |= VIRTQ_DESC_F_NEXT
+                nxt = ids[k + 1]
+            _desc_pack(desc, ids[k] * DESC_SIZE, addr, length, flags, nxt)
+        head = ids[0]
+        self._tokens[head] = token
+        self._chain[head] = ids
+        r = self._r
+        r.avail[2 + (self.avail_idx & r.mask)] = head
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        return head
+
+    def add_indirect(
+        self,
+        table_addr: int,
+        out: Sequence[tuple[int, int]],
+        in_: Sequence[tuple[int, int]],
+        token: object,
+    ) -> int | None:
+        """Queue a chain through an indirect table the caller placed at ``table_addr``."""
+        bufs = (*out, *in_)
+        table = self.mem.view(table_addr, len(bufs) * DESC_SIZE)
+        for k, (addr, length) in enumerate(bufs):
+            flags = VIRTQ_DESC_F_WRITE if k >= len(out) else 0
+            if k < len(bufs) - 1:
+                flags |= VIRTQ_DESC_F_NEXT
+            _desc_pack(table, k * DESC_SIZE, addr, length, flags, k + 1 if k < len(bufs) - 1 else 0)
+        if not self._free:
+            return None
+        d = self._free.pop()
+        _desc_pack(
+            self._r.desc, d * DESC_SIZE, table_addr, len(bufs) * DESC_SIZE, VIRTQ_DESC_F_INDIRECT, 0
+        )
+        self._tokens[d] = token
+        self._chain[d] = [d]
+        r = self._r
+        r.avail[2 + (self.avail_idx & r.mask)] = d
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        return d
+
+    def publish(self) -> None:
+        """Make every added chain visible to the device (one avail.idx store)."""
+        self._r.avail[1] = self.avail_idx
+        self._published = self.avail_idx
+
+    def kick_needed(self) -> bool:
+        """Publish, then decide whether the device wants a notification for this batch."""
+        self.publish()
+        new = self._published
+        old = self._kicked
+        if new == old:
+            return False
+        self._kicked = new
+        _full_barrier()
+        r = self._r
+        if self.event_idx:
+            return vring_need_event(r.used[r.avail_event_pos], new, old)
+        return not r.used[0] & VIRTQ_USED_F_NO_NOTIFY
+
+    def used_pending(self) -> int:
+        n = (self._r.used[1] - self.last_used_idx) & 0xFFFF
+        if n > self.size:
+            raise VirtqueueError(f"used index runs {n} ahead, more than the queue size")
+        return n
+
+    def get_used(self, max_items: int = MAX_QUEUE_SIZE) -> list[tuple[object, int]]:
+        """Reclaim used chains: ``(token, written_len)`` in the order the device used them."""
+        n = self.used_pending()
+        n = min(n, max_items)
+        if not n:
+            return []
+        r = self._r
+        ring = r.used_ring
+        mask = r.mask
+        tokens = self._tokens
+        chains = self._chain
+        free = self._free
+        idx = self.last_used_idx
+        res: list[tuple[object, int]] = []
+        for _ in range(n):
+            j = (idx & mask) << 1
+            head = ring[j]
+            length = ring[j + 1]
+            idx += 1
+            if head >= self.size or tokens[head] is None:
+                raise VirtqueueError(f"device returned head {head} that is not in flight")
+            tok = tokens[head]
+            tokens[head] = None
+            free.extend(reversed(chains[head]))
+            res.append((tok, length))
+        self.last_used_idx = idx & 0xFFFF
+        return res
+
+    def enable_interrupts(self, on: bool) -> bool:
+        """Ask the device for interrupts (or not).  True if used entries are already pending."""
+        r = self._r
+        if self.event_idx:
+            if on:
+                r.avail[r.used_event_pos] = self.last_used_idx
+        elif on:
+            r.avail[0] &= ~VIRTQ_AVAIL_F_NO_INTERRUPT & 0xFFFF
+        else:
+            r.avail[0] |= VIRTQ_AVAIL_F_NO_INTERRUPT
+        if not on:
+            return False
+        _full_barrier()
+        return self.used_pending() > 0
+
+    def in_flight(self) -> int:
+        return sum(1 for t in self._tokens if t is not None)
