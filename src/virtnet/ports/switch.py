@@ -1,0 +1,690 @@
+"""An L2 learning switch joining every VM served by one virtnet process.
+
+Each (VM, queue pair) is joined to the switch by a ``SOCK_SEQPACKET``
+socketpair: the switch keeps one end, the pair's worker gets the other as its
+:class:`~virtnet.ports.base.SocketQueue`.  One record = one frame preceded by
+a 12-byte ``virtio_net_hdr_v1``; the header travels unchanged from sender to
+receiver (the receiving worker fills in ``num_buffers``).
+
+Invariants:
+
+* Learning: the source MAC of every good frame is learnt as (VLAN, MAC) -> VM.
+  The MAC table holds at most :data:`MAC_TABLE_SIZE` entries (least recently
+  seen evicted first) and forgets an entry after :data:`MAC_AGING_S`.
+* VLANs (802.1Q, TPID 0x8100): an untagged frame is on VLAN 0 (native); a
+  frame tagged X is on VLAN X.  A VM is a member of a set of VLANs (default
+  ``{0}``); a frame from a VM on a VLAN it is not a member of is dropped, and a
+  frame on VLAN X reaches only members of X.  Tags are never added or removed.
+* Forwarding: known unicast goes to the one VM that owns the destination;
+  broadcast, multicast and unknown unicast are flooded to every other member
+  VM of the VLAN.  A frame never goes back to the VM it came from.
+* Receive steering per VM: the switch remembers, per (VM, symmetric flow id),
+  the pair on which that VM last sent the flow (rx follows tx), for at most
+  :data:`FLOW_AGING_S` and at most :data:`FLOW_TABLE_SIZE` flows.  A flow
+  with no (fresh, active) entry is placed by its hash over the VM's active
+  pairs (``set_active_pairs``); a VM gets each frame once, on one pair.
+* Offloads: a GSO frame or a partial-checksum frame is delivered only to a VM
+  whose rx offloads (``set_rx_offloads``, default: all) carry it; otherwise it
+  is dropped and counted (there is no software segmentation).
+* The switch never blocks: a full destination socket is a counted drop.  Every
+  drop has a counter in :class:`SwitchStats`.
+* Control messages (process mode) come from the supervisor over one control
+  socket; a malformed one is counted and ignored; the switch process stops
+  when the control socket closes.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from virtnet.errors import ProtocolError, UsageError
+from virtnet.ports.base import (
+    MAX_FRAME_LEN,
+    VNET_HDR_LEN,
+    Offload,
+    PortQueue,
+    QueueCounters,
+    SocketQueue,
+)
+
+__all__ = [
+    "FLOW_AGING_S",
+    "FLOW_TABLE_SIZE",
+    "MAC_AGING_S",
+    "MAC_TABLE_SIZE",
+    "MAX_PAIRS_PER_VM",
+    "MAX_VMS",
+    "Switch",
+    "SwitchPort",
+    "SwitchStats",
+    "flow_id",
+    "serve",
+]
+
+# Learnt (VLAN, MAC) -> VM entries (an 802.1D filtering database; bounded so a
+# guest spraying source MACs cannot grow it).
+MAC_TABLE_SIZE = 4096
+# 802.1D-2004 section 7.9.2 recommends an ageing time of 300 s.
+MAC_AGING_S = 300.0
+# Remembered (VM, flow) -> last tx pair entries for rx-follows-tx.
+FLOW_TABLE_SIZE = 16384
+# A flow not sent on for this long is placed by hash again.
+FLOW_AGING_S = 30.0
+# VMs and queue pairs per VM one switch serves (virtio 1.3 section 5.1.4 allows
+# up to 0x8000 pairs; one process serving more is not useful).
+MAX_VMS = 1024
+MAX_PAIRS_PER_VM = 256
+# Frames read from one ready socket per poll, so one busy VM cannot starve others.
+SWITCH_BATCH = 64
+# epoll events handled per poll.
+MAX_EVENTS = 256
+# Kernel send buffer of each switch socket (bounds frames in flight per pair).
+SOCKET_BUFFER = 1 << 20
+# Seconds between sweeps of aged MAC and flow entries.
+SWEEP_INTERVAL_S = 1.0
+# Largest control message (JSON) and fds per control message.
+CONTROL_MAX = 4096
+# run_forever's poll timeout: how quickly a stop request is noticed.
+POLL_INTERVAL_S = 0.1
+# 802.1Q: VLAN ids 1..4094 (0 = untagged/native here, 4095 reserved).
+VLAN_MAX = 4094
+
+_TPID_8021Q = 0x8100
+_ETH_IPV4 = 0x0800
+_ETH_IPV6 = 0x86DD
+_IPPROTO_TCP = 6
+_IPPROTO_UDP = 17
+_GSO_NONE = 0
+_GSO_TCPV4 = 1
+_GSO_TCPV6 = 4
+_GSO_ECN = 0x80
+_F_NEEDS_CSUM = 1
+_MIN_FRAME = VNET_HDR_LEN + 14
+_BUF_LEN = VNET_HDR_LEN + MAX_FRAME_LEN
+_E = VNET_HDR_LEN  # offset of the Ethernet header
+
+
+def flow_id(frame: bytes | bytearray | memoryview, off: int = VNET_HDR_LEN) -> int:
+    """A symmetric 32-bit flow id of the Ethernet frame at ``frame[off:]``.
+
+    Both directions of a TCP/UDP connection (or an IP host pair, or a MAC
+    pair for non-IP frames) get the same id.  Private fallback until
+    ``virtnet.rss`` provides a shared one.
+    """
+    n = len(frame)
+    et = (frame[off + 12] << 8) | frame[off + 13]
+    l3 = off + 14
+    if et == _TPID_8021Q and n >= l3 + 4:
+        et = (frame[l3 + 2] << 8) | frame[l3 + 3]
+        l3 += 4
+    if et == _ETH_IPV4 and n >= l3 + 20:
+        ihl = (frame[l3] & 0x0F) * 4
+        proto = frame[l3 + 9]
+        a = bytes(frame[l3 + 12 : l3 + 16])
+        b = bytes(frame[l3 + 16 : l3 + 20])
+        frag = ((frame[l3 + 6] & 0x3F) << 8) | frame[l3 + 7]
+        l4 = l3 + ihl
+        if not frag and proto in (_IPPROTO_TCP, _IPPROTO_UDP) and n >= l4 + 4:
+            a += bytes(frame[l4 : l4 + 2])
+            b += bytes(frame[l4 + 2 : l4 + 4])
+    elif et == _ETH_IPV6 and n >= l3 + 40:
+        proto = frame[l3 + 6]
+        a = bytes(frame[l3 + 8 : l3 + 24])
+        b = bytes(frame[l3 + 24 : l3 + 40])
+        l4 = l3 + 40
+        if proto in (_IPPROTO_TCP, _IPPROTO_UDP) and n >= l4 + 4:
+            a += bytes(frame[l4 : l4 + 2])
+            b += bytes(frame[l4 + 2 : l4 + 4])
+    else:
+        proto = 0
+        a = bytes(frame[off : off + 6])
+        b = bytes(frame[off + 6 : off + 12])
+    if b < a:
+        a, b = b, a
+    return zlib.crc32(b, zlib.crc32(a, proto))
+
+
+@dataclass
+class SwitchStats:
+    """Switch-wide counters."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    flooded: int = 0
+    filtered: int = 0  # unicast whose destination is the source VM itself (not sent back)
+    dropped_full: int = 0  # destination socket full
+    dropped_unknown_vm: int = 0  # destination VM/pair gone, or frame on an unknown socket
+    dropped_bad_frame: int = 0  # too short, truncated, multicast source
+    dropped_vlan: int = 0  # source VM not a member of the frame's VLAN
+    dropped_offload: int = 0  # GSO/partial csum to a VM that cannot take it
+    dropped_no_queue: int = 0  # destination VM has no active open pair
+    mac_evictions: int = 0
+    flow_evictions: int = 0
+    control_errors: int = 0
+    ports: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+class _Vm:
+    __slots__ = ("active", "id", "ports", "rx_offloads", "rx_ports", "vlans")
+
+    def __init__(self, vm_id: str) -> None:
+        self.id = vm_id
+        self.vlans: frozenset[int] = frozenset({0})
+        self.active = 1
+        self.ports: dict[int, _Port] = {}
+        self.rx_offloads: frozenset[Offload] = frozenset(Offload)
+        self.rx_ports: list[_Port] = []  # open ports of active pairs, by pair
+
+    def refresh(self) -> None:
+        self.rx_ports = sorted(
+            (p for p in self.ports.values() if p.pair < self.active), key=lambda p: p.pair
+        )
+
+
+class _Port(QueueCounters):
+    """The switch's end of one (VM, pair): rx = from the worker, tx = to it."""
+
+    __slots__ = ("fd", "pair", "sock", "vm")
+
+    def __init__(self, vm: _Vm, pair: int, sock: socket.socket) -> None:
+        super().__init__()
+        self.vm = vm
+        self.pair = pair
+        self.sock = sock
+        self.fd = sock.fileno()
+
+
+class _StopEvent(Protocol):
+    def is_set(self) -> bool: ...
+
+
+def _socketpair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        s.setblocking(False)
+    return a, b
+
+
+class Switch:
+    """The switch core; run it in-process (``poll_once``) or as a process (``serve``)."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._ep = select.epoll()
+        self._vms: dict[str, _Vm] = {}
+        self._by_fd: dict[int, _Port] = {}
+        self._macs: OrderedDict[tuple[int, bytes], tuple[_Vm, float]] = OrderedDict()
+        self._flows: OrderedDict[tuple[str, int], tuple[int, float]] = OrderedDict()
+        self._buf = bytearray(_BUF_LEN)
+        self._view = memoryview(self._buf)
+        self._ctl: socket.socket | None = None
+        self._next_sweep = 0.0
+        self.stopped = False
+        self.stats = SwitchStats()
+
+    # -- configuration -------------------------------------------------------
+
+    def _vm(self, vm_id: str) -> _Vm:
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            if not isinstance(vm_id, str) or not vm_id:
+                raise UsageError(f"bad VM id {vm_id!r}")
+            if len(self._vms) >= MAX_VMS:
+                raise UsageError(f"switch serves at most {MAX_VMS} VMs")
+            vm = self._vms[vm_id] = _Vm(vm_id)
+        return vm
+
+    def attach(self, vm_id: str, pair: int, sock: socket.socket) -> None:
+        """Join ``sock`` (the switch's end of a SEQPACKET pair) as ``(vm_id, pair)``."""
+        if not isinstance(pair, int) or not 0 <= pair < MAX_PAIRS_PER_VM:
+            raise UsageError(f"queue pair {pair!r} out of range 0..{MAX_PAIRS_PER_VM - 1}")
+        vm = self._vm(vm_id)
+        if pair in vm.ports:
+            raise UsageError(f"VM {vm_id!r} pair {pair} is already attached")
+        sock.setblocking(False)
+        port = _Port(vm, pair, sock)
+        vm.ports[pair] = port
+        vm.refresh()
+        self._by_fd[port.fd] = port
+        self._ep.register(port.fd, select.EPOLLIN)
+
+    def open_queue(self, vm_id: str, pair: int) -> SocketQueue:
+        """Create the socketpair of ``(vm_id, pair)``; returns the worker's end."""
+        mine, theirs = _socketpair()
+        try:
+            self.attach(vm_id, pair, mine)
+        except BaseException:
+            mine.close()
+            theirs.close()
+            raise
+        return SocketQueue(theirs)
+
+    def set_active_pairs(self, vm_id: str, n: int) -> None:
+        """Pairs ``0..n-1`` of the VM take rx (virtio ``VQ_PAIRS_SET``)."""
+        if not isinstance(n, int) or not 1 <= n <= MAX_PAIRS_PER_VM:
+            raise UsageError(f"active pairs {n!r} out of range 1..{MAX_PAIRS_PER_VM}")
+        vm = self._vm(vm_id)
+        vm.active = n
+        vm.refresh()
+
+    def set_vlans(self, vm_id: str, vlans: Iterable[int]) -> None:
+        """The VLANs the VM is a member of (0 = untagged)."""
+        vs = frozenset(vlans)
+        if not vs or any(not isinstance(v, int) or not 0 <= v <= VLAN_MAX for v in vs):
+            raise UsageError(f"bad VLAN set {sorted(vs)!r} (ids 0..{VLAN_MAX}, at least one)")
+        self._vm(vm_id).vlans = vs
+
+    def set_rx_offloads(self, vm_id: str, offloads: Iterable[Offload]) -> None:
+        """What the VM's guest accepts on rx (its negotiated GUEST_CSUM/TSO4/TSO6/ECN)."""
+        self._vm(vm_id).rx_offloads = frozenset(offloads)
+
+    def remove_vm(self, vm_id: str) -> None:
+        """Close every socket of the VM and forget what was learnt about it."""
+        vm = self._vms.pop(vm_id, None)
+        if vm is None:
+            return
+        for port in list(vm.ports.values()):
+            self._close_port(port)
+        for k in [k for k, (v, _t) in self._macs.items() if v is vm]:
+            del self._macs[k]
+        for fk in [fk for fk in self._flows if fk[0] == vm_id]:
+            del self._flows[fk]
+
+    def add_control(self, sock: socket.socket) -> None:
+        """Accept control messages (see :class:`SwitchPort`) on ``sock``."""
+        sock.setblocking(False)
+        self._ctl = sock
+        self._ep.register(sock.fileno(), select.EPOLLIN)
+
+    def snapshot(self) -> SwitchStats:
+        """Counters, with per-port counters under ``ports['vm/pair']``."""
+        self.stats.ports = {
+            f"{vm.id}/{p}": port.counters()
+            for vm in self._vms.values()
+            for p, port in vm.ports.items()
+        }
+        return self.stats
+
+    def mac_table_len(self) -> int:
+        return len(self._macs)
+
+    def flow_table_len(self) -> int:
+        return len(self._flows)
+
+    def close(self) -> None:
+        for vm_id in list(self._vms):
+            self.remove_vm(vm_id)
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+        self._ep.close()
+
+    def _close_port(self, port: _Port) -> None:
+        if self._by_fd.pop(port.fd, None) is not None:
+            with contextlib.suppress(OSError):
+                self._ep.unregister(port.fd)
+        port.vm.ports.pop(port.pair, None)
+        port.vm.refresh()
+        port.sock.close()
+
+    # -- the loop ----------------------------------------------------------
+
+    def run_forever(self, stop_event: _StopEvent | None = None) -> None:
+        """Poll until ``stop_event`` is set or the control socket closes."""
+        while not self.stopped and (stop_event is None or not stop_event.is_set()):
+            self.poll_once(POLL_INTERVAL_S)
+
+    def poll_once(self, timeout: float | None = 0.0) -> int:
+        """Wait up to ``timeout`` s (None = forever) and forward what is ready.
+
+        Returns the number of frames read from workers.
+        """
+        events = self._ep.poll(-1 if timeout is None else timeout, MAX_EVENTS)
+        now = self._clock()
+        frames = 0
+        ctl = self._ctl
+        for fd, ev in events:
+            if ctl is not None and fd == ctl.fileno():
+                self._control(ev)
+                continue
+            port = self._by_fd.get(fd)
+            if port is not None:
+                frames += self._drain(port, ev, now)
+        if now >= self._next_sweep:
+            self._sweep(now)
+        return frames
+
+    def _drain(self, port: _Port, ev: int, now: float) -> int:
+        recv_into = port.sock.recv_into
+        buf = self._buf
+        trunc = socket.MSG_TRUNC
+        stats = self.stats
+        got = 0
+        for _ in range(SWITCH_BATCH):
+            try:
+                n = recv_into(buf, 0, trunc)
+            except BlockingIOError:
+                break
+            except OSError:
+                self._close_port(port)
+                break
+            if n == 0 and ev & select.EPOLLHUP:
+                self._close_port(port)
+                break
+            got += 1
+            stats.frames_in += 1
+            if n < _MIN_FRAME or n > _BUF_LEN:
+                stats.dropped_bad_frame += 1
+                port.rx_dropped += 1
+                continue
+            port.rx_packets += 1
+            port.rx_bytes += n - VNET_HDR_LEN
+            self._forward(port, n, now)
+        return got
+
+    def _forward(self, src: _Port, n: int, now: float) -> None:
+        buf = self._buf
+        stats = self.stats
+        if buf[_E + 6] & 1:  # multicast source MAC
+            stats.dropped_bad_frame += 1
+            src.rx_dropped += 1
+            return
+        vlan = 0
+        if buf[_E + 12] == 0x81 and buf[_E + 13] == 0x00:
+            if n < _MIN_FRAME + 4:
+                stats.dropped_bad_frame += 1
+                src.rx_dropped += 1
+                return
+            vlan = ((buf[_E + 14] << 8) | buf[_E + 15]) & 0x0FFF
+        svm = src.vm
+        if vlan not in svm.vlans:
+            stats.dropped_vlan += 1
+            src.rx_dropped += 1
+            return
+        macs = self._macs
+        key = (vlan, bytes(buf[_E + 6 : _E + 12]))
+        macs[key] = (svm, now)
+        macs.move_to_end(key)
+        if len(macs) > MAC_TABLE_SIZE:
+            macs.popitem(last=False)
+            stats.mac_evictions += 1
+        fid = flow_id(self._view[:n])
+        flows = self._flows
+        fkey = (svm.id, fid)
+        flows[fkey] = (src.pair, now)
+        flows.move_to_end(fkey)
+        if len(flows) > FLOW_TABLE_SIZE:
+            flows.popitem(last=False)
+            stats.flow_evictions += 1
+        gso = buf[1] & ~_GSO_ECN
+        need: Offload | None = None
+        if gso == _GSO_TCPV4:
+            need = Offload.TSO4
+        elif gso == _GSO_TCPV6:
+            need = Offload.TSO6
+        elif gso != _GSO_NONE:
+            need = Offload.TSO_ECN  # UDP/other GSO: nobody here takes it
+        csum = bool(buf[0] & _F_NEEDS_CSUM)
+        view = self._view[:n]
+        if not buf[_E] & 1:
+            ent = macs.get((vlan, bytes(buf[_E : _E + 6])))
+            if ent is not None and now - ent[1] <= MAC_AGING_S:
+                dvm = ent[0]
+                if dvm is svm:
+                    stats.filtered += 1  # destination behind the source: never reflect
+                    return
+                if self._vms.get(dvm.id) is not dvm:
+                    stats.dropped_unknown_vm += 1
+                    return
+                self._deliver(dvm, view, fid, now, need, csum, buf[1] & _GSO_ECN)
+                return
+        stats.flooded += 1
+        for dvm in self._vms.values():
+            if dvm is not svm and vlan in dvm.vlans:
+                self._deliver(dvm, view, fid, now, need, csum, buf[1] & _GSO_ECN)
+
+    def _deliver(
+        self,
+        vm: _Vm,
+        view: memoryview,
+        fid: int,
+        now: float,
+        need: Offload | None,
+        csum: bool,
+        ecn: int,
+    ) -> None:
+        stats = self.stats
+        offl = vm.rx_offloads
+        if (
+            (need is not None and need not in offl)
+            or (csum and Offload.CSUM not in offl)
+            or (ecn and Offload.TSO_ECN not in offl)
+        ):
+            stats.dropped_offload += 1
+            return
+        ports = vm.ports
+        active = vm.active
+        port: _Port | None = None
+        ent = self._flows.get((vm.id, fid))
+        if ent is not None and ent[0] < active and now - ent[1] <= FLOW_AGING_S:
+            port = ports.get(ent[0])
+        if port is None:
+            cands = vm.rx_ports
+            if not cands:
+                stats.dropped_no_queue += 1
+                return
+            port = cands[fid % len(cands)]
+        try:
+            port.sock.send(view)
+        except BlockingIOError:
+            stats.dropped_full += 1
+            port.tx_dropped += 1
+            return
+        except OSError:
+            stats.dropped_unknown_vm += 1
+            port.tx_dropped += 1
+            return
+        stats.frames_out += 1
+        port.tx_packets += 1
+        port.tx_bytes += len(view) - VNET_HDR_LEN
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + SWEEP_INTERVAL_S
+        macs = self._macs
+        while macs:
+            k, (_vm, t) = next(iter(macs.items()))
+            if now - t <= MAC_AGING_S:
+                break
+            del macs[k]
+        flows = self._flows
+        while flows:
+            fk, (_p, t) = next(iter(flows.items()))
+            if now - t <= FLOW_AGING_S:
+                break
+            del flows[fk]
+
+    # -- control channel (process mode) ---------------------------------------
+
+    def _control(self, ev: int) -> None:
+        ctl = self._ctl
+        assert ctl is not None
+        fds_size = socket.CMSG_SPACE(4 * 4)
+        while True:
+            try:
+                data, anc, flags, _ = ctl.recvmsg(CONTROL_MAX, fds_size)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, anc, flags = b"", [], 0
+            fds: list[int] = []
+            for level, typ, cdata in anc:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
+                    fds.extend(arr)
+            if not data and not fds:
+                # Supervisor gone: stop.
+                self.stopped = True
+                with contextlib.suppress(OSError):
+                    self._ep.unregister(ctl.fileno())
+                return
+            try:
+                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    raise ProtocolError("truncated control message")
+                self._command(json.loads(data), fds)
+            except (ProtocolError, UsageError, ValueError, TypeError, KeyError) as exc:
+                self.stats.control_errors += 1
+                for fd in fds:
+                    os.close(fd)
+                with contextlib.suppress(OSError):
+                    ctl.send(json.dumps({"error": str(exc)}).encode())
+
+    def _command(self, msg: Any, fds: list[int]) -> None:
+        if not isinstance(msg, dict):
+            raise ProtocolError("control message is not an object")
+        op = msg.get("op")
+        want_fds = 1 if op == "attach" else 0
+        if len(fds) != want_fds:
+            raise ProtocolError(f"{op!r} carries {len(fds)} fds, expected {want_fds}")
+        vm = msg.get("vm")
+        if op not in {"stats", "stop"} and not isinstance(vm, str):
+            raise ProtocolError("missing 'vm'")
+        vm_id = str(vm)
+        if op == "attach":
+            sock = socket.socket(fileno=fds[0])
+            try:
+                if sock.type != socket.SOCK_SEQPACKET or sock.family != socket.AF_UNIX:
+                    raise ProtocolError("attach needs an AF_UNIX SOCK_SEQPACKET socket")
+                self.attach(vm_id, msg["pair"], sock)
+            except BaseException:
+                sock.detach()  # the caller closes the fd
+                raise
+        elif op == "active":
+            self.set_active_pairs(vm_id, msg["n"])
+        elif op == "vlans":
+            self.set_vlans(vm_id, msg["vlans"])
+        elif op == "offloads":
+            self.set_rx_offloads(vm_id, (Offload(o) for o in msg["offloads"]))
+        elif op == "remove":
+            self.remove_vm(vm_id)
+        elif op == "stats":
+            assert self._ctl is not None
+            self._ctl.send(json.dumps(asdict(self.snapshot())).encode())
+        elif op == "stop":
+            self.stopped = True
+        else:
+            raise ProtocolError(f"unknown control op {op!r}")
+
+
+def serve(control_fd: int) -> None:
+    """Entry point of the switch process: run a switch controlled through ``control_fd``."""
+    sw = Switch()
+    sw.add_control(socket.socket(fileno=control_fd))
+    try:
+        sw.run_forever()
+    finally:
+        sw.close()
+
+
+class SwitchPort:
+    """The supervisor's handle on a switch running in its own process.
+
+    ``open_queue`` makes the socketpair here and hands the switch its end with
+    ``SCM_RIGHTS``; the returned queue's fd is for the worker.  Configuration
+    calls are one-way messages; ``stats`` waits for the answer.
+    """
+
+    def __init__(self) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._ctl = mine
+        try:
+            self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    f"from virtnet.ports.switch import serve; serve({theirs.fileno()})",
+                ],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+
+    def _send(self, msg: dict[str, Any], fd: int | None = None) -> None:
+        data = json.dumps(msg).encode()
+        anc = []
+        if fd is not None:
+            anc.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes()))
+        try:
+            self._ctl.sendmsg([data], anc)
+        except OSError as exc:
+            raise UsageError(f"switch process is gone: {exc}") from exc
+
+    def open_queue(self, vm_id: str, pair: int) -> PortQueue:
+        if not isinstance(pair, int) or not 0 <= pair < MAX_PAIRS_PER_VM:
+            raise UsageError(f"queue pair {pair!r} out of range 0..{MAX_PAIRS_PER_VM - 1}")
+        mine, theirs = _socketpair()
+        try:
+            self._send({"op": "attach", "vm": vm_id, "pair": pair}, theirs.fileno())
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        return SocketQueue(mine)
+
+    def set_active_pairs(self, vm_id: str, n: int) -> None:
+        self._send({"op": "active", "vm": vm_id, "n": n})
+
+    def set_vlans(self, vm_id: str, vlans: Iterable[int]) -> None:
+        self._send({"op": "vlans", "vm": vm_id, "vlans": sorted(vlans)})
+
+    def set_rx_offloads(self, vm_id: str, offloads: Iterable[Offload]) -> None:
+        self._send({"op": "offloads", "vm": vm_id, "offloads": sorted(o.value for o in offloads)})
+
+    def remove_vm(self, vm_id: str) -> None:
+        self._send({"op": "remove", "vm": vm_id})
+
+    def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The switch's :class:`SwitchStats` as a dict."""
+        self._send({"op": "stats"})
+        self._ctl.settimeout(timeout)
+        try:
+            while True:
+                reply = json.loads(self._ctl.recv(1 << 20))
+                if "error" not in reply:
+                    return dict(reply)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"switch process did not answer: {exc}") from exc
+        finally:
+            self._ctl.settimeout(None)
+
+    def offloads(self) -> frozenset[Offload]:
+        return frozenset(Offload)
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            self._send({"op": "stop"})
+        self._ctl.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

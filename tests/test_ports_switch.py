@@ -1,0 +1,353 @@
+"""In-process tests of the L2 learning switch (virtnet.ports.switch)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from virtnet.errors import UsageError
+from virtnet.ports import VNET_HDR_LEN, Offload, SocketQueue, make_port
+from virtnet.ports import switch as sw_mod
+from virtnet.ports.switch import Switch, SwitchPort, flow_id
+
+BCAST = b"\xff" * 6
+
+
+def mac(n: int) -> bytes:
+    return bytes([0x52, 0x54, 0, 0, 0, n])
+
+
+def frame(
+    dst: bytes,
+    src: bytes,
+    *,
+    vlan: int | None = None,
+    sport: int = 1000,
+    dport: int = 2000,
+    ips: tuple[int, int] = (1, 2),
+    flags: int = 0,
+    gso: int = 0,
+    payload: bytes = b"",
+) -> bytes:
+    hdr = struct.pack("<BBHHHHH", flags, gso, 0, 0, 0, 0, 0)
+    eth = dst + src
+    if vlan is not None:
+        eth += struct.pack("!HH", 0x8100, vlan)
+    eth += struct.pack("!H", 0x0800)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        28 + len(payload),
+        0,
+        0,
+        64,
+        17,
+        0,
+        bytes([10, 77, 0, ips[0]]),
+        bytes([10, 77, 0, ips[1]]),
+    )
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0)
+    return hdr + eth + ip + udp + payload
+
+
+def send(q: SocketQueue, data: bytes) -> bool:
+    m = memoryview(bytearray(data))
+    return q.send([m[:VNET_HDR_LEN], m[VNET_HDR_LEN:]])
+
+
+def recv(q: SocketQueue) -> bytes | None:
+    buf = bytearray(VNET_HDR_LEN + 2048)
+    m = memoryview(buf)
+    n = q.recv_into([m[:VNET_HDR_LEN], m[VNET_HDR_LEN:100], m[100:]])
+    return bytes(buf[:n]) if n else None
+
+
+def drain(q: SocketQueue) -> list[bytes]:
+    out = []
+    while (f := recv(q)) is not None:
+        out.append(f)
+    return out
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+class TrackingSwitch(Switch):
+    """A switch that closes the worker ends it handed out when the test ends."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock=clock)
+        self.handed: list[SocketQueue] = []
+
+    def open_queue(self, vm_id: str, pair: int) -> SocketQueue:
+        q = super().open_queue(vm_id, pair)
+        self.handed.append(q)
+        return q
+
+
+@pytest.fixture
+def sw(clock: Clock) -> Iterator[Switch]:
+    s = TrackingSwitch(clock)
+    yield s
+    s.close()
+    for q in s.handed:
+        q.close()
+
+
+def pump(sw: Switch) -> None:
+    while sw.poll_once(0):
+        pass
+
+
+def test_flood_then_learn(sw: Switch) -> None:
+    a, b, c = (sw.open_queue(v, 0) for v in "abc")
+    f = frame(BCAST, mac(1))
+    assert send(a, f)
+    pump(sw)
+    assert drain(b) == [f] and drain(c) == [f]
+    assert drain(a) == []  # no reflection of a flood
+    # b answers a by unicast: a's MAC was learnt, so only a gets it.
+    r = frame(mac(1), mac(2), ips=(2, 1), sport=2000, dport=1000)
+    send(b, r)
+    pump(sw)
+    assert drain(a) == [r]
+    assert drain(c) == []
+    st = sw.snapshot()
+    assert st.flooded == 1 and st.frames_out == 3 and st.frames_in == 2
+    assert st.ports["a/0"]["tx_packets"] == 1 and st.ports["a/0"]["rx_packets"] == 1
+
+
+def test_unknown_unicast_floods_and_no_reflection(sw: Switch) -> None:
+    a, b = sw.open_queue("a", 0), sw.open_queue("b", 0)
+    send(a, frame(mac(9), mac(1)))
+    pump(sw)
+    assert len(drain(b)) == 1
+    # a frame to a's own MAC from a is filtered, never reflected
+    send(a, frame(mac(1), mac(1)))
+    pump(sw)
+    assert drain(a) == [] and drain(b) == []
+    assert sw.snapshot().filtered == 1
+
+
+def test_vlan_isolation(sw: Switch) -> None:
+    a, b, c = (sw.open_queue(v, 0) for v in "abc")
+    sw.set_vlans("a", {0, 10})
+    sw.set_vlans("b", {10})
+    # untagged from a: only VLAN-0 members (c)
+    send(a, frame(BCAST, mac(1)))
+    pump(sw)
+    assert len(drain(c)) == 1 and drain(b) == []
+    # tagged 10 from a: only b
+    send(a, frame(BCAST, mac(1), vlan=10))
+    pump(sw)
+    assert len(drain(b)) == 1 and drain(c) == []
+    # c is not on VLAN 10: its tagged frame is dropped
+    send(c, frame(BCAST, mac(3), vlan=10))
+    pump(sw)
+    assert drain(a) == [] and drain(b) == []
+    assert sw.snapshot().dropped_vlan == 1
+    # a MAC learnt on VLAN 10 does not direct VLAN-0 traffic: c's unicast to
+    # b's MAC floods on VLAN 0 and never reaches b
+    send(b, frame(mac(1), mac(2), vlan=10))
+    pump(sw)
+    assert len(drain(a)) == 1
+    send(c, frame(mac(2), mac(3)))
+    pump(sw)
+    assert drain(b) == [] and len(drain(a)) == 1
+
+
+def test_rx_follows_tx_and_hash_placement(sw: Switch) -> None:
+    a = [sw.open_queue("a", p) for p in range(4)]
+    b = sw.open_queue("b", 0)
+    sw.set_active_pairs("a", 4)
+    # learn a's MAC
+    send(a[0], frame(BCAST, mac(1)))
+    pump(sw)
+    drain(b)
+    # flows b->a never sent by a: placed by hash over active pairs
+    placed: dict[int, int] = {}
+    for port in range(40):
+        f = frame(mac(1), mac(2), sport=port, dport=80, ips=(2, 1))
+        send(b, f)
+        pump(sw)
+        got = [p for p in range(4) if drain(a[p])]
+        assert len(got) == 1
+        placed[port] = got[0]
+        assert got[0] == flow_id(f) % 4
+    assert len(set(placed.values())) > 1
+    # a sends flow (80 -> 7) on pair 3; the reply (7 -> 80) comes back on pair 3
+    send(a[3], frame(mac(2), mac(1), sport=80, dport=7, ips=(1, 2)))
+    pump(sw)
+    drain(b)
+    send(b, frame(mac(1), mac(2), sport=7, dport=80, ips=(2, 1)))
+    pump(sw)
+    assert [len(drain(q)) for q in a] == [0, 0, 0, 1]
+    # fewer active pairs: the stale pair-3 entry is ignored, hash over 2
+    sw.set_active_pairs("a", 2)
+    for port in range(20):
+        send(b, frame(mac(1), mac(2), sport=port, dport=80, ips=(2, 1)))
+    pump(sw)
+    counts = [len(drain(q)) for q in a]
+    assert counts[2] == counts[3] == 0 and sum(counts) == 20
+
+
+def test_flow_aging(sw: Switch, clock: Clock) -> None:
+    a = [sw.open_queue("a", p) for p in range(2)]
+    b = sw.open_queue("b", 0)
+    sw.set_active_pairs("a", 2)
+    req = frame(mac(2), mac(1), sport=5, dport=6)
+    rep = frame(mac(1), mac(2), sport=6, dport=5, ips=(2, 1))
+    hashed = flow_id(rep) % 2
+    other = 1 - hashed
+    send(a[other], req)
+    pump(sw)
+    drain(b)
+    send(b, rep)
+    pump(sw)
+    assert len(drain(a[other])) == 1
+    clock.t += sw_mod.FLOW_AGING_S + 1
+    send(b, rep)
+    pump(sw)
+    assert len(drain(a[hashed])) == 1
+    assert sw.flow_table_len() == 1  # only b's side of the flow, refreshed
+
+
+def test_bounded_tables(sw: Switch, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sw_mod, "MAC_TABLE_SIZE", 8)
+    monkeypatch.setattr(sw_mod, "FLOW_TABLE_SIZE", 8)
+    a, b = sw.open_queue("a", 0), sw.open_queue("b", 0)
+    for i in range(20):
+        send(a, frame(BCAST, mac(100 + i), sport=i))
+        pump(sw)
+    drain(b)
+    assert sw.mac_table_len() == 8 and sw.flow_table_len() == 8
+    st = sw.snapshot()
+    assert st.mac_evictions == 12 and st.flow_evictions == 12
+
+
+def test_full_queue_counts_drops(sw: Switch) -> None:
+    a, b = sw.open_queue("a", 0), sw.open_queue("b", 0)
+    f = frame(BCAST, mac(1), payload=bytes(1400))
+    sent = 0
+    for _ in range(3000):
+        if not send(a, f):
+            break
+        sent += 1
+        if sent % 32 == 0:
+            pump(sw)
+    pump(sw)
+    st = sw.snapshot()
+    assert st.dropped_full > 0
+    got = len(drain(b))
+    assert got + st.dropped_full == sent
+    assert st.ports["b/0"]["tx_dropped"] == st.dropped_full
+
+
+def test_worker_side_full_counts_tx_drop(sw: Switch) -> None:
+    a = sw.open_queue("a", 0)
+    f = frame(BCAST, mac(1), payload=bytes(1400))
+    ok = sum(send(a, f) for _ in range(2000))  # the switch never polls
+    assert ok < 2000 and a.tx_dropped == 2000 - ok and a.tx_packets == ok
+
+
+def test_bad_frames_and_no_queue(sw: Switch) -> None:
+    a, b = sw.open_queue("a", 0), sw.open_queue("b", 0)
+    send(a, bytes(VNET_HDR_LEN + 10))  # too short
+    send(a, frame(BCAST, b"\x01" + mac(1)[1:]))  # multicast source
+    pump(sw)
+    assert sw.snapshot().dropped_bad_frame == 2
+    assert drain(b) == []
+    # a VM whose only pair closed: learnt unicast counts no-queue
+    send(b, frame(BCAST, mac(2)))
+    pump(sw)
+    drain(a)
+    b.close()
+    pump(sw)  # switch notices the hang-up
+    send(a, frame(mac(2), mac(1)))
+    pump(sw)
+    assert sw.snapshot().dropped_no_queue == 1
+
+
+def test_truncated_rx_counted(sw: Switch) -> None:
+    a, b = sw.open_queue("a", 0), sw.open_queue("b", 0)
+    send(a, frame(BCAST, mac(1), payload=bytes(500)))
+    pump(sw)
+    small = memoryview(bytearray(64))
+    assert b.recv_into([small]) == 0
+    assert b.rx_dropped == 1
+
+
+def test_offload_gate(sw: Switch) -> None:
+    a, b, c = (sw.open_queue(v, 0) for v in "abc")
+    sw.set_rx_offloads("b", {Offload.CSUM})
+    send(a, frame(BCAST, mac(1), flags=1, gso=1))  # NEEDS_CSUM + TCPV4
+    pump(sw)
+    assert drain(b) == [] and len(drain(c)) == 1
+    assert sw.snapshot().dropped_offload == 1
+    send(a, frame(BCAST, mac(1), flags=1))
+    pump(sw)
+    assert len(drain(b)) == 1
+
+
+def test_remove_vm_forgets(sw: Switch) -> None:
+    a, _b = sw.open_queue("a", 0), sw.open_queue("b", 0)
+    send(a, frame(BCAST, mac(1)))
+    pump(sw)
+    sw.remove_vm("a")
+    assert sw.mac_table_len() == 0
+    assert a.send([memoryview(bytearray(frame(BCAST, mac(1))))]) is False
+    assert a.peer_closed
+
+
+def test_usage_errors(sw: Switch) -> None:
+    sw.open_queue("a", 0)
+    with pytest.raises(UsageError):
+        sw.open_queue("a", 0)
+    with pytest.raises(UsageError):
+        sw.open_queue("a", sw_mod.MAX_PAIRS_PER_VM)
+    with pytest.raises(UsageError):
+        sw.set_active_pairs("a", 0)
+    with pytest.raises(UsageError):
+        sw.set_vlans("a", {4095})
+
+
+def test_flow_id_symmetric() -> None:
+    f = frame(mac(1), mac(2), sport=1, dport=2, ips=(3, 4))
+    r = frame(mac(2), mac(1), sport=2, dport=1, ips=(4, 3))
+    assert flow_id(f) == flow_id(r)
+    assert flow_id(f) != flow_id(frame(mac(1), mac(2), sport=1, dport=3, ips=(3, 4)))
+
+
+def test_switch_process() -> None:
+    port = make_port("switch")
+    assert isinstance(port, SwitchPort)
+    try:
+        a = port.open_queue("a", 0)
+        b = port.open_queue("b", 0)
+        assert isinstance(a, SocketQueue) and isinstance(b, SocketQueue)
+        port.set_vlans("b", [0])
+        f = frame(BCAST, mac(1))
+        assert send(a, f)
+        b.sock.settimeout(5)  # blocking wait for the switch process
+        buf = bytearray(4096)
+        n = b.sock.recv_into(buf)
+        assert bytes(buf[:n]) == f
+        st = port.stats()
+        assert st["frames_in"] == 1 and st["frames_out"] == 1
+        a.close()
+        b.close()
+    finally:
+        port.close()
