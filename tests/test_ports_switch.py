@@ -10,7 +10,7 @@ import pytest
 from virtnet.errors import UsageError
 from virtnet.ports import VNET_HDR_LEN, Offload, SocketQueue, make_port
 from virtnet.ports import switch as sw_mod
-from virtnet.ports.switch import Switch, SwitchPort, flow_id
+from virtnet.ports.switch import Switch, SwitchPort, flow_id, spread
 
 BCAST = b"\xff" * 6
 
@@ -186,7 +186,7 @@ def test_rx_follows_tx_and_hash_placement(sw: Switch) -> None:
         got = [p for p in range(4) if drain(a[p])]
         assert len(got) == 1
         placed[port] = got[0]
-        assert got[0] == flow_id(f) % 4
+        assert got[0] == spread(flow_id(f)) % 4
     assert len(set(placed.values())) > 1
     # a sends flow (80 -> 7) on pair 3; the reply (7 -> 80) comes back on pair 3
     send(a[3], frame(mac(2), mac(1), sport=80, dport=7, ips=(1, 2)))
@@ -210,7 +210,7 @@ def test_flow_aging(sw: Switch, clock: Clock) -> None:
     sw.set_active_pairs("a", 2)
     req = frame(mac(2), mac(1), sport=5, dport=6)
     rep = frame(mac(1), mac(2), sport=6, dport=5, ips=(2, 1))
-    hashed = flow_id(rep) % 2
+    hashed = spread(flow_id(rep)) % 2
     other = 1 - hashed
     send(a[other], req)
     pump(sw)
@@ -329,6 +329,10 @@ def test_flow_id_symmetric() -> None:
     r = frame(mac(2), mac(1), sport=2, dport=1, ips=(4, 3))
     assert flow_id(f) == flow_id(r)
     assert flow_id(f) != flow_id(frame(mac(1), mac(2), sport=1, dport=3, ips=(3, 4)))
+    arp = bytes(12) + mac(1) + mac(2) + b"\x08\x06" + bytes(28)
+    rarp = bytes(12) + mac(2) + mac(1) + b"\x08\x06" + bytes(28)
+    assert flow_id(arp) == flow_id(rarp) != flow_id(f)
+    assert len({spread(flow_id(frame(mac(1), mac(2), sport=i))) % 4 for i in range(32)}) == 4
 
 
 def test_switch_process() -> None:

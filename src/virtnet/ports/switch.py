@@ -44,7 +44,6 @@ import socket
 import subprocess
 import sys
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -59,6 +58,7 @@ from virtnet.ports.base import (
     QueueCounters,
     SocketQueue,
 )
+from virtnet.rss import flow_id as _rss_flow_id
 
 __all__ = [
     "FLOW_AGING_S",
@@ -72,6 +72,7 @@ __all__ = [
     "SwitchStats",
     "flow_id",
     "serve",
+    "spread",
 ]
 
 # Learnt (VLAN, MAC) -> VM entries (an 802.1D filtering database; bounded so a
@@ -102,11 +103,6 @@ POLL_INTERVAL_S = 0.1
 # 802.1Q: VLAN ids 1..4094 (0 = untagged/native here, 4095 reserved).
 VLAN_MAX = 4094
 
-_TPID_8021Q = 0x8100
-_ETH_IPV4 = 0x0800
-_ETH_IPV6 = 0x86DD
-_IPPROTO_TCP = 6
-_IPPROTO_UDP = 17
 _GSO_NONE = 0
 _GSO_TCPV4 = 1
 _GSO_TCPV6 = 4
@@ -118,43 +114,28 @@ _E = VNET_HDR_LEN  # offset of the Ethernet header
 
 
 def flow_id(frame: bytes | bytearray | memoryview, off: int = VNET_HDR_LEN) -> int:
-    """A symmetric 32-bit flow id of the Ethernet frame at ``frame[off:]``.
+    """A symmetric flow id of the Ethernet frame at ``frame[off:]``.
 
-    Both directions of a TCP/UDP connection (or an IP host pair, or a MAC
-    pair for non-IP frames) get the same id.  Private fallback until
-    ``virtnet.rss`` provides a shared one.
+    IP frames get :func:`virtnet.rss.flow_id` (exact, symmetric); other frames
+    get an id built from the unordered MAC pair and the EtherType, so both
+    directions of any conversation share an id.
     """
-    n = len(frame)
-    et = (frame[off + 12] << 8) | frame[off + 13]
-    l3 = off + 14
-    if et == _TPID_8021Q and n >= l3 + 4:
-        et = (frame[l3 + 2] << 8) | frame[l3 + 3]
-        l3 += 4
-    if et == _ETH_IPV4 and n >= l3 + 20:
-        ihl = (frame[l3] & 0x0F) * 4
-        proto = frame[l3 + 9]
-        a = bytes(frame[l3 + 12 : l3 + 16])
-        b = bytes(frame[l3 + 16 : l3 + 20])
-        frag = ((frame[l3 + 6] & 0x3F) << 8) | frame[l3 + 7]
-        l4 = l3 + ihl
-        if not frag and proto in (_IPPROTO_TCP, _IPPROTO_UDP) and n >= l4 + 4:
-            a += bytes(frame[l4 : l4 + 2])
-            b += bytes(frame[l4 + 2 : l4 + 4])
-    elif et == _ETH_IPV6 and n >= l3 + 40:
-        proto = frame[l3 + 6]
-        a = bytes(frame[l3 + 8 : l3 + 24])
-        b = bytes(frame[l3 + 24 : l3 + 40])
-        l4 = l3 + 40
-        if proto in (_IPPROTO_TCP, _IPPROTO_UDP) and n >= l4 + 4:
-            a += bytes(frame[l4 : l4 + 2])
-            b += bytes(frame[l4 + 2 : l4 + 4])
-    else:
-        proto = 0
-        a = bytes(frame[off : off + 6])
-        b = bytes(frame[off + 6 : off + 12])
+    fid = _rss_flow_id(frame[off:])
+    if fid is not None:
+        return fid
+    a = bytes(frame[off : off + 6])
+    b = bytes(frame[off + 6 : off + 12])
     if b < a:
         a, b = b, a
-    return zlib.crc32(b, zlib.crc32(a, proto))
+    # prefix 2 keeps these apart from rss ids (prefix 1)
+    return int.from_bytes(b"\x02" + a + b + bytes(frame[off + 12 : off + 14]), "big")
+
+
+def spread(fid: int) -> int:
+    """A well-mixed 32-bit value of a flow id, for placing a flow on a pair."""
+    h = hash(fid)  # ints hash deterministically (mod 2**61 - 1)
+    h = ((h ^ (h >> 31)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return (h ^ (h >> 29)) >> 32
 
 
 @dataclass
@@ -487,7 +468,7 @@ class Switch:
             if not cands:
                 stats.dropped_no_queue += 1
                 return
-            port = cands[fid % len(cands)]
+            port = cands[spread(fid) % len(cands)]
         try:
             port.sock.send(view)
         except BlockingIOError:
