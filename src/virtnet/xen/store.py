@@ -269,6 +269,10 @@ class Connection:
             self.handle(msg)
             if self.closed:
                 return
+        if self.decoder.error is not None:
+            self.errors += 1
+            self._queue(Op.ERROR, 0, 0, b"E2BIG\x00")
+            self.closed = True
 
     def data_to_send(self) -> bytes:
         data = bytes(self.out)

@@ -132,13 +132,22 @@ class Decoder:
     Input may arrive whole or byte by byte; the result is the same.
     """
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "error")
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        #: Set once a header announced an oversized payload; the stream is dead.
+        self.error: XenStoreError | None = None
 
     def feed(self, data: bytes) -> list[Message]:
-        """Append ``data``; return every complete message.  ``XenStoreError`` if oversized."""
+        """Append ``data``; return every complete message.
+
+        An oversized header sets :attr:`error`: the messages before it are still
+        returned, and ``XenStoreError`` is raised at once if there are none, or
+        by the next call otherwise.
+        """
+        if self.error is not None:
+            raise self.error
         buf = self._buf
         buf += data
         out: list[Message] = []
@@ -147,7 +156,12 @@ class Decoder:
             typ, req_id, tx_id, length = HEADER.unpack_from(buf, pos)
             if length > XENSTORE_PAYLOAD_MAX:
                 del buf[:]
-                raise XenStoreError(f"message payload length {length} exceeds XENSTORE_PAYLOAD_MAX")
+                self.error = XenStoreError(
+                    f"message payload length {length} exceeds XENSTORE_PAYLOAD_MAX"
+                )
+                if not out:
+                    raise self.error
+                return out
             end = pos + HEADER_SIZE + length
             if len(buf) < end:
                 break
