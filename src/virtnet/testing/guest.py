@@ -44,7 +44,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -61,11 +61,15 @@ __all__ = [
     "GuestCommandError",
     "GuestError",
     "build_initramfs",
+    "default_initramfs_dir",
     "find_kernel",
     "qemu_binary",
+    "queue_deltas",
+    "queue_packets",
     "skip_reason",
     "tap_netdev_args",
     "vhost_user_netdev_args",
+    "wait_for",
 ]
 
 #: Kernel modules the guest needs for virtio-net over PCI (dependencies are
@@ -207,9 +211,7 @@ def find_kernel() -> tuple[Path, str]:
     candidates: list[tuple[bool, str, Path]] = []
     for path in Path("/boot").glob("vmlinuz-*"):
         version = path.name.removeprefix("vmlinuz-")
-        if (Path("/lib/modules") / version / "modules.dep").is_file() and os.access(
-            path, os.R_OK
-        ):
+        if (Path("/lib/modules") / version / "modules.dep").is_file() and os.access(path, os.R_OK):
             candidates.append(("cloud" in version, version, path))
     if not candidates:
         raise UsageError("no readable /boot/vmlinuz-* with /lib/modules/<version>/modules.dep")
@@ -269,7 +271,7 @@ def _cpio_newc(entries: Iterable[_Entry]) -> bytes:
         pad4()
 
     ino = 0
-    for ino, e in enumerate(entries, start=1):  # noqa: B007
+    for ino, e in enumerate(entries, start=1):
         member(ino, e)
     member(ino + 1, _Entry("TRAILER!!!", 0))
     return out.getvalue()
@@ -284,7 +286,7 @@ def _read_module(path: Path) -> bytes:
         return gzip.decompress(raw)
     if path.name.endswith(".ko.zst"):
         try:  # Python >= 3.14
-            from compression import zstd  # type: ignore[import-not-found]  # noqa: PLC0415
+            from compression import zstd  # type: ignore[import-not-found]
 
             return bytes(zstd.decompress(raw))
         except ImportError:
@@ -322,18 +324,16 @@ def _module_order(kernel_version: str, wanted: Sequence[str]) -> list[Path]:
         order.append(mod)
 
     for name in wanted:
-        mod = by_name.get(name.replace("-", "_"))
-        if mod is None:
+        found = by_name.get(name.replace("-", "_"))
+        if found is None:
             raise UsageError(f"kernel module {name} not in {moddir}/modules.dep")
-        visit(mod, ())
+        visit(found, ())
     return [moddir / m for m in order]
 
 
 def _shared_libraries(binary: str) -> list[str]:
     """Absolute paths of the shared objects ``binary`` needs, loader included (via ldd)."""
-    proc = subprocess.run(
-        ["ldd", binary], capture_output=True, text=True, timeout=30, check=False
-    )
+    proc = subprocess.run(["ldd", binary], capture_output=True, text=True, timeout=30, check=False)
     if proc.returncode != 0:
         if "not a dynamic executable" in proc.stdout + proc.stderr:
             return []
@@ -726,14 +726,13 @@ class Guest:
 
     # -- the agent ---------------------------------------------------------------------
 
-    def _read_until(self, find: object, deadline: float, what: str) -> int:
+    def _read_until(self, find: Callable[[bytearray], int], deadline: float, what: str) -> int:
         """Receive until ``find(buf)`` returns an index >= 0; returns it."""
-        assert callable(find)
         sock = self._sock
         if sock is None:
             raise GuestError("guest not started")
         while True:
-            pos: int = find(self._buf)
+            pos = find(self._buf)
             if pos >= 0:
                 return pos
             remaining = deadline - time.monotonic()
@@ -838,9 +837,8 @@ class Guest:
         return self.run(f"iperf3 {args}", timeout=timeout).output
 
 
-def wait_for(predicate: object, *, timeout: float, interval: float = 0.1) -> bool:
-    """Poll ``predicate()`` until true or ``timeout`` seconds passed; returns the last value."""
-    assert callable(predicate)
+def wait_for(predicate: Callable[[], object], *, timeout: float, interval: float = 0.1) -> bool:
+    """Poll ``predicate()`` until true (returns True) or ``timeout`` passed (False)."""
     deadline = time.monotonic() + timeout
     while True:
         if predicate():
@@ -850,10 +848,22 @@ def wait_for(predicate: object, *, timeout: float, interval: float = 0.1) -> boo
         time.sleep(interval)
 
 
-def iter_queue_stats(stats: Mapping[str, int], direction: str) -> Iterator[tuple[int, int]]:
-    """Yield ``(queue, packets)`` from ``ethtool -S`` for ``direction`` ``"rx"`` or ``"tx"``."""
+def queue_packets(stats: Mapping[str, int], direction: str) -> dict[int, int]:
+    """``{queue: packets}`` from :meth:`Guest.ethtool_stats` for ``"rx"`` or ``"tx"``."""
+    if direction not in ("rx", "tx"):
+        raise UsageError(f"direction must be 'rx' or 'tx', not {direction!r}")
     pat = re.compile(rf"^{direction}_queue_(\d+)_packets$")
-    for name, value in sorted(stats.items()):
+    out: dict[int, int] = {}
+    for name, value in stats.items():
         m = pat.match(name)
         if m:
-            yield int(m.group(1)), value
+            out[int(m.group(1))] = value
+    return dict(sorted(out.items()))
+
+
+def queue_deltas(
+    before: Mapping[str, int], after: Mapping[str, int], direction: str
+) -> dict[int, int]:
+    """Per-queue packet counts gained between two :meth:`Guest.ethtool_stats` snapshots."""
+    b = queue_packets(before, direction)
+    return {q: n - b.get(q, 0) for q, n in queue_packets(after, direction).items()}

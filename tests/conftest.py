@@ -1,0 +1,34 @@
+"""Shared pytest fixtures and marker handling (kept small and generic).
+
+* Tests marked ``vm`` are skipped, with the reason, when a real guest cannot be
+  booted here (no root, no QEMU, no kernel with modules, no busybox/iperf3).
+* ``guest_initramfs`` builds the test-guest initramfs once per session, in
+  ``$VIRTNET_CACHE_DIR`` (default ``~/.cache/virtnet/guest``), reused across runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from virtnet.testing.guest import build_initramfs, default_initramfs_dir, skip_reason
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``vm`` tests with a clear reason when no guest can be booted."""
+    if not any(item.get_closest_marker("vm") for item in items):
+        return
+    reason = skip_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"cannot boot a test guest: {reason}")
+    for item in items:
+        if item.get_closest_marker("vm"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def guest_initramfs() -> Path:
+    """Path of the (cached) test-guest initramfs."""
+    return build_initramfs(default_initramfs_dir())
