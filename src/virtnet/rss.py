@@ -302,25 +302,28 @@ def parse_flow(frame: bytes | bytearray | memoryview) -> FlowKey | None:
                    sport, dport)  # fmt: skip
 
 
-def flow_id(frame: bytes | bytearray | memoryview) -> int | None:
-    """A symmetric, exact flow identifier; ``None`` for non-IP frames."""
-    p = _parse(frame)
-    if p is None:
-        return None
+def _flow_id_parsed(frame: bytes | bytearray | memoryview, p: _Parsed) -> int:
     fam, proto, a, l4, _ext, _home, _rt2 = p
     alen = 4 if fam == 4 else 16
     s = bytes(frame[a : a + alen])
     d = bytes(frame[a + alen : a + 2 * alen])
     if l4 >= 0:
-        sp = bytes(frame[l4 : l4 + 2])
-        dp = bytes(frame[l4 + 2 : l4 + 4])
+        s += bytes(frame[l4 : l4 + 2])
+        d += bytes(frame[l4 + 2 : l4 + 4])
     else:
-        sp = dp = b"\x00\x00"
-    s += sp
-    d += dp
+        s += b"\x00\x00"
+        d += b"\x00\x00"
     if d < s:
         s, d = d, s
     return int.from_bytes(b"\x01" + bytes((fam, proto)) + s + d, "big")
+
+
+def flow_id(frame: bytes | bytearray | memoryview) -> int | None:
+    """A symmetric, exact flow identifier; ``None`` for non-IP frames."""
+    p = _parse(frame)
+    if p is None:
+        return None
+    return _flow_id_parsed(frame, p)
 
 
 def _hash_parsed(
