@@ -1,0 +1,174 @@
+"""Peer baseline: a real guest's throughput through QEMU's own ``-netdev tap,vhost=off``.
+
+Boots the virtnet test guest (TCG) with a multiqueue virtio-net NIC, moves
+QEMU's tap into a fresh namespace (10.77.0.1/24; guest 10.77.0.2/24) and
+measures, from the guest with ``iperf3`` against a server in the namespace:
+
+* TCP throughput, guest->host and host->guest (``-P <streams>``);
+* 64-byte UDP packets per second (``-u -l 64 -b 0``), offered and received,
+  both directions.
+
+:func:`measure_guest_network` takes the netdev arguments and an optional
+``after_boot`` hook, so the same measurement can be pointed at virtnet's
+vhost-user backend (``vhost_user_netdev_args``) later and the two figures
+printed side by side.
+
+Run as root: ``python bench/guest_tap_baseline.py [--queues 4] [--duration 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from virtnet.testing.guest import Guest, skip_reason, tap_netdev_args
+from virtnet.testing.netns import NetNS, unique_name
+
+HOST_IP = "10.77.0.1"
+GUEST_CIDR = "10.77.0.2/24"
+UDP_PAYLOAD = 64
+
+
+@dataclass
+class GuestNetFigures:
+    """One measurement run (rates are averages over ``duration`` seconds)."""
+
+    label: str
+    queues: int
+    streams: int
+    duration: float
+    boot_seconds: float
+    tcp_guest_to_host_gbps: float
+    tcp_host_to_guest_gbps: float
+    udp64_guest_to_host_sent_pps: float
+    udp64_guest_to_host_received_pps: float
+    udp64_host_to_guest_sent_pps: float
+    udp64_host_to_guest_received_pps: float
+
+    def table(self) -> str:
+        """Human-readable summary."""
+        return "\n".join(
+            [
+                f"[{self.label}] queues={self.queues} streams={self.streams} "
+                f"duration={self.duration:g}s boot={self.boot_seconds:.1f}s",
+                f"  TCP  guest->host {self.tcp_guest_to_host_gbps:8.2f} Gbit/s",
+                f"  TCP  host->guest {self.tcp_host_to_guest_gbps:8.2f} Gbit/s",
+                f"  UDP64 guest->host sent {self.udp64_guest_to_host_sent_pps:10.0f} pps"
+                f"  received {self.udp64_guest_to_host_received_pps:10.0f} pps",
+                f"  UDP64 host->guest sent {self.udp64_host_to_guest_sent_pps:10.0f} pps"
+                f"  received {self.udp64_host_to_guest_received_pps:10.0f} pps",
+            ]
+        )
+
+
+def _iperf_json(guest: Guest, args: str, duration: float) -> dict[str, Any]:
+    out = guest.iperf3(f"-c {HOST_IP} -i 0 -J {args}", timeout=duration + 60)
+    data: dict[str, Any] = json.loads(out)
+    if "error" in data:
+        raise RuntimeError(f"iperf3 {args}: {data['error']}")
+    return data
+
+
+def _tcp_gbps(data: dict[str, Any]) -> float:
+    return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def _udp_pps(data: dict[str, Any]) -> tuple[float, float]:
+    sent, received = data["end"]["sum_sent"], data["end"]["sum_received"]
+    sent_pps = sent["packets"] / sent["seconds"]
+    received_pps = received["bytes"] / UDP_PAYLOAD / received["seconds"]
+    return sent_pps, received_pps
+
+
+def measure_guest_network(
+    netdev_args: Sequence[str],
+    *,
+    ns: NetNS,
+    queues: int,
+    label: str,
+    after_boot: Callable[[Guest], None] | None = None,
+    duration: float = 5.0,
+    streams: int = 4,
+    smp: int = 2,
+    memory_mb: int = 512,
+) -> GuestNetFigures:
+    """Boot a guest with ``netdev_args`` and measure TCP and 64-byte UDP both ways.
+
+    ``ns`` must hold ``10.77.0.1`` on the link facing the guest by the time
+    ``after_boot(guest)`` returns (for QEMU's tap, ``after_boot`` moves the tap
+    into ``ns``; a vhost-user backend may have set it up before).  The guest
+    gets ``10.77.0.2/24`` and ``queues`` combined channels.
+    """
+    secs = max(1, round(duration))
+    with Guest(netdev_args, ip=GUEST_CIDR, smp=smp, memory_mb=memory_mb) as guest:
+        if after_boot is not None:
+            after_boot(guest)
+        guest.set_channels(queues)
+        if not guest.ping(HOST_IP, count=2):
+            raise RuntimeError(f"guest cannot ping {HOST_IP}:\n{guest.console_tail()}")
+        with ns.iperf3_server():
+            tcp_tx = _tcp_gbps(_iperf_json(guest, f"-P {streams} -t {secs}", secs))
+            tcp_rx = _tcp_gbps(_iperf_json(guest, f"-P {streams} -t {secs} -R", secs))
+            udp = f"-u -l {UDP_PAYLOAD} -b 0 -P {streams} -t {secs}"
+            udp_tx = _udp_pps(_iperf_json(guest, udp, secs))
+            udp_rx = _udp_pps(_iperf_json(guest, udp + " -R", secs))
+        return GuestNetFigures(
+            label=label,
+            queues=queues,
+            streams=streams,
+            duration=secs,
+            boot_seconds=guest.boot_seconds,
+            tcp_guest_to_host_gbps=tcp_tx,
+            tcp_host_to_guest_gbps=tcp_rx,
+            udp64_guest_to_host_sent_pps=udp_tx[0],
+            udp64_guest_to_host_received_pps=udp_tx[1],
+            udp64_host_to_guest_sent_pps=udp_rx[0],
+            udp64_host_to_guest_received_pps=udp_rx[1],
+        )
+
+
+def tap_baseline(*, queues: int = 4, duration: float = 5.0, streams: int = 4) -> GuestNetFigures:
+    """The peer figure: QEMU's own multiqueue tap backend, ``vhost=off``."""
+    tap = unique_name("vntap")
+    with NetNS() as ns:
+
+        def plug(_guest: Guest) -> None:
+            ns.move_link(tap)
+            ns.set_address(tap, f"{HOST_IP}/24")
+
+        return measure_guest_network(
+            tap_netdev_args(tap, queues=queues),
+            ns=ns,
+            queues=queues,
+            label="qemu tap,vhost=off",
+            after_boot=plug,
+            duration=duration,
+            streams=streams,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--queues", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    reason = skip_reason()
+    if reason is not None:
+        print(f"cannot boot a guest: {reason}", file=sys.stderr)
+        return 2
+    figures = tap_baseline(queues=args.queues, duration=args.duration, streams=args.streams)
+    print(figures.table())
+    if args.json:
+        args.json.write_text(json.dumps(asdict(figures), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
