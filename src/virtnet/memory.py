@@ -197,6 +197,8 @@ class GuestMemory:
             r.close()
 
     def _find(self, gpa: int, length: int) -> MemoryRegion:
+        if gpa < 0 or length < 0:
+            raise GuestMemoryError(f"negative guest address or length: 0x{gpa:x}, {length}")
         last = self._last
         if (
             last is not None
@@ -204,8 +206,6 @@ class GuestMemory:
             and gpa + length <= last.guest_addr + last.size
         ):
             return last
-        if gpa < 0 or length < 0:
-            raise GuestMemoryError(f"negative guest address or length: 0x{gpa:x}, {length}")
         i = bisect.bisect_right(self._starts, gpa) - 1
         if i >= 0:
             r = self._regions[i]
