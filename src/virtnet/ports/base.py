@@ -84,6 +84,8 @@ class Offload(enum.Enum):
     TSO4 = "tso4"  # GSO_TCPV4 super-frames
     TSO6 = "tso6"  # GSO_TCPV6 super-frames
     TSO_ECN = "tso_ecn"  # GSO with the ECN bit
+    UFO = "ufo"  # GSO_UDP (fragmenting) super-frames
+    USO = "uso"  # GSO_UDP_L4 (segmenting) super-frames
 
 
 @runtime_checkable
@@ -153,6 +155,9 @@ class QueueCounters:
     def counters(self) -> dict[str, int]:
         """A snapshot of the counters."""
         return {name: getattr(self, name) for name in sorted(QueueCounters.__slots__)}
+
+
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: IntFlag arithmetic is slow
 
 
 def _fatal(exc: OSError) -> bool:
@@ -273,8 +278,8 @@ class SocketQueue(QueueCounters):
             self.last_errno = exc.errno or 0
             self.rx_dropped += 1
             return 0
-        if n < VNET_HDR_LEN or flags & socket.MSG_TRUNC:
-            if n == 0 and not flags & socket.MSG_TRUNC:
+        if n < VNET_HDR_LEN or flags & _MSG_TRUNC:
+            if n == 0 and not flags & _MSG_TRUNC:
                 self.peer_closed = True
             else:
                 self.rx_dropped += 1

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import json
 import os
 import select
@@ -105,10 +106,13 @@ VLAN_MAX = 4094
 
 _GSO_NONE = 0
 _GSO_TCPV4 = 1
+_GSO_UDP = 3
 _GSO_TCPV6 = 4
+_GSO_UDP_L4 = 5
 _GSO_ECN = 0x80
 _F_NEEDS_CSUM = 1
 _MIN_FRAME = VNET_HDR_LEN + 14
+_MSG_TRUNC = int(socket.MSG_TRUNC)
 _BUF_LEN = VNET_HDR_LEN + MAX_FRAME_LEN
 _E = VNET_HDR_LEN  # offset of the Ethernet header
 
@@ -156,6 +160,31 @@ class SwitchStats:
     flow_evictions: int = 0
     control_errors: int = 0
     ports: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+_NO_OFFLOAD: frozenset[Offload] = frozenset()
+
+
+@functools.lru_cache(maxsize=512)
+def _needed_offloads(flags: int, gso_type: int) -> frozenset[Offload]:
+    """Offloads a receiver must have accepted to take a frame with this header."""
+    need: set[Offload] = set()
+    if flags & _F_NEEDS_CSUM:
+        need.add(Offload.CSUM)
+    gso = gso_type & ~_GSO_ECN
+    if gso == _GSO_TCPV4:
+        need.add(Offload.TSO4)
+    elif gso == _GSO_TCPV6:
+        need.add(Offload.TSO6)
+    elif gso == _GSO_UDP:
+        need.add(Offload.UFO)
+    elif gso == _GSO_UDP_L4:
+        need.add(Offload.USO)
+    elif gso != _GSO_NONE:
+        return frozenset(Offload)  # unknown GSO type: only a receiver taking everything
+    if gso_type & _GSO_ECN:
+        need.add(Offload.TSO_ECN)
+    return frozenset(need)
 
 
 class _Vm:
@@ -352,7 +381,7 @@ class Switch:
     def _drain(self, port: _Port, ev: int, now: float) -> int:
         recv_into = port.sock.recv_into
         buf = self._buf
-        trunc = socket.MSG_TRUNC
+        trunc = _MSG_TRUNC
         stats = self.stats
         got = 0
         for _ in range(SWITCH_BATCH):
@@ -403,7 +432,8 @@ class Switch:
         if len(macs) > MAC_TABLE_SIZE:
             macs.popitem(last=False)
             stats.mac_evictions += 1
-        fid = flow_id(self._view[:n])
+        view = self._view[:n]
+        fid = flow_id(view)
         flows = self._flows
         fkey = (svm.id, fid)
         flows[fkey] = (src.pair, now)
@@ -411,16 +441,7 @@ class Switch:
         if len(flows) > FLOW_TABLE_SIZE:
             flows.popitem(last=False)
             stats.flow_evictions += 1
-        gso = buf[1] & ~_GSO_ECN
-        need: Offload | None = None
-        if gso == _GSO_TCPV4:
-            need = Offload.TSO4
-        elif gso == _GSO_TCPV6:
-            need = Offload.TSO6
-        elif gso != _GSO_NONE:
-            need = Offload.TSO_ECN  # UDP/other GSO: nobody here takes it
-        csum = bool(buf[0] & _F_NEEDS_CSUM)
-        view = self._view[:n]
+        need = _NO_OFFLOAD if not (buf[0] | buf[1]) else _needed_offloads(buf[0], buf[1])
         if not buf[_E] & 1:
             ent = macs.get((vlan, bytes(buf[_E : _E + 6])))
             if ent is not None and now - ent[1] <= MAC_AGING_S:
@@ -431,12 +452,12 @@ class Switch:
                 if self._vms.get(dvm.id) is not dvm:
                     stats.dropped_unknown_vm += 1
                     return
-                self._deliver(dvm, view, fid, now, need, csum, buf[1] & _GSO_ECN)
+                self._deliver(dvm, view, fid, now, need)
                 return
         stats.flooded += 1
         for dvm in self._vms.values():
             if dvm is not svm and vlan in dvm.vlans:
-                self._deliver(dvm, view, fid, now, need, csum, buf[1] & _GSO_ECN)
+                self._deliver(dvm, view, fid, now, need)
 
     def _deliver(
         self,
@@ -444,17 +465,10 @@ class Switch:
         view: memoryview,
         fid: int,
         now: float,
-        need: Offload | None,
-        csum: bool,
-        ecn: int,
+        need: frozenset[Offload],
     ) -> None:
         stats = self.stats
-        offl = vm.rx_offloads
-        if (
-            (need is not None and need not in offl)
-            or (csum and Offload.CSUM not in offl)
-            or (ecn and Offload.TSO_ECN not in offl)
-        ):
+        if need and not need <= vm.rx_offloads:
             stats.dropped_offload += 1
             return
         ports = vm.ports

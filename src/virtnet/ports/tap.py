@@ -67,6 +67,9 @@ TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 TUN_F_TSO_ECN = 0x08
+TUN_F_UFO = 0x10
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
 # drivers/net/tun.c MAX_TAP_QUEUES: queues one tun/tap device can have.
 MAX_TAP_QUEUES = 256
 # include/uapi/linux/if.h IFNAMSIZ (includes the NUL).
@@ -91,6 +94,8 @@ _OFFLOAD_BITS = {
     Offload.TSO4: TUN_F_TSO4,
     Offload.TSO6: TUN_F_TSO6,
     Offload.TSO_ECN: TUN_F_TSO_ECN,
+    Offload.UFO: TUN_F_UFO,
+    Offload.USO: TUN_F_USO4 | TUN_F_USO6,  # kernel >= 6.2
 }
 
 _WANT_FLAGS = IFF_TAP | IFF_MULTI_QUEUE | IFF_VNET_HDR | IFF_NO_PI
