@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import array
+import json
+import socket
 import struct
 from collections.abc import Iterator
 
@@ -355,3 +358,45 @@ def test_switch_process() -> None:
         b.close()
     finally:
         port.close()
+    assert not port.running and port.exitcode == 0
+
+
+def test_control_channel_in_process(sw: Switch) -> None:
+    ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sw.add_control(theirs)
+    a = sw.open_queue("a", 0)
+    mine, sw_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds = array.array("i", [sw_end.fileno()]).tobytes()
+    ctl.sendmsg(
+        [json.dumps({"op": "attach", "vm": "b", "pair": 0}).encode()],
+        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)],
+    )
+    sw_end.close()
+    for bad in (b"not json", b"[1]", b'{"op": "warp", "vm": "b"}', b'{"op": "active"}'):
+        ctl.send(bad)
+    ctl.send(json.dumps({"op": "active", "vm": "b", "n": 1}).encode())
+    pump(sw)
+    assert sw.snapshot().control_errors == 4
+    b = SocketQueue(mine)
+    send(a, frame(BCAST, mac(1)))
+    pump(sw)
+    assert len(drain(b)) == 1
+    ctl.settimeout(1)
+    errors = [json.loads(ctl.recv(4096)) for _ in range(4)]
+    assert all("error" in e for e in errors)
+    ctl.close()
+    pump(sw)
+    assert sw.stopped
+    b.close()
+
+
+def test_udp_gso_needs_uso(sw: Switch) -> None:
+    a, b = sw.open_queue("a", 0), sw.open_queue("b", 0)
+    sw.set_rx_offloads("b", {Offload.CSUM, Offload.TSO4, Offload.TSO6})
+    send(a, frame(BCAST, mac(1), flags=1, gso=5))  # GSO_UDP_L4
+    pump(sw)
+    assert drain(b) == []
+    sw.set_rx_offloads("b", {Offload.CSUM, Offload.USO})
+    send(a, frame(BCAST, mac(1), flags=1, gso=5))
+    pump(sw)
+    assert len(drain(b)) == 1

@@ -41,6 +41,7 @@ import functools
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -587,6 +588,9 @@ class Switch:
 
 def serve(control_fd: int) -> None:
     """Entry point of the switch process: run a switch controlled through ``control_fd``."""
+    # Ctrl-C goes to the whole process group; the switch stops when its
+    # supervisor closes the control socket instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sw = Switch()
     sw.add_control(socket.socket(fileno=control_fd))
     try:
@@ -606,6 +610,7 @@ class SwitchPort:
     def __init__(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._ctl = mine
+        self.exitcode: int | None = None
         try:
             self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
                 [
@@ -671,7 +676,13 @@ class SwitchPort:
     def offloads(self) -> frozenset[Offload]:
         return frozenset(Offload)
 
+    @property
+    def running(self) -> bool:
+        """Whether the switch process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
     def close(self) -> None:
+        """Stop the switch process (it also stops if this process dies)."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -683,3 +694,4 @@ class SwitchPort:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        self.exitcode = proc.returncode
