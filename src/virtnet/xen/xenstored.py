@@ -208,17 +208,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DOMID=PATH",
         help="extra socket whose clients act as guest DOMID (repeatable)",
     )
+    parser.add_argument(
+        "--hypervisor-socket",
+        help="also serve the emulated hypervisor (domain memory, event channels) here",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``virtnet xenstored``: serve until SIGTERM/SIGINT."""
     d = XenStored(args.socket, dict(args.domain_socket))
+    hyp = None
+    if args.hypervisor_socket:
+        from virtnet.xen.hyp import HypervisorService
+
+        hyp = HypervisorService(args.hypervisor_socket)
+        hyp.serve_in_thread()
     signal.signal(signal.SIGTERM, lambda *_: d.stop())
     signal.signal(signal.SIGINT, lambda *_: d.stop())
     try:
         d.serve_forever()
     finally:
         d.close()
+        if hyp is not None:
+            hyp.close()
     return 0
 
 
