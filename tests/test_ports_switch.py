@@ -9,6 +9,8 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from virtnet.errors import UsageError
 from virtnet.ports import VNET_HDR_LEN, Offload, SocketQueue, make_port
@@ -400,3 +402,24 @@ def test_udp_gso_needs_uso(sw: Switch) -> None:
     send(a, frame(BCAST, mac(1), flags=1, gso=5))
     pump(sw)
     assert len(drain(b)) == 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=120), min_size=1, max_size=8))
+def test_arbitrary_frames_never_raise(frames: list[bytes]) -> None:
+    sw = Switch()
+    qs = [sw.open_queue("a", 0), sw.open_queue("a", 1), sw.open_queue("b", 0)]
+    sw.set_vlans("b", {0, 1, 2})
+    try:
+        for i, f in enumerate(frames):
+            qs[i % 3].send([memoryview(bytearray(f))])
+        pump(sw)
+        stats = sw.snapshot()
+        assert stats.frames_in == sum(1 for f in frames if f)  # empty writes send nothing
+        assert sum(q.tx_packets for q in qs) == sum(len(f) >= VNET_HDR_LEN for f in frames)
+        out = sum(len(drain(q)) for q in qs)
+        assert out == stats.frames_out
+    finally:
+        sw.close()
+        for q in qs:
+            q.close()

@@ -21,8 +21,20 @@ Invariants:
   nonblocking, close-on-exec and free of any process-local state, so the
   fd may be inherited across ``fork`` or sent with ``SCM_RIGHTS``; the worker
   rebuilds its queue with :func:`attach_queue`.
-* Only ``OSError`` with ``EBADF``/``ENOTSOCK`` (a bug: the fd was closed
-  under us) escapes the per-packet paths.
+* Only an ``OSError`` that is not a transient/peer condition (``EBADF``,
+  ``ENOTSOCK``: a bug, the fd was closed under us) escapes the per-packet paths.
+
+How a worker uses a queue (supervisor: ``q = port.open_queue(vm, pair)``, hand
+``q.fileno()`` to the worker by fork or ``SCM_RIGHTS``, then ``q.close()``)::
+
+    q = attach_queue(kind, fd)            # in the worker; owns fd
+    # tx: one guest tx chain = one frame; chain.out starts with the 12-byte header
+    if not q.send(chain.out): ...         # dropped and counted; never blocks
+    # rx: pop enough rx chains for MAX_FRAME_LEN (mergeable buffers) and
+    n = q.recv_into(bufs)                 # 0 = nothing ready (or a counted drop)
+    # patch num_buffers in the header the guest sees, push used, notify once
+    # readiness: epoll q.fileno() for EPOLLIN; None (loopback, null) = poll
+    # recv_into after each tx batch.  SocketQueue.peer_closed = switch gone.
 """
 
 from __future__ import annotations
@@ -192,6 +204,9 @@ class FdQueue(QueueCounters):
             self.last_errno = exc.errno or 0
             self.tx_dropped += 1
             return False
+        if n < VNET_HDR_LEN:  # no room for a header: the far side discards it
+            self.tx_dropped += 1
+            return False
         self.tx_packets += 1
         self.tx_bytes += n - VNET_HDR_LEN
         return True
@@ -261,6 +276,9 @@ class SocketQueue(QueueCounters):
             self.last_errno = exc.errno or 0
             if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 self.peer_closed = True
+            self.tx_dropped += 1
+            return False
+        if n < VNET_HDR_LEN:  # no room for a header: the far side discards it
             self.tx_dropped += 1
             return False
         self.tx_packets += 1
