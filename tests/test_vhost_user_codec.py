@@ -349,7 +349,7 @@ def test_random_chunking_matches_whole_parse(data: st.DataObject) -> None:
     # fds must arrive with the chunk that starts their message: cut at every message start.
     starts = dict(marks)
     reader = MessageReader()
-    got = []
+    got: list[Message] = []
     prev = 0
     for cut in [*cuts, len(wire)]:
         reader.feed(wire[prev:cut], list(range(1000, 1000 + starts.get(prev, 0))))
