@@ -366,3 +366,28 @@ def test_queue_fd_passes_to_worker(netns: str) -> None:
 
     got = in_netns(netns, body)
     assert got[14:25] == b"from-worker"
+
+
+def test_short_rx_buffers_drop_not_truncate(netns: str) -> None:
+    def body() -> list[int]:
+        port = TapPort("vt0", up=True)
+        try:
+            q = port.open_queue("vm", 0)
+            assert isinstance(q, TapQueue)
+            ps = packet_socket("vt0")
+            f = eth(GUEST, PEER, 0x88B5, bytes(86))  # 100-byte frame
+            out = []
+            for room in (50, 112, 111):  # too short, exact fit, one byte short
+                ps.send(f)
+                fd = q.fileno()
+                assert fd is not None
+                select.select([fd], [], [], 2)
+                buf = memoryview(bytearray(room))
+                out.append(q.recv_into([buf[:VNET_HDR_LEN], buf[VNET_HDR_LEN:]]))
+            out += [q.rx_packets, q.rx_dropped]
+            ps.close()
+            return out
+        finally:
+            port.close()
+
+    assert in_netns(netns, body) == [0, 112, 0, 1, 2]

@@ -179,17 +179,20 @@ def _fatal(exc: OSError) -> bool:
 class FdQueue(QueueCounters):
     """A queue over a nonblocking fd where one read/write = one frame (tap).
 
-    ``recv_into`` uses ``os.readv``; a frame longer than the buffers is
-    dropped by the kernel (tap returns EFAULT/EINVAL) and counted.
+    ``recv_into`` uses ``os.readv`` with one extra scratch byte after the
+    caller's buffers: the tap silently truncates a frame longer than the
+    buffers, so a read that reaches the scratch byte is a truncated frame,
+    dropped and counted (a frame that exactly fills the buffers is fine).
     """
 
-    __slots__ = ("_fd", "last_errno")
+    __slots__ = ("_fd", "_scratch", "last_errno")
 
     def __init__(self, fd: int) -> None:
         super().__init__()
         os.set_blocking(fd, False)
         os.set_inheritable(fd, False)
         self._fd = fd
+        self._scratch = memoryview(bytearray(1))
         self.last_errno = 0
 
     def fileno(self) -> int | None:
@@ -213,7 +216,7 @@ class FdQueue(QueueCounters):
 
     def recv_into(self, bufs: Sequence[memoryview]) -> int:
         try:
-            n = os.readv(self._fd, bufs)
+            n = os.readv(self._fd, (*bufs, self._scratch))
         except BlockingIOError:
             return 0
         except OSError as exc:
@@ -226,6 +229,13 @@ class FdQueue(QueueCounters):
             if n:
                 self.rx_dropped += 1
             return 0
+        if n > bufs[0].nbytes:  # spans buffers: did it reach the scratch byte?
+            room = 0
+            for b in bufs:
+                room += b.nbytes
+            if n > room:
+                self.rx_dropped += 1
+                return 0
         self.rx_packets += 1
         self.rx_bytes += n - VNET_HDR_LEN
         return n
