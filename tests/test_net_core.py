@@ -143,13 +143,14 @@ def test_config_layout() -> None:
         rss_max_key_size=40, rss_max_indirection_table_length=128, supported_hash_types=0x1FF,
     )  # fmt: skip
     raw = c.pack()
-    assert len(raw) == net.CONFIG_SIZE == 24
+    assert len(raw) == net.CONFIG_SIZE == 28
     assert raw[:6] == bytes.fromhex("525400123456")
     assert struct.unpack_from("<HHH", raw, 6) == (3, 8, 9000)
     assert struct.unpack_from("<I", raw, 12) == (10000,)
     assert raw[16] == 1 and raw[17] == 40
     assert struct.unpack_from("<HI", raw, 18) == (128, 0x1FF)
     assert NetConfig.unpack(raw) == c
+    assert raw[24:] == bytes(4)  # supported_tunnel_types
     assert NetConfig.unpack(raw + b"\xff" * 4) == c
     short = NetConfig.unpack(raw[:10])
     assert short.mac == c.mac and short.max_virtqueue_pairs == 8 and short.mtu == 0
@@ -172,3 +173,13 @@ def test_ctrl_constants() -> None:
     assert (net.CTRL_MQ_VQ_PAIRS_MIN, net.CTRL_MQ_VQ_PAIRS_MAX) == (1, 0x8000)
     assert (net.CTRL_OK, net.CTRL_ERR) == (0, 1)
     assert net.CTRL_NOTF_COAL_VQ_GET == 3 and net.CTRL_RX_NOBCAST == 5
+
+
+def test_config_size() -> None:
+    assert net.config_size(0) == 6
+    assert net.config_size(F.STATUS) == 8
+    assert net.config_size(F.MQ | F.STATUS) == 10
+    assert net.config_size(F.MTU) == 12
+    assert net.config_size(F.SPEED_DUPLEX | F.MQ) == 17
+    assert net.config_size(F.RSS) == net.config_size(F.HASH_REPORT) == 24
+    assert net.config_size(F.HASH_TUNNEL | F.MAC) == 28

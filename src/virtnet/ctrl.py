@@ -160,7 +160,7 @@ class ControlState:
     steering_mode: SteeringMode = SteeringMode.AUTO
     steering_generation: int = 0
     rss: RssConfig | None = None
-    # Hash calculation for reporting (§5.1.6.4.3): from RSS_CONFIG or HASH_CONFIG.
+    # Hash calculation for reporting (§5.1.6.4.2): from RSS_CONFIG or HASH_CONFIG.
     hash_types: int = 0
     hash_key: bytes = b""
     # Offloads (§5.1.6.5.8).

@@ -105,6 +105,7 @@ __all__ = [
     "NetConfig",
     "NetFeature",
     "NetHdr",
+    "config_size",
     "ctrl_index",
     "hdr_len",
     "negotiate",
@@ -160,7 +161,7 @@ class NetFeature(enum.IntFlag):
     RING_RESET = 1 << 40
     ADMIN_VQ = 1 << 41
     # virtio-net high bits (§5.1.3).
-    DEVICE_STATS = 1 << 50
+    DEVICE_STATS = 1 << 50  # virtio 1.4
     HASH_TUNNEL = 1 << 51
     VQ_NOTF_COAL = 1 << 52
     NOTF_COAL = 1 << 53
@@ -391,11 +392,29 @@ MIN_RSS_MAX_KEY_SIZE: Final = 40  # §5.1.4.1: rss_max_key_size at least 40
 MIN_RSS_MAX_INDIRECTION_TABLE_LENGTH: Final = 128  # §5.1.4.1: at least 128
 
 # mac[6] status max_virtqueue_pairs mtu speed duplex rss_max_key_size
-# rss_max_indirection_table_length supported_hash_types  (virtio 1.3 layout; the
-# later supported_tunnel_types field belongs to HASH_TUNNEL, not offered here).
-_CONFIG = struct.Struct("<6sHHHIBBHI")
+# rss_max_indirection_table_length supported_hash_types supported_tunnel_types
+_CONFIG = struct.Struct("<6sHHHIBBHII")
 CONFIG_SIZE: Final = _CONFIG.size
-assert CONFIG_SIZE == 24
+assert CONFIG_SIZE == 28
+
+# How much of the config space exists for a feature set (§5.1.4: each field
+# "only exists if" its feature is set; a field exists when any later one does).
+_CONFIG_FIELD_ENDS: Final[tuple[tuple[int, int], ...]] = (
+    (NetFeature.HASH_TUNNEL, 28),
+    (NetFeature.RSS | NetFeature.HASH_REPORT, 24),
+    (NetFeature.SPEED_DUPLEX, 17),
+    (NetFeature.MTU, 12),
+    (NetFeature.MQ | NetFeature.RSS, 10),
+    (NetFeature.STATUS, 8),
+)
+
+
+def config_size(features: int) -> int:
+    """Bytes of config space that exist for ``features`` (at least ``mac``)."""
+    for feats, end in _CONFIG_FIELD_ENDS:
+        if features & feats:
+            return end
+    return 6
 
 
 @dataclass(slots=True)
@@ -411,13 +430,15 @@ class NetConfig:
     rss_max_key_size: int = MIN_RSS_MAX_KEY_SIZE
     rss_max_indirection_table_length: int = MIN_RSS_MAX_INDIRECTION_TABLE_LENGTH
     supported_hash_types: int = 0
+    supported_tunnel_types: int = 0
 
     def pack(self) -> bytes:
-        """The :data:`CONFIG_SIZE`-byte little-endian config space image."""
+        """The :data:`CONFIG_SIZE`-byte little-endian config space image (slice it
+        to :func:`config_size` for what a given feature set exposes)."""
         return _CONFIG.pack(
             bytes(self.mac), self.status, self.max_virtqueue_pairs, self.mtu, self.speed,
             self.duplex, self.rss_max_key_size, self.rss_max_indirection_table_length,
-            self.supported_hash_types,
+            self.supported_hash_types, self.supported_tunnel_types,
         )  # fmt: skip
 
     @classmethod
@@ -426,8 +447,8 @@ class NetConfig:
         read only the prefix its features make valid); bytes past
         :data:`CONFIG_SIZE` are ignored."""
         raw = bytes(data[:CONFIG_SIZE]).ljust(CONFIG_SIZE, b"\x00")
-        mac, st, mvp, mtu, speed, duplex, ks, itl, ht = _CONFIG.unpack(raw)
-        return cls(mac, st, mvp, mtu, speed, duplex, ks, itl, ht)
+        mac, st, mvp, mtu, speed, duplex, ks, itl, ht, tt = _CONFIG.unpack(raw)
+        return cls(mac, st, mvp, mtu, speed, duplex, ks, itl, ht, tt)
 
 
 # --------------------------------------------------------------------------------------
@@ -502,6 +523,6 @@ CTRL_NOTF_COAL_RX_SET: Final = 1
 CTRL_NOTF_COAL_VQ_SET: Final = 2
 CTRL_NOTF_COAL_VQ_GET: Final = 3
 
-CTRL_STATS: Final = 8  # §5.1.6.5.10 "Device Statistics" (not implemented: answered ERR)
+CTRL_STATS: Final = 8  # virtio 1.4 "Device Statistics" (not implemented: answered ERR)
 CTRL_STATS_QUERY: Final = 0
 CTRL_STATS_GET: Final = 1

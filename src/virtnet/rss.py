@@ -1,6 +1,6 @@
 """Toeplitz hashing, flow parsing and RSS configuration (pure, per packet).
 
-References: virtio 1.3 §5.1.6.4.3 "Hash calculation for incoming packets"
+References: virtio 1.3 §5.1.6.4.2 "Hash calculation for incoming packets"
 (hash types and selection rules), §5.1.6.4.4 "Hash reporting for incoming
 packets" (report values), §5.1.6.5.7 "Receive-side scaling (RSS)", and
 Microsoft's "RSS hashing functions" / "Verifying the RSS Hash Calculation"
@@ -70,7 +70,7 @@ __all__ = [
     "toeplitz_hash",
 ]
 
-# §5.1.6.4.3.1 "Supported/enabled hash types".
+# §5.1.6.4.2.1 "Supported/enabled hash types".
 HASH_TYPE_IPV4: Final = 1 << 0
 HASH_TYPE_TCPV4: Final = 1 << 1
 HASH_TYPE_UDPV4: Final = 1 << 2
@@ -350,7 +350,7 @@ def _hash_parsed(
             for t, b in zip(tabs[8:12], frame[l4 : l4 + 4], strict=False):
                 h ^= t[b]
         return h, report
-    # IPv6 (§5.1.6.4.3.3 and .4)
+    # IPv6 (§5.1.6.4.2.3 and §5.1.6.4.2.4)
     report = HASH_REPORT_NONE
     ports = False
     exaddr = False
@@ -391,7 +391,7 @@ def _hash_parsed(
 def rss_hash(
     frame: bytes | bytearray | memoryview, key: bytes, enabled_types: int
 ) -> tuple[int, int]:
-    """(hash_value, hash_report) per §5.1.6.4.3; ``(0, HASH_REPORT_NONE)`` if no hash."""
+    """(hash_value, hash_report) per §5.1.6.4.2; ``(0, HASH_REPORT_NONE)`` if no hash."""
     if not enabled_types:
         return 0, HASH_REPORT_NONE
     p = _parse(frame)
