@@ -43,7 +43,7 @@ def views(data: bytes, *cuts: int) -> list[memoryview]:
 
 @pytest.mark.parametrize(
     "spec",
-    ["", "tap", "tap:", "switch:x", "loopback:1", "null:", "bogus", "veth:x"],
+    ["", "tap", "tap:", "switch:x", "switch:uplink=", "loopback:1", "null:", "bogus", "veth:x"],
 )
 def test_make_port_bad_spec(spec: str) -> None:
     with pytest.raises(UsageError, match="port spec"):

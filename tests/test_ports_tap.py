@@ -25,6 +25,7 @@ import pytest
 
 from virtnet.errors import UsageError
 from virtnet.ports import VNET_HDR_LEN, FdQueue, Offload, attach_queue, make_port
+from virtnet.ports.switch import Switch, SwitchPort
 from virtnet.ports.tap import TapPort, TapQueue
 
 pytestmark = [
@@ -391,3 +392,59 @@ def test_short_rx_buffers_drop_not_truncate(netns: str) -> None:
             port.close()
 
     assert in_netns(netns, body) == [0, 112, 0, 1, 2]
+
+
+def _arp_via(q: Any, poll: Callable[[], object]) -> bytes:
+    req = vnet_hdr() + arp_request(GUEST, "10.77.0.2", "10.77.0.1")
+    buf = bytearray(4096)
+    for _ in range(50):
+        q.send([memoryview(req)])
+        for _ in range(20):
+            poll()
+            n = q.recv_into([memoryview(buf)])
+            if n and buf[VNET_HDR_LEN + 12 : VNET_HDR_LEN + 14] == b"\x08\x06":
+                return bytes(buf[:n])
+    raise AssertionError("no ARP reply through the switch")
+
+
+def test_switch_uplink_in_process(netns: str) -> None:
+    def body() -> bytes:
+        tap = TapPort("vt0", up=True)
+        sw = Switch()
+        try:
+            tq = tap.open_queue("uplink", 0)
+            fd = tq.fileno()
+            assert isinstance(tq, TapQueue) and fd is not None
+            sw.attach_tap("uplink", os.dup(fd))
+            _ip("addr", "add", "10.77.0.1/24", "dev", "vt0")
+            q = sw.open_queue("vm", 0)
+            try:
+                return _arp_via(q, lambda: sw.poll_once(0.01))
+            finally:
+                q.close()
+        finally:
+            sw.close()
+            tap.close()
+
+    frame = in_netns(netns, body)[VNET_HDR_LEN:]
+    assert frame[:6] == GUEST and frame[28:32] == socket.inet_aton("10.77.0.1")
+
+
+def test_switch_process_with_uplink_spec(netns: str) -> None:
+    def body() -> bytes:
+        port = make_port("switch:uplink=vt0")
+        assert isinstance(port, SwitchPort)
+        try:
+            _ip("addr", "add", "10.77.0.1/24", "dev", "vt0")
+            q = port.open_queue("vm", 0)
+            fd = q.fileno()
+            assert fd is not None
+            try:
+                return _arp_via(q, lambda: select.select([fd], [], [], 0.05))
+            finally:
+                q.close()
+        finally:
+            port.close()
+
+    frame = in_netns(netns, body)[VNET_HDR_LEN:]
+    assert frame[:6] == GUEST and struct.unpack("!H", frame[20:22])[0] == 2

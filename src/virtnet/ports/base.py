@@ -354,7 +354,12 @@ def attach_queue(kind: str, fd: int | None = None) -> PortQueue:
 
 
 def make_port(spec: str) -> Port:
-    """Build a port from a user's spec: ``switch``, ``tap:IFNAME``, ``loopback``, ``null``."""
+    """Build a port from a user's spec.
+
+    ``switch`` (VMs of this process joined by an L2 switch process),
+    ``switch:uplink=IFNAME`` (the same, plus a tap to the host), ``tap:IFNAME``
+    (one VM's multiqueue tap), ``loopback``, ``null``.
+    """
     kind, sep, arg = spec.partition(":")
     if kind == "tap":
         if not sep or not arg:
@@ -362,12 +367,24 @@ def make_port(spec: str) -> Port:
         from virtnet.ports.tap import TapPort
 
         return TapPort(arg)
-    if sep:
+    if sep and kind != "switch":
         raise UsageError(f"bad port spec {spec!r}: {kind!r} takes no argument")
     if kind == "switch":
         from virtnet.ports.switch import SwitchPort
 
-        return SwitchPort()
+        uplink = None
+        if sep:
+            key, eq, uplink = arg.partition("=")
+            if key != "uplink" or not eq or not uplink:
+                raise UsageError(f"bad port spec {spec!r}: expected switch or switch:uplink=IFNAME")
+        port = SwitchPort()
+        if uplink:
+            try:
+                port.add_uplink(uplink)
+            except BaseException:
+                port.close()
+                raise
+        return port
     if kind == "loopback":
         from virtnet.ports.loopback import LoopbackPort
 

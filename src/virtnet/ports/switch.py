@@ -43,13 +43,14 @@ import os
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from virtnet.errors import ProtocolError, UsageError
 from virtnet.ports.base import (
@@ -61,6 +62,9 @@ from virtnet.ports.base import (
     SocketQueue,
 )
 from virtnet.rss import flow_id as _rss_flow_id
+
+if TYPE_CHECKING:
+    from virtnet.ports.tap import TapPort
 
 __all__ = [
     "FLOW_AGING_S",
@@ -208,14 +212,23 @@ class _Vm:
 class _Port(QueueCounters):
     """The switch's end of one (VM, pair): rx = from the worker, tx = to it."""
 
-    __slots__ = ("fd", "pair", "sock", "vm")
+    __slots__ = ("fd", "pair", "send", "sock", "vm")
 
-    def __init__(self, vm: _Vm, pair: int, sock: socket.socket) -> None:
+    def __init__(self, vm: _Vm, pair: int, sock: socket.socket | None, fd: int = -1) -> None:
         super().__init__()
         self.vm = vm
         self.pair = pair
-        self.sock = sock
-        self.fd = sock.fileno()
+        self.sock = sock  # None: a tap fd (uplink)
+        self.fd = sock.fileno() if sock is not None else fd
+        self.send: Callable[[memoryview], int] = (
+            sock.send if sock is not None else functools.partial(os.write, fd)
+        )
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        else:
+            os.close(self.fd)
 
 
 class _StopEvent(Protocol):
@@ -261,13 +274,28 @@ class Switch:
 
     def attach(self, vm_id: str, pair: int, sock: socket.socket) -> None:
         """Join ``sock`` (the switch's end of a SEQPACKET pair) as ``(vm_id, pair)``."""
+        self._attach(vm_id, pair, sock, -1)
+
+    def attach_tap(self, name: str, fd: int) -> None:
+        """Join a tap queue fd (vnet header on) as the one-pair member ``name``.
+
+        This is the uplink to the host: frames for MACs behind the tap go to
+        it, floods reach it, and what the host sends comes in like any VM's
+        frames.  The switch owns ``fd``.
+        """
+        self._attach(name, 0, None, fd)
+
+    def _attach(self, vm_id: str, pair: int, sock: socket.socket | None, fd: int) -> None:
         if not isinstance(pair, int) or not 0 <= pair < MAX_PAIRS_PER_VM:
             raise UsageError(f"queue pair {pair!r} out of range 0..{MAX_PAIRS_PER_VM - 1}")
         vm = self._vm(vm_id)
         if pair in vm.ports:
             raise UsageError(f"VM {vm_id!r} pair {pair} is already attached")
-        sock.setblocking(False)
-        port = _Port(vm, pair, sock)
+        if sock is not None:
+            sock.setblocking(False)
+        else:
+            os.set_blocking(fd, False)
+        port = _Port(vm, pair, sock, fd)
         vm.ports[pair] = port
         vm.refresh()
         self._by_fd[port.fd] = port
@@ -350,7 +378,7 @@ class Switch:
                 self._ep.unregister(port.fd)
         port.vm.ports.pop(port.pair, None)
         port.vm.refresh()
-        port.sock.close()
+        port.close()
 
     # -- the loop ----------------------------------------------------------
 
@@ -380,14 +408,26 @@ class Switch:
         return frames
 
     def _drain(self, port: _Port, ev: int, now: float) -> int:
-        recv_into = port.sock.recv_into
         buf = self._buf
-        trunc = _MSG_TRUNC
+        if port.sock is not None:
+            recv_into = port.sock.recv_into
+            trunc = _MSG_TRUNC
+
+            def recv() -> int:
+                return recv_into(buf, 0, trunc)
+        else:
+            readv = os.readv
+            iov = [buf]
+            fd = port.fd
+
+            def recv() -> int:
+                return readv(fd, iov)
+
         stats = self.stats
         got = 0
         for _ in range(SWITCH_BATCH):
             try:
-                n = recv_into(buf, 0, trunc)
+                n = recv()
             except BlockingIOError:
                 break
             except OSError:
@@ -485,7 +525,7 @@ class Switch:
                 return
             port = cands[spread(fid) % len(cands)]
         try:
-            port.sock.send(view)
+            port.send(view)
         except BlockingIOError:
             stats.dropped_full += 1
             port.tx_dropped += 1
@@ -553,7 +593,7 @@ class Switch:
         if not isinstance(msg, dict):
             raise ProtocolError("control message is not an object")
         op = msg.get("op")
-        want_fds = 1 if op == "attach" else 0
+        want_fds = 1 if op in {"attach", "attach_tap"} else 0
         if len(fds) != want_fds:
             raise ProtocolError(f"{op!r} carries {len(fds)} fds, expected {want_fds}")
         vm = msg.get("vm")
@@ -569,6 +609,10 @@ class Switch:
             except BaseException:
                 sock.detach()  # the caller closes the fd
                 raise
+        elif op == "attach_tap":
+            if stat.S_ISSOCK(os.fstat(fds[0]).st_mode):
+                raise ProtocolError("attach_tap needs a tap fd")
+            self.attach_tap(vm_id, fds[0])
         elif op == "active":
             self.set_active_pairs(vm_id, msg["n"])
         elif op == "vlans":
@@ -610,6 +654,7 @@ class SwitchPort:
     def __init__(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._ctl = mine
+        self._uplinks: list[TapPort] = []
         self.exitcode: int | None = None
         try:
             self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
@@ -646,6 +691,23 @@ class SwitchPort:
         finally:
             theirs.close()
         return SocketQueue(mine)
+
+    def add_uplink(self, ifname: str, *, name: str | None = None) -> TapPort:
+        """Join the multiqueue tap ``ifname`` (created if missing, brought up) to the switch.
+
+        The tap is a switch member called ``name`` (default ``uplink:IFNAME``);
+        the returned :class:`TapPort` stays here (close it after the switch).
+        """
+        from virtnet.ports.tap import TapPort
+
+        member = name or f"uplink:{ifname}"
+        tap = TapPort(ifname, up=True)
+        q = tap.open_queue(member, 0)
+        fd = q.fileno()
+        assert fd is not None
+        self._send({"op": "attach_tap", "vm": member}, fd)
+        self._uplinks.append(tap)
+        return tap
 
     def set_active_pairs(self, vm_id: str, n: int) -> None:
         self._send({"op": "active", "vm": vm_id, "n": n})
@@ -695,3 +757,5 @@ class SwitchPort:
             proc.kill()
             proc.wait()
         self.exitcode = proc.returncode
+        for tap in self._uplinks:
+            tap.close()
