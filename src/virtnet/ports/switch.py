@@ -4,7 +4,9 @@ Each (VM, queue pair) is joined to the switch by a ``SOCK_SEQPACKET``
 socketpair: the switch keeps one end, the pair's worker gets the other as its
 :class:`~virtnet.ports.base.SocketQueue`.  One record = one frame preceded by
 a 12-byte ``virtio_net_hdr_v1``; the header travels unchanged from sender to
-receiver (the receiving worker fills in ``num_buffers``).
+receiver (the receiving worker fills in ``num_buffers``).  A tap queue fd can
+join as a one-pair member (``attach_tap``; ``switch:uplink=IFNAME``): the
+uplink to the host stack.
 
 Invariants:
 
