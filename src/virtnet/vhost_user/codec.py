@@ -22,9 +22,12 @@ Invariants:
   still holds.  No fd is ever leaked or closed twice by this module.
 * fd attribution rule (see :class:`MessageReader`): the fds of one ``feed``
   call belong to the message that contains the last byte fed in that call.
-  This matches Linux ``AF_UNIX`` stream semantics, where ``recvmsg`` stops
-  right after a segment that carried ``SCM_RIGHTS`` and such a segment
-  starts with the message the sender attached the fds to.
+  Linux ``AF_UNIX`` stream ``recvmsg`` returns fds with the read that
+  consumes the first byte of the sender's ``sendmsg`` and stops there, so a
+  socket loop that reads at most :attr:`MessageReader.wanted` bytes at a
+  time (one message, header first, as libvhost-user and rust-vmm do) gets
+  exact attribution even from a sender that packs several messages into one
+  ``sendmsg``.
 * Nothing here touches sockets, fds (other than closing rejected ones) or
   time.
 """
@@ -675,6 +678,23 @@ class MessageReader:
     def buffered(self) -> int:
         """Bytes fed but not yet returned as messages."""
         return len(self._buf)
+
+    @property
+    def wanted(self) -> int:
+        """Bytes still missing from the message in progress (its header first).
+
+        A socket loop that never reads more than this keeps every ``recvmsg``
+        inside one message, which makes fd attribution exact: Linux returns
+        ``SCM_RIGHTS`` fds with the read that consumes the first byte of the
+        sender's ``sendmsg``, and ends that read right there.
+        """
+        have = len(self._buf)
+        if have < HEADER_SIZE:
+            return HEADER_SIZE - have
+        size: int = HEADER.unpack_from(self._buf)[2]
+        if size > MAX_PAYLOAD_SIZE:
+            return 1  # next_message() will reject the header
+        return max(1, HEADER_SIZE + size - have)
 
     @property
     def pending_fds(self) -> int:

@@ -63,6 +63,9 @@ RECV_SIZE = HEADER_SIZE + MAX_PAYLOAD_SIZE
 SEND_TIMEOUT = 5.0
 #: Default client-mode redial interval (QEMU's reconnect option is in seconds too).
 DEFAULT_RETRY_INTERVAL = 1.0
+#: Reads per readiness event before going back to the selector (fairness
+#: between VMs: one busy frontend cannot starve the others).
+READS_PER_WAKEUP = 64
 #: Listen backlog: one frontend per socket; a short queue absorbs reconnect races.
 LISTEN_BACKLOG = 2
 
@@ -203,7 +206,7 @@ class Server:
     # -- internals --------------------------------------------------------
 
     def _open(self, ep: Endpoint, sock: socket.socket) -> None:
-        sock.settimeout(SEND_TIMEOUT)
+        sock.setblocking(False)
         try:
             backend = ep.backend_factory()
         except Exception:
@@ -272,8 +275,21 @@ class Server:
             self._drop(conn, f"internal error: {exc!r}")
 
     def _serve(self, conn: Connection) -> None:
-        data, fds, flags, _ = socket.recv_fds(conn.sock, RECV_SIZE, MAX_FDS_PER_MESSAGE)
-        if flags & socket.MSG_CTRUNC:
+        # Drain what is there, one message-bounded read at a time; the first
+        # read cannot block (the selector said readable), later ones must not.
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                if not self._read_once(conn):
+                    return
+            except (BlockingIOError, InterruptedError):
+                return
+
+    def _read_once(self, conn: Connection) -> bool:
+        """One read; False once the connection is gone."""
+        # Never read past the message in progress: see MessageReader.wanted.
+        want = min(conn.reader.wanted, RECV_SIZE)
+        data, fds, msg_flags, _ = socket.recv_fds(conn.sock, want, MAX_FDS_PER_MESSAGE)
+        if msg_flags & socket.MSG_CTRUNC:
             close_fds(fds)
             raise ProtocolError(f"more than {MAX_FDS_PER_MESSAGE} fds in one message (truncated)")
         if not data:
@@ -281,13 +297,30 @@ class Server:
             if conn.reader.buffered:
                 raise ProtocolError(f"frontend closed mid-message ({conn.reader.buffered} bytes)")
             self._drop(conn, None)
-            return
+            return False
         conn.reader.feed(data, fds)
+        # At most one message is complete now (reads stop at its end).
         for msg in conn.reader:
             conn.messages += 1
             log.debug(
-                "%s: <- %s %s fds=%d", conn.endpoint.name, msg.request.name, msg.body, len(msg.fds)
+                "%s: <- %s flags=0x%x %s fds=%d",
+                conn.endpoint.name,
+                msg.request.name,
+                msg.flags,
+                msg.body,
+                len(msg.fds),
             )
             reply = conn.backend.handle(msg)
             if reply is not None:
-                conn.sock.sendall(reply)
+                self._send(conn, reply)
+        return True
+
+    @staticmethod
+    def _send(conn: Connection, reply: bytes) -> None:
+        # Replies are tiny and QEMU waits for each one, so a short blocking
+        # send is simplest; the socket goes back to non-blocking for reads.
+        conn.sock.settimeout(SEND_TIMEOUT)
+        try:
+            conn.sock.sendall(reply)
+        finally:
+            conn.sock.setblocking(False)
