@@ -16,6 +16,7 @@ from virtnet.errors import UsageError
 from virtnet.ports import VNET_HDR_LEN, Offload, SocketQueue, make_port
 from virtnet.ports import switch as sw_mod
 from virtnet.ports.switch import Switch, SwitchPort, flow_id, spread
+from virtnet.steering import Steering
 
 BCAST = b"\xff" * 6
 
@@ -423,3 +424,31 @@ def test_arbitrary_frames_never_raise(frames: list[bytes]) -> None:
         sw.close()
         for q in qs:
             q.close()
+
+
+def test_vm_steering_object(sw: Switch, clock: Clock) -> None:
+    a = [sw.open_queue("a", p) for p in range(4)]
+    b = sw.open_queue("b", 0)
+    steering = Steering(4)
+    steering.set_pairs(4)
+    steering.drain_done()
+    sw.set_steering("a", steering)
+    sw.set_active_pairs("a", 4)
+    send(a[0], frame(BCAST, mac(1)))
+    pump(sw)
+    drain(b)
+    # replies follow the pair a sent the flow on, via a's Steering
+    send(a[2], frame(mac(2), mac(1), sport=80, dport=7, ips=(1, 2)))
+    pump(sw)
+    drain(b)
+    reply = frame(mac(1), mac(2), sport=7, dport=80, ips=(2, 1))
+    send(b, reply)
+    pump(sw)
+    assert [len(drain(q)) for q in a] == [0, 0, 1, 0]
+    assert steering.stats.flow_hits == 1
+    # a new flow lands where the Steering says
+    new = frame(mac(1), mac(2), sport=9, dport=80, ips=(2, 1))
+    want = steering.choose_rx(new[VNET_HDR_LEN:], clock.t)[0]
+    send(b, new)
+    pump(sw)
+    assert [len(drain(q)) for q in a] == [int(p == want) for p in range(4)]

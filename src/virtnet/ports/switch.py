@@ -20,11 +20,13 @@ Invariants:
 * Forwarding: known unicast goes to the one VM that owns the destination;
   broadcast, multicast and unknown unicast are flooded to every other member
   VM of the VLAN.  A frame never goes back to the VM it came from.
-* Receive steering per VM: the switch remembers, per (VM, symmetric flow id),
-  the pair on which that VM last sent the flow (rx follows tx), for at most
-  :data:`FLOW_AGING_S` and at most :data:`FLOW_TABLE_SIZE` flows.  A flow
-  with no (fresh, active) entry is placed by its hash over the VM's active
-  pairs (``set_active_pairs``); a VM gets each frame once, on one pair.
+* Receive steering per VM (unless the VM has its own
+  :class:`~virtnet.steering.Steering`, see ``set_steering``): the switch
+  remembers, per (VM, symmetric flow id), the pair on which that VM last
+  sent the flow (rx follows tx), for at most :data:`FLOW_AGING_S` and at
+  most :data:`FLOW_TABLE_SIZE` flows.  A flow with no (fresh, active) entry
+  is placed by its hash over the VM's active pairs (``set_active_pairs``);
+  a VM gets each frame once, on one pair.
 * Offloads: a GSO frame or a partial-checksum frame is delivered only to a VM
   whose rx offloads (``set_rx_offloads``, default: all) carry it; otherwise it
   is dropped and counted (there is no software segmentation).
@@ -67,6 +69,7 @@ from virtnet.rss import flow_id as _rss_flow_id
 
 if TYPE_CHECKING:
     from virtnet.ports.tap import TapPort
+    from virtnet.steering import Steering
 
 __all__ = [
     "FLOW_AGING_S",
@@ -195,7 +198,7 @@ def _needed_offloads(flags: int, gso_type: int) -> frozenset[Offload]:
 
 
 class _Vm:
-    __slots__ = ("active", "id", "ports", "rx_offloads", "rx_ports", "vlans")
+    __slots__ = ("active", "id", "ports", "rx_offloads", "rx_ports", "steering", "vlans")
 
     def __init__(self, vm_id: str) -> None:
         self.id = vm_id
@@ -204,6 +207,7 @@ class _Vm:
         self.ports: dict[int, _Port] = {}
         self.rx_offloads: frozenset[Offload] = frozenset(Offload)
         self.rx_ports: list[_Port] = []  # open ports of active pairs, by pair
+        self.steering: Steering | None = None
 
     def refresh(self) -> None:
         self.rx_ports = sorted(
@@ -328,6 +332,18 @@ class Switch:
         if not vs or any(not isinstance(v, int) or not 0 <= v <= VLAN_MAX for v in vs):
             raise UsageError(f"bad VLAN set {sorted(vs)!r} (ids 0..{VLAN_MAX}, at least one)")
         self._vm(vm_id).vlans = vs
+
+    def set_steering(self, vm_id: str, steering: Steering | None) -> None:
+        """Let the VM's own :class:`~virtnet.steering.Steering` choose its rx pair.
+
+        With it the switch feeds every frame the VM sends to ``note_tx`` and
+        asks ``choose_rx`` where to deliver (RSS, rx-follows-tx, hash), so the
+        guest's RSS configuration applies; a chosen pair with no open queue
+        falls back to the hash over open active pairs.  The caller keeps the
+        steering's pair count in step (``set_active_pairs`` too, for that
+        fallback).  In-process switches only.  None = the switch's own tables.
+        """
+        self._vm(vm_id).steering = steering
 
     def set_rx_offloads(self, vm_id: str, offloads: Iterable[Offload]) -> None:
         """What the VM's guest accepts on rx (its negotiated GUEST_CSUM/TSO4/TSO6/ECN)."""
@@ -477,13 +493,16 @@ class Switch:
             stats.mac_evictions += 1
         view = self._view[:n]
         fid = flow_id(view)
-        flows = self._flows
-        fkey = (svm.id, fid)
-        flows[fkey] = (src.pair, now)
-        flows.move_to_end(fkey)
-        if len(flows) > FLOW_TABLE_SIZE:
-            flows.popitem(last=False)
-            stats.flow_evictions += 1
+        if svm.steering is not None:
+            svm.steering.note_tx(view[_E:], src.pair, now)
+        else:
+            flows = self._flows
+            fkey = (svm.id, fid)
+            flows[fkey] = (src.pair, now)
+            flows.move_to_end(fkey)
+            if len(flows) > FLOW_TABLE_SIZE:
+                flows.popitem(last=False)
+                stats.flow_evictions += 1
         need = _NO_OFFLOAD if not (buf[0] | buf[1]) else _needed_offloads(buf[0], buf[1])
         if not buf[_E] & 1:
             ent = macs.get((vlan, bytes(buf[_E : _E + 6])))
@@ -515,11 +534,14 @@ class Switch:
             stats.dropped_offload += 1
             return
         ports = vm.ports
-        active = vm.active
         port: _Port | None = None
-        ent = self._flows.get((vm.id, fid))
-        if ent is not None and ent[0] < active and now - ent[1] <= FLOW_AGING_S:
-            port = ports.get(ent[0])
+        steering = vm.steering
+        if steering is not None:
+            port = ports.get(steering.choose_rx(view[_E:], now)[0])
+        else:
+            ent = self._flows.get((vm.id, fid))
+            if ent is not None and ent[0] < vm.active and now - ent[1] <= FLOW_AGING_S:
+                port = ports.get(ent[0])
         if port is None:
             cands = vm.rx_ports
             if not cands:
