@@ -291,3 +291,14 @@ def test_rss_config_select_and_classify() -> None:
     u = ipv4(src, dst, 17, udp(sport, dport))
     assert cfg.classify(u) == (2, 0, net.HASH_REPORT_NONE)
     assert cfg.max_queue() == 3
+
+
+def test_memo_bounded_and_exact() -> None:
+    key = bytes(range(1, 41))
+    for i in range(rss.MAX_MEMO_ENTRIES + 10):
+        f = ipv4("10.0.0.1", "10.0.0.2", 17, udp(i & 0xFFFF, 53))
+        h, rep = rss_hash(f, key, rss.HASH_TYPE_UDPV4)
+        if i % 997 == 0:
+            inp = ip("10.0.0.1") + ip("10.0.0.2") + struct.pack("!HH", i, 53)
+            assert (h, rep) == (rss._slow_toeplitz(key, inp), net.HASH_REPORT_UDPV4)
+    assert len(rss._key(key).memo) <= rss.MAX_MEMO_ENTRIES

@@ -14,7 +14,9 @@ Invariants:
 * Per-key lookup tables are built once per distinct key, cover
   :data:`TABLE_POSITIONS` input bytes (an IPv6 4-tuple), and live in a cache
   bounded by :data:`MAX_CACHED_KEYS` entries -- a guest that keeps changing its
-  key cannot grow memory without bound.
+  key cannot grow memory without bound.  Each key also memoizes up to
+  :data:`MAX_MEMO_ENTRIES` recent hash inputs (cleared when full), so a
+  steady flow costs a parse and a dict lookup per packet.
 * Frame parsing never raises on any input and never reads outside the frame:
   anything it cannot classify is "not IP" (``None``) or "IP without L4" (no
   ports).  Fragmented packets (IPv4 MF/offset, IPv6 fragment header) never
@@ -60,6 +62,7 @@ __all__ = [
     "HASH_TYPE_UDP_EX",
     "MAX_CACHED_KEYS",
     "MAX_IPV6_EXT_HEADERS",
+    "MAX_MEMO_ENTRIES",
     "TABLE_POSITIONS",
     "FlowKey",
     "RssConfig",
@@ -109,10 +112,25 @@ TABLE_POSITIONS: Final = 36
 # Distinct keys whose tables are cached (each ~36 x 256 ints).
 MAX_CACHED_KEYS: Final = 16
 
+# Per key, a memo of hash input -> hash (flows repeat); cleared when it fills.
+MAX_MEMO_ENTRIES: Final = 4096
+
 _MASK32: Final = 0xFFFFFFFF
 
 _Tables = list[list[int]]
-_cache: dict[bytes, _Tables] = {}
+
+
+class _Key:
+    """Lookup tables of one key plus a bounded memo of recent hash inputs."""
+
+    __slots__ = ("memo", "tables")
+
+    def __init__(self, key: bytes) -> None:
+        self.tables = _build_tables(key)
+        self.memo: dict[bytes, int] = {}
+
+
+_cache: dict[bytes, _Key] = {}
 
 
 def _build_tables(key: bytes) -> _Tables:
@@ -124,19 +142,37 @@ def _build_tables(key: bytes) -> _Tables:
         windows = [(k >> (nbits - 32 - (8 * pos + j))) & _MASK32 for j in range(8)]
         t = [0] * 256
         for v in range(1, 256):
-            low = v & -v  # lowest set bit -> MSB-first index 7 - log2(low)
-            t[v] = t[v ^ low] ^ windows[7 - low.bit_length() + 1]
+            low = v & -v  # lowest set bit 1<<b is MSB-first bit 7-b = 8 - bit_length
+            t[v] = t[v ^ low] ^ windows[8 - low.bit_length()]
         tables.append(t)
     return tables
 
 
-def _tables(key: bytes) -> _Tables:
-    t = _cache.get(key)
-    if t is None:
+def _key(key: bytes) -> _Key:
+    k = _cache.get(key)
+    if k is None:
         if len(_cache) >= MAX_CACHED_KEYS:
             _cache.pop(next(iter(_cache)))  # oldest inserted
-        t = _cache[key] = _build_tables(bytes(key))
-    return t
+        key = bytes(key)
+        k = _cache[key] = _Key(key)
+    return k
+
+
+def _tables(key: bytes) -> _Tables:
+    return _key(key).tables
+
+
+def _memo_hash(k: _Key, inp: bytes) -> int:
+    memo = k.memo
+    h = memo.get(inp)
+    if h is None:
+        h = 0
+        for t, b in zip(k.tables, inp, strict=False):
+            h ^= t[b]
+        if len(memo) >= MAX_MEMO_ENTRIES:
+            memo.clear()
+        memo[inp] = h
+    return h
 
 
 def _slow_toeplitz(key: bytes, data: bytes) -> int:
@@ -156,7 +192,7 @@ def toeplitz_hash(key: bytes, data: bytes | bytearray | memoryview) -> int:
     if len(data) > TABLE_POSITIONS:
         return _slow_toeplitz(bytes(key), bytes(data))
     h = 0
-    for t, b in zip(_tables(bytes(key)), data, strict=False):
+    for t, b in zip(_key(key).tables, data, strict=False):
         h ^= t[b]
     return h
 
@@ -302,20 +338,21 @@ def parse_flow(frame: bytes | bytearray | memoryview) -> FlowKey | None:
                    sport, dport)  # fmt: skip
 
 
-def _flow_id_parsed(frame: bytes | bytearray | memoryview, p: _Parsed) -> int:
-    fam, proto, a, l4, _ext, _home, _rt2 = p
+_PROTO_BYTE: Final = [bytes((i,)) for i in range(256)]
+
+
+def _flow_key_parsed(frame: bytes | bytearray | memoryview, p: _Parsed) -> bytes:
+    """Canonical (direction-free) flow bytes: lower endpoint, higher endpoint,
+    protocol.  Lengths 9/13 (IPv4 without/with ports) and 33/37 (IPv6) keep
+    the families and port-less flows apart."""
+    fam, proto, a, l4 = p[0], p[1], p[2], p[3]
     alen = 4 if fam == 4 else 16
     s = bytes(frame[a : a + alen])
     d = bytes(frame[a + alen : a + 2 * alen])
     if l4 >= 0:
         s += bytes(frame[l4 : l4 + 2])
         d += bytes(frame[l4 + 2 : l4 + 4])
-    else:
-        s += b"\x00\x00"
-        d += b"\x00\x00"
-    if d < s:
-        s, d = d, s
-    return int.from_bytes(b"\x01" + bytes((fam, proto)) + s + d, "big")
+    return (s + d if s <= d else d + s) + _PROTO_BYTE[proto]
 
 
 def flow_id(frame: bytes | bytearray | memoryview) -> int | None:
@@ -323,7 +360,7 @@ def flow_id(frame: bytes | bytearray | memoryview) -> int | None:
     p = _parse(frame)
     if p is None:
         return None
-    return _flow_id_parsed(frame, p)
+    return int.from_bytes(b"\x01" + _flow_key_parsed(frame, p), "big")
 
 
 def _hash_parsed(
@@ -336,20 +373,13 @@ def _hash_parsed(
             or (proto == _IPPROTO_UDP and types & HASH_TYPE_UDPV4)
         ):
             report = HASH_REPORT_TCPV4 if proto == _IPPROTO_TCP else HASH_REPORT_UDPV4
-            ports = True
+            inp = bytes(frame[a : a + 8]) + bytes(frame[l4 : l4 + 4])
         elif types & HASH_TYPE_IPV4:
             report = HASH_REPORT_IPV4
-            ports = False
+            inp = bytes(frame[a : a + 8])
         else:
             return 0, HASH_REPORT_NONE
-        tabs = _tables(key)
-        h = 0
-        for t, b in zip(tabs, frame[a : a + 8], strict=False):
-            h ^= t[b]
-        if ports:
-            for t, b in zip(tabs[8:12], frame[l4 : l4 + 4], strict=False):
-                h ^= t[b]
-        return h, report
+        return _memo_hash(_key(key), inp), report
     # IPv6 (§5.1.6.4.2.3 and §5.1.6.4.2.4)
     report = HASH_REPORT_NONE
     ports = False
@@ -370,22 +400,15 @@ def _hash_parsed(
             report = HASH_REPORT_IPV6
         else:
             return 0, HASH_REPORT_NONE
-    tabs = _tables(key)
-    h = 0
     if exaddr and (home >= 0 or rt2 >= 0):
         src = frame[home : home + 16] if home >= 0 else frame[a : a + 16]
         dst = frame[rt2 : rt2 + 16] if rt2 >= 0 else frame[a + 16 : a + 32]
-        for t, b in zip(tabs, src, strict=False):
-            h ^= t[b]
-        for t, b in zip(tabs[16:32], dst, strict=False):
-            h ^= t[b]
+        inp = bytes(src) + bytes(dst)
     else:
-        for t, b in zip(tabs, frame[a : a + 32], strict=False):
-            h ^= t[b]
+        inp = bytes(frame[a : a + 32])
     if ports:
-        for t, b in zip(tabs[32:36], frame[l4 : l4 + 4], strict=False):
-            h ^= t[b]
-    return h, report
+        inp += bytes(frame[l4 : l4 + 4])
+    return _memo_hash(_key(key), inp), report
 
 
 def rss_hash(

@@ -46,10 +46,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Final
+from zlib import crc32
 
 from virtnet.ctrl import ControlState, SteeringMode
 from virtnet.net import CTRL_MQ_VQ_PAIRS_MAX, HASH_REPORT_NONE
-from virtnet.rss import RssConfig, _flow_id_parsed, _hash_parsed, _parse
+from virtnet.rss import RssConfig, _flow_key_parsed, _hash_parsed, _parse
 
 __all__ = [
     "DEFAULT_FLOW_TABLE_SIZE",
@@ -61,15 +62,6 @@ __all__ = [
 # Our limits (the spec leaves the classifier's size to the device).
 DEFAULT_FLOW_TABLE_SIZE: Final = 4096
 DEFAULT_FLOW_TTL: Final = 30.0  # seconds a transmitted flow keeps steering its replies
-
-_MASK64: Final = (1 << 64) - 1
-
-
-def _mix(fid: int) -> int:
-    h = hash(fid) & _MASK64  # int hash: fid mod 2**61-1, deterministic
-    h ^= h >> 31
-    h = (h * 0xBF58476D1CE4E5B9) & _MASK64
-    return h ^ (h >> 29)
 
 
 @dataclass(slots=True)
@@ -106,7 +98,7 @@ class Steering:
         self.hash_types = 0
         self.hash_key = b""
         self.stats = SteeringStats()
-        self._flows: OrderedDict[int, list[float]] = OrderedDict()  # fid -> [pair, last]
+        self._flows: OrderedDict[bytes, list[float]] = OrderedDict()  # key -> [pair, last]
         self._pending: set[int] = set()
         self._next_tx = 1
         self._generation = -1
@@ -184,7 +176,7 @@ class Steering:
         p = _parse(frame)
         if p is None:
             return
-        fid = _flow_id_parsed(frame, p)
+        fid = _flow_key_parsed(frame, p)
         flows = self._flows
         entry = flows.get(fid)
         if entry is not None:
@@ -217,7 +209,7 @@ class Steering:
             return (q if q < n else q % n), h, report
         if n == 1 or p is None:
             return 0, h, report
-        fid = _flow_id_parsed(frame, p)
+        fid = _flow_key_parsed(frame, p)
         entry = self._flows.get(fid)
         if entry is not None:
             pair = int(entry[0])
@@ -228,7 +220,7 @@ class Steering:
                 del self._flows[fid]
                 self.stats.flows_expired += 1
         self.stats.flow_misses += 1
-        return _mix(fid) % n, h, report
+        return crc32(fid) % n, h, report  # deterministic across processes
 
     def flow_count(self) -> int:
         return len(self._flows)
