@@ -127,6 +127,7 @@ class ControlStats:
     not_negotiated: int = 0  # feature for the class/command not negotiated
     out_of_range: int = 0  # value outside what the spec or device allows
     mac_overflow: int = 0  # MAC tables larger than MAX_MAC_TABLE_ENTRIES (accepted)
+    reserved_ignored: int = 0  # HASH_CONFIG with nonzero reserved fields (accepted)
 
 
 @dataclass(slots=True)
@@ -383,10 +384,13 @@ def _mq(state: ControlState, features: int, cmd: int, data: memoryview) -> None:
         if len(data) < _HASH_HEAD.size:
             raise _RejectedError("malformed", "HASH_CONFIG too short")
         types, r0, r1, r2, r3, _klen = _HASH_HEAD.unpack_from(data)
-        if r0 | r1 | r2 | r3:
-            raise _RejectedError("malformed", "HASH_CONFIG reserved fields not zero")
         key = _parse_key(data, _HASH_HEAD.size - 1, state)
         _check_types(state, types)
+        if r0 | r1 | r2 | r3:
+            # §5.1.6.5.6.4 says reserved MUST be zero, but Linux before the fix
+            # "max_tx_vq = has_rss ? curr_queue_pairs : 0" (2023) put the queue
+            # count there; QEMU ignores the fields.  Accept and count.
+            state.stats.reserved_ignored += 1
         state.hash_types = types
         state.hash_key = key
     else:
