@@ -192,11 +192,13 @@ class Steering:
     def choose_rx(self, frame: bytes | bytearray | memoryview, now: float) -> tuple[int, int, int]:
         """(pair, hash_value, hash_report) for a frame arriving at ``now``."""
         n = self.active_pairs
+        rss = self.rss
+        if n == 1 and rss is None and not self.hash_types:
+            return 0, 0, HASH_REPORT_NONE  # nothing to decide: skip parsing
         p = _parse(frame)
         h, report = 0, HASH_REPORT_NONE
         if p is not None and self.hash_types:
             h, report = _hash_parsed(frame, p, self.hash_key, self.hash_types)
-        rss = self.rss
         if rss is not None:
             self.stats.rss += 1
             if rss.hash_types == self.hash_types and rss.key == self.hash_key:
