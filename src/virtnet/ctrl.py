@@ -107,6 +107,8 @@ _RSS_HEAD = struct.Struct("<IHH")  # hash_types, indirection_table_mask, unclass
 _HASH_HEAD = struct.Struct("<IHHHHB")  # hash_types, reserved[4], hash_key_length
 
 _RSS_RQ_RESERVED: Final = 0x8000  # rss_rq_id: 15-bit vq_index_1_16 + reserved bit
+# indirection_table[mask + 1]: the length is a power of two up to 0x10000.
+_RSS_TABLES: Final = {1 << i: struct.Struct(f"<{1 << i}H") for i in range(17)}
 
 
 class SteeringMode(enum.Enum):
@@ -362,7 +364,7 @@ def _mq(state: ControlState, features: int, cmd: int, data: memoryview) -> None:
             raise _RejectedError("out_of_range", "indirection table length not a power of two")
         if entries > state.rss_max_indirection_table_length:
             raise _RejectedError("out_of_range", f"indirection table of {entries} entries")
-        table = list(struct.unpack_from(f"<{entries}H", data, _RSS_HEAD.size))
+        table = list(_RSS_TABLES[entries].unpack_from(data, _RSS_HEAD.size))
         (max_tx_vq,) = _U16.unpack_from(data, off)
         key = _parse_key(data, off + 2, state)
         _check_types(state, types)
