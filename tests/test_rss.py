@@ -302,3 +302,27 @@ def test_memo_bounded_and_exact() -> None:
             inp = ip("10.0.0.1") + ip("10.0.0.2") + struct.pack("!HH", i, 53)
             assert (h, rep) == (rss._slow_toeplitz(key, inp), net.HASH_REPORT_UDPV4)
     assert len(rss._key(key).memo) <= rss.MAX_MEMO_ENTRIES
+
+
+@given(st.binary(max_size=120), st.integers(0, rss.HASH_TYPES_ALL))
+def test_flow_hash_input_matches_rss_hash(tail: bytes, types: int) -> None:
+    for f in (
+        ipv4("1.2.3.4", "5.6.7.8", 6, tcp(1, 2)) + tail,
+        ipv6("2001:db8::1", "2001:db8::2", 43, _rt2("2001:db8::bb", 17) + udp(9, 10)),
+        DST_MAC + SRC_MAC + b"\x86\xdd" + tail,
+    ):
+        got = rss.flow_hash_input(f, types)
+        h, rep = rss_hash(f, MS_KEY, types)
+        if got is None:
+            assert (h, rep) == (0, net.HASH_REPORT_NONE)
+        else:
+            assert (toeplitz_hash(MS_KEY, got[0]), got[1]) == (h, rep)
+
+
+def test_flow_hash_input_example() -> None:
+    f = ipv4("1.2.3.4", "5.6.7.8", 17, udp(53, 5353))
+    assert rss.flow_hash_input(f) == (
+        ip("1.2.3.4") + ip("5.6.7.8") + struct.pack("!HH", 53, 5353),
+        net.HASH_REPORT_UDPV4,
+    )
+    assert rss.flow_hash_input(f, rss.HASH_TYPE_TCPV4) is None

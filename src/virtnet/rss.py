@@ -66,6 +66,7 @@ __all__ = [
     "TABLE_POSITIONS",
     "FlowKey",
     "RssConfig",
+    "flow_hash_input",
     "flow_id",
     "frame_vlan",
     "parse_flow",
@@ -363,9 +364,10 @@ def flow_id(frame: bytes | bytearray | memoryview) -> int | None:
     return int.from_bytes(b"\x01" + _flow_key_parsed(frame, p), "big")
 
 
-def _hash_parsed(
-    frame: bytes | bytearray | memoryview, p: _Parsed, key: bytes, types: int
-) -> tuple[int, int]:
+def _input_parsed(
+    frame: bytes | bytearray | memoryview, p: _Parsed, types: int
+) -> tuple[bytes, int]:
+    """(hash input, report type) per the selection rules; (b"", NONE) for no hash."""
     fam, proto, a, l4, ext, home, rt2 = p
     if fam == 4:
         if l4 >= 0 and (
@@ -378,8 +380,8 @@ def _hash_parsed(
             report = HASH_REPORT_IPV4
             inp = bytes(frame[a : a + 8])
         else:
-            return 0, HASH_REPORT_NONE
-        return _memo_hash(_key(key), inp), report
+            return b"", HASH_REPORT_NONE
+        return inp, report
     # IPv6 (§5.1.6.4.2.3 and §5.1.6.4.2.4)
     report = HASH_REPORT_NONE
     ports = False
@@ -399,7 +401,7 @@ def _hash_parsed(
         elif types & HASH_TYPE_IPV6:
             report = HASH_REPORT_IPV6
         else:
-            return 0, HASH_REPORT_NONE
+            return b"", HASH_REPORT_NONE
     if exaddr and (home >= 0 or rt2 >= 0):
         src = frame[home : home + 16] if home >= 0 else frame[a : a + 16]
         dst = frame[rt2 : rt2 + 16] if rt2 >= 0 else frame[a + 16 : a + 32]
@@ -408,7 +410,32 @@ def _hash_parsed(
         inp = bytes(frame[a : a + 32])
     if ports:
         inp += bytes(frame[l4 : l4 + 4])
+    return inp, report
+
+
+def _hash_parsed(
+    frame: bytes | bytearray | memoryview, p: _Parsed, key: bytes, types: int
+) -> tuple[int, int]:
+    inp, report = _input_parsed(frame, p, types)
+    if not report:
+        return 0, HASH_REPORT_NONE
     return _memo_hash(_key(key), inp), report
+
+
+def flow_hash_input(
+    frame: bytes | bytearray | memoryview, enabled_types: int = HASH_TYPES_ALL
+) -> tuple[bytes, int] | None:
+    """The spec's Toeplitz input for ``frame`` and the report type it yields.
+
+    Addresses then ports, in network order, chosen by §5.1.6.4.2's rules for
+    ``enabled_types``; ``None`` when no hash would be calculated.
+    ``rss_hash(f, k, t) == (toeplitz_hash(k, inp), report)``.
+    """
+    p = _parse(frame)
+    if p is None:
+        return None
+    inp, report = _input_parsed(frame, p, enabled_types)
+    return (inp, report) if report else None
 
 
 def rss_hash(
