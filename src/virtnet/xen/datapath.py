@@ -93,6 +93,11 @@ VIRTIO_NET_HDR_GSO_TCPV4: Final = 1
 VIRTIO_NET_HDR_GSO_TCPV6: Final = 4
 _GSO_XEN_TO_VIRTIO: Final = {1: VIRTIO_NET_HDR_GSO_TCPV4, 2: VIRTIO_NET_HDR_GSO_TCPV6}
 
+#: Steering cache key for IPv4 without options: ethertype, flags/fragment offset,
+#: protocol, and the 12 bytes of addresses and ports (offsets from the frame's byte 12).
+_STEER_KEY: Final = struct.Struct(">H6xHxB2x12s")
+STEER_CACHE_MAX: Final = 4096
+
 COUNTER_NAMES: Final = (
     "tx_packets",
     "tx_bytes",
@@ -155,6 +160,30 @@ class BackendQueue:
         self._bounce_mv = memoryview(self._bounce)
         self._bounce_bufs = [self._bounce_mv]
         self._pending = 0  # bytes (header included) of a received frame waiting for rx slots
+        self._steer_cache: dict[tuple[int, int, int, int, bytes], int | None] = {}
+        self._steer_seq = -1
+
+    def steer(self, frame: memoryview) -> int | None:
+        """The rx queue for ``frame`` under the current hash config (cached per IPv4 flow)."""
+        hs = self.hash_state
+        if hs is None:
+            return None
+        key = None
+        if len(frame) >= 38 and frame[12] == 0x08 and frame[13] == 0 and frame[14] == 0x45:
+            key = _STEER_KEY.unpack_from(frame, 12)
+            q = self._steer_cache.get(key, -1)
+            if q != -1:
+                return q
+        q = hs.select_queue(frame)
+        if key is not None:
+            if len(self._steer_cache) >= STEER_CACHE_MAX:
+                self._steer_cache.clear()
+            self._steer_cache[key] = q
+        return q
+
+    def hash_changed(self) -> None:
+        """Call after the hash configuration changed (drops cached decisions)."""
+        self._steer_cache.clear()
 
     # -- guest transmit ----------------------------------------------------------------
     def process_tx(self, budget: int = 256) -> tuple[int, bool]:
@@ -309,8 +338,8 @@ class BackendQueue:
                 if n < VNET_HDR_LEN + ETH_HLEN:
                     c["rx_dropped"] += 1
                     continue
-                if hs is not None and hs.alg and self.mailboxes:
-                    q = hs.select_queue(bounce[VNET_HDR_LEN:n])
+                if hs is not None and hs.alg and len(self.mailboxes) > 1:
+                    q = self.steer(bounce[VNET_HDR_LEN:n])
                     if q is not None and q != self.index:
                         box = self.mailboxes[q] if q < len(self.mailboxes) else None
                         if box is not None and box.send([bounce[:n]]):

@@ -464,6 +464,7 @@ def _worker_loop(
         s = u32(hash_page, 0)[0]
         if s != seq and s % 2 == 0:
             seq = hs.load(hash_page)
+            bq.hash_changed()
         ntx, notify_tx = process_tx()
         if notify_tx:
             ch_tx.notify()

@@ -34,7 +34,6 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -269,7 +268,6 @@ def traffic_worker(
     seconds: float,
     frame_size: int,
     stats: memoryview,
-    queue_of_sport: Callable[[int], int],
 ) -> None:
     """Send numbered frames on ``sports`` flows for ``seconds``; check what comes back."""
     fq = q.fq
@@ -346,7 +344,6 @@ def traffic_worker(
     st["elapsed_us"] = int((time.monotonic() - t0) * 1e6)
     for j, name in enumerate((*STAT_NAMES, "elapsed_us")):
         stats[index * 8 + j] = st[name]
-    del queue_of_sport
 
 
 def run_traffic(nf: Netfront, seconds: float, frame_size: int) -> list[dict[str, int]]:
@@ -362,7 +359,7 @@ def run_traffic(nf: Netfront, seconds: float, frame_size: int) -> list[dict[str,
             code = 0
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
-                traffic_worker(q, i, flows[i], seconds, frame_size, stats, lambda sp: 0)
+                traffic_worker(q, i, flows[i], seconds, frame_size, stats)
             except PeerError as e:
                 sys.stderr.write(f"netfront queue {i}: backend misbehaved: {e}\n")
                 code = 3
