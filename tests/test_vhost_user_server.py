@@ -349,3 +349,14 @@ def test_adopted_socketpair(server: Server) -> None:
     b.close()
     pump(server)
     assert ep.connection is None
+
+
+def test_failed_need_reply_request_gets_a_nack_before_close(server: Server, tmp_path: Path) -> None:
+    ep = server.add_listener(str(tmp_path / "a.sock"), factory())
+    s = connect(tmp_path / "a.sock")
+    pump(server)
+    send(server, s, encode_request(R.SET_PROTOCOL_FEATURES, U64(1 << 3)))  # REPLY_ACK
+    nack = ask(server, s, encode_request(R.SET_VRING_NUM, VringState(0, 3), need_reply=True))
+    assert parse_message(nack, replies=True).body == U64(1)
+    assert is_closed_by_peer(server, s)
+    assert ep.errors == 1 and "power of 2" in (ep.last_error or "")

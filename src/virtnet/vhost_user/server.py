@@ -49,8 +49,12 @@ from virtnet.vhost_user.codec import (
     HEADER_SIZE,
     MAX_FDS_PER_MESSAGE,
     MAX_PAYLOAD_SIZE,
+    U64,
+    Message,
     MessageReader,
+    ProtocolFeature,
     close_fds,
+    encode_reply,
 )
 
 __all__ = ["RECV_SIZE", "Connection", "Endpoint", "Server"]
@@ -310,10 +314,25 @@ class Server:
                 msg.body,
                 len(msg.fds),
             )
-            reply = conn.backend.handle(msg)
+            try:
+                reply = conn.backend.handle(msg)
+            except PeerError:
+                self._nack(conn, msg)
+                raise
             if reply is not None:
                 self._send(conn, reply)
         return True
+
+    def _nack(self, conn: Connection, msg: Message) -> None:
+        """Before dropping: answer a NEED_REPLY request with failure (REPLY_ACK).
+
+        "The payload should be set to zero on success or non-zero on failure"
+        (vhost-user.rst, REPLY_ACK); QEMU then reports the failing request
+        instead of a bare disconnect.
+        """
+        if msg.need_reply and conn.backend.has_protocol_feature(ProtocolFeature.REPLY_ACK):
+            with contextlib.suppress(OSError):
+                self._send(conn, encode_reply(msg.request, U64(1)))
 
     @staticmethod
     def _send(conn: Connection, reply: bytes) -> None:
