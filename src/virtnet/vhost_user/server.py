@@ -169,6 +169,18 @@ class Server:
         self._open(ep, sock)
         return ep
 
+    def disconnect(self, ep: Endpoint, reason: str | None = None) -> None:
+        """Drop ``ep``'s frontend connection (stops its rings); the endpoint stays.
+
+        A listening endpoint accepts the frontend's reconnection; a client
+        endpoint redials after ``retry_interval``.  ``reason`` (if given) is
+        logged and counted as an error.
+        """
+        if ep.connection is not None:
+            if reason is not None:
+                log.error("%s: disconnecting frontend: %s", ep.name, reason)
+            self._drop(ep.connection, reason)
+
     # -- loop -------------------------------------------------------------
 
     def run_once(self, timeout: float | None = None) -> None:
