@@ -409,3 +409,43 @@ def test_own_client_and_bad_peer(xsd: tuple[XenStored, str, str]) -> None:
     s.close()
     with XsClient(sock) as c:
         assert c.read("/c/x") == "2"
+
+
+@pytest.mark.xen
+@needs_utils
+def test_xenstore_utils_large_directory(xsd: tuple[XenStored, str, str]) -> None:
+    """A listing over XENSTORE_PAYLOAD_MAX: libxenstore falls back to XS_DIRECTORY_PART."""
+    _, sock, _ = xsd
+    with XsClient(sock) as c:
+        for i in range(300):
+            c.mkdir(f"/big/child-with-a-long-name-{i:04d}")
+    out = _xs(sock, "xenstore-list", "/big")
+    assert out.returncode == 0
+    assert out.stdout.split() == [f"child-with-a-long-name-{i:04d}" for i in range(300)]
+
+
+@pytest.mark.xen
+def test_daemon_process_cli(tmp_path: Path) -> None:
+    """``python -m virtnet.xen.xenstored`` serves, and exits 0 on SIGTERM."""
+    import signal
+    import sys
+
+    sock = str(tmp_path / "d.sock")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "virtnet.xen.xenstored", "--socket", sock,
+         "--domain-socket", f"2={tmp_path / 'd2.sock'}"],
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "d2.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with XsClient(sock) as c:
+            c.write("/x", "1")
+        with XsClient(str(tmp_path / "d2.sock")) as g:
+            with pytest.raises(XsClientError):
+                g.read("/x")
+            assert g.request(Op.GET_DOMAIN_PATH, b"2\x00") == b"/local/domain/2\x00"
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 0
+    assert not os.path.exists(sock)
