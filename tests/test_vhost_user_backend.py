@@ -394,7 +394,7 @@ def test_add_and_remove_regions() -> None:
     stray = ev()
     be.handle(msg(R.REM_MEM_REG, SingleRegion(MemRegion(0, 4096, 0x1000, 0xDEAD)), (stray,)))
     assert not is_open(b) and not is_open(stray)  # "MUST close it without using it"
-    with pytest.raises(ProtocolError, match="started ring"):
+    with pytest.raises(ProtocolError, match="drops running ring: ring 0"):
         be.handle(msg(R.REM_MEM_REG, SingleRegion(MemRegion(GPA, MEM_SIZE, UVA, 0))))
     with pytest.raises(ProtocolError, match="no region"):
         be.handle(msg(R.REM_MEM_REG, SingleRegion(MemRegion(GPA, 4096, UVA, 0))))
@@ -700,3 +700,27 @@ def test_state_machine_never_crashes_and_keeps_invariants(
     be.close()
     assert not rec.started
     assert open_fds() == before
+
+
+def test_new_table_under_running_rings() -> None:
+    rec = Recorder()
+    be = Backend(rec, BackendConfig(max_queue_pairs=1))
+    negotiate(be)
+    set_table(be)
+    setup_ring(be, 0)
+    be.handle(msg(R.SET_VRING_KICK, VringFd(0, False), (ev(),)))
+    old_fd = be.regions[0].fd
+    tables = len(rec.tables)
+    # Same layout, new fd (e.g. QEMU re-sending after a hotplug elsewhere): accepted.
+    be.handle(msg(R.SET_MEM_TABLE, MemTable((MemRegion(GPA, MEM_SIZE, UVA, 0),)), (memfd(),)))
+    assert not is_open(old_fd) and len(rec.tables) == tables + 1 and 0 in rec.started
+    current = be.regions[0].fd
+    # A table that moves the ring to other guest addresses: refused, nothing changes.
+    moved = MemTable((MemRegion(GPA + MEM_SIZE, MEM_SIZE, UVA, 0),))
+    with pytest.raises(ProtocolError, match="moves running ring 0"):
+        be.handle(msg(R.SET_MEM_TABLE, moved, (memfd(),)))
+    gone = MemTable((MemRegion(GPA, MEM_SIZE, UVA + MEM_SIZE, 0),))
+    with pytest.raises(ProtocolError, match="drops running ring"):
+        be.handle(msg(R.SET_MEM_TABLE, gone, (memfd(),)))
+    assert is_open(current) and be.regions[0].fd == current and len(rec.tables) == tables + 1
+    be.close()

@@ -38,7 +38,8 @@ Invariants:
   :meth:`Backend.close`) or closed before :meth:`Backend.handle` returns.
 * Guest memory is never unmapped while the owner may still use it: the old
   table is closed only after :meth:`BackendEvents.on_mem_table` returned, and
-  REM_MEM_REG of a region holding a started ring's rings is refused.
+  a new table (SET_MEM_TABLE, ADD/REM_MEM_REG) that would drop or move a
+  started ring's parts is refused before anything changes.
 * Ring addresses handed to the owner are guest-physical, translated from
   QEMU's virtual addresses through the current table, aligned as virtio 1.3
   section 2.7 requires and wholly inside one region.
@@ -473,7 +474,8 @@ class Backend:
             _close(fd)
         r.kick_fd = r.call_fd = r.err_fd = None
 
-    def _translate(self, r: _Ring) -> tuple[int, int, int]:
+    def _translate(self, r: _Ring, table: list[RegionInfo] | None = None) -> tuple[int, int, int]:
+        """Ring part addresses as GPAs, through ``table`` (default: the current one)."""
         assert r.addr is not None
         n = r.size
         parts = (
@@ -484,7 +486,7 @@ class Backend:
         out: list[int] = []
         for name, uva, length, align in parts:
             try:
-                gpa = self._uva_to_gpa(uva, length)
+                gpa = self._uva_to_gpa(uva, length, table)
             except GuestMemoryError as exc:
                 raise ProtocolError(f"ring {r.index} {name}: {exc}") from None
             if gpa % align:
@@ -492,10 +494,12 @@ class Backend:
             out.append(gpa)
         return out[0], out[1], out[2]
 
-    def _uva_to_gpa(self, uva: int, length: int) -> int:
-        if self.config.map_memory:
-            return self.memory.uva_to_gpa(uva, length)
-        for i in self._region_fds:  # same rule, on the unmapped table
+    def _uva_to_gpa(self, uva: int, length: int, table: list[RegionInfo] | None = None) -> int:
+        if table is None:
+            if self.config.map_memory:
+                return self.memory.uva_to_gpa(uva, length)
+            table = self._region_fds
+        for i in table:  # GuestMemory.uva_to_gpa's rule, on region metadata
             if i.user_addr <= uva and uva + length <= i.user_addr + i.size:
                 return i.guest_addr + (uva - i.user_addr)
         raise GuestMemoryError(f"user address range 0x{uva:x}+{length} is not in any region")
@@ -537,6 +541,16 @@ class Backend:
 
     def _set_table(self, infos: list[RegionInfo], mapped: list[MemoryRegion | None]) -> None:
         """Install a new table, tell the owner, then release what is no longer used."""
+        # Guest memory must not move or vanish under a running ring: check
+        # before anything is installed or anyone is told.
+        for r in self.rings:
+            if r.started:
+                try:
+                    moved = self._translate(r, infos) != r.gpas
+                except ProtocolError as exc:
+                    raise ProtocolError(f"new memory table drops running ring: {exc}") from None
+                if moved:
+                    raise ProtocolError(f"new memory table moves running ring {r.index}")
         old_infos = self._region_fds
         old_mapped = self._mapped
         new_mapped = {
@@ -560,11 +574,6 @@ class Backend:
         for m in old_mapped.values():
             if id(m) not in keep_m:
                 m.close()
-
-    def _retranslate_started(self) -> None:
-        for r in self.rings:
-            if r.started:
-                r.gpas = self._translate(r)
 
     # -- handlers: each returns reply bytes, or True/False for REPLY_ACK ------
 
@@ -650,7 +659,6 @@ class Backend:
                 if m is not None:
                     m.close()
             raise
-        self._retranslate_started()
         return True
 
     def _add_mem_reg(self, msg: Message, kept: list[int]) -> bytes | bool:
@@ -700,11 +708,6 @@ class Backend:
         if not match:
             raise ProtocolError(f"REM_MEM_REG: no region 0x{desc.guest_addr:x}+0x{desc.size:x}")
         gone = match[0]
-        for r in self.rings:
-            if r.started and any(
-                gone.guest_addr <= gpa < gone.guest_addr + gone.size for gpa in r.gpas
-            ):
-                raise ProtocolError(f"REM_MEM_REG: region holds started ring {r.index}")
         rest = [i for i in self._region_fds if i is not gone]
         self._set_table(rest, [self._mapped.get((i.guest_addr, i.size, i.user_addr)) for i in rest])
         return True
