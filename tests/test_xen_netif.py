@@ -80,10 +80,10 @@ def _finish(nb: subprocess.Popen[str], nf: Netfront, *clients: object) -> tuple[
     return nb.returncode, out
 
 
-@pytest.mark.parametrize("queues", [1, 3])
-def test_handshake_layout(env: Env, queues: int) -> None:
+@pytest.mark.parametrize(("queues", "split"), [(1, True), (3, True), (2, False)])
+def test_handshake_layout(env: Env, queues: int, split: bool) -> None:
     nb = _netback(env, 4)
-    nf, xs1, hyp1 = _front(env, queues)
+    nf, xs1, hyp1 = _front(env, queues, split_event_channels=split)
     nf.connect()
     xs = env.xs
     assert xs.read(f"{BE}/state") == "4" and xs.read(f"{FE}/state") == "4"
@@ -103,10 +103,11 @@ def test_handshake_layout(env: Env, queues: int) -> None:
     else:
         assert xs.read(f"{FE}/multi-queue-num-queues") == str(queues)
         assert "tx-ring-ref" not in names
+        evt = ["event-channel-rx", "event-channel-tx"] if split else ["event-channel"]
         for i in range(queues):
-            assert sorted(xs.directory(f"{FE}/queue-{i}")) == [
-                "event-channel-rx", "event-channel-tx", "rx-ring-ref", "tx-ring-ref",
-            ]  # fmt: skip
+            assert sorted(xs.directory(f"{FE}/queue-{i}")) == sorted(
+                [*evt, "rx-ring-ref", "tx-ring-ref"]
+            )
     # The guest cannot touch the backend's directory.
     with pytest.raises(Exception, match="EACCES"):
         xs1.write(f"{BE}/state", "6")

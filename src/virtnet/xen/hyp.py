@@ -243,6 +243,10 @@ class HypervisorClient:
         reply, (wait_fd, notify_fd) = self._call({"op": "alloc_unbound", "remote": remote}, 2)
         return EventChannel(reply["port"], remote, wait_fd, notify_fd)
 
+    def close_port(self, port: int) -> None:
+        """EVTCHNOP_close (the local fds are the caller's to close)."""
+        self._call({"op": "close", "port": port})
+
     def bind_interdomain(self, remote: int, remote_port: int) -> EventChannel:
         reply, (wait_fd, notify_fd) = self._call(
             {"op": "bind_interdomain", "remote": remote, "remote_port": remote_port}, 2

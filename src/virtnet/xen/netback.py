@@ -325,6 +325,8 @@ class Netback:
                 time.sleep(0.01)
         self.final_counters = self.queue_counters(conn.num_queues)
         for ch in conn.channels:
+            with contextlib.suppress(PeerError, OSError):
+                self.hyp.close_port(ch.port)
             ch.close()
         for fd in (conn.stop_r, conn.stop_w):
             if fd >= 0:

@@ -95,6 +95,7 @@ class Netfront:
         queues: int = 1,
         force_queues: bool = False,
         use_ctrl_ring: bool = True,
+        split_event_channels: bool = True,
     ) -> None:
         self.xs = xs
         self.hyp = hyp
@@ -103,6 +104,7 @@ class Netfront:
         self.requested = queues
         self.force = force_queues
         self.use_ctrl = use_ctrl_ring
+        self.use_split = split_event_channels
         self.fe = frontend_path(domid, handle)
         self.queues: list[_Queue] = []
         self.hash = HashState(max(queues, 1))
@@ -124,7 +126,7 @@ class Netfront:
                 f"{self.requested} queues requested but the backend offers at most "
                 f"{max_q} (multi-queue-max-queues)"
             )
-        split = read_uint(xs, f"{be}/feature-split-event-channels", 0) == 1
+        split = read_uint(xs, f"{be}/feature-split-event-channels", 0) == 1 and self.use_split
         has_ctrl = read_uint(xs, f"{be}/feature-ctrl-ring", 0) == 1 and self.use_ctrl
         nq = self.requested
         mem = self.hyp.domain_memory(self.domid)
@@ -242,10 +244,17 @@ class Netfront:
             write_state(xs, self.fe, XenbusState.CLOSED)
         except XenStoreError:
             pass
-        for q in self.queues:
-            q.ch_tx.close()
-            if q.ch_rx is not q.ch_tx:
-                q.ch_rx.close()
+        chans = [q.ch_tx for q in self.queues] + [
+            q.ch_rx for q in self.queues if q.ch_rx is not q.ch_tx
+        ]
+        if self.ctrl_evt is not None:
+            chans.append(self.ctrl_evt)
+        for ch in chans:
+            with contextlib.suppress(PeerError, OSError):
+                self.hyp.close_port(ch.port)
+            ch.close()
+        self.queues = []
+        self.ctrl_evt = None
 
 
 def choose_flows(nf: Netfront, frame_size: int) -> list[list[int]]:
