@@ -51,7 +51,7 @@ import os
 import stat
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from virtnet.errors import GuestMemoryError, ProtocolError
@@ -237,6 +237,20 @@ class BackendEvents(Protocol):
     until the call returned, so the owner can wait for a worker's answer.
     Calls come in protocol order.  Any exception other than
     :class:`~virtnet.errors.PeerError` raised here is a bug and propagates.
+
+    Intended use (one worker process per queue pair): keep, per pair, the
+    latest :class:`RingConfig` of its rx ring ``2p`` and tx ring ``2p + 1``;
+    hand the worker the region fds from ``on_mem_table`` and each ring's
+    kick/call fds (SCM_RIGHTS over a socketpair, or dup before fork); the
+    worker maps memory itself with ``MemoryRegion.from_fd`` and builds a
+    ``DeviceQueue`` from the config, starting at ``last_avail_idx``.
+
+    What QEMU 10 does (observed, ``queues=4``): SET_VRING_CALL/ERR for every
+    ring right after connecting; later per ring NUM, BASE, ADDR, KICK and
+    only then CALL -- so ``on_ring_start`` usually sees ``call_fd=None`` and
+    ``on_ring_call`` follows at once; QEMU also swaps call fds on running
+    rings when the guest masks vectors.  Memory comes as ADD_MEM_REG (one
+    ``on_mem_table`` per region) when CONFIGURE_MEM_SLOTS is negotiated.
     """
 
     def on_mem_table(self, regions: tuple[RegionInfo, ...]) -> None:
@@ -354,7 +368,6 @@ class _Ring:
     enabled: bool = False
     started: bool = False
     gpas: tuple[int, int, int] = (0, 0, 0)
-    fds_kept: list[int] = field(default_factory=list)
 
 
 def _close(fd: int | None) -> None:
