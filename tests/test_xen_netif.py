@@ -223,6 +223,24 @@ def test_demo_two_queues() -> None:
     assert "lost=0" in fout
 
 
+def test_cli_xen_demo_single_queue(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from virtnet.xen import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args(["demo", "--queues", "1", "--seconds", "0.5"])
+    assert cli.run(args) == 0
+    assert "total received=" in capsys.readouterr().out
+
+
+def test_demo_refused_queues_exit_nonzero() -> None:
+    rc, fout, _ = run_demo(3, 0.2, max_queues=2, quiet=True)
+    assert rc != 0
+    assert "at most 2" in fout
+
+
 def test_cli_entry_points_exist() -> None:
     import argparse
 
