@@ -449,3 +449,42 @@ def test_daemon_process_cli(tmp_path: Path) -> None:
         p.send_signal(signal.SIGTERM)
         assert p.wait(10) == 0
     assert not os.path.exists(sock)
+
+
+def test_reset_watches_control_release() -> None:
+    s = Store()
+    d0, w = Peer(s, 0), Peer(s, 0)
+    w.call(Op.WATCH, b"/r", b"t")
+    tx = int(w.call(Op.TRANSACTION_START, b"").rstrip(b"\x00"))
+    w.call(Op.RESET_WATCHES, raw=b"")
+    w.events.clear()
+    d0.write("/r/x", "1")
+    w.poll()
+    assert w.events == []
+    assert w.err(Op.READ, b"/r/x", tx=tx) == "ENOENT"  # transaction gone too
+    assert d0.call(Op.CONTROL, b"check") == b"OK\x00"
+    assert d0.err(Op.CONTROL, b"bogus") == "EINVAL"
+    g = Peer(s, 4)
+    assert g.err(Op.CONTROL, b"check") == "EACCES"
+    w.call(Op.WATCH, b"@releaseDomain", b"rel")
+    d0.call(Op.INTRODUCE, b"4", b"0", b"0")
+    d0.call(Op.RELEASE, b"4")
+    w.poll()
+    assert ("@releaseDomain", "rel") in w.events
+    assert d0.call(Op.IS_DOMAIN_INTRODUCED, b"4") == b"F\x00"
+    assert d0.err(Op.RELEASE, b"4") == "ENOENT"
+    assert d0.err(Op.GET_DOMAIN_PATH, b"99999") == "EINVAL"
+
+
+def test_output_bound_drops_non_reader() -> None:
+    from virtnet.xen.store import MAX_OUTPUT_BYTES
+
+    s = Store()
+    d0, lazy = Peer(s, 0), Peer(s, 0)
+    lazy.call(Op.WATCH, b"/", b"t" * 1000)
+    for i in range(MAX_OUTPUT_BYTES // 1000 + 10):
+        d0.write(f"/n{i % 50}", "x")
+        if lazy.conn.closed:
+            break
+    assert lazy.conn.closed  # never read its events: dropped, daemon unharmed
+    assert d0.read("/n1") == "x"
