@@ -192,3 +192,36 @@ def test_hostile_ring_index_and_bad_extra() -> None:
     struct.pack_into("<I", r.fq.rx_page, 8, 1)  # rsp_prod = 1 with nothing posted
     with pytest.raises(RingError):
         r.fq.reap_rx(lambda b: None)
+
+
+def test_gso_and_checksum_offload_reach_the_port() -> None:
+    from virtnet.xen.datapath import VNET_HDR
+    from virtnet.xen.netfront import flow_frame
+    from virtnet.xen.rings import NETTXF_CSUM_BLANK, NETTXF_DATA_VALIDATED
+
+    r = Rig()
+    frame = flow_frame(10000, 1500)  # TCP/IPv4
+    ring = r.fq.tx
+    r.fq.tx_bufs[0][:1500] = frame
+    TX_REQ.pack_into(
+        r.fq.tx_page, ring.offset(0), r.fq.tx_refs[0], 0,
+        NETTXF_EXTRA_INFO | NETTXF_CSUM_BLANK | NETTXF_DATA_VALIDATED, 1, 1500,
+    )  # fmt: skip
+    EXTRA_GSO.pack_into(r.fq.tx_page, ring.offset(1), 1, 0, 1448, 1, 0, 0)
+    ring.req_prod_pvt = 2
+    ring.push_requests_and_check_notify()
+    r.bq.process_tx()
+    assert _responses(r) == [(1, NETIF_RSP_OKAY), (0, NETIF_RSP_NULL)]
+    out = [memoryview(bytearray(12)), memoryview(bytearray(2000))]
+    n = r.port.recv_into(out)
+    assert n == 12 + 1500
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_off, _ = VNET_HDR.unpack(out[0])
+    assert (flags, gso_type, gso_size) == (1, 1, 1448)  # NEEDS_CSUM, TCPV4
+    assert (csum_start, csum_off, hdr_len) == (34, 16, 54)
+    # Checksum-blank UDP without GSO: csum_offset 6.
+    udp = _frame(1, 100)
+    r.fq.tx_bufs[1][:100] = udp
+    _raw_tx(r, (r.fq.tx_refs[1], 0, NETTXF_CSUM_BLANK, 2, 100))
+    r.bq.process_tx()
+    r.port.recv_into(out)
+    assert VNET_HDR.unpack(out[0])[:6] == (1, 0, 0, 0, 34, 6)
