@@ -102,3 +102,12 @@ def test_modules_loaded(bare_guest: Guest) -> None:
     for mod in GUEST_MODULES:
         assert mod in out
     assert "virtnet-init" not in bare_guest.console_tail(200)
+
+
+@pytest.mark.vm
+def test_agent_survives_orphans(bare_guest: Guest) -> None:
+    # Orphans are re-parented to PID 1, never to the agent, so their exits
+    # cannot interrupt the agent while it reads the next request.
+    for i in range(30):
+        cmd = f"(sleep 0.{i % 4} &); echo {i}"
+        assert bare_guest.run(cmd).output == f"{i}\n"
