@@ -225,3 +225,19 @@ def test_gso_and_checksum_offload_reach_the_port() -> None:
     r.bq.process_tx()
     r.port.recv_into(out)
     assert VNET_HDR.unpack(out[0])[:6] == (1, 0, 0, 0, 34, 6)
+
+
+def test_multi_slot_frames_both_ways() -> None:
+    r = Rig()
+    jumbo = _frame(77, 9014)
+    assert r.fq.queue_tx_frame(jumbo)
+    r.pump()
+    r.pump()
+    assert len(r.got) == 1
+    assert r.got[0][12:] == jumbo[12:]  # 3 tx slots out, 3 rx slots back, reassembled
+    assert r.bq.counters["rx_packets"] == 1
+    # Without feature-sg the backend will not split a frame into several rx slots.
+    r.bq.rx_max_slots = 1
+    assert r.fq.queue_tx_frame(jumbo)
+    r.pump()
+    assert r.bq.counters["rx_dropped"] == 1

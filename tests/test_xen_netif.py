@@ -251,3 +251,9 @@ def test_cli_entry_points_exist() -> None:
         mod.add_arguments(p)
         assert callable(mod.run)
     assert os.path.exists(netback.__file__)
+
+
+def test_demo_jumbo_frames_multi_slot() -> None:
+    rc, fout, bout = run_demo(1, 0.5, frame_size=9014, quiet=True)
+    assert rc == 0, fout + bout
+    assert "lost=0" in fout and "reordered=0" in fout

@@ -48,6 +48,7 @@ from virtnet.xen.rings import (
     NETIF_RSP_OKAY,
     NETRXF_CSUM_BLANK,
     NETRXF_DATA_VALIDATED,
+    NETRXF_EXTRA_INFO,
     NETRXF_MORE_DATA,
     NETTXF_CSUM_BLANK,
     NETTXF_DATA_VALIDATED,
@@ -423,6 +424,10 @@ class FrontendQueue:
         self.tx_inflight = [False] * n_tx
         self.rx_free = list(range(n_rx - 1, -1, -1))
         self.rx_inflight = [False] * n_rx
+        self.rx_posted = [0] * n_rx  # ring index & mask -> buffer id (for extra-info slots)
+        self._rx_partial: bytearray | None = None
+        self._rx_partial_bad = False
+        self._rx_skip_extra = 0
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
 
     def post_rx(self) -> bool:
@@ -433,11 +438,13 @@ class FrontendQueue:
             return False
         prod = ring.req_prod_pvt
         n = min(len(free), ring.free_requests())
-        refs, inflight = self.rx_refs, self.rx_inflight
+        refs, inflight, posted = self.rx_refs, self.rx_inflight, self.rx_posted
+        mask = ring.mask
         for _ in range(n):
             i = free.pop()
             RX_REQ.pack_into(page, ring.offset(prod), i, 0, refs[i])
             inflight[i] = True
+            posted[prod & mask] = i
             prod += 1
         ring.req_prod_pvt = prod & MASK32
         return ring.push_requests_and_check_notify()
@@ -455,6 +462,30 @@ class FrontendQueue:
         ring.req_prod_pvt = (ring.req_prod_pvt + 1) & MASK32
         self.counters["tx_packets"] += 1
         self.counters["tx_bytes"] += length
+
+    def queue_tx_frame(self, data: bytes | bytearray | memoryview, flags: int = 0) -> bool:
+        """Queue one frame over as many slots as it needs (NETTXF_more_data); False if no room."""
+        n = len(data)
+        slots = max(1, -(-n // PAGE_SIZE))
+        if len(self.tx_free) < slots or self.tx.free_requests() < slots or slots > MAX_SKB_SLOTS:
+            return False
+        ring, page = self.tx, self.tx_page
+        prod = ring.req_prod_pvt
+        for k in range(slots):
+            slot = self.tx_free.pop()
+            chunk = data[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
+            self.tx_bufs[slot][: len(chunk)] = chunk
+            f = flags if k == 0 else 0
+            if k < slots - 1:
+                f |= NETTXF_MORE_DATA
+            size = n if k == 0 else len(chunk)
+            TX_REQ.pack_into(page, ring.offset(prod), self.tx_refs[slot], 0, f, slot, size)
+            self.tx_inflight[slot] = True
+            prod += 1
+        ring.req_prod_pvt = prod & MASK32
+        self.counters["tx_packets"] += 1
+        self.counters["tx_bytes"] += n
+        return True
 
     def push_tx(self) -> bool:
         return self.tx.push_requests_and_check_notify()
@@ -479,32 +510,70 @@ class FrontendQueue:
         return n
 
     def reap_rx(self, deliver: Callable[[memoryview], None]) -> int:
-        """Hand each received single-slot frame to ``deliver``; buffers go back to the free list."""
+        """Hand each received frame to ``deliver``; buffers go back to the free list.
+
+        Single-slot frames are delivered straight from the rx page; multi-slot
+        frames (NETRXF_more_data) are joined first; extra-info slots
+        (NETRXF_extra_info) are skipped and their buffers recycled.
+        """
         ring, page = self.rx, self.rx_page
         n = ring.unconsumed_responses()
         cons = ring.rsp_cons
-        inflight, free, bufs = self.rx_inflight, self.rx_free, self.rx_bufs
+        inflight, free, bufs, posted = self.rx_inflight, self.rx_free, self.rx_bufs, self.rx_posted
+        mask = ring.mask
         c = self.counters
-        partial = False
         for k in range(n):
-            rid, off, flags, status = RX_RSP.unpack_from(page, ring.offset(cons + k))
+            idx = cons + k
+            if self._rx_skip_extra:
+                # netif_extra_info slot: no id of its own; the buffer posted at this index.
+                rid = posted[idx & mask]
+                _etype, eflags, _ = EXTRA.unpack_from(page, ring.offset(idx))
+                if inflight[rid]:
+                    inflight[rid] = False
+                    free.append(rid)
+                if not eflags & XEN_NETIF_EXTRA_FLAG_MORE:
+                    self._rx_skip_extra = 0
+                continue
+            rid, off, flags, status = RX_RSP.unpack_from(page, ring.offset(idx))
             if rid >= len(inflight) or not inflight[rid]:
                 raise RingError(f"rx response for id {rid} not in flight")
             inflight[rid] = False
             free.append(rid)
-            if status < 0 or off + status > PAGE_SIZE:
-                if status >= 0:
-                    raise RingError("rx response runs past its page")
+            if flags & NETRXF_EXTRA_INFO:
+                self._rx_skip_extra = 1
+            more = bool(flags & NETRXF_MORE_DATA)
+            if status < 0:
                 c["rx_errors"] += 1
-                partial = bool(flags & NETRXF_MORE_DATA)
+                if more:
+                    if self._rx_partial is None:
+                        self._rx_partial = bytearray()
+                    self._rx_partial_bad = True
+                else:
+                    self._rx_partial = None
+                    self._rx_partial_bad = False
                 continue
-            if partial or flags & NETRXF_MORE_DATA:
-                # Multi-slot frames are not generated by our demo traffic; count, skip.
-                c["rx_dropped"] += 1
-                partial = bool(flags & NETRXF_MORE_DATA)
+            if off + status > PAGE_SIZE:
+                raise RingError("rx response runs past its page")
+            data = bufs[rid][off : off + status]
+            partial = self._rx_partial
+            if partial is None and not more:
+                c["rx_packets"] += 1
+                c["rx_bytes"] += status
+                deliver(data)
                 continue
-            c["rx_packets"] += 1
-            c["rx_bytes"] += status
-            deliver(bufs[rid][off : off + status])
+            if partial is None:
+                partial = self._rx_partial = bytearray()
+            if len(partial) + status > MAX_RX_FRAME:
+                raise RingError("multi-slot rx frame longer than any frame")
+            partial += data
+            if not more:
+                self._rx_partial = None
+                if self._rx_partial_bad:
+                    self._rx_partial_bad = False
+                    c["rx_dropped"] += 1
+                    continue
+                c["rx_packets"] += 1
+                c["rx_bytes"] += len(partial)
+                deliver(memoryview(partial))
         ring.rsp_cons = (cons + n) & MASK32
         return n
