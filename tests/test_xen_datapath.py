@@ -241,3 +241,28 @@ def test_multi_slot_frames_both_ways() -> None:
     assert r.fq.queue_tx_frame(jumbo)
     r.pump()
     assert r.bq.counters["rx_dropped"] == 1
+
+
+def test_rx_hash_extra_info() -> None:
+    from virtnet.xen import ctrl_ring as cr
+    from virtnet.xen.ctrl_ring import HashState
+    from virtnet.xen.netfront import MS_RSS_KEY
+
+    r = Rig()
+    hs = HashState(1)
+    hs.alg, hs.key, hs.flags = cr.HASH_ALGORITHM_TOEPLITZ, MS_RSS_KEY, cr.HASH_TYPES_ALL
+    r.bq.hash_state = hs
+    # The first Microsoft vector: 66.9.149.187:2794 -> 161.142.100.80:1766, TCP.
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0,
+                     bytes((66, 9, 149, 187)), bytes((161, 142, 100, 80)))  # fmt: skip
+    tcp = struct.pack(">HHIIBBHHH", 2794, 1766, 0, 0, 0x50, 0, 0, 0, 0)
+    frame = b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + tcp + bytes(10)
+    for _ in range(3):
+        r.send(frame)
+        r.pump()
+    assert len(r.got) == 3 and all(g[12:] == frame[12:] for g in r.got)
+    assert r.fq.last_rx_hash == (1, cr.HASH_ALGORITHM_TOEPLITZ, 0x51CCC178)  # IPV4_TCP
+    assert r.fq.counters["rx_hash_extras"] == 3
+    # Every rx buffer came back (extra slots recycled too).
+    r.pump()
+    assert len(r.fq.rx_free) + sum(r.fq.rx_inflight) == 256

@@ -37,11 +37,12 @@ from typing import Final
 
 from virtnet.errors import GrantError
 from virtnet.ports.base import VNET_HDR_LEN, PortQueue
-from virtnet.xen.ctrl_ring import HashState
+from virtnet.xen.ctrl_ring import HASH_ALGORITHM_TOEPLITZ, HashState
 from virtnet.xen.grant import PAGE_SIZE, GrantMapper, GrantTable
 from virtnet.xen.rings import (
     EXTRA,
     EXTRA_GSO,
+    EXTRA_HASH,
     MASK32,
     NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
@@ -62,6 +63,7 @@ from virtnet.xen.rings import (
     TX_RSP,
     XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_EXTRA_TYPE_GSO,
+    XEN_NETIF_EXTRA_TYPE_HASH,
     XEN_NETIF_EXTRA_TYPE_MAX,
     XEN_NETIF_NR_SLOTS_MIN,
     BackRing,
@@ -98,6 +100,7 @@ _GSO_XEN_TO_VIRTIO: Final = {1: VIRTIO_NET_HDR_GSO_TCPV4, 2: VIRTIO_NET_HDR_GSO_
 #: protocol, and the 12 bytes of addresses and ports (offsets from the frame's byte 12).
 _STEER_KEY: Final = struct.Struct(">H6xHxB2x12s")
 STEER_CACHE_MAX: Final = 4096
+_MISS: Final = (-1, -1, -1)
 
 COUNTER_NAMES: Final = (
     "tx_packets",
@@ -161,26 +164,31 @@ class BackendQueue:
         self._bounce_mv = memoryview(self._bounce)
         self._bounce_bufs = [self._bounce_mv]
         self._pending = 0  # bytes (header included) of a received frame waiting for rx slots
-        self._steer_cache: dict[tuple[int, int, int, int, bytes], int | None] = {}
+        self._steer_cache: dict[tuple[int, int, int, bytes], tuple[int, int, int] | None] = {}
+        self._pending_hash: tuple[int, int, int] | None = None
         self._steer_seq = -1
 
-    def steer(self, frame: memoryview) -> int | None:
-        """The rx queue for ``frame`` under the current hash config (cached per IPv4 flow)."""
+    def steer(self, frame: memoryview) -> tuple[int, int, int] | None:
+        """``(rx queue, hash, hash type bit)`` under the current hash config, or ``None``.
+
+        Decisions are cached per IPv4 flow (options-free headers only).
+        """
         hs = self.hash_state
         if hs is None:
             return None
         key = None
         if len(frame) >= 38 and frame[12] == 0x08 and frame[13] == 0 and frame[14] == 0x45:
             key = _STEER_KEY.unpack_from(frame, 12)
-            q = self._steer_cache.get(key, -1)
-            if q != -1:
-                return q
-        q = hs.select_queue(frame)
+            hit = self._steer_cache.get(key, _MISS)
+            if hit is not _MISS:
+                return hit
+        hv = hs.hash_frame(frame)
+        res = None if hv is None else (hs.queue_for_hash(hv[0]), hv[0], hv[1])
         if key is not None:
             if len(self._steer_cache) >= STEER_CACHE_MAX:
                 self._steer_cache.clear()
-            self._steer_cache[key] = q
-        return q
+            self._steer_cache[key] = res
+        return res
 
     def hash_changed(self) -> None:
         """Call after the hash configuration changed (drops cached decisions)."""
@@ -339,24 +347,29 @@ class BackendQueue:
                 if n < VNET_HDR_LEN + ETH_HLEN:
                     c["rx_dropped"] += 1
                     continue
-                if hs is not None and hs.alg and len(self.mailboxes) > 1:
-                    q = self.steer(bounce[VNET_HDR_LEN:n])
-                    if q is not None and q != self.index:
+                hres = None
+                if hs is not None and hs.alg:
+                    hres = self.steer(bounce[VNET_HDR_LEN:n])
+                    q = self.index if hres is None else hres[0]
+                    if q != self.index and len(self.mailboxes) > 1:
                         box = self.mailboxes[q] if q < len(self.mailboxes) else None
                         if box is not None and box.send([bounce[:n]]):
                             c["rx_forwarded"] += 1
                         else:
                             c["rx_dropped"] += 1
                         continue
+                self._pending_hash = hres
+            hres = self._pending_hash
             data_len = n - VNET_HDR_LEN
+            extra = 1 if hres is not None else 0
             slots = -(-data_len // PAGE_SIZE)
             if slots > self.rx_max_slots:
                 c["rx_dropped"] += 1
                 self._pending = 0
                 continue
-            if avail < slots:
+            if avail < slots + extra:
                 avail = ring.unconsumed_requests()
-                if avail < slots:
+                if avail < slots + extra:
                     self._pending = n
                     blocked = True
                     break
@@ -366,11 +379,15 @@ class BackendQueue:
                 first_flags = NETRXF_CSUM_BLANK | NETRXF_DATA_VALIDATED
             elif vflags & VIRTIO_NET_HDR_F_DATA_VALID:
                 first_flags = NETRXF_DATA_VALIDATED
+            if extra:
+                first_flags |= NETRXF_EXTRA_INFO
             pos = VNET_HDR_LEN
             cons = ring.req_cons
             rsp = ring.rsp_prod_pvt
             for s in range(slots):
-                rid, _pad, gref = RX_REQ.unpack_from(page, ring.offset(cons + s))
+                # Slot order (netback rx.c): first data, then the extra, then the rest.
+                at = s + extra if s else 0
+                rid, _pad, gref = RX_REQ.unpack_from(page, ring.offset(cons + at))
                 chunk = min(PAGE_SIZE, n - pos)
                 try:
                     span(gref, 0, chunk, write=True)[:] = bounce[pos : pos + chunk]
@@ -381,12 +398,19 @@ class BackendQueue:
                 fl = first_flags if s == 0 else 0
                 if s < slots - 1:
                     fl |= NETRXF_MORE_DATA
-                RX_RSP.pack_into(page, ring.offset(rsp + s), rid, 0, fl, status)
+                RX_RSP.pack_into(page, ring.offset(rsp + at), rid, 0, fl, status)
                 pos += chunk
-            ring.req_cons = (cons + slots) & MASK32
-            ring.rsp_prod_pvt = (rsp + slots) & MASK32
-            avail -= slots
+            if hres is not None:
+                # netif_extra_info HASH: type, flags, htype (bit number), alg, value (LE).
+                EXTRA_HASH.pack_into(
+                    page, ring.offset(rsp + 1), XEN_NETIF_EXTRA_TYPE_HASH, 0,
+                    hres[2].bit_length() - 1, HASH_ALGORITHM_TOEPLITZ, hres[1],
+                )  # fmt: skip
+            ring.req_cons = (cons + slots + extra) & MASK32
+            ring.rsp_prod_pvt = (rsp + slots + extra) & MASK32
+            avail -= slots + extra
             self._pending = 0
+            self._pending_hash = None
             c["rx_packets"] += 1
             c["rx_bytes"] += data_len
             done += 1
@@ -428,6 +452,7 @@ class FrontendQueue:
         self._rx_partial: bytearray | None = None
         self._rx_partial_bad = False
         self._rx_skip_extra = 0
+        self.last_rx_hash: tuple[int, int, int] | None = None
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
 
     def post_rx(self) -> bool:
@@ -527,7 +552,11 @@ class FrontendQueue:
             if self._rx_skip_extra:
                 # netif_extra_info slot: no id of its own; the buffer posted at this index.
                 rid = posted[idx & mask]
-                _etype, eflags, _ = EXTRA.unpack_from(page, ring.offset(idx))
+                etype, eflags, _ = EXTRA.unpack_from(page, ring.offset(idx))
+                if etype == XEN_NETIF_EXTRA_TYPE_HASH:
+                    _t, _f, htype, alg, value = EXTRA_HASH.unpack_from(page, ring.offset(idx))
+                    self.last_rx_hash = (htype, alg, value)
+                    c["rx_hash_extras"] = c.get("rx_hash_extras", 0) + 1
                 if inflight[rid]:
                     inflight[rid] = False
                     free.append(rid)

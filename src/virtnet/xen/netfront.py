@@ -53,7 +53,8 @@ __all__ = ["MS_RSS_KEY", "Netfront", "NetfrontError", "add_arguments", "run"]
 MS_RSS_KEY: Final = bytes.fromhex(
     "6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c6a42b73bbeac01fa"
 )
-WINDOW: Final = 192  # < 256 rx buffers per queue
+#: Frames in flight per queue: with a hash extra slot per frame, 2 * 120 < 256 rx buffers.
+WINDOW: Final = 120
 BATCH: Final = 64
 FLOWS_PER_QUEUE: Final = 4
 FRAME_MIN: Final = 64
