@@ -111,3 +111,9 @@ def test_agent_survives_orphans(bare_guest: Guest) -> None:
     for i in range(30):
         cmd = f"(sleep 0.{i % 4} &); echo {i}"
         assert bare_guest.run(cmd).output == f"{i}\n"
+
+
+@pytest.mark.vm
+def test_qmp(bare_guest: Guest) -> None:
+    status = bare_guest.qmp("query-status")
+    assert isinstance(status, dict) and status["running"] is True

@@ -20,7 +20,7 @@ Invariants:
   tail of the console log and QEMU's own stderr.
 * A :class:`Guest` owns its QEMU process and a private work directory; leaving
   the ``with`` block (normally or by an exception) kills QEMU and removes the
-  directory.
+  directory.  QEMU also dies with the Python process (``setpriv --pdeathsig``).
 
 Nothing in the ``virtnet`` package proper imports this module.
 """
@@ -33,6 +33,7 @@ import gzip
 import hashlib
 import io
 import itertools
+import json
 import lzma
 import os
 import re
@@ -51,6 +52,7 @@ from types import TracebackType
 from typing import NamedTuple
 
 from virtnet.errors import UsageError
+from virtnet.testing.netns import die_with_parent
 
 __all__ = [
     "DEFAULT_MAC",
@@ -657,7 +659,7 @@ class Guest:
             t0 = time.monotonic()
             with open(self.workdir / "qemu.log", "wb") as qlog:
                 self._proc = subprocess.Popen(
-                    argv,
+                    die_with_parent(argv),
                     stdin=subprocess.DEVNULL,
                     stdout=qlog,
                     stderr=subprocess.STDOUT,
@@ -801,6 +803,51 @@ class Guest:
         if check and status != 0:
             raise GuestCommandError(command, status, output)
         return CommandResult(status, output)
+
+    # -- QMP ---------------------------------------------------------------------------
+
+    def qmp(
+        self, command: str, arguments: Mapping[str, object] | None = None, *, timeout: float = 10.0
+    ) -> object:
+        """Execute one QMP command (e.g. ``"set_link"``) and return its ``return`` value.
+
+        A fresh QMP session is opened per call; asynchronous events are skipped.
+        Raises :class:`GuestError` on a QMP error reply or a timeout.
+        """
+        deadline = time.monotonic() + timeout
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(str(self.qmp_socket))
+                reader = sock.makefile("rb")
+
+                def reply() -> dict[str, object]:
+                    while True:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError
+                        line = reader.readline()
+                        if not line:
+                            raise GuestError(f"QMP connection closed during {command}")
+                        msg = json.loads(line)
+                        if isinstance(msg, dict) and ("return" in msg or "error" in msg):
+                            return msg
+                        if isinstance(msg, dict) and "QMP" in msg:
+                            continue  # greeting
+                        # anything else is an event
+
+                reader.readline()  # greeting
+                sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+                reply()
+                req: dict[str, object] = {"execute": command}
+                if arguments:
+                    req["arguments"] = dict(arguments)
+                sock.sendall(json.dumps(req).encode() + b"\n")
+                msg = reply()
+            except (OSError, TimeoutError, ValueError) as exc:
+                raise self._error(f"QMP {command} failed: {exc!r}") from None
+        if "error" in msg:
+            raise GuestError(f"QMP {command}: {msg['error']}")
+        return msg["return"]
 
     # -- helpers -----------------------------------------------------------------------
 

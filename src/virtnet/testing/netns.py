@@ -9,6 +9,9 @@ Invariants:
 * A :class:`NetNS` deletes its namespace on ``close()`` / ``with`` exit, after
   killing every process it started with :meth:`NetNS.popen` (iperf3 servers
   included).  Deleting the namespace destroys the virtual links inside it.
+* Child processes die with the test process (``setpriv --pdeathsig``), and a
+  namespace left by a killed run (its creator's pid is in its name) is deleted
+  by the next :meth:`NetNS.create`.
 * Names are unique per process (``<prefix><pid>x<n>``) and fit ``IFNAMSIZ``
   so parallel test runs do not collide.
 * Every subprocess has a timeout; a failed ``ip`` call raises
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -34,8 +38,10 @@ __all__ = [
     "NetnsError",
     "create_tap",
     "delete_link",
+    "die_with_parent",
     "ip",
     "link_exists",
+    "sweep_stale_namespaces",
     "unique_name",
 ]
 
@@ -47,6 +53,42 @@ _counter = itertools.count()
 
 class NetnsError(Exception):
     """An ``ip`` / namespace operation failed (command and stderr included)."""
+
+
+def die_with_parent(argv: Sequence[str]) -> list[str]:
+    """``argv`` wrapped so the process is SIGKILLed when its spawning thread dies.
+
+    Uses util-linux ``setpriv --pdeathsig`` (an exec, so it is thread-safe,
+    unlike ``preexec_fn``); keeps a killed test run from leaking QEMU or iperf3.
+    Spawn from a long-lived thread (the main thread in pytest).  Without
+    ``setpriv`` the command is returned unchanged.
+    """
+    if shutil.which("setpriv") is None:
+        return list(argv)
+    return ["setpriv", "--pdeathsig", "KILL", *argv]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_namespaces(prefix: str = "vnns") -> list[str]:
+    """Delete namespaces named by :func:`unique_name` whose creating process is gone."""
+    removed: list[str] = []
+    pat = re.compile(rf"^{re.escape(prefix)}(\d+)x\d+$")
+    for line in ip("netns", "list", check=False).splitlines():
+        name = line.split()[0] if line.strip() else ""
+        m = pat.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            ip("netns", "del", name, check=False)
+            removed.append(name)
+    return removed
 
 
 def unique_name(prefix: str = "vn") -> str:
@@ -153,6 +195,7 @@ class NetNS:
 
     def __init__(self, name: str | None = None, *, prefix: str = "vnns") -> None:
         self.name = name or unique_name(prefix)
+        self._prefix = prefix
         self._procs: list[subprocess.Popen[str]] = []
         self._created = False
 
@@ -160,6 +203,7 @@ class NetNS:
 
     def create(self) -> NetNS:
         """Create the namespace and bring its ``lo`` up."""
+        sweep_stale_namespaces(self._prefix)
         ip("netns", "add", self.name)
         self._created = True
         self.ip("link", "set", "lo", "up")
@@ -213,7 +257,7 @@ class NetNS:
     def popen(self, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[str]:
         """Start a background process inside the namespace; killed by :meth:`close`."""
         proc: subprocess.Popen[str] = subprocess.Popen(  # type: ignore[call-overload]
-            self.exec_argv(argv),
+            die_with_parent(self.exec_argv(argv)),
             text=True,
             start_new_session=True,
             **kwargs,
