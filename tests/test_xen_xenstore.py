@@ -488,3 +488,20 @@ def test_output_bound_drops_non_reader() -> None:
             break
     assert lazy.conn.closed  # never read its events: dropped, daemon unharmed
     assert d0.read("/n1") == "x"
+
+
+def test_quota_holds_across_transactions() -> None:
+    s = Store()
+    d0, g1 = Peer(s, 0), Peer(s, 1)
+    d0.call(Op.MKDIR, b"/local/domain/1")
+    d0.call(Op.SET_PERMS, b"/local/domain/1", b"n1")
+    per_tx = QUOTA_NODES_PER_DOMAIN * 2 // 3
+    g1.call(Op.MKDIR, b"t0")
+    g1.call(Op.MKDIR, b"t1")  # disjoint subtrees: the transactions do not conflict
+    txs = [int(g1.call(Op.TRANSACTION_START, b"").rstrip(b"\x00")) for _ in range(2)]
+    for k, tx in enumerate(txs):
+        for i in range(per_tx):
+            g1.write(f"t{k}/{i}", "", tx=tx)
+    g1.call(Op.TRANSACTION_END, b"T", tx=txs[0])
+    assert g1.err(Op.TRANSACTION_END, b"T", tx=txs[1]) == "ENOSPC"
+    assert s.tree.counts[1] <= QUOTA_NODES_PER_DOMAIN

@@ -620,9 +620,23 @@ class Connection:
         for p in tx.touched:
             if live.nodes.get(p) is not tx.base.get(p):
                 raise XsError("EAGAIN", "transaction conflict")
-        new_nodes = sum(1 for p in tx.written if p in tx.tree.nodes and p not in live.nodes)
-        if new_nodes and len(live.nodes) + new_nodes > MAX_NODES:
+        # Quotas are rechecked against the live store: several transactions must not
+        # add up to more than one domain may own.
+        delta: dict[int, int] = {}
+        for p in tx.written:
+            old, node = live.nodes.get(p), tx.tree.nodes.get(p)
+            if old is not None:
+                delta[old.owner] = delta.get(old.owner, 0) - 1
+            if node is not None:
+                delta[node.owner] = delta.get(node.owner, 0) + 1
+        if len(live.nodes) + sum(delta.values()) > MAX_NODES:
             raise XsError("ENOSPC", "store full")
+        if (
+            not self.privileged
+            and delta.get(self.domid, 0) > 0
+            and live.counts.get(self.domid, 0) + delta[self.domid] > QUOTA_NODES_PER_DOMAIN
+        ):
+            raise XsError("ENOSPC", "node quota exceeded")
         for p in tx.written:
             node = tx.tree.nodes.get(p)
             if node is None:
