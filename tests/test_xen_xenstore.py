@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -505,3 +506,25 @@ def test_quota_holds_across_transactions() -> None:
     g1.call(Op.TRANSACTION_END, b"T", tx=txs[0])
     assert g1.err(Op.TRANSACTION_END, b"T", tx=txs[1]) == "ENOSPC"
     assert s.tree.counts[1] <= QUOTA_NODES_PER_DOMAIN
+
+
+@pytest.mark.xen
+def test_daemon_survives_garbage(xsd: tuple[XenStored, str, str]) -> None:
+    import random
+    import socket
+
+    _, sock, guest = xsd
+    rnd = random.Random(1234)
+    for path in (sock, guest) * 10:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        blob = bytes(rnd.getrandbits(8) for _ in range(rnd.randrange(1, 3000)))
+        if rnd.random() < 0.5:  # plausible header, random type and payload
+            typ = rnd.randrange(0, 30)
+            blob = xs_wire.HEADER.pack(typ, 1, rnd.choice([0, 1, 99]), len(blob)) + blob
+        with contextlib.suppress(OSError):
+            s.sendall(blob)
+        s.close()
+    with XsClient(sock) as c:
+        c.write("/alive", "yes")
+        assert c.read("/alive") == "yes"
