@@ -498,6 +498,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queues", type=int, default=4, help="multi-queue-max-queues")
     parser.add_argument("--port", default="loopback", help="host-side port (loopback, null, ...)")
     parser.add_argument("--timeout", type=float, default=None, help="give up after seconds")
+    parser.add_argument(
+        "--toolstack",
+        action="store_true",
+        help="first act as the toolstack: create the guest's memory, introduce it, "
+        "write both vif directories (what 'xen demo' does)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -505,6 +511,17 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="netback: %(message)s")
     xs = XsClient(args.xenstore)
     hyp = HypervisorClient(args.hypervisor, 0)
+    if args.toolstack:
+        from virtnet.xen.demo import domain_size
+        from virtnet.xen.xenbus import create_vif
+
+        pages, frames = domain_size(args.max_queues)
+        try:
+            hyp.create_domain(args.domid, pages, frames)
+        except PeerError as e:
+            raise UsageError(f"creating domain {args.domid}: {e}") from e
+        xs.introduce(args.domid)
+        create_vif(xs, args.domid, args.handle)
     nb = Netback(
         xs, hyp, domid=args.domid, handle=args.handle, max_queues=args.max_queues,
         port_spec=args.port,
