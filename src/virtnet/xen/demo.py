@@ -39,8 +39,21 @@ def domain_size(max_queues: int) -> tuple[int, int]:
 
 
 def _wait_path(path: str, timeout: float) -> None:
+    """Wait until a Unix socket at ``path`` accepts connections (bind comes before listen)."""
+    import socket
+
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
+    kind = socket.SOCK_SEQPACKET if path.endswith("hypervisor.sock") else socket.SOCK_STREAM
+    while True:
+        if os.path.exists(path):
+            s = socket.socket(socket.AF_UNIX, kind)
+            try:
+                s.connect(path)
+                return
+            except OSError:
+                pass
+            finally:
+                s.close()
         if time.monotonic() > deadline:
             raise UsageError(f"{path} did not appear")
         time.sleep(0.02)
