@@ -13,6 +13,7 @@ from virtnet.testing.guest import (
     GUEST_MODULES,
     Guest,
     GuestCommandError,
+    GuestError,
     build_initramfs,
     find_kernel,
     queue_deltas,
@@ -117,3 +118,12 @@ def test_agent_survives_orphans(bare_guest: Guest) -> None:
 def test_qmp(bare_guest: Guest) -> None:
     status = bare_guest.qmp("query-status")
     assert isinstance(status, dict) and status["running"] is True
+
+
+@needs_host
+def test_qemu_failure_is_reported(guest_initramfs: Path) -> None:
+    with (
+        pytest.raises(GuestError, match="no-such-option"),
+        Guest(initramfs=guest_initramfs, extra_args=["-no-such-option"], boot_timeout=30),
+    ):
+        pass

@@ -160,7 +160,6 @@ while :; do
     base64 /tmp/.virtnet-out
     echo "@@VIRTNET-END $id $rc@@"
 done
-poweroff -f
 """
 
 
