@@ -471,7 +471,19 @@ def build_initramfs(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _prune(dest, keep=_KEEP_ARCHIVES)
     return out
+
+
+#: Cached archives kept per directory (older ones are deleted after a build).
+_KEEP_ARCHIVES = 4
+
+
+def _prune(dest: Path, *, keep: int) -> None:
+    archives = sorted(dest.glob("initramfs-*.cpio*"), key=lambda p: p.stat().st_mtime)
+    for old in archives[:-keep]:
+        with contextlib.suppress(OSError):
+            old.unlink()
 
 
 def default_initramfs_dir() -> Path:
