@@ -54,9 +54,9 @@ def make_rig(pairs: int = 4, wanted: int = DEFAULT_DRIVER_FEATURES, reflect_tx: 
     config = NetConfig(mac=GUEST_MAC, max_virtqueue_pairs=pairs)
     box: list[Rig] = []
 
-    def sink(pair: int, hdr: NetHdr, frame: bytes) -> None:
+    def sink(pair: int, hdr: NetHdr, frame: memoryview) -> None:
         rig = box[0]
-        rig.sunk.append((pair, frame))
+        rig.sunk.append((pair, bytes(frame)))
         if reflect_tx:
             rig.dev.deliver(reflect(frame), rig.now)
 
@@ -332,3 +332,24 @@ test_queue_count_machine = QueueCountMachine.TestCase
 
 def test_default_device_features_contain_mq() -> None:
     assert DEFAULT_DEVICE_FEATURES & NetFeature.MQ and DEFAULT_DEVICE_FEATURES & NetFeature.CTRL_VQ
+
+
+def test_deliver_batch_counts_drops_and_spills_large_frames() -> None:
+    rig = make_rig(1)
+    small = [reflect(build_frame(0, s)) for s in range(300)]
+    assert rig.dev.deliver_batch(small, 0.0) == 256  # ring holds 256 buffers
+    assert rig.dev.stats[0].rx_drops == 44
+    got = rig.drv.receive(0, budget=512)
+    assert [struct.unpack_from("!I", f.data, 46)[0] for f in got] == list(range(256))
+    big = GUEST_MAC + bytes(6) + b"\x08\x00" + bytes(range(256)) * 12
+    assert rig.dev.deliver_batch([small[0], big, small[1]], 0.0) == 3
+    data = [f.data for f in rig.drv.receive(0)]
+    assert data == [small[0], big, small[1]]
+
+
+def test_deliver_batch_applies_rx_filter() -> None:
+    rig = make_rig(1)
+    assert rig.drv.ctrl_command(CTRL_RX, CTRL_RX_PROMISC, b"\x00")[0] == CTRL_OK
+    other = bytes.fromhex("020000000099") + bytes(6) + b"\x08\x00" + bytes(50)
+    assert rig.dev.deliver_batch([other, reflect(build_frame(0, 0))], 0.0) == 1
+    assert rig.dev.filtered == 1

@@ -52,12 +52,12 @@ def build_frame(flow: int, seq: int, size: int = 64) -> bytes:
     return _ETH.pack(PEER_MAC, GUEST_MAC, 0x0800) + ip + udp + body
 
 
-def reflect(frame: bytes) -> bytes:
+def reflect(frame: bytes | memoryview) -> bytes:
     """The reply a host-side echo would send: MACs, IPs and UDP ports swapped."""
     f = bytearray(frame)
-    f[0:6], f[6:12] = frame[6:12], frame[0:6]
-    f[26:30], f[30:34] = frame[30:34], frame[26:30]
-    f[34:36], f[36:38] = frame[36:38], frame[34:36]
+    f[0:6], f[6:12] = f[6:12], f[0:6]
+    f[26:30], f[30:34] = f[30:34], f[26:30]
+    f[34:36], f[36:38] = f[36:38], f[34:36]
     return bytes(f)
 
 
@@ -113,7 +113,7 @@ def run_demo(
 
     box: list[VirtioNetDevice] = []
 
-    def host_side(pair: int, hdr: NetHdr, frame: bytes) -> None:
+    def host_side(pair: int, hdr: NetHdr, frame: memoryview) -> None:
         del hdr
         if len(frame) >= PAYLOAD_OFF + _SEQ.size:
             flow, _ = _SEQ.unpack_from(frame, PAYLOAD_OFF)

@@ -5,7 +5,8 @@ one :class:`~virtnet.memory.GuestMemory`.  The caller supplies the time
 (``now``) and two plain callables:
 
 * ``tx_sink(pair, hdr, frame)`` receives every transmitted frame (a port,
-  a switch, a loopback in the demo);
+  a switch, a loopback in the demo); ``frame`` is a view of guest memory
+  valid only during the call, and ``hdr`` must not be modified;
 * notifications are returned, not sent: :meth:`take_interrupts` lists the
   virtqueues whose driver wants an interrupt after the last batch.
 
@@ -27,7 +28,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from virtnet.ctrl import ControlState, accepts_frame, handle_command
@@ -76,6 +77,8 @@ DEFAULT_DEVICE_FEATURES = (
 
 #: Batch size for one pass over a transmit queue.
 TX_BATCH = 256
+#: The header of a transmitted frame that asks for no offload (shared; never mutated).
+_PLAIN_TX_HDR = NetHdr()
 #: Largest frame accepted on transmit without GSO (64 KiB, the GSO maximum, is
 #: allowed too: the port decides; this caps what one chain may claim).
 MAX_FRAME = 65535 + 14 + 4
@@ -103,6 +106,14 @@ def fill_rx_chains(
     says how many (5.1.6.4).  Chains not needed are not in the result.
     """
     total = hl + len(frame)
+    if chains and len(chains[0].in_) == 1 and chains[0].in_len >= total:
+        # One buffer holds it all: header and frame written in place.
+        buf = chains[0].in_[0]
+        hdr.num_buffers = 1
+        if hl:
+            hdr.pack_into(buf, 0, hl)
+        buf[hl:total] = frame
+        return [(chains[0].head, total)]
     used: list[tuple[int, int]] = []
     room = 0
     for ch in chains:
@@ -138,7 +149,7 @@ class VirtioNetDevice:
         config: NetConfig,
         *,
         offered: int = DEFAULT_DEVICE_FEATURES,
-        tx_sink: Callable[[int, NetHdr, bytes], None] = lambda _p, _h, _f: None,
+        tx_sink: Callable[[int, NetHdr, memoryview], None] = lambda _p, _h, _f: None,
     ) -> None:
         self.mem = mem
         self.config = config
@@ -156,6 +167,7 @@ class VirtioNetDevice:
         self._irq: set[int] = set()
         self.hl = 12
         self.mergeable = True
+        self.hash_report = False
 
     # -- set-up -----------------------------------------------------------
     def set_driver_features(self, features: int) -> None:
@@ -168,6 +180,7 @@ class VirtioNetDevice:
         self.features = features
         self.hl = hdr_len(features)
         self.mergeable = bool(features & NetFeature.MRG_RXBUF)
+        self.hash_report = bool(features & NetFeature.HASH_REPORT)
         self.max_pairs = num_queue_pairs(features, self.config.max_virtqueue_pairs)
         self.ctrl_state = ControlState.new(
             features,
@@ -247,18 +260,26 @@ class VirtioNetDevice:
         st = self.stats[pair]
         used = []
         steer = self.steering
+        # Rx-follows-tx only has a decision to make with more than one pair.
+        note = steer.note_tx if steer.active_pairs > 1 else None
+        sink = self.tx_sink
+        plain = _PLAIN_TX_HDR
         for ch in chains:
             used.append((ch.head, 0))
-            data = b"".join(ch.out) if len(ch.out) != 1 else bytes(ch.out[0])
-            if len(data) < hl or len(data) - hl > MAX_FRAME or ch.in_:
+            out = ch.out
+            data = out[0] if len(out) == 1 else memoryview(b"".join(out))
+            n = len(data)
+            if n < hl or n - hl > MAX_FRAME or ch.in_:
                 st.tx_errors += 1
                 continue
-            hdr = NetHdr.unpack_from(data, 0, hl)
+            # No checksum or GSO request: every other field is meaningless.
+            hdr = plain if not (data[0] or data[1]) else NetHdr.unpack_from(data, 0, hl)
             frame = data[hl:]
             st.tx_packets += 1
-            st.tx_bytes += len(frame)
-            steer.note_tx(frame, pair, now)
-            self.tx_sink(pair, hdr, frame)
+            st.tx_bytes += n - hl
+            if note is not None:
+                note(frame, pair, now)
+            sink(pair, hdr, frame)
         if used:
             q.push(used)
             self._note_used(index)
@@ -299,7 +320,7 @@ class VirtioNetDevice:
             st.rx_drops += 1
             return None
         h = hdr if hdr is not None else NetHdr()
-        if self.features & NetFeature.HASH_REPORT:
+        if self.hash_report:
             h.hash_value, h.hash_report = hval, hrep
         try:
             need = 1
@@ -325,6 +346,78 @@ class VirtioNetDevice:
         st.rx_packets += 1
         st.rx_bytes += len(frame)
         return pair
+
+    def deliver_batch(self, frames: Sequence[bytes | memoryview], now: float) -> int:
+        """Receive many frames: one pop, one used-index publish per queue.
+
+        Returns how many were delivered; the others were filtered or dropped
+        for want of buffers (each counted).  Frames larger than one receive
+        buffer fall back to :meth:`deliver` (mergeable spanning).
+        """
+        by_pair: dict[int, list[bytes | memoryview]] = {}
+        state = self.ctrl_state
+        choose = self.steering.choose_rx
+        check_filter = not state.promisc
+        for frame in frames:
+            if (
+                len(frame) < 14
+                or len(frame) > MAX_FRAME
+                or (check_filter and not accepts_frame(state, frame))
+            ):
+                self.filtered += 1
+                continue
+            pair = choose(frame, now)[0] if not self.hash_report else -1
+            if pair < 0:  # hash report wants per-frame headers
+                if self.deliver(frame, now) is not None:
+                    by_pair.setdefault(-1, []).append(frame)
+                continue
+            by_pair.setdefault(pair, []).append(frame)
+        delivered = len(by_pair.pop(-1, ()))
+        hl = self.hl
+        hdr = NetHdr()
+        for pair, group in by_pair.items():
+            st = self.stats[pair]
+            index = rx_index(pair)
+            q = self._queue(index)
+            if q is None:
+                st.rx_drops += len(group)
+                continue
+            try:
+                chains = q.pop(len(group))
+            except PeerError as exc:
+                self._break(index, exc)
+                st.rx_drops += len(group)
+                continue
+            used: list[tuple[int, int]] = []
+            k = 0
+            spill: list[bytes | memoryview] = []
+            for frame in group:
+                # Once one frame takes the slow path, the rest follow it, in order.
+                if spill or k >= len(chains):
+                    spill.append(frame)
+                    continue
+                ch = chains[k]
+                total = hl + len(frame)
+                if len(ch.in_) != 1 or ch.in_len < total:
+                    spill.append(frame)
+                    continue
+                buf = ch.in_[0]
+                if hl:
+                    hdr.pack_into(buf, 0, hl)
+                buf[hl:total] = frame
+                used.append((ch.head, total))
+                st.rx_bytes += len(frame)
+                k += 1
+            q.unpop(len(chains) - k)
+            if used:
+                q.push(used)
+                self._note_used(index)
+                st.rx_packets += len(used)
+                delivered += len(used)
+            for frame in spill:
+                if self.deliver(frame, now) is not None:
+                    delivered += 1
+        return delivered
 
     # -- control ----------------------------------------------------------
     def process_ctrl(self, now: float) -> int:

@@ -122,15 +122,19 @@ def _full_barrier() -> None:
 
 
 class Chain:
-    """A descriptor chain popped by the device: readable buffers, then writable ones."""
+    """A descriptor chain popped by the device: readable buffers, then writable ones.
+
+    Valid until the chain is pushed back as used: the device queue reuses the
+    object for the next chain with the same head.
+    """
 
     __slots__ = ("head", "in_", "in_len", "out", "out_len")
 
     def __init__(
         self,
         head: int,
-        out: list[memoryview],
-        in_: list[memoryview],
+        out: Sequence[memoryview],
+        in_: Sequence[memoryview],
         out_len: int,
         in_len: int,
     ) -> None:
@@ -202,6 +206,9 @@ class DeviceQueue:
         self._signalled_used = self.used_idx
         self._signalled_valid = False
         self.notify_enabled = True
+        # One reusable Chain per head for single-descriptor chains: a head is
+        # never in flight twice, so its object is free again once it was used.
+        self._pool = [Chain(h, (), (), 0, 0) for h in range(size)]
 
     # -- available side ---------------------------------------------------
     def avail_idx(self) -> int:
@@ -233,9 +240,22 @@ class DeviceQueue:
         size = self.size
         desc = r.desc
         view = self.mem.view
+        # Inline translation for the most common case: a buffer inside the
+        # first region (the whole memory in most guests); others go through
+        # the checked GuestMemory.view().
+        regions = self.mem.regions
+        if regions:
+            base = regions[0].guest_addr
+            end = base + regions[0].size
+            rbuf = regions[0].buf
+        else:
+            base = end = 0
+            rbuf = memoryview(b"")
         out_chains: list[Chain] = []
         append = out_chains.append
         idx = self.last_avail_idx
+        empty: tuple[memoryview, ...] = ()
+        pool = self._pool
         try:
             for _ in range(n):
                 head = avail[2 + (idx & mask)]
@@ -247,10 +267,27 @@ class DeviceQueue:
                     # Fast path: a single direct descriptor.
                     if length > MAX_CHAIN_BYTES:
                         raise VirtqueueError(f"descriptor length {length} exceeds the cap")
-                    if flags & VIRTQ_DESC_F_WRITE:
-                        append(Chain(head, [], [view(addr, length)] if length else [], 0, length))
+                    ch = pool[head]
+                    if not length:
+                        ch.out = ch.in_ = empty
+                        ch.out_len = ch.in_len = 0
                     else:
-                        append(Chain(head, [view(addr, length)] if length else [], [], length, 0))
+                        if base <= addr and addr + length <= end:
+                            off = addr - base
+                            v = rbuf[off : off + length]
+                        else:
+                            v = view(addr, length)
+                        if flags & VIRTQ_DESC_F_WRITE:
+                            ch.out = empty
+                            ch.in_ = (v,)
+                            ch.out_len = 0
+                            ch.in_len = length
+                        else:
+                            ch.out = (v,)
+                            ch.in_ = empty
+                            ch.out_len = length
+                            ch.in_len = 0
+                    append(ch)
                     continue
                 append(self._walk(head, addr, length, flags, nxt))
         except VirtqueueError:
