@@ -70,6 +70,9 @@ from virtnet.xen.rings import (
     FrontRing,
     RingError,
 )
+from virtnet.xen.rings import (
+    SRING_HEADER_SIZE as _SH,
+)
 
 __all__ = [
     "COUNTER_NAMES",
@@ -198,6 +201,7 @@ class BackendQueue:
     def process_tx(self, budget: int = 256) -> tuple[int, bool]:
         """Consume up to ``budget`` packets; ``(packets, notify frontend)``.  RingError = fatal."""
         ring, page = self.tx, self.tx_page
+        mask, esz = ring.mask, ring.entry_size
         span = self.grants.span
         send = self.port.send
         hdr = self._hdr
@@ -206,7 +210,7 @@ class BackendQueue:
         avail = ring.unconsumed_requests()
         while avail and done < budget:
             cons = ring.req_cons
-            gref, off, flags, rid, size = TX_REQ.unpack_from(page, ring.offset(cons))
+            gref, off, flags, rid, size = TX_REQ.unpack_from(page, _SH + (cons & mask) * esz)
             used = 1
             gso: tuple[int, int] | None = None
             if flags & NETTXF_EXTRA_INFO:
@@ -214,7 +218,9 @@ class BackendQueue:
                 while True:
                     if used >= avail:
                         raise RingError("packet's extra info slots not published")
-                    etype, eflags, _body = EXTRA.unpack_from(page, ring.offset(cons + used))
+                    etype, eflags, _body = EXTRA.unpack_from(
+                        page, _SH + ((cons + used) & mask) * esz
+                    )
                     used += 1
                     n_extra += 1
                     if (
@@ -224,7 +230,7 @@ class BackendQueue:
                         raise RingError(f"bad extra info type {etype}")
                     if etype == XEN_NETIF_EXTRA_TYPE_GSO:
                         _t, _f, gsize, gtype, _pad, _feat = EXTRA_GSO.unpack_from(
-                            page, ring.offset(cons + used - 1)
+                            page, _SH + ((cons + used - 1) & mask) * esz
                         )
                         if gtype not in _GSO_XEN_TO_VIRTIO or gsize == 0:
                             raise RingError(f"bad GSO type {gtype} / size {gsize}")
@@ -239,7 +245,7 @@ class BackendQueue:
                     raise RingError("packet's fragment slots not published")
                 if len(frags) + 1 >= FATAL_SKB_SLOTS:
                     raise RingError(f"packet spans more than {FATAL_SKB_SLOTS} slots")
-                g2, o2, f, id2, s2 = TX_REQ.unpack_from(page, ring.offset(cons + used))
+                g2, o2, f, id2, s2 = TX_REQ.unpack_from(page, _SH + ((cons + used) & mask) * esz)
                 used += 1
                 if o2 + s2 > PAGE_SIZE:
                     raise RingError("tx fragment crosses its page")
@@ -276,13 +282,13 @@ class BackendQueue:
                         c["tx_bytes"] += size
             # Responses: one per slot consumed, in order.
             rsp = ring.rsp_prod_pvt
-            TX_RSP.pack_into(page, ring.offset(rsp), rid, status)
+            TX_RSP.pack_into(page, _SH + (rsp & mask) * esz, rid, status)
             rsp += 1
             for _ in range(used - 1 - len(frags)):
-                TX_RSP.pack_into(page, ring.offset(rsp), 0, NETIF_RSP_NULL)
+                TX_RSP.pack_into(page, _SH + (rsp & mask) * esz, 0, NETIF_RSP_NULL)
                 rsp += 1
             for _g, _o, _s, id2 in frags:
-                TX_RSP.pack_into(page, ring.offset(rsp), id2, status)
+                TX_RSP.pack_into(page, _SH + (rsp & mask) * esz, id2, status)
                 rsp += 1
             ring.rsp_prod_pvt = rsp & MASK32
             ring.req_cons = (cons + used) & MASK32
@@ -331,6 +337,7 @@ class BackendQueue:
     def process_rx(self, budget: int = 256) -> tuple[int, bool, bool]:
         """Deliver up to ``budget`` frames; ``(frames, notify, blocked on rx slots)``."""
         ring, page = self.rx, self.rx_page
+        mask, esz = ring.mask, ring.entry_size
         span = self.grants.span
         bounce = self._bounce_mv
         c = self.counters
@@ -387,7 +394,7 @@ class BackendQueue:
             for s in range(slots):
                 # Slot order (netback rx.c): first data, then the extra, then the rest.
                 at = s + extra if s else 0
-                rid, _pad, gref = RX_REQ.unpack_from(page, ring.offset(cons + at))
+                rid, _pad, gref = RX_REQ.unpack_from(page, _SH + ((cons + at) & mask) * esz)
                 chunk = min(PAGE_SIZE, n - pos)
                 try:
                     span(gref, 0, chunk, write=True)[:] = bounce[pos : pos + chunk]
@@ -398,12 +405,12 @@ class BackendQueue:
                 fl = first_flags if s == 0 else 0
                 if s < slots - 1:
                     fl |= NETRXF_MORE_DATA
-                RX_RSP.pack_into(page, ring.offset(rsp + at), rid, 0, fl, status)
+                RX_RSP.pack_into(page, _SH + ((rsp + at) & mask) * esz, rid, 0, fl, status)
                 pos += chunk
             if hres is not None:
                 # netif_extra_info HASH: type, flags, htype (bit number), alg, value (LE).
                 EXTRA_HASH.pack_into(
-                    page, ring.offset(rsp + 1), XEN_NETIF_EXTRA_TYPE_HASH, 0,
+                    page, _SH + ((rsp + 1) & mask) * esz, XEN_NETIF_EXTRA_TYPE_HASH, 0,
                     hres[2].bit_length() - 1, HASH_ALGORITHM_TOEPLITZ, hres[1],
                 )  # fmt: skip
             ring.req_cons = (cons + slots + extra) & MASK32
@@ -458,16 +465,16 @@ class FrontendQueue:
     def post_rx(self) -> bool:
         """Post every free rx buffer; True if the backend must be notified."""
         ring, page = self.rx, self.rx_page
+        mask, esz = ring.mask, ring.entry_size
         free = self.rx_free
         if not free:
             return False
         prod = ring.req_prod_pvt
         n = min(len(free), ring.free_requests())
         refs, inflight, posted = self.rx_refs, self.rx_inflight, self.rx_posted
-        mask = ring.mask
         for _ in range(n):
             i = free.pop()
-            RX_REQ.pack_into(page, ring.offset(prod), i, 0, refs[i])
+            RX_REQ.pack_into(page, _SH + (prod & mask) * esz, i, 0, refs[i])
             inflight[i] = True
             posted[prod & mask] = i
             prod += 1
@@ -480,8 +487,15 @@ class FrontendQueue:
 
     def queue_tx(self, slot: int, length: int, flags: int = 0) -> None:
         ring = self.tx
+        mask, esz = ring.mask, ring.entry_size
         TX_REQ.pack_into(
-            self.tx_page, ring.offset(ring.req_prod_pvt), self.tx_refs[slot], 0, flags, slot, length
+            self.tx_page,
+            _SH + (ring.req_prod_pvt & mask) * esz,
+            self.tx_refs[slot],
+            0,
+            flags,
+            slot,
+            length,
         )
         self.tx_inflight[slot] = True
         ring.req_prod_pvt = (ring.req_prod_pvt + 1) & MASK32
@@ -495,6 +509,7 @@ class FrontendQueue:
         if len(self.tx_free) < slots or self.tx.free_requests() < slots or slots > MAX_SKB_SLOTS:
             return False
         ring, page = self.tx, self.tx_page
+        mask, esz = ring.mask, ring.entry_size
         prod = ring.req_prod_pvt
         for k in range(slots):
             slot = self.tx_free.pop()
@@ -504,7 +519,7 @@ class FrontendQueue:
             if k < slots - 1:
                 f |= NETTXF_MORE_DATA
             size = n if k == 0 else len(chunk)
-            TX_REQ.pack_into(page, ring.offset(prod), self.tx_refs[slot], 0, f, slot, size)
+            TX_REQ.pack_into(page, _SH + (prod & mask) * esz, self.tx_refs[slot], 0, f, slot, size)
             self.tx_inflight[slot] = True
             prod += 1
         ring.req_prod_pvt = prod & MASK32
@@ -518,11 +533,12 @@ class FrontendQueue:
     def reap_tx(self) -> int:
         """Collect tx responses; ids return to the free list.  RingError on garbage."""
         ring, page = self.tx, self.tx_page
+        mask, esz = ring.mask, ring.entry_size
         n = ring.unconsumed_responses()
         cons = ring.rsp_cons
         inflight, free = self.tx_inflight, self.tx_free
         for k in range(n):
-            rid, status = TX_RSP.unpack_from(page, ring.offset(cons + k))
+            rid, status = TX_RSP.unpack_from(page, _SH + ((cons + k) & mask) * esz)
             if status == NETIF_RSP_NULL:
                 continue
             if rid >= len(inflight) or not inflight[rid]:
@@ -542,19 +558,21 @@ class FrontendQueue:
         (NETRXF_extra_info) are skipped and their buffers recycled.
         """
         ring, page = self.rx, self.rx_page
+        mask, esz = ring.mask, ring.entry_size
         n = ring.unconsumed_responses()
         cons = ring.rsp_cons
         inflight, free, bufs, posted = self.rx_inflight, self.rx_free, self.rx_bufs, self.rx_posted
-        mask = ring.mask
         c = self.counters
         for k in range(n):
             idx = cons + k
             if self._rx_skip_extra:
                 # netif_extra_info slot: no id of its own; the buffer posted at this index.
                 rid = posted[idx & mask]
-                etype, eflags, _ = EXTRA.unpack_from(page, ring.offset(idx))
+                etype, eflags, _ = EXTRA.unpack_from(page, _SH + (idx & mask) * esz)
                 if etype == XEN_NETIF_EXTRA_TYPE_HASH:
-                    _t, _f, htype, alg, value = EXTRA_HASH.unpack_from(page, ring.offset(idx))
+                    _t, _f, htype, alg, value = EXTRA_HASH.unpack_from(
+                        page, _SH + (idx & mask) * esz
+                    )
                     self.last_rx_hash = (htype, alg, value)
                     c["rx_hash_extras"] = c.get("rx_hash_extras", 0) + 1
                 if inflight[rid]:
@@ -563,7 +581,7 @@ class FrontendQueue:
                 if not eflags & XEN_NETIF_EXTRA_FLAG_MORE:
                     self._rx_skip_extra = 0
                 continue
-            rid, off, flags, status = RX_RSP.unpack_from(page, ring.offset(idx))
+            rid, off, flags, status = RX_RSP.unpack_from(page, _SH + (idx & mask) * esz)
             if rid >= len(inflight) or not inflight[rid]:
                 raise RingError(f"rx response for id {rid} not in flight")
             inflight[rid] = False
