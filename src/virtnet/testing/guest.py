@@ -776,7 +776,8 @@ class Guest:
         stdin is ``/dev/null``; stdout and stderr are combined.  The guest kills
         the command after ``timeout`` seconds (status 137); the host gives up a
         few seconds later with :class:`GuestError`.  With ``check`` a non-zero
-        status raises :class:`GuestCommandError`.
+        status raises :class:`GuestCommandError`.  One command runs at a time
+        (not thread-safe); background work goes in the command (``cmd &``).
         """
         if self._sock is None:
             raise GuestError("guest not started")
