@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from virtnet.errors import PeerError
 from virtnet.ports import make_port
@@ -266,3 +269,34 @@ def test_rx_hash_extra_info() -> None:
     # Every rx buffer came back (extra slots recycled too).
     r.pump()
     assert len(r.fq.rx_free) + sum(r.fq.rx_inflight) == 256
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.binary(max_size=600),
+    st.binary(max_size=600),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+)
+def test_hostile_ring_pages_only_raise_peer_errors(
+    tx_slots: bytes, rx_slots: bytes, tx_prod: int, rx_prod: int, rsp_prod: int
+) -> None:
+    """Whatever a guest writes into its ring pages, the backend raises PeerError or copes."""
+    r = Rig()
+    r.fq.tx_page[64 : 64 + len(tx_slots)] = tx_slots
+    r.fq.rx_page[64 : 64 + len(rx_slots)] = rx_slots
+    struct.pack_into("<I", r.fq.tx_page, 0, tx_prod % 300 if tx_prod % 2 else tx_prod)
+    struct.pack_into("<I", r.fq.rx_page, 0, rx_prod % 300 if rx_prod % 2 else rx_prod)
+    r.port.send([memoryview(bytes(12) + _frame(1))])
+    with contextlib.suppress(PeerError):
+        r.bq.process_tx()
+    with contextlib.suppress(PeerError):
+        r.bq.process_rx()
+    # And a hostile backend, seen from the frontend.
+    for page in (r.fq.tx_page, r.fq.rx_page):
+        struct.pack_into("<I", page, 8, rsp_prod % 300 if rsp_prod % 2 else rsp_prod)
+    with contextlib.suppress(PeerError):
+        r.fq.reap_tx()
+    with contextlib.suppress(PeerError):
+        r.fq.reap_rx(lambda b: None)
