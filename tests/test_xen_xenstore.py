@@ -160,6 +160,9 @@ def test_permissions_guest() -> None:
     assert g1.err(Op.SET_PERMS, b"device", b"x1") == "EINVAL"
     assert g1.err(Op.INTRODUCE, b"3", b"0", b"0") == "EACCES"
     assert g1.err(Op.RM, b"/local/domain/1/x") == "EACCES"
+    # A missing node under an unreadable parent is EACCES, not ENOENT (no probing).
+    assert g2.err(Op.READ, b"/local/domain/1/nothing") == "EACCES"
+    assert g1.err(Op.READ, b"nothing") == "ENOENT"
 
 
 def test_guest_quotas() -> None:

@@ -379,10 +379,18 @@ class Connection:
             tx.touched.add(path)
         return self._tree(tx).nodes.get(path)
 
+    def _missing(self, tx: Transaction | None, path: str) -> XsError:
+        """errno_from_parents: ENOENT only if the nearest existing ancestor is readable."""
+        nodes = self._tree(tx).nodes
+        anc = _parent(path)
+        while anc not in nodes:
+            anc = _parent(anc)
+        return XsError("ENOENT" if self.can_read(nodes[anc]) else "EACCES", path)
+
     def _get_readable(self, tx: Transaction | None, path: str) -> Node:
         node = self._get(tx, path)
         if node is None:
-            raise XsError("ENOENT", path)
+            raise self._missing(tx, path)
         if not self.can_read(node):
             raise XsError("EACCES", path)
         return node
@@ -506,7 +514,7 @@ class Connection:
         node = self._get(tx, path)
         if node is None:
             if self._get(tx, _parent(path)) is None:
-                raise XsError("ENOENT", path)
+                raise self._missing(tx, path)
             return OK  # xenstored: removing a missing child of an existing parent is fine
         if not self.can_write(node):
             raise XsError("EACCES", path)
@@ -557,7 +565,7 @@ class Connection:
             raise XsError("ENOSPC", "too many permissions")
         node = self._get(tx, path)
         if node is None:
-            raise XsError("ENOENT", path)
+            raise self._missing(tx, path)
         if not self.privileged and node.owner != self.domid:
             raise XsError("EACCES", "only the owner may change permissions")
         if not self.privileged and perms[0].domid != self.domid:
