@@ -1,7 +1,8 @@
 """Fuzz the XenStore daemon core: arbitrary bytes from a dom0 and a guest connection.
 
-Run: ``python fuzz/fuzz_xenstore.py fuzz/corpus/xenstore -max_total_time=60`` (atheris),
-or ``python fuzz/fuzz_xenstore.py --replay fuzz/corpus/xenstore`` without atheris.
+Run: ``python fuzz/fuzz_xenstore.py CORPUS_COPY -max_total_time=60`` (atheris; libFuzzer
+adds new inputs to the first directory, so give it a copy), or replay the committed corpus
+without atheris (CI): ``python fuzz/fuzz_xenstore.py --corpus-only fuzz/corpus/xenstore``.
 
 Checks: ``Connection.receive`` never raises; every reply decodes as whole
 ``xsd_sockmsg`` frames with payload <= XENSTORE_PAYLOAD_MAX; feeding the input
@@ -38,18 +39,21 @@ def test_one_input(data: bytes) -> None:
         assert _run(data, 1) == whole
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--replay":
-        for d in sys.argv[2:]:
-            for f in sorted(Path(d).iterdir()):
-                test_one_input(f.read_bytes())
-        return
+def main() -> int:
+    args = sys.argv[1:]
+    if args and args[0] in ("--corpus-only", "--replay"):
+        files = sorted(p for a in args[1:] for p in Path(a).iterdir() if p.is_file())
+        for f in files:
+            test_one_input(f.read_bytes())
+        print(f"replayed {len(files)} inputs: ok")
+        return 0
     import atheris
 
     atheris.instrument_all()
     atheris.Setup(sys.argv, test_one_input)
     atheris.Fuzz()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
