@@ -1,0 +1,356 @@
+"""DPDK ``dpdk-testpmd`` as a vhost-user peer for tests and benchmarks.
+
+:class:`TestPmd` starts testpmd interactively (``-i``) with its stdin and
+stdout on pipes (stdout line-buffered through ``stdbuf``, else testpmd's
+stdio holds command output until exit), sends commands and reads each
+answer up to the next ``testpmd>`` prompt, parses ``show port stats all``
+into :class:`PortStats`, and always shuts testpmd down: ``quit``, then
+SIGTERM, then SIGKILL, each with a deadline.  Its ``/var/run/dpdk/<prefix>``
+runtime directory is removed afterwards.
+
+Typical use::
+
+    with TestPmd.vhost(sock, queues=2, fwd="macswap") as pmd:
+        ...                       # connect a frontend to ``sock``
+        pmd.start_forwarding()
+        stats = pmd.port_stats()[0]
+
+Invariants:
+
+* Every wait (startup, prompt, exit) has a deadline; a testpmd that does not
+  answer raises :class:`TestPmdError` and is killed.
+* The process is gone when :meth:`TestPmd.close` (or ``__exit__``) returns,
+  whatever happened before.
+* The ``virtnet`` package proper never imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_MBUFS",
+    "DEFAULT_MEM_MB",
+    "PortStats",
+    "TestPmd",
+    "TestPmdError",
+    "skip_reason",
+]
+
+#: ``--no-huge`` needs an explicit amount of (anonymous) memory; 512 MB holds
+#: the mbuf pool below and the vhost PMD's rings.
+DEFAULT_MEM_MB = 512
+#: testpmd sizes its mbuf pool from the port/queue counts (155456 mbufs of
+#: 2176 bytes = 338 MB for one port); a fixed pool keeps it inside -m.
+DEFAULT_MBUFS = 16384
+#: Seconds to wait for testpmd's first prompt (EAL init + mempool creation).
+STARTUP_TIMEOUT = 30.0
+#: Seconds to wait for the prompt after a command.
+COMMAND_TIMEOUT = 10.0
+#: Seconds to wait for exit after ``quit`` / SIGTERM before escalating.
+EXIT_TIMEOUT = 10.0
+PROMPT = b"testpmd> "
+
+_COUNTER = itertools.count()
+
+
+class TestPmdError(RuntimeError):
+    """testpmd failed to start, stopped answering or exited."""
+
+
+@dataclass(frozen=True)
+class PortStats:
+    """One port's ``show port stats`` block."""
+
+    port: int
+    rx_packets: int
+    rx_missed: int
+    rx_bytes: int
+    rx_errors: int
+    rx_nombuf: int
+    tx_packets: int
+    tx_errors: int
+    tx_bytes: int
+    rx_pps: int
+    tx_pps: int
+
+
+_STATS_RE = re.compile(
+    rb"NIC statistics for port (\d+).*?"
+    rb"RX-packets:\s*(\d+)\s+RX-missed:\s*(\d+)\s+RX-bytes:\s*(\d+).*?"
+    rb"RX-errors:\s*(\d+).*?RX-nombuf:\s*(\d+).*?"
+    rb"TX-packets:\s*(\d+)\s+TX-errors:\s*(\d+)\s+TX-bytes:\s*(\d+).*?"
+    rb"Rx-pps:\s*(\d+).*?Tx-pps:\s*(\d+)",
+    re.S,
+)
+
+
+def parse_port_stats(text: bytes) -> dict[int, PortStats]:
+    """Every port block in the output of ``show port stats all``."""
+    out: dict[int, PortStats] = {}
+    for m in _STATS_RE.finditer(text):
+        vals = [int(x) for x in m.groups()]
+        out[vals[0]] = PortStats(*vals)
+    return out
+
+
+def skip_reason() -> str | None:
+    """Why testpmd cannot run here (for ``pytest.skip``), or ``None``."""
+    if shutil.which("dpdk-testpmd") is None:
+        return "dpdk-testpmd is not installed (package dpdk)"
+    if shutil.which("stdbuf") is None:
+        return "stdbuf (coreutils) is needed to read testpmd's answers"
+    return None
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process, from /proc (0.0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+class TestPmd:
+    """One interactive dpdk-testpmd process."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(
+        self,
+        vdevs: Sequence[str],
+        *,
+        lcores: str = "0-1",
+        main_lcore: int | None = None,
+        rxq: int = 1,
+        txq: int = 1,
+        fwd: str = "rxonly",
+        mem_mb: int = DEFAULT_MEM_MB,
+        mbufs: int = DEFAULT_MBUFS,
+        extra_eal: Sequence[str] = (),
+        extra_app: Sequence[str] = (),
+        log_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        reason = skip_reason()
+        if reason is not None:
+            raise TestPmdError(reason)
+        self.prefix = f"vnt{os.getpid()}_{next(_COUNTER)}"
+        eal = ["--no-huge", "--no-pci", "-m", str(mem_mb), "-l", lcores,
+               "--file-prefix", self.prefix]  # fmt: skip
+        if main_lcore is not None:
+            eal += ["--main-lcore", str(main_lcore)]
+        for v in vdevs:
+            eal += ["--vdev", v]
+        app = ["-i", f"--rxq={rxq}", f"--txq={txq}", "--nb-cores=1",
+               f"--forward-mode={fwd}", f"--total-num-mbufs={mbufs}"]  # fmt: skip
+        self.argv = ["stdbuf", "-oL", "-eL", "dpdk-testpmd", *eal, *extra_eal, "--",
+                     *app, *extra_app]  # fmt: skip
+        self.fwd = fwd
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.output = bytearray()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # -- constructors -----------------------------------------------------
+    @classmethod
+    def vhost(
+        cls,
+        sock: str | os.PathLike[str],
+        *,
+        queues: int = 1,
+        client: bool = False,
+        fwd: str = "rxonly",
+        **kw: object,
+    ) -> TestPmd:
+        """testpmd with one ``net_vhost`` port on ``sock`` (server unless ``client``)."""
+        vdev = f"net_vhost0,iface={sock},queues={queues}" + (",client=1" if client else "")
+        return cls([vdev], rxq=queues, txq=queues, fwd=fwd, **kw)  # type: ignore[arg-type]
+
+    @classmethod
+    def virtio_user(
+        cls,
+        sock: str | os.PathLike[str],
+        *,
+        queues: int = 1,
+        server: bool = False,
+        fwd: str = "txonly",
+        **kw: object,
+    ) -> TestPmd:
+        """testpmd with one ``net_virtio_user`` port (DPDK's own frontend) on ``sock``."""
+        vdev = f"net_virtio_user0,path={sock},queues={queues}" + (",server=1" if server else "")
+        return cls([vdev], rxq=queues, txq=queues, fwd=fwd, **kw)  # type: ignore[arg-type]
+
+    # -- life cycle -------------------------------------------------------
+    def __enter__(self) -> TestPmd:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise TestPmdError("testpmd not started")
+        return self.proc.pid
+
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> TestPmd:
+        """Launch and wait for the first prompt."""
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            self._read_until_prompt(timeout)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _read_until_prompt(self, timeout: float) -> bytes:
+        proc = self.proc
+        if proc is None or proc.stdout is None:
+            raise TestPmdError("testpmd not started")
+        fd = proc.stdout.fileno()
+        start = len(self.output)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.output.endswith(PROMPT) and len(self.output) > start:
+                return bytes(self.output[start:])
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TestPmdError(f"testpmd gave no prompt within {timeout:g}s: {self.tail()}")
+            r, _, _ = select.select([fd], [], [], min(left, 0.5))
+            if not r:
+                continue
+            data = os.read(fd, 65536)
+            if not data:
+                raise TestPmdError(f"testpmd exited (status {proc.poll()}): {self.tail()}")
+            self.output += data
+            if self.log_path is not None:
+                with self.log_path.open("ab") as f:
+                    f.write(data)
+
+    def drain_output(self) -> None:
+        """Read whatever testpmd printed meanwhile (events) without blocking."""
+        proc = self.proc
+        if proc is None or proc.stdout is None:
+            return
+        fd = proc.stdout.fileno()
+        while True:
+            r, _, _ = select.select([fd], [], [], 0)
+            if not r:
+                return
+            data = os.read(fd, 65536)
+            if not data:
+                return
+            self.output += data
+
+    def tail(self, n: int = 2000) -> str:
+        return bytes(self.output[-n:]).decode(errors="replace")
+
+    def command(self, cmd: str, timeout: float = COMMAND_TIMEOUT) -> str:
+        """Send one command line; return its output up to the next prompt."""
+        proc = self.proc
+        if proc is None or proc.stdin is None or proc.poll() is not None:
+            raise TestPmdError(f"testpmd is not running: {self.tail()}")
+        self.drain_output()
+        # Forget earlier prompts so we wait for the one after this command.
+        self.output += b"\n"
+        try:
+            proc.stdin.write(cmd.encode() + b"\n")
+            proc.stdin.flush()
+        except BrokenPipeError:
+            raise TestPmdError(f"testpmd closed its stdin: {self.tail()}") from None
+        return self._read_until_prompt(timeout).decode(errors="replace")
+
+    def start_forwarding(self) -> None:
+        self.command("start")
+
+    def stop_forwarding(self) -> str:
+        return self.command("stop")
+
+    def set_fwd(self, mode: str) -> None:
+        self.command(f"set fwd {mode}")
+        self.fwd = mode
+
+    def port_stats(self) -> dict[int, PortStats]:
+        """``show port stats all`` parsed per port."""
+        text = self.command("show port stats all")
+        stats = parse_port_stats(text.encode())
+        if not stats:
+            raise TestPmdError(f"cannot parse port stats from: {text[-1500:]}")
+        return stats
+
+    def clear_stats(self) -> None:
+        self.command("clear port stats all")
+
+    def cpu_seconds(self) -> float:
+        """CPU time testpmd used so far (all its threads)."""
+        return _cpu_seconds(self.pid) if self.proc is not None else 0.0
+
+    def wait_for_log(self, needle: bytes, timeout: float = COMMAND_TIMEOUT) -> bool:
+        """Wait until ``needle`` appears in testpmd's output (events like link up)."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.output:
+            if time.monotonic() > deadline:
+                return False
+            self.drain_output()
+            time.sleep(0.02)
+        return True
+
+    def close(self) -> None:
+        """Quit, then SIGTERM, then SIGKILL -- the process is gone afterwards."""
+        proc = self.proc
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None and proc.stdin is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    proc.stdin.write(b"quit\n")
+                    proc.stdin.flush()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(EXIT_TIMEOUT)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                if proc.poll() is not None:
+                    break
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                try:
+                    proc.wait(EXIT_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    continue
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+            self.drain_output()
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+            shutil.rmtree(f"/var/run/dpdk/{self.prefix}", ignore_errors=True)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL at once (simulates a crashed backend); then clean up."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.close()
