@@ -199,9 +199,19 @@ def test_watches() -> None:
     w.call(Op.UNWATCH, b"/a", b"tok")
     assert w.err(Op.UNWATCH, b"/a", b"tok") == "ENOENT"
     w.call(Op.WATCH, b"@introduceDomain", b"intro")
+    g = Peer(s, 7)
+    g.call(Op.WATCH, b"@introduceDomain", b"g")
+    g.events.clear()
     d0.call(Op.INTRODUCE, b"5", b"0", b"0")
     w.poll()
+    g.poll()
     assert ("@introduceDomain", "intro") in w.events
+    assert g.events == []  # special paths are dom0-only by default
+    d0.call(Op.SET_PERMS, b"@introduceDomain", b"n0", b"r7")
+    assert d0.call(Op.GET_PERMS, b"@introduceDomain") == b"n0\x00r7\x00"
+    d0.call(Op.INTRODUCE, b"6", b"0", b"0")
+    g.poll()
+    assert g.events == [("@introduceDomain", "g")]
     assert d0.call(Op.IS_DOMAIN_INTRODUCED, b"5") == b"T\x00"
 
 

@@ -198,6 +198,8 @@ class Store:
         self.tree = Tree({"/": root}, {DOM0: 1})
         self.connections: list[Connection] = []
         self.introduced: set[int] = {DOM0}
+        #: Permissions of the special watch paths (dom0-only until dom0 says otherwise).
+        self.special_perms: dict[str, tuple[Perm, ...]] = {}
         self._next_tx = 1
         self.stats_errors = 0
 
@@ -229,7 +231,11 @@ class Store:
             conn.fire_watches(path, recursive, node)
 
     def fire_special(self, name: str) -> None:
+        perms = self.special_perms.get(name, (Perm(DOM0, "n"),))
+        probe = Node(b"", perms, (), 0)
         for conn in self.connections:
+            if not conn.can_read(probe):
+                continue
             for w in conn.watches:
                 if w.path == name:
                     conn.queue_event(name, w.token)
@@ -550,7 +556,7 @@ class Connection:
         (raw,) = split_args(msg.payload, 1)
         path, _ = self.canonical(raw, allow_special=True)
         if path.startswith("@"):
-            return format_perms((Perm(DOM0, "n"),))
+            return format_perms(self.store.special_perms.get(path, (Perm(DOM0, "n"),)))
         return format_perms(self._get_readable(tx, path).perms)
 
     def do_set_perms(self, msg: Message, tx: Transaction | None) -> bytes:
@@ -560,6 +566,7 @@ class Connection:
         if path.startswith("@"):
             if not self.privileged:
                 raise XsError("EACCES", path)
+            self.store.special_perms[path] = perms
             return OK
         if not self.privileged and len(perms) > QUOTA_PERMS_PER_NODE:
             raise XsError("ENOSPC", "too many permissions")
