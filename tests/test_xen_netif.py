@@ -257,3 +257,16 @@ def test_demo_jumbo_frames_multi_slot() -> None:
     rc, fout, bout = run_demo(1, 0.5, frame_size=9014, quiet=True)
     assert rc == 0, fout + bout
     assert "lost=0" in fout and "reordered=0" in fout
+
+
+def test_hostile_control_ring(env: Env) -> None:
+    nb = _netback(env, 2)
+    nf, xs1, hyp1 = _front(env, 2)
+    nf.connect()  # programs the hash through the control ring first
+    assert nf.ctrl is not None and nf.ctrl_evt is not None
+    struct.pack_into("<I", nf.ctrl.page, 0, 0x4000_0000)  # req_prod far beyond 128 entries
+    nf.ctrl_evt.notify()
+    st = wait_for_state(env.xs, f"{BE}/state", {XenbusState.CLOSING}, 20, "c")
+    assert st == XenbusState.CLOSING
+    rc, out = _finish(nb, nf, xs1, hyp1)
+    assert rc == 1 and "control ring" in out
