@@ -129,8 +129,11 @@ __all__ = [
     "BackendTimeoutError",
     "FastPair",
     "FrontendStats",
+    "RingInfo",
     "VhostUserFrontend",
+    "full_barrier",
     "need_event",
+    "recycle",
 ]
 
 log = logging.getLogger(__name__)
@@ -225,7 +228,7 @@ def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
 _FENCE = threading.Lock()
 
 
-def _full_barrier() -> None:
+def full_barrier() -> None:
     """A store-load fence (a locked instruction) between publishing and reading flags."""
     _FENCE.acquire()
     _FENCE.release()
@@ -525,7 +528,7 @@ class FastPair:
         if new == old:
             return False
         self.tx_kicked = new
-        _full_barrier()
+        full_barrier()
         if self.event_idx:
             want = need_event(self.tx_used[2 + 4 * self.size], new, old)
         else:
@@ -541,7 +544,7 @@ class FastPair:
         if new == old:
             return False
         self.rx_kicked = new
-        _full_barrier()
+        full_barrier()
         if self.event_idx:
             want = need_event(self.rx_used[2 + 4 * self.size], new, old)
         else:
