@@ -331,6 +331,8 @@ class Netback:
         for fd in (conn.stop_r, conn.stop_w):
             if fd >= 0:
                 os.close(fd)
+        conn.mapper.close()
+        conn.mem.close()  # ring views may still be exported; the fd is released regardless
 
     def queue_counters(self, nq: int | None = None) -> list[dict[str, int]]:
         if nq is None:
