@@ -1,0 +1,540 @@
+"""Supervisor: one :class:`~virtnet.vhost_user.backend.BackendEvents` per VM connection,
+one forked worker process per running queue pair.
+
+:class:`VmPort` is a VM's side of the host port (its port queues, offloads,
+enabled pairs and shared counters); it lives as long as the VM's socket, so
+a reconnecting frontend gets the same tap queues and counters.
+:class:`Supervisor` lives as long as one frontend connection and keeps, per
+ring, the latest config with its *own* duplicates of the kick/call/err fds,
+and per pair the worker's pid and control socket.
+
+Invariants:
+
+* A pair's worker runs iff both its rings are started and enabled and a
+  memory table is known; it is stopped (synchronously, with
+  :data:`STOP_TIMEOUT`) before any callback that changes what it uses
+  returns: ring stop, disable, memory table, reset.  The next-avail indexes
+  the worker reports are kept per ring and returned by ``on_ring_stop``
+  (GET_VRING_BASE) and used when the pair is restarted.
+* A worker that does not answer in time is killed; a worker that died is
+  logged and restarted from its rings' used indexes in guest memory (the
+  worker pushes used entries in pop order, so the used index is exactly
+  where it stood), at most :data:`MAX_RESTARTS` times per
+  :data:`RESTART_WINDOW_S`; the other pairs are untouched.
+* The supervisor closes every fd it dup'ed: ring fds when replaced or at
+  stop, region fds when the table changes or the connection closes.  The
+  worker closes the copies it inherited that are not in its spec.
+* Per-pair counters live in an anonymous shared mapping of the
+  :class:`VmPort`; totals of finished workers are folded into a base so
+  counters only grow across worker restarts and reconnections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from virtnet.errors import PeerError, UsageError
+from virtnet.net import NetFeature
+from virtnet.ports.base import Offload, Port, PortQueue
+from virtnet.vhost_user.backend import Backend, RegionInfo, RingConfig
+from virtnet.vhost_user.worker import (
+    FIELDS,
+    NFIELDS,
+    Ctl,
+    RegionSpec,
+    RingSpec,
+    WorkerSpec,
+    spawn_worker,
+)
+
+__all__ = [
+    "MAX_RESTARTS",
+    "RESTART_WINDOW_S",
+    "STOP_TIMEOUT",
+    "Supervisor",
+    "VmPort",
+    "feature_names",
+]
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait for a worker's stop reply (GET_VRING_BASE waits on it).
+STOP_TIMEOUT = 2.0
+#: Seconds to wait for a worker's call-fd acknowledgement.
+CALL_TIMEOUT = 2.0
+#: Seconds to wait for a stopped worker to exit before SIGKILL.
+EXIT_TIMEOUT = 2.0
+#: A pair whose worker died this many times within RESTART_WINDOW_S is given up.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 10.0
+
+_GUEST_OFFLOADS = {
+    NetFeature.GUEST_CSUM: Offload.CSUM,
+    NetFeature.GUEST_TSO4: Offload.TSO4,
+    NetFeature.GUEST_TSO6: Offload.TSO6,
+    NetFeature.GUEST_ECN: Offload.TSO_ECN,
+    NetFeature.GUEST_UFO: Offload.UFO,
+}
+
+
+def feature_names(features: int) -> str:
+    """``VERSION_1|MQ|...`` for the known bits, plus any unknown ones in hex."""
+    names = []
+    rest = features
+    for f in NetFeature:
+        if f.name and features & f.value and f.value.bit_count() == 1:
+            names.append(f.name)
+            rest &= ~f.value
+    if rest & (1 << 30):
+        names.append("PROTOCOL_FEATURES")
+        rest &= ~(1 << 30)
+    if rest:
+        names.append(f"0x{rest:x}")
+    return "|".join(names) or "none"
+
+
+def port_kind(port: Port) -> str:
+    """The :func:`~virtnet.ports.base.attach_queue` kind of ``port``."""
+    name = type(port).__name__
+    return {
+        "TapPort": "tap",
+        "SwitchPort": "switch",
+        "LoopbackPort": "loopback",
+        "NullPort": "null",
+    }.get(name, name.lower())
+
+
+class VmPort:
+    """One VM's side of the port: queues, enabled pairs, offloads, counters."""
+
+    def __init__(self, vm_id: str, port: Port, max_pairs: int) -> None:
+        self.vm_id = vm_id
+        self.port = port
+        self.kind = port_kind(port)
+        self.max_pairs = max_pairs
+        self.queues: dict[int, PortQueue] = {}
+        self.enabled: set[int] = set()
+        self._shm = mmap.mmap(-1, 8 * NFIELDS * max_pairs)  # MAP_SHARED | MAP_ANONYMOUS
+        self.slots = memoryview(self._shm).cast("Q")
+        self.base = [[0] * NFIELDS for _ in range(max_pairs)]
+        self.restarts = [0] * max_pairs
+
+    def slot(self, pair: int) -> memoryview:
+        return self.slots[pair * NFIELDS : (pair + 1) * NFIELDS]
+
+    def queue_fd(self, pair: int) -> int | None:
+        """A fresh duplicate of the pair's port queue fd (None for fd-less ports)."""
+        q = self.queues.get(pair)
+        if q is None:
+            q = self.port.open_queue(self.vm_id, pair)
+            self.queues[pair] = q
+            if self.kind == "tap":
+                # A new tap queue is attached; follow the pair's enable state.
+                self._tap_enable(pair, pair in self.enabled)
+        fd = q.fileno()
+        return None if fd is None else os.dup(fd)
+
+    def fold(self, pair: int) -> None:
+        """A worker of ``pair`` ended: add its counters to the base, clear the slot."""
+        s = self.slot(pair)
+        b = self.base[pair]
+        for i, name in enumerate(FIELDS):
+            if name not in ("pid", "broken"):
+                b[i] += s[i]
+            s[i] = 0
+
+    def set_enabled(self, pair: int, on: bool) -> None:
+        if on:
+            self.enabled.add(pair)
+        else:
+            self.enabled.discard(pair)
+        if self.kind == "tap" and pair in self.queues:
+            self._tap_enable(pair, on)
+        elif self.kind == "switch":
+            n = 0
+            while n in self.enabled:
+                n += 1
+            set_active = getattr(self.port, "set_active_pairs", None)
+            if set_active is not None:
+                set_active(self.vm_id, max(1, n))
+
+    def _tap_enable(self, pair: int, on: bool) -> None:
+        set_queue_enabled = getattr(self.port, "set_queue_enabled", None)
+        if set_queue_enabled is None:
+            return
+        try:
+            set_queue_enabled(pair, on)
+        except UsageError as exc:
+            log.error("%s: %s", self.vm_id, exc)
+
+    def set_features(self, features: int) -> None:
+        """Tell the port which offloads the guest takes on rx."""
+        offloads = {o for f, o in _GUEST_OFFLOADS.items() if features & f}
+        if Offload.CSUM not in offloads:
+            offloads = set()
+        if self.kind == "tap":
+            set_offloads = getattr(self.port, "set_offloads", None)
+            if set_offloads is not None:
+                try:
+                    set_offloads(frozenset(offloads))
+                except UsageError as exc:
+                    log.error("%s: %s", self.vm_id, exc)
+        elif self.kind == "switch":
+            set_rx = getattr(self.port, "set_rx_offloads", None)
+            if set_rx is not None:
+                set_rx(self.vm_id, sorted(offloads, key=lambda o: o.value))
+
+    def snapshot(self) -> list[dict[str, int]]:
+        """Per-pair counters (totals over every worker of this VM)."""
+        out = []
+        for p in range(self.max_pairs):
+            s = self.slot(p)
+            b = self.base[p]
+            row = {name: b[i] + s[i] for i, name in enumerate(FIELDS)}
+            row["pid"] = s[FIELDS.index("pid")]
+            row["broken"] = s[FIELDS.index("broken")]
+            row["enabled"] = int(p in self.enabled)
+            row["restarts"] = self.restarts[p]
+            out.append(row)
+        return out
+
+    def close(self) -> None:
+        for q in self.queues.values():
+            with contextlib.suppress(OSError):
+                q.close()
+        self.queues.clear()
+        self.slots.release()
+        self._shm.close()
+
+
+@dataclass
+class _Ring:
+    config: RingConfig | None = None
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    started: bool = False
+    enabled: bool = False
+    next_avail: int = 0
+
+
+@dataclass
+class _Proc:
+    pid: int
+    ctl: socket.socket
+    started: float
+    deaths: list[float] = field(default_factory=list)
+
+
+def _dup(fd: int | None) -> int | None:
+    return None if fd is None else os.dup(fd)
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class Supervisor:
+    """BackendEvents for one frontend connection; forks and reaps the workers."""
+
+    def __init__(self, vm: VmPort, *, poll_us: int = 0) -> None:
+        self.vm = vm
+        self.name = vm.vm_id
+        self.poll_us = poll_us
+        self.backend: Backend | None = None
+        self.features = 0
+        self.mtu = 1500
+        self.regions: tuple[RegionSpec, ...] = ()
+        self.rings = [_Ring() for _ in range(2 * vm.max_pairs)]
+        self.workers: dict[int, _Proc] = {}
+        self.given_up: set[int] = set()
+        self.closed = False
+
+    # -- BackendEvents ----------------------------------------------------
+
+    def on_mem_table(self, regions: tuple[RegionInfo, ...]) -> None:
+        running = sorted(self.workers)
+        for pair in running:
+            self._stop_worker(pair)
+        for r in self.regions:
+            _close(r.fd)
+        self.regions = tuple(
+            RegionSpec(i.guest_addr, i.size, i.user_addr, i.mmap_offset, os.dup(i.fd))
+            for i in regions
+        )
+        log.debug("%s: memory table with %d regions", self.name, len(regions))
+        for pair in running:
+            self._maybe_start(pair)
+
+    def on_ring_start(self, index: int, config: RingConfig) -> None:
+        r = self.rings[index]
+        self._release(r)
+        r.config = config
+        r.kick_fd = _dup(config.kick_fd)
+        r.call_fd = _dup(config.call_fd)
+        r.err_fd = _dup(config.err_fd)
+        r.started = True
+        r.enabled = config.enabled
+        r.next_avail = config.last_avail_idx
+        log.debug("%s: ring %d started at avail %d", self.name, index, config.last_avail_idx)
+        self._maybe_start(index // 2)
+
+    def on_ring_stop(self, index: int) -> int | None:
+        r = self.rings[index]
+        pair = index // 2
+        if pair in self.workers:
+            self._stop_worker(pair)
+        was = r.started
+        r.started = False
+        self._release(r)
+        log.debug("%s: ring %d stopped at avail %d", self.name, index, r.next_avail)
+        return r.next_avail if was else None
+
+    def on_ring_enable(self, index: int, enabled: bool) -> None:
+        r = self.rings[index]
+        r.enabled = enabled
+        pair = index // 2
+        log.info("%s: ring %d %s", self.name, index, "enabled" if enabled else "disabled")
+        on = self._pair_enabled(pair)
+        if on != (pair in self.vm.enabled):
+            self.vm.set_enabled(pair, on)
+        if on:
+            self._maybe_start(pair)
+        elif pair in self.workers:
+            self._stop_worker(pair)
+
+    def on_ring_call(self, index: int, call_fd: int | None) -> None:
+        r = self.rings[index]
+        _close(r.call_fd)
+        r.call_fd = _dup(call_fd)
+        proc = self.workers.get(index // 2)
+        if proc is None:
+            return
+        fds = [r.call_fd] if r.call_fd is not None else []
+        msg = Ctl.CALL_MSG.pack(Ctl.CALL, index, 1 if fds else 0)
+        try:
+            proc.ctl.settimeout(CALL_TIMEOUT)
+            socket.send_fds(proc.ctl, [msg], fds)
+            ack = proc.ctl.recv(16)
+            if ack != Ctl.CALL_ACK:
+                raise OSError(f"bad call-fd acknowledgement {ack!r}")
+        except OSError as exc:
+            log.error("%s: pair %d worker did not take the call fd (%s); restarting it",
+                      self.name, index // 2, exc)  # fmt: skip
+            self._kill_worker(index // 2)
+            self._maybe_start(index // 2)
+
+    def on_features(self, features: int) -> None:
+        self.features = features
+        log.info("%s: negotiated features 0x%x %s", self.name, features, feature_names(features))
+        self.vm.set_features(features)
+
+    def on_status(self, status: int) -> None:
+        log.debug("%s: device status 0x%x", self.name, status)
+
+    def on_reset(self) -> None:
+        log.info("%s: device reset", self.name)
+        for pair in sorted(self.workers):
+            self._stop_worker(pair)
+
+    def on_mtu(self, mtu: int) -> bool:
+        log.info("%s: MTU %d", self.name, mtu)
+        self.mtu = mtu
+        return True
+
+    def on_rarp(self, mac: bytes) -> bool:
+        return False
+
+    # -- workers ----------------------------------------------------------
+
+    def _pair_enabled(self, pair: int) -> bool:
+        return self.rings[2 * pair].enabled and self.rings[2 * pair + 1].enabled
+
+    def _maybe_start(self, pair: int) -> None:
+        if self.closed or pair in self.workers or pair in self.given_up or not self.regions:
+            return
+        rx, tx = self.rings[2 * pair], self.rings[2 * pair + 1]
+        if not (rx.started and tx.started and rx.enabled and tx.enabled):
+            return
+        try:
+            port_fd = self.vm.queue_fd(pair)
+        except UsageError as exc:
+            log.error("%s: pair %d: cannot open the port queue: %s", self.name, pair, exc)
+            self.given_up.add(pair)
+            return
+        spec = WorkerSpec(
+            vm=self.name,
+            pair=pair,
+            features=self.features,
+            regions=self.regions,
+            rx=self._ring_spec(2 * pair),
+            tx=self._ring_spec(2 * pair + 1),
+            port_kind=self.vm.kind,
+            port_fd=port_fd,
+            mtu=self.mtu,
+            poll_us=self.poll_us,
+        )
+        self.vm.fold(pair)
+        try:
+            pid, ctl = spawn_worker(spec, self.vm.slot(pair))
+        finally:
+            _close(port_fd)
+        self.workers[pair] = _Proc(pid, ctl, time.monotonic())
+        log.info(
+            "%s: pair %d worker %d started (rx avail %d, tx avail %d)",
+            self.name,
+            pair,
+            pid,
+            spec.rx.last_avail_idx,
+            spec.tx.last_avail_idx,
+        )
+
+    def _ring_spec(self, index: int) -> RingSpec:
+        r = self.rings[index]
+        c = r.config
+        assert c is not None
+        return RingSpec(
+            index=index,
+            size=c.size,
+            desc_addr=c.desc_addr,
+            avail_addr=c.avail_addr,
+            used_addr=c.used_addr,
+            last_avail_idx=r.next_avail,
+            kick_fd=r.kick_fd,
+            call_fd=r.call_fd,
+            err_fd=r.err_fd,
+        )
+
+    def _stop_worker(self, pair: int) -> None:
+        """Ask the worker for its next-avail indexes and wait for it to exit."""
+        proc = self.workers.pop(pair, None)
+        if proc is None:
+            return
+        reply = b""
+        try:
+            proc.ctl.settimeout(STOP_TIMEOUT)
+            proc.ctl.send(Ctl.STOP)
+            while True:
+                reply = proc.ctl.recv(16)
+                if not reply or reply[:1] == Ctl.STOP:
+                    break
+        except OSError as exc:
+            log.error(
+                "%s: pair %d worker %d did not answer stop: %s", self.name, pair, proc.pid, exc
+            )
+        if len(reply) == Ctl.STOP_REPLY.size:
+            _, rx, tx = Ctl.STOP_REPLY.unpack(reply)
+            self.rings[2 * pair].next_avail = rx
+            self.rings[2 * pair + 1].next_avail = tx
+            self._reap(proc, EXIT_TIMEOUT)
+            log.info("%s: pair %d worker %d stopped (rx avail %d, tx avail %d)",
+                     self.name, pair, proc.pid, rx, tx)  # fmt: skip
+        else:
+            self._reap(proc, 0.0)
+            self._resume_from_used(pair)
+        proc.ctl.close()
+        self.vm.fold(pair)
+
+    def _kill_worker(self, pair: int) -> None:
+        proc = self.workers.pop(pair, None)
+        if proc is None:
+            return
+        self._reap(proc, 0.0)
+        proc.ctl.close()
+        self._resume_from_used(pair)
+        self.vm.fold(pair)
+
+    @staticmethod
+    def _reap(proc: _Proc, timeout: float) -> int | None:
+        """Wait up to ``timeout`` for ``proc`` to exit, then SIGKILL it; its status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if pid:
+                return status
+            if time.monotonic() >= deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    return os.waitpid(proc.pid, 0)[1]
+                return None
+            time.sleep(0.005)
+
+    def _resume_from_used(self, pair: int) -> None:
+        """After a worker vanished: restart its rings from the used indexes in guest memory."""
+        backend = self.backend
+        for index in (2 * pair, 2 * pair + 1):
+            r = self.rings[index]
+            if r.config is None or backend is None:
+                continue
+            try:
+                used = int(backend.memory.view(r.config.used_addr + 2, 2).cast("H")[0])
+            except PeerError as exc:
+                log.error("%s: ring %d: cannot read the used index: %s", self.name, index, exc)
+                continue
+            log.info("%s: ring %d resumes from used index %d", self.name, index, used)
+            r.next_avail = used
+
+    def poll(self) -> None:
+        """Reap workers that died; restart them (rate-limited)."""
+        now = time.monotonic()
+        for pair, proc in list(self.workers.items()):
+            try:
+                pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = proc.pid, -1
+            if not pid:
+                continue
+            del self.workers[pair]
+            proc.ctl.close()
+            how = (
+                f"signal {os.WTERMSIG(status)}"
+                if status >= 0 and os.WIFSIGNALED(status)
+                else f"exit status {os.waitstatus_to_exitcode(status) if status >= 0 else '?'}"
+            )
+            log.error("%s: pair %d worker %d died (%s)", self.name, pair, pid, how)
+            self._resume_from_used(pair)
+            self.vm.fold(pair)
+            deaths = [t for t in proc.deaths if now - t < RESTART_WINDOW_S] + [now]
+            self.vm.restarts[pair] += 1
+            if len(deaths) > MAX_RESTARTS:
+                log.error("%s: pair %d died %d times in %.0f s; not restarting it",
+                          self.name, pair, len(deaths), RESTART_WINDOW_S)  # fmt: skip
+                self.given_up.add(pair)
+                continue
+            self._maybe_start(pair)
+            new = self.workers.get(pair)
+            if new is not None:
+                new.deaths = deaths
+
+    # -- teardown ---------------------------------------------------------
+
+    def _release(self, r: _Ring) -> None:
+        for fd in (r.kick_fd, r.call_fd, r.err_fd):
+            _close(fd)
+        r.kick_fd = r.call_fd = r.err_fd = None
+
+    def close(self) -> None:
+        """Stop every worker and close every fd this supervisor holds."""
+        if self.closed:
+            return
+        for pair in sorted(self.workers):
+            self._stop_worker(pair)
+        self.closed = True
+        for r in self.rings:
+            self._release(r)
+        for reg in self.regions:
+            _close(reg.fd)
+        self.regions = ()

@@ -1,0 +1,720 @@
+"""The data path of one virtio-net queue pair, run in its own worker process.
+
+A worker serves rx ring ``2p`` and tx ring ``2p + 1`` of one VM: it maps the
+guest memory itself from the region fds (``MemoryRegion.from_fd``), builds a
+:class:`~virtnet.virtq.DeviceQueue` per ring, waits on the kick eventfds, the
+port queue's fd and its control socket with ``epoll``, and signals the call
+eventfds.  The supervisor (:mod:`virtnet.vhost_user.supervisor`) forks it and
+talks to it over a ``SOCK_SEQPACKET`` control socket (:class:`Ctl`).
+
+Data path:
+
+* tx: pop up to :data:`TX_BATCH` chains, ``port.send(chain.out)`` each (the
+  guest's 12-byte ``virtio_net_hdr_v1`` is the port's vnet header, so guest
+  buffers go straight to ``writev``), one used publish and one
+  ``should_notify`` + call write per batch.
+* rx: the worker keeps a *reserve* of popped rx chains whose writable buffers
+  cover one maximal frame (:attr:`Worker.rx_need`: 12 + 65550 bytes when the
+  guest takes GSO, 12 + 18 + MTU otherwise); one ``recv_into`` (``readv``
+  straight into guest memory) receives a frame into the front of the reserve,
+  ``num_buffers`` is written into the header (mergeable buffers), the chains
+  used are pushed in pop order.  Up to :data:`RX_BATCH` frames per publish.
+* Without rx buffers the worker stops reading the port (the frame stays in the
+  kernel / switch / loopback queue, which counts its own drops), counts an
+  ``rx_no_buffer`` stall, enables rx kicks and waits for the guest.
+* Busy polling (``poll_us``): spin that long on the rings and the port before
+  re-enabling notifications and sleeping in ``epoll``.
+
+Invariants:
+
+* Used entries are pushed in pop order, so ``last_avail_idx - len(reserve)``
+  always equals the used index: at stop the reserve is given back
+  (``unpop``) and the reported next-avail index equals the used index, and a
+  crashed worker can be restarted from the used index in guest memory.
+* Guest input is untrusted: a :class:`~virtnet.errors.PeerError` from a ring
+  (loops, bad indexes, addresses outside guest memory -- all checked by
+  ``DeviceQueue``) marks that ring broken (logged, counted in ``errors``,
+  signalled on the ring's err eventfd, never touched again); the worker keeps
+  running so the supervisor can still stop it and the other ring keeps going.
+* After the stop request is answered the worker touches no guest memory: it
+  exits at once.  It also exits when its control socket closes (supervisor
+  gone) and dies with its parent (``PR_SET_PDEATHSIG``).
+* Counters are published into a shared ``u64`` slot (:data:`FIELDS`) after
+  every batch; the worker never allocates per packet except what
+  ``os.readv``/``os.writev`` need.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from virtnet.errors import PeerError
+from virtnet.memory import GuestMemory, MemoryRegion
+from virtnet.net import NetFeature
+from virtnet.ports.base import MAX_FRAME_LEN, VNET_HDR_LEN, PortQueue, attach_queue
+from virtnet.virtq import Chain, DeviceQueue
+
+__all__ = [
+    "FIELDS",
+    "NFIELDS",
+    "RX_BATCH",
+    "TX_BATCH",
+    "Ctl",
+    "RegionSpec",
+    "RingSpec",
+    "Worker",
+    "WorkerSpec",
+    "spawn_worker",
+    "worker_main",
+]
+
+log = logging.getLogger(__name__)
+
+#: Chains popped from the tx ring per batch (one used publish, one call).
+TX_BATCH = 64
+#: Frames received per rx batch (one used publish, one call).
+RX_BATCH = 64
+#: Sleep bound when a ring has no kick fd (vhost-user NOFD: "poll"), seconds.
+NOFD_POLL_S = 0.001
+#: Default MTU when the guest did not set one (virtio 1.3 section 5.1.4.1).
+DEFAULT_MTU = 1500
+#: Ethernet header with one 802.1Q tag.
+ETH_VLAN_HDR = 18
+#: Largest rx frame a GSO-capable guest may get: vnet header + 64 KiB GSO
+#: frame (virtio 1.3 section 5.1.6.4.1: 65550 bytes of frame plus header).
+GSO_RX_NEED = VNET_HDR_LEN + MAX_FRAME_LEN
+#: readv/writev take at most IOV_MAX (1024) buffers; the reserve stays below.
+MAX_RX_IOVECS = 1000
+
+#: Counter slot layout (u64 each), shared with the supervisor.
+FIELDS = (
+    "rx_packets",
+    "rx_bytes",
+    "rx_dropped",
+    "rx_no_buffer",
+    "tx_packets",
+    "tx_bytes",
+    "tx_dropped",
+    "errors",
+    "kicks",
+    "calls",
+    "batches",
+    "pid",
+    "broken",
+)
+NFIELDS = 16
+_F = {name: i for i, name in enumerate(FIELDS)}
+
+_EVENTFD_ONE = struct.pack("=Q", 1)
+_STOP_REPLY = struct.Struct("=cHH")
+_CALL_MSG = struct.Struct("=cBB")
+_EPOLLIN = select.EPOLLIN
+_PR_SET_PDEATHSIG = 1
+_GUEST_GSO = int(NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6 | NetFeature.GUEST_UFO)
+
+
+@dataclass(frozen=True, slots=True)
+class RegionSpec:
+    """One guest memory region; ``fd`` is the worker's own (inherited) copy."""
+
+    guest_addr: int
+    size: int
+    user_addr: int
+    mmap_offset: int
+    fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class RingSpec:
+    """One ring as the worker starts it (guest-physical addresses)."""
+
+    index: int
+    size: int
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+    last_avail_idx: int
+    kick_fd: int | None
+    call_fd: int | None
+    err_fd: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Everything a worker process needs; every fd in it is the worker's."""
+
+    vm: str
+    pair: int
+    features: int
+    regions: tuple[RegionSpec, ...]
+    rx: RingSpec
+    tx: RingSpec
+    port_kind: str
+    port_fd: int | None
+    mtu: int = DEFAULT_MTU
+    poll_us: int = 0
+
+    def fds(self) -> set[int]:
+        out = {r.fd for r in self.regions}
+        for ring in (self.rx, self.tx):
+            out.update(fd for fd in (ring.kick_fd, ring.call_fd, ring.err_fd) if fd is not None)
+        if self.port_fd is not None:
+            out.add(self.port_fd)
+        return out
+
+
+class Ctl:
+    """Control messages between supervisor and worker (one SEQPACKET record each).
+
+    * ``S`` stop: the worker answers ``S`` + rx and tx next-avail indexes (u16
+      each), then exits without touching guest memory again.
+    * ``C`` ring has_fd (+ one SCM_RIGHTS fd): new call fd for a ring; the
+      worker answers ``c``.
+    """
+
+    STOP = b"S"
+    CALL = b"C"
+    CALL_ACK = b"c"
+    STOP_REPLY = _STOP_REPLY
+    CALL_MSG = _CALL_MSG
+
+
+def _read_used_idx(mem: GuestMemory, used_addr: int) -> int:
+    return int(mem.view(used_addr + 2, 2).cast("H")[0])
+
+
+class Worker:
+    """The event loop of one queue pair (runs inside the worker process)."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        ctl: socket.socket,
+        counters: memoryview | None = None,
+        port: PortQueue | None = None,
+    ) -> None:
+        self.spec = spec
+        self.ctl = ctl
+        self.name = f"{spec.vm} pair {spec.pair}"
+        self.mem = GuestMemory(
+            MemoryRegion.from_fd(
+                r.fd,
+                guest_addr=r.guest_addr,
+                size=r.size,
+                user_addr=r.user_addr,
+                mmap_offset=r.mmap_offset,
+            )
+            for r in spec.regions
+        )
+        for r in spec.regions:
+            os.close(r.fd)  # the mappings stay; the fds are not needed any more
+        self.counters = (
+            counters if counters is not None else memoryview(bytearray(8 * NFIELDS)).cast("Q")
+        )
+        self.counters[_F["pid"]] = os.getpid()
+        feats = spec.features
+        self.event_idx = bool(feats & NetFeature.EVENT_IDX)
+        self.mergeable = bool(feats & NetFeature.MRG_RXBUF)
+        self.rx_need = (
+            GSO_RX_NEED if feats & _GUEST_GSO else VNET_HDR_LEN + ETH_VLAN_HDR + max(spec.mtu, 68)
+        )
+        self.port: PortQueue = (
+            port if port is not None else attach_queue(spec.port_kind, spec.port_fd)
+        )
+        self._pending = getattr(self.port, "pending", None)
+        self.port_readable = True
+        self.rxq: DeviceQueue | None = None
+        self.txq: DeviceQueue | None = None
+        self.call = {spec.rx.index: spec.rx.call_fd, spec.tx.index: spec.tx.call_fd}
+        self.err = {spec.rx.index: spec.rx.err_fd, spec.tx.index: spec.tx.err_fd}
+        # rx reserve: chains popped and not yet used, their buffers, capacity.
+        self.reserve: list[Chain] = []
+        self.rx_bufs: list[memoryview] = []
+        self.rx_cap = 0
+        self.rx_stalled = False
+        self.errors = 0
+        self.rxq = self._queue(spec.rx)
+        self.txq = self._queue(spec.tx)
+        self.kicks = 0
+        self.calls = 0
+        self.batches = 0
+        self.rx_no_buffer = 0
+        self.stopped = False
+        self.ep = select.epoll()
+        self._kick_fds: dict[int, int] = {}
+        for ring in (spec.rx, spec.tx):
+            if ring.kick_fd is not None:
+                os.set_blocking(ring.kick_fd, False)
+                self._kick_fds[ring.kick_fd] = ring.index
+                self.ep.register(ring.kick_fd, _EPOLLIN)
+        self.ctl_fd = ctl.fileno()
+        self.ep.register(self.ctl_fd, _EPOLLIN)
+        self.port_fd = self.port.fileno()
+        self._port_polled = False
+        if self.port_fd is not None:
+            self.ep.register(self.port_fd, _EPOLLIN)
+            self._port_polled = True
+        self.nofd = any(r.kick_fd is None for r in (spec.rx, spec.tx))
+
+    # -- set-up -----------------------------------------------------------
+
+    def _queue(self, ring: RingSpec) -> DeviceQueue | None:
+        try:
+            used_idx = _read_used_idx(self.mem, ring.used_addr)
+            q = DeviceQueue(
+                self.mem,
+                ring.size,
+                ring.desc_addr,
+                ring.avail_addr,
+                ring.used_addr,
+                event_idx=self.event_idx,
+                last_avail_idx=ring.last_avail_idx,
+                used_idx=used_idx,
+            )
+        except PeerError as exc:
+            self._broken(ring.index, f"cannot start: {exc}")
+            return None
+        if (ring.last_avail_idx - used_idx) & 0xFFFF > ring.size:
+            self._broken(
+                ring.index,
+                f"used index {used_idx} is more than the ring size behind"
+                f" avail {ring.last_avail_idx}",
+            )
+            return None
+        return q
+
+    def _broken(self, index: int, why: str) -> None:
+        """A ring the guest broke: log, count, signal its err fd, never touch it again."""
+        log.error("%s: ring %d broken, no longer served: %s", self.name, index, why)
+        self.errors += 1
+        self.counters[_F["errors"]] = self.errors
+        self.counters[_F["broken"]] |= 1 << (index & 1)
+        if index == self.spec.rx.index:
+            self.rxq = None
+            self.reserve.clear()
+            self.rx_bufs.clear()
+            self.rx_cap = 0
+        else:
+            self.txq = None
+        fd = self.err.get(index)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(fd, _EVENTFD_ONE)
+
+    # -- data path --------------------------------------------------------
+
+    def _signal(self, index: int) -> None:
+        fd = self.call[index]
+        if fd is not None:
+            try:
+                os.write(fd, _EVENTFD_ONE)
+            except OSError as exc:
+                if exc.errno != errno.EAGAIN:
+                    log.warning("%s: call fd of ring %d: %s", self.name, index, exc)
+            self.calls += 1
+
+    def tx_batch(self) -> int:
+        """Transmit one batch; the number of chains consumed."""
+        q = self.txq
+        if q is None:
+            return 0
+        try:
+            chains = q.pop(TX_BATCH)
+        except PeerError as exc:
+            self._broken(self.spec.tx.index, str(exc))
+            return 0
+        if not chains:
+            return 0
+        send = self.port.send
+        used: list[tuple[int, int]] = []
+        append = used.append
+        for ch in chains:
+            send(ch.out)
+            append((ch.head, 0))
+        q.push(used)
+        if q.should_notify():
+            self._signal(self.spec.tx.index)
+        return len(chains)
+
+    def _refill(self, q: DeviceQueue) -> bool:
+        """Pop rx chains until the reserve covers one maximal frame; False if short."""
+        need = self.rx_need
+        reserve = self.reserve
+        bufs = self.rx_bufs
+        if not self.mergeable:
+            if reserve:
+                return True
+            chains = q.pop(1)
+            if not chains:
+                return False
+            ch = chains[0]
+            reserve.append(ch)
+            bufs.extend(ch.in_)
+            self.rx_cap = ch.in_len
+            return True
+        while self.rx_cap < need:
+            last = reserve[-1].in_len if reserve else 0
+            want = 1 + (need - self.rx_cap) // last if last else 1
+            if len(bufs) + want > MAX_RX_IOVECS:
+                want = max(1, MAX_RX_IOVECS - len(bufs))
+            chains = q.pop(want)
+            if not chains:
+                return False
+            for ch in chains:
+                reserve.append(ch)
+                bufs.extend(ch.in_)
+                self.rx_cap += ch.in_len
+            if len(bufs) >= MAX_RX_IOVECS:
+                break
+        return True
+
+    def rx_batch(self) -> int:
+        """Receive up to RX_BATCH frames into guest buffers; frames delivered."""
+        q = self.rxq
+        if q is None:
+            return 0
+        recv = self.port.recv_into
+        has_frame = self._has_frame
+        reserve = self.reserve
+        bufs = self.rx_bufs
+        mergeable = self.mergeable
+        need = self.rx_need
+        used: list[tuple[int, int]] = []
+        append = used.append
+        frames = 0
+        try:
+            while frames < RX_BATCH:
+                if not has_frame():
+                    break
+                if (
+                    self.rx_cap < need
+                    and not self._refill(q)
+                    and (not reserve or len(reserve) < q.size // 2)
+                ):
+                    # Not enough guest buffers for a maximal frame: leave the
+                    # frame where it is (the port queues or counts it) and wait
+                    # for the guest's kick.
+                    if not self.rx_stalled:
+                        self.rx_no_buffer += 1
+                    self.rx_stalled = True
+                    break
+                self.rx_stalled = False
+                n = recv(bufs)
+                if n <= 0:
+                    self.port_readable = False
+                    continue
+                first = bufs[0]
+                k = 0
+                left = n
+                nbufs = 0
+                while True:
+                    ch = reserve[k]
+                    k += 1
+                    nbufs += len(ch.in_)
+                    cl = ch.in_len
+                    self.rx_cap -= cl
+                    if cl >= left or not mergeable:
+                        append((ch.head, left if cl >= left else cl))
+                        break
+                    append((ch.head, cl))
+                    left -= cl
+                if first.nbytes >= VNET_HDR_LEN:
+                    first[10] = k & 0xFF
+                    first[11] = k >> 8
+                else:
+                    self._write_num_buffers(bufs, k)
+                del reserve[:k]
+                del bufs[:nbufs]
+                frames += 1
+        except PeerError as exc:
+            self._broken(self.spec.rx.index, str(exc))
+            return frames
+        if used:
+            q.push(used)
+            if q.should_notify():
+                self._signal(self.spec.rx.index)
+        return frames
+
+    @staticmethod
+    def _write_num_buffers(bufs: Sequence[memoryview], k: int) -> None:
+        """num_buffers at header bytes 10..11 when the header spans buffers."""
+        val = (k & 0xFF, k >> 8)
+        pos = 0
+        for b in bufs:
+            for j in range(b.nbytes):
+                if pos + j in (10, 11):
+                    b[j] = val[pos + j - 10]
+            pos += b.nbytes
+            if pos >= VNET_HDR_LEN:
+                return
+
+    def _has_frame(self) -> bool:
+        """Whether a frame may be waiting on the port (no syscall)."""
+        if self.port_fd is not None:
+            return self.port_readable
+        pending = self._pending
+        return pending is not None and pending() > 0
+
+    def publish(self) -> None:
+        c = self.counters
+        p = self.port
+        c[0] = p.rx_packets
+        c[1] = p.rx_bytes
+        c[2] = p.rx_dropped
+        c[3] = self.rx_no_buffer
+        c[4] = p.tx_packets
+        c[5] = p.tx_bytes
+        c[6] = p.tx_dropped
+        c[8] = self.kicks
+        c[9] = self.calls
+        c[10] = self.batches
+
+    # -- control ----------------------------------------------------------
+
+    def _ctl_ready(self) -> bool:
+        """Handle control messages; False when the worker must exit."""
+        while True:
+            try:
+                data, anc, _flags, _addr = self.ctl.recvmsg(16, socket.CMSG_SPACE(4 * 4))
+            except (BlockingIOError, InterruptedError):
+                return True
+            fds: list[int] = []
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - len(payload) % 4])
+                    fds.extend(arr)
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                log.info("%s: supervisor gone, exiting", self.name)
+                return False
+            op = data[:1]
+            if op == Ctl.STOP:
+                for fd in fds:
+                    os.close(fd)
+                self.stop_reply()
+                return False
+            if op == Ctl.CALL and len(data) == Ctl.CALL_MSG.size:
+                _, index, has_fd = Ctl.CALL_MSG.unpack(data)
+                new = fds.pop(0) if has_fd and fds else None
+                for fd in fds:
+                    os.close(fd)
+                if index in self.call:
+                    old = self.call[index]
+                    self.call[index] = new
+                    if old is not None:
+                        os.close(old)
+                elif new is not None:
+                    os.close(new)
+                self.ctl.send(Ctl.CALL_ACK)
+                continue
+            for fd in fds:
+                os.close(fd)
+            log.error("%s: unknown control message %r", self.name, data[:8])
+
+    def next_avail(self) -> tuple[int, int]:
+        """Give back the rx reserve; the (rx, tx) next-avail indexes to report."""
+        spec = self.spec
+        if self.rxq is not None:
+            self.rxq.unpop(len(self.reserve))
+            self.reserve.clear()
+            self.rx_bufs.clear()
+            self.rx_cap = 0
+            rx = self.rxq.last_avail_idx
+        else:
+            rx = self._fallback(spec.rx)
+        tx = self.txq.last_avail_idx if self.txq is not None else self._fallback(spec.tx)
+        return rx, tx
+
+    def _fallback(self, ring: RingSpec) -> int:
+        try:
+            return _read_used_idx(self.mem, ring.used_addr)
+        except PeerError:
+            return ring.last_avail_idx
+
+    def stop_reply(self) -> None:
+        rx, tx = self.next_avail()
+        self.publish()
+        self.stopped = True
+        self.rxq = self.txq = None
+        self.ctl.send(Ctl.STOP_REPLY.pack(Ctl.STOP, rx, tx))
+
+    # -- loop -------------------------------------------------------------
+
+    def _drain(self, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            os.read(fd, 8)
+        self.kicks += 1
+
+    def _notify(self, on: bool) -> bool:
+        """Enable/disable tx kicks (and rx kicks while stalled); True = work appeared."""
+        more = False
+        try:
+            if self.txq is not None:
+                more = self.txq.enable_notify(on) or more
+            if self.rxq is not None:
+                if on and self.rx_stalled:
+                    more = self.rxq.enable_notify(True) or more
+                elif not on:
+                    self.rxq.enable_notify(False)
+        except PeerError as exc:
+            log.error("%s: ring error while arming notifications: %s", self.name, exc)
+            self.errors += 1
+            self.counters[_F["errors"]] = self.errors
+        return more
+
+    def _set_port_polled(self, on: bool) -> None:
+        if self.port_fd is not None and on != self._port_polled:
+            self.ep.modify(self.port_fd, _EPOLLIN if on else 0)
+            self._port_polled = on
+
+    def _handle_events(self, events: list[tuple[int, int]]) -> bool:
+        kick_fds = self._kick_fds
+        for fd, _ev in events:
+            if fd == self.ctl_fd:
+                if not self._ctl_ready():
+                    return False
+            elif fd in kick_fds:
+                self._drain(fd)
+                if kick_fds[fd] == self.spec.rx.index:
+                    self.rx_stalled = False
+            elif fd == self.port_fd:
+                self.port_readable = True
+        return True
+
+    def run(self) -> None:
+        """Serve until stopped; returns after the stop reply was sent."""
+        self.ctl.setblocking(False)
+        self._notify(False)
+        poll_s = self.spec.poll_us / 1e6
+        ep_poll = self.ep.poll
+        tx_batch = self.tx_batch
+        rx_batch = self.rx_batch
+        has_frame = self._has_frame
+        idle_timeout = NOFD_POLL_S if self.nofd else -1.0
+        while True:
+            did = tx_batch()
+            if self.rx_stalled or has_frame():
+                did += rx_batch()
+            if did:
+                self.batches += 1
+                self.publish()
+                events = ep_poll(0)
+                if events and not self._handle_events(events):
+                    return
+                continue
+            if poll_s and self._spin(poll_s):
+                if self.stopped:
+                    return
+                continue
+            # Going to sleep: ask for kicks, then re-check (virtio 1.3 2.7.10 race).
+            self._set_port_polled(not self.rx_stalled)
+            if self._notify(True) or (not self.rx_stalled and has_frame()):
+                self._notify(False)
+                continue
+            events = ep_poll(idle_timeout)
+            self._notify(False)
+            if not self._handle_events(events):
+                return
+            self._set_port_polled(not self.rx_stalled)
+
+    def _spin(self, seconds: float) -> bool:
+        """Busy-poll rings and port for ``seconds``; True when work (or a stop) showed up."""
+        deadline = time.monotonic() + seconds
+        ep_poll = self.ep.poll
+        txq = self.txq
+        while time.monotonic() < deadline:
+            events = ep_poll(0)
+            if events:
+                if not self._handle_events(events):
+                    self.stopped = True
+                return True
+            if txq is not None and txq.has_available():
+                return True
+            if self.port_fd is None and self._has_frame():
+                return True
+        return False
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def close_other_fds(keep: set[int]) -> None:
+    """Close every fd of this process except ``keep`` (and 0, 1, 2)."""
+    keep = keep | {0, 1, 2}
+    lo = 0
+    for fd in sorted(keep):
+        if fd > lo:
+            os.closerange(lo, fd)
+        lo = fd + 1
+    os.closerange(lo, 1 << 20)
+
+
+def worker_main(spec: WorkerSpec, ctl_fd: int, counters: memoryview | None) -> int:
+    """Entry point inside the forked worker; returns the exit status."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _die_with_parent()
+    close_other_fds(spec.fds() | {ctl_fd})
+    ctl = socket.socket(fileno=ctl_fd)
+    try:
+        w = Worker(spec, ctl, counters)
+    except PeerError as exc:
+        log.error("%s pair %d: cannot start: %s", spec.vm, spec.pair, exc)
+        with contextlib.suppress(OSError):
+            ctl.setblocking(True)
+            data = ctl.recv(16)
+            if data[:1] == Ctl.STOP:
+                ctl.send(
+                    Ctl.STOP_REPLY.pack(Ctl.STOP, spec.rx.last_avail_idx, spec.tx.last_avail_idx)
+                )
+        return 3
+    log.debug("%s: worker %d running", w.name, os.getpid())
+    w.run()
+    return 0
+
+
+def spawn_worker(spec: WorkerSpec, counters: memoryview | None = None) -> tuple[int, socket.socket]:
+    """Fork a worker for ``spec``; returns (pid, supervisor end of the control socket).
+
+    The child keeps only the fds named in ``spec`` (its own copies after the
+    fork) and its control socket; the caller still owns (and should close)
+    its copies of the fds in ``spec``.
+    """
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid = os.fork()
+    except BaseException:
+        mine.close()
+        theirs.close()
+        raise
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            code = worker_main(spec, theirs.fileno(), counters)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                log.exception("%s pair %d: worker crashed", spec.vm, spec.pair)
+        finally:
+            with contextlib.suppress(BaseException):
+                logging.shutdown()
+            os._exit(code)
+    theirs.close()
+    return pid, mine
