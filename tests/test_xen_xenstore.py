@@ -541,3 +541,55 @@ def test_daemon_survives_garbage(xsd: tuple[XenStored, str, str]) -> None:
     with XsClient(sock) as c:
         c.write("/alive", "yes")
         assert c.read("/alive") == "yes"
+
+
+XS_WIRE_C = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <xen/io/xs_wire.h>
+int main(void) {
+    printf("XS_CONTROL %d\nXS_DIRECTORY %d\nXS_READ %d\nXS_GET_PERMS %d\nXS_WATCH %d\n",
+           XS_CONTROL, XS_DIRECTORY, XS_READ, XS_GET_PERMS, XS_WATCH);
+    printf("XS_UNWATCH %d\nXS_TRANSACTION_START %d\nXS_TRANSACTION_END %d\n",
+           XS_UNWATCH, XS_TRANSACTION_START, XS_TRANSACTION_END);
+    printf("XS_INTRODUCE %d\nXS_RELEASE %d\nXS_GET_DOMAIN_PATH %d\nXS_WRITE %d\n",
+           XS_INTRODUCE, XS_RELEASE, XS_GET_DOMAIN_PATH, XS_WRITE);
+    printf("XS_MKDIR %d\nXS_RM %d\nXS_SET_PERMS %d\nXS_WATCH_EVENT %d\nXS_ERROR %d\n",
+           XS_MKDIR, XS_RM, XS_SET_PERMS, XS_WATCH_EVENT, XS_ERROR);
+    printf("XS_IS_DOMAIN_INTRODUCED %d\nXS_RESUME %d\nXS_SET_TARGET %d\n",
+           XS_IS_DOMAIN_INTRODUCED, XS_RESUME, XS_SET_TARGET);
+    printf("XS_RESET_WATCHES %d\nXS_DIRECTORY_PART %d\nXS_TYPE_COUNT %d\n",
+           XS_RESET_WATCHES, XS_DIRECTORY_PART, XS_TYPE_COUNT);
+    printf("sizeof %zu\nlen_off %zu\n", sizeof(struct xsd_sockmsg),
+           offsetof(struct xsd_sockmsg, len));
+    printf("XENSTORE_PAYLOAD_MAX %d\nXENSTORE_ABS_PATH_MAX %d\nXENSTORE_REL_PATH_MAX %d\n",
+           XENSTORE_PAYLOAD_MAX, XENSTORE_ABS_PATH_MAX, XENSTORE_REL_PATH_MAX);
+    for (size_t i = 0; i < sizeof(xsd_errors) / sizeof(xsd_errors[0]); i++)
+        printf("ERR%zu %s\n", i, xsd_errors[i].errstring);
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(
+    not Path("/usr/include/xen/io/xs_wire.h").exists() or shutil.which("gcc") is None,
+    reason="libxen-dev headers or gcc missing",
+)
+def test_wire_constants_match_xs_wire_h(tmp_path: Path) -> None:
+    src = tmp_path / "xs.c"
+    src.write_text(XS_WIRE_C)
+    exe = tmp_path / "xs"
+    subprocess.run(["gcc", "-o", str(exe), str(src)], check=True, timeout=60)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    c = dict(line.split(" ", 1) for line in out.splitlines())
+    for op in Op:
+        assert int(c[f"XS_{op.name}"]) == op.value, op
+    assert int(c["XS_TYPE_COUNT"]) == xs_wire.XS_TYPE_COUNT
+    assert int(c["sizeof"]) == xs_wire.HEADER_SIZE and int(c["len_off"]) == 12
+    assert int(c["XENSTORE_PAYLOAD_MAX"]) == XENSTORE_PAYLOAD_MAX
+    assert int(c["XENSTORE_ABS_PATH_MAX"]) == xs_wire.XENSTORE_ABS_PATH_MAX
+    assert int(c["XENSTORE_REL_PATH_MAX"]) == xs_wire.XENSTORE_REL_PATH_MAX
+    errs = [c[f"ERR{i}"] for i in range(len(xs_wire.XSD_ERRORS))]
+    assert tuple(errs) == xs_wire.XSD_ERRORS
