@@ -1,0 +1,322 @@
+"""``virtnet serve``: the vhost-user virtio-net backend daemon.
+
+One process serves any number of VMs (one ``--socket`` each) through one
+:class:`~virtnet.vhost_user.server.Server` loop; every VM connection gets a
+:class:`~virtnet.vhost_user.backend.Backend` whose events go to a
+:class:`~virtnet.vhost_user.supervisor.Supervisor`, which forks one worker
+process per running queue pair.
+
+Invariants:
+
+* Features offered: VERSION_1, MQ (``--queues`` pairs, 1..MAX_QUEUE_PAIRS),
+  MRG_RXBUF, EVENT_IDX, INDIRECT_DESC, MTU, STATUS and the checksum/TSO
+  offloads (every port kind carries them: tap via TUNSETOFFLOAD after
+  negotiation, the switch checks each receiver's offloads, loopback and
+  null carry anything).
+* ``tap:IF`` belongs to one VM: with several sockets the name must be a
+  template (``tap:vn%d`` or ``tap:vn{}``, replaced by the VM's index);
+  otherwise :class:`~virtnet.errors.UsageError`.
+* SIGTERM/SIGINT end the loop; every connection is closed (which stops and
+  reaps every worker), then the ports and the stats socket.
+* The stats socket (``--stats-socket``) answers each connection with one
+  JSON document (:func:`snapshot`) and closes it; it never blocks the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from virtnet.errors import UsageError
+from virtnet.ports.base import Port, make_port
+from virtnet.vhost_user.backend import MAX_QUEUE_PAIRS, Backend, BackendConfig
+from virtnet.vhost_user.server import Endpoint, Server
+from virtnet.vhost_user.supervisor import Supervisor, VmPort, feature_names
+
+__all__ = ["DEFAULT_QUEUES", "Daemon", "add_arguments", "run", "snapshot"]
+
+log = logging.getLogger(__name__)
+
+#: Queue pairs offered when --queues is not given.
+DEFAULT_QUEUES = 8
+#: Main-loop tick: how often dead workers are reaped and the stats socket polled.
+TICK_S = 0.05
+#: Client-mode redial interval (seconds).
+RETRY_S = 0.5
+
+
+class ServedBackend(Backend):
+    """A :class:`Backend` whose close also releases its supervisor's fds."""
+
+    supervisor: Supervisor
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.supervisor.close()
+
+
+@dataclass
+class _Vm:
+    index: int
+    name: str
+    path: str
+    port: Port
+    vmport: VmPort
+    endpoint: Endpoint | None = None
+    supervisor: Supervisor | None = None
+
+
+def _tap_spec(spec: str, index: int, count: int) -> str:
+    if not spec.startswith("tap:"):
+        return spec
+    name = spec[4:]
+    if "%d" in name:
+        return "tap:" + name.replace("%d", str(index))
+    if "{}" in name:
+        return "tap:" + name.replace("{}", str(index))
+    if count > 1:
+        raise UsageError(
+            f"--port {spec} serves one VM; with {count} sockets use a template "
+            f"such as tap:{name}%d (one tap per VM)"
+        )
+    return spec
+
+
+class Daemon:
+    """The serve loop (also usable in-process from tests)."""
+
+    def __init__(
+        self,
+        sockets: list[str],
+        *,
+        port: str = "switch",
+        queues: int = DEFAULT_QUEUES,
+        client: bool = False,
+        poll_us: int = 0,
+        stats_socket: str | None = None,
+    ) -> None:
+        if not sockets:
+            raise UsageError("at least one --socket is needed")
+        if not 1 <= queues <= MAX_QUEUE_PAIRS:
+            raise UsageError(f"--queues must be 1..{MAX_QUEUE_PAIRS}, not {queues}")
+        if poll_us < 0:
+            raise UsageError("--poll-us must be >= 0")
+        if len(set(sockets)) != len(sockets):
+            raise UsageError("the same --socket given twice")
+        self.queues = queues
+        self.poll_us = poll_us
+        self.server = Server()
+        self.vms: list[_Vm] = []
+        self._shared: Port | None = None
+        self._stop = False
+        self.stats_path = stats_socket
+        self.stats_listener: socket.socket | None = None
+        try:
+            for i, path in enumerate(sockets):
+                spec = _tap_spec(port, i, len(sockets))
+                if spec.startswith("tap:"):
+                    p = make_port(spec)
+                else:
+                    if self._shared is None:
+                        self._shared = make_port(spec)
+                    p = self._shared
+                name = os.path.basename(path) or f"vm{i}"
+                if any(v.name == name for v in self.vms):
+                    name = f"{name}#{i}"
+                vm = _Vm(i, name, path, p, VmPort(name, p, queues))
+                self.vms.append(vm)
+                factory = self._factory(vm)
+                if client:
+                    vm.endpoint = self.server.add_client(
+                        path, factory, name=name, retry_interval=RETRY_S
+                    )
+                else:
+                    try:
+                        vm.endpoint = self.server.add_listener(path, factory, name=name)
+                    except OSError as exc:
+                        raise UsageError(f"cannot listen on {path}: {exc}") from exc
+            if stats_socket:
+                self._open_stats(stats_socket)
+        except BaseException:
+            self.close()
+            raise
+
+    def _factory(self, vm: _Vm) -> Any:
+        config = BackendConfig(max_queue_pairs=self.queues, offloads=True)
+
+        def make() -> Backend:
+            sup = Supervisor(vm.vmport, poll_us=self.poll_us)
+            backend = ServedBackend(sup, config)
+            backend.supervisor = sup
+            sup.backend = backend
+            vm.supervisor = sup
+            return backend
+
+        return make
+
+    def _open_stats(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.bind(path)
+            s.listen(8)
+            s.setblocking(False)
+        except OSError as exc:
+            s.close()
+            raise UsageError(f"cannot listen on stats socket {path}: {exc}") from exc
+        self.stats_listener = s
+
+    def snapshot(self) -> dict[str, Any]:
+        return snapshot(self)
+
+    def _serve_stats(self) -> None:
+        s = self.stats_listener
+        if s is None:
+            return
+        for _ in range(8):
+            try:
+                conn, _ = s.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("stats socket: %s", exc)
+                return
+            try:
+                conn.settimeout(1.0)
+                conn.sendall(json.dumps(self.snapshot()).encode())
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def run_once(self, timeout: float = TICK_S) -> None:
+        self.server.run_once(timeout)
+        for vm in self.vms:
+            sup = vm.supervisor
+            if sup is not None and not sup.closed:
+                sup.poll()
+        self._serve_stats()
+
+    def serve(self) -> None:
+        while not self._stop:
+            self.run_once()
+
+    def close(self) -> None:
+        """Close connections (stopping every worker), ports and the stats socket."""
+        self.server.close()
+        for vm in self.vms:
+            if vm.supervisor is not None:
+                vm.supervisor.close()
+            vm.vmport.close()
+            if vm.port is not self._shared:
+                vm.port.close()
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
+        if self.stats_listener is not None:
+            self.stats_listener.close()
+            self.stats_listener = None
+            if self.stats_path:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.stats_path)
+
+
+def snapshot(d: Daemon) -> dict[str, Any]:
+    """Everything ``virtnet stats`` shows, as JSON-able data."""
+    vms = []
+    for vm in d.vms:
+        ep = vm.endpoint
+        sup = vm.supervisor
+        connected = ep is not None and ep.connection is not None
+        feats = sup.features if (sup is not None and connected) else 0
+        vms.append(
+            {
+                "name": vm.name,
+                "socket": vm.path,
+                "connected": connected,
+                "connections": ep.connections if ep is not None else 0,
+                "errors": ep.errors if ep is not None else 0,
+                "last_error": ep.last_error if ep is not None else None,
+                "features": feature_names(feats) if feats else "",
+                "workers": sorted(sup.workers) if (sup is not None and connected) else [],
+                "pairs": vm.vmport.snapshot(),
+            }
+        )
+    return {"time": time.time(), "queues": d.queues, "vms": vms}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="vhost-user socket of one VM (repeat for more VMs)",
+    )
+    parser.add_argument(
+        "--queues",
+        type=int,
+        default=DEFAULT_QUEUES,
+        help=f"maximum queue pairs offered (default {DEFAULT_QUEUES})",
+    )
+    parser.add_argument(
+        "--port",
+        default="switch",
+        help="switch | switch:uplink=IF | tap:IF (tap:IF%%d for several VMs) | loopback | null",
+    )
+    parser.add_argument(
+        "--client",
+        action="store_true",
+        help="connect to the frontend's listening socket (QEMU server=on); default: listen",
+    )
+    parser.add_argument(
+        "--poll-us", type=int, default=0, help="busy-poll this long before sleeping"
+    )
+    parser.add_argument("--stats-socket", metavar="PATH", help="serve counters for virtnet stats")
+
+
+def run(args: argparse.Namespace) -> int:
+    d = Daemon(
+        list(args.socket),
+        port=args.port,
+        queues=args.queues,
+        client=args.client,
+        poll_us=args.poll_us,
+        stats_socket=args.stats_socket,
+    )
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: shutting down", signum)
+        d.stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        log.info(
+            "serving %d VM(s), %d queue pairs each, port %s%s",
+            len(d.vms),
+            d.queues,
+            args.port,
+            " (client mode)" if args.client else "",
+        )
+        d.serve()
+    finally:
+        d.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    log.info("stopped")
+    return 0

@@ -1,0 +1,142 @@
+"""``virtnet stats``: live per-queue counters of a running ``virtnet serve``.
+
+Connects to serve's ``--stats-socket``, reads one JSON document (see
+:func:`virtnet.vhost_user.serve.snapshot`) and renders a rich table per VM;
+``--watch`` refreshes every ``--interval`` seconds and shows rates.
+
+Invariant: reads at most :data:`MAX_REPLY` bytes and waits at most
+:data:`TIMEOUT_S`; anything else is a :class:`~virtnet.errors.UsageError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import time
+from typing import Any
+
+from virtnet.errors import UsageError
+
+__all__ = ["DEFAULT_STATS_SOCKET", "add_arguments", "fetch", "render", "run"]
+
+DEFAULT_STATS_SOCKET = "/run/virtnet/stats.sock"
+#: Largest stats document accepted (bytes).
+MAX_REPLY = 16 << 20
+#: Seconds to wait for the daemon.
+TIMEOUT_S = 5.0
+
+_COLUMNS = (
+    "rx_packets",
+    "rx_bytes",
+    "rx_dropped",
+    "rx_no_buffer",
+    "tx_packets",
+    "tx_bytes",
+    "tx_dropped",
+    "errors",
+)
+
+
+def fetch(path: str) -> dict[str, Any]:
+    """One snapshot from the daemon's stats socket."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(TIMEOUT_S)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        s.connect(path)
+        while True:
+            data = s.recv(1 << 16)
+            if not data:
+                break
+            size += len(data)
+            if size > MAX_REPLY:
+                raise UsageError(f"stats reply from {path} larger than {MAX_REPLY} bytes")
+            chunks.append(data)
+    except OSError as exc:
+        raise UsageError(f"cannot read stats from {path}: {exc}") from exc
+    finally:
+        s.close()
+    try:
+        doc = json.loads(b"".join(chunks))
+    except ValueError as exc:
+        raise UsageError(f"bad stats reply from {path}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise UsageError(f"bad stats reply from {path}")
+    return doc
+
+
+def render(doc: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
+    """A rich renderable for one snapshot (rates when ``prev`` is given)."""
+    from rich.console import Group
+    from rich.table import Table
+
+    tables = []
+    dt = float(doc.get("time", 0)) - float(prev.get("time", 0)) if prev else 0.0
+    prev_vms = {v["name"]: v for v in prev.get("vms", [])} if prev else {}
+    for vm in doc.get("vms", []):
+        state = "connected" if vm.get("connected") else "waiting"
+        title = f"{vm['name']} ({vm['socket']}) {state}, {vm.get('connections', 0)} connection(s)"
+        if vm.get("errors"):
+            title += f", {vm['errors']} error(s): {vm.get('last_error')}"
+        t = Table(title=title, caption=vm.get("features") or None)
+        t.add_column("pair", justify="right")
+        t.add_column("on")
+        t.add_column("pid", justify="right")
+        for c in _COLUMNS:
+            t.add_column(c, justify="right")
+        if dt > 0:
+            t.add_column("rx pps", justify="right")
+            t.add_column("tx pps", justify="right")
+        old_pairs = prev_vms.get(vm["name"], {}).get("pairs", [])
+        for i, row in enumerate(vm.get("pairs", [])):
+            active = row.get("enabled") or any(row.get(c) for c in _COLUMNS)
+            if not active:
+                continue
+            cells = [str(i), "yes" if row.get("enabled") else "-", str(row.get("pid") or "-")]
+            cells += [str(row.get(c, 0)) for c in _COLUMNS]
+            if dt > 0:
+                old = old_pairs[i] if i < len(old_pairs) else {}
+                for c in ("rx_packets", "tx_packets"):
+                    cells.append(f"{(row.get(c, 0) - old.get(c, 0)) / dt:,.0f}")
+            t.add_row(*cells)
+        tables.append(t)
+    return Group(*tables)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stats-socket",
+        default=DEFAULT_STATS_SOCKET,
+        metavar="PATH",
+        help=f"serve's --stats-socket (default {DEFAULT_STATS_SOCKET})",
+    )
+    parser.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console()
+    doc = fetch(args.stats_socket)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    if not args.watch:
+        console.print(render(doc))
+        return 0
+    from rich.live import Live
+
+    prev: dict[str, Any] | None = None
+    with Live(render(doc), console=console, refresh_per_second=4) as live:
+        try:
+            while True:
+                time.sleep(max(0.1, float(args.interval)))
+                prev, doc = doc, fetch(args.stats_socket)
+                live.update(render(doc, prev))
+        except KeyboardInterrupt:
+            pass
+    return 0
