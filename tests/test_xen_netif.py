@@ -270,3 +270,28 @@ def test_hostile_control_ring(env: Env) -> None:
     assert st == XenbusState.CLOSING
     rc, out = _finish(nb, nf, xs1, hyp1)
     assert rc == 1 and "control ring" in out
+
+
+def test_persistent_backend_serves_a_reconnecting_frontend(env: Env) -> None:
+    nb = subprocess.Popen(
+        [sys.executable, "-m", "virtnet.xen.netback", "--xenstore", env.xs_sock,
+         "--hypervisor", env.hyp_sock, "--domid", "1", "--max-queues", "2", "--persist",
+         "--timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    from virtnet.xen.netfront import run_traffic
+
+    for queues in (2, 1):
+        nf, xs1, hyp1 = _front(env, queues)
+        nf.connect()
+        stats = run_traffic(nf, 0.3, 64)
+        assert all(d["received"] == d["sent"] > 0 for d in stats)
+        nf.close()
+        xs1.close()
+        hyp1.close()
+        assert env.xs.read(f"{BE}/state") == str(int(XenbusState.CLOSED))
+    assert nb.poll() is None  # still serving
+    env.xs.write(f"{BE}/online", "0")  # the toolstack takes the device away
+    env.xs.write(f"{FE}/state", "6")  # another Closed event for the backend to notice
+    out, _ = nb.communicate(timeout=30)
+    assert nb.returncode == 0, out

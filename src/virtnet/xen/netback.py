@@ -95,6 +95,7 @@ class Netback:
         max_queues: int = 4,
         port_spec: str = "loopback",
         backend_domid: int = 0,
+        persist: bool = False,
     ) -> None:
         if not 1 <= max_queues <= MAX_QUEUES_LIMIT:
             raise UsageError(f"max queues must be 1..{MAX_QUEUES_LIMIT}")
@@ -105,6 +106,8 @@ class Netback:
         self.max_queues = max_queues
         self.port = make_port(port_spec)
         self.backend_domid = backend_domid
+        self.persist = persist
+        self.sessions = 0
         self.be = backend_path(backend_domid, domid, handle)
         self.fe = ""
         self.state = XenbusState.INITIALISING
@@ -372,6 +375,12 @@ class Netback:
             self._disconnect()
             if self.state != XenbusState.CLOSED:
                 self._set_state(XenbusState.CLOSED)
+                self.sessions += 1
+            # Linux keeps an online device for a frontend that comes back (reload, kexec).
+            return self.persist and self.xs.read_or(f"{self.be}/online") == "1"
+        elif st == XenbusState.INITIALISING and self.state == XenbusState.CLOSED:
+            self._set_state(XenbusState.INIT_WAIT)
+        elif st == XenbusState.UNKNOWN and self.state == XenbusState.CLOSED:
             return False
         return True
 
@@ -501,6 +510,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", default="loopback", help="host-side port (loopback, null, ...)")
     parser.add_argument("--timeout", type=float, default=None, help="give up after seconds")
     parser.add_argument(
+        "--persist",
+        action="store_true",
+        help="after the frontend closes, wait for it to come back (while online=1)",
+    )
+    parser.add_argument(
         "--toolstack",
         action="store_true",
         help="first act as the toolstack: create the guest's memory, introduce it, "
@@ -526,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
         create_vif(xs, args.domid, args.handle)
     nb = Netback(
         xs, hyp, domid=args.domid, handle=args.handle, max_queues=args.max_queues,
-        port_spec=args.port,
+        port_spec=args.port, persist=args.persist,
     )  # fmt: skip
     try:
         rc = nb.run(timeout=args.timeout)

@@ -68,6 +68,20 @@ _SPORT_BASE: Final = 10000
 _PAYLOAD_OFF: Final = 54  # Ethernet 14 + IPv4 20 + TCP 20
 
 
+_CONNECTION_KEYS: Final = frozenset(
+    {
+        "multi-queue-num-queues",
+        "tx-ring-ref",
+        "rx-ring-ref",
+        "event-channel",
+        "event-channel-tx",
+        "event-channel-rx",
+        "ctrl-ring-ref",
+        "event-channel-ctrl",
+    }
+)
+
+
 class NetfrontError(UsageError):
     """The connection could not be set up (refused by the backend, or asked wrongly)."""
 
@@ -119,6 +133,9 @@ class Netfront:
         xs = self.xs
         be = xs.read(f"{self.fe}/backend")
         be_id = read_uint(xs, f"{self.fe}/backend-id", 0, limit=0x7FEF)
+        if xs.read_or(f"{self.fe}/state") != str(int(XenbusState.INITIALISING)):
+            # A reconnecting frontend starts over (xenbus_probe_frontend: Initialising).
+            write_state(xs, self.fe, XenbusState.INITIALISING)
         st = wait_for_state(
             xs, f"{be}/state", {XenbusState.INIT_WAIT, XenbusState.CONNECTED}, timeout, "fe-be"
         )
@@ -149,6 +166,10 @@ class Netfront:
         while True:
             try:
                 with xs.transaction():
+                    # Keys of an earlier connection must not survive into this one.
+                    for name in xs.directory(self.fe):
+                        if name in _CONNECTION_KEYS or name.startswith("queue-"):
+                            xs.rm(f"{self.fe}/{name}")
                     if nq > 1:
                         xs.write(f"{self.fe}/multi-queue-num-queues", str(nq))
                     for i, q in enumerate(self.queues):
