@@ -120,7 +120,7 @@ class HypervisorService:
                     else:
                         with self.lock:
                             reply, fds = self._handle(domid, req)
-                except (GrantError, UsageError, ValueError) as exc:
+                except (GrantError, UsageError, ValueError, OSError) as exc:
                     reply, fds = {"error": str(exc)}, []
                 try:
                     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
