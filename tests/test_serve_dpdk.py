@@ -1,0 +1,151 @@
+"""``virtnet serve --port loopback`` against DPDK's virtio-user PMD (dpdk-testpmd).
+
+testpmd forwards in ``io`` mode after ``start tx_first``: every burst it
+sends comes back on the same queue pair (loopback), so packets keep
+circulating on every queue.  The queue count then changes at run time
+(``port stop``, ``port config all rxq/txq 1``, ``port start``): the second
+pair is disabled, its worker stops, and traffic continues on pair 0.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from virtnet.testing.guest import wait_for
+from virtnet.vhost_user.stats import fetch
+
+pytestmark = [pytest.mark.dpdk, pytest.mark.timeout(180)]
+
+TESTPMD = shutil.which("dpdk-testpmd")
+
+
+def _pmd(name: str) -> str | None:
+    found = sorted(glob.glob(f"/usr/lib/*/dpdk/pmds-*/{name}.so"))
+    return found[-1] if found else None
+
+
+def _serve(tmp: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    sock, stats = tmp / "vm.sock", tmp / "stats.sock"
+    log = (tmp / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "virtnet.cli", "-v", "serve", "--socket", str(sock),
+         "--stats-socket", str(stats), *args],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert wait_for(lambda: stats.exists() or proc.poll() is not None, timeout=20)
+    assert proc.poll() is None, (tmp / "serve.log").read_text()
+    return proc, sock, stats
+
+
+def _stop(proc: subprocess.Popen[Any]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return -9
+    return int(proc.returncode)
+
+
+class PmdProcess:
+    """dpdk-testpmd in interactive mode, driven through stdin."""
+
+    def __init__(self, tmp: Path, vdev: str, *extra: str) -> None:
+        virtio, ring = _pmd("librte_net_virtio"), _pmd("librte_mempool_ring")
+        if TESTPMD is None or virtio is None or ring is None:
+            pytest.skip("dpdk-testpmd with the virtio and mempool_ring PMDs is not installed")
+        self.log_path = tmp / "testpmd.log"
+        self.log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [TESTPMD, "-l", "0-1", "--no-huge", "--no-pci", "-m", "512",
+             "--file-prefix", f"vnts{os.getpid()}", "-d", virtio, "-d", ring,
+             "--vdev", vdev, "--", "-i", "--nb-cores=1", "--total-num-mbufs=16384", *extra],
+            stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def cmd(self, line: str, wait: float = 0.3) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+        time.sleep(wait)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.cmd("stop", 0.5)
+                self.cmd("quit", 0.1)
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def serve_loopback(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    proc, sock, stats = _serve(tmp_path, "--port", "loopback", "--queues", "2")
+    try:
+        yield sock, stats, tmp_path
+    finally:
+        assert _stop(proc) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def _pairs(stats: Path) -> list[dict[str, int]]:
+    doc = fetch(str(stats))
+    pairs: list[dict[str, int]] = doc["vms"][0]["pairs"]
+    return pairs
+
+
+def test_testpmd_io_forwarding_on_two_queues_then_one(
+    serve_loopback: tuple[Path, Path, Path],
+) -> None:
+    sock, stats, tmp = serve_loopback
+    pmd = PmdProcess(tmp, f"net_virtio_user0,path={sock},queues=2,cq=1", "--rxq=2", "--txq=2")
+    try:
+        assert wait_for(lambda: "testpmd>" in pmd.output(), timeout=30), pmd.output()
+        pmd.cmd("set fwd io")
+        pmd.cmd("start tx_first", 2.0)
+        a = _pairs(stats)
+        time.sleep(1.0)
+        b = _pairs(stats)
+        for p in (0, 1):
+            assert b[p]["enabled"] == 1
+            assert b[p]["rx_packets"] > a[p]["rx_packets"] > 0, (p, a, b)
+            assert b[p]["tx_packets"] > a[p]["tx_packets"] > 0, (p, a, b)
+        # Queue count change at run time.
+        pmd.cmd("stop", 0.5)
+        pmd.cmd("port stop 0", 1.0)
+        pmd.cmd("port config all rxq 1")
+        pmd.cmd("port config all txq 1")
+        pmd.cmd("port start 0", 2.0)
+        pmd.cmd("start tx_first", 2.0)
+        c = _pairs(stats)
+        time.sleep(1.0)
+        d = _pairs(stats)
+        assert d[0]["enabled"] == 1 and d[1]["enabled"] == 0, d
+        assert d[0]["rx_packets"] > c[0]["rx_packets"], (c, d)
+        assert d[1]["rx_packets"] == c[1]["rx_packets"], (c, d)
+        assert all(p["errors"] == 0 for p in d)
+        pmd.cmd("stop", 0.5)
+        out = pmd.output()
+        assert "RX-packets" in out
+    finally:
+        pmd.close()
+    log = (tmp / "serve.log").read_text()
+    assert "negotiated features" in log and "ring 3 disabled" in log
