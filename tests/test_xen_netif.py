@@ -295,3 +295,16 @@ def test_persistent_backend_serves_a_reconnecting_frontend(env: Env) -> None:
     env.xs.write(f"{FE}/state", "6")  # another Closed event for the backend to notice
     out, _ = nb.communicate(timeout=30)
     assert nb.returncode == 0, out
+
+
+def test_without_control_ring(env: Env) -> None:
+    nb = _netback(env, 2)
+    nf, xs1, hyp1 = _front(env, 2, use_ctrl_ring=False)
+    nf.connect()
+    assert "ctrl-ring-ref" not in env.xs.directory(FE)
+    from virtnet.xen.netfront import run_traffic
+
+    stats = run_traffic(nf, 0.3, 64)
+    assert all(d["received"] == d["sent"] > 0 and d["misrouted"] == 0 for d in stats)
+    rc, out = _finish(nb, nf, xs1, hyp1)
+    assert rc == 0, out

@@ -211,7 +211,13 @@ class Netfront:
                 f"it offers {max_q} queues, we asked for {nq}"
             )
         write_state(xs, self.fe, XenbusState.CONNECTED)
+        # Without a control ring: a plain flow hash modulo the queue count (as
+        # xennet_select_queue's skb_get_hash % num_queues); the backend then keeps
+        # each frame on the queue it arrived on.
         self.hash = HashState(nq)
+        self.hash.alg = cr.HASH_ALGORITHM_TOEPLITZ
+        self.hash.key = MS_RSS_KEY
+        self.hash.flags = cr.HASH_TYPES_ALL
         if self.ctrl is not None:
             self._program_hash(gt, be_id, nq)
 
