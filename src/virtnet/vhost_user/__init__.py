@@ -6,6 +6,9 @@
   supervisor implements to run rings in worker processes.
 * :mod:`virtnet.vhost_user.server` -- Unix sockets, SCM_RIGHTS, one selector
   loop for many VMs.
+* :mod:`virtnet.vhost_user.handoff` -- ``PairRouter`` (a ``BackendEvents``
+  routing ring ``i`` to the worker of pair ``i // 2``) and the SOCK_SEQPACKET
+  messages that carry memory tables, ring configs and fds to workers.
 
 Submodules are imported on demand; this package imports nothing heavy.
 """
