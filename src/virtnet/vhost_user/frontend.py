@@ -1034,7 +1034,11 @@ class VhostUserFrontend:
                 os.unlink(self.path)
         for r in self.rings.values():
             close_fds((r.kick_fd, r.call_fd))
+        # Drop every view of the shared memory first: the mapping (and the fd
+        # mmap keeps) can only go once nothing exports it.
         self.fast_pairs.clear()
+        self._driver = None
+        self._ctrl_q = None
         if self.mem is not None:
             self.mem.close()
         if self._memfd >= 0:
