@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -360,3 +361,27 @@ def test_failed_need_reply_request_gets_a_nack_before_close(server: Server, tmp_
     assert parse_message(nack, replies=True).body == U64(1)
     assert is_closed_by_peer(server, s)
     assert ep.errors == 1 and "power of 2" in (ep.last_error or "")
+
+
+def test_frontend_that_never_reads_stalls_only_itself(server: Server, tmp_path: Path) -> None:
+    server.add_listener(str(tmp_path / "good.sock"), factory(), name="good")
+    hog_ep = server.add_listener(str(tmp_path / "hog.sock"), factory(), name="hog")
+    good = connect(tmp_path / "good.sock")
+    hog = connect(tmp_path / "hog.sock")
+    pump(server)
+    hog.setblocking(False)
+    request = encode_request(R.GET_FEATURES) * 1024
+    sent = 0
+    for _ in range(400):  # keep asking, never read a reply
+        with contextlib.suppress(BlockingIOError):
+            sent += hog.send(request)
+        server.run_once(0)
+    assert sent > 100_000
+    conn = hog_ep.connection
+    assert conn is not None and conn.outbuf  # parked, not blocking
+    assert features(server, good) & (1 << 32)  # the other VM is served meanwhile
+    hog.close()
+    pump(server, 20)
+    assert hog_ep.connection is None
+    good.close()
+    pump(server)

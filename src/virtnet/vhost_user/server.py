@@ -28,6 +28,10 @@ Invariants:
   the fds that did arrive are closed at once.
 * Only one connection per endpoint at a time: a second client on a
   listening endpoint is refused (closed) while the first is alive.
+* The loop never blocks on a peer: sockets are non-blocking, a reply that
+  does not fit is parked and the connection is read again only after it has
+  been flushed (back-pressure), so a frontend that stops reading stalls only
+  itself.
 """
 
 from __future__ import annotations
@@ -63,8 +67,10 @@ log = logging.getLogger(__name__)
 
 #: One recv can hold a whole maximal message (header + MAX_PAYLOAD_SIZE).
 RECV_SIZE = HEADER_SIZE + MAX_PAYLOAD_SIZE
-#: Blocking-send timeout for replies: QEMU reads each reply synchronously.
-SEND_TIMEOUT = 5.0
+#: Unsent reply bytes we hold for a frontend that does not read them.  QEMU
+#: reads each reply before its next request, so a well-behaved peer never
+#: has more than one small reply outstanding; past this it is dropped.
+MAX_PENDING_REPLY_BYTES = 64 * 1024
 #: Default client-mode redial interval (QEMU's reconnect option is in seconds too).
 DEFAULT_RETRY_INTERVAL = 1.0
 #: Reads per readiness event before going back to the selector (fairness
@@ -100,6 +106,7 @@ class Connection:
     backend: Backend
     reader: MessageReader = field(init=False)
     messages: int = 0
+    outbuf: bytearray = field(default_factory=bytearray)
 
     def __post_init__(self) -> None:
         self.reader = MessageReader(max_rings=self.backend.config.max_rings)
@@ -190,10 +197,13 @@ class Server:
         if due:
             wait = max(0.0, min(due) - now)
             timeout = wait if timeout is None else min(timeout, wait)
-        for key, _ in self._sel.select(timeout):
+        for key, mask in self._sel.select(timeout):
             target = key.data
             if isinstance(target, Connection):
-                self._readable(target)
+                if mask & selectors.EVENT_WRITE:
+                    self._guarded(target, self._flush)
+                else:
+                    self._guarded(target, self._serve)
             elif isinstance(target, Endpoint):
                 self._accept(target)
         now = self._clock()
@@ -276,10 +286,10 @@ class Server:
         ep.next_dial = self._clock() + ep.retry_interval
         log.info("%s: connection closed", ep.name)
 
-    def _readable(self, conn: Connection) -> None:
+    def _guarded(self, conn: Connection, step: Callable[[Connection], None]) -> None:
         ep = conn.endpoint
         try:
-            self._serve(conn)
+            step(conn)
         except PeerError as exc:
             log.error("%s: dropping frontend: %s", ep.name, exc)
             self._drop(conn, str(exc))
@@ -294,6 +304,8 @@ class Server:
         # Drain what is there, one message-bounded read at a time; the first
         # read cannot block (the selector said readable), later ones must not.
         for _ in range(READS_PER_WAKEUP):
+            if conn.outbuf or conn.endpoint.connection is not conn:
+                return  # back-pressure: no new requests until replies are out
             try:
                 if not self._read_once(conn):
                     return
@@ -343,15 +355,32 @@ class Server:
         instead of a bare disconnect.
         """
         if msg.need_reply and conn.backend.has_protocol_feature(ProtocolFeature.REPLY_ACK):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ProtocolError):
                 self._send(conn, encode_reply(msg.request, U64(1)))
 
-    @staticmethod
-    def _send(conn: Connection, reply: bytes) -> None:
-        # Replies are tiny and QEMU waits for each one, so a short blocking
-        # send is simplest; the socket goes back to non-blocking for reads.
-        conn.sock.settimeout(SEND_TIMEOUT)
+    def _send(self, conn: Connection, reply: bytes) -> None:
+        """Send without ever blocking the loop; park what does not fit."""
+        if not conn.outbuf:
+            try:
+                sent = conn.sock.send(reply)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            reply = reply[sent:]
+            if not reply:
+                return
+            self._sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        conn.outbuf += reply
+        if len(conn.outbuf) > MAX_PENDING_REPLY_BYTES:
+            raise ProtocolError(
+                f"frontend leaves over {MAX_PENDING_REPLY_BYTES} reply bytes unread"
+            )
+
+    def _flush(self, conn: Connection) -> None:
         try:
-            conn.sock.sendall(reply)
-        finally:
-            conn.sock.setblocking(False)
+            sent = conn.sock.send(conn.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        del conn.outbuf[:sent]
+        if not conn.outbuf:
+            self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
+            self._serve(conn)  # requests may have queued up meanwhile
