@@ -289,7 +289,7 @@ def test_persistent_backend_serves_a_reconnecting_frontend(env: Env) -> None:
         nf.close()
         xs1.close()
         hyp1.close()
-        assert env.xs.read(f"{BE}/state") == str(int(XenbusState.CLOSED))
+        wait_for_state(env.xs, f"{BE}/state", {XenbusState.CLOSED}, 20, "p")
     assert nb.poll() is None  # still serving
     env.xs.write(f"{BE}/online", "0")  # the toolstack takes the device away
     env.xs.write(f"{FE}/state", "6")  # another Closed event for the backend to notice

@@ -378,7 +378,12 @@ class Netback:
                 self.sessions += 1
             # Linux keeps an online device for a frontend that comes back (reload, kexec).
             return self.persist and self.xs.read_or(f"{self.be}/online") == "1"
-        elif st == XenbusState.INITIALISING and self.state == XenbusState.CLOSED:
+        elif st == XenbusState.INITIALISING and self.state in (
+            XenbusState.CLOSING,
+            XenbusState.CLOSED,
+        ):
+            # The frontend starts over (possibly before we saw its Closed).
+            self._disconnect()
             self._set_state(XenbusState.INIT_WAIT)
         elif st == XenbusState.UNKNOWN and self.state == XenbusState.CLOSED:
             return False
