@@ -217,3 +217,83 @@ def test_table_builder_count_mismatch() -> None:
     with pytest.raises(ProtocolError):
         tb.add(Command(Op.RING_STOP))
     tb.close()
+
+
+def _child_worker(sock: socket.socket) -> int:
+    """A worker process: maps the table, checks the kick fd, answers stops."""
+    table = TableBuilder()
+    memory = GuestMemory()
+    held: list[int] = []
+    while True:
+        cmd = receive(sock)
+        if cmd is None or cmd.op is Op.SHUTDOWN:
+            return 0
+        if cmd.op in (Op.MEM_REGION, Op.MEM_COMMIT):
+            regions = table.add(cmd)
+            if regions is not None:
+                memory.replace(
+                    MemoryRegion.from_fd(
+                        r.fd,
+                        guest_addr=r.guest_addr,
+                        size=r.size,
+                        user_addr=r.user_addr,
+                        mmap_offset=r.mmap_offset,
+                    )
+                    for r in regions
+                )
+                memory.write(GPA + 100, b"from the worker")
+                send(sock, Command(Op.ACK))
+        elif cmd.op is Op.RING_START:
+            assert cmd.config is not None and cmd.config.kick_fd is not None
+            held += cmd.fds
+            last = cmd.config.last_avail_idx + os.eventfd_read(cmd.config.kick_fd)
+            send(sock, Command(Op.FEATURES, value=last))  # tell the test what we saw
+        elif cmd.op is Op.RING_STOP:
+            send(sock, Command(Op.STOPPED, cmd.ring, value=777))
+
+
+def test_worker_process_maps_guest_memory_from_handed_fds() -> None:
+    pids: list[int] = []
+    ours: list[socket.socket] = []
+
+    def connect(pair: int) -> socket.socket:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            a.close()
+            code = 1
+            try:
+                code = _child_worker(b)
+            finally:
+                os._exit(code)
+        b.close()
+        pids.append(pid)
+        ours.append(a)
+        return a
+
+    router = PairRouter(connect)
+    be = Backend(router, BackendConfig(max_queue_pairs=1))
+    be.handle(msg(R.SET_PROTOCOL_FEATURES, U64(0x1A019)))
+    be.handle(msg(R.SET_FEATURES, U64(1 << 32 | 1 << 30)))
+    mem = os.memfd_create("guest")
+    os.ftruncate(mem, SIZE)
+    be.handle(msg(R.SET_MEM_TABLE, MemTable((MemRegion(GPA, SIZE, UVA, 0),)), (mem,)))
+    be.handle(msg(R.SET_VRING_NUM, VringState(1, 64)))
+    be.handle(msg(R.SET_VRING_BASE, VringState(1, 5)))
+    be.handle(msg(R.SET_VRING_ADDR, VringAddr(1, 0, UVA, UVA + 0x800, UVA + 0x400, 0)))
+    kick = os.eventfd(0)
+    os.eventfd_write(kick, 3)
+    be.handle(msg(R.SET_VRING_KICK, VringFd(1, False), (kick,)))
+    seen = receive(ours[0])  # the worker's report on the kick it read
+    assert seen is not None and seen.value == 5 + 3
+    # The worker's write went through its own mapping of the same memfd.
+    assert be.memory.read(GPA + 100, 15) == b"from the worker"
+    reply = be.handle(msg(R.GET_VRING_BASE, VringState(1, 0)))
+    assert parse_message(reply or b"", replies=True).body == VringState(1, 777)
+    be.close()
+    router.shutdown()
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    for s in ours:
+        s.close()

@@ -209,6 +209,8 @@ class ProtocolFeature(enum.IntEnum):
     XEN_MMAP = 17
     SHARED_OBJECT = 18
     DEVICE_STATE = 19
+    #: The spec's code block spells bit 4 ``VHOST_USER_PROTOCOL_F_MTU``.
+    MTU = 4
 
     @property
     def mask(self) -> int:
