@@ -114,6 +114,15 @@ def skip_reason() -> str | None:
     return None
 
 
+def _parse_cpus(text: str) -> list[int]:
+    """An EAL ``-l`` list like ``0-1`` or ``0,2-3``."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
 def _cpu_seconds(pid: int) -> float:
     """utime + stime of a live process, from /proc (0.0 if it is gone)."""
     try:
@@ -159,9 +168,25 @@ class TestPmd:
         self.argv = ["stdbuf", "-oL", "-eL", "dpdk-testpmd", *eal, *extra_eal, "--",
                      *app, *extra_app]  # fmt: skip
         self.fwd = fwd
+        self.lcores = _parse_cpus(lcores)
+        self.main_lcore = main_lcore if main_lcore is not None else min(self.lcores)
         self.log_path = Path(log_path) if log_path is not None else None
         self.output = bytearray()
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def forwarding_cpus(self) -> list[int]:
+        """CPUs testpmd's forwarding lcores spin on (``--nb-cores=1``: the first non-main)."""
+        return [c for c in self.lcores if c != self.main_lcore][:1]
+
+    def other_cpus(self) -> list[int]:
+        """CPUs this process may use that testpmd does not spin on (for pinning a peer).
+
+        Falls back to every allowed CPU when testpmd spins on all of them.
+        """
+        allowed = sorted(os.sched_getaffinity(0))
+        free = [c for c in allowed if c not in self.forwarding_cpus]
+        return free or allowed
 
     # -- constructors -----------------------------------------------------
     @classmethod
