@@ -1,0 +1,231 @@
+"""vhost-user backend capacity: virtnet serve vs DPDK's vhost PMD, same run, same peer.
+
+The peer is DPDK testpmd with its ``net_virtio_user`` PMD (DPDK's own
+frontend; busy-polls one core).  The backend under test is, in turn,
+
+* ``virtnet``: ``virtnet serve --port null`` (txonly) or ``--port loopback``
+  (io pingpong), one worker process per queue pair, pinned with ``taskset``
+  to the CPUs testpmd's forwarding core does not spin on;
+* ``dpdk``: a second testpmd with ``net_vhost0`` (``rxonly`` for txonly,
+  ``io`` for pingpong: every packet goes back on the queue it came in),
+  forwarding on the other CPU.
+
+Modes:
+
+* ``txonly``: the peer transmits as fast as it can; the figure is the rate
+  the backend *consumed* (peer TX-packets per second; virtio-user only
+  transmits what the backend took from the ring).
+* ``pingpong``: ``io`` forwarding after ``start tx_first`` on the peer: a
+  fixed number of bursts circulate between peer and backend; the figure is
+  the peer's RX-packets per second (each packet crossed the backend twice:
+  tx ring in, rx ring out).
+
+For each: packets/s, Gbit/s of frame bytes, the ratio virtnet/DPDK and the
+backend's CPU seconds per million packets (virtnet: serve and its workers;
+DPDK: the vhost testpmd, which spins a core whatever the load).
+
+Usage: ``python bench/backend_capacity.py [--seconds S] [--queues 1 2]
+[--sizes 64 1518] [--modes txonly pingpong] [--poll-us U] [--json FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from virtnet.testing.dpdk import TestPmd, skip_reason
+from virtnet.vhost_user.stats import fetch
+
+
+@dataclass
+class Figure:
+    backend: str
+    mode: str
+    queues: int
+    size: int
+    pps: float
+    gbps: float
+    cpu_s_per_mpkt: float
+    backend_cpu_share: float
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait(path: Path, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > end:
+            raise RuntimeError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _virtnet(
+    tmp: Path, port: str, queues: int, cpus: Sequence[int], poll_us: int
+) -> Iterator[tuple[Path, Path, subprocess.Popen[bytes]]]:
+    sock, stats = tmp / "virtnet.sock", tmp / "virtnet-stats.sock"
+    for p in (sock, stats):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    argv = ["taskset", "-c", ",".join(map(str, cpus)), sys.executable, "-m", "virtnet.cli",
+            "serve", "--socket", str(sock), "--port", port, "--queues", str(queues),
+            "--stats-socket", str(stats), "--poll-us", str(poll_us)]  # fmt: skip
+    log = (tmp / "serve.log").open("ab")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        _wait(stats)
+        yield sock, stats, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _virtnet_cpu(proc: subprocess.Popen[bytes], stats: Path) -> float:
+    pids = [proc.pid]
+    for vm in fetch(str(stats))["vms"]:
+        pids += [p["pid"] for p in vm["pairs"] if p["pid"]]
+    return sum(_cpu_seconds(p) for p in pids)
+
+
+def one(
+    backend: str,
+    mode: str,
+    queues: int,
+    size: int,
+    seconds: float,
+    tmp: Path,
+    poll_us: int,
+) -> Figure:
+    peer_lcores = "0-1"  # main lcore 0, forwarding on 1
+    fwd = "txonly" if mode == "txonly" else "io"
+    with contextlib.ExitStack() as stack:
+        if backend == "virtnet":
+            sock, stats, proc = stack.enter_context(
+                _virtnet(tmp, "null" if mode == "txonly" else "loopback", queues, [0], poll_us)
+            )
+
+            def cpu() -> float:
+                return _virtnet_cpu(proc, stats)
+        else:
+            sock = tmp / "dpdk-vhost.sock"
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+            vhost = stack.enter_context(
+                TestPmd.vhost(
+                    sock,
+                    queues=queues,
+                    fwd="rxonly" if mode == "txonly" else "io",
+                    lcores="0-1",
+                    main_lcore=1,
+                    log_path=tmp / "vhost.log",
+                )
+            )
+            vhost.start_forwarding()
+
+            def cpu() -> float:
+                return vhost.cpu_seconds()
+
+        peer = stack.enter_context(
+            TestPmd.virtio_user(
+                sock,
+                queues=queues,
+                fwd=fwd,
+                lcores=peer_lcores,
+                main_lcore=0,
+                extra_app=[f"--txpkts={size}"],
+            )
+        )
+        if mode == "txonly":
+            peer.start_forwarding()
+        else:
+            peer.command("start tx_first")
+        time.sleep(1.0)  # warm up
+        peer.clear_stats()
+        c0 = cpu()
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        st = peer.port_stats()[0]
+        t1 = time.monotonic()
+        c1 = cpu()
+        peer.stop_forwarding()
+    dt = t1 - t0
+    pkts = st.tx_packets if mode == "txonly" else st.rx_packets
+    nbytes = st.tx_bytes if mode == "txonly" else st.rx_bytes
+    pps = pkts / dt
+    cpu_s = c1 - c0
+    return Figure(
+        backend=backend,
+        mode=mode,
+        queues=queues,
+        size=size,
+        pps=pps,
+        gbps=nbytes * 8 / dt / 1e9,
+        cpu_s_per_mpkt=cpu_s / (pkts / 1e6) if pkts else float("inf"),
+        backend_cpu_share=cpu_s / dt,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--queues", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 1518])
+    ap.add_argument("--modes", nargs="+", default=["txonly", "pingpong"])
+    ap.add_argument("--backends", nargs="+", default=["virtnet", "dpdk"])
+    ap.add_argument("--poll-us", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    reason = skip_reason()
+    if reason:
+        print(f"cannot run: {reason}", file=sys.stderr)
+        return 2
+    figures: list[Figure] = []
+    with tempfile.TemporaryDirectory(prefix="vncap-") as d:
+        tmp = Path(d)
+        for mode in args.modes:
+            for q in args.queues:
+                for size in args.sizes:
+                    row = {}
+                    for backend in args.backends:
+                        f = one(backend, mode, q, size, args.seconds, tmp, args.poll_us)
+                        figures.append(f)
+                        row[backend] = f
+                    v, p = row.get("virtnet"), row.get("dpdk")
+                    ratio = f"{v.pps / p.pps:.3f}" if v and p and p.pps else "-"
+                    for f in row.values():
+                        print(
+                            f"{f.mode:8} q={f.queues} {f.size:5}B {f.backend:8}"
+                            f" {f.pps / 1e6:7.3f} Mpps {f.gbps:7.3f} Gbit/s"
+                            f" {f.cpu_s_per_mpkt:7.3f} CPU-s/Mpkt"
+                            f" (backend CPU {f.backend_cpu_share:4.2f})",
+                            flush=True,
+                        )
+                    print(f"{'':8}   virtnet/dpdk = {ratio}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(f) for f in figures], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
