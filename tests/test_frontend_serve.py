@@ -1,0 +1,166 @@
+"""The frontend, pktgen and rr against virtnet's own backend, ``virtnet serve``, every port.
+
+* ``loopback``: every frame comes back on the pair it was sent on.
+* ``null``: frames are consumed, nothing comes back.
+* ``switch``: two VMs (two sockets of one daemon) reach each other by MAC.
+
+Also: a queue-count change under load, and a restart of the daemon (the
+frontend reconnects and its rings resume at the used index).
+"""
+
+from __future__ import annotations
+
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from virtnet.demo import PAYLOAD_OFF, build_frame
+from virtnet.pktgen import run_pktgen
+from virtnet.rr import run_rr
+from virtnet.vhost_user.frontend import VhostUserFrontend
+
+pytestmark = pytest.mark.timeout(180)
+
+_SEQ = struct.Struct("!II")
+MAC_A = bytes.fromhex("52540000aa01")
+MAC_B = bytes.fromhex("52540000bb02")
+
+
+@contextmanager
+def serve(tmp: Path, port: str, *, vms: int = 1, queues: int = 4) -> Iterator[list[Path]]:
+    """``virtnet serve`` with ``vms`` sockets on ``port``; always stopped afterwards."""
+    socks = [tmp / f"vm{i}.sock" for i in range(vms)]
+    stats = tmp / "stats.sock"
+    args = [sys.executable, "-m", "virtnet.cli", "serve", "--port", port,
+            "--queues", str(queues), "--stats-socket", str(stats)]  # fmt: skip
+    for s in socks:
+        args += ["--socket", str(s)]
+    log = (tmp / f"serve-{port}.log").open("ab")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 20
+        while not all(s.exists() for s in socks):
+            assert proc.poll() is None, (tmp / f"serve-{port}.log").read_text()
+            assert time.monotonic() < end, "virtnet serve did not create its sockets"
+            time.sleep(0.05)
+        yield socks
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+def collect(fe: VhostUserFrontend, want: int, timeout: float = 5.0) -> list[tuple[int, bytes]]:
+    got: list[tuple[int, bytes]] = []
+    end = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < end:
+        got += [(f.pair, f.data) for f in fe.receive(0.05)]
+    return got
+
+
+def test_loopback_echoes_on_the_same_pair(tmp_path: Path) -> None:
+    with serve(tmp_path, "loopback") as (sock,), VhostUserFrontend(sock, queue_pairs=4) as fe:
+        assert fe.max_pairs == 4 and fe.set_queue_pairs(4)
+        frames = [build_frame(f, 0) for f in range(32)]
+        pair_of = {f: fe.driver.select_queue(fr) for f, fr in enumerate(frames)}
+        assert fe.send(frames) == 32
+        got = collect(fe, 32)
+        assert len(got) == 32
+        for pair, data in got:
+            flow, _ = _SEQ.unpack_from(data, PAYLOAD_OFF)
+            orig = frames[flow]
+            assert pair == pair_of[flow]
+            assert data == orig[6:12] + orig[0:6] + orig[12:]  # MACs swapped
+
+
+def test_null_consumes_everything(tmp_path: Path) -> None:
+    with serve(tmp_path, "null", queues=2) as (sock,), VhostUserFrontend(sock, queue_pairs=2) as fe:
+        assert fe.set_queue_pairs(2)
+        assert fe.send([build_frame(f, 0) for f in range(16)]) == 16
+        assert collect(fe, 1, timeout=0.5) == []
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            reclaimed = sum(fe.driver.reclaim_tx(p) for p in range(2))
+            if not any(q.vq.in_flight() for q in fe.driver.txqs):
+                break
+            del reclaimed
+            time.sleep(0.02)
+        assert not any(q.vq.in_flight() for q in fe.driver.txqs)  # all consumed
+
+
+def _to(dst: bytes, src: bytes, flow: int) -> bytes:
+    f = build_frame(flow, 0)
+    return dst + src + f[12:]
+
+
+def test_switch_connects_two_vms(tmp_path: Path) -> None:
+    with (
+        serve(tmp_path, "switch", vms=2, queues=2) as (sa, sb),
+        VhostUserFrontend(sa, queue_pairs=2, mac=MAC_A) as a,
+        VhostUserFrontend(sb, queue_pairs=2, mac=MAC_B) as b,
+    ):
+        # Broadcast from B: A receives it, and the switch learns B's MAC.
+        assert b.send([_to(b"\xff" * 6, MAC_B, 1)]) == 1
+        got_a = collect(a, 1)
+        assert len(got_a) == 1 and got_a[0][1][6:12] == MAC_B
+        # Unicast A -> B on several flows.
+        frames = [_to(MAC_B, MAC_A, f) for f in range(8)]
+        assert a.send(frames) == 8
+        got_b = collect(b, 8)
+        assert sorted(d for _, d in got_b) == sorted(frames)
+
+
+def test_pktgen_and_rr_against_loopback(tmp_path: Path) -> None:
+    with serve(tmp_path, "loopback", queues=2) as (sock,):
+        res = run_pktgen(str(sock), queues=2, seconds=1.5, queue_size=256, flows=4)
+        assert not res.failed_pairs
+        for q in res.queues:
+            assert q.tx_packets > 0 and 0 < q.rx_packets <= q.tx_packets
+        rr = run_rr(str(sock), queues=2, sessions=20, seconds=1.5, queue_size=256)
+        assert not rr.failed_pairs and rr.transactions > 0
+        assert all(p.stale == 0 for p in rr.pairs)
+
+
+def test_queue_change_under_load_against_loopback(tmp_path: Path) -> None:
+    with serve(tmp_path, "loopback", queues=4) as (sock,):
+        res = run_pktgen(
+            str(sock), queues=4, seconds=2.5, queue_size=256, flows=8,
+            schedule=[(0.6, 1), (1.2, 3), (1.8, 4)],
+        )  # fmt: skip
+    assert not res.failed_pairs
+    assert [ok for _, _, ok in res.switches] == [True, True, True]
+    assert all(q.tx_packets > 0 for q in res.queues)
+
+
+def test_reconnect_after_serve_restarts(tmp_path: Path) -> None:
+    fe = VhostUserFrontend(tmp_path / "vm0.sock", queue_pairs=2, timeout=10.0)
+    try:
+        with serve(tmp_path, "loopback", queues=2):
+            fe.open()
+            assert fe.set_queue_pairs(2)
+            assert fe.send([build_frame(f, 1) for f in range(8)]) == 8
+            assert len(collect(fe, 8)) == 8
+        # The daemon is gone; a new one comes up on the same socket.
+        with serve(tmp_path, "loopback", queues=2):
+            end = time.monotonic() + 15
+            while fe.stats.reconnects == 0 and time.monotonic() < end:
+                fe.check_connection()
+                time.sleep(0.05)
+            assert fe.stats.reconnects == 1 and fe.curr_pairs == 2
+            frames = [build_frame(f, 9) for f in range(8)]
+            assert fe.send(frames) == 8
+            assert sorted(d[12:] for _, d in collect(fe, 8)) == sorted(f[12:] for f in frames)
+    finally:
+        fe.close()
