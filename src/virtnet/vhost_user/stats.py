@@ -26,16 +26,17 @@ MAX_REPLY = 16 << 20
 #: Seconds to wait for the daemon.
 TIMEOUT_S = 5.0
 
-_COLUMNS = (
-    "rx_packets",
-    "rx_bytes",
-    "rx_dropped",
-    "rx_no_buffer",
-    "tx_packets",
-    "tx_bytes",
-    "tx_dropped",
-    "errors",
-)
+#: counter -> column header
+_COLUMNS = {
+    "rx_packets": "rx pkts",
+    "rx_bytes": "rx bytes",
+    "rx_dropped": "rx drop",
+    "rx_no_buffer": "no buf",
+    "tx_packets": "tx pkts",
+    "tx_bytes": "tx bytes",
+    "tx_dropped": "tx drop",
+    "errors": "err",
+}
 
 
 def fetch(path: str) -> dict[str, Any]:
@@ -84,8 +85,8 @@ def render(doc: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
         t.add_column("pair", justify="right")
         t.add_column("on")
         t.add_column("pid", justify="right")
-        for c in _COLUMNS:
-            t.add_column(c, justify="right")
+        for header in _COLUMNS.values():
+            t.add_column(header, justify="right")
         if dt > 0:
             t.add_column("rx pps", justify="right")
             t.add_column("tx pps", justify="right")

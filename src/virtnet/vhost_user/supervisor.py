@@ -310,7 +310,7 @@ class Supervisor:
         if on:
             self._maybe_start(pair)
         elif pair in self.workers:
-            self._stop_worker(pair)
+            self._stop_worker(pair, discard_tx=True)
 
     def on_ring_call(self, index: int, call_fd: int | None) -> None:
         r = self.rings[index]
@@ -414,15 +414,18 @@ class Supervisor:
             err_fd=r.err_fd,
         )
 
-    def _stop_worker(self, pair: int) -> None:
-        """Ask the worker for its next-avail indexes and wait for it to exit."""
+    def _stop_worker(self, pair: int, *, discard_tx: bool = False) -> None:
+        """Ask the worker for its next-avail indexes and wait for it to exit.
+
+        ``discard_tx``: the pair is being disabled; its pending tx is dropped first.
+        """
         proc = self.workers.pop(pair, None)
         if proc is None:
             return
         reply = b""
         try:
             proc.ctl.settimeout(STOP_TIMEOUT)
-            proc.ctl.send(Ctl.STOP)
+            proc.ctl.send(Ctl.DISABLE if discard_tx else Ctl.STOP)
             while True:
                 reply = proc.ctl.recv(16)
                 if not reply or reply[:1] == Ctl.STOP:

@@ -180,11 +180,15 @@ class Ctl:
 
     * ``S`` stop: the worker answers ``S`` + rx and tx next-avail indexes (u16
       each), then exits without touching guest memory again.
+    * ``D`` disable: like ``S``, but first the tx chains the guest has made
+      available are consumed and discarded (a disabled ring "must discard
+      tx", vhost-user.rst "Ring states"), pushed used and signalled.
     * ``C`` ring has_fd (+ one SCM_RIGHTS fd): new call fd for a ring; the
       worker answers ``c``.
     """
 
     STOP = b"S"
+    DISABLE = b"D"
     CALL = b"C"
     CALL_ACK = b"c"
     STOP_REPLY = _STOP_REPLY
@@ -514,9 +518,11 @@ class Worker:
                 log.info("%s: supervisor gone, exiting", self.name)
                 return False
             op = data[:1]
-            if op == Ctl.STOP:
+            if op in (Ctl.STOP, Ctl.DISABLE):
                 for fd in fds:
                     os.close(fd)
+                if op == Ctl.DISABLE:
+                    self.discard_tx()
                 self.stop_reply()
                 return False
             if op == Ctl.CALL and len(data) == Ctl.CALL_MSG.size:
@@ -536,6 +542,27 @@ class Worker:
             for fd in fds:
                 os.close(fd)
             log.error("%s: unknown control message %r", self.name, data[:8])
+
+    def discard_tx(self) -> int:
+        """Consume and drop every available tx chain (ring being disabled)."""
+        q = self.txq
+        if q is None:
+            return 0
+        n = 0
+        try:
+            for _ in range(q.size // TX_BATCH + 1):
+                chains = q.pop(TX_BATCH)
+                if not chains:
+                    break
+                q.push([(ch.head, 0) for ch in chains])
+                n += len(chains)
+        except PeerError as exc:
+            self._broken(self.spec.tx.index, str(exc))
+            return n
+        self.port.tx_dropped += n
+        if n and q.should_notify():
+            self._signal(self.spec.tx.index)
+        return n
 
     def next_avail(self) -> tuple[int, int]:
         """Give back the rx reserve; the (rx, tx) next-avail indexes to report."""
