@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from virtnet.errors import ProtocolError
+from virtnet.net import NetFeature
 from virtnet.vhost_user.backend import (
     DEFAULT_FEATURES,
-    F_VERSION_1,
     Backend,
     BackendConfig,
     NullEvents,
@@ -457,7 +457,7 @@ def test_offloads_are_configurable() -> None:
     plain = reply_u64(Backend().handle(msg(R.GET_FEATURES)))
     off = reply_u64(Backend(config=BackendConfig(offloads=True)).handle(msg(R.GET_FEATURES)))
     assert not plain & 0b11 and off & 0b11 == 0b11  # CSUM, GUEST_CSUM
-    assert plain & (1 << F_VERSION_1)
+    assert plain & NetFeature.VERSION_1
 
 
 # ---------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from typing import Protocol
 
 from virtnet.errors import GuestMemoryError, ProtocolError
 from virtnet.memory import MAX_REGIONS, GuestMemory, MemoryRegion
+from virtnet.net import MAX_MTU, MIN_MTU, NetFeature
 from virtnet.vhost_user.codec import (
     F_PROTOCOL_FEATURES,
     MAX_RINGS,
@@ -72,6 +73,7 @@ from virtnet.vhost_user.codec import (
     close_fds,
     encode_reply,
 )
+from virtnet.virtq import AVAIL_ALIGN, DESC_ALIGN, DESC_SIZE, MAX_QUEUE_SIZE, USED_ALIGN
 
 __all__ = [
     "DEFAULT_FEATURES",
@@ -86,63 +88,34 @@ __all__ = [
     "RingConfig",
 ]
 
-# virtio feature bits (virtio 1.3 section 5.1.3 "Feature bits" for net,
-# section 6 "Reserved Feature Bits" for the transport ones).
-F_CSUM = 0
-F_GUEST_CSUM = 1
-F_MTU = 3
-F_MAC = 5
-F_GUEST_TSO4 = 7
-F_GUEST_TSO6 = 8
-F_HOST_TSO4 = 11
-F_HOST_TSO6 = 12
-F_MRG_RXBUF = 15
-F_STATUS = 16
-F_MQ = 22
-F_INDIRECT_DESC = 28
-F_EVENT_IDX = 29
-F_VERSION_1 = 32
-
 #: virtio 1.3 section 5.1.6.5.5: a device offers at most 0x8000 queue pairs;
 #: vhost-user's 8-bit ring index in SET_VRING_KICK/CALL/ERR caps us at 128.
 MAX_QUEUE_PAIRS = MAX_RINGS // 2
 
 #: virtio 1.3 section 2.7: "Queue Size ... maximum Queue Size is 32768",
 #: and for split virtqueues it is a power of 2.
-MAX_VRING_SIZE = 32768
-
-#: virtio 1.3 section 2.7 alignment of the three split-ring parts.
-DESC_ALIGN = 16
-AVAIL_ALIGN = 2
-USED_ALIGN = 4
-DESC_SIZE = 16
-
-#: virtio 1.3 section 5.1.4.1: "The device MUST NOT ... MTU ... less than 68";
-#: the config field is a u16.
-MIN_MTU = 68
-MAX_MTU = 65535
+MAX_VRING_SIZE = MAX_QUEUE_SIZE
 
 #: virtio 1.3 section 2.1 device status: the field is one byte.
 MAX_STATUS = 0xFF
 
-DEFAULT_FEATURES = (
-    (1 << F_VERSION_1)
-    | (1 << F_MQ)
-    | (1 << F_MRG_RXBUF)
-    | (1 << F_EVENT_IDX)
-    | (1 << F_INDIRECT_DESC)
-    | (1 << F_MTU)
-    | (1 << F_STATUS)
-    | (1 << F_PROTOCOL_FEATURES)
-)
+DEFAULT_FEATURES = int(
+    NetFeature.VERSION_1
+    | NetFeature.MQ
+    | NetFeature.MRG_RXBUF
+    | NetFeature.EVENT_IDX
+    | NetFeature.INDIRECT_DESC
+    | NetFeature.MTU
+    | NetFeature.STATUS
+) | (1 << F_PROTOCOL_FEATURES)
 #: CSUM/GUEST_CSUM/TSO: only when the port can do them (BackendConfig.offloads).
-OFFLOAD_FEATURES = (
-    (1 << F_CSUM)
-    | (1 << F_GUEST_CSUM)
-    | (1 << F_HOST_TSO4)
-    | (1 << F_HOST_TSO6)
-    | (1 << F_GUEST_TSO4)
-    | (1 << F_GUEST_TSO6)
+OFFLOAD_FEATURES = int(
+    NetFeature.CSUM
+    | NetFeature.GUEST_CSUM
+    | NetFeature.HOST_TSO4
+    | NetFeature.HOST_TSO6
+    | NetFeature.GUEST_TSO4
+    | NetFeature.GUEST_TSO6
 )
 
 _PF = ProtocolFeature
@@ -227,7 +200,7 @@ class RingConfig:
 
     @property
     def event_idx(self) -> bool:
-        return bool(self.features >> F_EVENT_IDX & 1)
+        return bool(self.features & NetFeature.EVENT_IDX)
 
 
 class BackendEvents(Protocol):
