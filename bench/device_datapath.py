@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from virtnet.demo import GUEST_MAC, build_frame, reflect
 from virtnet.device import VirtioNetDevice
@@ -119,15 +121,26 @@ def bench_rx(size: int, seconds: float, batch: int) -> float:
 
 def bench_dpdk(seconds: float) -> float | None:
     """DPDK virtio-user txonly -> vhost rxonly, 64 B, one queue: packets per second."""
-    try:
-        dpdk = importlib.import_module("virtnet.testing.dpdk")
-    except ImportError:
+    dpdk = importlib.import_module("virtnet.testing.dpdk")
+    if dpdk.skip_reason() is not None:
         return None
-    fn = getattr(dpdk, "virtio_user_to_vhost_pps", None)
-    if fn is None or not dpdk.available():
-        return None
-    result = fn(queues=1, size=64, seconds=seconds)
-    return float(result) if result else None
+    with tempfile.TemporaryDirectory(prefix="vnbench") as tmp:
+        sock = Path(tmp) / "vhost.sock"
+        with dpdk.TestPmd.vhost(sock, queues=1, fwd="rxonly", lcores="0-1") as rx:
+            rx.start_forwarding()
+            with dpdk.TestPmd.virtio_user(
+                sock, queues=1, fwd="txonly", lcores="0-1", main_lcore=1, extra_app=["--txpkts=64"]
+            ) as tx:
+                time.sleep(0.5)  # link up
+                before = rx.port_stats()[0].rx_packets
+                t0 = time.monotonic()
+                tx.start_forwarding()
+                time.sleep(seconds)
+                tx.stop_forwarding()
+                elapsed = time.monotonic() - t0
+                time.sleep(0.2)
+                got = rx.port_stats()[0].rx_packets - before
+    return got / elapsed
 
 
 def main() -> int:
