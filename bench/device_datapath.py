@@ -140,7 +140,7 @@ def bench_dpdk(seconds: float) -> float | None:
                 elapsed = time.monotonic() - t0
                 time.sleep(0.2)
                 got = rx.port_stats()[0].rx_packets - before
-    return got / elapsed
+    return float(got) / elapsed
 
 
 def main() -> int:
