@@ -368,6 +368,23 @@ class DeviceQueue:
         r.used[1] = idx
         self.used_idx = idx
 
+    def push_heads(self, heads: Sequence[int], length: int = 0) -> None:
+        """Return chains that all wrote ``length`` bytes (transmit: 0); one publish."""
+        if not heads:
+            return
+        r = self._r
+        ring = r.used_ring
+        mask = r.mask
+        idx = self.used_idx
+        for head in heads:
+            j = (idx & mask) << 1
+            ring[j] = head
+            ring[j + 1] = length
+            idx += 1
+        idx &= 0xFFFF
+        r.used[1] = idx
+        self.used_idx = idx
+
     def push_one(self, head: int, length: int) -> None:
         """Return one chain and publish the used index."""
         r = self._r
