@@ -5,7 +5,8 @@ frontend; busy-polls one core).  The backend under test is, in turn,
 
 * ``virtnet``: ``virtnet serve --port null`` (txonly) or ``--port loopback``
   (io pingpong), one worker process per queue pair, pinned with ``taskset``
-  to the CPUs testpmd's forwarding core does not spin on;
+  to CPU 0 (testpmd's peer forwards on CPU 1), eventfd wake-ups;
+* ``virtnet-poll``: the same with ``--poll-us`` (default 1000) busy polling;
 * ``dpdk``: a second testpmd with ``net_vhost0`` (``rxonly`` for txonly,
   ``io`` for pingpong: every packet goes back on the queue it came in),
   forwarding on the other CPU.
@@ -120,10 +121,10 @@ def one(
     peer_lcores = "0-1"  # main lcore 0, forwarding on 1
     fwd = "txonly" if mode == "txonly" else "io"
     with contextlib.ExitStack() as stack:
-        if backend == "virtnet":
-            sock, stats, proc = stack.enter_context(
-                _virtnet(tmp, "null" if mode == "txonly" else "loopback", queues, [0], poll_us)
-            )
+        if backend in ("virtnet", "virtnet-poll"):
+            port = "null" if mode == "txonly" else "loopback"
+            poll = poll_us if backend == "virtnet-poll" else 0
+            sock, stats, proc = stack.enter_context(_virtnet(tmp, port, queues, [0], poll))
 
             def cpu() -> float:
                 return _virtnet_cpu(proc, stats)
@@ -192,8 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--queues", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 1518])
     ap.add_argument("--modes", nargs="+", default=["txonly", "pingpong"])
-    ap.add_argument("--backends", nargs="+", default=["virtnet", "dpdk"])
-    ap.add_argument("--poll-us", type=int, default=0)
+    ap.add_argument("--backends", nargs="+", default=["virtnet", "virtnet-poll", "dpdk"])
+    ap.add_argument("--poll-us", type=int, default=1000, help="for virtnet-poll")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     reason = skip_reason()
@@ -211,8 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f = one(backend, mode, q, size, args.seconds, tmp, args.poll_us)
                         figures.append(f)
                         row[backend] = f
-                    v, p = row.get("virtnet"), row.get("dpdk")
-                    ratio = f"{v.pps / p.pps:.3f}" if v and p and p.pps else "-"
+                    p = row.get("dpdk")
+                    ratios = [
+                        f"{name}/dpdk = {f.pps / p.pps:.3f}"
+                        for name, f in row.items()
+                        if name != "dpdk" and p and p.pps
+                    ]
                     for f in row.values():
                         print(
                             f"{f.mode:8} q={f.queues} {f.size:5}B {f.backend:8}"
@@ -221,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f" (backend CPU {f.backend_cpu_share:4.2f})",
                             flush=True,
                         )
-                    print(f"{'':8}   virtnet/dpdk = {ratio}", flush=True)
+                    print(f"{'':8}   " + ", ".join(ratios), flush=True)
     if args.json:
         args.json.write_text(json.dumps([asdict(f) for f in figures], indent=2))
     return 0

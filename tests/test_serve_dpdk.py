@@ -149,3 +149,29 @@ def test_testpmd_io_forwarding_on_two_queues_then_one(
         pmd.close()
     log = (tmp / "serve.log").read_text()
     assert "negotiated features" in log and "ring 3 disabled" in log
+
+
+def test_client_mode_dials_testpmd_server(tmp_path: Path) -> None:
+    """``serve --client``: testpmd's virtio-user listens (server=1), serve dials with retry."""
+    from virtnet.testing.dpdk import TestPmd, skip_reason
+
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    sock, stats, log = tmp_path / "vu.sock", tmp_path / "stats.sock", tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "virtnet.cli", "-v", "serve", "--client", "--socket",
+             str(sock), "--port", "null", "--queues", "1", "--stats-socket", str(stats)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        assert wait_for(stats.exists, timeout=20), log.read_text()
+        with TestPmd.virtio_user(sock, server=True, fwd="txonly") as pmd:
+            pmd.start_forwarding()
+            assert wait_for(lambda: _pairs(stats)[0]["tx_packets"] > 10000, timeout=20), (
+                log.read_text()[-2000:]
+            )
+            pmd.stop_forwarding()
+    finally:
+        assert _stop(proc) == 0
