@@ -23,6 +23,10 @@ Backend invariants (as ``drivers/net/xen-netback/netback.c``):
   granted rx pages.
 * rx frames are steered by the control-ring hash (when configured); a frame
   for another queue is handed to that queue's worker through its mailbox.
+* No frame is lost uncounted: a good guest frame the port refuses is
+  ``tx_dropped`` (``tx_packets`` counts only frames the port took); frames
+  the port discarded while receiving are mirrored as ``rx_port_dropped``;
+  frames lost here are ``rx_dropped``.
 
 Frontend invariants (as ``drivers/net/xen-netfront.c``): a response id must
 name a request in flight and an rx response's offset + status must fit its
@@ -114,6 +118,8 @@ COUNTER_NAMES: Final = (
     "rx_errors",
     "rx_dropped",
     "rx_forwarded",
+    "tx_dropped",
+    "rx_port_dropped",
 )
 
 
@@ -277,9 +283,13 @@ class BackendQueue:
                     else:
                         hdr[:] = b"\x00" * VNET_HDR_LEN
                     if status == NETIF_RSP_OKAY:
-                        send(bufs)  # a host-side drop is the port's to count
-                        c["tx_packets"] += 1
-                        c["tx_bytes"] += size
+                        # The guest's packet was good (NETIF_RSP_OKAY) even when the
+                        # host side refuses it; that loss is counted, not hidden.
+                        if send(bufs):
+                            c["tx_packets"] += 1
+                            c["tx_bytes"] += size
+                        else:
+                            c["tx_dropped"] += 1
             # Responses: one per slot consumed, in order.
             rsp = ring.rsp_prod_pvt
             TX_RSP.pack_into(page, _SH + (rsp & mask) * esz, rid, status)
@@ -421,6 +431,7 @@ class BackendQueue:
             c["rx_packets"] += 1
             c["rx_bytes"] += data_len
             done += 1
+        c["rx_port_dropped"] = self.port.rx_dropped
         notify = ring.push_responses_and_check_notify() if done else False
         return done, notify, blocked
 
