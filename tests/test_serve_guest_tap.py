@@ -108,6 +108,8 @@ def _enabled_is(s: Setup, n: int) -> bool:
 
 
 def test_channels_follow_and_ping(setup: Setup) -> None:
+    """ethtool -L 1, 2, 4, 1: serve follows; ping; iperf3 -P 4 both ways uses every
+    enabled queue (rx and tx, ethtool -S deltas) and no disabled one."""
     g = setup.guest
     assert g.channels().max_combined == QUEUES
     for n in (1, 2, 4, 1):
@@ -115,6 +117,17 @@ def test_channels_follow_and_ping(setup: Setup) -> None:
         assert g.channels().combined == n
         assert wait_for(partial(_enabled_is, setup, n), timeout=10), setup.pairs()
         assert g.ping(HOST_IP, count=2), g.console_tail()
+        before = g.ethtool_stats()
+        _iperf_both_ways(setup, streams=4, seconds=2)
+        for _ in range(4):
+            after = g.ethtool_stats()
+            rx, tx = queue_deltas(before, after, "rx"), queue_deltas(before, after, "tx")
+            if all(rx.get(q, 0) > 0 and tx.get(q, 0) > 0 for q in range(n)):
+                break
+            _iperf_both_ways(setup, streams=8, seconds=1)
+        assert all(rx.get(q, 0) > 0 for q in range(n)), (n, rx)
+        assert all(tx.get(q, 0) > 0 for q in range(n)), (n, tx)
+        assert all(d.get(q, 0) == 0 for d in (rx, tx) for q in range(n, QUEUES)), (n, rx, tx)
     assert setup.ns.ping(GUEST_IP, count=2)
 
 

@@ -536,6 +536,9 @@ class Supervisor:
         for pair in sorted(self.workers):
             self._stop_worker(pair)
         self.closed = True
+        # No frontend: stop steering rx to this VM's queues until it is back.
+        for pair in sorted(self.vm.enabled):
+            self.vm.set_enabled(pair, False)
         for r in self.rings:
             self._release(r)
         for reg in self.regions:

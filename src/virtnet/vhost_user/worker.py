@@ -121,6 +121,8 @@ _EVENTFD_ONE = struct.pack("=Q", 1)
 _STOP_REPLY = struct.Struct("=cHH")
 _CALL_MSG = struct.Struct("=cBB")
 _EPOLLIN = select.EPOLLIN
+_EPOLLHUP = select.EPOLLHUP
+_EPOLLERR = select.EPOLLERR
 _PR_SET_PDEATHSIG = 1
 _GUEST_GSO = int(NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6 | NetFeature.GUEST_UFO)
 
@@ -622,7 +624,7 @@ class Worker:
 
     def _handle_events(self, events: list[tuple[int, int]]) -> bool:
         kick_fds = self._kick_fds
-        for fd, _ev in events:
+        for fd, ev in events:
             if fd == self.ctl_fd:
                 if not self._ctl_ready():
                     return False
@@ -632,7 +634,24 @@ class Worker:
                     self.rx_stalled = False
             elif fd == self.port_fd:
                 self.port_readable = True
+                if ev & (_EPOLLHUP | _EPOLLERR):
+                    self._port_gone()
         return True
+
+    def _port_gone(self) -> None:
+        """The host side hung up (switch process gone): stop polling it, keep tx counted."""
+        fd = self.port_fd
+        if fd is None:
+            return
+        log.error("%s: port queue fd hung up; no more rx on this pair", self.name)
+        self.errors += 1
+        self.counters[_F["errors"]] = self.errors
+        with contextlib.suppress(OSError):
+            self.ep.unregister(fd)
+        self.port_fd = None
+        self._port_polled = False
+        self._pending = None
+        self.port_readable = False
 
     def run(self) -> None:
         """Serve until stopped; returns after the stop reply was sent."""
