@@ -33,7 +33,9 @@ import pytest
 
 import test_xen_netif as xen_netif
 from virtnet.testing.netns import NetNS, unique_name
+from virtnet.xen.client import XsClient
 from virtnet.xen.netfront import Netfront
+from virtnet.xen.xenbus import XenbusState, wait_for_state
 
 
 def _skip_reason() -> str | None:
@@ -237,6 +239,40 @@ def choose_addresses(nf: Netfront, mac: bytes) -> list[bytes]:
     raise AssertionError(f"no guest addresses cover {nq} queues: tx {tx_q} rx {rx_q}")
 
 
+def exchange(nf: Netfront, xs1: XsClient, per_address: int) -> tuple[Guest, int]:
+    """ARP for every guest address, then ICMP echo and UDP from each; (guest, per kind)."""
+    queues = len(nf.queues)
+    mac = bytes.fromhex(xs1.read(f"{xen_netif.FE}/mac").replace(":", ""))
+    ips = choose_addresses(nf, mac)
+    g = Guest(nf, mac, set(ips))
+
+    # ARP: the kernel answers each guest address's request (and learns it).
+    for i, ip in enumerate(ips):
+        g.send(i % queues, arp(1, mac, ip, bytes(6), NS_IP, BCAST))
+    g.wait(lambda: len(g.arp_replies) == len(ips), 10)
+    assert sorted(g.arp_replies) == sorted(ips), (g.arp_replies, g.unexpected)
+    tap_macs = set(g.arp_replies.values())
+    assert len(tap_macs) == 1, tap_macs
+    tap_mac = tap_macs.pop()
+
+    # ICMP echo and UDP from every address, on the queue the flow hash picks.
+    plan: list[tuple[str, bytes, int]] = []
+    token = 1
+    for n in range(per_address):
+        for ip in ips:
+            plan.append(("icmp", icmp_echo(mac, tap_mac, ip, token), token))
+            plan.append(("udp", udp(mac, tap_mac, ip, 20000 + n, token + 1), token + 1))
+            token += 2
+    deadline = time.monotonic() + 30
+    for kind, frame, tok in plan:
+        while len(g.outstanding) >= WINDOW and time.monotonic() < deadline:
+            g.pump()
+        g.outstanding[tok] = kind
+        g.send(nf.tx_queue_for(frame), frame)
+    g.wait(lambda: not g.outstanding, max(1.0, deadline - time.monotonic()))
+    return g, len(plan) // 2
+
+
 def _tap_stats(ns: NetNS, tap: str) -> dict[str, dict[str, int]]:
     out = json.loads(ns.ip("-s", "-j", "link", "show", "dev", tap))
     stats: dict[str, dict[str, int]] = out[0]["stats64"]
@@ -282,34 +318,7 @@ def test_tap_in_namespace_answers_every_queue(
     nf, xs1, hyp1 = xen_netif._front(env, queues)
     try:
         nf.connect()
-        mac = bytes.fromhex(xs1.read(f"{xen_netif.FE}/mac").replace(":", ""))
-        ips = choose_addresses(nf, mac)
-        g = Guest(nf, mac, set(ips))
-
-        # ARP: the kernel answers each guest address's request (and learns it).
-        for i, ip in enumerate(ips):
-            g.send(i % queues, arp(1, mac, ip, bytes(6), NS_IP, BCAST))
-        g.wait(lambda: len(g.arp_replies) == len(ips), 10)
-        assert sorted(g.arp_replies) == sorted(ips), (g.arp_replies, g.unexpected)
-        tap_macs = set(g.arp_replies.values())
-        assert len(tap_macs) == 1, tap_macs
-        tap_mac = tap_macs.pop()
-
-        # ICMP echo and UDP from every address, on the queue the flow hash picks.
-        plan: list[tuple[str, bytes, int]] = []
-        token = 1
-        for n in range(PER_ADDRESS):
-            for ip in ips:
-                plan.append(("icmp", icmp_echo(mac, tap_mac, ip, token), token))
-                plan.append(("udp", udp(mac, tap_mac, ip, 20000 + n, token + 1), token + 1))
-                token += 2
-        deadline = time.monotonic() + 30
-        for kind, frame, tok in plan:
-            while len(g.outstanding) >= WINDOW and time.monotonic() < deadline:
-                g.pump()
-            g.outstanding[tok] = kind
-            g.send(nf.tx_queue_for(frame), frame)
-        g.wait(lambda: not g.outstanding, max(1.0, deadline - time.monotonic()))
+        g, expected = exchange(nf, xs1, PER_ADDRESS)
         g.wait(lambda: False, 0.3)  # drain: anything late is seen and counted below
         tap_stats = _tap_stats(ns, tap)
         fq_errors = [
@@ -320,7 +329,6 @@ def test_tap_in_namespace_answers_every_queue(
         rc, out = xen_netif._finish(nb, nf, xs1, hyp1)
 
     assert rc == 0, out
-    expected = len(plan) // 2
     assert not g.outstanding, f"{len(g.outstanding)} requests unanswered; netback: {out}"
     assert g.answered == {"icmp": expected, "udp": expected}, g.answered
     assert g.duplicates == 0 and not g.unexpected, g.unexpected[:5]
@@ -343,3 +351,45 @@ def test_tap_in_namespace_answers_every_queue(
         c["rx_packets"] for c in nb_q
     ), (tap_stats, nb_q)  # fmt: skip
     assert tap_stats["rx"]["dropped"] == tap_stats["tx"]["dropped"] == 0, tap_stats
+
+
+def test_tap_persistent_backend_serves_a_reconnecting_frontend(
+    env: xen_netif.Env, netns: tuple[NetNS, str]
+) -> None:
+    """netback --persist keeps the tap across sessions: 2 queues, then 4, then 1."""
+    ns, tap = netns
+    echo = ns.popen(
+        [sys.executable, "-c", UDP_ECHO, NS_CIDR.split("/", maxsplit=1)[0], str(UDP_PORT)],
+        stdout=subprocess.PIPE,
+    )
+    assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+    nb = ns.popen(
+        [sys.executable, "-m", "virtnet.xen.netback", "--xenstore", env.xs_sock,
+         "--hypervisor", env.hyp_sock, "--domid", "1", "--max-queues", "4", "--persist",
+         "--port", f"tap:{tap}", "--timeout", "90"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        for queues in (2, 4, 1):
+            nf, xs1, hyp1 = xen_netif._front(env, queues)
+            try:
+                nf.connect()
+                g, expected = exchange(nf, xs1, 5)
+            finally:
+                nf.close()
+                xs1.close()
+                hyp1.close()
+            assert g.answered == {"icmp": expected, "udp": expected}, (queues, g.answered)
+            assert not g.misrouted and not g.unexpected, (g.misrouted, g.unexpected)
+            assert all(n > 0 for n in g.sent) and all(n > 0 for n in g.received), (g.sent,)
+            wait_for_state(env.xs, f"{xen_netif.BE}/state", {XenbusState.CLOSED}, 20, "tp")
+            assert nb.poll() is None, nb.communicate()[0]
+        env.xs.write(f"{xen_netif.BE}/online", "0")  # the toolstack takes the device away
+        env.xs.write(f"{xen_netif.FE}/state", "6")
+        out, _ = nb.communicate(timeout=30)
+    finally:
+        if nb.poll() is None:
+            nb.kill()
+            nb.wait()
+    assert nb.returncode == 0, out
+    assert len(_netback_counters(out)) == 1, out  # the last session's queue

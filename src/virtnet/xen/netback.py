@@ -105,6 +105,8 @@ class Netback:
         self.handle = handle
         self.max_queues = max_queues
         self.port = make_port(port_spec)
+        #: A tap port registers its queues; they must be released between sessions.
+        self._release_port_queues = port_spec.startswith("tap:")
         self.backend_domid = backend_domid
         self.persist = persist
         self.sessions = 0
@@ -307,6 +309,9 @@ class Netback:
             b.close()
         for q in port_queues:
             q.close()
+        if self._release_port_queues:
+            # The workers hold the queue fds now; the next session opens fresh ones.
+            self.port.close()
 
     def _disconnect(self) -> None:
         conn, self.conn = self.conn, None
