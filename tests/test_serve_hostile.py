@@ -31,6 +31,7 @@ from virtnet.vhost_user.codec import (
     MemTable,
     Request,
     VringAddr,
+    VringFd,
     VringState,
     encode_request,
 )
@@ -186,6 +187,40 @@ def test_hostile_client_is_dropped_and_other_vm_keeps_working(
 
             assert wait_for(broken, timeout=10), log.read_text()[-3000:]
             assert _echo(fe) == 20
+
+        # 7. A session whose kick "eventfd" is a regular file and whose call fd
+        #    is the read end of a pipe: those rings are refused, nothing crashes.
+        s = _raw(bad)
+        mem = os.memfd_create("mem", 0)
+        os.ftruncate(mem, 1 << 20)
+        kick = os.memfd_create("not-an-eventfd", 0)
+        call_r, call_w = os.pipe()
+        try:
+            s.sendall(encode_request(Request.SET_OWNER))
+            s.sendall(encode_request(Request.SET_FEATURES, U64(1 << 32)))
+            socket.send_fds(s, [encode_request(Request.SET_MEM_TABLE, table)], [mem])
+            for idx in (0, 1):
+                base = 0x10000000 + 0x10000 * (idx + 1)
+                s.sendall(encode_request(Request.SET_VRING_NUM, VringState(idx, 256)))
+                s.sendall(encode_request(Request.SET_VRING_BASE, VringState(idx, 0)))
+                s.sendall(
+                    encode_request(
+                        Request.SET_VRING_ADDR,
+                        VringAddr(idx, 0, base, base + 0x2000, base + 0x1000, 0),
+                    )
+                )
+                socket.send_fds(s, [encode_request(Request.SET_VRING_CALL, VringFd(idx, False))],
+                                [call_r])  # fmt: skip
+                socket.send_fds(s, [encode_request(Request.SET_VRING_KICK, VringFd(idx, False))],
+                                [kick])  # fmt: skip
+            assert wait_for(lambda: "kick fd cannot be polled" in log.read_text(), timeout=10), (
+                log.read_text()[-3000:]
+            )
+            assert _echo(fe) == 20
+        finally:
+            s.close()
+            for fd in (mem, kick, call_r, call_w):
+                os.close(fd)
 
     text = log.read_text()
     assert "dropping frontend" in text

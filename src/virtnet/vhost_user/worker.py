@@ -263,9 +263,15 @@ class Worker:
         self._kick_fds: dict[int, int] = {}
         for ring in (spec.rx, spec.tx):
             if ring.kick_fd is not None:
-                os.set_blocking(ring.kick_fd, False)
+                try:
+                    os.set_blocking(ring.kick_fd, False)
+                    self.ep.register(ring.kick_fd, _EPOLLIN)
+                except OSError as exc:
+                    # A frontend's kick "eventfd" that cannot be polled (a
+                    # regular file, ...): that ring cannot be served.
+                    self._broken(ring.index, f"kick fd cannot be polled: {exc}")
+                    continue
                 self._kick_fds[ring.kick_fd] = ring.index
-                self.ep.register(ring.kick_fd, _EPOLLIN)
         self.ctl_fd = ctl.fileno()
         self.ep.register(self.ctl_fd, _EPOLLIN)
         self.port_fd = self.port.fileno()
@@ -329,7 +335,13 @@ class Worker:
                 os.write(fd, _EVENTFD_ONE)
             except OSError as exc:
                 if exc.errno != errno.EAGAIN:
-                    log.warning("%s: call fd of ring %d: %s", self.name, index, exc)
+                    # Not an eventfd we can signal: say so once, stop using it.
+                    log.error("%s: call fd of ring %d unusable, no more interrupts: %s",
+                              self.name, index, exc)  # fmt: skip
+                    self.errors += 1
+                    self.counters[_F["errors"]] = self.errors
+                    self.call[index] = None
+                    os.close(fd)
             self.calls += 1
 
     def tx_batch(self) -> int:
