@@ -162,3 +162,58 @@ def test_usage_errors(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert res.returncode == 2 and "template" in res.stderr
+
+
+@pytest.mark.parametrize("offloads", [True, False])
+def test_offered_features(tmp_path: Path, offloads: bool) -> None:
+    import socket as _socket
+
+    from virtnet.net import NetFeature
+    from virtnet.vhost_user.codec import Request, encode_request
+
+    sock, stats = tmp_path / "vm.sock", tmp_path / "stats.sock"
+    argv = [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock),
+            "--port", "null", "--queues", "16", "--stats-socket", str(stats)]  # fmt: skip
+    if not offloads:
+        argv.append("--no-offloads")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(stats.exists, timeout=20)
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(str(sock))
+        s.sendall(encode_request(Request.GET_FEATURES))
+        reply = s.recv(64)
+        s.close()
+        feats = struct.unpack_from("<Q", reply, 12)[0]
+        must = (
+            NetFeature.VERSION_1 | NetFeature.MQ | NetFeature.MRG_RXBUF | NetFeature.EVENT_IDX
+            | NetFeature.INDIRECT_DESC | NetFeature.MTU | NetFeature.STATUS
+        )  # fmt: skip
+        assert feats & must == must
+        off = NetFeature.CSUM | NetFeature.GUEST_CSUM | NetFeature.HOST_TSO4 | NetFeature.GUEST_TSO6
+        assert bool(feats & off == off) is offloads
+        assert not (feats & off) or offloads
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
+def test_sixteen_pairs(tmp_path: Path) -> None:
+    sock, stats = tmp_path / "vm.sock", tmp_path / "stats.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock), "--port",
+         "loopback", "--queues", "16", "--stats-socket", str(stats)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert wait_for(stats.exists, timeout=20)
+        with VhostUserFrontend(sock, queue_pairs=16, mac=MAC_A) as fe:
+            assert fe.set_queue_pairs(16)
+            assert wait_for(lambda: sum(p["enabled"] for p in _pairs(stats)) == 16, timeout=20)
+            for p in (0, 7, 15):
+                assert _echo(fe, 8, pair=p) == 8, p
+            assert len({p["pid"] for p in _pairs(stats)}) == 16
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

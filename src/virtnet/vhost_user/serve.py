@@ -9,10 +9,14 @@ process per running queue pair.
 Invariants:
 
 * Features offered: VERSION_1, MQ (``--queues`` pairs, 1..MAX_QUEUE_PAIRS),
-  MRG_RXBUF, EVENT_IDX, INDIRECT_DESC, MTU, STATUS and the checksum/TSO
-  offloads (every port kind carries them: tap via TUNSETOFFLOAD after
-  negotiation, the switch checks each receiver's offloads, loopback and
-  null carry anything).
+  MRG_RXBUF, EVENT_IDX, INDIRECT_DESC, MTU, STATUS and, unless
+  ``--no-offloads``, CSUM/GUEST_CSUM/HOST_TSO4/6/GUEST_TSO4/6: tap applies
+  what the guest accepted with TUNSETOFFLOAD; loopback and null carry
+  anything; the switch is told each VM's rx offloads and drops (counting)
+  a GSO/partial-checksum frame for a VM that declined them -- every VM it
+  serves is offered GUEST_CSUM/TSO, so this only bites a driver that
+  declines them, and ``--no-offloads`` is the switch setting for such
+  guests (no sender then produces GSO frames).
 * ``tap:IF`` belongs to one VM: with several sockets the name must be a
   template (``tap:vn%d`` or ``tap:vn{}``, replaced by the VM's index);
   otherwise :class:`~virtnet.errors.UsageError`.
@@ -105,6 +109,7 @@ class Daemon:
         client: bool = False,
         poll_us: int = 0,
         stats_socket: str | None = None,
+        offloads: bool = True,
     ) -> None:
         if not sockets:
             raise UsageError("at least one --socket is needed")
@@ -116,6 +121,7 @@ class Daemon:
             raise UsageError("the same --socket given twice")
         self.queues = queues
         self.poll_us = poll_us
+        self.offloads = offloads
         self.server = Server()
         self.vms: list[_Vm] = []
         self._shared: Port | None = None
@@ -153,7 +159,7 @@ class Daemon:
             raise
 
     def _factory(self, vm: _Vm) -> Any:
-        config = BackendConfig(max_queue_pairs=self.queues, offloads=True)
+        config = BackendConfig(max_queue_pairs=self.queues, offloads=self.offloads)
 
         def make() -> Backend:
             sup = Supervisor(vm.vmport, poll_us=self.poll_us)
@@ -288,6 +294,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--poll-us", type=int, default=0, help="busy-poll this long before sleeping"
     )
     parser.add_argument("--stats-socket", metavar="PATH", help="serve counters for virtnet stats")
+    parser.add_argument(
+        "--no-offloads",
+        dest="offloads",
+        action="store_false",
+        help="do not offer checksum/TSO offloads (guests that decline GUEST_TSO on a switch)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -298,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
         client=args.client,
         poll_us=args.poll_us,
         stats_socket=args.stats_socket,
+        offloads=args.offloads,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
