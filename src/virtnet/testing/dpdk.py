@@ -19,6 +19,10 @@ Invariants:
 
 * Every wait (startup, prompt, exit) has a deadline; a testpmd that does not
   answer raises :class:`TestPmdError` and is killed.
+* testpmd's output pipe is drained all the time by a reader thread: the vhost
+  library logs every vhost-user message to it, and a full pipe would block
+  testpmd's vhost thread in ``write`` (a stuck backend, not a slow one).
+  Only the last :data:`MAX_OUTPUT` bytes are kept.
 * The process is gone when :meth:`TestPmd.close` (or ``__exit__``) returns,
   whatever happened before.
 * The ``virtnet`` package proper never imports this module.
@@ -30,10 +34,10 @@ import contextlib
 import itertools
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +65,8 @@ COMMAND_TIMEOUT = 10.0
 #: Seconds to wait for exit after ``quit`` / SIGTERM before escalating.
 EXIT_TIMEOUT = 10.0
 PROMPT = b"testpmd> "
+#: Bytes of testpmd output kept in memory (the tail; the log file gets all).
+MAX_OUTPUT = 1 << 20
 
 _COUNTER = itertools.count()
 
@@ -172,6 +178,10 @@ class TestPmd:
         self.main_lcore = main_lcore if main_lcore is not None else min(self.lcores)
         self.log_path = Path(log_path) if log_path is not None else None
         self.output = bytearray()
+        self._total = 0  # bytes ever read (output holds the last MAX_OUTPUT of them)
+        self._cond = threading.Condition()
+        self._eof = False
+        self._reader: threading.Thread | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -240,69 +250,83 @@ class TestPmd:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        self._reader = threading.Thread(target=self._read_loop, name="testpmd-out", daemon=True)
+        self._reader.start()
         try:
-            self._read_until_prompt(timeout)
+            self._wait_prompt(0, timeout)
         except BaseException:
             self.close()
             raise
         return self
 
-    def _read_until_prompt(self, timeout: float) -> bytes:
+    def _read_loop(self) -> None:
         proc = self.proc
-        if proc is None or proc.stdout is None:
-            raise TestPmdError("testpmd not started")
+        assert proc is not None and proc.stdout is not None
         fd = proc.stdout.fileno()
-        start = len(self.output)
+        log = self.log_path.open("ab") if self.log_path is not None else None
+        try:
+            while True:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    data = b""
+                if log is not None and data:
+                    log.write(data)
+                with self._cond:
+                    if not data:
+                        self._eof = True
+                        self._cond.notify_all()
+                        return
+                    self.output += data
+                    self._total += len(data)
+                    if len(self.output) > MAX_OUTPUT:
+                        del self.output[: len(self.output) - MAX_OUTPUT]
+                    self._cond.notify_all()
+        finally:
+            if log is not None:
+                log.close()
+
+    def _wait_prompt(self, since: int, timeout: float) -> bytes:
+        """Wait for a prompt printed after stream offset ``since``; return the output since."""
         deadline = time.monotonic() + timeout
-        while True:
-            if self.output.endswith(PROMPT) and len(self.output) > start:
-                return bytes(self.output[start:])
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TestPmdError(f"testpmd gave no prompt within {timeout:g}s: {self.tail()}")
-            r, _, _ = select.select([fd], [], [], min(left, 0.5))
-            if not r:
-                continue
-            data = os.read(fd, 65536)
-            if not data:
-                raise TestPmdError(f"testpmd exited (status {proc.poll()}): {self.tail()}")
-            self.output += data
-            if self.log_path is not None:
-                with self.log_path.open("ab") as f:
-                    f.write(data)
+        with self._cond:
+            while True:
+                if self._total > since and self.output.endswith(PROMPT):
+                    first = self._total - len(self.output)
+                    return bytes(self.output[max(0, since - first) :])
+                if self._eof:
+                    status = self.proc.poll() if self.proc is not None else None
+                    raise TestPmdError(f"testpmd exited (status {status}): {self._tail_locked()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TestPmdError(
+                        f"testpmd gave no prompt within {timeout:g}s: {self._tail_locked()}"
+                    )
+                self._cond.wait(min(left, 0.5))
 
     def drain_output(self) -> None:
-        """Read whatever testpmd printed meanwhile (events) without blocking."""
-        proc = self.proc
-        if proc is None or proc.stdout is None:
-            return
-        fd = proc.stdout.fileno()
-        while True:
-            r, _, _ = select.select([fd], [], [], 0)
-            if not r:
-                return
-            data = os.read(fd, 65536)
-            if not data:
-                return
-            self.output += data
+        """Kept for callers: the reader thread drains testpmd's output continuously."""
+
+    def _tail_locked(self, n: int = 2000) -> str:
+        return bytes(self.output[-n:]).decode(errors="replace")
 
     def tail(self, n: int = 2000) -> str:
-        return bytes(self.output[-n:]).decode(errors="replace")
+        with self._cond:
+            return self._tail_locked(n)
 
     def command(self, cmd: str, timeout: float = COMMAND_TIMEOUT) -> str:
         """Send one command line; return its output up to the next prompt."""
         proc = self.proc
         if proc is None or proc.stdin is None or proc.poll() is not None:
             raise TestPmdError(f"testpmd is not running: {self.tail()}")
-        self.drain_output()
-        # Forget earlier prompts so we wait for the one after this command.
-        self.output += b"\n"
+        with self._cond:
+            since = self._total
         try:
             proc.stdin.write(cmd.encode() + b"\n")
             proc.stdin.flush()
         except BrokenPipeError:
             raise TestPmdError(f"testpmd closed its stdin: {self.tail()}") from None
-        return self._read_until_prompt(timeout).decode(errors="replace")
+        return self._wait_prompt(since, timeout).decode(errors="replace")
 
     def start_forwarding(self) -> None:
         self.command("start")
@@ -330,13 +354,14 @@ class TestPmd:
         return _cpu_seconds(self.pid) if self.proc is not None else 0.0
 
     def wait_for_log(self, needle: bytes, timeout: float = COMMAND_TIMEOUT) -> bool:
-        """Wait until ``needle`` appears in testpmd's output (events like link up)."""
+        """Wait until ``needle`` appears in testpmd's (kept) output, e.g. a link event."""
         deadline = time.monotonic() + timeout
-        while needle not in self.output:
-            if time.monotonic() > deadline:
-                return False
-            self.drain_output()
-            time.sleep(0.02)
+        with self._cond:
+            while needle not in self.output:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._eof:
+                    return False
+                self._cond.wait(min(left, 0.5))
         return True
 
     def close(self) -> None:
@@ -365,7 +390,9 @@ class TestPmd:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 proc.wait()
-            self.drain_output()
+            if self._reader is not None:
+                self._reader.join(EXIT_TIMEOUT)
+                self._reader = None
             for stream in (proc.stdin, proc.stdout):
                 if stream is not None:
                     with contextlib.suppress(OSError):

@@ -1013,7 +1013,14 @@ class VhostUserFrontend:
         return True
 
     def stop_rings(self) -> dict[int, int]:
-        """GET_VRING_BASE on every ring (the backend stops them); returns the bases."""
+        """Stop the device as QEMU's ``vhost_net_stop`` does; returns each ring's base.
+
+        Every enabled ring is disabled first (SET_VRING_ENABLE 0), then
+        GET_VRING_BASE stops each ring and reports the backend's next avail index.
+        """
+        for index in sorted(self.rings):
+            if self.rings[index].enabled:
+                self._set_enable(index, False)
         out: dict[int, int] = {}
         for index in sorted(self.rings):
             out[index] = self._call(Request.GET_VRING_BASE, VringState(index, 0), reply="state")
