@@ -225,8 +225,9 @@ def test_handshake_follows_qemu_order(sock: Path) -> None:
             R.SET_VRING_CALL]  # fmt: skip
     rings = reqs[len(head) : len(head) + 4 * len(ring)]
     assert rings == ring * 4  # rx0 tx0 rx1 tx1; the control queue never reaches the backend
-    assert reqs.count(R.SET_VRING_ENABLE) == 4
-    assert reqs[-4:] == [R.GET_VRING_BASE] * 4  # close() stops every ring
+    assert reqs.count(R.SET_VRING_ENABLE) == 4 + 2  # set-up: all 4; close: the 2 enabled
+    # close() stops like QEMU's vhost_net_stop: disable, then GET_VRING_BASE per ring.
+    assert reqs[-6:] == [R.SET_VRING_ENABLE] * 2 + [R.GET_VRING_BASE] * 4
     # SET_FEATURES acks only backend bits (+ bit 30), never CTRL_VQ.
     set_feat = next(m for m in be.seen if m.request is R.SET_FEATURES)
     assert isinstance(set_feat.body, U64)
@@ -252,9 +253,11 @@ def test_no_protocol_features_means_one_pair_and_a_sync_round_trip(sock: Path) -
         be.close()
     assert R.GET_PROTOCOL_FEATURES not in reqs
     assert not any(m.need_reply for m in be.seen)
+    # Without protocol features rings start enabled: SET_VRING_ENABLE is never sent.
+    assert R.SET_VRING_ENABLE not in reqs
     # Without REPLY_ACK a GET_FEATURES round trip proves the backend took the set-up.
-    enables = max(i for i, r in enumerate(reqs) if r is R.SET_VRING_ENABLE)
-    assert reqs[enables + 1] is R.GET_FEATURES
+    last_call = max(i for i, r in enumerate(reqs) if r is R.SET_VRING_CALL)
+    assert reqs[last_call + 1] is R.GET_FEATURES
 
 
 def test_configure_mem_slots_uses_add_mem_reg(sock: Path) -> None:

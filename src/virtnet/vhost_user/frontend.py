@@ -922,9 +922,19 @@ class VhostUserFrontend:
         self._call(Request.SET_VRING_KICK, VringFd(r.index, False), (r.kick_fd,))
         self._call(Request.SET_VRING_CALL, VringFd(r.index, False), (r.call_fd,))
 
+    @property
+    def _protocol_negotiated(self) -> bool:
+        return bool(self.backend_features >> VHOST_USER_F_PROTOCOL_FEATURES & 1)
+
     def _set_enable(self, index: int, on: bool) -> None:
-        self._call(Request.SET_VRING_ENABLE, VringState(index, int(on)))
-        self.rings[index].enabled = on
+        # vhost-user.rst, SET_VRING_ENABLE: "should be sent only when
+        # VHOST_USER_F_PROTOCOL_FEATURES has been negotiated"; without it every
+        # ring is enabled from the start and stays so (one pair: nothing to switch).
+        if self._protocol_negotiated:
+            self._call(Request.SET_VRING_ENABLE, VringState(index, int(on)))
+            self.rings[index].enabled = on
+        else:
+            self.rings[index].enabled = True
 
     def _used_idx(self, r: RingInfo) -> int:
         assert self.mem is not None
@@ -932,7 +942,7 @@ class VhostUserFrontend:
 
     def _setup(self, *, resume: bool) -> None:
         acked = self.acked_backend_features
-        if self.protocol_features or self.backend_features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
+        if self._protocol_negotiated:
             acked |= 1 << VHOST_USER_F_PROTOCOL_FEATURES
         self._call(Request.SET_FEATURES, U64(acked))
         self._send_memory()
@@ -1018,9 +1028,10 @@ class VhostUserFrontend:
         Every enabled ring is disabled first (SET_VRING_ENABLE 0), then
         GET_VRING_BASE stops each ring and reports the backend's next avail index.
         """
-        for index in sorted(self.rings):
-            if self.rings[index].enabled:
-                self._set_enable(index, False)
+        if self._protocol_negotiated:
+            for index in sorted(self.rings):
+                if self.rings[index].enabled:
+                    self._set_enable(index, False)
         out: dict[int, int] = {}
         for index in sorted(self.rings):
             out[index] = self._call(Request.GET_VRING_BASE, VringState(index, 0), reply="state")
