@@ -14,6 +14,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from virtnet.demo import PAYLOAD_OFF, build_frame
-from virtnet.pktgen import run_pktgen
+from virtnet.pktgen import PairCounters, PktgenResult, run_pktgen
 from virtnet.rr import run_rr
 from virtnet.vhost_user.frontend import VhostUserFrontend
 
@@ -162,5 +163,41 @@ def test_reconnect_after_serve_restarts(tmp_path: Path) -> None:
             frames = [build_frame(f, 9) for f in range(8)]
             assert fe.send(frames) == 8
             assert sorted(d[12:] for _, d in collect(fe, 8)) == sorted(f[12:] for f in frames)
+    finally:
+        fe.close()
+
+
+def test_pktgen_survives_a_daemon_restart(tmp_path: Path) -> None:
+    """The forked pair processes keep their rings; the parent reconnects under them."""
+    sock = tmp_path / "vm0.sock"
+    marks: list[tuple[float, int, int]] = []  # (elapsed, reconnects so far, tx packets)
+    fe = VhostUserFrontend(sock, queue_pairs=2, queue_size=256, timeout=10.0, fast=True)
+    stop_first = threading.Event()
+
+    def progress(elapsed: float, counters: list[PairCounters]) -> None:
+        marks.append((elapsed, fe.stats.reconnects, sum(c.tx_packets for c in counters)))
+        if elapsed > 1.0:
+            stop_first.set()
+
+    try:
+        with serve(tmp_path, "loopback", queues=2):
+            fe.open()
+            box: list[PktgenResult] = []
+            runner = threading.Thread(
+                target=lambda: box.append(
+                    run_pktgen(str(sock), queues=2, seconds=5.0, frontend=fe, progress=progress)
+                )
+            )
+            runner.start()
+            assert stop_first.wait(20)
+        # First daemon gone (SIGTERM); a new one on the same socket.
+        with serve(tmp_path, "loopback", queues=2):
+            runner.join(30)
+        assert box, "pktgen did not finish"
+        res = box[0]
+        assert res.reconnects == 1 and not res.failed_pairs
+        before = max(tx for _, rc, tx in marks if rc == 0)
+        after = max(tx for _, rc, tx in marks if rc == 1)
+        assert after > before  # traffic flowed again after the reconnect
     finally:
         fe.close()
