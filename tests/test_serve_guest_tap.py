@@ -10,6 +10,7 @@ flow, and -- last -- serve killed and restarted while the guest runs.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -87,6 +88,9 @@ def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                 vhost_user_netdev_args(sock, queues=QUEUES, reconnect_ms=500),
                 initramfs=guest_initramfs,
                 ip=f"{GUEST_IP}/24",
+                # room for a hot-plugged DIMM (memory table change at run time)
+                extra_args=["-m", "512M,slots=2,maxmem=1G"],
+                cmdline_extra="memhp_default_state=online",
             ) as guest:
                 s = Setup(guest, ns, tap, sock, stats, log, serve)
                 yield s
@@ -153,30 +157,73 @@ def test_iperf3_tcp_all_queues_used(setup: Setup) -> None:
 
 
 def test_rx_follows_tx_per_flow(setup: Setup) -> None:
-    """One TCP flow at a time (distinct client ports): rx comes back where tx went.
-
-    The guest picks the tx queue by the sending CPU (XPS), so a flow whose
-    sender migrates between the two vCPUs moves queues mid-run; the tap's
-    flow table follows it.  So per run, each queue's share of the rx packets
-    must match its share of the tx packets, and a flow seen on one tx queue
-    only must come back on that queue only.
-    """
+    """One TCP flow at a time (distinct client ports, iperf3 pinned to one vCPU so
+    the guest's XPS keeps the flow on one tx queue): its rx comes back on that
+    queue -- the tap's flow table steers rx to the queue the flow was sent on."""
     g = setup.guest
     g.set_channels(QUEUES)
     seen: set[int] = set()
     with setup.ns.iperf3_server():
-        for cport in range(40001, 40009):
+        for k, cport in enumerate(range(40001, 40009)):
             before = g.ethtool_stats()
-            out = g.iperf3(f"-c {HOST_IP} -P 1 -t 1 -i 0 --cport {cport}")
+            out = g.run(
+                f"taskset -c {k % 2} iperf3 -c {HOST_IP} -P 1 -t 1 -i 0 --cport {cport}",
+                timeout=60,
+            ).output
             assert "receiver" in out, out
             after = g.ethtool_stats()
             rx, tx = queue_deltas(before, after, "rx"), queue_deltas(before, after, "tx")
             nrx, ntx = sum(rx.values()), sum(tx.values())
-            assert nrx > 100 and ntx > 100, (rx, tx)
-            for q in range(QUEUES):
-                assert abs(rx[q] / nrx - tx[q] / ntx) < 0.1, (cport, rx, tx)
-            seen.update(q for q in range(QUEUES) if tx[q] > 0.5 * ntx)
+            txq = max(tx, key=lambda q: tx[q])
+            if tx[txq] < 0.9 * ntx:
+                continue  # the control connection was big, or XPS moved the flow
+            assert rx[txq] >= 0.9 * nrx, (cport, rx, tx)
+            seen.add(txq)
     assert len(seen) >= 2, seen
+
+
+def test_worker_killed_is_restarted_from_used_index(setup: Setup) -> None:
+    """SIGKILL one pair's worker under traffic: serve restarts it, traffic goes on."""
+    g = setup.guest
+    g.set_channels(QUEUES)
+    assert wait_for(partial(_enabled_is, setup, QUEUES), timeout=10)
+    before = setup.pairs()
+    victim = before[1]["pid"]
+    others = [before[q]["pid"] for q in (0, 2, 3)]
+    with setup.ns.iperf3_server():
+        g.run(f"iperf3 -c {HOST_IP} -P 4 -t 4 -i 0 >/tmp/bg.log 2>&1 &")
+        time.sleep(1.5)
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for(lambda: setup.pairs()[1]["restarts"] >= 1, timeout=10)
+        time.sleep(4)
+        out = g.run("cat /tmp/bg.log").output
+        assert "receiver" in out, out
+        _iperf_both_ways(setup, streams=4, seconds=2)
+    after = setup.pairs()
+    assert after[1]["pid"] not in (0, victim)
+    assert [after[q]["pid"] for q in (0, 2, 3)] == others
+    assert after[1]["rx_packets"] > before[1]["rx_packets"]
+    assert "resumes from used index" in setup.log.read_text()
+
+
+def test_memory_hotplug_remaps_running_workers(setup: Setup) -> None:
+    """A DIMM plugged at run time: QEMU sends ADD_MEM_REG, every worker is
+    stopped, remapped and restarted before the reply; traffic goes on."""
+    g = setup.guest
+    g.set_channels(QUEUES)
+    assert wait_for(partial(_enabled_is, setup, QUEUES), timeout=10)
+    before = [p["pid"] for p in setup.pairs()]
+    g.qmp("object-add", {"qom-type": "memory-backend-memfd", "id": "hp0",
+                         "size": 256 << 20, "share": True})  # fmt: skip
+    g.qmp("device_add", {"driver": "pc-dimm", "id": "dimm0", "memdev": "hp0"})
+    assert wait_for(lambda: all(
+        p["pid"] not in (0, old) for p, old in zip(setup.pairs(), before, strict=True)
+    ), timeout=20), (before, setup.pairs())  # fmt: skip
+    assert g.ping(HOST_IP, count=2)
+    with setup.ns.iperf3_server():
+        out = g.iperf3(f"-c {HOST_IP} -P 4 -t 2 -i 0")
+        assert "receiver" in out, out
+    assert all(p["errors"] == 0 for p in setup.pairs())
 
 
 def test_serve_restart_resumes_traffic(setup: Setup) -> None:
