@@ -19,6 +19,7 @@ import pytest
 
 from virtnet.memory import GuestMemory, MemoryRegion
 from virtnet.net import NetFeature
+from virtnet.vhost_user.backend import RingConfig
 from virtnet.vhost_user.worker import (
     FIELDS,
     NFIELDS,
@@ -317,10 +318,48 @@ def test_call_fd_swap_while_running(rig: Rig) -> None:
         os.close(new_call)
 
 
+def _ring_config(ring: RingSpec, features: int, enabled: bool) -> RingConfig:
+    return RingConfig(
+        index=ring.index,
+        size=ring.size,
+        desc_addr=ring.desc_addr,
+        avail_addr=ring.avail_addr,
+        used_addr=ring.used_addr,
+        log_addr=0,
+        flags=0,
+        last_avail_idx=0,
+        kick_fd=ring.kick_fd,
+        call_fd=ring.call_fd,
+        err_fd=ring.err_fd,
+        enabled=enabled,
+        features=features,
+    )
+
+
+def test_supervisor_refuses_legacy_10_byte_header(rig: Rig) -> None:
+    from virtnet.ports.null import NullPort
+    from virtnet.vhost_user.backend import RegionInfo
+    from virtnet.vhost_user.supervisor import Supervisor, VmPort
+
+    vm = VmPort("vm", NullPort(), 1)
+    sup = Supervisor(vm)
+    spec = rig.spec()
+    legacy = int(NetFeature.EVENT_IDX)
+    try:
+        sup.on_features(legacy)
+        sup.on_mem_table((RegionInfo(0, MEM, 0x7F0000000000, 0, rig.memfd),))
+        for ring in (spec.rx, spec.tx):
+            sup.on_ring_start(ring.index, _ring_config(ring, legacy, True))
+        assert not sup.workers
+    finally:
+        sup.close()
+        vm.close()
+
+
 def test_supervisor_lifecycle_in_process(rig: Rig) -> None:
     """Supervisor callbacks in protocol order: start, enable, mem table swap, disable, stop."""
     from virtnet.ports.loopback import LoopbackPort
-    from virtnet.vhost_user.backend import RegionInfo, RingConfig
+    from virtnet.vhost_user.backend import RegionInfo
     from virtnet.vhost_user.supervisor import Supervisor, VmPort
 
     vm = VmPort("vm", LoopbackPort(), 1)
@@ -330,22 +369,7 @@ def test_supervisor_lifecycle_in_process(rig: Rig) -> None:
         sup.on_features(FEATURES)
         sup.on_mem_table((RegionInfo(0, MEM, 0x7F0000000000, 0, rig.memfd),))
         for ring in (spec.rx, spec.tx):
-            cfg = RingConfig(
-                index=ring.index,
-                size=ring.size,
-                desc_addr=ring.desc_addr,
-                avail_addr=ring.avail_addr,
-                used_addr=ring.used_addr,
-                log_addr=0,
-                flags=0,
-                last_avail_idx=0,
-                kick_fd=ring.kick_fd,
-                call_fd=ring.call_fd,
-                err_fd=ring.err_fd,
-                enabled=False,
-                features=FEATURES,
-            )
-            sup.on_ring_start(ring.index, cfg)
+            sup.on_ring_start(ring.index, _ring_config(ring, FEATURES, False))
         assert not sup.workers  # started but disabled: no worker
         sup.on_ring_enable(0, True)
         assert not sup.workers

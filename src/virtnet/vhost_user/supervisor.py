@@ -41,8 +41,8 @@ import time
 from dataclasses import dataclass, field
 
 from virtnet.errors import PeerError, UsageError
-from virtnet.net import NetFeature
-from virtnet.ports.base import Offload, Port, PortQueue
+from virtnet.net import NetFeature, hdr_len
+from virtnet.ports.base import VNET_HDR_LEN, Offload, Port, PortQueue
 from virtnet.vhost_user.backend import Backend, RegionInfo, RingConfig
 from virtnet.vhost_user.worker import (
     FIELDS,
@@ -257,6 +257,7 @@ class Supervisor:
         self.rings = [_Ring() for _ in range(2 * vm.max_pairs)]
         self.workers: dict[int, _Proc] = {}
         self.given_up: set[int] = set()
+        self.hdr_ok = False  # until SET_FEATURES says which header the driver uses
         self.closed = False
 
     # -- BackendEvents ----------------------------------------------------
@@ -336,6 +337,16 @@ class Supervisor:
     def on_features(self, features: int) -> None:
         self.features = features
         log.info("%s: negotiated features 0x%x %s", self.name, features, feature_names(features))
+        self.hdr_ok = hdr_len(features) == VNET_HDR_LEN
+        if not self.hdr_ok:
+            # The ports carry the 12-byte virtio_net_hdr_v1 unchanged; a legacy
+            # driver without VERSION_1 and MRG_RXBUF uses 10 bytes.
+            log.error(
+                "%s: the driver negotiated neither VERSION_1 nor MRG_RXBUF (a %d-byte "
+                "header); only the 12-byte header is supported: no queue will be served",
+                self.name,
+                hdr_len(features),
+            )
         self.vm.set_features(features)
 
     def on_status(self, status: int) -> None:
@@ -361,6 +372,8 @@ class Supervisor:
 
     def _maybe_start(self, pair: int) -> None:
         if self.closed or pair in self.workers or pair in self.given_up or not self.regions:
+            return
+        if not self.hdr_ok:
             return
         rx, tx = self.rings[2 * pair], self.rings[2 * pair + 1]
         if not (rx.started and tx.started and rx.enabled and tx.enabled):
