@@ -24,6 +24,14 @@ Data path:
   ``rx_no_buffer`` stall, enables rx kicks and waits for the guest.
 * Busy polling (``poll_us``): spin that long on the rings and the port before
   re-enabling notifications and sleeping in ``epoll``.
+* Ports: tap and switch through their queue fd (``writev``/``readv``); the
+  null port is counted in-worker (no call per frame); loopback goes through
+  :class:`~virtnet.ports.loopback.LoopbackQueue` (frames come back on this
+  pair's rx with MACs swapped).
+* A pair being disabled (``Ctl.DISABLE``) first consumes and discards the tx
+  chains the guest made available, then stops like ``Ctl.STOP``.
+* A kick fd that cannot be polled breaks its ring; a call fd that cannot be
+  written is dropped after one logged error (no more interrupts on it).
 
 Invariants:
 
@@ -40,8 +48,12 @@ Invariants:
   exits at once.  It also exits when its control socket closes (supervisor
   gone) and dies with its parent (``PR_SET_PDEATHSIG``).
 * Counters are published into a shared ``u64`` slot (:data:`FIELDS`) after
-  every batch; the worker never allocates per packet except what
-  ``os.readv``/``os.writev`` need.
+  every batch.  Per packet the worker allocates only the used-entry tuple
+  and what ``os.readv``/``os.writev`` need; rings, indexes and notification
+  decisions are handled once per batch.
+* Limits: :data:`TX_BATCH`, :data:`RX_BATCH` chains per publish;
+  :data:`MAX_RX_IOVECS` buffers per ``readv`` (below IOV_MAX);
+  :data:`GSO_RX_NEED` bytes of rx reserve for a GSO-capable guest.
 """
 
 from __future__ import annotations
