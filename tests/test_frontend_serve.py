@@ -3,6 +3,7 @@
 * ``loopback``: every frame comes back on the pair it was sent on.
 * ``null``: frames are consumed, nothing comes back.
 * ``switch``: two VMs (two sockets of one daemon) reach each other by MAC.
+* ``tap:IF``: frames reach the kernel interface and come back from it (root).
 
 Also: a queue-count change under load, and a restart of the daemon (the
 frontend reconnects and its rings resume at the used index).
@@ -10,7 +11,9 @@ frontend reconnects and its rings resume at the used index).
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -25,7 +28,8 @@ import pytest
 from virtnet.demo import PAYLOAD_OFF, build_frame
 from virtnet.pktgen import PairCounters, PktgenResult, run_pktgen
 from virtnet.rr import run_rr
-from virtnet.vhost_user.frontend import VhostUserFrontend
+from virtnet.testing.netns import create_tap, delete_link
+from virtnet.vhost_user.frontend import DEFAULT_MAC, VhostUserFrontend
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -201,3 +205,41 @@ def test_pktgen_survives_a_daemon_restart(tmp_path: Path) -> None:
         assert after > before  # traffic flowed again after the reconnect
     finally:
         fe.close()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/net/tun"), reason="needs root and /dev/net/tun"
+)
+def test_tap_port_both_directions(tmp_path: Path) -> None:
+    ifname = f"vnfe{os.getpid() % 100000}"
+    create_tap(ifname)
+    try:
+        subprocess.run(["ip", "link", "set", "dev", ifname, "up"], check=True)
+        stats = Path(f"/sys/class/net/{ifname}/statistics")
+
+        def counter(name: str) -> int:
+            return int((stats / name).read_text())
+
+        with (
+            serve(tmp_path, f"tap:{ifname}", queues=2) as (sock,),
+            VhostUserFrontend(sock, queue_pairs=2) as fe,
+        ):
+            assert fe.set_queue_pairs(2)
+            # Guest -> host: frames the frontend sends arrive on the tap (its rx side).
+            rx0 = counter("rx_packets")
+            assert fe.send([build_frame(f, 0) for f in range(20)]) == 20
+            end = time.monotonic() + 5
+            while counter("rx_packets") < rx0 + 20 and time.monotonic() < end:
+                time.sleep(0.02)
+            assert counter("rx_packets") >= rx0 + 20
+            # Host -> guest: frames sent out of the tap reach the frontend.
+            frames = [_to(DEFAULT_MAC, MAC_B, f) for f in range(10)]
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+                raw.bind((ifname, 0))
+                for fr in frames:
+                    raw.send(fr)
+            got = [d for _, d in collect(fe, 10)]
+            assert all(fr in got for fr in frames)
+    finally:
+        delete_link(ifname)
