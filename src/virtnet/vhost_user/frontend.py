@@ -13,7 +13,9 @@
   ADD_MEM_REG with CONFIGURE_MEM_SLOTS), then per ring SET_VRING_NUM, BASE,
   ADDR, KICK, CALL and finally SET_VRING_ENABLE;
 * the guest side is a :class:`~virtnet.driver.VirtioNetDriver` on that memory
-  (kick = write the ring's kick eventfd; pump = wait on call eventfds), or,
+  (its ``kick`` writes the ring's kick eventfd, or traps into our control-queue
+  handler for the control queue; :meth:`VhostUserFrontend.receive` waits on the
+  call eventfds), or,
   for packet generators, :class:`FastPair` rings that replace the driver's
   data rings before the backend ever sees them;
 * the control virtqueue never reaches the backend: the frontend serves it as
