@@ -226,6 +226,26 @@ def test_memory_hotplug_remaps_running_workers(setup: Setup) -> None:
     assert all(p["errors"] == 0 for p in setup.pairs())
 
 
+def test_driver_reload_restarts_rings(setup: Setup) -> None:
+    """rmmod/insmod virtio_net in the guest: QEMU stops every ring (GET_VRING_BASE),
+    resets the device and starts fresh rings at index 0; traffic resumes."""
+    g = setup.guest
+    g.run(
+        "m=$(grep -x 'virtio_net.ko.*' /etc/virtnet/modules) && rmmod virtio_net"
+        " && insmod /lib/modules/$m"
+        f" && sleep 1 && ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up",
+        timeout=60,
+    )
+    assert wait_for(lambda: g.ping(HOST_IP, count=1, timeout=4), timeout=40), setup.log.read_text()[
+        -3000:
+    ]
+    g.set_channels(QUEUES)
+    with setup.ns.iperf3_server():
+        out = g.iperf3(f"-c {HOST_IP} -P 4 -t 2 -i 0 -R")
+        assert "receiver" in out, out
+    assert all(p["errors"] == 0 for p in setup.pairs())
+
+
 def test_serve_restart_resumes_traffic(setup: Setup) -> None:
     """Kill serve (SIGKILL: workers die with it) and start it again: no guest reboot."""
     g = setup.guest
