@@ -217,3 +217,25 @@ def test_sixteen_pairs(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_pinned_workers(tmp_path: Path) -> None:
+    sock, stats = tmp_path / "vm.sock", tmp_path / "stats.sock"
+    cpus = sorted(os.sched_getaffinity(0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock), "--port",
+         "loopback", "--queues", "2", "--stats-socket", str(stats),
+         "--pin", ",".join(map(str, cpus))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert wait_for(stats.exists, timeout=20)
+        with VhostUserFrontend(sock, queue_pairs=2, mac=MAC_A) as fe:
+            assert fe.set_queue_pairs(2)
+            assert wait_for(lambda: all(p["pid"] for p in _pairs(stats)[:2]), timeout=10)
+            for pair, row in enumerate(_pairs(stats)):
+                assert os.sched_getaffinity(row["pid"]) == {cpus[pair % len(cpus)]}
+            assert _echo(fe, 8, pair=1) == 8
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

@@ -110,6 +110,7 @@ class Daemon:
         poll_us: int = 0,
         stats_socket: str | None = None,
         offloads: bool = True,
+        cpus: tuple[int, ...] = (),
     ) -> None:
         if not sockets:
             raise UsageError("at least one --socket is needed")
@@ -122,6 +123,11 @@ class Daemon:
         self.queues = queues
         self.poll_us = poll_us
         self.offloads = offloads
+        allowed = os.sched_getaffinity(0)
+        bad = [c for c in cpus if c not in allowed]
+        if bad:
+            raise UsageError(f"--pin: CPUs {bad} are not available (allowed: {sorted(allowed)})")
+        self.cpus = cpus
         self.server = Server()
         self.vms: list[_Vm] = []
         self._shared: Port | None = None
@@ -162,7 +168,7 @@ class Daemon:
         config = BackendConfig(max_queue_pairs=self.queues, offloads=self.offloads)
 
         def make() -> Backend:
-            sup = Supervisor(vm.vmport, poll_us=self.poll_us)
+            sup = Supervisor(vm.vmport, poll_us=self.poll_us, cpus=self.cpus)
             backend = ServedBackend(sup, config)
             backend.supervisor = sup
             sup.backend = backend
@@ -266,6 +272,20 @@ def snapshot(d: Daemon) -> dict[str, Any]:
     return {"time": time.time(), "queues": d.queues, "vms": vms}
 
 
+def _cpu_list(text: str) -> tuple[int, ...]:
+    """``0,2-3`` -> (0, 2, 3)."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad CPU list {text!r} (e.g. 0,2-3)") from None
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"bad CPU list {text!r}")
+    return tuple(out)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--socket",
@@ -295,6 +315,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--stats-socket", metavar="PATH", help="serve counters for virtnet stats")
     parser.add_argument(
+        "--pin",
+        type=_cpu_list,
+        default=(),
+        metavar="CPUS",
+        help="pin pair p's worker to CPU number p of this list (e.g. 0,1 or 2-5); default: none",
+    )
+    parser.add_argument(
         "--no-offloads",
         dest="offloads",
         action="store_false",
@@ -311,6 +338,7 @@ def run(args: argparse.Namespace) -> int:
         poll_us=args.poll_us,
         stats_socket=args.stats_socket,
         offloads=args.offloads,
+        cpus=args.pin,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -246,10 +246,11 @@ def _close(fd: int | None) -> None:
 class Supervisor:
     """BackendEvents for one frontend connection; forks and reaps the workers."""
 
-    def __init__(self, vm: VmPort, *, poll_us: int = 0) -> None:
+    def __init__(self, vm: VmPort, *, poll_us: int = 0, cpus: tuple[int, ...] = ()) -> None:
         self.vm = vm
         self.name = vm.vm_id
         self.poll_us = poll_us
+        self.cpus = cpus
         self.backend: Backend | None = None
         self.features = 0
         self.mtu = 1500
@@ -395,6 +396,7 @@ class Supervisor:
             port_fd=port_fd,
             mtu=self.mtu,
             poll_us=self.poll_us,
+            cpu=self.cpus[pair % len(self.cpus)] if self.cpus else None,
         )
         self.vm.fold(pair)
         try:

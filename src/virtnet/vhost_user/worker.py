@@ -179,6 +179,7 @@ class WorkerSpec:
     port_fd: int | None
     mtu: int = DEFAULT_MTU
     poll_us: int = 0
+    cpu: int | None = None
 
     def fds(self) -> set[int]:
         out = {r.fd for r in self.regions}
@@ -755,6 +756,11 @@ def worker_main(spec: WorkerSpec, ctl_fd: int, counters: memoryview | None) -> i
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     _die_with_parent()
     close_other_fds(spec.fds() | {ctl_fd})
+    if spec.cpu is not None:
+        try:
+            os.sched_setaffinity(0, {spec.cpu})
+        except OSError as exc:
+            log.warning("%s pair %d: cannot pin to CPU %d: %s", spec.vm, spec.pair, spec.cpu, exc)
     ctl = socket.socket(fileno=ctl_fd)
     try:
         w = Worker(spec, ctl, counters)
