@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from virtnet.memory import GuestMemory, MemoryRegion
 from virtnet.net import NetFeature
@@ -26,6 +28,7 @@ from virtnet.vhost_user.worker import (
     Ctl,
     RegionSpec,
     RingSpec,
+    Worker,
     WorkerSpec,
     spawn_worker,
 )
@@ -404,3 +407,78 @@ def test_supervisor_lifecycle_in_process(rig: Rig) -> None:
     finally:
         sup.close()
         vm.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=14, max_value=9000), min_size=1, max_size=12),
+    buf=st.sampled_from([64, 256, 1024, 1536, 2048, 4096]),
+    mergeable=st.booleans(),
+)
+def test_rx_scatter_property(sizes: list[int], buf: int, mergeable: bool) -> None:
+    """In-process worker, loopback port: every frame comes back intact, spread over
+    as many chains as ``num_buffers`` says (mergeable) or dropped-and-counted when
+    it cannot fit; the used index always equals the popped index minus the reserve."""
+    import socket
+
+    fd = os.memfd_create("guest", 0)
+    os.ftruncate(fd, MEM)
+    a, b = socket.socketpair()
+    try:
+        mem = GuestMemory(
+            [MemoryRegion.from_fd(fd, guest_addr=0, size=MEM, user_addr=0x7F0000000000)]
+        )
+        rx, tx = _queue(mem, RX_RING), _queue(mem, TX_RING)
+        lay = split_ring_layout(QSIZE)
+        feats = FEATURES if mergeable else FEATURES & ~int(NetFeature.MRG_RXBUF)
+        rings = [
+            RingSpec(i, QSIZE, base + lay.desc, base + lay.avail, base + lay.used, 0,
+                     None, None, None)
+            for i, base in ((0, RX_RING), (1, TX_RING))
+        ]  # fmt: skip
+        spec = WorkerSpec("p", 0, feats, (RegionSpec(0, MEM, 0x7F0000000000, 0, os.dup(fd)),),
+                          rings[0], rings[1], "loopback", None, mtu=9000)  # fmt: skip
+        w = Worker(spec, a)
+        rx_size = buf if mergeable else 12 + 18 + 9000
+        for i in range(200):
+            rx.add([], [(BUFS + i * 10000, rx_size)], BUFS + i * 10000)
+        rx.publish()
+        frames = [bytes([k & 0xFF]) * 12 + bytes(range(256)) * (n // 256) + bytes(n % 256)
+                  for k, n in enumerate(sizes)]  # fmt: skip
+        for k, f in enumerate(frames):
+            addr = 0x300000 + k * 10000
+            mem.write(addr, f)
+            tx.add([(addr, len(f))], [], k)
+        tx.publish()
+        assert w.tx_batch() == len(frames)
+        delivered = w.rx_batch()
+        used = rx.get_used()
+        pos = 0
+        for f in frames[:delivered]:
+            head_addr = used[pos][0]
+            assert isinstance(head_addr, int)
+            nb = struct.unpack_from("<H", mem.read(head_addr, 12), 10)[0]
+            chunks = used[pos : pos + nb]
+            assert nb >= 1 and (mergeable or nb == 1)
+            assert sum(c[1] for c in chunks) == len(f)
+            got = b"".join(mem.read(c[0], c[1]) for c in chunks if isinstance(c[0], int))
+            assert got[:10] == f[:10]
+            assert got[12:] == f[18:24] + f[12:18] + f[24:]
+            pos += nb
+        assert pos == len(used)
+        from virtnet.ports.loopback import LoopbackQueue
+
+        assert isinstance(w.port, LoopbackQueue)
+        assert delivered + w.port.rx_dropped + w.port.pending() == len(frames)
+        if not mergeable or buf >= 1024:
+            assert delivered == len(frames)  # 200 buffers hold every example
+        q = w.rxq
+        assert q is not None
+        assert (q.last_avail_idx - len(w.reserve)) & 0xFFFF == q.used_idx
+        rx_next, _ = w.next_avail()
+        assert rx_next == q.used_idx
+        w.mem.close()
+    finally:
+        a.close()
+        b.close()
+        os.close(fd)

@@ -448,7 +448,9 @@ class Worker:
                 ):
                     # Not enough guest buffers for a maximal frame: leave the
                     # frame where it is (the port queues or counts it) and wait
-                    # for the guest's kick.
+                    # for the guest's kick.  (With half the ring already in the
+                    # reserve we read anyway -- the guest may never post more
+                    # -- and a frame longer than the reserve is a counted drop.)
                     if not self.rx_stalled:
                         self.rx_no_buffer += 1
                     self.rx_stalled = True
