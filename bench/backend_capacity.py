@@ -21,6 +21,11 @@ Modes:
   the peer's RX-packets per second (each packet crossed the backend twice:
   tx ring in, rx ring out).
 
+* ``txonly-tap`` (root): as ``txonly`` but into a tap in a namespace of the
+  bench's own, whose stack drops the frames: virtnet ``--port tap:IF`` (one
+  ``writev`` per frame) vs testpmd ``net_vhost0`` + ``net_tap0`` with ``io``
+  forwarding (DPDK's tap PMD), both run inside the namespace.
+
 For each: packets/s, Gbit/s of frame bytes, the ratio virtnet/DPDK and the
 backend's CPU seconds per million packets (virtnet: serve and its workers;
 DPDK: the vhost testpmd, which spins a core whatever the load).
@@ -45,6 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from virtnet.testing.dpdk import TestPmd, skip_reason
+from virtnet.testing.netns import NetNS, unique_name
 from virtnet.vhost_user.stats import fetch
 
 
@@ -78,7 +84,12 @@ def _wait(path: Path, timeout: float = 20.0) -> None:
 
 @contextlib.contextmanager
 def _virtnet(
-    tmp: Path, port: str, queues: int, cpus: Sequence[int], poll_us: int
+    tmp: Path,
+    port: str,
+    queues: int,
+    cpus: Sequence[int],
+    poll_us: int,
+    ns: NetNS | None = None,
 ) -> Iterator[tuple[Path, Path, subprocess.Popen[bytes]]]:
     sock, stats = tmp / "virtnet.sock", tmp / "virtnet-stats.sock"
     for p in (sock, stats):
@@ -87,6 +98,8 @@ def _virtnet(
     argv = ["taskset", "-c", ",".join(map(str, cpus)), sys.executable, "-m", "virtnet.cli",
             "serve", "--socket", str(sock), "--port", port, "--queues", str(queues),
             "--stats-socket", str(stats), "--poll-us", str(poll_us)]  # fmt: skip
+    if ns is not None:
+        argv = ns.exec_argv(argv)
     log = (tmp / "serve.log").open("ab")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
@@ -103,6 +116,7 @@ def _virtnet(
 
 
 def _virtnet_cpu(proc: subprocess.Popen[bytes], stats: Path) -> float:
+    # ``ip netns exec`` and ``taskset`` exec the command: proc.pid is serve itself.
     pids = [proc.pid]
     for vm in fetch(str(stats))["vms"]:
         pids += [p["pid"] for p in vm["pairs"] if p["pid"]]
@@ -119,12 +133,20 @@ def one(
     poll_us: int,
 ) -> Figure:
     peer_lcores = "0-1"  # main lcore 0, forwarding on 1
-    fwd = "txonly" if mode == "txonly" else "io"
+    fwd = "io" if mode == "pingpong" else "txonly"
     with contextlib.ExitStack() as stack:
+        ns: NetNS | None = None
+        tap = ""
+        if mode == "txonly-tap":
+            # Frames go to a tap in a namespace of our own (its stack drops them).
+            ns = stack.enter_context(NetNS())
+            tap = unique_name("vncap")
+            ns.create_tap(tap)
+            ns.link_up(tap)
         if backend in ("virtnet", "virtnet-poll"):
-            port = "null" if mode == "txonly" else "loopback"
+            port = {"txonly": "null", "pingpong": "loopback"}.get(mode, f"tap:{tap}")
             poll = poll_us if backend == "virtnet-poll" else 0
-            sock, stats, proc = stack.enter_context(_virtnet(tmp, port, queues, [0], poll))
+            sock, stats, proc = stack.enter_context(_virtnet(tmp, port, queues, [0], poll, ns))
 
             def cpu() -> float:
                 return _virtnet_cpu(proc, stats)
@@ -132,16 +154,31 @@ def one(
             sock = tmp / "dpdk-vhost.sock"
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
-            vhost = stack.enter_context(
-                TestPmd.vhost(
-                    sock,
-                    queues=queues,
-                    fwd="rxonly" if mode == "txonly" else "io",
+            if mode == "txonly-tap":
+                # vhost port 0 -> io forwarding -> DPDK's tap PMD (port 1), in the namespace.
+                vhost = TestPmd(
+                    [f"net_vhost0,iface={sock},queues={queues}", f"net_tap0,iface={tap}dp"],
+                    rxq=queues,
+                    txq=queues,
+                    fwd="io",
                     lcores="0-1",
                     main_lcore=1,
                     log_path=tmp / "vhost.log",
                 )
-            )
+                assert ns is not None
+                vhost.argv = ns.exec_argv(vhost.argv)
+                stack.enter_context(vhost)
+            else:
+                vhost = stack.enter_context(
+                    TestPmd.vhost(
+                        sock,
+                        queues=queues,
+                        fwd="rxonly" if mode == "txonly" else "io",
+                        lcores="0-1",
+                        main_lcore=1,
+                        log_path=tmp / "vhost.log",
+                    )
+                )
             vhost.start_forwarding()
 
             def cpu() -> float:
@@ -157,10 +194,10 @@ def one(
                 extra_app=[f"--txpkts={size}"],
             )
         )
-        if mode == "txonly":
-            peer.start_forwarding()
-        else:
+        if mode == "pingpong":
             peer.command("start tx_first")
+        else:
+            peer.start_forwarding()
         time.sleep(1.0)  # warm up
         peer.clear_stats()
         c0 = cpu()
@@ -171,8 +208,8 @@ def one(
         c1 = cpu()
         peer.stop_forwarding()
     dt = t1 - t0
-    pkts = st.tx_packets if mode == "txonly" else st.rx_packets
-    nbytes = st.tx_bytes if mode == "txonly" else st.rx_bytes
+    pkts = st.rx_packets if mode == "pingpong" else st.tx_packets
+    nbytes = st.rx_bytes if mode == "pingpong" else st.tx_bytes
     pps = pkts / dt
     cpu_s = c1 - c0
     return Figure(
@@ -192,7 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--queues", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 1518])
-    ap.add_argument("--modes", nargs="+", default=["txonly", "pingpong"])
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["txonly", "pingpong"],
+        choices=["txonly", "pingpong", "txonly-tap"],
+    )
     ap.add_argument("--backends", nargs="+", default=["virtnet", "virtnet-poll", "dpdk"])
     ap.add_argument("--poll-us", type=int, default=1000, help="for virtnet-poll")
     ap.add_argument("--json", type=Path)
