@@ -98,6 +98,9 @@ log = logging.getLogger(__name__)
 TX_BATCH = 256
 #: Frames received per rx batch (one used publish, one call).
 RX_BATCH = 64
+#: rx chains popped at least per refill of the reserve (one pop per batch of
+#: small frames instead of one per frame).
+RX_REFILL = 32
 #: Sleep bound when a ring has no kick fd (vhost-user NOFD: "poll"), seconds.
 NOFD_POLL_S = 0.001
 #: Default MTU when the guest did not set one (virtio 1.3 section 5.1.4.1).
@@ -425,17 +428,17 @@ class Worker:
         if not self.mergeable:
             if reserve:
                 return True
-            chains = q.pop(1)
+            chains = q.pop(RX_REFILL)
             if not chains:
                 return False
-            ch = chains[0]
-            reserve.append(ch)
-            bufs.extend(ch.in_)
-            self.rx_cap = ch.in_len
+            for ch in chains:
+                reserve.append(ch)
+                bufs.extend(ch.in_)
+                self.rx_cap += ch.in_len
             return True
         while self.rx_cap < need:
             last = reserve[-1].in_len if reserve else 0
-            want = 1 + (need - self.rx_cap) // last if last else 1
+            want = max(RX_REFILL, 1 + (need - self.rx_cap) // last if last else 1)
             if len(bufs) + want > MAX_RX_IOVECS:
                 want = max(1, MAX_RX_IOVECS - len(bufs))
             chains = q.pop(want)
@@ -482,7 +485,21 @@ class Worker:
                     self.rx_stalled = True
                     break
                 self.rx_stalled = False
-                n = recv(bufs)
+                # Hand the port only the buffers one maximal frame needs (fewer
+                # iovecs per readv); usually the first chain alone.
+                head = reserve[0]
+                if head.in_len >= need or not mergeable:
+                    iov: Sequence[memoryview] = head.in_
+                else:
+                    total = 0
+                    nb = 0
+                    for ch in reserve:
+                        total += ch.in_len
+                        nb += len(ch.in_)
+                        if total >= need:
+                            break
+                    iov = bufs[:nb]
+                n = recv(iov)
                 if n <= 0:
                     self.port_readable = False
                     continue
