@@ -239,7 +239,9 @@ def test_no_rx_buffer_stalls_then_delivers(rig: Rig) -> None:
     _start(rig, rig.spec())
     _send(rig, [_frame(i) for i in range(10)])
     assert len(_wait_used(rig.tx, 10)) == 10
-    time.sleep(0.1)
+    end = time.monotonic() + 5
+    while rig.counter("rx_no_buffer") < 1 and time.monotonic() < end:
+        time.sleep(0.01)
     assert rig.counter("rx_no_buffer") >= 1 and rig.counter("rx_packets") == 0
     _post_rx(rig, 40)  # the worker asked for a kick
     assert len(_wait_used(rig.rx, 10)) == 10

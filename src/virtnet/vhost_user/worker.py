@@ -393,7 +393,7 @@ class Worker:
             send = port.send
             for ch in chains:
                 send(ch.out)
-        q.push([(ch.head, 0) for ch in chains])
+        q.push_heads([ch.head for ch in chains])
         if q.should_notify():
             self._signal(self.spec.tx.index)
         return len(chains)
@@ -626,7 +626,7 @@ class Worker:
                 chains = q.pop(TX_BATCH)
                 if not chains:
                     break
-                q.push([(ch.head, 0) for ch in chains])
+                q.push_heads([ch.head for ch in chains])
                 n += len(chains)
         except PeerError as exc:
             self._broken(self.spec.tx.index, str(exc))
