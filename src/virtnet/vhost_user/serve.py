@@ -24,6 +24,21 @@ Invariants:
   reaps every worker), then the ports and the stats socket.
 * The stats socket (``--stats-socket``) answers each connection with one
   JSON document (:func:`snapshot`) and closes it; it never blocks the loop.
+* Workers are not pinned unless ``--pin CPUS`` (pair ``p`` -> the ``p``-th
+  CPU of the list, cyclically); ``--poll-us`` makes them busy-poll that
+  long before sleeping (default 0: eventfd wake-ups).
+* The loop ticks every :data:`TICK_S` to reap and restart dead workers; a
+  ring stop waits for its worker (bounded by the supervisor's timeouts), so
+  control messages of other VMs may wait that long -- their data paths do not.
+
+Usage::
+
+    virtnet serve --socket /run/vm0.sock --port tap:vn0 --queues 4
+    qemu-system-x86_64 ... -object memory-backend-memfd,id=m,size=1G,share=on \
+        -numa node,memdev=m -chardev socket,id=c0,path=/run/vm0.sock,reconnect-ms=1000 \
+        -netdev vhost-user,id=n0,chardev=c0,queues=4 \
+        -device virtio-net-pci,netdev=n0,mq=on,vectors=10
+    virtnet stats --stats-socket /run/virtnet/stats.sock --watch
 """
 
 from __future__ import annotations
