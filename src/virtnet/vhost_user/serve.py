@@ -33,7 +33,8 @@ Invariants:
 
 Usage::
 
-    virtnet serve --socket /run/vm0.sock --port tap:vn0 --queues 4
+    virtnet serve --socket /run/vm0.sock --port tap:vn0 --queues 4 \\
+        --stats-socket /run/virtnet/stats.sock
     qemu-system-x86_64 ... -object memory-backend-memfd,id=m,size=1G,share=on \
         -numa node,memdev=m -chardev socket,id=c0,path=/run/vm0.sock,reconnect-ms=1000 \
         -netdev vhost-user,id=n0,chardev=c0,queues=4 \
