@@ -1,4 +1,4 @@
-"""``virtnet serve``: the vhost-user virtio-net backend daemon.
+r"""``virtnet serve``: the vhost-user virtio-net backend daemon.
 
 One process serves any number of VMs (one ``--socket`` each) through one
 :class:`~virtnet.vhost_user.server.Server` loop; every VM connection gets a
@@ -33,7 +33,7 @@ Invariants:
 
 Usage::
 
-    virtnet serve --socket /run/vm0.sock --port tap:vn0 --queues 4 \\
+    virtnet serve --socket /run/vm0.sock --port tap:vn0 --queues 4 \
         --stats-socket /run/virtnet/stats.sock
     qemu-system-x86_64 ... -object memory-backend-memfd,id=m,size=1G,share=on \
         -numa node,memdev=m -chardev socket,id=c0,path=/run/vm0.sock,reconnect-ms=1000 \
