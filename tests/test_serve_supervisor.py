@@ -239,3 +239,15 @@ def test_pinned_workers(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_sigint_reaps_workers(serve: tuple[Path, Path, Path, subprocess.Popen[bytes]]) -> None:
+    sock, stats, log, proc = serve
+    with VhostUserFrontend(sock, queue_pairs=2, mac=MAC_A) as fe:
+        assert fe.set_queue_pairs(2)
+        assert wait_for(lambda: all(p["pid"] for p in _pairs(stats)[:2]), timeout=10)
+        pids = [p["pid"] for p in _pairs(stats)[:2]]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    assert not any(_alive(p) for p in pids)
+    assert "signal 2: shutting down" in log.read_text()
