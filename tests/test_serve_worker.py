@@ -275,6 +275,7 @@ def test_descriptor_loop_breaks_only_that_ring(rig: Rig) -> None:
     r, _, _ = select.select([rig.err[1]], [], [], 5)
     assert r, "err eventfd of the tx ring was not signalled"
     assert rig.counter("errors") == 1
+    assert rig.counter("tx_errors") == 1 and rig.counter("rx_errors") == 0
     # The worker is alive and still answers a stop.
     rx, _tx = _stop(rig)
     assert rx == 0

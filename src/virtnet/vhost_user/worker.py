@@ -128,6 +128,8 @@ FIELDS = (
     "batches",
     "pid",
     "broken",
+    "rx_errors",
+    "tx_errors",
 )
 NFIELDS = 16
 _F = {name: i for i, name in enumerate(FIELDS)}
@@ -326,11 +328,18 @@ class Worker:
             return None
         return q
 
+    def _error(self, index: int | None) -> None:
+        """Count one error: per pair, and per ring (``index``) when known."""
+        self.errors += 1
+        c = self.counters
+        c[_F["errors"]] = self.errors
+        if index is not None:
+            c[_F["tx_errors" if index & 1 else "rx_errors"]] += 1
+
     def _broken(self, index: int, why: str) -> None:
         """A ring the guest broke: log, count, signal its err fd, never touch it again."""
         log.error("%s: ring %d broken, no longer served: %s", self.name, index, why)
-        self.errors += 1
-        self.counters[_F["errors"]] = self.errors
+        self._error(index)
         self.counters[_F["broken"]] |= 1 << (index & 1)
         if index == self.spec.rx.index:
             self.rxq = None
@@ -356,8 +365,7 @@ class Worker:
                     # Not an eventfd we can signal: say so once, stop using it.
                     log.error("%s: call fd of ring %d unusable, no more interrupts: %s",
                               self.name, index, exc)  # fmt: skip
-                    self.errors += 1
-                    self.counters[_F["errors"]] = self.errors
+                    self._error(index)
                     self.call[index] = None
                     os.close(fd)
             self.calls += 1
@@ -683,8 +691,7 @@ class Worker:
                     self.rxq.enable_notify(False)
         except PeerError as exc:
             log.error("%s: ring error while arming notifications: %s", self.name, exc)
-            self.errors += 1
-            self.counters[_F["errors"]] = self.errors
+            self._error(None)
         return more
 
     def _set_port_polled(self, on: bool) -> None:
@@ -714,8 +721,7 @@ class Worker:
         if fd is None:
             return
         log.error("%s: port queue fd hung up; no more rx on this pair", self.name)
-        self.errors += 1
-        self.counters[_F["errors"]] = self.errors
+        self._error(self.spec.rx.index)
         with contextlib.suppress(OSError):
             self.ep.unregister(fd)
         self.port_fd = None
