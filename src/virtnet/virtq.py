@@ -113,6 +113,26 @@ def split_ring_layout(size: int, align: int = 4096) -> RingLayout:
     return RingLayout(size, desc, avail, used, used_end)
 
 
+def _ask_peer(
+    ring: memoryview, event_pos: int, idx: int, flag: int, on: bool, event_idx: bool
+) -> None:
+    """Ask the other side for notifications from ``idx`` on (``on``), or release it.
+
+    2.7.7/2.7.10: with EVENT_IDX the ring's trailing event index (``used_event``
+    in the available ring, ``avail_event`` in the used ring) says when; without
+    it a flag bit in the ring's first word (NO_INTERRUPT / NO_NOTIFY) says
+    whether.  Disabling with EVENT_IDX leaves the event index stale, which
+    suppresses notifications until the indexes wrap round to it.
+    """
+    if event_idx:
+        if on:
+            ring[event_pos] = idx
+    elif on:
+        ring[0] &= ~flag & 0xFFFF
+    else:
+        ring[0] |= flag
+
+
 _FENCE = threading.Lock()
 
 
@@ -422,13 +442,14 @@ class DeviceQueue:
         """
         r = self._r
         self.notify_enabled = on
-        if self.event_idx:
-            if on:
-                r.used[r.avail_event_pos] = self.last_avail_idx
-        elif on:
-            r.used[0] &= ~VIRTQ_USED_F_NO_NOTIFY & 0xFFFF
-        else:
-            r.used[0] |= VIRTQ_USED_F_NO_NOTIFY
+        _ask_peer(
+            r.used,
+            r.avail_event_pos,
+            self.last_avail_idx,
+            VIRTQ_USED_F_NO_NOTIFY,
+            on,
+            self.event_idx,
+        )
         if not on:
             return False
         _full_barrier()
@@ -590,13 +611,14 @@ class DriverQueue:
     def enable_interrupts(self, on: bool) -> bool:
         """Ask the device for interrupts (or not).  True if used entries are already pending."""
         r = self._r
-        if self.event_idx:
-            if on:
-                r.avail[r.used_event_pos] = self.last_used_idx
-        elif on:
-            r.avail[0] &= ~VIRTQ_AVAIL_F_NO_INTERRUPT & 0xFFFF
-        else:
-            r.avail[0] |= VIRTQ_AVAIL_F_NO_INTERRUPT
+        _ask_peer(
+            r.avail,
+            r.used_event_pos,
+            self.last_used_idx,
+            VIRTQ_AVAIL_F_NO_INTERRUPT,
+            on,
+            self.event_idx,
+        )
         if not on:
             return False
         _full_barrier()
