@@ -572,19 +572,19 @@ class Backend:
         extra = value & ~self.config.offered_features
         if extra:
             raise ProtocolError(f"SET_FEATURES: bits 0x{extra:x} were not offered")
-        first = not self.features_set
         self.features = value
         self.features_set = True
+        # The owner learns the features (header size, offloads) before any
+        # ring is enabled by them.
+        self.events.on_features(value)
         if not value >> F_PROTOCOL_FEATURES & 1:
             # "If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated, the
-            # ring starts directly in the enabled state."
+            # ring starts directly in the enabled state."  Otherwise rings stay
+            # disabled until SET_VRING_ENABLE.
             for r in self.rings:
                 if not r.enabled:
                     r.enabled = True
                     self.events.on_ring_enable(r.index, True)
-        elif first:
-            pass  # rings are already disabled until SET_VRING_ENABLE
-        self.events.on_features(value)
         return True
 
     def _set_owner(self, msg: Message, kept: list[int]) -> bytes | bool:
