@@ -21,7 +21,6 @@ from __future__ import annotations
 import struct
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 from virtnet import net
 from virtnet.ctrl import ControlState, SteeringMode, handle_command
@@ -140,34 +139,7 @@ def _seeds() -> dict[str, bytes]:
     }
 
 
-def _replay(dirs: list[str]) -> int:
-    n = 0
-    for d in dirs:
-        for f in sorted(Path(d).iterdir()):
-            if f.is_file():
-                test_one_input(f.read_bytes())
-                n += 1
-    print(f"fuzz_ctrl: replayed {n} inputs, all clean")
-    return 0
-
-
-def main() -> int:
-    args = sys.argv[1:]
-    if args and args[0] in ("--corpus-only", "--replay"):
-        return _replay(args[1:])
-    if args and args[0] == "--make-corpus":
-        out = Path(args[1])
-        out.mkdir(parents=True, exist_ok=True)
-        for name, blob in _seeds().items():
-            (out / name).write_bytes(blob)
-        return 0
-    import atheris
-
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    import harness  # fuzz/harness.py: this script's directory is on sys.path
+
+    sys.exit(harness.main("fuzz_ctrl", test_one_input, _seeds))

@@ -27,7 +27,6 @@ import os
 import struct
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 from virtnet.errors import PeerError
 from virtnet.vhost_user.backend import Backend, BackendConfig, NullEvents, RingConfig
@@ -274,35 +273,7 @@ def _seeds() -> dict[str, bytes]:
     }
 
 
-def _corpus_files(paths: list[str]) -> Iterator[Path]:
-    for p in map(Path, paths):
-        if p.is_dir():
-            yield from sorted(f for f in p.iterdir() if f.is_file())
-        else:
-            yield p
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) >= 2 and argv[1] == "--make-corpus":
-        out = Path(argv[2])
-        out.mkdir(parents=True, exist_ok=True)
-        for name, blob in _seeds().items():
-            (out / name).write_bytes(blob)
-        return 0
-    if len(argv) >= 2 and argv[1] in ("--corpus-only", "--replay"):
-        n = 0
-        for f in _corpus_files(argv[2:]):
-            test_one_input(f.read_bytes())
-            n += 1
-        print(f"replayed {n} inputs, no failures")
-        return 0
-    import atheris
-
-    atheris.instrument_all()
-    atheris.Setup(argv, test_one_input)
-    atheris.Fuzz()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    import harness  # fuzz/harness.py: this script's directory is on sys.path
+
+    sys.exit(harness.main("fuzz_vhost_user", test_one_input, _seeds))

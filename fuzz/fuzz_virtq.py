@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import struct
 import sys
-from pathlib import Path
 
 from virtnet.errors import PeerError
 from virtnet.memory import GuestMemory, MemoryRegion
@@ -82,27 +81,7 @@ def seeds() -> dict[str, bytes]:
     }
 
 
-def main() -> int:
-    args = sys.argv[1:]
-    if args and args[0] == "--make-corpus":
-        out = Path(args[1])
-        out.mkdir(parents=True, exist_ok=True)
-        for name, blob in seeds().items():
-            (out / name).write_bytes(blob)
-        return 0
-    if args and args[0] in ("--corpus-only", "--replay"):
-        files = sorted(p for a in args[1:] for p in Path(a).iterdir() if p.is_file())
-        for f in files:
-            test_one_input(f.read_bytes())
-        print(f"replayed {len(files)} inputs: ok")
-        return 0
-    import atheris
-
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    import harness  # fuzz/harness.py: this script's directory is on sys.path
+
+    sys.exit(harness.main("fuzz_virtq", test_one_input, seeds))

@@ -12,7 +12,6 @@ whole or byte by byte yields the same replies.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from virtnet.xen.store import Store
 from virtnet.xen.xs_wire import XENSTORE_PAYLOAD_MAX, Decoder
@@ -39,21 +38,7 @@ def test_one_input(data: bytes) -> None:
         assert _run(data, 1) == whole
 
 
-def main() -> int:
-    args = sys.argv[1:]
-    if args and args[0] in ("--corpus-only", "--replay"):
-        files = sorted(p for a in args[1:] for p in Path(a).iterdir() if p.is_file())
-        for f in files:
-            test_one_input(f.read_bytes())
-        print(f"replayed {len(files)} inputs: ok")
-        return 0
-    import atheris
-
-    atheris.instrument_all()
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    import harness  # fuzz/harness.py: this script's directory is on sys.path
+
+    sys.exit(harness.main("fuzz_xenstore", test_one_input, None))

@@ -1,0 +1,56 @@
+"""The command line every fuzz target shares.
+
+``python fuzz/fuzz_X.py --corpus-only PATH...`` replays seed files (PATH is a
+directory of them or one file) without atheris, as CI does;
+``--make-corpus DIR`` writes the target's seeds; anything else is passed to
+atheris (libFuzzer flags such as ``-max_total_time=N`` and a corpus dir).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+
+def corpus_files(paths: Sequence[str]) -> Iterator[Path]:
+    """Files named directly, and the files of named directories, in sorted order."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            yield from sorted(f for f in p.iterdir() if f.is_file())
+        else:
+            yield p
+
+
+def main(
+    name: str,
+    test_one_input: Callable[[bytes], None],
+    seeds: Callable[[], dict[str, bytes]] | None = None,
+    argv: Sequence[str] | None = None,
+) -> int:
+    args = list(sys.argv if argv is None else argv)
+    if len(args) >= 2 and args[1] in ("--corpus-only", "--replay"):
+        n = 0
+        for f in corpus_files(args[2:]):
+            test_one_input(f.read_bytes())
+            n += 1
+        print(f"{name}: replayed {n} inputs, all clean")
+        return 0
+    if len(args) >= 2 and args[1] == "--make-corpus":
+        if seeds is None:
+            print(f"{name}: this target has no seed generator", file=sys.stderr)
+            return 2
+        if len(args) < 3:
+            print(f"{name}: usage: --make-corpus DIR", file=sys.stderr)
+            return 2
+        out = Path(args[2])
+        out.mkdir(parents=True, exist_ok=True)
+        for seed_name, blob in seeds().items():
+            (out / seed_name).write_bytes(blob)
+        return 0
+    import atheris
+
+    atheris.instrument_all()
+    atheris.Setup(args, test_one_input)
+    atheris.Fuzz()
+    return 0
