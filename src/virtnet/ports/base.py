@@ -176,7 +176,41 @@ def _fatal(exc: OSError) -> bool:
     return exc.errno not in _TRANSIENT_ERRNOS
 
 
-class FdQueue(QueueCounters):
+class _WritevQueue(QueueCounters):
+    """Transmit shared by the fd-backed queues: one ``writev`` = one frame.
+
+    A full or failing fd is a counted drop (``send`` returns False); only
+    errors that mean a bug (bad fd) escape.  Subclasses may react to a failed
+    send in :meth:`_send_failed` (the error path only, never per packet).
+    """
+
+    __slots__ = ("_fd", "last_errno")
+
+    _fd: int
+    last_errno: int
+
+    def send(self, bufs: Sequence[memoryview]) -> bool:
+        try:
+            n = os.writev(self._fd, bufs)
+        except OSError as exc:
+            if _fatal(exc):
+                raise
+            self.last_errno = exc.errno or 0
+            self._send_failed(exc)
+            self.tx_dropped += 1
+            return False
+        if n < VNET_HDR_LEN:  # no room for a header: the far side discards it
+            self.tx_dropped += 1
+            return False
+        self.tx_packets += 1
+        self.tx_bytes += n - VNET_HDR_LEN
+        return True
+
+    def _send_failed(self, exc: OSError) -> None:
+        """Hook for a send that failed with a transient error (already counted)."""
+
+
+class FdQueue(_WritevQueue):
     """A queue over a nonblocking fd where one read/write = one frame (tap).
 
     ``recv_into`` uses ``os.readv`` with one extra scratch byte after the
@@ -185,7 +219,7 @@ class FdQueue(QueueCounters):
     dropped and counted (a frame that exactly fills the buffers is fine).
     """
 
-    __slots__ = ("_fd", "_scratch", "last_errno")
+    __slots__ = ("_scratch",)
 
     def __init__(self, fd: int) -> None:
         super().__init__()
@@ -197,22 +231,6 @@ class FdQueue(QueueCounters):
 
     def fileno(self) -> int | None:
         return self._fd
-
-    def send(self, bufs: Sequence[memoryview]) -> bool:
-        try:
-            n = os.writev(self._fd, bufs)
-        except OSError as exc:
-            if _fatal(exc):
-                raise
-            self.last_errno = exc.errno or 0
-            self.tx_dropped += 1
-            return False
-        if n < VNET_HDR_LEN:  # no room for a header: the far side discards it
-            self.tx_dropped += 1
-            return False
-        self.tx_packets += 1
-        self.tx_bytes += n - VNET_HDR_LEN
-        return True
 
     def recv_into(self, bufs: Sequence[memoryview]) -> int:
         try:
@@ -251,7 +269,7 @@ class FdQueue(QueueCounters):
         return fd
 
 
-class SocketQueue(QueueCounters):
+class SocketQueue(_WritevQueue):
     """A queue over one end of a ``SOCK_SEQPACKET`` socketpair (switch).
 
     ``recv_into`` uses ``recvmsg_into`` so a record longer than the buffers is
@@ -259,7 +277,7 @@ class SocketQueue(QueueCounters):
     ``peer_closed`` becomes True once the other end is gone (read of 0).
     """
 
-    __slots__ = ("_fd", "_recvmsg_into", "_sock", "last_errno", "peer_closed")
+    __slots__ = ("_recvmsg_into", "_sock", "peer_closed")
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
@@ -277,23 +295,9 @@ class SocketQueue(QueueCounters):
     def sock(self) -> socket.socket:
         return self._sock
 
-    def send(self, bufs: Sequence[memoryview]) -> bool:
-        try:
-            n = os.writev(self._fd, bufs)
-        except OSError as exc:
-            if _fatal(exc):
-                raise
-            self.last_errno = exc.errno or 0
-            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-                self.peer_closed = True
-            self.tx_dropped += 1
-            return False
-        if n < VNET_HDR_LEN:  # no room for a header: the far side discards it
-            self.tx_dropped += 1
-            return False
-        self.tx_packets += 1
-        self.tx_bytes += n - VNET_HDR_LEN
-        return True
+    def _send_failed(self, exc: OSError) -> None:
+        if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+            self.peer_closed = True
 
     def recv_into(self, bufs: Sequence[memoryview]) -> int:
         try:
