@@ -340,6 +340,40 @@ class Workers:
     def alive(self) -> bool:
         return any(p.is_alive() for p in self.procs)
 
+    def run(
+        self,
+        fe: VhostUserFrontend,
+        ctl: SharedControl,
+        seconds: float,
+        cpus: Sequence[int] | None,
+        loop: Callable[[FastPair, SharedControl, float], None],
+        on_tick: Callable[[float], None],
+    ) -> tuple[float, list[int], float]:
+        """Run ``loop`` in one process per pair for ``seconds``, then stop them.
+
+        ``on_tick(elapsed)`` runs here every :data:`TICK` (schedules, progress).
+        Returns ``(elapsed, exit codes, CPU seconds)``; the CPU figure counts
+        this process and its children over the run.
+        """
+        cpu0 = _cpu_now()
+        child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.monotonic()
+        deadline = start + seconds
+        self.start(fe, ctl, deadline, cpus, loop)
+        while self.alive():
+            now = time.monotonic()
+            if now >= deadline + 2.0:
+                break
+            on_tick(now - start)
+            fe.check_connection()
+            time.sleep(min(TICK, max(0.01, deadline - now)))
+        elapsed = min(time.monotonic(), deadline) - start
+        codes = self.stop(ctl)
+        child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = _cpu_now() - cpu0
+        cpu += (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
+        return elapsed, codes, cpu
+
     def stop(self, ctl: SharedControl, timeout: float = 5.0) -> list[int]:
         """Ask every child to stop, join (kill after ``timeout``); return exit codes."""
         ctl.stop = True
@@ -538,30 +572,18 @@ def run_pktgen(
         ctl = SharedControl(pairs)
         ctl.active = pairs
         reconnects0 = fe.stats.reconnects
-        cpu0 = _cpu_now()
-        child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.monotonic()
-        deadline = start + seconds
-        workers.start(fe, ctl, deadline, cpus, pair_loop)
         switches: list[tuple[float, int, bool]] = []
         pending = list(schedule)
-        while workers.alive():
-            now = time.monotonic()
-            if now >= deadline + 2.0:
-                break
-            while pending and now - start >= pending[0][0]:
+
+        def tick(elapsed: float) -> None:
+            while pending and elapsed >= pending[0][0]:
                 _, n = pending.pop(0)
                 ok = change_pairs(fe, ctl, n)
-                switches.append((round(now - start, 3), n, ok))
-            fe.check_connection()
+                switches.append((round(elapsed, 3), n, ok))
             if progress is not None:
-                progress(now - start, [read_counters(ctl, p) for p in range(pairs)])
-            time.sleep(min(TICK, max(0.01, deadline - now)))
-        elapsed = min(time.monotonic(), deadline) - start
-        codes = workers.stop(ctl)
-        child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = _cpu_now() - cpu0
-        cpu += (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
+                progress(elapsed, [read_counters(ctl, p) for p in range(pairs)])
+
+        elapsed, codes, cpu = workers.run(fe, ctl, seconds, cpus, pair_loop, tick)
         counters = [read_counters(ctl, p) for p in range(pairs)]
         res = PktgenResult(
             queues=[

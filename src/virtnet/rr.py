@@ -45,7 +45,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import select
 import struct
 import sys
@@ -68,10 +67,8 @@ from virtnet.pktgen import (
     _TX_KICK,
     _TX_PK,
     PKTGEN_QUEUE_SIZE,
-    TICK,
     SharedControl,
     Workers,
-    _cpu_now,
     add_socket_arguments,
     parse_cpus,
 )
@@ -440,25 +437,13 @@ def run_rr(
                 )
         ctl = SharedControl(len(fe.fast_pairs))
         ctl.active = queues
-        cpu0 = _cpu_now()
-        child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.monotonic()
-        deadline = start + seconds
-        workers.start(fe, ctl, deadline, cpus, partial(rr_loop, per_pair, busy_poll))
-        while workers.alive():
-            now = time.monotonic()
-            if now >= deadline + 2.0:
-                break
-            fe.check_connection()
+
+        def tick(elapsed: float) -> None:
             if progress is not None:
-                done = sum(ctl.get(p, _DONE) for p in range(ctl.pairs))
-                progress(now - start, done)
-            time.sleep(min(TICK, max(0.01, deadline - now)))
-        elapsed = min(time.monotonic(), deadline) - start
-        codes = workers.stop(ctl)
-        child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = _cpu_now() - cpu0
-        cpu += (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
+                progress(elapsed, sum(ctl.get(p, _DONE) for p in range(ctl.pairs)))
+
+        loop = partial(rr_loop, per_pair, busy_poll)
+        elapsed, codes, cpu = workers.run(fe, ctl, seconds, cpus, loop, tick)
         res = RrResult(sessions=sessions, queues=queues, seconds=elapsed, cpu_seconds=cpu,
                        busy_poll=busy_poll)  # fmt: skip
         for p in range(queues):
