@@ -235,6 +235,38 @@ def test_mergeable_gso_frame_spans_chains(rig: Rig) -> None:
     assert (rx, tx) == (5, 1)
 
 
+def test_gso_guest_small_and_large_frames_alternate(rig: Rig) -> None:
+    """A GSO guest with 1 KiB mergeable buffers: small frames are read into the
+    first chain + a bounce buffer, a large one spills into the next chains (and
+    switches to reading in place), a small one switches back; every frame is
+    delivered intact, in order."""
+    _post_rx(rig, 200, size=1024)
+    spec = rig.spec()
+    gso = FEATURES | int(NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4)
+    _start(rig, dataclasses.replace(spec, features=gso))
+    sizes = [60, 5000, 3000, 60, 60, 2100, 60]
+    frames = [_frame(i, size=max(n, 64)) for i, n in enumerate(sizes)]
+    frames = [f[:12] + f[12:18] + f[18:24] + f[24:28] + bytes(range(256)) * 20 for f in frames]
+    frames = [f[: 12 + max(n, 64)] for f, n in zip(frames, sizes, strict=True)]
+    for k, f in enumerate(frames):  # 8 KiB apart: the frames must not overlap
+        rig.mem.write(0x200000 + k * 8192, f)
+        rig.tx.add([(0x200000 + k * 8192, len(f))], [], k)
+    if rig.tx.kick_needed():
+        os.eventfd_write(rig.kicks[1], 1)
+    chains = [-(-(len(f)) // 1024) for f in frames]
+    used = _wait_used(rig.rx, sum(chains))
+    pos = 0
+    for f, nb in zip(frames, chains, strict=True):
+        head = used[pos][0]
+        assert isinstance(head, int)
+        assert struct.unpack_from("<H", rig.mem.read(head, 12), 10)[0] == nb
+        got = b"".join(rig.mem.read(a, n) for a, n in used[pos : pos + nb] if isinstance(a, int))
+        # loopback swaps the MAC addresses
+        assert got[12:] == f[18:24] + f[12:18] + f[24:]
+        pos += nb
+    assert _stop(rig) == (sum(chains), len(frames))
+
+
 def test_no_rx_buffer_stalls_then_delivers(rig: Rig) -> None:
     _start(rig, rig.spec())
     _send(rig, [_frame(i) for i in range(10)])
@@ -417,8 +449,9 @@ def test_supervisor_lifecycle_in_process(rig: Rig) -> None:
     sizes=st.lists(st.integers(min_value=14, max_value=9000), min_size=1, max_size=12),
     buf=st.sampled_from([64, 256, 1024, 1536, 2048, 4096]),
     mergeable=st.booleans(),
+    gso=st.booleans(),
 )
-def test_rx_scatter_property(sizes: list[int], buf: int, mergeable: bool) -> None:
+def test_rx_scatter_property(sizes: list[int], buf: int, mergeable: bool, gso: bool) -> None:
     """In-process worker, loopback port: every frame comes back intact, spread over
     as many chains as ``num_buffers`` says (mergeable) or dropped-and-counted when
     it cannot fit; the used index always equals the popped index minus the reserve."""
@@ -434,6 +467,8 @@ def test_rx_scatter_property(sizes: list[int], buf: int, mergeable: bool) -> Non
         rx, tx = _queue(mem, RX_RING), _queue(mem, TX_RING)
         lay = split_ring_layout(QSIZE)
         feats = FEATURES if mergeable else FEATURES & ~int(NetFeature.MRG_RXBUF)
+        if gso:  # the reserve then covers 64 KiB: small frames take the bounce path
+            feats |= int(NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4)
         rings = [
             RingSpec(i, QSIZE, base + lay.desc, base + lay.avail, base + lay.used, 0,
                      None, None, None)
@@ -442,7 +477,7 @@ def test_rx_scatter_property(sizes: list[int], buf: int, mergeable: bool) -> Non
         spec = WorkerSpec("p", 0, feats, (RegionSpec(0, MEM, 0x7F0000000000, 0, os.dup(fd)),),
                           rings[0], rings[1], "loopback", None, mtu=9000)  # fmt: skip
         w = Worker(spec, a)
-        rx_size = buf if mergeable else 12 + 18 + 9000
+        rx_size = buf if mergeable else w.rx_need
         for i in range(200):
             rx.add([], [(BUFS + i * 10000, rx_size)], BUFS + i * 10000)
         rx.publish()

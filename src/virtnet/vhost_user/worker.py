@@ -19,6 +19,11 @@ Data path:
   straight into guest memory) receives a frame into the front of the reserve,
   ``num_buffers`` is written into the header (mergeable buffers), the chains
   used are pushed in pop order.  Up to :data:`RX_BATCH` frames per publish.
+  While frames are small, ``readv`` gets the first chain's buffers plus a
+  bounce buffer (not the ~40 guest buffers that cover 64 KiB: those cost a
+  Python loop and a buffer export each, per frame); a frame that spills into
+  the bounce buffer is copied on into the next chains and switches the worker
+  to reading in place until a frame fits the first chain again.
 * Without rx buffers the worker stops reading the port (the frame stays in the
   kernel / switch / loopback queue, which counts its own drops), counts an
   ``rx_no_buffer`` stall, enables rx kicks and waits for the guest.
@@ -271,6 +276,10 @@ class Worker:
         self.rx_bufs: list[memoryview] = []
         self.rx_cap = 0
         self.rx_stalled = False
+        # Small-frame rx reads into the first chain + this bounce buffer;
+        # rx_big: recent frames spilled over, read straight into the chains.
+        self.rx_bounce = memoryview(bytearray(self.rx_need))
+        self.rx_big = False
         self.errors = 0
         self.rxq = self._queue(spec.rx)
         self.txq = self._queue(spec.tx)
@@ -496,9 +505,12 @@ class Worker:
                 # Hand the port only the buffers one maximal frame needs (fewer
                 # iovecs per readv); usually the first chain alone.
                 head = reserve[0]
+                spill = 0
                 if head.in_len >= need or not mergeable:
                     iov: Sequence[memoryview] = head.in_
-                else:
+                elif self.rx_big:
+                    # Large frames lately (GSO): every buffer a maximal frame
+                    # may need, read in place.
                     total = 0
                     nb = 0
                     for ch in reserve:
@@ -507,10 +519,25 @@ class Worker:
                         if total >= need:
                             break
                     iov = bufs[:nb]
+                else:
+                    # Small frames lately: the first chain plus a bounce
+                    # buffer for the rest of what the reserve can take (two
+                    # iovecs, not the ~40 that cover 64 KiB of guest buffers).
+                    iov = head.in_
+                    room = min(need, self.rx_cap) - head.in_len
+                    if room > 0:
+                        spill = head.in_len
+                        iov = (*iov, self.rx_bounce[:room])
                 n = recv(iov)
                 if n <= 0:
                     self.port_readable = False
                     continue
+                if spill:
+                    if n > spill:
+                        self._unspill(n - spill)
+                        self.rx_big = True
+                elif self.rx_big and n <= head.in_len:
+                    self.rx_big = False
                 first = bufs[0]
                 k = 0
                 left = n
@@ -542,6 +569,20 @@ class Worker:
             if q.should_notify():
                 self._signal(self.spec.rx.index)
         return frames
+
+    def _unspill(self, left: int) -> None:
+        """Copy the ``left`` bytes a frame put in the bounce buffer into the
+        buffers of the reserve's chains after the first (they have room: the
+        bounce buffer handed to the port is never longer than they are)."""
+        src = self.rx_bounce
+        pos = 0
+        for ch in self.reserve[1:]:
+            for b in ch.in_:
+                take = min(b.nbytes, left - pos)
+                b[:take] = src[pos : pos + take]
+                pos += take
+                if pos >= left:
+                    return
 
     @staticmethod
     def _write_num_buffers(bufs: Sequence[memoryview], k: int) -> None:
