@@ -11,7 +11,9 @@ in a fresh namespace at 10.77.0.1/24), two backends in the same run:
 * ``qemu tap,vhost=off``: QEMU's own multiqueue tap backend (the peer).
 
 Run as root: ``python bench/guest_runs.py [--queues 4] [--duration 5]
-[--streams 4] [--repeat N] [--poll-us U] [--json FILE]``.
+[--streams 4] [--repeat N] [--poll-us U] [--no-guest-pin] [--json FILE]``.
+The guest's interrupts and iperf3 are pinned apart by default, the same for
+both backends (see :mod:`guest_tap_baseline`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from virtnet.testing.guest import skip_reason, vhost_user_netdev_args, wait_for
 from virtnet.testing.netns import NetNS, unique_name
 
 
-def virtnet_run(*, queues: int, duration: float, streams: int, poll_us: int = 0) -> GuestNetFigures:
+def virtnet_run(
+    *, queues: int, duration: float, streams: int, poll_us: int = 0, pin_guest: bool = True
+) -> GuestNetFigures:
     """The guest on virtnet serve --port tap (tap and serve inside a namespace)."""
     tap = unique_name("vntap")
     with tempfile.TemporaryDirectory(prefix="vnguestrun-") as d, NetNS() as ns:
@@ -67,6 +71,7 @@ def virtnet_run(*, queues: int, duration: float, streams: int, poll_us: int = 0)
                 label=label,
                 duration=duration,
                 streams=streams,
+                pin_guest=pin_guest,
             )
         finally:
             serve.send_signal(signal.SIGTERM)
@@ -89,6 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--poll-us", type=int, default=0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--no-guest-pin",
+        action="store_true",
+        help="leave interrupts and iperf3 where the guest puts them (noisier)",
+    )
     args = ap.parse_args(argv)
     reason = skip_reason()
     if reason is not None:
@@ -103,10 +113,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 duration=args.duration,
                 streams=args.streams,
                 poll_us=args.poll_us,
+                pin_guest=not args.no_guest_pin,
             )
         )
         print(ours[-1].table(), flush=True)
-        peer.append(tap_baseline(queues=args.queues, duration=args.duration, streams=args.streams))
+        peer.append(
+            tap_baseline(
+                queues=args.queues,
+                duration=args.duration,
+                streams=args.streams,
+                pin_guest=not args.no_guest_pin,
+            )
+        )
         print(peer[-1].table(), flush=True)
     v = median_figures(ours) if len(ours) > 1 else ours[0]
     p = median_figures(peer) if len(peer) > 1 else peer[0]
