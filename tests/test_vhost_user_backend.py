@@ -129,6 +129,10 @@ class Recorder(NullEvents):
         self.log.append(("rarp", mac))
         return True
 
+    def on_close(self) -> None:
+        assert not self.started  # every ring was stopped first
+        self.log.append(("close",))
+
 
 def msg(
     request: Request, body: Body = EMPTY, fds: tuple[int, ...] = (), *, need_reply: bool = False
@@ -574,6 +578,23 @@ def test_bad_memory_fds() -> None:
     assert not is_open(good) and not is_open(bad)
     assert be.regions == ()
     be.close()
+
+
+def test_close_stops_rings_then_tells_the_owner_once() -> None:
+    rec = Recorder()
+    be = _started_backend(rec)
+    for ring in (0, 1):
+        setup_ring(be, ring)
+        be.handle(msg(R.SET_VRING_KICK, VringFd(ring, False), (ev(),)))
+    assert set(rec.started) == {0, 1}
+    tables = len(rec.tables)
+    be.close()
+    be.close()
+    assert rec.log[-1] == ("close",)
+    assert rec.log.count(("close",)) == 1
+    stops = [e for e in rec.log if e[0] == "stop"]
+    assert stops and rec.log.index(stops[-1]) < rec.log.index(("close",))
+    assert len(rec.tables) == tables  # memory unmapped after on_close, no new table event
 
 
 def test_closed_backend_refuses_and_closes_fds() -> None:

@@ -266,9 +266,20 @@ class BackendEvents(Protocol):
     def on_rarp(self, mac: bytes) -> bool:
         """SEND_RARP: broadcast a RARP for ``mac`` (6 bytes); False = failed."""
 
+    def on_close(self) -> None:
+        """The connection is gone (peer closed, bad input, shutdown).
+
+        Every started ring has been stopped (``on_ring_stop``) first; release
+        whatever is held for this frontend.  Called once, last; the backend
+        then unmaps memory and closes its fds.
+        """
+
 
 class NullEvents:
     """A :class:`BackendEvents` that does nothing (tests, negotiation-only use)."""
+
+    def on_close(self) -> None:
+        pass
 
     def on_mem_table(self, regions: tuple[RegionInfo, ...]) -> None:
         pass
@@ -433,10 +444,15 @@ class Backend:
         if self.closed:
             return
         self.closed = True
-        for r in self.rings:
-            self._stop(r)
-            self._drop_ring_fds(r)
-        self._set_table([], [])
+        try:
+            for r in self.rings:
+                self._stop(r)
+                self._drop_ring_fds(r)
+        finally:
+            try:
+                self.events.on_close()
+            finally:
+                self._set_table([], [])
 
     # -- helpers ----------------------------------------------------------
 

@@ -348,6 +348,9 @@ class PairRouter:
     def on_rarp(self, mac: bytes) -> bool:
         return self._on_rarp(mac) if self._on_rarp is not None else False
 
+    def on_close(self) -> None:
+        """Nothing held per connection: the channels outlive it (see :meth:`shutdown`)."""
+
     def shutdown(self) -> None:
         """Ask every worker to exit (best effort)."""
         for sock in self.channels.values():

@@ -74,18 +74,6 @@ TICK_S = 0.05
 RETRY_S = 0.5
 
 
-class ServedBackend(Backend):
-    """A :class:`Backend` whose close also releases its supervisor's fds."""
-
-    supervisor: Supervisor
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self.supervisor.close()
-
-
 @dataclass
 class _Vm:
     index: int
@@ -185,8 +173,7 @@ class Daemon:
 
         def make() -> Backend:
             sup = Supervisor(vm.vmport, poll_us=self.poll_us, cpus=self.cpus)
-            backend = ServedBackend(sup, config)
-            backend.supervisor = sup
+            backend = Backend(sup, config)  # its close calls sup.on_close()
             sup.backend = backend
             vm.supervisor = sup
             return backend

@@ -366,6 +366,9 @@ class Supervisor:
     def on_rarp(self, mac: bytes) -> bool:
         return False
 
+    def on_close(self) -> None:
+        self.close()
+
     # -- workers ----------------------------------------------------------
 
     def _pair_enabled(self, pair: int) -> bool:
