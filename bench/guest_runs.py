@@ -10,7 +10,7 @@ in a fresh namespace at 10.77.0.1/24), two backends in the same run:
   ``-netdev vhost-user,queues=Q``;
 * ``qemu tap,vhost=off``: QEMU's own multiqueue tap backend (the peer).
 
-Run as root: ``python bench/guest_runs.py [--queues 4] [--duration 5]
+Run as root: ``python bench/guest_runs.py [--queues 4|1,2,4] [--duration 5]
 [--streams 4] [--repeat N] [--poll-us U] [--no-guest-pin] [--json FILE]``.
 The guest's interrupts and iperf3 are pinned apart by default, the same for
 both backends (see :mod:`guest_tap_baseline`).
@@ -40,6 +40,7 @@ from guest_tap_baseline import (
 
 from virtnet.testing.guest import skip_reason, vhost_user_netdev_args, wait_for
 from virtnet.testing.netns import NetNS, unique_name
+from virtnet.vhost_user.backend import MAX_QUEUE_PAIRS
 
 
 def virtnet_run(
@@ -86,9 +87,38 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:6.2f}" if b else "     -"
 
 
+_ROWS = (
+    ("TCP guest->host", "tcp_guest_to_host_gbps", "Gbit/s"),
+    ("TCP host->guest", "tcp_host_to_guest_gbps", "Gbit/s"),
+    ("UDP-64 guest->host received", "udp64_guest_to_host_received_pps", "pps"),
+    ("UDP-64 host->guest received", "udp64_host_to_guest_received_pps", "pps"),
+)
+
+
+def _queue_counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}"
+        ) from None
+    if not counts or any(not 1 <= q <= MAX_QUEUE_PAIRS for q in counts):
+        raise argparse.ArgumentTypeError(f"queue counts must be 1..{MAX_QUEUE_PAIRS}: {text!r}")
+    return counts
+
+
+def _cell(value: float, unit: str) -> str:
+    return f"{value:.2f} {unit}" if unit == "Gbit/s" else f"{value:,.0f} {unit}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--queues", type=int, default=4)
+    ap.add_argument(
+        "--queues",
+        type=_queue_counts,
+        default=[4],
+        help="queue pairs, or a comma-separated sweep such as 1,2,4 (default 4)",
+    )
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=1)
@@ -104,40 +134,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason is not None:
         print(f"cannot boot a guest: {reason}", file=sys.stderr)
         return 2
-    ours: list[GuestNetFigures] = []
-    peer: list[GuestNetFigures] = []
-    for _ in range(max(1, args.repeat)):
-        ours.append(
-            virtnet_run(
-                queues=args.queues,
-                duration=args.duration,
-                streams=args.streams,
-                poll_us=args.poll_us,
-                pin_guest=not args.no_guest_pin,
+    results: dict[int, tuple[GuestNetFigures, GuestNetFigures]] = {}
+    for queues in args.queues:
+        ours: list[GuestNetFigures] = []
+        peer: list[GuestNetFigures] = []
+        for _ in range(max(1, args.repeat)):
+            ours.append(
+                virtnet_run(
+                    queues=queues,
+                    duration=args.duration,
+                    streams=args.streams,
+                    poll_us=args.poll_us,
+                    pin_guest=not args.no_guest_pin,
+                )
             )
-        )
-        print(ours[-1].table(), flush=True)
-        peer.append(
-            tap_baseline(
-                queues=args.queues,
-                duration=args.duration,
-                streams=args.streams,
-                pin_guest=not args.no_guest_pin,
+            print(ours[-1].table(), flush=True)
+            peer.append(
+                tap_baseline(
+                    queues=queues,
+                    duration=args.duration,
+                    streams=args.streams,
+                    pin_guest=not args.no_guest_pin,
+                )
             )
-        )
-        print(peer[-1].table(), flush=True)
-    v = median_figures(ours) if len(ours) > 1 else ours[0]
-    p = median_figures(peer) if len(peer) > 1 else peer[0]
-    print("virtnet / qemu-tap ratios:")
-    for key in (
-        "tcp_guest_to_host_gbps",
-        "tcp_host_to_guest_gbps",
-        "udp64_guest_to_host_received_pps",
-        "udp64_host_to_guest_received_pps",
-    ):
-        print(f"  {key:34} {_ratio(getattr(v, key), getattr(p, key))}")
+            print(peer[-1].table(), flush=True)
+        v = median_figures(ours) if len(ours) > 1 else ours[0]
+        p = median_figures(peer) if len(peer) > 1 else peer[0]
+        results[queues] = (v, p)
+    runs = f"median of {args.repeat}" if args.repeat > 1 else "one run"
+    print(f"\n| queues | figure | virtnet serve | QEMU tap,vhost=off | ratio |  ({runs})")
+    print("|---:|---|---:|---:|---:|")
+    for queues, (v, p) in results.items():
+        for label, key, unit in _ROWS:
+            a, b = getattr(v, key), getattr(p, key)
+            cells = (str(queues), label, _cell(a, unit), _cell(b, unit), _ratio(a, b).strip())
+            print("| " + " | ".join(cells) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"virtnet": asdict(v), "qemu_tap": asdict(p)}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    str(q): {"virtnet": asdict(v), "qemu_tap": asdict(p)}
+                    for q, (v, p) in results.items()
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

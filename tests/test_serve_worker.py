@@ -520,3 +520,21 @@ def test_rx_scatter_property(sizes: list[int], buf: int, mergeable: bool, gso: b
         a.close()
         b.close()
         os.close(fd)
+
+
+def test_worker_latency_bench_runs() -> None:
+    """bench/worker_latency.py drives a real forked worker: every frame comes back
+    (the loop would hang otherwise) and the worker woke on kicks, at most one per frame."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        bench = importlib.import_module("worker_latency")
+    finally:
+        sys.path.pop(0)
+    per_frame, wakes = bench.worker_roundtrip(200)
+    assert per_frame > 0
+    assert 1 <= wakes <= 200
+    assert bench.eventfd_pingpong(50) > 0
