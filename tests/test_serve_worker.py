@@ -267,6 +267,23 @@ def test_gso_guest_small_and_large_frames_alternate(rig: Rig) -> None:
     assert _stop(rig) == (sum(chains), len(frames))
 
 
+def test_gso_guest_rx_chain_without_writable_bytes_first(rig: Rig) -> None:
+    """A chain with no writable bytes at the front of the reserve (a readable
+    descriptor on the rx ring): the frame goes whole into the next chains."""
+    rig.rx.add([(BUFS, 64)], [], BUFS)  # readable only: nothing to write into
+    _post_rx(rig, 150, size=1024, start=1)
+    spec = rig.spec()
+    gso = FEATURES | int(NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4)
+    _start(rig, dataclasses.replace(spec, features=gso))
+    f = _frame(3, size=1500)
+    _send(rig, [f])
+    used = _wait_used(rig.rx, 3)
+    assert [n for _, n in used] == [0, 1024, 12 + 1500 - 1024]
+    got = b"".join(rig.mem.read(a, n) for a, n in used[1:] if isinstance(a, int))
+    assert got[12:] == f[18:24] + f[12:18] + f[24:]
+    _stop(rig)
+
+
 def test_no_rx_buffer_stalls_then_delivers(rig: Rig) -> None:
     _start(rig, rig.spec())
     _send(rig, [_frame(i) for i in range(10)])

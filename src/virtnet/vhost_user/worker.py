@@ -505,7 +505,7 @@ class Worker:
                 # Hand the port only the buffers one maximal frame needs (fewer
                 # iovecs per readv); usually the first chain alone.
                 head = reserve[0]
-                spill = 0
+                spill = -1  # >= 0: bytes past this offset went to the bounce buffer
                 if head.in_len >= need or not mergeable:
                     iov: Sequence[memoryview] = head.in_
                 elif self.rx_big:
@@ -526,13 +526,13 @@ class Worker:
                     iov = head.in_
                     room = min(need, self.rx_cap) - head.in_len
                     if room > 0:
-                        spill = head.in_len
+                        spill = head.in_len  # may be 0: a chain without writable bytes
                         iov = (*iov, self.rx_bounce[:room])
                 n = recv(iov)
                 if n <= 0:
                     self.port_readable = False
                     continue
-                if spill:
+                if spill >= 0:
                     if n > spill:
                         self._unspill(n - spill)
                         self.rx_big = True
