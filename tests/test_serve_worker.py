@@ -461,6 +461,48 @@ def test_supervisor_lifecycle_in_process(rig: Rig) -> None:
         vm.close()
 
 
+def test_hung_worker_is_killed_on_stop_and_ring_resumes_from_used(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that never answers the stop (SIGSTOPped) is logged, killed, and the
+    reported next-avail indexes fall back to the used indexes in guest memory."""
+    import signal
+    import types
+    from typing import cast
+
+    from virtnet.ports.loopback import LoopbackPort
+    from virtnet.vhost_user.backend import Backend, RegionInfo
+    from virtnet.vhost_user.supervisor import Supervisor, VmPort
+
+    vm = VmPort("vm", LoopbackPort(), 1)
+    sup = Supervisor(vm)
+    # The supervisor reads used indexes through its backend's memory map.
+    sup.backend = cast(Backend, types.SimpleNamespace(memory=rig.mem))
+    spec = rig.spec()
+    try:
+        sup.on_features(FEATURES)
+        sup.on_mem_table((RegionInfo(0, MEM, 0x7F0000000000, 0, rig.memfd),))
+        for ring in (spec.rx, spec.tx):
+            sup.on_ring_start(ring.index, _ring_config(ring, FEATURES, True))
+        pid = sup.workers[0].pid
+        _post_rx(rig, 64)
+        _send(rig, [_frame(i) for i in range(5)])
+        assert len(_wait_used(rig.rx, 5)) == 5
+        os.kill(pid, signal.SIGSTOP)
+        _send(rig, [_frame(i) for i in range(5, 8)], slot0=0x300000)  # never consumed
+        with caplog.at_level("ERROR"):
+            tx_next = sup.on_ring_stop(1)
+        assert "did not answer stop" in caplog.text
+        assert not sup.workers
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reaped: it is gone
+        assert tx_next == 5  # the used index: the 3 pending frames stay available
+        assert sup.on_ring_stop(0) == 5
+    finally:
+        sup.close()
+        vm.close()
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     sizes=st.lists(st.integers(min_value=14, max_value=9000), min_size=1, max_size=12),
