@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from virtnet.memory import GuestMemory, MemoryRegion
 from virtnet.net import NetFeature
 from virtnet.vhost_user.backend import RingConfig
+from virtnet.vhost_user.supervisor import Supervisor
 from virtnet.vhost_user.worker import (
     FIELDS,
     NFIELDS,
@@ -219,11 +220,15 @@ def test_mergeable_mtu_frame_spans_chains(rig: Rig) -> None:
     assert _stop(rig) == (2, 1)
 
 
+def _start_gso(rig: Rig) -> None:
+    """Start the worker for a guest that takes GSO frames (64 KiB rx reserve)."""
+    gso = FEATURES | int(NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4)
+    _start(rig, dataclasses.replace(rig.spec(), features=gso))
+
+
 def test_mergeable_gso_frame_spans_chains(rig: Rig) -> None:
     _post_rx(rig, 160, size=1024)
-    spec = rig.spec()
-    gso = FEATURES | int(NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4)
-    _start(rig, dataclasses.replace(spec, features=gso))
+    _start_gso(rig)
     big = _frame(7, size=5000)
     _send(rig, [big])
     used = _wait_used(rig.rx, 5)
@@ -241,9 +246,7 @@ def test_gso_guest_small_and_large_frames_alternate(rig: Rig) -> None:
     switches to reading in place), a small one switches back; every frame is
     delivered intact, in order."""
     _post_rx(rig, 200, size=1024)
-    spec = rig.spec()
-    gso = FEATURES | int(NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4)
-    _start(rig, dataclasses.replace(spec, features=gso))
+    _start_gso(rig)
     sizes = [60, 5000, 3000, 60, 60, 2100, 60]
     frames = [_frame(i, size=max(n, 64)) for i, n in enumerate(sizes)]
     frames = [f[:12] + f[12:18] + f[18:24] + f[24:28] + bytes(range(256)) * 20 for f in frames]
@@ -272,9 +275,7 @@ def test_gso_guest_rx_chain_without_writable_bytes_first(rig: Rig) -> None:
     descriptor on the rx ring): the frame goes whole into the next chains."""
     rig.rx.add([(BUFS, 64)], [], BUFS)  # readable only: nothing to write into
     _post_rx(rig, 150, size=1024, start=1)
-    spec = rig.spec()
-    gso = FEATURES | int(NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4)
-    _start(rig, dataclasses.replace(spec, features=gso))
+    _start_gso(rig)
     f = _frame(3, size=1500)
     _send(rig, [f])
     used = _wait_used(rig.rx, 3)
@@ -391,6 +392,17 @@ def _ring_config(ring: RingSpec, features: int, enabled: bool) -> RingConfig:
     )
 
 
+def _supervise(sup: Supervisor, rig: Rig, *, enabled: bool) -> None:
+    """Features, the rig's memory and both rings (enabled or not), in protocol order."""
+    from virtnet.vhost_user.backend import RegionInfo
+
+    spec = rig.spec()
+    sup.on_features(FEATURES)
+    sup.on_mem_table((RegionInfo(0, MEM, 0x7F0000000000, 0, rig.memfd),))
+    for ring in (spec.rx, spec.tx):
+        sup.on_ring_start(ring.index, _ring_config(ring, FEATURES, enabled))
+
+
 def test_supervisor_refuses_legacy_10_byte_header(rig: Rig) -> None:
     from virtnet.ports.null import NullPort
     from virtnet.vhost_user.backend import RegionInfo
@@ -419,12 +431,8 @@ def test_supervisor_lifecycle_in_process(rig: Rig) -> None:
 
     vm = VmPort("vm", LoopbackPort(), 1)
     sup = Supervisor(vm)
-    spec = rig.spec()
     try:
-        sup.on_features(FEATURES)
-        sup.on_mem_table((RegionInfo(0, MEM, 0x7F0000000000, 0, rig.memfd),))
-        for ring in (spec.rx, spec.tx):
-            sup.on_ring_start(ring.index, _ring_config(ring, FEATURES, False))
+        _supervise(sup, rig, enabled=False)
         assert not sup.workers  # started but disabled: no worker
         sup.on_ring_enable(0, True)
         assert not sup.workers
@@ -471,19 +479,15 @@ def test_hung_worker_is_killed_on_stop_and_ring_resumes_from_used(
     from typing import cast
 
     from virtnet.ports.loopback import LoopbackPort
-    from virtnet.vhost_user.backend import Backend, RegionInfo
+    from virtnet.vhost_user.backend import Backend
     from virtnet.vhost_user.supervisor import Supervisor, VmPort
 
     vm = VmPort("vm", LoopbackPort(), 1)
     sup = Supervisor(vm)
     # The supervisor reads used indexes through its backend's memory map.
     sup.backend = cast(Backend, types.SimpleNamespace(memory=rig.mem))
-    spec = rig.spec()
     try:
-        sup.on_features(FEATURES)
-        sup.on_mem_table((RegionInfo(0, MEM, 0x7F0000000000, 0, rig.memfd),))
-        for ring in (spec.rx, spec.tx):
-            sup.on_ring_start(ring.index, _ring_config(ring, FEATURES, True))
+        _supervise(sup, rig, enabled=True)
         pid = sup.workers[0].pid
         _post_rx(rig, 64)
         _send(rig, [_frame(i) for i in range(5)])
