@@ -47,7 +47,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -387,6 +387,53 @@ class Workers:
         return [p.exitcode if p.exitcode is not None else -9 for p in self.procs]
 
 
+@contextlib.contextmanager
+def fast_run(
+    path: str,
+    *,
+    what: str,
+    mode: Literal["connect", "listen"],
+    queues: int,
+    seconds: float,
+    queue_size: int,
+    timeout: float,
+    frontend: VhostUserFrontend | None,
+) -> Iterator[tuple[VhostUserFrontend, SharedControl, Workers]]:
+    """The set-up and tear-down ``what`` (pktgen, rr) share around :meth:`Workers.run`.
+
+    Checks ``queues`` and ``seconds``; opens a ``fast=True`` frontend unless
+    the caller passed one (then the caller keeps it); checks the backend has
+    ``queues`` pairs; yields it with a control block over all its pairs and
+    the (not yet started) workers.  On the way out the workers are stopped,
+    the control block closed and an own frontend closed.
+    """
+    if not 1 <= queues <= MAX_QUEUE_PAIRS:
+        raise UsageError(f"--queues must be within 1..{MAX_QUEUE_PAIRS}")
+    if seconds <= 0:
+        raise UsageError("--seconds must be positive")
+    own = frontend is None
+    fe = frontend or VhostUserFrontend(
+        path, mode=mode, queue_pairs=queues, queue_size=queue_size, timeout=timeout, fast=True
+    )
+    try:
+        if own:
+            fe.open()
+        if not fe.fast:
+            raise UsageError(f"{what} needs a frontend opened with fast=True")
+        if len(fe.fast_pairs) < queues:
+            raise UsageError(f"the backend supports only {len(fe.fast_pairs)} queue pairs")
+        ctl = SharedControl(len(fe.fast_pairs))
+        workers = Workers()
+        try:
+            yield fe, ctl, workers
+        finally:
+            workers.stop(ctl)
+            ctl.close()
+    finally:
+        if own:
+            fe.close()
+
+
 def parse_schedule(text: str | None) -> list[tuple[float, int]]:
     """``"2@1.5,4@3"`` -> [(1.5, 2), (3.0, 4)]: at time T switch to N pairs."""
     out: list[tuple[float, int]] = []
@@ -542,34 +589,20 @@ def run_pktgen(
     With ``frontend`` (opened with ``fast=True``) the caller keeps the
     connection (tests, the seeds bench); otherwise one is made and closed.
     """
-    if not 1 <= queues <= MAX_QUEUE_PAIRS:
-        raise UsageError(f"--queues must be within 1..{MAX_QUEUE_PAIRS}")
     if not MIN_FRAME <= size <= MAX_FRAME:
         raise UsageError(f"--size must be within {MIN_FRAME}..{MAX_FRAME}")
     if not 1 <= flows <= MAX_FLOWS:
         raise UsageError(f"--flows must be within 1..{MAX_FLOWS}")
-    if seconds <= 0:
-        raise UsageError("--seconds must be positive")
-    own = frontend is None
-    fe = frontend or VhostUserFrontend(
-        path, mode=mode, queue_pairs=queues, queue_size=queue_size, timeout=timeout, fast=True
-    )
-    ctl: SharedControl | None = None
-    workers = Workers()
-    try:
-        if own:
-            fe.open()
-        if not fe.fast:
-            raise UsageError("pktgen needs a frontend opened with fast=True")
+    with fast_run(
+        path, what="pktgen", mode=mode, queues=queues, seconds=seconds,
+        queue_size=queue_size, timeout=timeout, frontend=frontend,
+    ) as (fe, ctl, workers):  # fmt: skip
         pairs = len(fe.fast_pairs)
-        if pairs < queues:
-            raise UsageError(f"the backend supports only {pairs} queue pairs")
         if fe.curr_pairs != pairs:
             fe.set_queue_pairs(pairs)
         frames = build_frames(size, flows)
         for fp in fe.fast_pairs:
             fp.load_frames(frames)
-        ctl = SharedControl(pairs)
         ctl.active = pairs
         reconnects0 = fe.stats.reconnects
         switches: list[tuple[float, int, bool]] = []
@@ -609,12 +642,6 @@ def run_pktgen(
             features=fe.features,
         )
         return res
-    finally:
-        if ctl is not None:
-            workers.stop(ctl)
-            ctl.close()
-        if own:
-            fe.close()
 
 
 # ---------------------------------------------------------------------------

@@ -68,13 +68,12 @@ from virtnet.pktgen import (
     _TX_PK,
     PKTGEN_QUEUE_SIZE,
     SharedControl,
-    Workers,
     add_socket_arguments,
+    fast_run,
     parse_cpus,
 )
 from virtnet.vhost_user.frontend import (
     DEFAULT_TIMEOUT,
-    MAX_QUEUE_PAIRS,
     FastPair,
     VhostUserFrontend,
     full_barrier,
@@ -407,25 +406,12 @@ def run_rr(
     frontend: VhostUserFrontend | None = None,
 ) -> RrResult:
     """Run ``sessions`` request/response sessions over ``queues`` pairs for ``seconds``."""
-    if not 1 <= queues <= MAX_QUEUE_PAIRS:
-        raise UsageError(f"--queues must be within 1..{MAX_QUEUE_PAIRS}")
     if not 1 <= sessions <= MAX_SESSIONS:
         raise UsageError(f"--sessions must be within 1..{MAX_SESSIONS}")
-    if seconds <= 0:
-        raise UsageError("--seconds must be positive")
-    own = frontend is None
-    fe = frontend or VhostUserFrontend(
-        path, mode=mode, queue_pairs=queues, queue_size=queue_size, timeout=timeout, fast=True
-    )
-    ctl: SharedControl | None = None
-    workers = Workers()
-    try:
-        if own:
-            fe.open()
-        if not fe.fast:
-            raise UsageError("rr needs a frontend opened with fast=True")
-        if len(fe.fast_pairs) < queues:
-            raise UsageError(f"the backend supports only {len(fe.fast_pairs)} queue pairs")
+    with fast_run(
+        path, what="rr", mode=mode, queues=queues, seconds=seconds,
+        queue_size=queue_size, timeout=timeout, frontend=frontend,
+    ) as (fe, ctl, workers):  # fmt: skip
         if fe.curr_pairs != queues:
             fe.set_queue_pairs(queues)
         per_pair = assign_sessions(sessions, queues)
@@ -435,7 +421,6 @@ def run_rr(
                 raise UsageError(
                     f"pair {p} gets {len(mine)} sessions; use --queue-size >= {2 * len(mine)}"
                 )
-        ctl = SharedControl(len(fe.fast_pairs))
         ctl.active = queues
 
         def tick(elapsed: float) -> None:
@@ -462,12 +447,6 @@ def run_rr(
             )
         res.failed_pairs = [p for p, c in enumerate(codes) if c != 0]
         return res
-    finally:
-        if ctl is not None:
-            workers.stop(ctl)
-            ctl.close()
-        if own:
-            fe.close()
 
 
 def render(res: RrResult) -> str:
