@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from pathlib import Path
 
 from virtnet.testing.dpdk import TestPmd, skip_reason
 from virtnet.testing.netns import NetNS, unique_name
+from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.stats import fetch
 
 
@@ -106,12 +106,7 @@ def _virtnet(
         _wait(stats)
         yield sock, stats, proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from guest_tap_baseline import (
 
 from virtnet.testing.guest import skip_reason, vhost_user_netdev_args, wait_for
 from virtnet.testing.netns import NetNS, unique_name
+from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.backend import MAX_QUEUE_PAIRS
 
 
@@ -75,12 +75,7 @@ def virtnet_run(
                 pin_guest=pin_guest,
             )
         finally:
-            serve.send_signal(signal.SIGTERM)
-            try:
-                serve.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                serve.kill()
-                serve.wait()
+            stop_process(serve)
 
 
 def _ratio(a: float, b: float) -> str:

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from pathlib import Path
 from virtnet.pktgen import run_pktgen
 from virtnet.rr import run_rr
 from virtnet.testing.dpdk import TestPmd, skip_reason
+from virtnet.testing.procs import stop_process
 
 SEED_PKTGEN = {1: 589, 2: 952, 3: 1290, 4: 1578}
 SEED_PKTGEN_IMPROVEMENT = {1: 0, 2: 62, 3: 120, 4: 168}
@@ -140,13 +140,7 @@ def serve_peer(tmp: Path) -> Iterator[Peer]:
         yield Peer("serve", sock, lambda: _tree_cpu(proc.pid), None,
                    "virtnet serve --port loopback, 1 worker process per pair")  # fmt: skip
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         log.close()
 
 

@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import os
 import re
-import signal
 import struct
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from pathlib import Path
 from virtnet.demo import run_demo as virtio_demo
 from virtnet.pktgen import run_pktgen
 from virtnet.ports import make_port
+from virtnet.testing.procs import stop_process
 from virtnet.xen.datapath import BackendQueue, FrontendQueue
 from virtnet.xen.demo import run_demo
 from virtnet.xen.grant import DomainMemory, GrantMapper, GrantTable
@@ -125,13 +125,7 @@ def serve_loopback(queues: int) -> Iterator[str]:
                 time.sleep(0.05)
             yield str(sock)
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
 
 
 def virtio_run(queues: int, seconds: float) -> tuple[list[float], str]:

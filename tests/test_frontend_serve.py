@@ -12,7 +12,6 @@ frontend reconnects and its rings resume at the used index).
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -29,6 +28,7 @@ from virtnet.demo import PAYLOAD_OFF, build_frame
 from virtnet.pktgen import PairCounters, PktgenResult, run_pktgen
 from virtnet.rr import run_rr
 from virtnet.testing.netns import create_tap, delete_link
+from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.frontend import DEFAULT_MAC, VhostUserFrontend
 
 pytestmark = pytest.mark.timeout(180)
@@ -57,13 +57,7 @@ def serve(tmp: Path, port: str, *, vms: int = 1, queues: int = 4) -> Iterator[li
             time.sleep(0.05)
         yield socks
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         log.close()
 
 

@@ -12,17 +12,16 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from virtnet.testing.guest import wait_for
+from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.stats import fetch
 
 pytestmark = [pytest.mark.dpdk, pytest.mark.timeout(180)]
@@ -46,18 +45,6 @@ def _serve(tmp: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
     assert wait_for(lambda: stats.exists() or proc.poll() is not None, timeout=20)
     assert proc.poll() is None, (tmp / "serve.log").read_text()
     return proc, sock, stats
-
-
-def _stop(proc: subprocess.Popen[Any]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return -9
-    return int(proc.returncode)
 
 
 class PmdProcess:
@@ -103,7 +90,7 @@ def serve_loopback(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
     try:
         yield sock, stats, tmp_path
     finally:
-        assert _stop(proc) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        assert stop_process(proc) == 0, (tmp_path / "serve.log").read_text()[-3000:]
 
 
 def _pairs(stats: Path) -> list[dict[str, int]]:
@@ -174,4 +161,4 @@ def test_client_mode_dials_testpmd_server(tmp_path: Path) -> None:
             )
             pmd.stop_forwarding()
     finally:
-        assert _stop(proc) == 0
+        assert stop_process(proc) == 0

@@ -9,7 +9,6 @@ runs iperf3 both ways through the switch process.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 
 from virtnet.testing.guest import Guest, vhost_user_netdev_args, wait_for
 from virtnet.testing.netns import NetNS, unique_name
+from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.stats import fetch
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
@@ -60,12 +60,7 @@ def setup(
             finally:
                 guest.close()
         finally:
-            serve.send_signal(signal.SIGTERM)
-            try:
-                serve.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                serve.kill()
-                serve.wait()
+            stop_process(serve, timeout=20)
             print(log.read_text()[-4000:])
     assert serve.returncode == 0
 

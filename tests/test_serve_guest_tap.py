@@ -24,6 +24,7 @@ import pytest
 
 from virtnet.testing.guest import Guest, queue_deltas, vhost_user_netdev_args, wait_for
 from virtnet.testing.netns import NetNS, unique_name
+from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.stats import fetch
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
@@ -63,16 +64,6 @@ def _start_serve(ns: NetNS, tap: str, sock: Path, stats: Path, log: Path) -> sub
     return proc
 
 
-def _serve_stopped(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("serve-tap")
@@ -95,7 +86,7 @@ def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                 s = Setup(guest, ns, tap, sock, stats, log, serve)
                 yield s
         finally:
-            _serve_stopped(s.serve if s is not None else serve)
+            stop_process(s.serve if s is not None else serve)
             print(log.read_text()[-6000:])
 
 

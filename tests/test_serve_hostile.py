@@ -13,7 +13,6 @@ serving the broken ring of) that VM only, and keep serving "good".
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from virtnet.testing.guest import wait_for
+from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.codec import (
     U64,
     MemRegion,
@@ -65,13 +65,7 @@ def serve(tmp_path: Path) -> Iterator[tuple[Path, Path, Path, Path]]:
         yield good, bad, stats, log
         assert proc.poll() is None, "serve died:\n" + log.read_text()[-4000:]
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
     assert proc.returncode == 0, log.read_text()[-4000:]
 
 

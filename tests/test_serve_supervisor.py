@@ -23,6 +23,7 @@ import pytest
 
 from virtnet.errors import UsageError
 from virtnet.testing.guest import wait_for
+from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.frontend import VhostUserFrontend
 from virtnet.vhost_user.serve import Daemon
 from virtnet.vhost_user.stats import fetch, render
@@ -47,13 +48,7 @@ def serve(tmp_path: Path) -> Iterator[tuple[Path, Path, Path, subprocess.Popen[b
         assert proc.poll() is None, log.read_text()
         yield sock, stats, log, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def _frame(n: int) -> bytes:

@@ -7,7 +7,6 @@ ways (GSO super-frames cross the switch: both guests take TSO on rx).
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from virtnet.testing.guest import Guest, vhost_user_netdev_args, wait_for
+from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.stats import fetch
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
@@ -56,12 +56,7 @@ def pair(
         ):
             yield ga, gb, stats
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait()
+        stop_process(serve, timeout=20)
         print(log.read_text()[-5000:])
     assert serve.returncode == 0
 

@@ -4,6 +4,7 @@
   launcher with a serial command agent), netdev argument helpers.
 * :mod:`virtnet.testing.netns` -- :class:`NetNS` (network namespaces, taps,
   veths, iperf3 servers), always cleaned up.
+* :mod:`virtnet.testing.procs` -- :func:`stop_process` (SIGTERM, wait, SIGKILL).
 
 The ``virtnet`` package proper never imports this package.
 """
@@ -27,6 +28,7 @@ from virtnet.testing.guest import (
     vhost_user_netdev_args,
 )
 from virtnet.testing.netns import IperfServer, NetNS, NetnsError, create_tap, delete_link
+from virtnet.testing.procs import stop_process
 
 __all__ = [
     "DEFAULT_MAC",
@@ -46,6 +48,7 @@ __all__ = [
     "queue_deltas",
     "queue_packets",
     "skip_reason",
+    "stop_process",
     "tap_netdev_args",
     "vhost_user_netdev_args",
 ]

@@ -39,7 +39,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -53,6 +52,7 @@ from typing import NamedTuple
 
 from virtnet.errors import UsageError
 from virtnet.testing.netns import die_with_parent
+from virtnet.testing.procs import stop_process
 
 __all__ = [
     "DEFAULT_MAC",
@@ -701,15 +701,8 @@ class Guest:
             self._sock.close()
             self._sock = None
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            stop_process(proc, timeout=10)
         if self.workdir != Path() and not keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
