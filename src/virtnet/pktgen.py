@@ -728,23 +728,50 @@ def render(res: PktgenResult) -> str:
     return "\n".join(lines)
 
 
+def socket_target(args: argparse.Namespace) -> tuple[str, Literal["connect", "listen"]]:
+    """The vhost-user socket and whether we dial it (``--connect``) or listen (``--listen``)."""
+    if args.connect:
+        return args.connect, "connect"
+    return args.listen, "listen"
+
+
+@contextlib.contextmanager
+def live_display(json_output: bool) -> Iterator[Callable[[Any], None] | None]:
+    """On a terminal (and without ``--json``) yield ``show(renderable)``, a live
+    display updated in place; otherwise ``None``.  No refresh thread: the
+    per-pair processes are forked while it runs."""
+    if json_output or not sys.stdout.isatty():
+        yield None
+        return
+    from rich.live import Live
+
+    with Live(auto_refresh=False) as live:
+
+        def show(renderable: Any) -> None:
+            live.update(renderable)
+            live.refresh()
+
+        yield show
+
+
+def print_result(args: argparse.Namespace, res: Any, render_text: Callable[[Any], str]) -> int:
+    """Print ``res`` as JSON (``--json``) or text; exit status 1 if a pair failed."""
+    if args.json:
+        print(json.dumps(res.to_json(), indent=2))
+    else:
+        print(render_text(res))
+    return 1 if res.failed_pairs else 0
+
+
 def run(args: argparse.Namespace) -> int:
-    path = args.connect or args.listen
-    mode: Literal["connect", "listen"] = "connect" if args.connect else "listen"
-    live = sys.stdout.isatty() and not args.json
-    progress = None
-    live_ctx: Any = contextlib.nullcontext()
-    if live:
-        from rich.live import Live
-
-        live_ctx = Live(auto_refresh=False)
-
-    with live_ctx as lv:
-        if live:
+    path, mode = socket_target(args)
+    with live_display(args.json) as show:
+        progress = None
+        if show is not None:
+            shown = show
 
             def progress(elapsed: float, counters: list[PairCounters]) -> None:
-                lv.update(_table(f"pktgen {elapsed:5.1f}s", counters, elapsed, args.size))
-                lv.refresh()
+                shown(_table(f"pktgen {elapsed:5.1f}s", counters, elapsed, args.size))
 
         res = run_pktgen(
             path,
@@ -759,8 +786,4 @@ def run(args: argparse.Namespace) -> int:
             schedule=parse_schedule(args.schedule),
             progress=progress,
         )
-    if args.json:
-        print(json.dumps(res.to_json(), indent=2))
-    else:
-        print(render(res))
-    return 1 if res.failed_pairs else 0
+    return print_result(args, res, render)

@@ -43,11 +43,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import select
 import struct
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -70,7 +68,10 @@ from virtnet.pktgen import (
     SharedControl,
     add_socket_arguments,
     fast_run,
+    live_display,
     parse_cpus,
+    print_result,
+    socket_target,
 )
 from virtnet.vhost_user.frontend import (
     DEFAULT_TIMEOUT,
@@ -478,23 +479,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    path = args.connect or args.listen
-    mode: Literal["connect", "listen"] = "connect" if args.connect else "listen"
-    progress = None
-    live: Any = None
-    if sys.stdout.isatty() and not args.json:
-        from rich.live import Live
+    path, mode = socket_target(args)
+    with live_display(args.json) as show:
+        progress = None
+        if show is not None:
+            shown = show
 
-        # No refresh thread: the per-pair processes are forked while this runs.
-        live = Live(auto_refresh=False)
-        live.start()
+            def progress(elapsed: float, done: int) -> None:
+                rate = done / elapsed if elapsed else 0.0
+                shown(f"rr {elapsed:5.1f}s  {done:,} transactions  {rate:,.0f}/s")
 
-        def progress(elapsed: float, done: int) -> None:
-            rate = done / elapsed if elapsed else 0.0
-            live.update(f"rr {elapsed:5.1f}s  {done:,} transactions  {rate:,.0f}/s")
-            live.refresh()
-
-    try:
         res = run_rr(
             path,
             mode=mode,
@@ -507,11 +501,4 @@ def run(args: argparse.Namespace) -> int:
             cpus=parse_cpus(args.cpus),
             progress=progress,
         )
-    finally:
-        if live is not None:
-            live.stop()
-    if args.json:
-        print(json.dumps(res.to_json(), indent=2))
-    else:
-        print(render(res))
-    return 1 if res.failed_pairs else 0
+    return print_result(args, res, render)
