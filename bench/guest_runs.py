@@ -32,12 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guest_tap_baseline import (
     HOST_IP,
     GuestNetFigures,
+    add_run_arguments,
+    can_boot,
     measure_guest_network,
     median_figures,
     tap_baseline,
 )
 
-from virtnet.testing.guest import skip_reason, vhost_user_netdev_args, wait_for
+from virtnet.testing.guest import vhost_user_netdev_args, wait_for
 from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.backend import MAX_QUEUE_PAIRS
@@ -114,20 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[4],
         help="queue pairs, or a comma-separated sweep such as 1,2,4 (default 4)",
     )
-    ap.add_argument("--duration", type=float, default=5.0)
-    ap.add_argument("--streams", type=int, default=4)
-    ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--poll-us", type=int, default=0)
-    ap.add_argument("--json", type=Path)
-    ap.add_argument(
-        "--no-guest-pin",
-        action="store_true",
-        help="leave interrupts and iperf3 where the guest puts them (noisier)",
-    )
+    ap.add_argument("--poll-us", type=int, default=0, help="serve's --poll-us")
+    add_run_arguments(ap)
     args = ap.parse_args(argv)
-    reason = skip_reason()
-    if reason is not None:
-        print(f"cannot boot a guest: {reason}", file=sys.stderr)
+    if not can_boot():
         return 2
     results: dict[int, tuple[GuestNetFigures, GuestNetFigures]] = {}
     for queues in args.queues:

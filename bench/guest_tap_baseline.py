@@ -186,22 +186,34 @@ def tap_baseline(
         )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--queues", type=int, default=4)
-    parser.add_argument("--duration", type=float, default=5.0)
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every guest-run bench takes (this one and ``guest_runs.py``)."""
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per iperf3 run")
     parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=1, help="runs; the median is printed")
+    parser.add_argument("--repeat", type=int, default=1, help="boots; the median is printed")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--no-guest-pin",
         action="store_true",
         help="leave interrupts and iperf3 where the guest puts them (noisier)",
     )
-    args = parser.parse_args(argv)
+
+
+def can_boot() -> bool:
+    """Whether a guest can boot here; says why not on stderr."""
     reason = skip_reason()
     if reason is not None:
         print(f"cannot boot a guest: {reason}", file=sys.stderr)
+        return False
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--queues", type=int, default=4)
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    if not can_boot():
         return 2
     runs = []
     for _ in range(max(1, args.repeat)):
