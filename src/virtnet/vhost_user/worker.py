@@ -439,35 +439,28 @@ class Worker:
 
     def _refill(self, q: DeviceQueue) -> bool:
         """Pop rx chains until the reserve covers one maximal frame; False if short."""
-        need = self.rx_need
-        reserve = self.reserve
-        bufs = self.rx_bufs
         if not self.mergeable:
-            if reserve:
-                return True
-            chains = q.pop(RX_REFILL)
-            if not chains:
-                return False
-            for ch in chains:
-                reserve.append(ch)
-                bufs.extend(ch.in_)
-                self.rx_cap += ch.in_len
-            return True
+            return bool(self.reserve) or self._reserve(q.pop(RX_REFILL))
+        need = self.rx_need
+        bufs = self.rx_bufs
         while self.rx_cap < need:
-            last = reserve[-1].in_len if reserve else 0
+            last = self.reserve[-1].in_len if self.reserve else 0
             want = max(RX_REFILL, 1 + (need - self.rx_cap) // last if last else 1)
             if len(bufs) + want > MAX_RX_IOVECS:
                 want = max(1, MAX_RX_IOVECS - len(bufs))
-            chains = q.pop(want)
-            if not chains:
+            if not self._reserve(q.pop(want)):
                 return False
-            for ch in chains:
-                reserve.append(ch)
-                bufs.extend(ch.in_)
-                self.rx_cap += ch.in_len
             if len(bufs) >= MAX_RX_IOVECS:
                 break
         return True
+
+    def _reserve(self, chains: list[Chain]) -> bool:
+        """Add popped rx chains to the reserve; False if there were none."""
+        for ch in chains:
+            self.reserve.append(ch)
+            self.rx_bufs.extend(ch.in_)
+            self.rx_cap += ch.in_len
+        return bool(chains)
 
     def rx_batch(self) -> int:
         """Receive up to RX_BATCH frames into guest buffers; frames delivered."""
