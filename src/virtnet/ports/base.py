@@ -209,6 +209,14 @@ class _WritevQueue(QueueCounters):
     def _send_failed(self, exc: OSError) -> None:
         """Hook for a send that failed with a transient error (already counted)."""
 
+    def _recv_failed(self, exc: OSError) -> int:
+        """A receive that failed: re-raise a fatal error (a bug), else count a drop; 0."""
+        if _fatal(exc):
+            raise exc
+        self.last_errno = exc.errno or 0
+        self.rx_dropped += 1
+        return 0
+
 
 class FdQueue(_WritevQueue):
     """A queue over a nonblocking fd where one read/write = one frame (tap).
@@ -238,11 +246,7 @@ class FdQueue(_WritevQueue):
         except BlockingIOError:
             return 0
         except OSError as exc:
-            if _fatal(exc):
-                raise
-            self.last_errno = exc.errno or 0
-            self.rx_dropped += 1
-            return 0
+            return self._recv_failed(exc)
         if n < VNET_HDR_LEN:
             if n:
                 self.rx_dropped += 1
@@ -305,11 +309,7 @@ class SocketQueue(_WritevQueue):
         except BlockingIOError:
             return 0
         except OSError as exc:
-            if _fatal(exc):
-                raise
-            self.last_errno = exc.errno or 0
-            self.rx_dropped += 1
-            return 0
+            return self._recv_failed(exc)
         if n < VNET_HDR_LEN or flags & _MSG_TRUNC:
             if n == 0 and not flags & _MSG_TRUNC:
                 self.peer_closed = True
