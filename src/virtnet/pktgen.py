@@ -59,10 +59,9 @@ from virtnet.vhost_user.frontend import (
     FastPair,
     VhostUserFrontend,
     full_barrier,
-    need_event,
+    kick_if_wanted,
     recycle,
 )
-from virtnet.virtq import VIRTQ_USED_F_NO_NOTIFY
 
 __all__ = [
     "MAX_FRAME",
@@ -228,12 +227,7 @@ def pair_loop(fp: FastPair, ctl: SharedControl, deadline: float) -> None:
             tx_avail[1] = tx_av
             batches += 1
             barrier()
-            if (
-                need_event(tx_used[avail_event], tx_av, tx_kicked)
-                if event_idx
-                else not tx_used[0] & VIRTQ_USED_F_NO_NOTIFY
-            ):
-                eventfd_write(tx_kick_fd, 1)
+            if kick_if_wanted(tx_used, avail_event, tx_av, tx_kicked, event_idx, tx_kick_fd):
                 tx_kicks += 1
             tx_kicked = tx_av
         # -- rx: whatever comes back ---------------------------------------
@@ -258,12 +252,7 @@ def pair_loop(fp: FastPair, ctl: SharedControl, deadline: float) -> None:
             rx_avail[used_event] = (ru + 0x8000) & _U16
             rx_avail[1] = rx_av
             barrier()
-            if (
-                need_event(rx_used[avail_event], rx_av, rx_kicked)
-                if event_idx
-                else not rx_used[0] & VIRTQ_USED_F_NO_NOTIFY
-            ):
-                eventfd_write(rx_kick_fd, 1)
+            if kick_if_wanted(rx_used, avail_event, rx_av, rx_kicked, event_idx, rx_kick_fd):
                 rx_kicks += 1
             rx_kicked = rx_av
             changed = True

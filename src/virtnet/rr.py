@@ -78,10 +78,10 @@ from virtnet.vhost_user.frontend import (
     FastPair,
     VhostUserFrontend,
     full_barrier,
-    need_event,
+    kick_if_wanted,
     recycle,
 )
-from virtnet.virtq import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY
+from virtnet.virtq import VIRTQ_AVAIL_F_NO_INTERRUPT
 
 __all__ = [
     "MAX_SESSIONS",
@@ -198,7 +198,6 @@ def rr_loop(
     rx_kicked = fp.rx_kicked
     rx_call = fp.rx_call_fd
     unpack_ports = _PORTS.unpack_from
-    eventfd_write = os.eventfd_write
     mono = time.monotonic
     sent = done = stale = lost = wakeups = tx_kicks = 0
     seq_off = hl + _SEQ_OFF
@@ -227,12 +226,7 @@ def rr_loop(
         if tx_av != tx_kicked:
             tx_avail[1] = tx_av
             full_barrier()
-            if (
-                need_event(tx_used[avail_event], tx_av, tx_kicked)
-                if event_idx
-                else not tx_used[0] & VIRTQ_USED_F_NO_NOTIFY
-            ):
-                eventfd_write(fp.tx_kick_fd, 1)
+            if kick_if_wanted(tx_used, avail_event, tx_av, tx_kicked, event_idx, fp.tx_kick_fd):
                 tx_kicks += 1
             tx_kicked = tx_av
         # -- reclaim tx descriptors ------------------------------------------
@@ -283,12 +277,7 @@ def rr_loop(
             rx_av = (ru + size) & _U16
             rx_avail[1] = rx_av
             full_barrier()
-            if (
-                need_event(rx_used[avail_event], rx_av, rx_kicked)
-                if event_idx
-                else not rx_used[0] & VIRTQ_USED_F_NO_NOTIFY
-            ):
-                eventfd_write(fp.rx_kick_fd, 1)
+            kick_if_wanted(rx_used, avail_event, rx_av, rx_kicked, event_idx, fp.rx_kick_fd)
             rx_kicked = rx_av
         # -- every 50 ms: counters, stop, retries -----------------------------
         if now - last_check >= 0.05:

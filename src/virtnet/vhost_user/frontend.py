@@ -115,6 +115,7 @@ from virtnet.virtq import (
     VIRTQ_USED_F_NO_NOTIFY,
     DeviceQueue,
     split_ring_layout,
+    vring_need_event,
 )
 
 __all__ = [
@@ -134,7 +135,7 @@ __all__ = [
     "RingInfo",
     "VhostUserFrontend",
     "full_barrier",
-    "need_event",
+    "kick_if_wanted",
     "recycle",
 ]
 
@@ -222,9 +223,19 @@ class BackendRefusedError(ProtocolError):
     """The backend answered a REPLY_ACK request with a non-zero status (NAK)."""
 
 
-def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
-    """virtio 1.3 2.7.10: notify iff ``event_idx`` lies in ``[old_idx, new_idx)`` mod 2**16."""
-    return ((new_idx - event_idx - 1) & _U16_MASK) < ((new_idx - old_idx) & _U16_MASK)
+def kick_if_wanted(
+    used: memoryview, avail_event: int, new: int, old: int, event_idx: bool, kick_fd: int
+) -> bool:
+    """After publishing avail index ``new`` (was ``old``) and a full barrier:
+    kick ``kick_fd`` if the device asked for it (``used[avail_event]`` with
+    EVENT_IDX, else the NO_NOTIFY flag; virtio 1.3 2.7.10).  True if kicked."""
+    if event_idx:
+        want = vring_need_event(used[avail_event], new, old)
+    else:
+        want = not used[0] & VIRTQ_USED_F_NO_NOTIFY
+    if want:
+        os.eventfd_write(kick_fd, 1)
+    return want
 
 
 _FENCE = threading.Lock()
@@ -531,13 +542,9 @@ class FastPair:
             return False
         self.tx_kicked = new
         full_barrier()
-        if self.event_idx:
-            want = need_event(self.tx_used[2 + 4 * self.size], new, old)
-        else:
-            want = not self.tx_used[0] & VIRTQ_USED_F_NO_NOTIFY
-        if want:
-            os.eventfd_write(self.tx_kick_fd, 1)
-        return want
+        return kick_if_wanted(
+            self.tx_used, 2 + 4 * self.size, new, old, self.event_idx, self.tx_kick_fd
+        )
 
     def kick_rx(self) -> bool:
         """Notify the device of new rx buffers if it wants it; True if kicked."""
@@ -547,13 +554,9 @@ class FastPair:
             return False
         self.rx_kicked = new
         full_barrier()
-        if self.event_idx:
-            want = need_event(self.rx_used[2 + 4 * self.size], new, old)
-        else:
-            want = not self.rx_used[0] & VIRTQ_USED_F_NO_NOTIFY
-        if want:
-            os.eventfd_write(self.rx_kick_fd, 1)
-        return want
+        return kick_if_wanted(
+            self.rx_used, 2 + 4 * self.size, new, old, self.event_idx, self.rx_kick_fd
+        )
 
     def tx_pending_used(self) -> int:
         n = (self.tx_used[1] - self.tx_last_used) & _U16_MASK
