@@ -2,16 +2,20 @@
 
 * Tests marked ``vm`` are skipped, with the reason, when a real guest cannot be
   booted here (no root, no QEMU, no kernel with modules, no busybox/iperf3).
+* ``no_fd_leak`` (``pytestmark = pytest.mark.usefixtures("no_fd_leak")``)
+  fails a test that leaves more or fewer fds open than it found.
 * ``guest_initramfs`` builds the test-guest initramfs once per session, in
   ``$VIRTNET_CACHE_DIR`` (default ``~/.cache/virtnet/guest``), reused across runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from virtnet.testing.fds import open_fds
 from virtnet.testing.guest import build_initramfs, default_initramfs_dir, skip_reason
 
 
@@ -32,3 +36,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def guest_initramfs() -> Path:
     """Path of the (cached) test-guest initramfs."""
     return build_initramfs(default_initramfs_dir())
+
+
+@pytest.fixture
+def no_fd_leak() -> Iterator[None]:
+    """The test must leave exactly as many fds open as it found."""
+    before = open_fds()
+    yield
+    assert open_fds() == before, "fd leak"

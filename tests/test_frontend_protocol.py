@@ -25,6 +25,7 @@ import pytest
 
 from virtnet.errors import PeerError, ProtocolError
 from virtnet.net import CTRL_ERR, CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, NetFeature
+from virtnet.testing.fds import open_fds
 from virtnet.vhost_user.backend import Backend, BackendConfig, NullEvents, RingConfig
 from virtnet.vhost_user.codec import (
     F_PROTOCOL_FEATURES,
@@ -55,10 +56,6 @@ PF = ProtocolFeature
 FEATURES = (NetFeature.VERSION_1 | NetFeature.MRG_RXBUF | NetFeature.EVENT_IDX | NetFeature.MQ) | (
     1 << F_PROTOCOL_FEATURES
 )
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 class ScriptedBackend:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -13,6 +12,7 @@ from hypothesis import strategies as st
 
 from virtnet.errors import ProtocolError
 from virtnet.net import NetFeature
+from virtnet.testing.fds import fd_is_open, open_fds
 from virtnet.vhost_user.backend import (
     DEFAULT_FEATURES,
     Backend,
@@ -42,31 +42,13 @@ from virtnet.vhost_user.codec import (
     parse_message,
 )
 
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 R = Request
 PF = ProtocolFeature
 MEM_SIZE = 1 << 20
 EMPTY = Empty()
 UVA = 0x7F12_3400_0000
 GPA = 0x10_0000
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-@pytest.fixture(autouse=True)
-def _no_fd_leak() -> Iterator[None]:
-    before = open_fds()
-    yield
-    assert open_fds() == before
 
 
 def memfd(size: int = MEM_SIZE) -> int:
@@ -87,14 +69,14 @@ class Recorder(NullEvents):
 
     def on_mem_table(self, regions: tuple[RegionInfo, ...]) -> None:
         for r in regions:
-            assert is_open(r.fd)
+            assert fd_is_open(r.fd)
         self.tables.append(regions)
         self.log.append(("mem", len(regions)))
 
     def on_ring_start(self, index: int, config: RingConfig) -> None:
         assert index not in self.started
         if config.kick_fd is not None:
-            assert is_open(config.kick_fd)
+            assert fd_is_open(config.kick_fd)
         self.started[index] = config
         self.log.append(("start", index))
 
@@ -301,14 +283,14 @@ def test_ring_start_stop_and_fd_handling() -> None:
     call1, call2 = ev(), ev()
     be.handle(msg(R.SET_VRING_CALL, VringFd(1, False), (call1,)))
     be.handle(msg(R.SET_VRING_CALL, VringFd(1, False), (call2,)))
-    assert not is_open(call1) and is_open(call2)
+    assert not fd_is_open(call1) and fd_is_open(call2)
     be.handle(msg(R.SET_VRING_CALL, VringFd(1, True)))
-    assert not is_open(call2)
+    assert not fd_is_open(call2)
     assert rec.log[-3:] == [("call", 1, True), ("call", 1, True), ("call", 1, False)]
     rec.last_avail[1] = 300
     r = be.handle(msg(R.GET_VRING_BASE, VringState(1, 0)))
     assert r is not None and parse_message(r, replies=True).body == VringState(1, 300)
-    assert not is_open(kick)
+    assert not fd_is_open(kick)
     # Stopped: GET_VRING_BASE again reports the same index, no second stop event.
     r = be.handle(msg(R.GET_VRING_BASE, VringState(1, 0)))
     assert r is not None and parse_message(r, replies=True).body == VringState(1, 300)
@@ -356,7 +338,7 @@ def test_set_mem_table_switch_happens_before_old_fds_close() -> None:
     class Ev(Recorder):
         def on_mem_table(self, regions: tuple[RegionInfo, ...]) -> None:
             super().on_mem_table(regions)
-            seen_old_open.extend(is_open(fd) for fd in old_fds)
+            seen_old_open.extend(fd_is_open(fd) for fd in old_fds)
 
     rec = Ev()
     be = Backend(rec)
@@ -369,10 +351,10 @@ def test_set_mem_table_switch_happens_before_old_fds_close() -> None:
     fd2 = memfd()
     be.handle(msg(R.SET_MEM_TABLE, MemTable((MemRegion(GPA, MEM_SIZE, UVA, 0),)), (fd2,)))
     assert seen_old_open == [True]
-    assert not is_open(fd1) and is_open(fd2)
+    assert not fd_is_open(fd1) and fd_is_open(fd2)
     assert be.memory.read(GPA + 10, 5) == b"\0" * 5  # a new, empty memfd
     be.close()
-    assert not is_open(fd2)
+    assert not fd_is_open(fd2)
 
 
 def test_add_and_remove_regions() -> None:
@@ -397,7 +379,7 @@ def test_add_and_remove_regions() -> None:
     be.handle(msg(R.SET_VRING_KICK, VringFd(0, False), (ev(),)))
     stray = ev()
     be.handle(msg(R.REM_MEM_REG, SingleRegion(MemRegion(0, 4096, 0x1000, 0xDEAD)), (stray,)))
-    assert not is_open(b) and not is_open(stray)  # "MUST close it without using it"
+    assert not fd_is_open(b) and not fd_is_open(stray)  # "MUST close it without using it"
     with pytest.raises(ProtocolError, match="drops running ring: ring 0"):
         be.handle(msg(R.REM_MEM_REG, SingleRegion(MemRegion(GPA, MEM_SIZE, UVA, 0))))
     with pytest.raises(ProtocolError, match="no region"):
@@ -451,10 +433,10 @@ def test_reset_device_stops_rings_keeps_call_fds() -> None:
     be.handle(msg(R.SET_VRING_KICK, VringFd(0, False), (kick,)))
     be.handle(msg(R.RESET_DEVICE))
     assert rec.log[-2:] == [("stop", 0), ("reset",)]
-    assert not is_open(kick) and is_open(call)
+    assert not fd_is_open(kick) and fd_is_open(call)
     assert be.features == 0
     be.close()
-    assert not is_open(call)
+    assert not fd_is_open(call)
 
 
 def test_offloads_are_configurable() -> None:
@@ -540,7 +522,7 @@ def test_gated_requests_need_their_protocol_feature() -> None:
     for request, body, fds in gated:
         with pytest.raises(ProtocolError, match="without protocol feature"):
             be.handle(msg(request, body, fds))
-        assert all(not is_open(fd) for fd in fds)
+        assert all(not fd_is_open(fd) for fd in fds)
     be.close()
 
 
@@ -560,7 +542,7 @@ def test_bad_memory_fds() -> None:
     small = memfd(4096)
     with pytest.raises(ProtocolError, match="past the end"):
         be.handle(msg(R.SET_MEM_TABLE, MemTable((MemRegion(0, 8192, UVA, 0),)), (small,)))
-    assert not is_open(small)
+    assert not fd_is_open(small)
     a, b = socket.socketpair()
     with pytest.raises(ProtocolError, match="not a shared-memory file"):
         be.handle(msg(R.SET_MEM_TABLE, MemTable((MemRegion(0, 4096, UVA, 0),)), (a.detach(),)))
@@ -575,7 +557,7 @@ def test_bad_memory_fds() -> None:
                 (good, bad),
             )
         )
-    assert not is_open(good) and not is_open(bad)
+    assert not fd_is_open(good) and not fd_is_open(bad)
     assert be.regions == ()
     be.close()
 
@@ -603,7 +585,7 @@ def test_closed_backend_refuses_and_closes_fds() -> None:
     fd = ev()
     with pytest.raises(ProtocolError, match="closed"):
         be.handle(msg(R.SET_VRING_CALL, VringFd(0, False), (fd,)))
-    assert not is_open(fd)
+    assert not fd_is_open(fd)
 
 
 # ---------------------------------------------------------------------------
@@ -734,7 +716,7 @@ def test_new_table_under_running_rings() -> None:
     tables = len(rec.tables)
     # Same layout, new fd (e.g. QEMU re-sending after a hotplug elsewhere): accepted.
     be.handle(msg(R.SET_MEM_TABLE, MemTable((MemRegion(GPA, MEM_SIZE, UVA, 0),)), (memfd(),)))
-    assert not is_open(old_fd) and len(rec.tables) == tables + 1 and 0 in rec.started
+    assert not fd_is_open(old_fd) and len(rec.tables) == tables + 1 and 0 in rec.started
     current = be.regions[0].fd
     # A table that moves the ring to other guest addresses: refused, nothing changes.
     moved = MemTable((MemRegion(GPA + MEM_SIZE, MEM_SIZE, UVA, 0),))
@@ -743,5 +725,5 @@ def test_new_table_under_running_rings() -> None:
     gone = MemTable((MemRegion(GPA, MEM_SIZE, UVA + MEM_SIZE, 0),))
     with pytest.raises(ProtocolError, match="drops running ring"):
         be.handle(msg(R.SET_MEM_TABLE, gone, (memfd(),)))
-    assert is_open(current) and be.regions[0].fd == current and len(rec.tables) == tables + 1
+    assert fd_is_open(current) and be.regions[0].fd == current and len(rec.tables) == tables + 1
     be.close()

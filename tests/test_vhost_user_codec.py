@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from virtnet.errors import ProtocolError
+from virtnet.testing.fds import fd_is_open
 from virtnet.vhost_user import codec
 from virtnet.vhost_user.codec import (
     FLAG_NEED_REPLY,
@@ -39,31 +39,13 @@ from virtnet.vhost_user.codec import (
     parse_message,
 )
 
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 R = Request
 REGION = MemRegion(0x0, 0x10000, 0x7F0000000000, 0)
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def fresh_fds(n: int) -> list[int]:
     return [os.eventfd(0) for _ in range(n)]
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-@pytest.fixture(autouse=True)
-def _no_fd_leak() -> Iterator[None]:
-    before = open_fds()
-    yield
-    assert open_fds() == before
 
 
 # One valid example per request type: (request, body, number of fds).
@@ -364,11 +346,11 @@ def test_reader_closes_fds_of_a_rejected_message_and_dies() -> None:
     reader.feed(encode_request(R.SET_VRING_KICK, VringFd(0, False)), fds)  # 2 fds, wants 1
     with pytest.raises(ProtocolError, match="fds"):
         reader.next_message()
-    assert not any(is_open(fd) for fd in fds)
+    assert not any(fd_is_open(fd) for fd in fds)
     more = fresh_fds(1)
     with pytest.raises(ProtocolError, match="already failed"):
         reader.feed(b"x", more)
-    assert not is_open(more[0])
+    assert not fd_is_open(more[0])
 
 
 def test_reader_close_releases_pending_fds() -> None:
@@ -378,7 +360,7 @@ def test_reader_close_releases_pending_fds() -> None:
     reader.feed(wire[:10], fds)
     assert reader.next_message() is None and reader.pending_fds == 3
     reader.close()
-    assert not any(is_open(fd) for fd in fds)
+    assert not any(fd_is_open(fd) for fd in fds)
 
 
 def test_reader_caps_buffer_and_fds() -> None:
@@ -392,7 +374,7 @@ def test_reader_caps_buffer_and_fds() -> None:
     with pytest.raises(ProtocolError, match="unclaimed fds"):
         for fd in fds:
             reader2.feed(b"\0", [fd])
-    assert not any(is_open(fd) for fd in fds)
+    assert not any(fd_is_open(fd) for fd in fds)
 
 
 def test_reader_rejects_oversized_header_before_payload() -> None:
@@ -410,7 +392,7 @@ def test_too_many_fds_for_any_message() -> None:
     reader.feed(encode_request(R.GET_FEATURES), fds)
     with pytest.raises(ProtocolError, match="exceed"):
         reader.next_message()
-    assert not any(is_open(fd) for fd in fds)
+    assert not any(fd_is_open(fd) for fd in fds)
 
 
 @given(st.binary(max_size=600), st.integers(0, 9))

@@ -6,7 +6,6 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -31,21 +30,11 @@ from virtnet.vhost_user.codec import (
 )
 from virtnet.vhost_user.handoff import Command, Op, PairRouter, TableBuilder, receive, send
 
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 R = Request
 UVA = 0x7F55_0000_0000
 GPA = 0x4000_0000
 SIZE = 1 << 20
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def _no_fd_leak() -> Iterator[None]:
-    before = open_fds()
-    yield
-    assert open_fds() == before
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from virtnet.testing.fds import open_fds
 from virtnet.vhost_user.backend import Backend, BackendConfig
 from virtnet.vhost_user.codec import (
     HEADER,
@@ -31,10 +32,6 @@ from virtnet.vhost_user.server import Server
 
 R = Request
 UVA = 0x7F00_0000_0000
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture

@@ -5,12 +5,14 @@
 * :mod:`virtnet.testing.netns` -- :class:`NetNS` (network namespaces, taps,
   veths, iperf3 servers), always cleaned up.
 * :mod:`virtnet.testing.procs` -- :func:`stop_process` (SIGTERM, wait, SIGKILL).
+* :mod:`virtnet.testing.fds` -- :func:`open_fds`, :func:`fd_is_open` (fd-leak checks).
 
 The ``virtnet`` package proper never imports this package.
 """
 
 from __future__ import annotations
 
+from virtnet.testing.fds import fd_is_open, open_fds
 from virtnet.testing.guest import (
     DEFAULT_MAC,
     ChannelInfo,
@@ -44,7 +46,9 @@ __all__ = [
     "create_tap",
     "default_initramfs_dir",
     "delete_link",
+    "fd_is_open",
     "find_kernel",
+    "open_fds",
     "queue_deltas",
     "queue_packets",
     "skip_reason",
