@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from virtnet.pktgen import run_pktgen
-from virtnet.testing.dpdk import TestPmd, skip_reason
+from virtnet.testing.dpdk import TestPmd, skip_reason, virtio_user_txonly_pps
 
 
 def _rx(pmd: TestPmd) -> int:
@@ -67,20 +67,7 @@ def measure(seconds: float = 3.0, size: int = 64, runs: int = 2) -> dict[str, An
             # DPDK's own frontend against the same receiver.
             best_dpdk: dict[str, float] = {}
             for _ in range(runs):
-                with TestPmd.virtio_user(
-                    sock, queues=1, fwd="txonly", lcores="0-1", main_lcore=1,
-                    extra_app=[f"--txpkts={size}"],
-                ) as tx:  # fmt: skip
-                    time.sleep(0.5)  # link up
-                    before = _rx(rx)
-                    t0 = time.monotonic()
-                    tx.start_forwarding()
-                    time.sleep(seconds)
-                    tx.stop_forwarding()
-                    elapsed = time.monotonic() - t0
-                    time.sleep(0.2)
-                    got = _rx(rx) - before
-                kpps = got / elapsed / 1e3
+                kpps = virtio_user_txonly_pps(rx, sock, size=size, seconds=seconds) / 1e3
                 if kpps > best_dpdk.get("kpps_receiver", -1.0):
                     best_dpdk = {"kpps_receiver": kpps}
             out["dpdk_virtio_user"] = best_dpdk

@@ -50,6 +50,7 @@ __all__ = [
     "TestPmd",
     "TestPmdError",
     "skip_reason",
+    "virtio_user_txonly_pps",
 ]
 
 #: ``--no-huge`` needs an explicit amount of (anonymous) memory; 512 MB holds
@@ -406,3 +407,25 @@ class TestPmd:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.close()
+
+
+def virtio_user_txonly_pps(
+    rx: TestPmd, sock: str | os.PathLike[str], *, size: int = 64, seconds: float = 3.0
+) -> float:
+    """DPDK's own frontend as a peer: ``net_virtio_user`` txonly (one queue,
+    ``size``-byte frames) into ``rx`` (a forwarding vhost testpmd on ``sock``)
+    for ``seconds``; the packets per second ``rx`` counted on port 0.  The
+    sender runs on lcore 1 (``rx`` is expected to poll lcore 0)."""
+    with TestPmd.virtio_user(
+        sock, queues=1, fwd="txonly", lcores="0-1", main_lcore=1, extra_app=[f"--txpkts={size}"]
+    ) as tx:
+        time.sleep(0.5)  # link up
+        before = rx.port_stats()[0].rx_packets
+        t0 = time.monotonic()
+        tx.start_forwarding()
+        time.sleep(seconds)
+        tx.stop_forwarding()
+        elapsed = time.monotonic() - t0
+        time.sleep(0.2)  # let the receiver drain
+        got = rx.port_stats()[0].rx_packets - before
+    return got / elapsed
