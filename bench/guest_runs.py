@@ -10,8 +10,10 @@ in a fresh namespace at 10.77.0.1/24), two backends in the same run:
   ``-netdev vhost-user,queues=Q``;
 * ``qemu tap,vhost=off``: QEMU's own multiqueue tap backend (the peer).
 
-Run as root: ``python bench/guest_runs.py [--queues 4|1,2,4] [--duration 5]
-[--streams 4] [--repeat N] [--poll-us U] [--no-guest-pin] [--json FILE]``.
+Run as root: ``python bench/guest_runs.py [--queues 4|1,2,4] [--workers 0|0,1,2]
+[--duration 5] [--streams 4] [--repeat N] [--poll-us U] [--no-guest-pin]
+[--json FILE]``.  ``--workers`` is serve's (0: one worker process per pair);
+a list measures each value against the same peer boots.
 The guest's interrupts and iperf3 are pinned apart by default, the same for
 both backends (see :mod:`guest_tap_baseline`).
 """
@@ -46,7 +48,13 @@ from virtnet.vhost_user.backend import MAX_QUEUE_PAIRS
 
 
 def virtnet_run(
-    *, queues: int, duration: float, streams: int, poll_us: int = 0, pin_guest: bool = True
+    *,
+    queues: int,
+    duration: float,
+    streams: int,
+    poll_us: int = 0,
+    workers: int = 0,
+    pin_guest: bool = True,
 ) -> GuestNetFigures:
     """The guest on virtnet serve --port tap (tap and serve inside a namespace)."""
     tap = unique_name("vntap")
@@ -58,7 +66,7 @@ def virtnet_run(
             serve = ns.popen(
                 [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock),
                  "--port", f"tap:{tap}", "--queues", str(queues), "--stats-socket", str(stats),
-                 "--poll-us", str(poll_us)],
+                 "--poll-us", str(poll_us), "--workers", str(workers)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         try:
@@ -66,7 +74,11 @@ def virtnet_run(
                 raise RuntimeError("virtnet serve did not start")
             if serve.poll() is not None:
                 raise RuntimeError(f"virtnet serve exited:\n{log.read_text()}")
-            label = "virtnet serve --port tap" + (f" --poll-us {poll_us}" if poll_us else "")
+            label = (
+                "virtnet serve --port tap"
+                + (f" --poll-us {poll_us}" if poll_us else "")
+                + (f" --workers {workers}" if workers else "")
+            )
             return measure_guest_network(
                 vhost_user_netdev_args(sock, queues=queues),
                 ns=ns,
@@ -92,16 +104,24 @@ _ROWS = (
 )
 
 
-def _queue_counts(text: str) -> list[int]:
+def _counts(text: str, lo: int) -> list[int]:
     try:
         counts = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"not a comma-separated list of numbers: {text!r}"
         ) from None
-    if not counts or any(not 1 <= q <= MAX_QUEUE_PAIRS for q in counts):
-        raise argparse.ArgumentTypeError(f"queue counts must be 1..{MAX_QUEUE_PAIRS}: {text!r}")
+    if not counts or any(not lo <= q <= MAX_QUEUE_PAIRS for q in counts):
+        raise argparse.ArgumentTypeError(f"counts must be {lo}..{MAX_QUEUE_PAIRS}: {text!r}")
     return counts
+
+
+def _queue_counts(text: str) -> list[int]:
+    return _counts(text, 1)
+
+
+def _worker_counts(text: str) -> list[int]:
+    return _counts(text, 0)
 
 
 def _cell(value: float, unit: str) -> str:
@@ -117,25 +137,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="queue pairs, or a comma-separated sweep such as 1,2,4 (default 4)",
     )
     ap.add_argument("--poll-us", type=int, default=0, help="serve's --poll-us")
+    ap.add_argument(
+        "--workers",
+        type=_worker_counts,
+        default=[0],
+        help="serve's --workers, or a sweep such as 0,1,2 (default 0: a process per pair)",
+    )
     add_run_arguments(ap)
     args = ap.parse_args(argv)
     if not can_boot():
         return 2
-    results: dict[int, tuple[GuestNetFigures, GuestNetFigures]] = {}
+    results: dict[tuple[int, int], tuple[GuestNetFigures, GuestNetFigures]] = {}
     for queues in args.queues:
-        ours: list[GuestNetFigures] = []
+        ours: dict[int, list[GuestNetFigures]] = {w: [] for w in args.workers}
         peer: list[GuestNetFigures] = []
         for _ in range(max(1, args.repeat)):
-            ours.append(
-                virtnet_run(
-                    queues=queues,
-                    duration=args.duration,
-                    streams=args.streams,
-                    poll_us=args.poll_us,
-                    pin_guest=not args.no_guest_pin,
+            for workers in args.workers:
+                ours[workers].append(
+                    virtnet_run(
+                        queues=queues,
+                        duration=args.duration,
+                        streams=args.streams,
+                        poll_us=args.poll_us,
+                        workers=workers,
+                        pin_guest=not args.no_guest_pin,
+                    )
                 )
-            )
-            print(ours[-1].table(), flush=True)
+                print(ours[workers][-1].table(), flush=True)
             peer.append(
                 tap_baseline(
                     queues=queues,
@@ -145,23 +173,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
             print(peer[-1].table(), flush=True)
-        v = median_figures(ours) if len(ours) > 1 else ours[0]
         p = median_figures(peer) if len(peer) > 1 else peer[0]
-        results[queues] = (v, p)
+        for workers, figs in ours.items():
+            v = median_figures(figs) if len(figs) > 1 else figs[0]
+            results[(queues, workers)] = (v, p)
     runs = f"median of {args.repeat}" if args.repeat > 1 else "one run"
-    print(f"\n| queues | figure | virtnet serve | QEMU tap,vhost=off | ratio |  ({runs})")
-    print("|---:|---|---:|---:|---:|")
-    for queues, (v, p) in results.items():
+    print(f"\n| queues | workers | figure | virtnet serve | QEMU tap,vhost=off | ratio |  ({runs})")
+    print("|---:|---:|---|---:|---:|---:|")
+    for (queues, workers), (v, p) in results.items():
         for label, key, unit in _ROWS:
             a, b = getattr(v, key), getattr(p, key)
-            cells = (str(queues), label, _cell(a, unit), _cell(b, unit), _ratio(a, b).strip())
+            cells = (
+                str(queues),
+                str(min(workers, queues) if workers else queues),
+                label,
+                _cell(a, unit),
+                _cell(b, unit),
+                _ratio(a, b).strip(),
+            )
             print("| " + " | ".join(cells) + " |")
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
-                    str(q): {"virtnet": asdict(v), "qemu_tap": asdict(p)}
-                    for q, (v, p) in results.items()
+                    f"{q}q{w}w": {"virtnet": asdict(v), "qemu_tap": asdict(p)}
+                    for (q, w), (v, p) in results.items()
                 },
                 indent=2,
             )

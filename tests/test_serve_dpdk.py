@@ -84,9 +84,14 @@ class PmdProcess:
         self.log.close()
 
 
-@pytest.fixture
-def serve_loopback(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
-    proc, sock, stats = _serve(tmp_path, "--port", "loopback", "--queues", "2")
+@pytest.fixture(params=["0", "1"], ids=["process-per-pair", "one-process"])
+def serve_loopback(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[Path, Path, Path]]:
+    """``--workers 0``: a process per pair; ``--workers 1``: both pairs in one process."""
+    proc, sock, stats = _serve(
+        tmp_path, "--port", "loopback", "--queues", "2", "--workers", request.param
+    )
     try:
         yield sock, stats, tmp_path
     finally:

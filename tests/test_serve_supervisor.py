@@ -151,6 +151,8 @@ def test_usage_errors(tmp_path: Path) -> None:
         Daemon([str(tmp_path / "a")], port="null", queues=0)
     with pytest.raises(UsageError):
         Daemon([str(tmp_path / "a")], port="bogus")
+    with pytest.raises(UsageError, match="--workers"):
+        Daemon([str(tmp_path / "a")], port="null", workers=-1)
     res = subprocess.run(
         [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(tmp_path / "a"),
          "--socket", str(tmp_path / "b"), "--port", "tap:vnx0"],
@@ -234,6 +236,66 @@ def test_pinned_workers(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_grouped_workers(tmp_path: Path) -> None:
+    """--workers 2 with 4 pairs: pair p is served by process p % 2; a pair
+    disabled leaves its process serving the rest, a pair enabled re-forks its
+    group, a killed process restarts both its pairs and not the others."""
+    sock, stats, log = tmp_path / "vm.sock", tmp_path / "stats.sock", tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock), "--port",
+             "loopback", "--queues", "4", "--workers", "2", "--stats-socket", str(stats)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    pids: set[int] = set()
+    try:
+        assert wait_for(stats.exists, timeout=20)
+        with VhostUserFrontend(sock, queue_pairs=4, mac=MAC_A) as fe:
+
+            def pid_of() -> list[int]:
+                return [int(p["pid"]) for p in _pairs(stats)]
+
+            assert fe.set_queue_pairs(4)
+            assert wait_for(lambda: all(pid_of()), timeout=10)
+            a, b, a2, b2 = pid_of()
+            assert a == a2 and b == b2 and a != b
+            pids |= {a, b}
+            for p in range(4):
+                assert _echo(fe, 16, pair=p) == 16, p
+
+            assert fe.set_queue_pairs(2)
+            assert wait_for(lambda: pid_of()[2:] == [0, 0], timeout=10)
+            assert pid_of()[:2] == [a, b]  # stopping a pair did not re-fork its group
+            assert _alive(a) and _alive(b)
+            assert _echo(fe, 16, pair=0) == 16 and _echo(fe, 16, pair=1) == 16
+
+            assert fe.set_queue_pairs(4)
+            assert wait_for(lambda: all(pid_of()), timeout=10)
+            c, d, c2, d2 = pid_of()
+            assert c == c2 and d == d2 and c != d and not {c, d} & {a, b}
+            pids |= {c, d}
+            for p in range(4):
+                assert _echo(fe, 16, pair=p) == 16, p
+
+            os.kill(d, signal.SIGKILL)
+            assert wait_for(
+                lambda: [r["restarts"] for r in _pairs(stats)] == [0, 1, 0, 1], timeout=10
+            )
+            e, f, e2, f2 = pid_of()
+            assert e == e2 == c and f == f2 and f not in (0, d)
+            pids.add(f)
+            for p in range(4):
+                assert _echo(fe, 16, pair=p) == 16, p
+            assert _pairs(stats)[3]["rx_packets"] >= 32  # counters survive the restart
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert not any(_alive(p) for p in pids)
+    text = log.read_text()
+    assert f"pair 1 worker {d} died (signal 9)" in text
+    assert f"pair 3 worker {d} died (signal 9)" in text
 
 
 def test_sigint_reaps_workers(serve: tuple[Path, Path, Path, subprocess.Popen[bytes]]) -> None:

@@ -115,6 +115,7 @@ class Daemon:
         stats_socket: str | None = None,
         offloads: bool = True,
         cpus: tuple[int, ...] = (),
+        workers: int = 0,
     ) -> None:
         if not sockets:
             raise UsageError("at least one --socket is needed")
@@ -122,6 +123,9 @@ class Daemon:
             raise UsageError(f"--queues must be 1..{MAX_QUEUE_PAIRS}, not {queues}")
         if poll_us < 0:
             raise UsageError("--poll-us must be >= 0")
+        if workers < 0:
+            raise UsageError("--workers must be >= 0 (0: one process per queue pair)")
+        self.workers = workers
         if len(set(sockets)) != len(sockets):
             raise UsageError("the same --socket given twice")
         self.queues = queues
@@ -172,7 +176,7 @@ class Daemon:
         config = BackendConfig(max_queue_pairs=self.queues, offloads=self.offloads)
 
         def make() -> Backend:
-            sup = Supervisor(vm.vmport, poll_us=self.poll_us, cpus=self.cpus)
+            sup = Supervisor(vm.vmport, poll_us=self.poll_us, cpus=self.cpus, workers=self.workers)
             backend = Backend(sup, config)  # its close calls sup.on_close()
             sup.backend = backend
             vm.supervisor = sup
@@ -322,7 +326,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_cpu_list,
         default=(),
         metavar="CPUS",
-        help="pin pair p's worker to CPU number p of this list (e.g. 0,1 or 2-5); default: none",
+        help="pin worker process p to CPU number p of this list (e.g. 0,1 or 2-5); default: none",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="at most N worker processes per VM, pair p served by process p %% N"
+        " (size it to the CPUs the workers can have); default 0: one process per pair",
     )
     parser.add_argument(
         "--no-offloads",
@@ -342,6 +354,7 @@ def run(args: argparse.Namespace) -> int:
         stats_socket=args.stats_socket,
         offloads=args.offloads,
         cpus=args.pin,
+        workers=args.workers,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

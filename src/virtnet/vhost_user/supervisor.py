@@ -51,7 +51,7 @@ from virtnet.vhost_user.worker import (
     RegionSpec,
     RingSpec,
     WorkerSpec,
-    spawn_worker,
+    spawn_workers,
 )
 
 __all__ = [
@@ -246,11 +246,18 @@ def _close(fd: int | None) -> None:
 class Supervisor:
     """BackendEvents for one frontend connection; forks and reaps the workers."""
 
-    def __init__(self, vm: VmPort, *, poll_us: int = 0, cpus: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, vm: VmPort, *, poll_us: int = 0, cpus: tuple[int, ...] = (), workers: int = 0
+    ) -> None:
+        """``workers``: at most this many worker processes for this VM, pair
+        ``p`` served by process ``p % workers`` (0: one process per pair)."""
+        if workers < 0:
+            raise UsageError(f"workers must be >= 0, not {workers}")
         self.vm = vm
         self.name = vm.vm_id
         self.poll_us = poll_us
         self.cpus = cpus
+        self.nworkers = workers if 0 < workers < vm.max_pairs else 0
         self.backend: Backend | None = None
         self.features = 0
         self.mtu = 1500
@@ -374,47 +381,74 @@ class Supervisor:
     def _pair_enabled(self, pair: int) -> bool:
         return self.rings[2 * pair].enabled and self.rings[2 * pair + 1].enabled
 
-    def _maybe_start(self, pair: int) -> None:
-        if self.closed or pair in self.workers or pair in self.given_up or not self.regions:
-            return
-        if not self.hdr_ok:
-            return
+    def group(self, pair: int) -> int:
+        """The worker process (group) that serves ``pair``."""
+        return pair % self.nworkers if self.nworkers else pair
+
+    def _group_pairs(self, group: int) -> range:
+        step = self.nworkers or self.vm.max_pairs
+        return range(group, self.vm.max_pairs, step)
+
+    def _runnable(self, pair: int) -> bool:
+        if self.closed or pair in self.given_up or not self.regions or not self.hdr_ok:
+            return False
         rx, tx = self.rings[2 * pair], self.rings[2 * pair + 1]
-        if not (rx.started and tx.started and rx.enabled and tx.enabled):
+        return rx.started and tx.started and rx.enabled and tx.enabled
+
+    def _maybe_start(self, pair: int) -> None:
+        """Start ``pair`` if it can run; a process serving other pairs of its
+        group is stopped and forked again with all of them (a running process
+        takes no new rings)."""
+        if pair in self.workers or not self._runnable(pair):
             return
-        try:
-            port_fd = self.vm.queue_fd(pair)
-        except UsageError as exc:
-            log.error("%s: pair %d: cannot open the port queue: %s", self.name, pair, exc)
-            self.given_up.add(pair)
+        group = self.group(pair)
+        members = [q for q in self._group_pairs(group) if q in self.workers or self._runnable(q)]
+        for q in members:
+            if q in self.workers:
+                self._stop_worker(q)
+        specs: list[WorkerSpec] = []
+        for q in members:
+            try:
+                port_fd = self.vm.queue_fd(q)
+            except UsageError as exc:
+                log.error("%s: pair %d: cannot open the port queue: %s", self.name, q, exc)
+                self.given_up.add(q)
+                continue
+            specs.append(
+                WorkerSpec(
+                    vm=self.name,
+                    pair=q,
+                    features=self.features,
+                    regions=self.regions,
+                    rx=self._ring_spec(2 * q),
+                    tx=self._ring_spec(2 * q + 1),
+                    port_kind=self.vm.kind,
+                    port_fd=port_fd,
+                    mtu=self.mtu,
+                    poll_us=self.poll_us,
+                    cpu=self.cpus[group % len(self.cpus)] if self.cpus else None,
+                )
+            )
+        if not specs:
             return
-        spec = WorkerSpec(
-            vm=self.name,
-            pair=pair,
-            features=self.features,
-            regions=self.regions,
-            rx=self._ring_spec(2 * pair),
-            tx=self._ring_spec(2 * pair + 1),
-            port_kind=self.vm.kind,
-            port_fd=port_fd,
-            mtu=self.mtu,
-            poll_us=self.poll_us,
-            cpu=self.cpus[pair % len(self.cpus)] if self.cpus else None,
-        )
-        self.vm.fold(pair)
+        for spec in specs:
+            self.vm.fold(spec.pair)
         try:
-            pid, ctl = spawn_worker(spec, self.vm.slot(pair))
+            pid, ctls = spawn_workers(specs, [self.vm.slot(spec.pair) for spec in specs])
         finally:
-            _close(port_fd)
-        self.workers[pair] = _Proc(pid, ctl, time.monotonic())
-        log.info(
-            "%s: pair %d worker %d started (rx avail %d, tx avail %d)",
-            self.name,
-            pair,
-            pid,
-            spec.rx.last_avail_idx,
-            spec.tx.last_avail_idx,
-        )
+            for spec in specs:
+                _close(spec.port_fd)
+        now = time.monotonic()
+        for spec, ctl in zip(specs, ctls, strict=True):
+            self.workers[spec.pair] = _Proc(pid, ctl, now)
+            log.info(
+                "%s: pair %d worker %d started (rx avail %d, tx avail %d)",
+                self.name,
+                spec.pair,
+                pid,
+                spec.rx.last_avail_idx,
+                spec.tx.last_avail_idx,
+            )
 
     def _ring_spec(self, index: int) -> RingSpec:
         r = self.rings[index]
@@ -456,14 +490,21 @@ class Supervisor:
             _, rx, tx = Ctl.STOP_REPLY.unpack(reply)
             self.rings[2 * pair].next_avail = rx
             self.rings[2 * pair + 1].next_avail = tx
-            self._reap(proc, EXIT_TIMEOUT)
+            if not self._shares_process(proc):
+                self._reap(proc, EXIT_TIMEOUT)
             log.info("%s: pair %d worker %d stopped (rx avail %d, tx avail %d)",
                      self.name, pair, proc.pid, rx, tx)  # fmt: skip
         else:
+            # Killed with the other pairs it served (if any): poll() finds
+            # those dead and restarts them.
             self._reap(proc, 0.0)
             self._resume_from_used(pair)
         proc.ctl.close()
         self.vm.fold(pair)
+
+    def _shares_process(self, proc: _Proc) -> bool:
+        """Whether another pair is still served by ``proc``'s process."""
+        return any(p.pid == proc.pid for p in self.workers.values())
 
     def _kill_worker(self, pair: int) -> None:
         proc = self.workers.pop(pair, None)
@@ -509,23 +550,30 @@ class Supervisor:
             r.next_avail = used
 
     def poll(self) -> None:
-        """Reap workers that died; restart them (rate-limited)."""
+        """Reap worker processes that died; restart their pairs (rate-limited)."""
         now = time.monotonic()
-        for pair, proc in list(self.workers.items()):
+        status_of: dict[int, int] = {}
+        for proc in list(self.workers.values()):
+            if proc.pid in status_of:
+                continue
             try:
                 pid, status = os.waitpid(proc.pid, os.WNOHANG)
             except ChildProcessError:
                 pid, status = proc.pid, -1
-            if not pid:
-                continue
+            if pid:
+                status_of[proc.pid] = status
+        dead = [(pair, proc) for pair, proc in self.workers.items() if proc.pid in status_of]
+        history: dict[int, list[float]] = {}
+        for pair, proc in dead:
             del self.workers[pair]
             proc.ctl.close()
+            status = status_of[proc.pid]
             how = (
                 f"signal {os.WTERMSIG(status)}"
                 if status >= 0 and os.WIFSIGNALED(status)
                 else f"exit status {os.waitstatus_to_exitcode(status) if status >= 0 else '?'}"
             )
-            log.error("%s: pair %d worker %d died (%s)", self.name, pair, pid, how)
+            log.error("%s: pair %d worker %d died (%s)", self.name, pair, proc.pid, how)
             self._resume_from_used(pair)
             self.vm.fold(pair)
             deaths = [t for t in proc.deaths if now - t < RESTART_WINDOW_S] + [now]
@@ -535,6 +583,8 @@ class Supervisor:
                           self.name, pair, len(deaths), RESTART_WINDOW_S)  # fmt: skip
                 self.given_up.add(pair)
                 continue
+            history[pair] = deaths
+        for pair, deaths in history.items():
             self._maybe_start(pair)
             new = self.workers.get(pair)
             if new is not None:

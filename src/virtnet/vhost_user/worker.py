@@ -93,7 +93,10 @@ __all__ = [
     "RingSpec",
     "Worker",
     "WorkerSpec",
+    "map_regions",
+    "run_group",
     "spawn_worker",
+    "spawn_workers",
     "worker_main",
 ]
 
@@ -233,22 +236,14 @@ class Worker:
         ctl: socket.socket,
         counters: memoryview | None = None,
         port: PortQueue | None = None,
+        mem: GuestMemory | None = None,
     ) -> None:
         self.spec = spec
         self.ctl = ctl
         self.name = f"{spec.vm} pair {spec.pair}"
-        self.mem = GuestMemory(
-            MemoryRegion.from_fd(
-                r.fd,
-                guest_addr=r.guest_addr,
-                size=r.size,
-                user_addr=r.user_addr,
-                mmap_offset=r.mmap_offset,
-            )
-            for r in spec.regions
-        )
-        for r in spec.regions:
-            os.close(r.fd)  # the mappings stay; the fds are not needed any more
+        # ``mem``: the mapping shared by the pairs of one worker process
+        # (map_regions); otherwise this worker maps (and closes) the regions.
+        self.mem = mem if mem is not None else map_regions(spec.regions)
         self.counters = (
             counters if counters is not None else memoryview(bytearray(8 * NFIELDS)).cast("Q")
         )
@@ -288,6 +283,7 @@ class Worker:
         self.batches = 0
         self.rx_no_buffer = 0
         self.stopped = False
+        self.done = False  # a control message ended this worker (stop, or supervisor gone)
         self.ep = select.epoll()
         self._kick_fds: dict[int, int] = {}
         for ring in (spec.rx, spec.tx):
@@ -765,56 +761,176 @@ class Worker:
 
     def run(self) -> None:
         """Serve until stopped; returns after the stop reply was sent."""
-        self.ctl.setblocking(False)
-        self._notify(False)
+        self.start()
         poll_s = self.spec.poll_us / 1e6
         ep_poll = self.ep.poll
-        tx_batch = self.tx_batch
-        rx_batch = self.rx_batch
-        has_frame = self._has_frame
+        work = self.work
         idle_timeout = NOFD_POLL_S if self.nofd else -1.0
         while True:
-            did = tx_batch()
-            if self.rx_stalled or has_frame():
-                did += rx_batch()
-            if did:
-                self.batches += 1
-                self.publish()
-                events = ep_poll(0)
-                if events and not self._handle_events(events):
+            if work():
+                if self.done:
                     return
                 continue
             if poll_s and self._spin(poll_s):
                 if self.stopped:
                     return
                 continue
-            # Going to sleep: ask for kicks, then re-check (virtio 1.3 2.7.10 race).
-            self._set_port_polled(not self.rx_stalled)
-            if self._notify(True) or (not self.rx_stalled and has_frame()):
-                self._notify(False)
+            if self.arm():
                 continue
-            events = ep_poll(idle_timeout)
-            self._notify(False)
-            if not self._handle_events(events):
+            self.wake(ep_poll(idle_timeout))
+            if self.done:
                 return
-            self._set_port_polled(not self.rx_stalled)
+
+    # The steps of the loop, shared by run() and run_group().
+
+    def start(self) -> None:
+        self.ctl.setblocking(False)
+        self._notify(False)
+
+    def work(self) -> int:
+        """One tx and one rx batch (+ pending events); the chains and frames done.
+
+        Sets :attr:`done` when a control message ended the worker.
+        """
+        did = self.tx_batch()
+        if self.rx_stalled or self._has_frame():
+            did += self.rx_batch()
+        if did:
+            self.batches += 1
+            self.publish()
+            events = self.ep.poll(0)
+            if events and not self._handle_events(events):
+                self.done = True
+        return did
+
+    def arm(self) -> bool:
+        """Going to sleep: ask for kicks, then re-check (virtio 1.3 2.7.10 race).
+
+        True (notifications off again) when work showed up meanwhile.
+        """
+        self._set_port_polled(not self.rx_stalled)
+        if self._notify(True) or (not self.rx_stalled and self._has_frame()):
+            self._notify(False)
+            return True
+        return False
+
+    def wake(self, events: list[tuple[int, int]]) -> None:
+        """After the sleep: notifications off, handle ``events``."""
+        self._notify(False)
+        if not self._handle_events(events):
+            self.done = True
+            return
+        self._set_port_polled(not self.rx_stalled)
+
+    def pending_work(self) -> bool:
+        """Busy-poll check without a syscall on the rings: tx available or a
+        frame queued on an fd-less port."""
+        txq = self.txq
+        if txq is not None and txq.has_available():
+            return True
+        return self.port_fd is None and self._has_frame()
 
     def _spin(self, seconds: float) -> bool:
         """Busy-poll rings and port for ``seconds``; True when work (or a stop) showed up."""
         deadline = time.monotonic() + seconds
         ep_poll = self.ep.poll
-        txq = self.txq
         while time.monotonic() < deadline:
             events = ep_poll(0)
             if events:
                 if not self._handle_events(events):
                     self.stopped = True
                 return True
-            if txq is not None and txq.has_available():
-                return True
-            if self.port_fd is None and self._has_frame():
+            if self.pending_work():
                 return True
         return False
+
+
+def map_regions(regions: Sequence[RegionSpec]) -> GuestMemory:
+    """Map the guest memory regions and close their fds (the mappings stay)."""
+    mem = GuestMemory(
+        MemoryRegion.from_fd(
+            r.fd,
+            guest_addr=r.guest_addr,
+            size=r.size,
+            user_addr=r.user_addr,
+            mmap_offset=r.mmap_offset,
+        )
+        for r in regions
+    )
+    for r in regions:
+        os.close(r.fd)
+    return mem
+
+
+def run_group(workers: Sequence[Worker]) -> None:
+    """Serve several pairs in one process until every one of them is stopped.
+
+    One ``epoll`` over the workers' own epoll fds: the process sleeps once for
+    all its pairs, and a kick on one pair that arrives while another is being
+    served costs no wake-up.  Each pair keeps its own control socket, stop
+    reply and counters; a stopped pair leaves the loop, the others go on.
+    """
+    if len(workers) == 1:
+        workers[0].run()
+        return
+    outer = select.epoll()
+    live = list(workers)
+    for w in live:
+        w.start()
+        outer.register(w.ep.fileno(), _EPOLLIN)
+    poll_s = max(w.spec.poll_us for w in live) / 1e6
+    idle_timeout = NOFD_POLL_S if any(w.nofd for w in live) else -1.0
+    try:
+        while live:
+            did = 0
+            for w in live:
+                did += w.work()
+            if _retire(live, outer) or did:
+                continue
+            if poll_s and _spin_group(live, poll_s):
+                continue
+            if _arm_all(live):
+                continue
+            outer.poll(idle_timeout)
+            for w in live:
+                w.wake(w.ep.poll(0))
+            _retire(live, outer)
+    finally:
+        outer.close()
+
+
+def _retire(live: list[Worker], outer: select.epoll) -> bool:
+    """Drop the workers that are done from ``live``; True if any was."""
+    done = [w for w in live if w.done or w.stopped]
+    for w in done:
+        live.remove(w)
+        with contextlib.suppress(OSError, ValueError):
+            outer.unregister(w.ep.fileno())
+    return bool(done)
+
+
+def _arm_all(live: Sequence[Worker]) -> bool:
+    """Arm every worker; True (all disarmed again) when one of them has work."""
+    for i, w in enumerate(live):
+        if w.arm():
+            for other in live[:i]:
+                other._notify(False)
+            return True
+    return False
+
+
+def _spin_group(live: Sequence[Worker], seconds: float) -> bool:
+    """Busy-poll every pair of the group for ``seconds``; True when work showed up."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for w in live:
+            events = w.ep.poll(0)
+            if events:
+                w.wake(events)
+                return True
+            if w.pending_work():
+                return True
+    return False
 
 
 def _die_with_parent() -> None:
@@ -834,60 +950,98 @@ def close_other_fds(keep: set[int]) -> None:
     os.closerange(lo, 1 << 20)
 
 
-def worker_main(spec: WorkerSpec, ctl_fd: int, counters: memoryview | None) -> int:
-    """Entry point inside the forked worker; returns the exit status."""
+def worker_main(
+    specs: Sequence[WorkerSpec], ctl_fds: Sequence[int], counters: Sequence[memoryview | None]
+) -> int:
+    """Entry point inside a forked worker process serving ``specs`` (pairs of
+    one VM, sharing one memory table); returns the exit status."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     _die_with_parent()
-    close_other_fds(spec.fds() | {ctl_fd})
-    if spec.cpu is not None:
+    keep = set(ctl_fds)
+    for spec in specs:
+        keep |= spec.fds()
+    close_other_fds(keep)
+    first = specs[0]
+    label = f"{first.vm} pair{'s' if len(specs) > 1 else ''} {','.join(str(s.pair) for s in specs)}"
+    if first.cpu is not None:
         try:
-            os.sched_setaffinity(0, {spec.cpu})
+            os.sched_setaffinity(0, {first.cpu})
         except OSError as exc:
-            log.warning("%s pair %d: cannot pin to CPU %d: %s", spec.vm, spec.pair, spec.cpu, exc)
-    ctl = socket.socket(fileno=ctl_fd)
+            log.warning("%s: cannot pin to CPU %d: %s", label, first.cpu, exc)
+    ctls = [socket.socket(fileno=fd) for fd in ctl_fds]
     try:
-        w = Worker(spec, ctl, counters)
+        mem = map_regions(first.regions)
+        workers = [
+            Worker(spec, ctl, slot, mem=mem)
+            for spec, ctl, slot in zip(specs, ctls, counters, strict=True)
+        ]
     except PeerError as exc:
-        log.error("%s pair %d: cannot start: %s", spec.vm, spec.pair, exc)
-        with contextlib.suppress(OSError):
-            ctl.setblocking(True)
-            data = ctl.recv(16)
-            if data[:1] == Ctl.STOP:
-                ctl.send(
-                    Ctl.STOP_REPLY.pack(Ctl.STOP, spec.rx.last_avail_idx, spec.tx.last_avail_idx)
-                )
+        log.error("%s: cannot start: %s", label, exc)
+        _answer_stops(specs, ctls)
         return 3
-    log.debug("%s: worker %d running", w.name, os.getpid())
-    w.run()
+    log.debug("%s: worker %d running", label, os.getpid())
+    run_group(workers)
     return 0
 
 
-def spawn_worker(spec: WorkerSpec, counters: memoryview | None = None) -> tuple[int, socket.socket]:
-    """Fork a worker for ``spec``; returns (pid, supervisor end of the control socket).
+def _answer_stops(specs: Sequence[WorkerSpec], ctls: Sequence[socket.socket]) -> None:
+    """A worker that could not start: answer each pair's stop with the indexes it was given."""
+    waiting = dict(zip(ctls, specs, strict=True))
+    while waiting:
+        try:
+            ready, _, _ = select.select(list(waiting), [], [])
+        except OSError:
+            return
+        for ctl in ready:
+            spec = waiting.pop(ctl)
+            with contextlib.suppress(OSError):
+                if ctl.recv(16)[:1] in (Ctl.STOP, Ctl.DISABLE):
+                    ctl.send(
+                        Ctl.STOP_REPLY.pack(
+                            Ctl.STOP, spec.rx.last_avail_idx, spec.tx.last_avail_idx
+                        )
+                    )
 
-    The child keeps only the fds named in ``spec`` (its own copies after the
-    fork) and its control socket; the caller still owns (and should close)
-    its copies of the fds in ``spec``.
+
+def spawn_worker(spec: WorkerSpec, counters: memoryview | None = None) -> tuple[int, socket.socket]:
+    """Fork a worker for one pair; returns (pid, supervisor end of its control socket)."""
+    pid, ctls = spawn_workers([spec], [counters])
+    return pid, ctls[0]
+
+
+def spawn_workers(
+    specs: Sequence[WorkerSpec], counters: Sequence[memoryview | None]
+) -> tuple[int, list[socket.socket]]:
+    """Fork one worker process serving the pairs in ``specs``; returns (pid,
+    the supervisor ends of one control socket per pair, in ``specs`` order).
+
+    The specs share one memory table (the same region fds).  The child keeps
+    only the fds named in ``specs`` (its own copies after the fork) and its
+    control sockets; the caller still owns (and should close) its copies.
     """
-    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if not specs or len(specs) != len(counters):
+        raise ValueError("spawn_workers: one counter slot per spec, at least one spec")
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in specs]
     try:
         pid = os.fork()
     except BaseException:
-        mine.close()
-        theirs.close()
+        for mine, theirs in pairs:
+            mine.close()
+            theirs.close()
         raise
     if pid == 0:  # pragma: no cover - runs in the child
         code = 1
         try:
-            code = worker_main(spec, theirs.fileno(), counters)
+            code = worker_main(specs, [theirs.fileno() for _, theirs in pairs], counters)
         except BaseException:
             with contextlib.suppress(BaseException):
-                log.exception("%s pair %d: worker crashed", spec.vm, spec.pair)
+                log.exception("%s pair %d: worker crashed", specs[0].vm, specs[0].pair)
         finally:
             with contextlib.suppress(BaseException):
                 logging.shutdown()
             os._exit(code)
-    theirs.close()
-    return pid, mine
+    for _, theirs in pairs:
+        theirs.close()
+    return pid, [mine for mine, _ in pairs]
