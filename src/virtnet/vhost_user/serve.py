@@ -24,9 +24,11 @@ Invariants:
   reaps every worker), then the ports and the stats socket.
 * The stats socket (``--stats-socket``) answers each connection with one
   JSON document (:func:`snapshot`) and closes it; it never blocks the loop.
-* Workers are not pinned unless ``--pin CPUS`` (pair ``p`` -> the ``p``-th
-  CPU of the list, cyclically); ``--poll-us`` makes them busy-poll that
-  long before sleeping (default 0: eventfd wake-ups).
+* One worker process per enabled pair, unless ``--workers N``: at most N
+  processes per VM, pair ``p`` in process ``p % N``.
+* Workers are not pinned unless ``--pin CPUS`` (worker process ``p`` -> the
+  ``p``-th CPU of the list, cyclically); ``--poll-us`` makes them busy-poll
+  that long before sleeping (default 0: eventfd wake-ups).
 * The loop ticks every :data:`TICK_S` to reap and restart dead workers; a
   ring stop waits for its worker (bounded by the supervisor's timeouts), so
   control messages of other VMs may wait that long -- their data paths do not.

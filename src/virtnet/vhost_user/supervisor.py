@@ -1,5 +1,6 @@
 """Supervisor: one :class:`~virtnet.vhost_user.backend.BackendEvents` per VM connection,
-one forked worker process per running queue pair.
+one forked worker process per running queue pair (or, with ``workers=N``, at
+most N processes, pair ``p`` in process ``p % N``).
 
 :class:`VmPort` is a VM's side of the host port (its port queues, offloads,
 enabled pairs and shared counters); it lives as long as the VM's socket, so
@@ -16,6 +17,12 @@ Invariants:
   returns: ring stop, disable, memory table, reset.  The next-avail indexes
   the worker reports are kept per ring and returned by ``on_ring_stop``
   (GET_VRING_BASE) and used when the pair is restarted.
+* Grouped pairs (``workers=N``): stopping a pair leaves its process serving
+  the others; starting a pair whose process already runs stops that process's
+  pairs (each reports its indexes) and forks it again with all of them -- a
+  running process takes no new rings.  The process is reaped with its last
+  pair; a process that dies takes every pair it served with it, and each is
+  restarted like a single worker.
 * A worker that does not answer in time is killed; a worker that died is
   logged and restarted from its rings' used indexes in guest memory (the
   worker pushes used entries in pop order, so the used index is exactly

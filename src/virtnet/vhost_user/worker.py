@@ -1,11 +1,18 @@
-"""The data path of one virtio-net queue pair, run in its own worker process.
+"""The data path of virtio-net queue pairs, run in worker processes.
 
-A worker serves rx ring ``2p`` and tx ring ``2p + 1`` of one VM: it maps the
-guest memory itself from the region fds (``MemoryRegion.from_fd``), builds a
-:class:`~virtnet.virtq.DeviceQueue` per ring, waits on the kick eventfds, the
-port queue's fd and its control socket with ``epoll``, and signals the call
-eventfds.  The supervisor (:mod:`virtnet.vhost_user.supervisor`) forks it and
-talks to it over a ``SOCK_SEQPACKET`` control socket (:class:`Ctl`).
+A :class:`Worker` serves rx ring ``2p`` and tx ring ``2p + 1`` of one VM: it
+uses the guest memory mapped in the worker process from the region fds
+(:func:`map_regions`), builds a :class:`~virtnet.virtq.DeviceQueue` per ring,
+waits on the kick eventfds, the port queue's fd and its control socket with
+its own ``epoll``, and signals the call eventfds.  The supervisor
+(:mod:`virtnet.vhost_user.supervisor`) forks the process and talks to each
+pair over its own ``SOCK_SEQPACKET`` control socket (:class:`Ctl`).
+
+A process serves one pair by default; with ``serve --workers N`` it serves
+several pairs of one VM (:func:`run_group`): one outer ``epoll`` over the
+pairs' epoll fds, so the process sleeps once for all of them and a kick that
+arrives while another pair is being served costs no wake-up.  A stopped pair
+leaves the group; the process exits when its last pair is stopped.
 
 Data path:
 
