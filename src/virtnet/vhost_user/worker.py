@@ -821,6 +821,10 @@ class Worker:
             return True
         return False
 
+    def disarm(self) -> None:
+        """Notifications off again (awake, serving)."""
+        self._notify(False)
+
     def wake(self, events: list[tuple[int, int]]) -> None:
         """After the sleep: notifications off, handle ``events``."""
         self._notify(False)
@@ -898,9 +902,12 @@ def run_group(workers: Sequence[Worker]) -> None:
                 continue
             if _arm_all(live):
                 continue
-            outer.poll(idle_timeout)
+            ready = {fd for fd, _ in outer.poll(idle_timeout)}
             for w in live:
-                w.wake(w.ep.poll(0))
+                if w.ep.fileno() in ready:
+                    w.wake(w.ep.poll(0))
+                else:
+                    w.disarm()
             _retire(live, outer)
     finally:
         outer.close()
@@ -921,7 +928,7 @@ def _arm_all(live: Sequence[Worker]) -> bool:
     for i, w in enumerate(live):
         if w.arm():
             for other in live[:i]:
-                other._notify(False)
+                other.disarm()
             return True
     return False
 
