@@ -507,6 +507,74 @@ def test_hung_worker_is_killed_on_stop_and_ring_resumes_from_used(
         vm.close()
 
 
+def test_group_busy_pair_does_not_starve_the_other() -> None:
+    """Two pairs in one process (run_group): while pair 0 is busy on every pass,
+    pair 1 still sees its port become readable (a frame reaches its rx ring) and
+    answers its stop; then pair 0 stops and the loop ends."""
+    import socket
+    import threading
+
+    from virtnet.testing.guest import wait_for
+    from virtnet.vhost_user.worker import map_regions, run_group
+
+    fd = os.memfd_create("guest", 0)
+    os.ftruncate(fd, MEM)
+    lay = split_ring_layout(QSIZE)
+    bases = ((0x10000, 0x20000), (0x30000, 0x40000))
+    efds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(4)]
+    ports = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
+    ctls = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
+    mem = GuestMemory([MemoryRegion.from_fd(fd, guest_addr=0, size=MEM, user_addr=0x7F0000000000)])
+    wmem = map_regions([RegionSpec(0, MEM, 0x7F0000000000, 0, os.dup(fd))])
+    workers: list[Worker] = []
+    for pair, (rxb, txb) in enumerate(bases):
+        rings = [
+            RingSpec(2 * pair + i, QSIZE, base + lay.desc, base + lay.avail, base + lay.used, 0,
+                     efds[2 * pair + i], None, None)
+            for i, base in enumerate((rxb, txb))
+        ]  # fmt: skip
+        spec = WorkerSpec("g", pair, FEATURES, (), rings[0], rings[1], "switch",
+                          os.dup(ports[pair][0].fileno()))  # fmt: skip
+        workers.append(Worker(spec, ctls[pair][0], mem=wmem))
+    setattr(workers[0], "work", lambda: 1)  # noqa: B010 - pair 0 always has work
+    rx1 = _queue(mem, bases[1][0])
+    for i in range(8):
+        rx1.add([], [(BUFS + i * BUF_SIZE, BUF_SIZE)], i)
+    rx1.publish()
+    t = threading.Thread(target=run_group, args=(workers,), daemon=True)
+    try:
+        t.start()
+        assert wait_for(lambda: not workers[1].port_readable, timeout=5)
+        frame = _frame(7)
+        ports[1][1].send(frame)
+        used: list[tuple[object, int]] = []
+
+        def delivered() -> bool:
+            used.extend(rx1.get_used())
+            return bool(used)
+
+        assert wait_for(delivered, timeout=5)
+        assert used[0][1] == len(frame)
+        for pair in (1, 0):
+            ctl = ctls[pair][1]
+            ctl.settimeout(5)
+            ctl.send(Ctl.STOP)
+            op, _, _ = Ctl.STOP_REPLY.unpack(ctl.recv(16))
+            assert op == Ctl.STOP
+        t.join(5)
+        assert not t.is_alive()
+    finally:
+        for w in workers:
+            w.port.close()
+        wmem.close()
+        mem.close()
+        for f in (*efds, fd):
+            os.close(f)
+        for a, b in (*ports, *ctls):
+            a.close()
+            b.close()
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     sizes=st.lists(st.integers(min_value=14, max_value=9000), min_size=1, max_size=12),

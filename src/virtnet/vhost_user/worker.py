@@ -775,7 +775,8 @@ class Worker:
         idle_timeout = NOFD_POLL_S if self.nofd else -1.0
         while True:
             if work():
-                if self.done:
+                events = ep_poll(0)
+                if events and not self._handle_events(events):
                     return
                 continue
             if poll_s and self._spin(poll_s):
@@ -795,20 +796,20 @@ class Worker:
         self._notify(False)
 
     def work(self) -> int:
-        """One tx and one rx batch (+ pending events); the chains and frames done.
-
-        Sets :attr:`done` when a control message ended the worker.
-        """
+        """One tx and one rx batch; the chains and frames done."""
         did = self.tx_batch()
         if self.rx_stalled or self._has_frame():
             did += self.rx_batch()
         if did:
             self.batches += 1
             self.publish()
-            events = self.ep.poll(0)
-            if events and not self._handle_events(events):
-                self.done = True
         return did
+
+    def handle(self, events: list[tuple[int, int]]) -> None:
+        """Handle ``events`` while awake; sets :attr:`done` when a control
+        message ended the worker."""
+        if not self._handle_events(events):
+            self.done = True
 
     def arm(self) -> bool:
         """Going to sleep: ask for kicks, then re-check (virtio 1.3 2.7.10 race).
@@ -828,10 +829,9 @@ class Worker:
     def wake(self, events: list[tuple[int, int]]) -> None:
         """After the sleep: notifications off, handle ``events``."""
         self._notify(False)
-        if not self._handle_events(events):
-            self.done = True
-            return
-        self._set_port_polled(not self.rx_stalled)
+        self.handle(events)
+        if not self.done:
+            self._set_port_polled(not self.rx_stalled)
 
     def pending_work(self) -> bool:
         """Busy-poll check without a syscall on the rings: tx available or a
@@ -886,6 +886,7 @@ def run_group(workers: Sequence[Worker]) -> None:
         return
     outer = select.epoll()
     live = list(workers)
+    by_fd = {w.ep.fileno(): w for w in live}
     for w in live:
         w.start()
         outer.register(w.ep.fileno(), _EPOLLIN)
@@ -896,9 +897,14 @@ def run_group(workers: Sequence[Worker]) -> None:
             did = 0
             for w in live:
                 did += w.work()
+            # Every pass, not only when idle: a busy pair must not starve the
+            # others' port readiness, kicks and control messages.
+            for fd, _ in outer.poll(0):
+                w = by_fd[fd]
+                w.handle(w.ep.poll(0))
             if _retire(live, outer) or did:
                 continue
-            if poll_s and _spin_group(live, poll_s):
+            if poll_s and _spin_group(live, outer, by_fd, poll_s):
                 continue
             if _arm_all(live):
                 continue
@@ -933,17 +939,20 @@ def _arm_all(live: Sequence[Worker]) -> bool:
     return False
 
 
-def _spin_group(live: Sequence[Worker], seconds: float) -> bool:
+def _spin_group(
+    live: Sequence[Worker], outer: select.epoll, by_fd: dict[int, Worker], seconds: float
+) -> bool:
     """Busy-poll every pair of the group for ``seconds``; True when work showed up."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        for w in live:
-            events = w.ep.poll(0)
-            if events:
-                w.wake(events)
-                return True
-            if w.pending_work():
-                return True
+        ready = outer.poll(0)
+        if ready:
+            for fd, _ in ready:
+                w = by_fd[fd]
+                w.handle(w.ep.poll(0))
+            return True
+        if any(w.pending_work() for w in live):
+            return True
     return False
 
 
