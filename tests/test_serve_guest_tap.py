@@ -52,11 +52,14 @@ class Setup:
         return pairs
 
 
-def _start_serve(ns: NetNS, tap: str, sock: Path, stats: Path, log: Path) -> subprocess.Popen[str]:
+def _start_serve(
+    ns: NetNS, tap: str, sock: Path, stats: Path, log: Path, *args: str
+) -> subprocess.Popen[str]:
     with log.open("a") as out:
         proc = ns.popen(
             [sys.executable, "-m", "virtnet.cli", "-v", "serve", "--socket", str(sock),
-             "--port", f"tap:{tap}", "--queues", str(QUEUES), "--stats-socket", str(stats)],
+             "--port", f"tap:{tap}", "--queues", str(QUEUES), "--stats-socket", str(stats),
+             *args],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
     assert wait_for(lambda: stats.exists() or proc.poll() is not None, timeout=20)
@@ -255,3 +258,48 @@ def test_serve_restart_resumes_traffic(setup: Setup) -> None:
         out = g.iperf3(f"-c {HOST_IP} -P 2 -t 2 -i 0")
         assert "receiver" in out, out
     assert setup.guest.running
+
+
+def _running(s: Setup, n: int) -> bool:
+    return all(p["pid"] for p in s.pairs()[:n])
+
+
+def test_grouped_workers_with_a_real_guest(guest_initramfs: Path, tmp_path: Path) -> None:
+    """``serve --workers 2``: the guest's 4 pairs run in 2 processes (pair p in
+    process p % 2) through ethtool -L 4, 1, 2, 4; every enabled queue carries
+    iperf3 traffic both ways and the processes follow the channel changes."""
+    tap = unique_name("vntap")
+    with NetNS() as ns:
+        ns.create_tap(tap)
+        ns.set_address(tap, f"{HOST_IP}/24")
+        sock, stats, log = tmp_path / "vm.sock", tmp_path / "stats.sock", tmp_path / "serve.log"
+        serve = _start_serve(ns, tap, sock, stats, log, "--workers", "2")
+        try:
+            with Guest(
+                vhost_user_netdev_args(sock, queues=QUEUES),
+                initramfs=guest_initramfs,
+                ip=f"{GUEST_IP}/24",
+            ) as g:
+                s = Setup(g, ns, tap, sock, stats, log, serve)
+                for n in (4, 1, 2, 4):
+                    g.set_channels(n)
+                    assert wait_for(partial(_enabled_is, s, n), timeout=10), s.pairs()
+                    assert wait_for(partial(_running, s, n), timeout=10), s.pairs()
+                    pids = [p["pid"] for p in s.pairs()]
+                    assert len({pids[q] for q in range(n)}) == min(n, 2), (n, pids)
+                    assert all(pids[q] == pids[q % 2] for q in range(n)), (n, pids)
+                    assert g.ping(HOST_IP, count=2), g.console_tail()
+                    before = g.ethtool_stats()
+                    _iperf_both_ways(s, streams=4, seconds=2)
+                    for _ in range(4):
+                        after = g.ethtool_stats()
+                        rx = queue_deltas(before, after, "rx")
+                        tx = queue_deltas(before, after, "tx")
+                        if all(rx.get(q, 0) > 0 and tx.get(q, 0) > 0 for q in range(n)):
+                            break
+                        _iperf_both_ways(s, streams=8, seconds=1)
+                    assert all(rx.get(q, 0) > 0 and tx.get(q, 0) > 0 for q in range(n)), (rx, tx)
+                assert all(p["errors"] == 0 for p in s.pairs())
+        finally:
+            stop_process(serve)
+            print(log.read_text()[-4000:])
