@@ -410,9 +410,9 @@ class Supervisor:
             return
         group = self.group(pair)
         members = [q for q in self._group_pairs(group) if q in self.workers or self._runnable(q)]
-        for q in members:
-            if q in self.workers:
-                self._stop_worker(q)
+        deaths = {q: self.workers[q].deaths for q in members if q in self.workers}
+        for q in deaths:
+            self._stop_worker(q)
         specs: list[WorkerSpec] = []
         for q in members:
             try:
@@ -447,7 +447,8 @@ class Supervisor:
                 _close(spec.port_fd)
         now = time.monotonic()
         for spec, ctl in zip(specs, ctls, strict=True):
-            self.workers[spec.pair] = _Proc(pid, ctl, now)
+            # A pair re-forked with its group keeps its recent deaths (restart limit).
+            self.workers[spec.pair] = _Proc(pid, ctl, now, deaths.get(spec.pair, []))
             log.info(
                 "%s: pair %d worker %d started (rx avail %d, tx avail %d)",
                 self.name,

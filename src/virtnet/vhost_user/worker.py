@@ -803,6 +803,10 @@ class Worker:
         if did:
             self.batches += 1
             self.publish()
+        if self._port_polled == self.rx_stalled:
+            # Stalled: the port's readiness would wake the loop for nothing
+            # (rx is retried every pass until the guest posts buffers).
+            self._set_port_polled(not self.rx_stalled)
         return did
 
     def handle(self, events: list[tuple[int, int]]) -> None:
