@@ -29,6 +29,7 @@ from virtnet.vhost_user.codec import (
     parse_message,
 )
 from virtnet.vhost_user.handoff import Command, Op, PairRouter, TableBuilder, receive, send
+from virtnet.vhost_user.worker import region_mappings
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 R = Request
@@ -61,18 +62,7 @@ class FakeWorker:
                 regions = table.add(cmd)
                 if regions is not None:
                     old = self.memory.regions
-                    self.memory.replace(
-                        MemoryRegion.from_fd(
-                            r.fd,
-                            guest_addr=r.guest_addr,
-                            size=r.size,
-                            user_addr=r.user_addr,
-                            mmap_offset=r.mmap_offset,
-                        )
-                        for r in regions
-                    )
-                    for r in regions:
-                        os.close(r.fd)
+                    self.memory.replace(region_mappings(regions))
                     for m in old:
                         m.close()
                     self.greeting = self.memory.read(GPA, 5)

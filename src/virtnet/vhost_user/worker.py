@@ -88,6 +88,7 @@ from virtnet.errors import PeerError
 from virtnet.memory import GuestMemory, MemoryRegion
 from virtnet.net import NetFeature
 from virtnet.ports.base import MAX_FRAME_LEN, VNET_HDR_LEN, PortQueue, attach_queue
+from virtnet.vhost_user.backend import RegionInfo
 from virtnet.virtq import Chain, DeviceQueue
 
 __all__ = [
@@ -101,6 +102,7 @@ __all__ = [
     "Worker",
     "WorkerSpec",
     "map_regions",
+    "region_mappings",
     "run_group",
     "spawn_worker",
     "spawn_workers",
@@ -860,9 +862,9 @@ class Worker:
         return False
 
 
-def map_regions(regions: Sequence[RegionSpec]) -> GuestMemory:
-    """Map the guest memory regions and close their fds (the mappings stay)."""
-    mem = GuestMemory(
+def region_mappings(regions: Sequence[RegionSpec | RegionInfo]) -> list[MemoryRegion]:
+    """Map each guest memory region and close its fd (the mappings stay)."""
+    maps = [
         MemoryRegion.from_fd(
             r.fd,
             guest_addr=r.guest_addr,
@@ -871,10 +873,15 @@ def map_regions(regions: Sequence[RegionSpec]) -> GuestMemory:
             mmap_offset=r.mmap_offset,
         )
         for r in regions
-    )
+    ]
     for r in regions:
         os.close(r.fd)
-    return mem
+    return maps
+
+
+def map_regions(regions: Sequence[RegionSpec]) -> GuestMemory:
+    """The guest memory of a worker process (:func:`region_mappings`)."""
+    return GuestMemory(region_mappings(regions))
 
 
 def run_group(workers: Sequence[Worker]) -> None:
