@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from virtnet.errors import ProtocolError
-from virtnet.memory import GuestMemory, MemoryRegion
+from virtnet.memory import GuestMemory
 from virtnet.vhost_user.backend import Backend, BackendConfig, RegionInfo, RingConfig
 from virtnet.vhost_user.codec import (
     U64,
@@ -210,16 +210,7 @@ def _child_worker(sock: socket.socket) -> int:
         if cmd.op in (Op.MEM_REGION, Op.MEM_COMMIT):
             regions = table.add(cmd)
             if regions is not None:
-                memory.replace(
-                    MemoryRegion.from_fd(
-                        r.fd,
-                        guest_addr=r.guest_addr,
-                        size=r.size,
-                        user_addr=r.user_addr,
-                        mmap_offset=r.mmap_offset,
-                    )
-                    for r in regions
-                )
+                memory.replace(region_mappings(regions))
                 memory.write(GPA + 100, b"from the worker")
                 send(sock, Command(Op.ACK))
         elif cmd.op is Op.RING_START:
