@@ -216,13 +216,16 @@ def test_sixteen_pairs(tmp_path: Path) -> None:
         assert proc.wait(timeout=30) == 0
 
 
-def test_pinned_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1])
+def test_pinned_workers(tmp_path: Path, workers: int) -> None:
+    """--pin: worker process p on the p-th CPU; with --workers 1 both pairs
+    share one process on the first CPU."""
     sock, stats = tmp_path / "vm.sock", tmp_path / "stats.sock"
     cpus = sorted(os.sched_getaffinity(0))
     proc = subprocess.Popen(
         [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock), "--port",
          "loopback", "--queues", "2", "--stats-socket", str(stats),
-         "--pin", ",".join(map(str, cpus))],
+         "--pin", ",".join(map(str, cpus)), "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -230,8 +233,11 @@ def test_pinned_workers(tmp_path: Path) -> None:
         with VhostUserFrontend(sock, queue_pairs=2, mac=MAC_A) as fe:
             assert fe.set_queue_pairs(2)
             assert wait_for(lambda: all(p["pid"] for p in _pairs(stats)[:2]), timeout=10)
-            for pair, row in enumerate(_pairs(stats)):
-                assert os.sched_getaffinity(row["pid"]) == {cpus[pair % len(cpus)]}
+            rows = _pairs(stats)
+            assert (rows[0]["pid"] == rows[1]["pid"]) == (workers == 1)
+            for pair, row in enumerate(rows):
+                proc_index = pair % workers if workers else pair
+                assert os.sched_getaffinity(row["pid"]) == {cpus[proc_index % len(cpus)]}
             assert _echo(fe, 8, pair=1) == 8
     finally:
         proc.send_signal(signal.SIGTERM)
