@@ -49,7 +49,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec
 
 from virtnet.demo import PAYLOAD_OFF, build_frame
 from virtnet.errors import PeerError, UsageError, VirtqueueError
@@ -724,11 +724,17 @@ def socket_target(args: argparse.Namespace) -> tuple[str, Literal["connect", "li
     return args.listen, "listen"
 
 
+_P = ParamSpec("_P")
+
+
 @contextlib.contextmanager
-def live_display(json_output: bool) -> Iterator[Callable[[Any], None] | None]:
-    """On a terminal (and without ``--json``) yield ``show(renderable)``, a live
-    display updated in place; otherwise ``None``.  No refresh thread: the
-    per-pair processes are forked while it runs."""
+def live_progress(
+    json_output: bool, render: Callable[_P, Any]
+) -> Iterator[Callable[_P, None] | None]:
+    """On a terminal (and without ``--json``) yield a progress callback that
+    shows ``render(*its arguments)`` in a live display updated in place;
+    otherwise ``None``.  No refresh thread: the per-pair processes are forked
+    while it runs."""
     if json_output or not sys.stdout.isatty():
         yield None
         return
@@ -736,11 +742,11 @@ def live_display(json_output: bool) -> Iterator[Callable[[Any], None] | None]:
 
     with Live(auto_refresh=False) as live:
 
-        def show(renderable: Any) -> None:
-            live.update(renderable)
+        def progress(*args: _P.args, **kwargs: _P.kwargs) -> None:
+            live.update(render(*args, **kwargs))
             live.refresh()
 
-        yield show
+        yield progress
 
 
 def print_result(args: argparse.Namespace, res: Any, render_text: Callable[[Any], str]) -> int:
@@ -754,14 +760,11 @@ def print_result(args: argparse.Namespace, res: Any, render_text: Callable[[Any]
 
 def run(args: argparse.Namespace) -> int:
     path, mode = socket_target(args)
-    with live_display(args.json) as show:
-        progress = None
-        if show is not None:
-            shown = show
 
-            def progress(elapsed: float, counters: list[PairCounters]) -> None:
-                shown(_table(f"pktgen {elapsed:5.1f}s", counters, elapsed, args.size))
+    def table(elapsed: float, counters: list[PairCounters]) -> Any:
+        return _table(f"pktgen {elapsed:5.1f}s", counters, elapsed, args.size)
 
+    with live_progress(args.json, table) as progress:
         res = run_pktgen(
             path,
             mode=mode,

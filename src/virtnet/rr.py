@@ -68,7 +68,7 @@ from virtnet.pktgen import (
     SharedControl,
     add_socket_arguments,
     fast_run,
-    live_display,
+    live_progress,
     parse_cpus,
     print_result,
     socket_target,
@@ -469,15 +469,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     path, mode = socket_target(args)
-    with live_display(args.json) as show:
-        progress = None
-        if show is not None:
-            shown = show
 
-            def progress(elapsed: float, done: int) -> None:
-                rate = done / elapsed if elapsed else 0.0
-                shown(f"rr {elapsed:5.1f}s  {done:,} transactions  {rate:,.0f}/s")
+    def line(elapsed: float, done: int) -> str:
+        rate = done / elapsed if elapsed else 0.0
+        return f"rr {elapsed:5.1f}s  {done:,} transactions  {rate:,.0f}/s"
 
+    with live_progress(args.json, line) as progress:
         res = run_rr(
             path,
             mode=mode,
