@@ -291,7 +291,6 @@ class Worker:
         self.calls = 0
         self.batches = 0
         self.rx_no_buffer = 0
-        self.stopped = False
         self.done = False  # a control message ended this worker (stop, or supervisor gone)
         self.ep = select.epoll()
         self._kick_fds: dict[int, int] = {}
@@ -706,7 +705,6 @@ class Worker:
     def stop_reply(self) -> None:
         rx, tx = self.next_avail()
         self.publish()
-        self.stopped = True
         self.rxq = self.txq = None
         self.ctl.send(Ctl.STOP_REPLY.pack(Ctl.STOP, rx, tx))
 
@@ -778,11 +776,13 @@ class Worker:
         while True:
             if work():
                 events = ep_poll(0)
-                if events and not self._handle_events(events):
-                    return
+                if events:
+                    self.handle(events)
+                    if self.done:
+                        return
                 continue
             if poll_s and self._spin(poll_s):
-                if self.stopped:
+                if self.done:
                     return
                 continue
             if self.arm():
@@ -834,7 +834,7 @@ class Worker:
 
     def wake(self, events: list[tuple[int, int]]) -> None:
         """After the sleep: notifications off, handle ``events``."""
-        self._notify(False)
+        self.disarm()
         self.handle(events)
         if not self.done:
             self._set_port_polled(not self.rx_stalled)
@@ -854,8 +854,7 @@ class Worker:
         while time.monotonic() < deadline:
             events = ep_poll(0)
             if events:
-                if not self._handle_events(events):
-                    self.stopped = True
+                self.handle(events)
                 return True
             if self.pending_work():
                 return True
@@ -915,7 +914,7 @@ def run_group(workers: Sequence[Worker]) -> None:
                 w.handle(w.ep.poll(0))
             if _retire(live, outer) or did:
                 continue
-            if poll_s and _spin_group(live, outer, by_fd, poll_s):
+            if poll_s and _spin_group(live, outer, poll_s):
                 continue
             if _arm_all(live):
                 continue
@@ -932,7 +931,7 @@ def run_group(workers: Sequence[Worker]) -> None:
 
 def _retire(live: list[Worker], outer: select.epoll) -> bool:
     """Drop the workers that are done from ``live``; True if any was."""
-    done = [w for w in live if w.done or w.stopped]
+    done = [w for w in live if w.done]
     for w in done:
         live.remove(w)
         with contextlib.suppress(OSError, ValueError):
@@ -950,19 +949,12 @@ def _arm_all(live: Sequence[Worker]) -> bool:
     return False
 
 
-def _spin_group(
-    live: Sequence[Worker], outer: select.epoll, by_fd: dict[int, Worker], seconds: float
-) -> bool:
-    """Busy-poll every pair of the group for ``seconds``; True when work showed up."""
+def _spin_group(live: Sequence[Worker], outer: select.epoll, seconds: float) -> bool:
+    """Busy-poll every pair of the group for ``seconds``; True when work or an
+    event showed up (the loop's next pass handles the events)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        ready = outer.poll(0)
-        if ready:
-            for fd, _ in ready:
-                w = by_fd[fd]
-                w.handle(w.ep.poll(0))
-            return True
-        if any(w.pending_work() for w in live):
+        if outer.poll(0) or any(w.pending_work() for w in live):
             return True
     return False
 
