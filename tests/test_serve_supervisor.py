@@ -304,6 +304,36 @@ def test_grouped_workers(tmp_path: Path) -> None:
     assert f"pair 3 worker {d} died (signal 9)" in text
 
 
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_busy_polling_workers(tmp_path: Path, workers: str) -> None:
+    """--poll-us: the workers spin before sleeping (one per pair, or both pairs in
+    one process); traffic flows on both pairs and a stop that arrives while the
+    worker spins (1 s after each burst) is still answered."""
+    sock, stats, log = tmp_path / "vm.sock", tmp_path / "stats.sock", tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock), "--port",
+             "loopback", "--queues", "2", "--stats-socket", str(stats), "--poll-us", "1000000",
+             "--workers", workers],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        assert wait_for(stats.exists, timeout=20)
+        with VhostUserFrontend(sock, queue_pairs=2, mac=MAC_A) as fe:
+            assert fe.set_queue_pairs(2)
+            for p in (0, 1, 0, 1):
+                assert _echo(fe, 16, pair=p) == 16, p
+            assert fe.set_queue_pairs(1)
+            assert wait_for(lambda: _pairs(stats)[1]["pid"] == 0, timeout=10)
+            assert _echo(fe, 16, pair=0) == 16
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    text = log.read_text()
+    assert "pair 1 worker" in text and "stopped (rx avail" in text
+    assert "did not answer stop" not in text and "died" not in text
+
+
 def test_sigint_reaps_workers(serve: tuple[Path, Path, Path, subprocess.Popen[bytes]]) -> None:
     sock, stats, log, proc = serve
     with VhostUserFrontend(sock, queue_pairs=2, mac=MAC_A) as fe:
