@@ -45,7 +45,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from virtnet.errors import PeerError, UsageError
 from virtnet.net import NetFeature, hdr_len
@@ -236,8 +236,6 @@ class _Ring:
 class _Proc:
     pid: int
     ctl: socket.socket
-    started: float
-    deaths: list[float] = field(default_factory=list)
 
 
 def _dup(fd: int | None) -> int | None:
@@ -271,6 +269,8 @@ class Supervisor:
         self.regions: tuple[RegionSpec, ...] = ()
         self.rings = [_Ring() for _ in range(2 * vm.max_pairs)]
         self.workers: dict[int, _Proc] = {}
+        # Per pair: when its worker died lately (the MAX_RESTARTS limit).
+        self.deaths: dict[int, list[float]] = {}
         self.given_up: set[int] = set()
         self.hdr_ok = False  # until SET_FEATURES says which header the driver uses
         self.closed = False
@@ -410,9 +410,9 @@ class Supervisor:
             return
         group = self.group(pair)
         members = [q for q in self._group_pairs(group) if q in self.workers or self._runnable(q)]
-        deaths = {q: self.workers[q].deaths for q in members if q in self.workers}
-        for q in deaths:
-            self._stop_worker(q)
+        for q in members:
+            if q in self.workers:
+                self._stop_worker(q)
         specs: list[WorkerSpec] = []
         for q in members:
             try:
@@ -445,10 +445,8 @@ class Supervisor:
         finally:
             for spec in specs:
                 _close(spec.port_fd)
-        now = time.monotonic()
         for spec, ctl in zip(specs, ctls, strict=True):
-            # A pair re-forked with its group keeps its recent deaths (restart limit).
-            self.workers[spec.pair] = _Proc(pid, ctl, now, deaths.get(spec.pair, []))
+            self.workers[spec.pair] = _Proc(pid, ctl)
             log.info(
                 "%s: pair %d worker %d started (rx avail %d, tx avail %d)",
                 self.name,
@@ -571,7 +569,7 @@ class Supervisor:
             if pid:
                 status_of[proc.pid] = status
         dead = [(pair, proc) for pair, proc in self.workers.items() if proc.pid in status_of]
-        history: dict[int, list[float]] = {}
+        restart: list[int] = []
         for pair, proc in dead:
             del self.workers[pair]
             proc.ctl.close()
@@ -584,19 +582,17 @@ class Supervisor:
             log.error("%s: pair %d worker %d died (%s)", self.name, pair, proc.pid, how)
             self._resume_from_used(pair)
             self.vm.fold(pair)
-            deaths = [t for t in proc.deaths if now - t < RESTART_WINDOW_S] + [now]
+            deaths = [t for t in self.deaths.get(pair, []) if now - t < RESTART_WINDOW_S] + [now]
+            self.deaths[pair] = deaths
             self.vm.restarts[pair] += 1
             if len(deaths) > MAX_RESTARTS:
                 log.error("%s: pair %d died %d times in %.0f s; not restarting it",
                           self.name, pair, len(deaths), RESTART_WINDOW_S)  # fmt: skip
                 self.given_up.add(pair)
                 continue
-            history[pair] = deaths
-        for pair, deaths in history.items():
+            restart.append(pair)
+        for pair in restart:
             self._maybe_start(pair)
-            new = self.workers.get(pair)
-            if new is not None:
-                new.deaths = deaths
 
     # -- teardown ---------------------------------------------------------
 
