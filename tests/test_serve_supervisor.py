@@ -105,6 +105,46 @@ def test_worker_crash_is_restarted_other_pair_unaffected(
     assert "resumes from used index" in text
 
 
+def _pid_changed(stats: Path, pair: int, old: int) -> bool:
+    return bool(_pairs(stats)[pair]["pid"] != old)
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_worker_dying_too_often_is_given_up(tmp_path: Path, workers: str) -> None:
+    """A pair whose worker dies more than MAX_RESTARTS times within
+    RESTART_WINDOW_S is not restarted again.  With a process per pair the other
+    pair keeps working; with both pairs in one process both are given up."""
+    from virtnet.vhost_user.supervisor import MAX_RESTARTS
+
+    sock, stats, log = tmp_path / "vm.sock", tmp_path / "stats.sock", tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock), "--port",
+             "loopback", "--queues", "2", "--stats-socket", str(stats), "--workers", workers],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        assert wait_for(stats.exists, timeout=20)
+        with VhostUserFrontend(sock, queue_pairs=2, mac=MAC_A) as fe:
+            assert fe.set_queue_pairs(2)
+            for k in range(MAX_RESTARTS + 1):
+                assert wait_for(lambda: _pairs(stats)[1]["pid"] != 0, timeout=10), k
+                victim = _pairs(stats)[1]["pid"]
+                os.kill(victim, signal.SIGKILL)
+                assert wait_for(partial(_pid_changed, stats, 1, victim), timeout=10), k
+            rows = _pairs(stats)
+            assert rows[1]["pid"] == 0 and rows[1]["restarts"] == MAX_RESTARTS + 1
+            if workers == "0":
+                assert rows[0]["pid"] and rows[0]["restarts"] == 0
+                assert _echo(fe, 16, pair=0) == 16
+            else:
+                assert rows[0]["pid"] == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert "pair 1 died 6 times in 10 s; not restarting it" in log.read_text()
+
+
 def test_queue_changes_and_clean_shutdown(
     serve: tuple[Path, Path, Path, subprocess.Popen[bytes]],
 ) -> None:
