@@ -8,6 +8,7 @@ next-avail indexes; SIGTERM reaps every worker; the stats socket and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import struct
@@ -34,21 +35,37 @@ MAC_A = b"\x02\x00\x00\x00\x00\x0a"
 MAC_B = b"\x02\x00\x00\x00\x00\x0b"
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[tuple[Path, Path, Path, subprocess.Popen[bytes]]]:
-    sock, stats, log = tmp_path / "vm.sock", tmp_path / "stats.sock", tmp_path / "serve.log"
+def _paths(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """serve's vhost-user socket, stats socket and log file under ``tmp_path``."""
+    return tmp_path / "vm.sock", tmp_path / "stats.sock", tmp_path / "serve.log"
+
+
+@contextlib.contextmanager
+def _serving(tmp_path: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``virtnet serve ARGS`` on the :func:`_paths` sockets, logging to its log
+    file; yields the process once it serves.  Stopped with SIGTERM at the end,
+    which must exit cleanly."""
+    sock, stats, log = _paths(tmp_path)
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock),
-             "--port", "loopback", "--queues", "2", "--stats-socket", str(stats)],
+             "--stats-socket", str(stats), *args],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
     try:
         assert wait_for(lambda: stats.exists() or proc.poll() is not None, timeout=20)
         assert proc.poll() is None, log.read_text()
-        yield sock, stats, log, proc
-    finally:
+        yield proc
+    except BaseException:
         stop_process(proc)
+        raise
+    assert stop_process(proc, timeout=30) == 0, log.read_text()[-3000:]
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[tuple[Path, Path, Path, subprocess.Popen[bytes]]]:
+    with _serving(tmp_path, "--port", "loopback", "--queues", "2") as proc:
+        yield (*_paths(tmp_path), proc)
 
 
 def _frame(n: int) -> bytes:
@@ -116,32 +133,24 @@ def test_worker_dying_too_often_is_given_up(tmp_path: Path, workers: str) -> Non
     pair keeps working; with both pairs in one process both are given up."""
     from virtnet.vhost_user.supervisor import MAX_RESTARTS
 
-    sock, stats, log = tmp_path / "vm.sock", tmp_path / "stats.sock", tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock), "--port",
-             "loopback", "--queues", "2", "--stats-socket", str(stats), "--workers", workers],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    try:
-        assert wait_for(stats.exists, timeout=20)
-        with VhostUserFrontend(sock, queue_pairs=2, mac=MAC_A) as fe:
-            assert fe.set_queue_pairs(2)
-            for k in range(MAX_RESTARTS + 1):
-                assert wait_for(lambda: _pairs(stats)[1]["pid"] != 0, timeout=10), k
-                victim = _pairs(stats)[1]["pid"]
-                os.kill(victim, signal.SIGKILL)
-                assert wait_for(partial(_pid_changed, stats, 1, victim), timeout=10), k
-            rows = _pairs(stats)
-            assert rows[1]["pid"] == 0 and rows[1]["restarts"] == MAX_RESTARTS + 1
-            if workers == "0":
-                assert rows[0]["pid"] and rows[0]["restarts"] == 0
-                assert _echo(fe, 16, pair=0) == 16
-            else:
-                assert rows[0]["pid"] == 0
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+    sock, stats, log = _paths(tmp_path)
+    with (
+        _serving(tmp_path, "--port", "loopback", "--queues", "2", "--workers", workers),
+        VhostUserFrontend(sock, queue_pairs=2, mac=MAC_A) as fe,
+    ):
+        assert fe.set_queue_pairs(2)
+        for k in range(MAX_RESTARTS + 1):
+            assert wait_for(lambda: _pairs(stats)[1]["pid"] != 0, timeout=10), k
+            victim = _pairs(stats)[1]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            assert wait_for(partial(_pid_changed, stats, 1, victim), timeout=10), k
+        rows = _pairs(stats)
+        assert rows[1]["pid"] == 0 and rows[1]["restarts"] == MAX_RESTARTS + 1
+        if workers == "0":
+            assert rows[0]["pid"] and rows[0]["restarts"] == 0
+            assert _echo(fe, 16, pair=0) == 16
+        else:
+            assert rows[0]["pid"] == 0
     assert "pair 1 died 6 times in 10 s; not restarting it" in log.read_text()
 
 
@@ -208,14 +217,9 @@ def test_offered_features(tmp_path: Path, offloads: bool) -> None:
     from virtnet.net import NetFeature
     from virtnet.vhost_user.codec import Request, encode_request
 
-    sock, stats = tmp_path / "vm.sock", tmp_path / "stats.sock"
-    argv = [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock),
-            "--port", "null", "--queues", "16", "--stats-socket", str(stats)]  # fmt: skip
-    if not offloads:
-        argv.append("--no-offloads")
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert wait_for(stats.exists, timeout=20)
+    sock, _, _ = _paths(tmp_path)
+    extra = () if offloads else ("--no-offloads",)
+    with _serving(tmp_path, "--port", "null", "--queues", "16", *extra):
         s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         s.settimeout(5)
         s.connect(str(sock))
@@ -231,113 +235,88 @@ def test_offered_features(tmp_path: Path, offloads: bool) -> None:
         off = NetFeature.CSUM | NetFeature.GUEST_CSUM | NetFeature.HOST_TSO4 | NetFeature.GUEST_TSO6
         assert bool(feats & off == off) is offloads
         assert not (feats & off) or offloads
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
 
 
 def test_sixteen_pairs(tmp_path: Path) -> None:
-    sock, stats = tmp_path / "vm.sock", tmp_path / "stats.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock), "--port",
-         "loopback", "--queues", "16", "--stats-socket", str(stats)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        assert wait_for(stats.exists, timeout=20)
-        with VhostUserFrontend(sock, queue_pairs=16, mac=MAC_A) as fe:
-            assert fe.set_queue_pairs(16)
-            assert wait_for(lambda: sum(p["enabled"] for p in _pairs(stats)) == 16, timeout=20)
-            for p in (0, 7, 15):
-                assert _echo(fe, 8, pair=p) == 8, p
-            assert len({p["pid"] for p in _pairs(stats)}) == 16
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+    sock, stats, _ = _paths(tmp_path)
+    with (
+        _serving(tmp_path, "--port", "loopback", "--queues", "16"),
+        VhostUserFrontend(sock, queue_pairs=16, mac=MAC_A) as fe,
+    ):
+        assert fe.set_queue_pairs(16)
+        assert wait_for(lambda: sum(p["enabled"] for p in _pairs(stats)) == 16, timeout=20)
+        for p in (0, 7, 15):
+            assert _echo(fe, 8, pair=p) == 8, p
+        assert len({p["pid"] for p in _pairs(stats)}) == 16
 
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_pinned_workers(tmp_path: Path, workers: int) -> None:
     """--pin: worker process p on the p-th CPU; with --workers 1 both pairs
     share one process on the first CPU."""
-    sock, stats = tmp_path / "vm.sock", tmp_path / "stats.sock"
+    sock, stats, _ = _paths(tmp_path)
     cpus = sorted(os.sched_getaffinity(0))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock), "--port",
-         "loopback", "--queues", "2", "--stats-socket", str(stats),
-         "--pin", ",".join(map(str, cpus)), "--workers", str(workers)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        assert wait_for(stats.exists, timeout=20)
-        with VhostUserFrontend(sock, queue_pairs=2, mac=MAC_A) as fe:
-            assert fe.set_queue_pairs(2)
-            assert wait_for(lambda: all(p["pid"] for p in _pairs(stats)[:2]), timeout=10)
-            rows = _pairs(stats)
-            assert (rows[0]["pid"] == rows[1]["pid"]) == (workers == 1)
-            for pair, row in enumerate(rows):
-                proc_index = pair % workers if workers else pair
-                assert os.sched_getaffinity(row["pid"]) == {cpus[proc_index % len(cpus)]}
-            assert _echo(fe, 8, pair=1) == 8
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+    pin = ",".join(map(str, cpus))
+    with (
+        _serving(
+            tmp_path, "--port", "loopback", "--queues", "2", "--pin", pin, "--workers", str(workers)
+        ),
+        VhostUserFrontend(sock, queue_pairs=2, mac=MAC_A) as fe,
+    ):
+        assert fe.set_queue_pairs(2)
+        assert wait_for(lambda: all(p["pid"] for p in _pairs(stats)[:2]), timeout=10)
+        rows = _pairs(stats)
+        assert (rows[0]["pid"] == rows[1]["pid"]) == (workers == 1)
+        for pair, row in enumerate(rows):
+            proc_index = pair % workers if workers else pair
+            assert os.sched_getaffinity(row["pid"]) == {cpus[proc_index % len(cpus)]}
+        assert _echo(fe, 8, pair=1) == 8
 
 
 def test_grouped_workers(tmp_path: Path) -> None:
     """--workers 2 with 4 pairs: pair p is served by process p % 2; a pair
     disabled leaves its process serving the rest, a pair enabled re-forks its
     group, a killed process restarts both its pairs and not the others."""
-    sock, stats, log = tmp_path / "vm.sock", tmp_path / "stats.sock", tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock), "--port",
-             "loopback", "--queues", "4", "--workers", "2", "--stats-socket", str(stats)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+    sock, stats, log = _paths(tmp_path)
     pids: set[int] = set()
-    try:
-        assert wait_for(stats.exists, timeout=20)
-        with VhostUserFrontend(sock, queue_pairs=4, mac=MAC_A) as fe:
+    with (
+        _serving(tmp_path, "--port", "loopback", "--queues", "4", "--workers", "2"),
+        VhostUserFrontend(sock, queue_pairs=4, mac=MAC_A) as fe,
+    ):
 
-            def pid_of() -> list[int]:
-                return [int(p["pid"]) for p in _pairs(stats)]
+        def pid_of() -> list[int]:
+            return [int(p["pid"]) for p in _pairs(stats)]
 
-            assert fe.set_queue_pairs(4)
-            assert wait_for(lambda: all(pid_of()), timeout=10)
-            a, b, a2, b2 = pid_of()
-            assert a == a2 and b == b2 and a != b
-            pids |= {a, b}
-            for p in range(4):
-                assert _echo(fe, 16, pair=p) == 16, p
+        assert fe.set_queue_pairs(4)
+        assert wait_for(lambda: all(pid_of()), timeout=10)
+        a, b, a2, b2 = pid_of()
+        assert a == a2 and b == b2 and a != b
+        pids |= {a, b}
+        for p in range(4):
+            assert _echo(fe, 16, pair=p) == 16, p
 
-            assert fe.set_queue_pairs(2)
-            assert wait_for(lambda: pid_of()[2:] == [0, 0], timeout=10)
-            assert pid_of()[:2] == [a, b]  # stopping a pair did not re-fork its group
-            assert _alive(a) and _alive(b)
-            assert _echo(fe, 16, pair=0) == 16 and _echo(fe, 16, pair=1) == 16
+        assert fe.set_queue_pairs(2)
+        assert wait_for(lambda: pid_of()[2:] == [0, 0], timeout=10)
+        assert pid_of()[:2] == [a, b]  # stopping a pair did not re-fork its group
+        assert _alive(a) and _alive(b)
+        assert _echo(fe, 16, pair=0) == 16 and _echo(fe, 16, pair=1) == 16
 
-            assert fe.set_queue_pairs(4)
-            assert wait_for(lambda: all(pid_of()), timeout=10)
-            c, d, c2, d2 = pid_of()
-            assert c == c2 and d == d2 and c != d and not {c, d} & {a, b}
-            pids |= {c, d}
-            for p in range(4):
-                assert _echo(fe, 16, pair=p) == 16, p
+        assert fe.set_queue_pairs(4)
+        assert wait_for(lambda: all(pid_of()), timeout=10)
+        c, d, c2, d2 = pid_of()
+        assert c == c2 and d == d2 and c != d and not {c, d} & {a, b}
+        pids |= {c, d}
+        for p in range(4):
+            assert _echo(fe, 16, pair=p) == 16, p
 
-            os.kill(d, signal.SIGKILL)
-            assert wait_for(
-                lambda: [r["restarts"] for r in _pairs(stats)] == [0, 1, 0, 1], timeout=10
-            )
-            e, f, e2, f2 = pid_of()
-            assert e == e2 == c and f == f2 and f not in (0, d)
-            pids.add(f)
-            for p in range(4):
-                assert _echo(fe, 16, pair=p) == 16, p
-            assert _pairs(stats)[3]["rx_packets"] >= 32  # counters survive the restart
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        os.kill(d, signal.SIGKILL)
+        assert wait_for(lambda: [r["restarts"] for r in _pairs(stats)] == [0, 1, 0, 1], timeout=10)
+        e, f, e2, f2 = pid_of()
+        assert e == e2 == c and f == f2 and f not in (0, d)
+        pids.add(f)
+        for p in range(4):
+            assert _echo(fe, 16, pair=p) == 16, p
+        assert _pairs(stats)[3]["rx_packets"] >= 32  # counters survive the restart
     assert not any(_alive(p) for p in pids)
     text = log.read_text()
     assert f"pair 1 worker {d} died (signal 9)" in text
@@ -349,26 +328,27 @@ def test_busy_polling_workers(tmp_path: Path, workers: str) -> None:
     """--poll-us: the workers spin before sleeping (one per pair, or both pairs in
     one process); traffic flows on both pairs and a stop that arrives while the
     worker spins (1 s after each burst) is still answered."""
-    sock, stats, log = tmp_path / "vm.sock", tmp_path / "stats.sock", tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock), "--port",
-             "loopback", "--queues", "2", "--stats-socket", str(stats), "--poll-us", "1000000",
-             "--workers", workers],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    try:
-        assert wait_for(stats.exists, timeout=20)
-        with VhostUserFrontend(sock, queue_pairs=2, mac=MAC_A) as fe:
-            assert fe.set_queue_pairs(2)
-            for p in (0, 1, 0, 1):
-                assert _echo(fe, 16, pair=p) == 16, p
-            assert fe.set_queue_pairs(1)
-            assert wait_for(lambda: _pairs(stats)[1]["pid"] == 0, timeout=10)
-            assert _echo(fe, 16, pair=0) == 16
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+    sock, stats, log = _paths(tmp_path)
+    with (
+        _serving(
+            tmp_path,
+            "--port",
+            "loopback",
+            "--queues",
+            "2",
+            "--poll-us",
+            "1000000",
+            "--workers",
+            workers,
+        ),
+        VhostUserFrontend(sock, queue_pairs=2, mac=MAC_A) as fe,
+    ):
+        assert fe.set_queue_pairs(2)
+        for p in (0, 1, 0, 1):
+            assert _echo(fe, 16, pair=p) == 16, p
+        assert fe.set_queue_pairs(1)
+        assert wait_for(lambda: _pairs(stats)[1]["pid"] == 0, timeout=10)
+        assert _echo(fe, 16, pair=0) == 16
     text = log.read_text()
     assert "pair 1 worker" in text and "stopped (rx avail" in text
     assert "did not answer stop" not in text and "died" not in text
