@@ -209,6 +209,10 @@ def pair_loop(fp: FastPair, ctl: SharedControl, deadline: float) -> None:
     while True:
         spins += 1
         changed = False
+        # rx is sampled before tx: a device publishes a frame's tx completion
+        # before the frame can come back on rx, so the counters never show
+        # more received than sent (loopback) at any snapshot.
+        ru = rx_used[1]
         # -- tx completions -------------------------------------------------
         u = tx_used[1]
         n = (u - tx_last) & _U16
@@ -231,7 +235,6 @@ def pair_loop(fp: FastPair, ctl: SharedControl, deadline: float) -> None:
                 tx_kicks += 1
             tx_kicked = tx_av
         # -- rx: whatever comes back ---------------------------------------
-        ru = rx_used[1]
         m = (ru - rx_last) & _U16
         if m:
             if m > size:
