@@ -87,6 +87,7 @@ def virtnet_run(
                 duration=duration,
                 streams=streams,
                 pin_guest=pin_guest,
+                backend_pid=serve.pid,
             )
         finally:
             stop_process(serve)
@@ -101,6 +102,9 @@ _ROWS = (
     ("TCP host->guest", "tcp_host_to_guest_gbps", "Gbit/s"),
     ("UDP-64 guest->host received", "udp64_guest_to_host_received_pps", "pps"),
     ("UDP-64 host->guest received", "udp64_host_to_guest_received_pps", "pps"),
+    ("UDP-64 host->guest at the guest NIC", "udp64_host_to_guest_nic_pps", "pps"),
+    ("UDP-64 host->guest guest socket drops", "udp64_host_to_guest_socket_drops_pps", "pps"),
+    ("UDP-64 host->guest backend CPU", "udp64_host_to_guest_backend_us_per_frame", "us/frame"),
 )
 
 
@@ -125,7 +129,7 @@ def _worker_counts(text: str) -> list[int]:
 
 
 def _cell(value: float, unit: str) -> str:
-    return f"{value:.2f} {unit}" if unit == "Gbit/s" else f"{value:,.0f} {unit}"
+    return f"{value:,.0f} {unit}" if unit == "pps" else f"{value:.2f} {unit}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,9 @@ Run as root: ``python bench/guest_tap_baseline.py [--queues 4] [--duration 5]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -34,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from virtnet.testing.guest import Guest, skip_reason, tap_netdev_args
+from virtnet.testing.guest import Guest, queue_packets, skip_reason, tap_netdev_args
 from virtnet.testing.netns import NetNS, unique_name
 
 HOST_IP = "10.77.0.1"
@@ -58,6 +60,16 @@ class GuestNetFigures:
     udp64_host_to_guest_sent_pps: float
     udp64_host_to_guest_received_pps: float
     pin_guest: bool = True
+    #: Host->guest 64-byte UDP frames the guest's virtio-net driver received
+    #: (``ethtool -S`` rx_queue_N_packets) and the guest's UDP sockets dropped
+    #: for want of receive buffer (``/proc/net/snmp`` RcvbufErrors), per second:
+    #: where the frames the iperf3 receiver never saw went.
+    udp64_host_to_guest_nic_pps: float = 0.0
+    udp64_host_to_guest_socket_drops_pps: float = 0.0
+    #: Host CPU the backend spent per frame the guest's NIC received in that
+    #: run: QEMU's main thread (its tap backend, or the interrupts it injects
+    #: for vhost-user) plus the backend's own processes (virtnet serve).
+    udp64_host_to_guest_backend_us_per_frame: float = 0.0
 
     def table(self) -> str:
         """Human-readable summary."""
@@ -71,7 +83,10 @@ class GuestNetFigures:
                 f"  UDP64 guest->host sent {self.udp64_guest_to_host_sent_pps:10.0f} pps"
                 f"  received {self.udp64_guest_to_host_received_pps:10.0f} pps",
                 f"  UDP64 host->guest sent {self.udp64_host_to_guest_sent_pps:10.0f} pps"
-                f"  received {self.udp64_host_to_guest_received_pps:10.0f} pps",
+                f"  received {self.udp64_host_to_guest_received_pps:10.0f} pps"
+                f"  (guest NIC {self.udp64_host_to_guest_nic_pps:.0f} pps, guest socket"
+                f" drops {self.udp64_host_to_guest_socket_drops_pps:.0f} pps;"
+                f" backend CPU {self.udp64_host_to_guest_backend_us_per_frame:.2f} us/frame)",
             ]
         )
 
@@ -86,6 +101,50 @@ def pin_guest_placement(guest: Guest, smp: int) -> str:
         " echo 1 > /proc/irq/$i/smp_affinity; done"
     )
     return f"taskset {1 << (smp - 1):x} "
+
+
+_CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_cpu(path: str) -> tuple[int, float]:
+    """(parent pid, user + system CPU seconds) from a /proc stat file."""
+    with open(path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLOCK_TICK
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds used so far by process ``root`` and all its descendants."""
+    procs: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                procs[int(entry)] = _stat_cpu(f"/proc/{entry}/stat")
+    total = 0.0
+    for pid, (_ppid, cpu) in procs.items():
+        p = pid
+        while p > 1 and p != root:  # walk up: is root an ancestor?
+            p = procs.get(p, (0, 0.0))[0]
+        if p == root:
+            total += cpu
+    return total
+
+
+def backend_cpu_seconds(guest: Guest, backend_pid: int | None) -> float:
+    """QEMU's main-thread CPU seconds, plus ``backend_pid``'s process tree."""
+    qemu = guest.qemu_pid
+    total = _stat_cpu(f"/proc/{qemu}/task/{qemu}/stat")[1] if qemu is not None else 0.0
+    return total + (tree_cpu_seconds(backend_pid) if backend_pid is not None else 0.0)
+
+
+def guest_rx_counters(guest: Guest) -> tuple[int, int]:
+    """(frames the guest's NIC received on all queues, UDP RcvbufErrors)."""
+    nic = sum(queue_packets(guest.ethtool_stats(), "rx").values())
+    lines = [ln.split() for ln in guest.run("cat /proc/net/snmp").output.splitlines()]
+    udp = [ln[1:] for ln in lines if ln and ln[0] == "Udp:"]
+    if len(udp) < 2 or "RcvbufErrors" not in udp[0]:
+        raise RuntimeError("guest /proc/net/snmp has no Udp RcvbufErrors")
+    return nic, int(udp[1][udp[0].index("RcvbufErrors")])
 
 
 def _iperf_json(guest: Guest, args: str, duration: float, prefix: str = "") -> dict[str, Any]:
@@ -119,6 +178,7 @@ def measure_guest_network(
     smp: int = 2,
     memory_mb: int = 512,
     pin_guest: bool = True,
+    backend_pid: int | None = None,
 ) -> GuestNetFigures:
     """Boot a guest with ``netdev_args`` and measure TCP and 64-byte UDP both ways.
 
@@ -127,7 +187,9 @@ def measure_guest_network(
     into ``ns``; a vhost-user backend may have set it up before).  The guest
     gets ``10.77.0.2/24`` and ``queues`` combined channels; with
     ``pin_guest`` the NIC's interrupts go to vCPU 0 and iperf3 runs on the
-    last vCPU (see the module docstring).
+    last vCPU (see the module docstring).  ``backend_pid``: a backend process
+    outside QEMU (virtnet serve) whose process tree's CPU counts as the
+    backend's, with QEMU's main thread.
     """
     secs = max(1, round(duration))
     with Guest(netdev_args, ip=GUEST_CIDR, smp=smp, memory_mb=memory_mb) as guest:
@@ -146,7 +208,11 @@ def measure_guest_network(
             tcp_rx = _tcp_gbps(run(f"-P {streams} -t {secs} -R"))
             udp = f"-u -l {UDP_PAYLOAD} -b 0 -P {streams} -t {secs}"
             udp_tx = _udp_pps(run(udp))
+            before = guest_rx_counters(guest)
+            cpu0 = backend_cpu_seconds(guest, backend_pid)
             udp_rx = _udp_pps(run(udp + " -R"))
+            cpu1 = backend_cpu_seconds(guest, backend_pid)
+            after = guest_rx_counters(guest)
         return GuestNetFigures(
             label=label,
             queues=queues,
@@ -160,6 +226,11 @@ def measure_guest_network(
             udp64_host_to_guest_sent_pps=udp_rx[0],
             udp64_host_to_guest_received_pps=udp_rx[1],
             pin_guest=pin_guest,
+            udp64_host_to_guest_nic_pps=(after[0] - before[0]) / secs,
+            udp64_host_to_guest_socket_drops_pps=(after[1] - before[1]) / secs,
+            udp64_host_to_guest_backend_us_per_frame=(
+                1e6 * (cpu1 - cpu0) / max(1, after[0] - before[0])
+            ),
         )
 
 

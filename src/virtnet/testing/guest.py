@@ -711,6 +711,11 @@ class Guest:
         """True while QEMU runs."""
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def qemu_pid(self) -> int | None:
+        """Process id of QEMU while it runs (its main thread has the same id)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
     # -- diagnostics -------------------------------------------------------------------
 
     def console_tail(self, lines: int = 40) -> str:
