@@ -298,57 +298,6 @@ def test_no_rx_buffer_stalls_then_delivers(rig: Rig) -> None:
     _stop(rig)
 
 
-def test_gso_guest_with_few_buffers_gets_small_frames(rig: Rig) -> None:
-    """Fewer buffers posted than a 64 KiB frame needs: small frames still go
-    into them (read into the bounce buffer, then copied), no stall."""
-    _post_rx(rig, 10, size=1024)
-    _start_gso(rig)
-    frames = [_frame(i) for i in range(6)]
-    _send(rig, frames)
-    used = _wait_used(rig.rx, 6)
-    assert [n for _, n in used] == [12 + 64] * 6
-    for f, (addr, n) in zip(frames, used, strict=True):
-        assert isinstance(addr, int)
-        data = rig.mem.read(addr, n)
-        assert struct.unpack_from("<H", data, 10)[0] == 1
-        assert data[12:] == f[18:24] + f[12:18] + f[24:]
-    assert rig.counter("rx_no_buffer") == 0
-    assert _stop(rig) == (6, 6)
-
-
-def test_gso_guest_frame_longer_than_buffers_is_held_until_posted(rig: Rig) -> None:
-    _post_rx(rig, 3, size=1024)
-    _start_gso(rig)
-    big = _frame(9, size=5000)
-    _send(rig, [big])
-    _send(rig, [_frame(10)], slot0=0x300000)  # tx slots are 2 KiB apart: not after big
-    assert len(_wait_used(rig.tx, 2)) == 2
-    end = time.monotonic() + 5
-    while rig.counter("rx_no_buffer") < 1 and time.monotonic() < end:
-        time.sleep(0.01)
-    assert rig.counter("rx_no_buffer") == 1 and not rig.rx.get_used()
-    _post_rx(rig, 10, size=1024, start=3)
-    used = _wait_used(rig.rx, 6)
-    assert [n for _, n in used] == [1024] * 4 + [12 + 5000 - 4096, 12 + 64]
-    got = b"".join(rig.mem.read(a, n) for a, n in used[:5] if isinstance(a, int))
-    assert struct.unpack_from("<H", got, 10)[0] == 5
-    assert got[12:] == big[18:24] + big[12:18] + big[24:]
-    assert rig.counter("rx_packets") == 2 and rig.counter("rx_dropped") == 0
-    assert _stop(rig) == (6, 2)
-
-
-def test_frame_held_at_stop_is_a_counted_drop(rig: Rig) -> None:
-    _post_rx(rig, 2, size=1024)
-    _start_gso(rig)
-    _send(rig, [_frame(1, size=3000)])
-    end = time.monotonic() + 5
-    while rig.counter("rx_no_buffer") < 1 and time.monotonic() < end:
-        time.sleep(0.01)
-    # The two buffers go back to the ring; the frame is counted, not lost silently.
-    assert _stop(rig) == (0, 1)
-    assert rig.counter("rx_dropped") == 1 and rig.counter("rx_packets") == 0
-
-
 def test_restart_continues_from_reported_indexes(rig: Rig) -> None:
     _post_rx(rig, 200)
     _start(rig, rig.spec())
@@ -689,17 +638,14 @@ def test_rx_scatter_property(sizes: list[int], buf: int, mergeable: bool, gso: b
         from virtnet.ports.loopback import LoopbackQueue
 
         assert isinstance(w.port, LoopbackQueue)
-        held = 1 if w.rx_held else 0  # read, waiting for more guest buffers
-        assert delivered + w.port.rx_dropped + w.port.pending() + held == len(frames)
+        assert delivered + w.port.rx_dropped + w.port.pending() == len(frames)
         if not mergeable or buf >= 1024:
             assert delivered == len(frames)  # 200 buffers hold every example
         q = w.rxq
         assert q is not None
         assert (q.last_avail_idx - len(w.reserve)) & 0xFFFF == q.used_idx
-        dropped = w.port.rx_dropped
         rx_next, _ = w.next_avail()
         assert rx_next == q.used_idx
-        assert w.port.rx_dropped == dropped + held  # a held frame is a counted drop at stop
         w.mem.close()
     finally:
         a.close()

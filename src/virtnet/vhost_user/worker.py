@@ -33,12 +33,7 @@ Data path:
   to reading in place until a frame fits the first chain again.
 * Without rx buffers the worker stops reading the port (the frame stays in the
   kernel / switch / loopback queue, which counts its own drops), counts an
-  ``rx_no_buffer`` stall, enables rx kicks and waits for the guest.  With
-  some buffers but fewer than a maximal frame needs, the frame is read into
-  the bounce buffer: copied into the buffers when they can take it (so every
-  buffer the guest posts is used, as QEMU's own backend does), otherwise
-  *held* (one frame) until the guest posts more; a frame still held when the
-  pair stops is counted in ``rx_dropped``.
+  ``rx_no_buffer`` stall, enables rx kicks and waits for the guest.
 * Busy polling (``poll_us``): spin that long on the rings and the port before
   re-enabling notifications and sleeping in ``epoll``.
 * Ports: tap and switch through their queue fd (``writev``/``readv``); the
@@ -289,10 +284,6 @@ class Worker:
         # rx_big: recent frames spilled over, read straight into the chains.
         self.rx_bounce = memoryview(bytearray(self.rx_need))
         self.rx_big = False
-        # rx_held: length of a frame read into rx_bounce that the buffers
-        # posted so far could not take (delivered before the port is read again).
-        self.rx_held = 0
-        self.rx_used: list[tuple[int, int]] = []
         self.errors = 0
         self.rxq = self._queue(spec.rx)
         self.txq = self._queue(spec.tx)
@@ -486,16 +477,11 @@ class Worker:
         bufs = self.rx_bufs
         mergeable = self.mergeable
         need = self.rx_need
-        take = self._take
+        used: list[tuple[int, int]] = []
+        append = used.append
         frames = 0
         try:
             while frames < RX_BATCH:
-                if self.rx_held:
-                    if not self._deliver_held(q):
-                        self._stall()
-                        break
-                    frames += 1
-                    continue
                 if not has_frame():
                     break
                 if (
@@ -503,24 +489,15 @@ class Worker:
                     and not self._refill(q)
                     and (not reserve or len(reserve) < q.size // 2)
                 ):
-                    # Not enough guest buffers for a maximal frame.  With none
-                    # at all, leave the frame where it is (the port queues or
-                    # counts it) and wait for the guest's kick.  Otherwise read
-                    # it into the bounce buffer: it is delivered at once when
-                    # the buffers posted can take it, else held until the
-                    # guest posts more.  (With half the ring already in the
-                    # reserve we read in place anyway -- the guest may never
-                    # post more -- and a frame longer than the reserve is a
-                    # counted drop.)
-                    if not reserve:
-                        self._stall()
-                        break
-                    n = recv((self.rx_bounce,))
-                    if n <= 0:
-                        self.port_readable = False
-                    else:
-                        self.rx_held = n
-                    continue
+                    # Not enough guest buffers for a maximal frame: leave the
+                    # frame where it is (the port queues or counts it) and wait
+                    # for the guest's kick.  (With half the ring already in the
+                    # reserve we read anyway -- the guest may never post more
+                    # -- and a frame longer than the reserve is a counted drop.)
+                    if not self.rx_stalled:
+                        self.rx_no_buffer += 1
+                    self.rx_stalled = True
+                    break
                 self.rx_stalled = False
                 # Hand the port only the buffers one maximal frame needs (fewer
                 # iovecs per readv); usually the first chain alone.
@@ -558,87 +535,37 @@ class Worker:
                         self.rx_big = True
                 elif self.rx_big and n <= head.in_len:
                     self.rx_big = False
-                take(n)
+                first = bufs[0]
+                k = 0
+                left = n
+                nbufs = 0
+                while True:
+                    ch = reserve[k]
+                    k += 1
+                    nbufs += len(ch.in_)
+                    cl = ch.in_len
+                    self.rx_cap -= cl
+                    if cl >= left or not mergeable:
+                        append((ch.head, left if cl >= left else cl))
+                        break
+                    append((ch.head, cl))
+                    left -= cl
+                if first.nbytes >= VNET_HDR_LEN:
+                    first[10] = k & 0xFF
+                    first[11] = k >> 8
+                else:
+                    self._write_num_buffers(bufs, k)
+                del reserve[:k]
+                del bufs[:nbufs]
                 frames += 1
         except PeerError as exc:
-            self.rx_used = []
             self._broken(self.spec.rx.index, str(exc))
             return frames
-        used = self.rx_used
         if used:
-            self.rx_used = []
             q.push(used)
             if q.should_notify():
                 self._signal(self.spec.rx.index)
         return frames
-
-    def _take(self, n: int) -> None:
-        """The frame of ``n`` bytes now in the reserve's first buffers: use
-        the chains it fills (in pop order) and write ``num_buffers``."""
-        reserve = self.reserve
-        bufs = self.rx_bufs
-        append = self.rx_used.append
-        first = bufs[0]
-        k = 0
-        left = n
-        nbufs = 0
-        while True:
-            ch = reserve[k]
-            k += 1
-            nbufs += len(ch.in_)
-            cl = ch.in_len
-            self.rx_cap -= cl
-            if cl >= left or not self.mergeable:
-                append((ch.head, left if cl >= left else cl))
-                break
-            append((ch.head, cl))
-            left -= cl
-        if first.nbytes >= VNET_HDR_LEN:
-            first[10] = k & 0xFF
-            first[11] = k >> 8
-        else:
-            self._write_num_buffers(bufs, k)
-        del reserve[:k]
-        del bufs[:nbufs]
-
-    def _stall(self) -> None:
-        """No guest buffers for the next frame: count the stall, wait for a kick."""
-        if not self.rx_stalled:
-            self.rx_no_buffer += 1
-        self.rx_stalled = True
-
-    def _deliver_held(self, q: DeviceQueue) -> bool:
-        """Deliver the frame held in the bounce buffer; False (still held)
-        while the guest's buffers are too short for it.  A frame longer than
-        half the ring's buffers can never fit: dropped and counted."""
-        n = self.rx_held
-        if self.rx_cap < n:
-            self._refill(q)
-            if self.rx_cap < n:
-                if len(self.reserve) < q.size // 2:
-                    return False
-                self._drop_held()
-                return True
-        src = self.rx_bounce
-        pos = 0
-        for b in self.rx_bufs:
-            take = min(b.nbytes, n - pos)
-            b[:take] = src[pos : pos + take]
-            pos += take
-            if pos >= n:
-                break
-        self.rx_held = 0
-        self.rx_stalled = False
-        self._take(n)
-        return True
-
-    def _drop_held(self) -> None:
-        """A held frame that will not be delivered: counted as a port drop."""
-        port = self.port
-        port.rx_packets -= 1
-        port.rx_bytes -= self.rx_held - VNET_HDR_LEN
-        port.rx_dropped += 1
-        self.rx_held = 0
 
     def _unspill(self, left: int) -> None:
         """Copy the ``left`` bytes a frame put in the bounce buffer into the
@@ -668,9 +595,7 @@ class Worker:
                 return
 
     def _has_frame(self) -> bool:
-        """Whether a frame may be waiting on the port or is held (no syscall)."""
-        if self.rx_held:
-            return True
+        """Whether a frame may be waiting on the port (no syscall)."""
         if self.port_fd is not None:
             return self.port_readable
         pending = self._pending
@@ -760,8 +685,6 @@ class Worker:
     def next_avail(self) -> tuple[int, int]:
         """Give back the rx reserve; the (rx, tx) next-avail indexes to report."""
         spec = self.spec
-        if self.rx_held:
-            self._drop_held()
         if self.rxq is not None:
             self.rxq.unpop(len(self.reserve))
             self.reserve.clear()
