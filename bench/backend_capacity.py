@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from pathlib import Path
 
 from virtnet.testing.dpdk import TestPmd, skip_reason
 from virtnet.testing.netns import NetNS, unique_name
-from virtnet.testing.procs import stop_process
+from virtnet.testing.procs import cpu_seconds, stop_process
 from virtnet.vhost_user.stats import fetch
 
 
@@ -64,14 +63,6 @@ class Figure:
     gbps: float
     cpu_s_per_mpkt: float
     backend_cpu_share: float
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _wait(path: Path, timeout: float = 20.0) -> None:
@@ -115,7 +106,7 @@ def _virtnet_cpu(proc: subprocess.Popen[bytes], stats: Path) -> float:
     pids = [proc.pid]
     for vm in fetch(str(stats))["vms"]:
         pids += [p["pid"] for p in vm["pairs"] if p["pid"]]
-    return sum(_cpu_seconds(p) for p in pids)
+    return sum(cpu_seconds(p) for p in pids)
 
 
 def one(

@@ -26,9 +26,7 @@ Run as root: ``python bench/guest_tap_baseline.py [--queues 4] [--duration 5]``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -38,6 +36,7 @@ from typing import Any
 
 from virtnet.testing.guest import Guest, queue_packets, skip_reason, tap_netdev_args
 from virtnet.testing.netns import NetNS, unique_name
+from virtnet.testing.procs import cpu_seconds, tree_cpu_seconds
 
 HOST_IP = "10.77.0.1"
 GUEST_CIDR = "10.77.0.2/24"
@@ -103,37 +102,10 @@ def pin_guest_placement(guest: Guest, smp: int) -> str:
     return f"taskset {1 << (smp - 1):x} "
 
 
-_CLOCK_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _stat_cpu(path: str) -> tuple[int, float]:
-    """(parent pid, user + system CPU seconds) from a /proc stat file."""
-    with open(path) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLOCK_TICK
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds used so far by process ``root`` and all its descendants."""
-    procs: dict[int, tuple[int, float]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                procs[int(entry)] = _stat_cpu(f"/proc/{entry}/stat")
-    total = 0.0
-    for pid, (_ppid, cpu) in procs.items():
-        p = pid
-        while p > 1 and p != root:  # walk up: is root an ancestor?
-            p = procs.get(p, (0, 0.0))[0]
-        if p == root:
-            total += cpu
-    return total
-
-
 def backend_cpu_seconds(guest: Guest, backend_pid: int | None) -> float:
     """QEMU's main-thread CPU seconds, plus ``backend_pid``'s process tree."""
     qemu = guest.qemu_pid
-    total = _stat_cpu(f"/proc/{qemu}/task/{qemu}/stat")[1] if qemu is not None else 0.0
+    total = cpu_seconds(qemu, tid=qemu) if qemu is not None else 0.0
     return total + (tree_cpu_seconds(backend_pid) if backend_pid is not None else 0.0)
 
 

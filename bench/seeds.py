@@ -43,7 +43,7 @@ from pathlib import Path
 from virtnet.pktgen import run_pktgen
 from virtnet.rr import run_rr
 from virtnet.testing.dpdk import TestPmd, skip_reason
-from virtnet.testing.procs import stop_process
+from virtnet.testing.procs import stop_process, tree_cpu_seconds
 
 SEED_PKTGEN = {1: 589, 2: 952, 3: 1290, 4: 1578}
 SEED_PKTGEN_IMPROVEMENT = {1: 0, 2: 62, 3: 120, 4: 168}
@@ -52,30 +52,6 @@ SEED_RR = {1: (0, -2), 20: (23, 2), 50: (9, -1), 100: (2, -7)}
 PAIRS = (1, 2, 3, 4)
 SESSIONS = (1, 20, 50, 100)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _proc_cpu(pid: int) -> float:
-    """utime + stime of process ``pid`` (all its threads) in seconds; 0 if gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and its live children (virtnet serve's pair workers)."""
-    total = _proc_cpu(pid)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(stat[1]) == pid:
-            total += _proc_cpu(int(entry))
-    return total
 
 
 class WindowCpu:
@@ -137,7 +113,7 @@ def serve_peer(tmp: Path) -> Iterator[Peer]:
                     "virtnet serve did not start: " + (tmp / "serve.log").read_text()
                 )
             time.sleep(0.05)
-        yield Peer("serve", sock, lambda: _tree_cpu(proc.pid), None,
+        yield Peer("serve", sock, lambda: tree_cpu_seconds(proc.pid), None,
                    "virtnet serve --port loopback, 1 worker process per pair")  # fmt: skip
     finally:
         stop_process(proc)

@@ -1,4 +1,5 @@
-"""The measuring helpers of bench/guest_tap_baseline.py that need no VM."""
+"""The benches' measuring helpers that need no VM (bench/guest_tap_baseline.py,
+virtnet.testing.procs)."""
 
 from __future__ import annotations
 
@@ -32,21 +33,26 @@ time.sleep(60)
 """
 
 
-def test_tree_cpu_seconds_counts_the_descendants(baseline: ModuleType) -> None:
+def test_tree_cpu_seconds_counts_the_descendants() -> None:
     """A child that burnt 0.3 s of CPU counts towards its own tree and ours,
     and not towards a tree it is not in."""
     import os
 
-    before = baseline.tree_cpu_seconds(os.getpid())
+    from virtnet.testing.procs import cpu_seconds, tree_cpu_seconds
+
+    before = tree_cpu_seconds(os.getpid())
     child = subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "spun"
-        assert baseline.tree_cpu_seconds(child.pid) >= 0.25
-        assert baseline.tree_cpu_seconds(os.getpid()) - before >= 0.25
-        assert baseline.tree_cpu_seconds(1) >= baseline.tree_cpu_seconds(child.pid)
+        assert cpu_seconds(child.pid) >= 0.25
+        assert cpu_seconds(child.pid, tid=child.pid) >= 0.25  # its main thread spun
+        assert tree_cpu_seconds(child.pid) >= 0.25
+        assert tree_cpu_seconds(os.getpid()) - before >= 0.25
+        assert tree_cpu_seconds(1) >= tree_cpu_seconds(child.pid)
     finally:
         child.kill()
         child.wait()
+    assert cpu_seconds(child.pid) == 0.0  # gone
 
 
 class _Result(NamedTuple):
