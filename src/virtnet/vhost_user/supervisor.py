@@ -400,7 +400,7 @@ class Supervisor:
         if self.closed or pair in self.given_up or not self.regions or not self.hdr_ok:
             return False
         rx, tx = self.rings[2 * pair], self.rings[2 * pair + 1]
-        return rx.started and tx.started and rx.enabled and tx.enabled
+        return rx.started and tx.started and self._pair_enabled(pair)
 
     def _maybe_start(self, pair: int) -> None:
         """Start ``pair`` if it can run; a process serving other pairs of its
