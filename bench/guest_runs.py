@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from guest_tap_baseline import (
+    DEFAULT_UDP_RATES,
     HOST_IP,
     GuestNetFigures,
     add_run_arguments,
@@ -55,6 +56,7 @@ def virtnet_run(
     poll_us: int = 0,
     workers: int = 0,
     pin_guest: bool = True,
+    udp_rates: Sequence[int] = DEFAULT_UDP_RATES,
 ) -> GuestNetFigures:
     """The guest on virtnet serve --port tap (tap and serve inside a namespace)."""
     tap = unique_name("vntap")
@@ -88,6 +90,7 @@ def virtnet_run(
                 streams=streams,
                 pin_guest=pin_guest,
                 backend_pid=serve.pid,
+                udp_rates=udp_rates,
             )
         finally:
             stop_process(serve)
@@ -105,6 +108,7 @@ _ROWS = (
     ("UDP-64 host->guest at the guest NIC", "udp64_host_to_guest_nic_pps", "pps"),
     ("UDP-64 host->guest guest socket drops", "udp64_host_to_guest_socket_drops_pps", "pps"),
     ("UDP-64 host->guest backend CPU", "udp64_host_to_guest_backend_us_per_frame", "us/frame"),
+    ("UDP-64 host->guest peak of the offered-load ladder", "udp64_host_to_guest_peak_pps", "pps"),
 )
 
 
@@ -165,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         poll_us=args.poll_us,
                         workers=workers,
                         pin_guest=not args.no_guest_pin,
+                        udp_rates=args.udp_rates,
                     )
                 )
                 print(ours[workers][-1].table(), flush=True)
@@ -174,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     duration=args.duration,
                     streams=args.streams,
                     pin_guest=not args.no_guest_pin,
+                    udp_rates=args.udp_rates,
                 )
             )
             print(peer[-1].table(), flush=True)

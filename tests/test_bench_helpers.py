@@ -88,3 +88,47 @@ def test_guest_rx_counters_reads_nic_rx_and_udp_rcvbuf_errors(baseline: ModuleTy
 def test_guest_rx_counters_without_udp_counters_is_an_error(baseline: ModuleType) -> None:
     with pytest.raises(RuntimeError, match="RcvbufErrors"):
         baseline.guest_rx_counters(_FakeGuest("Ip: Forwarding\nIp: 2\n"))
+
+
+def test_per_stream_bitrate_offers_the_total_rate_over_all_streams(baseline: ModuleType) -> None:
+    # 40k pps over 4 streams: 10k datagrams/s of 64 payload bytes each per stream
+    assert baseline.per_stream_bitrate(40_000, 4) == 10_000 * 64 * 8
+    assert baseline.per_stream_bitrate(1, 8) == 64  # rounds, never 0 (iperf3 -b 0 floods)
+    with pytest.raises(ValueError, match="positive"):
+        baseline.per_stream_bitrate(0, 4)
+    with pytest.raises(ValueError, match="positive"):
+        baseline.per_stream_bitrate(1000, 0)
+
+
+def test_ladder_peak_is_the_highest_received_rate(baseline: ModuleType) -> None:
+    ladder = ((20e3, 19.9e3), (50e3, 48.7e3), (80e3, 41.0e3))  # livelock past the knee
+    assert baseline.ladder_peak(ladder) == 48.7e3
+    assert baseline.ladder_peak(()) == 0.0
+
+
+def test_udp_rates_argument(baseline: ModuleType) -> None:
+    import argparse
+
+    assert baseline.udp_rates_arg("20000, 50000") == (20_000, 50_000)
+    assert baseline.udp_rates_arg("") == ()
+    for bad in ("20k", "0", "-5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            baseline.udp_rates_arg(bad)
+
+
+def test_median_figures_takes_the_ladder_rung_by_rung(baseline: ModuleType) -> None:
+    def fig(received: tuple[float, float], peak: float) -> object:
+        return baseline.GuestNetFigures(
+            label="x", queues=1, streams=4, duration=4, boot_seconds=1.0,
+            tcp_guest_to_host_gbps=1.0, tcp_host_to_guest_gbps=1.0,
+            udp64_guest_to_host_sent_pps=1.0, udp64_guest_to_host_received_pps=1.0,
+            udp64_host_to_guest_sent_pps=1.0, udp64_host_to_guest_received_pps=1.0,
+            udp64_host_to_guest_ladder=((20e3, received[0]), (50e3, received[1])),
+            udp64_host_to_guest_peak_pps=peak,
+        )  # fmt: skip
+
+    runs = [fig((20e3, 40e3), 40e3), fig((19e3, 48e3), 48e3), fig((18e3, 45e3), 45e3)]
+    merged = baseline.median_figures(runs)
+    assert merged.udp64_host_to_guest_ladder == ((20e3, 19e3), (50e3, 45e3))
+    assert merged.udp64_host_to_guest_peak_pps == 45e3
+    assert "50k->45.0k" in merged.table()
