@@ -49,8 +49,7 @@ from pathlib import Path
 
 from virtnet.testing.dpdk import TestPmd, skip_reason
 from virtnet.testing.netns import NetNS, unique_name
-from virtnet.testing.procs import cpu_seconds, stop_process
-from virtnet.vhost_user.stats import fetch
+from virtnet.testing.procs import stop_process, tree_cpu_seconds
 
 
 @dataclass
@@ -101,14 +100,6 @@ def _virtnet(
         log.close()
 
 
-def _virtnet_cpu(proc: subprocess.Popen[bytes], stats: Path) -> float:
-    # ``ip netns exec`` and ``taskset`` exec the command: proc.pid is serve itself.
-    pids = [proc.pid]
-    for vm in fetch(str(stats))["vms"]:
-        pids += [p["pid"] for p in vm["pairs"] if p["pid"]]
-    return sum(cpu_seconds(p) for p in pids)
-
-
 def one(
     backend: str,
     mode: str,
@@ -132,10 +123,12 @@ def one(
         if backend in ("virtnet", "virtnet-poll"):
             port = {"txonly": "null", "pingpong": "loopback"}.get(mode, f"tap:{tap}")
             poll = poll_us if backend == "virtnet-poll" else 0
-            sock, stats, proc = stack.enter_context(_virtnet(tmp, port, queues, [0], poll, ns))
+            sock, _stats, proc = stack.enter_context(_virtnet(tmp, port, queues, [0], poll, ns))
 
             def cpu() -> float:
-                return _virtnet_cpu(proc, stats)
+                # ``ip netns exec`` and ``taskset`` exec the command: proc.pid
+                # is serve itself, its pair workers are its children.
+                return tree_cpu_seconds(proc.pid)
         else:
             sock = tmp / "dpdk-vhost.sock"
             with contextlib.suppress(FileNotFoundError):

@@ -37,6 +37,7 @@ from guest_tap_baseline import (
     GuestNetFigures,
     add_run_arguments,
     can_boot,
+    comma_ints,
     measure_guest_network,
     median_figures,
     tap_baseline,
@@ -113,12 +114,7 @@ _ROWS = (
 
 
 def _counts(text: str, lo: int) -> list[int]:
-    try:
-        counts = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a comma-separated list of numbers: {text!r}"
-        ) from None
+    counts = comma_ints(text)
     if not counts or any(not lo <= q <= MAX_QUEUE_PAIRS for q in counts):
         raise argparse.ArgumentTypeError(f"counts must be {lo}..{MAX_QUEUE_PAIRS}: {text!r}")
     return counts

@@ -213,17 +213,19 @@ def measure_guest_network(
 
             tcp_tx = _tcp_gbps(run(f"-P {streams} -t {secs}"))
             tcp_rx = _tcp_gbps(run(f"-P {streams} -t {secs} -R"))
-            udp = f"-u -l {UDP_PAYLOAD} -b 0 -P {streams} -t {secs}"
-            udp_tx = _udp_pps(run(udp))
+
+            def udp(bitrate: int) -> str:  # 0: as fast as iperf3 can
+                return f"-u -l {UDP_PAYLOAD} -b {bitrate} -P {streams} -t {secs}"
+
+            udp_tx = _udp_pps(run(udp(0)))
             before = guest_rx_counters(guest)
             cpu0 = backend_cpu_seconds(guest, backend_pid)
-            udp_rx = _udp_pps(run(udp + " -R"))
+            udp_rx = _udp_pps(run(udp(0) + " -R"))
             cpu1 = backend_cpu_seconds(guest, backend_pid)
             after = guest_rx_counters(guest)
             ladder = []
             for rate in udp_rates:
-                offered = f"-u -l {UDP_PAYLOAD} -b {per_stream_bitrate(rate, streams)}"
-                got = _udp_pps(run(f"{offered} -P {streams} -t {secs} -R"))
+                got = _udp_pps(run(udp(per_stream_bitrate(rate, streams)) + " -R"))
                 ladder.append((float(rate), got[1]))
         return GuestNetFigures(
             label=label,
@@ -277,12 +279,19 @@ def tap_baseline(
         )
 
 
+def comma_ints(text: str) -> list[int]:
+    """A command-line list such as ``1,2,4`` (blanks ignored; "" is empty)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}"
+        ) from None
+
+
 def udp_rates_arg(text: str) -> tuple[int, ...]:
     """``--udp-rates``: comma-separated offered loads in pps ("" for no ladder)."""
-    try:
-        rates = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of rates: {text!r}") from None
+    rates = tuple(comma_ints(text))
     if any(r <= 0 for r in rates):
         raise argparse.ArgumentTypeError(f"rates must be positive packets per second: {text!r}")
     return rates
