@@ -5,24 +5,28 @@
 * ``switch``: two VMs (two sockets of one daemon) reach each other by MAC.
 * ``tap:IF``: frames reach the kernel interface and come back from it (root).
 
-Also: a queue-count change under load, and a restart of the daemon (the
-frontend reconnects and its rings resume at the used index).
+Also: ``virtnet stats --prometheus`` scraping serve; a queue-count change
+under load, and a restart of the daemon (the frontend reconnects and its rings
+resume at the used index).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from virtnet.demo import PAYLOAD_OFF, build_frame
 from virtnet.pktgen import PairCounters, PktgenResult, run_pktgen
@@ -97,6 +101,64 @@ def test_null_consumes_everything(tmp_path: Path) -> None:
             del reclaimed
             time.sleep(0.02)
         assert not any(q.vq.in_flight() for q in fe.driver.txqs)  # all consumed
+
+
+def _scrape(url: str) -> dict[tuple[str, str], float]:
+    """``(metric, pair)`` -> value for VM vm0.sock's samples (and virtnet_up)."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.labels.get("vm", "vm0.sock") == "vm0.sock":
+                out[(s.name, s.labels.get("pair", ""))] = s.value
+    return out
+
+
+def test_prometheus_exporter_scrapes_a_running_serve(tmp_path: Path) -> None:
+    """``virtnet stats --prometheus``: the frames a frontend sent, per pair, on /metrics;
+    virtnet_up 0 once serve is gone; SIGTERM ends the exporter cleanly."""
+    stats = tmp_path / "stats.sock"
+    with serve(tmp_path, "null", queues=2) as (sock,):
+        exporter = subprocess.Popen(
+            [sys.executable, "-m", "virtnet.cli", "stats", "--stats-socket", str(stats),
+             "--prometheus", "127.0.0.1:0"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert exporter.stdout is not None
+            line = exporter.stdout.readline()
+            url = line.rsplit(" ", 1)[-1].strip()
+            assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics"), line
+            with VhostUserFrontend(sock, queue_pairs=2) as fe:
+                assert fe.set_queue_pairs(2)
+                frames = [build_frame(f, 0) for f in range(16)]
+                per_pair = [0, 0]
+                for fr in frames:
+                    per_pair[fe.driver.select_queue(fr)] += 1
+                assert fe.send(frames) == 16
+                end = time.monotonic() + 10
+                while True:
+                    got = _scrape(url)
+                    sent = [got.get(("virtnet_tx_packets_total", str(p)), 0) for p in (0, 1)]
+                    if sent == per_pair or time.monotonic() > end:
+                        break
+                    time.sleep(0.1)
+                assert sent == per_pair
+                assert got[("virtnet_up", "")] == 1
+                assert got[("virtnet_vm_connected", "")] == 1
+                assert got[("virtnet_pair_enabled", "0")] == got[("virtnet_pair_enabled", "1")] == 1
+                assert got[("virtnet_tx_bytes_total", "0")] > 0
+        except BaseException:
+            stop_process(exporter)
+            raise
+    try:
+        assert _scrape(url) == {("virtnet_up", ""): 0}  # serve stopped: a failed scrape
+    finally:
+        exporter.send_signal(signal.SIGTERM)
+        assert exporter.wait(timeout=10) == 0
+        assert exporter.stderr is not None
+        assert "scrape failed" in exporter.stderr.read()
 
 
 def _to(dst: bytes, src: bytes, flow: int) -> bytes:

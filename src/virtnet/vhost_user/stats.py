@@ -2,7 +2,9 @@
 
 Connects to serve's ``--stats-socket``, reads one JSON document (see
 :func:`virtnet.vhost_user.serve.snapshot`) and renders a rich table per VM;
-``--watch`` refreshes every ``--interval`` seconds and shows rates.
+``--watch`` refreshes every ``--interval`` seconds and shows rates;
+``--prometheus [ADDR:]PORT`` exports them instead
+(:mod:`virtnet.vhost_user.metrics`).
 
 Invariant: reads at most :data:`MAX_REPLY` bytes and waits at most
 :data:`TIMEOUT_S`; anything else is a :class:`~virtnet.errors.UsageError`.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import socket
 import time
 from typing import Any
@@ -19,6 +22,8 @@ from typing import Any
 from virtnet.errors import UsageError
 
 __all__ = ["DEFAULT_STATS_SOCKET", "add_arguments", "fetch", "render", "run"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STATS_SOCKET = "/run/virtnet/stats.sock"
 #: Largest stats document accepted (bytes).
@@ -116,11 +121,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--watch", action="store_true", help="refresh until interrupted")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     parser.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
+    parser.add_argument(
+        "--prometheus",
+        metavar="[ADDR:]PORT",
+        help="serve the counters as Prometheus metrics on http://ADDR:PORT/metrics until"
+        " interrupted (one stats read per scrape)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    if args.prometheus is not None:
+        from virtnet.vhost_user.metrics import serve_metrics
+
+        path = args.stats_socket
+        try:
+            fetch(path)
+        except UsageError as exc:  # an exporter outlives serve's restarts: warn, go on
+            log.warning("%s; virtnet_up is 0 until serve answers", exc)
+        return serve_metrics(lambda: fetch(path), args.prometheus)
     console = Console()
     doc = fetch(args.stats_socket)
     if args.json:

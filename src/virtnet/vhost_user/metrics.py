@@ -1,0 +1,209 @@
+"""Prometheus metrics for a running ``virtnet serve``: ``virtnet stats --prometheus``.
+
+An exporter beside serve, the way DPDK's telemetry socket has its exporter:
+serve keeps its one control loop and no HTTP thread; this process answers
+each scrape by reading serve's ``--stats-socket`` once
+(:func:`virtnet.vhost_user.stats.fetch`, bounded in size and time) and
+turning the snapshot into metric families with ``prometheus_client``.
+
+Metrics (labels ``vm`` -- the socket's name -- and ``pair``):
+
+* ``virtnet_up``: 1 when this scrape read serve's stats, else 0 (and nothing
+  else is reported: a counter must not seem to restart from zero);
+* ``virtnet_vm_connected``, ``virtnet_vm_connections_total``,
+  ``virtnet_vm_errors_total`` (vhost-user connections dropped for bad input);
+* ``virtnet_pair_enabled``, ``virtnet_pair_worker_restarts_total``;
+* one counter per queue-pair counter of serve: ``virtnet_rx_packets_total``,
+  ``virtnet_rx_bytes_total``, ``virtnet_rx_dropped_total``,
+  ``virtnet_rx_no_buffer_total``, ``virtnet_tx_packets_total``,
+  ``virtnet_tx_bytes_total``, ``virtnet_tx_dropped_total``,
+  ``virtnet_errors_total``, ``virtnet_kicks_total``, ``virtnet_calls_total``.
+
+Invariant: the snapshot is checked before anything is reported (a mapping
+with a ``vms`` list of at most :data:`MAX_VMS` VMs, each with at most
+:data:`~virtnet.vhost_user.backend.MAX_QUEUE_PAIRS` pairs of non-negative
+integer counters); a snapshot that is not is a failed scrape (``virtnet_up``
+0, one log line), never an exception out of the HTTP handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from virtnet.errors import UsageError
+from virtnet.vhost_user.backend import MAX_QUEUE_PAIRS
+
+__all__ = [
+    "COUNTERS",
+    "MAX_VMS",
+    "ServeCollector",
+    "parse_listen",
+    "serve_metrics",
+]
+
+log = logging.getLogger(__name__)
+
+#: VMs accepted in one snapshot (serve takes one ``--socket`` per VM; far
+#: more than any host runs).
+MAX_VMS = 4096
+
+#: serve's per-pair counter -> (metric name, help)
+COUNTERS: dict[str, tuple[str, str]] = {
+    "rx_packets": ("virtnet_rx_packets", "Frames delivered to the guest."),
+    "rx_bytes": ("virtnet_rx_bytes", "Bytes delivered to the guest (no virtio-net header)."),
+    "rx_dropped": ("virtnet_rx_dropped", "Frames for the guest dropped (counted, never silent)."),
+    "rx_no_buffer": ("virtnet_rx_no_buffer", "Times the guest had posted no rx buffers."),
+    "tx_packets": ("virtnet_tx_packets", "Frames sent by the guest and passed to the port."),
+    "tx_bytes": ("virtnet_tx_bytes", "Bytes sent by the guest (no virtio-net header)."),
+    "tx_dropped": ("virtnet_tx_dropped", "Frames from the guest dropped (counted)."),
+    "errors": ("virtnet_errors", "Ring errors: a broken ring is reported and stopped."),
+    "kicks": ("virtnet_kicks", "Guest notifications (kicks) handled."),
+    "calls": ("virtnet_calls", "Interrupts (call eventfd writes) sent to the guest."),
+}
+
+_LABELS = ["vm", "pair"]
+
+
+class SnapshotError(ValueError):
+    """A stats snapshot without the shape serve writes."""
+
+
+def _count(row: dict[str, Any], key: str) -> int:
+    v = row.get(key, 0)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise SnapshotError(f"{key} is {v!r}, not a non-negative integer")
+    return v
+
+
+def _vms(doc: Any) -> list[dict[str, Any]]:
+    if not isinstance(doc, dict):
+        raise SnapshotError("not a JSON object")
+    vms = doc.get("vms")
+    if not isinstance(vms, list) or len(vms) > MAX_VMS:
+        raise SnapshotError(f"'vms' is not a list of at most {MAX_VMS}")
+    for vm in vms:
+        if not isinstance(vm, dict) or not isinstance(vm.get("name"), str):
+            raise SnapshotError("a VM without a name")
+        pairs = vm.get("pairs", [])
+        if not isinstance(pairs, list) or len(pairs) > MAX_QUEUE_PAIRS:
+            raise SnapshotError(f"VM {vm['name']!r}: 'pairs' not a list of <= {MAX_QUEUE_PAIRS}")
+        if not all(isinstance(p, dict) for p in pairs):
+            raise SnapshotError(f"VM {vm['name']!r}: a pair that is not an object")
+    return vms
+
+
+class ServeCollector(Collector):
+    """Reads one snapshot per scrape through ``source`` (raises UsageError
+    when serve cannot be read) and yields serve's counters as metrics."""
+
+    def __init__(self, source: Callable[[], Any]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("virtnet_up", "1 when serve's stats socket was read.")
+        try:
+            families = self._families(self.source())
+        except (UsageError, SnapshotError) as exc:
+            log.warning("scrape failed: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    @staticmethod
+    def _families(doc: Any) -> list[Metric]:
+        vms = _vms(doc)
+        connected = GaugeMetricFamily(
+            "virtnet_vm_connected", "1 while the VM's frontend is connected.", labels=["vm"]
+        )
+        conns = CounterMetricFamily(
+            "virtnet_vm_connections", "vhost-user connections accepted.", labels=["vm"]
+        )
+        errs = CounterMetricFamily(
+            "virtnet_vm_errors", "Connections dropped for bad input.", labels=["vm"]
+        )
+        enabled = GaugeMetricFamily(
+            "virtnet_pair_enabled", "1 while the pair's rings are enabled.", labels=_LABELS
+        )
+        restarts = CounterMetricFamily(
+            "virtnet_pair_worker_restarts", "Worker processes restarted.", labels=_LABELS
+        )
+        per_pair = {
+            key: CounterMetricFamily(name, doc_, labels=_LABELS)
+            for key, (name, doc_) in COUNTERS.items()
+        }
+        for vm in vms:
+            name = vm["name"]
+            connected.add_metric([name], 1 if vm.get("connected") else 0)
+            conns.add_metric([name], _count(vm, "connections"))
+            errs.add_metric([name], _count(vm, "errors"))
+            for p, row in enumerate(vm.get("pairs", [])):
+                labels = [name, str(p)]
+                enabled.add_metric(labels, 1 if row.get("enabled") else 0)
+                restarts.add_metric(labels, _count(row, "restarts"))
+                for key, fam in per_pair.items():
+                    fam.add_metric(labels, _count(row, key))
+        return [connected, conns, errs, enabled, restarts, *per_pair.values()]
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``[ADDR:]PORT`` (``9477``, ``127.0.0.1:9477``, ``[::1]:9477``)."""
+    addr, sep, port = text.rpartition(":")
+    if not sep:
+        addr = "0.0.0.0"
+    addr = addr.strip("[]") or "0.0.0.0"
+    try:
+        n = int(port)
+    except ValueError:
+        raise UsageError(f"--prometheus wants [ADDR:]PORT, not {text!r}") from None
+    if not 0 <= n <= 0xFFFF:
+        raise UsageError(f"--prometheus port {n} is not 0..65535")
+    return addr, n
+
+
+def serve_metrics(
+    source: Callable[[], Any],
+    listen: str,
+    *,
+    ready: Callable[[str, int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Serve ``/metrics`` on ``listen`` until SIGINT/SIGTERM (or ``stop``).
+
+    ``ready(addr, port)`` is told the bound address (port 0 picks one).
+    """
+    addr, port = parse_listen(listen)
+    registry = CollectorRegistry()
+    registry.register(ServeCollector(source))
+    try:
+        server, thread = start_http_server(port, addr, registry=registry)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {listen}: {exc}") from exc
+    host, bound = server.server_address[:2]
+    (ready or _announce)(str(host), int(bound))
+    done = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+    try:
+        done.wait()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    return 0
+
+
+def _announce(addr: str, port: int) -> None:
+    shown = f"[{addr}]" if ":" in addr else addr
+    print(f"virtnet stats: Prometheus metrics on http://{shown}:{port}/metrics", flush=True)
