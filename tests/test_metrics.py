@@ -110,6 +110,7 @@ def _broken(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
         _broken(("vms", 0, "pairs", 1), 5),
         _broken(("vms", 0, "pairs"), [_row()] * (MAX_QUEUE_PAIRS + 1)),
         _broken(("vms", 0, "connections"), 1.5),
+        _broken(("vms", 1, "name"), "vm1.sock"),
     ],
     ids=lambda d: type(d).__name__,
 )

@@ -20,7 +20,7 @@ Metrics (labels ``vm`` -- the socket's name -- and ``pair``):
   ``virtnet_errors_total``, ``virtnet_kicks_total``, ``virtnet_calls_total``.
 
 Invariant: the snapshot is checked before anything is reported (a mapping
-with a ``vms`` list of at most :data:`MAX_VMS` VMs, each with at most
+with a ``vms`` list of at most :data:`MAX_VMS` uniquely named VMs, each with at most
 :data:`~virtnet.vhost_user.backend.MAX_QUEUE_PAIRS` pairs of non-negative
 integer counters); a snapshot that is not is a failed scrape (``virtnet_up``
 0, one log line), never an exception out of the HTTP handler.
@@ -89,9 +89,13 @@ def _vms(doc: Any) -> list[dict[str, Any]]:
     vms = doc.get("vms")
     if not isinstance(vms, list) or len(vms) > MAX_VMS:
         raise SnapshotError(f"'vms' is not a list of at most {MAX_VMS}")
+    names: set[str] = set()
     for vm in vms:
         if not isinstance(vm, dict) or not isinstance(vm.get("name"), str):
             raise SnapshotError("a VM without a name")
+        if vm["name"] in names:  # serve names VMs uniquely; two series must not share labels
+            raise SnapshotError(f"VM name {vm['name']!r} twice")
+        names.add(vm["name"])
         pairs = vm.get("pairs", [])
         if not isinstance(pairs, list) or len(pairs) > MAX_QUEUE_PAIRS:
             raise SnapshotError(f"VM {vm['name']!r}: 'pairs' not a list of <= {MAX_QUEUE_PAIRS}")
