@@ -20,6 +20,9 @@ Invariants:
 * ``tap:IF`` belongs to one VM: with several sockets the name must be a
   template (``tap:vn%d`` or ``tap:vn{}``, replaced by the VM's index);
   otherwise :class:`~virtnet.errors.UsageError`.
+* Under a service manager (``$NOTIFY_SOCKET``, systemd ``Type=notify``):
+  ``READY=1`` once every ``--socket`` listens (or, with ``--client``, is being
+  dialled), ``STOPPING=1`` on shutdown (:mod:`virtnet.sdnotify`).
 * SIGTERM/SIGINT end the loop; every connection is closed (which stops and
   reaps every worker), then the ports and the stats socket.
 * The stats socket (``--stats-socket``) answers each connection with one
@@ -60,6 +63,7 @@ from typing import Any
 
 from virtnet.errors import UsageError
 from virtnet.ports.base import Port, make_port
+from virtnet.sdnotify import notify
 from virtnet.vhost_user.backend import MAX_QUEUE_PAIRS, Backend, BackendConfig
 from virtnet.vhost_user.server import Endpoint, Server
 from virtnet.vhost_user.supervisor import Supervisor, VmPort, feature_names
@@ -365,15 +369,14 @@ def run(args: argparse.Namespace) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        log.info(
-            "serving %d VM(s), %d queue pairs each, port %s%s",
-            len(d.vms),
-            d.queues,
-            args.port,
-            " (client mode)" if args.client else "",
+        status = f"serving {len(d.vms)} VM(s), {d.queues} queue pairs each, port {args.port}" + (
+            " (client mode)" if args.client else ""
         )
+        log.info("%s", status)
+        notify(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
         d.serve()
     finally:
+        notify("STOPPING=1\nSTATUS=stopping: closing connections, reaping workers")
         d.close()
         for s, h in old.items():
             signal.signal(s, h)
