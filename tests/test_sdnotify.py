@@ -1,9 +1,9 @@
-"""Readiness notification (``$NOTIFY_SOCKET``): the function, and ``virtnet serve`` under it.
+"""Readiness notification (``$NOTIFY_SOCKET``): the function, and the daemons under it.
 
-The end-to-end test plays the service manager: it binds the datagram socket
-systemd would, starts serve with ``NOTIFY_SOCKET`` pointing at it, and checks
-that ``READY=1`` comes only once the vhost-user socket accepts connections,
-and ``STOPPING=1`` on SIGTERM.
+The end-to-end tests play the service manager: they bind the datagram socket
+systemd would, start ``virtnet serve`` or ``virtnet xenstored`` with
+``NOTIFY_SOCKET`` pointing at it, and check that ``READY=1`` comes only once
+the daemon's socket accepts connections, and ``STOPPING=1`` on SIGTERM.
 """
 
 from __future__ import annotations
@@ -72,25 +72,35 @@ def test_unreachable_manager_is_logged_not_raised(
     assert "cannot notify the service manager" in caplog.text
 
 
-def test_serve_is_ready_when_its_socket_listens_and_says_stopping(
-    tmp_path: Path, manager: tuple[str, socket.socket]
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [
+        (
+            ["serve", "--port", "null", "--queues", "2", "--socket"],
+            "serving 1 VM(s), 2 queue pairs",
+        ),
+        (["xenstored", "--socket"], "xenstored on "),
+    ],
+    ids=["serve", "xenstored"],
+)
+def test_daemon_is_ready_when_its_socket_listens_and_says_stopping(
+    tmp_path: Path, manager: tuple[str, socket.socket], args: list[str], status: str
 ) -> None:
     path, s = manager
-    vm = tmp_path / "vm.sock"
+    listen = tmp_path / "daemon.sock"
     env = dict(os.environ, NOTIFY_SOCKET=path)
-    log = (tmp_path / "serve.log").open("wb")
+    log = (tmp_path / "daemon.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(vm), "--port", "null",
-         "--queues", "2"],
+        [sys.executable, "-m", "virtnet.cli", *args, str(listen)],
         env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         ready = s.recv(MAX_STATE).decode().splitlines()
         assert "READY=1" in ready
         assert f"MAINPID={proc.pid}" in ready
-        assert any(line.startswith("STATUS=serving 1 VM(s), 2 queue pairs") for line in ready)
+        assert any(line.startswith("STATUS=" + status) for line in ready), ready
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-            c.connect(str(vm))  # already listening when READY=1 came
+            c.connect(str(listen))  # already listening when READY=1 came
         proc.send_signal(signal.SIGTERM)
         assert "STOPPING=1" in s.recv(MAX_STATE).decode().splitlines()
         assert proc.wait(timeout=30) == 0

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from virtnet.errors import UsageError
+from virtnet.sdnotify import notify
 from virtnet.xen.store import DOM0, DOMID_FIRST_RESERVED, Connection, Store
 
 __all__ = ["MAX_CONNECTIONS", "XenStored", "add_arguments", "run"]
@@ -225,9 +226,11 @@ def run(args: argparse.Namespace) -> int:
         hyp.serve_in_thread()
     signal.signal(signal.SIGTERM, lambda *_: d.stop())
     signal.signal(signal.SIGINT, lambda *_: d.stop())
+    notify(f"READY=1\nSTATUS=xenstored on {args.socket}\nMAINPID={os.getpid()}")
     try:
         d.serve_forever()
     finally:
+        notify("STOPPING=1")
         d.close()
         if hyp is not None:
             hyp.close()
