@@ -11,6 +11,8 @@ import copy
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
@@ -135,3 +137,22 @@ def test_listen_address(text: str, want: tuple[str, int]) -> None:
 def test_bad_listen_address_is_a_usage_error(text: str) -> None:
     with pytest.raises(UsageError, match="--prometheus"):
         parse_listen(text)
+
+
+_names = st.text(st.characters(codec="utf-8", exclude_characters="\0"), min_size=1, max_size=20)
+_counter = st.integers(min_value=0, max_value=2**64 - 1)
+_pair = st.fixed_dictionaries({k: _counter for k in COUNTERS} | {"enabled": st.integers(0, 1)})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(_names, st.lists(_pair, max_size=4), max_size=4))
+def test_any_snapshot_round_trips_through_the_exposition(vms: dict[str, list[Any]]) -> None:
+    """Whatever the VM names (quotes, backslashes, newlines, non-ASCII) and u64
+    counters, Prometheus' own parser reads back exactly serve's numbers."""
+    doc = {"vms": [{"name": n, "connections": 0, "errors": 0, "pairs": p} for n, p in vms.items()]}
+    got = scrape(doc)
+    for name, pairs in vms.items():
+        for i, row in enumerate(pairs):
+            labels = (("pair", str(i)), ("vm", name))
+            for key, (metric, _) in COUNTERS.items():
+                assert got[(f"{metric}_total", labels)] == float(row[key])
