@@ -1,6 +1,6 @@
 """A real guest's throughput through virtnet serve vs QEMU's own ``-netdev tap,vhost=off``.
 
-Same guest (the virtnet test initramfs under TCG, 2 vCPUs, 512 MB), same
+Same guest (the virtnet test initramfs under TCG, 2 vCPUs unless ``--vcpus``, 512 MB), same
 measurement (:func:`guest_tap_baseline.measure_guest_network`: iperf3 TCP
 with ``--streams`` streams and 64-byte UDP, both directions, against a server
 in a fresh namespace at 10.77.0.1/24), two backends in the same run:
@@ -12,7 +12,7 @@ in a fresh namespace at 10.77.0.1/24), two backends in the same run:
 
 Run as root: ``python bench/guest_runs.py [--queues 4|1,2,4] [--workers 0|0,1,2]
 [--duration 5] [--streams 4] [--repeat N] [--poll-us U] [--no-guest-pin]
-[--json FILE]``.  ``--workers`` is serve's (0: one worker process per pair);
+[--vcpus 2] [--json FILE]``.  ``--workers`` is serve's (0: one worker process per pair);
 a list measures each value against the same peer boots.
 The guest's interrupts and iperf3 are pinned apart by default, the same for
 both backends (see :mod:`guest_tap_baseline`).
@@ -58,6 +58,7 @@ def virtnet_run(
     workers: int = 0,
     pin_guest: bool = True,
     udp_rates: Sequence[int] = DEFAULT_UDP_RATES,
+    vcpus: int = 2,
 ) -> GuestNetFigures:
     """The guest on virtnet serve --port tap (tap and serve inside a namespace)."""
     tap = unique_name("vntap")
@@ -92,6 +93,7 @@ def virtnet_run(
                 pin_guest=pin_guest,
                 backend_pid=serve.pid,
                 udp_rates=udp_rates,
+                smp=vcpus,
             )
         finally:
             stop_process(serve)
@@ -166,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         workers=workers,
                         pin_guest=not args.no_guest_pin,
                         udp_rates=args.udp_rates,
+                        vcpus=args.vcpus,
                     )
                 )
                 print(ours[workers][-1].table(), flush=True)
@@ -176,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     streams=args.streams,
                     pin_guest=not args.no_guest_pin,
                     udp_rates=args.udp_rates,
+                    vcpus=args.vcpus,
                 )
             )
             print(peer[-1].table(), flush=True)
@@ -184,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             v = median_figures(figs) if len(figs) > 1 else figs[0]
             results[(queues, workers)] = (v, p)
     runs = f"median of {args.repeat}" if args.repeat > 1 else "one run"
+    runs += f", {args.vcpus} vCPU{'s' if args.vcpus > 1 else ''}"
     print(f"\n| queues | workers | figure | virtnet serve | QEMU tap,vhost=off | ratio |  ({runs})")
     print("|---:|---:|---|---:|---:|---:|")
     for (queues, workers), (v, p) in results.items():

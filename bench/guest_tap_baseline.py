@@ -81,6 +81,9 @@ class GuestNetFigures:
     #: ``DEFAULT_UDP_RATES`` (or ``--udp-rates``), and its peak received rate.
     udp64_host_to_guest_ladder: tuple[tuple[float, float], ...] = ()
     udp64_host_to_guest_peak_pps: float = 0.0
+    #: The guest's vCPUs (QEMU ``-smp``); the host's other CPUs are the
+    #: backend's and the traffic's.
+    vcpus: int = 2
 
     def ladder_text(self) -> str:
         """``offered->received`` per rung, in thousands of pps."""
@@ -93,7 +96,7 @@ class GuestNetFigures:
         return "\n".join(
             [
                 f"[{self.label}] queues={self.queues} streams={self.streams} "
-                f"duration={self.duration:g}s boot={self.boot_seconds:.1f}s"
+                f"vcpus={self.vcpus} duration={self.duration:g}s boot={self.boot_seconds:.1f}s"
                 f" guest-pinned={'yes' if self.pin_guest else 'no'}",
                 f"  TCP  guest->host {self.tcp_guest_to_host_gbps:8.2f} Gbit/s",
                 f"  TCP  host->guest {self.tcp_host_to_guest_gbps:8.2f} Gbit/s",
@@ -247,6 +250,7 @@ def measure_guest_network(
             ),
             udp64_host_to_guest_ladder=tuple(ladder),
             udp64_host_to_guest_peak_pps=ladder_peak(ladder),
+            vcpus=smp,
         )
 
 
@@ -257,6 +261,7 @@ def tap_baseline(
     streams: int = 4,
     pin_guest: bool = True,
     udp_rates: Sequence[int] = DEFAULT_UDP_RATES,
+    vcpus: int = 2,
 ) -> GuestNetFigures:
     """The peer figure: QEMU's own multiqueue tap backend, ``vhost=off``."""
     tap = unique_name("vntap")
@@ -276,6 +281,7 @@ def tap_baseline(
             streams=streams,
             pin_guest=pin_guest,
             udp_rates=udp_rates,
+            smp=vcpus,
         )
 
 
@@ -307,6 +313,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-guest-pin",
         action="store_true",
         help="leave interrupts and iperf3 where the guest puts them (noisier)",
+    )
+    parser.add_argument(
+        "--vcpus",
+        type=int,
+        default=2,
+        choices=range(1, 9),
+        metavar="N",
+        help="the guest's vCPUs (default 2: on a 2-CPU host the backend then shares the"
+        " vCPUs' CPUs; 1 leaves a CPU to the backend, as a deployment reserving cores would)",
     )
     parser.add_argument(
         "--udp-rates",
@@ -342,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 streams=args.streams,
                 pin_guest=not args.no_guest_pin,
                 udp_rates=args.udp_rates,
+                vcpus=args.vcpus,
             )
         )
         print(runs[-1].table(), flush=True)

@@ -132,3 +132,22 @@ def test_median_figures_takes_the_ladder_rung_by_rung(baseline: ModuleType) -> N
     assert merged.udp64_host_to_guest_ladder == ((20e3, 19e3), (50e3, 45e3))
     assert merged.udp64_host_to_guest_peak_pps == 45e3
     assert "50k->45.0k" in merged.table()
+
+
+def test_vcpus_option_reaches_the_figures(baseline: ModuleType) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    baseline.add_run_arguments(parser)
+    assert parser.parse_args([]).vcpus == 2
+    assert parser.parse_args(["--vcpus", "1"]).vcpus == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--vcpus", "0"])
+    fig = baseline.GuestNetFigures(
+        label="x", queues=1, streams=4, duration=4, boot_seconds=1.0,
+        tcp_guest_to_host_gbps=1.0, tcp_host_to_guest_gbps=1.0,
+        udp64_guest_to_host_sent_pps=1.0, udp64_guest_to_host_received_pps=1.0,
+        udp64_host_to_guest_sent_pps=1.0, udp64_host_to_guest_received_pps=1.0, vcpus=1,
+    )  # fmt: skip
+    assert "vcpus=1 " in fig.table()
+    assert baseline.median_figures([fig, fig]).vcpus == 1
