@@ -118,10 +118,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help=f"serve's --stats-socket (default {DEFAULT_STATS_SOCKET})",
     )
-    parser.add_argument("--watch", action="store_true", help="refresh until interrupted")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
-    parser.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
-    parser.add_argument(
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    mode.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
+    mode.add_argument(
         "--prometheus",
         metavar="[ADDR:]PORT",
         help="serve the counters as Prometheus metrics on http://ADDR:PORT/metrics until"
