@@ -175,16 +175,10 @@ def parse_listen(text: str) -> tuple[str, int]:
     return addr, n
 
 
-def serve_metrics(
-    source: Callable[[], Any],
-    listen: str,
-    *,
-    ready: Callable[[str, int], None] | None = None,
-    stop: threading.Event | None = None,
-) -> int:
-    """Serve ``/metrics`` on ``listen`` until SIGINT/SIGTERM (or ``stop``).
+def serve_metrics(source: Callable[[], Any], listen: str) -> int:
+    """Serve ``/metrics`` on ``listen`` until SIGINT/SIGTERM (main thread only).
 
-    ``ready(addr, port)`` is told the bound address (port 0 picks one).
+    Prints the bound URL first (port 0 picks one).
     """
     addr, port = parse_listen(listen)
     registry = CollectorRegistry()
@@ -193,12 +187,12 @@ def serve_metrics(
         server, thread = start_http_server(port, addr, registry=registry)
     except OSError as exc:
         raise UsageError(f"cannot listen on {listen}: {exc}") from exc
-    host, bound = server.server_address[:2]
-    (ready or _announce)(str(host), int(bound))
-    done = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: done.set())
+    host, bound = str(server.server_address[0]), int(server.server_address[1])
+    shown = f"[{host}]" if ":" in host else host
+    print(f"virtnet stats: Prometheus metrics on http://{shown}:{bound}/metrics", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
     try:
         done.wait()
     finally:
@@ -206,8 +200,3 @@ def serve_metrics(
         server.server_close()
         thread.join(timeout=5)
     return 0
-
-
-def _announce(addr: str, port: int) -> None:
-    shown = f"[{addr}]" if ":" in addr else addr
-    print(f"virtnet stats: Prometheus metrics on http://{shown}:{port}/metrics", flush=True)

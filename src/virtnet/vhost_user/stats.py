@@ -131,8 +131,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     if args.prometheus is not None:
         from virtnet.vhost_user.metrics import serve_metrics
 
@@ -142,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         except UsageError as exc:  # an exporter outlives serve's restarts: warn, go on
             log.warning("%s; virtnet_up is 0 until serve answers", exc)
         return serve_metrics(lambda: fetch(path), args.prometheus)
+    from rich.console import Console
+
     console = Console()
     doc = fetch(args.stats_socket)
     if args.json:
