@@ -112,6 +112,8 @@ _ROWS = (
     ("UDP-64 host->guest guest socket drops", "udp64_host_to_guest_socket_drops_pps", "pps"),
     ("UDP-64 host->guest backend CPU", "udp64_host_to_guest_backend_us_per_frame", "us/frame"),
     ("UDP-64 host->guest peak of the offered-load ladder", "udp64_host_to_guest_peak_pps", "pps"),
+    ("guest rx interrupts, TCP host->guest", "tcp_host_to_guest_rx_irqs_per_s", "/s"),
+    ("guest rx interrupts, UDP-64 host->guest flood", "udp64_host_to_guest_rx_irqs_per_s", "/s"),
 )
 
 
@@ -131,7 +133,7 @@ def _worker_counts(text: str) -> list[int]:
 
 
 def _cell(value: float, unit: str) -> str:
-    return f"{value:,.0f} {unit}" if unit == "pps" else f"{value:.2f} {unit}"
+    return f"{value:,.0f} {unit}" if unit in ("pps", "/s") else f"{value:.2f} {unit}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -84,6 +84,12 @@ class GuestNetFigures:
     #: The guest's vCPUs (QEMU ``-smp``); the host's other CPUs are the
     #: backend's and the traffic's.
     vcpus: int = 2
+    #: The guest's receive interrupts per second (``/proc/interrupts``, every
+    #: ``virtio0-input.N`` line on every vCPU) during the TCP host->guest run
+    #: and the 64-byte UDP host->guest flood: what each backend's notification
+    #: policy costs the guest (each one is also a wake-up of QEMU's main loop).
+    tcp_host_to_guest_rx_irqs_per_s: float = 0.0
+    udp64_host_to_guest_rx_irqs_per_s: float = 0.0
 
     def ladder_text(self) -> str:
         """``offered->received`` per rung, in thousands of pps."""
@@ -107,6 +113,9 @@ class GuestNetFigures:
                 f"  (guest NIC {self.udp64_host_to_guest_nic_pps:.0f} pps, guest socket"
                 f" drops {self.udp64_host_to_guest_socket_drops_pps:.0f} pps;"
                 f" backend CPU {self.udp64_host_to_guest_backend_us_per_frame:.2f} us/frame)",
+                f"  guest rx interrupts/s: TCP host->guest"
+                f" {self.tcp_host_to_guest_rx_irqs_per_s:.0f}, UDP64 host->guest flood"
+                f" {self.udp64_host_to_guest_rx_irqs_per_s:.0f}",
                 f"  UDP64 host->guest offered->received: {self.ladder_text() or '(no ladder)'}"
                 f"  peak {self.udp64_host_to_guest_peak_pps:.0f} pps",
             ]
@@ -153,6 +162,30 @@ def guest_rx_counters(guest: Guest) -> tuple[int, int]:
     if len(udp) < 2 or "RcvbufErrors" not in udp[0]:
         raise RuntimeError("guest /proc/net/snmp has no Udp RcvbufErrors")
     return nic, int(udp[1][udp[0].index("RcvbufErrors")])
+
+
+def rx_interrupts(proc_interrupts: str, nic: str = "virtio0") -> int:
+    """The receive interrupts ``/proc/interrupts`` counts for ``nic``: every
+    ``<nic>-input.N`` line, summed over every CPU column."""
+    lines = proc_interrupts.splitlines()
+    if not lines:
+        raise RuntimeError("empty /proc/interrupts")
+    ncpus = len(lines[0].split())
+    total = 0
+    found = False
+    for line in lines[1:]:
+        fields = line.split()
+        if fields and fields[-1].startswith(f"{nic}-input."):
+            found = True
+            total += sum(int(f) for f in fields[1 : 1 + ncpus])
+    if not found:
+        raise RuntimeError(f"no {nic}-input interrupts in /proc/interrupts")
+    return total
+
+
+def guest_rx_interrupts(guest: Guest) -> int:
+    """The guest NIC's receive interrupts so far (:func:`rx_interrupts`)."""
+    return rx_interrupts(guest.run("cat /proc/interrupts").output)
 
 
 def _iperf_json(guest: Guest, args: str, duration: float, prefix: str = "") -> dict[str, Any]:
@@ -215,7 +248,9 @@ def measure_guest_network(
                 return _iperf_json(guest, args, secs, prefix=prefix)
 
             tcp_tx = _tcp_gbps(run(f"-P {streams} -t {secs}"))
+            irq0 = guest_rx_interrupts(guest)
             tcp_rx = _tcp_gbps(run(f"-P {streams} -t {secs} -R"))
+            tcp_rx_irqs = guest_rx_interrupts(guest) - irq0
 
             def udp(bitrate: int) -> str:  # 0: as fast as iperf3 can
                 return f"-u -l {UDP_PAYLOAD} -b {bitrate} -P {streams} -t {secs}"
@@ -223,7 +258,9 @@ def measure_guest_network(
             udp_tx = _udp_pps(run(udp(0)))
             before = guest_rx_counters(guest)
             cpu0 = backend_cpu_seconds(guest, backend_pid)
+            irq0 = guest_rx_interrupts(guest)
             udp_rx = _udp_pps(run(udp(0) + " -R"))
+            udp_rx_irqs = guest_rx_interrupts(guest) - irq0
             cpu1 = backend_cpu_seconds(guest, backend_pid)
             after = guest_rx_counters(guest)
             ladder = []
@@ -251,6 +288,8 @@ def measure_guest_network(
             udp64_host_to_guest_ladder=tuple(ladder),
             udp64_host_to_guest_peak_pps=ladder_peak(ladder),
             vcpus=smp,
+            tcp_host_to_guest_rx_irqs_per_s=tcp_rx_irqs / secs,
+            udp64_host_to_guest_rx_irqs_per_s=udp_rx_irqs / secs,
         )
 
 

@@ -90,6 +90,29 @@ def test_guest_rx_counters_without_udp_counters_is_an_error(baseline: ModuleType
         baseline.guest_rx_counters(_FakeGuest("Ip: Forwarding\nIp: 2\n"))
 
 
+INTERRUPTS = """           CPU0       CPU1
+  0:         45          0   IO-APIC   2-edge      timer
+ 24:          0          0   PCI-MSI 49152-edge      virtio0-config
+ 25:       1200         34   PCI-MSI 49153-edge      virtio0-input.0
+ 26:         10          0   PCI-MSI 49154-edge      virtio0-output.0
+ 27:          5        700   PCI-MSI 49155-edge      virtio0-input.1
+ 28:          1          1   PCI-MSI 49156-edge      virtio1-input.0
+LOC:      99999      88888   Local timer interrupts
+"""
+
+
+def test_rx_interrupts_sums_every_input_queue_on_every_cpu(baseline: ModuleType) -> None:
+    assert baseline.rx_interrupts(INTERRUPTS) == 1200 + 34 + 5 + 700
+    assert baseline.rx_interrupts(INTERRUPTS, nic="virtio1") == 2
+
+
+def test_rx_interrupts_without_the_nic_is_an_error(baseline: ModuleType) -> None:
+    with pytest.raises(RuntimeError, match="virtio2-input"):
+        baseline.rx_interrupts(INTERRUPTS, nic="virtio2")
+    with pytest.raises(RuntimeError, match="empty"):
+        baseline.rx_interrupts("")
+
+
 def test_per_stream_bitrate_offers_the_total_rate_over_all_streams(baseline: ModuleType) -> None:
     # 40k pps over 4 streams: 10k datagrams/s of 64 payload bytes each per stream
     assert baseline.per_stream_bitrate(40_000, 4) == 10_000 * 64 * 8
