@@ -26,6 +26,8 @@ from virtnet.vhost_user.supervisor import Supervisor
 from virtnet.vhost_user.worker import (
     FIELDS,
     NFIELDS,
+    RX_BATCH,
+    RX_PUBLISH_BYTES,
     Ctl,
     RegionSpec,
     RingSpec,
@@ -650,6 +652,78 @@ def test_rx_scatter_property(sizes: list[int], buf: int, mergeable: bool, gso: b
     finally:
         a.close()
         b.close()
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("size", "count", "publishes"),
+    [
+        (64, 40, 1),  # small frames: one publish (and one interrupt) for the batch
+        (RX_PUBLISH_BYTES, 5, 5),  # GSO-size frames: each as soon as it is copied
+        (RX_PUBLISH_BYTES // 2, 6, 3),  # every RX_PUBLISH_BYTES of frames
+    ],
+)
+def test_rx_publishes_large_frames_without_waiting_for_the_batch(
+    size: int, count: int, publishes: int
+) -> None:
+    """The guest gets a large frame (and its interrupt) as soon as it is in its
+    buffers, not after the rest of the batch is copied; small frames are still
+    published once per batch.  Without EVENT_IDX every publish interrupts, so
+    the call eventfd counts the publishes; every frame arrives intact, in order."""
+    import socket
+
+    assert count <= RX_BATCH
+    fd = os.memfd_create("guest", 0)
+    os.ftruncate(fd, MEM)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    a, b = socket.socketpair()
+    try:
+        mem = GuestMemory(
+            [MemoryRegion.from_fd(fd, guest_addr=0, size=MEM, user_addr=0x7F0000000000)]
+        )
+        lay = split_ring_layout(QSIZE)
+        rx = DriverQueue(mem, QSIZE, RX_RING + lay.desc, RX_RING + lay.avail,
+                         RX_RING + lay.used, event_idx=False)  # fmt: skip
+        tx = DriverQueue(mem, QSIZE, TX_RING + lay.desc, TX_RING + lay.avail,
+                         TX_RING + lay.used, event_idx=False)  # fmt: skip
+        feats = (FEATURES & ~int(NetFeature.EVENT_IDX)) | int(
+            NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4
+        )
+        rings = [
+            RingSpec(i, QSIZE, base + lay.desc, base + lay.avail, base + lay.used, 0,
+                     None, call if i == 0 else None, None)
+            for i, base in ((0, RX_RING), (1, TX_RING))
+        ]  # fmt: skip
+        spec = WorkerSpec("p", 0, feats, (RegionSpec(0, MEM, 0x7F0000000000, 0, os.dup(fd)),),
+                          rings[0], rings[1], "loopback", None)  # fmt: skip
+        w = Worker(spec, a)
+        for i in range(200):
+            rx.add([], [(BUFS + i * 4096, 4096)], BUFS + i * 4096)
+        rx.publish()
+        payload = (size - 12) // 256 * bytes(range(256)) + bytes((size - 12) % 256)
+        frames = [bytes(12) + bytes([k]) * 12 + payload[12:] for k in range(count)]
+        for k, f in enumerate(frames):
+            addr = 0x300000 + k * -(-len(f) // 4096) * 4096
+            mem.write(addr, f)
+            tx.add([(addr, len(f))], [], k)
+        tx.publish()
+        assert w.tx_batch() == count
+        assert w.rx_batch() == count
+        assert os.eventfd_read(call) == publishes
+        used = rx.get_used()
+        pos = 0
+        for f in frames:
+            nb = -(-len(f) // 4096)
+            got = b"".join(mem.read(c[0], c[1]) for c in used[pos : pos + nb]
+                           if isinstance(c[0], int))  # fmt: skip
+            assert got[12:] == f[12:]  # loopback swapped two equal MACs
+            pos += nb
+        assert pos == len(used)
+        w.mem.close()
+    finally:
+        a.close()
+        b.close()
+        os.close(call)
         os.close(fd)
 
 

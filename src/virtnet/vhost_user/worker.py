@@ -30,7 +30,9 @@ Data path:
   bounce buffer (not the ~40 guest buffers that cover 64 KiB: those cost a
   Python loop and a buffer export each, per frame); a frame that spills into
   the bounce buffer is copied on into the next chains and switches the worker
-  to reading in place until a frame fits the first chain again.
+  to reading in place until a frame fits the first chain again.  Large frames
+  are published sooner: every :data:`RX_PUBLISH_BYTES` of frames (each GSO
+  frame), so the guest starts on them while the worker copies the next ones.
 * Without rx buffers the worker stops reading the port (the frame stays in the
   kernel / switch / loopback queue, which counts its own drops), counts an
   ``rx_no_buffer`` stall, enables rx kicks and waits for the guest.
@@ -63,9 +65,9 @@ Invariants:
   every batch.  Per packet the worker allocates only the used-entry tuple
   and what ``os.readv``/``os.writev`` need; rings, indexes and notification
   decisions are handled once per batch.
-* Limits: :data:`TX_BATCH`, :data:`RX_BATCH` chains per publish;
-  :data:`MAX_RX_IOVECS` buffers per ``readv`` (below IOV_MAX);
-  :data:`GSO_RX_NEED` bytes of rx reserve for a GSO-capable guest.
+* Limits: :data:`TX_BATCH` chains, :data:`RX_BATCH` frames per publish (rx
+  sooner after :data:`RX_PUBLISH_BYTES`); :data:`MAX_RX_IOVECS` buffers per
+  ``readv`` (below IOV_MAX); :data:`GSO_RX_NEED` bytes of rx reserve for a GSO-capable guest.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ __all__ = [
     "FIELDS",
     "NFIELDS",
     "RX_BATCH",
+    "RX_PUBLISH_BYTES",
     "TX_BATCH",
     "Ctl",
     "RegionSpec",
@@ -115,6 +118,14 @@ log = logging.getLogger(__name__)
 TX_BATCH = 256
 #: Frames received per rx batch (one used publish, one call).
 RX_BATCH = 64
+#: Bytes of received frames after which the rx used ring is published (and
+#: the guest notified if it asked to be) in the middle of a batch: every GSO
+#: frame (up to 64 KiB) goes to the guest as soon as it is copied, and MTU-size
+#: frames about every 20.  Publishing only at the end of a batch held 16 GSO
+#: frames (~0.7 ms of copying) from a guest that had nothing else to do: TCP
+#: host->guest into a 2-vCPU TCG guest went from 4.5-4.8 to 5.1-5.5 Gbit/s.
+#: Small frames still publish once per batch.
+RX_PUBLISH_BYTES = 32 * 1024
 #: rx chains popped at least per refill of the reserve (one pop per batch of
 #: small frames instead of one per frame).
 RX_REFILL = 32
@@ -480,6 +491,7 @@ class Worker:
         used: list[tuple[int, int]] = []
         append = used.append
         frames = 0
+        unpublished = 0  # bytes of frames in ``used``
         try:
             while frames < RX_BATCH:
                 if not has_frame():
@@ -558,6 +570,13 @@ class Worker:
                 del reserve[:k]
                 del bufs[:nbufs]
                 frames += 1
+                unpublished += n
+                if unpublished >= RX_PUBLISH_BYTES:
+                    unpublished = 0
+                    q.push(used)
+                    used.clear()
+                    if q.should_notify():
+                        self._signal(self.spec.rx.index)
         except PeerError as exc:
             self._broken(self.spec.rx.index, str(exc))
             return frames
