@@ -21,13 +21,15 @@ both backends (see :mod:`guest_tap_baseline`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -49,6 +51,41 @@ from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.backend import MAX_QUEUE_PAIRS
 
 
+class Serve(NamedTuple):
+    """A running ``virtnet serve --port tap`` (:func:`serve_on_tap`)."""
+
+    socket: Path
+    stats_socket: Path
+    proc: subprocess.Popen[str]
+
+
+@contextlib.contextmanager
+def serve_on_tap(
+    ns: NetNS, tap: str, workdir: Path, *, queues: int, poll_us: int = 0, workers: int = 0
+) -> Iterator[Serve]:
+    """A persistent multiqueue tap ``tap`` at 10.77.0.1/24 in ``ns`` and ``virtnet
+    serve --port tap:TAP`` inside ``ns`` (socket, stats socket and log in
+    ``workdir``), stopped on exit."""
+    sock, stats, log = workdir / "vm.sock", workdir / "stats.sock", workdir / "serve.log"
+    ns.create_tap(tap)
+    ns.set_address(tap, f"{HOST_IP}/24")
+    with log.open("w") as out:
+        serve = ns.popen(
+            [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock),
+             "--port", f"tap:{tap}", "--queues", str(queues), "--stats-socket", str(stats),
+             "--poll-us", str(poll_us), "--workers", str(workers)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        if not wait_for(lambda: stats.exists() or serve.poll() is not None, timeout=20):
+            raise RuntimeError("virtnet serve did not start")
+        if serve.poll() is not None:
+            raise RuntimeError(f"virtnet serve exited:\n{log.read_text()}")
+        yield Serve(sock, stats, serve)
+    finally:
+        stop_process(serve)
+
+
 def virtnet_run(
     *,
     queues: int,
@@ -62,41 +99,28 @@ def virtnet_run(
 ) -> GuestNetFigures:
     """The guest on virtnet serve --port tap (tap and serve inside a namespace)."""
     tap = unique_name("vntap")
-    with tempfile.TemporaryDirectory(prefix="vnguestrun-") as d, NetNS() as ns:
-        sock, stats, log = Path(d) / "vm.sock", Path(d) / "stats.sock", Path(d) / "serve.log"
-        ns.create_tap(tap)
-        ns.set_address(tap, f"{HOST_IP}/24")
-        with log.open("w") as out:
-            serve = ns.popen(
-                [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock),
-                 "--port", f"tap:{tap}", "--queues", str(queues), "--stats-socket", str(stats),
-                 "--poll-us", str(poll_us), "--workers", str(workers)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        try:
-            if not wait_for(lambda: stats.exists() or serve.poll() is not None, timeout=20):
-                raise RuntimeError("virtnet serve did not start")
-            if serve.poll() is not None:
-                raise RuntimeError(f"virtnet serve exited:\n{log.read_text()}")
-            label = (
-                "virtnet serve --port tap"
-                + (f" --poll-us {poll_us}" if poll_us else "")
-                + (f" --workers {workers}" if workers else "")
-            )
-            return measure_guest_network(
-                vhost_user_netdev_args(sock, queues=queues),
-                ns=ns,
-                queues=queues,
-                label=label,
-                duration=duration,
-                streams=streams,
-                pin_guest=pin_guest,
-                backend_pid=serve.pid,
-                udp_rates=udp_rates,
-                smp=vcpus,
-            )
-        finally:
-            stop_process(serve)
+    with (
+        tempfile.TemporaryDirectory(prefix="vnguestrun-") as d,
+        NetNS() as ns,
+        serve_on_tap(ns, tap, Path(d), queues=queues, poll_us=poll_us, workers=workers) as serve,
+    ):
+        label = (
+            "virtnet serve --port tap"
+            + (f" --poll-us {poll_us}" if poll_us else "")
+            + (f" --workers {workers}" if workers else "")
+        )
+        return measure_guest_network(
+            vhost_user_netdev_args(serve.socket, queues=queues),
+            ns=ns,
+            queues=queues,
+            label=label,
+            duration=duration,
+            streams=streams,
+            pin_guest=pin_guest,
+            backend_pid=serve.proc.pid,
+            udp_rates=udp_rates,
+            smp=vcpus,
+        )
 
 
 def _ratio(a: float, b: float) -> str:

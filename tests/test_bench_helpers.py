@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -174,3 +175,66 @@ def test_vcpus_option_reaches_the_figures(baseline: ModuleType) -> None:
     )  # fmt: skip
     assert "vcpus=1 " in fig.table()
     assert baseline.median_figures([fig, fig]).vcpus == 1
+
+
+@pytest.fixture(scope="module")
+def guest_cpu() -> Iterator[ModuleType]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        yield importlib.import_module("guest_cpu")
+    finally:
+        sys.path.pop(0)
+
+
+def test_virtio_interrupts_names_every_vector_of_the_nic(guest_cpu: ModuleType) -> None:
+    assert guest_cpu.virtio_interrupts(INTERRUPTS) == {
+        "irq virtio0-config": 0,
+        "irq virtio0-input.0": 1234,
+        "irq virtio0-output.0": 10,
+        "irq virtio0-input.1": 705,
+    }
+    assert guest_cpu.virtio_interrupts(INTERRUPTS, nic="virtio7") == {}
+    with pytest.raises(RuntimeError, match="empty"):
+        guest_cpu.virtio_interrupts("")
+
+
+def test_rates_are_per_second_differences(guest_cpu: ModuleType) -> None:
+    assert guest_cpu.rates({"a": 10, "b": 5}, {"a": 30, "b": 5, "c": 4}, 2.0) == {
+        "a": 10.0,
+        "b": 0.0,
+        "c": 2.0,
+    }
+
+
+def test_thread_and_system_cpu_readings() -> None:
+    """Our own threads are named and counted; the machine's busy ticks never
+    exceed its total and both only grow; our process tree includes a child."""
+    import os
+    import threading
+
+    from virtnet.testing.procs import system_cpu_ticks, thread_cpu_seconds, tree_pids
+
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, name="vn-sleeper")
+    t.start()
+    try:
+        threads = thread_cpu_seconds(os.getpid())
+        assert os.getpid() in threads and len(threads) >= 2
+        assert all(secs >= 0 for _name, secs in threads.values())
+    finally:
+        stop.set()
+        t.join()
+    busy0, total0 = system_cpu_ticks()
+    t_end = time.process_time() + 0.05
+    while time.process_time() < t_end:
+        pass
+    busy1, total1 = system_cpu_ticks()
+    assert 0 <= busy0 <= total0 and busy1 >= busy0 and total1 > total0
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert os.getpid() in tree_pids(os.getpid()) and child.pid in tree_pids(os.getpid())
+        assert tree_pids(child.pid) == [child.pid]
+    finally:
+        child.kill()
+        child.wait()
+    assert thread_cpu_seconds(child.pid) == {}
