@@ -22,7 +22,7 @@ both backends' NIC (e.g. ``rx_queue_size=1024``).
 
 Run as root: ``python bench/guest_cpu.py [--backend both|virtnet|qemu]
 [--direction h2g|g2h] [--test tcp|udp64] [--seconds 6] [--vcpus 2] [--queues 1] [--streams 4]
-[--device-extra PROPS]``.
+[--device-extra PROPS] [--kick-defer-us U]``.
 """
 
 from __future__ import annotations
@@ -226,6 +226,7 @@ def measure(
     queues: int = 1,
     streams: int = 4,
     device_extra: str = "",
+    kick_defer_us: int | None = None,
 ) -> CpuBreakdown:
     """One boot on ``backend`` (``virtnet`` or ``qemu``), one sample."""
     tap = unique_name("vntap")
@@ -239,7 +240,9 @@ def measure(
     }
     with tempfile.TemporaryDirectory(prefix="vnguestcpu-") as d, NetNS() as ns:
         if backend == "virtnet":
-            with serve_on_tap(ns, tap, Path(d), queues=queues) as serve:
+            with serve_on_tap(
+                ns, tap, Path(d), queues=queues, kick_defer_us=kick_defer_us
+            ) as serve:
                 netdev = vhost_user_netdev_args(
                     serve.socket, queues=queues, device_extra=device_extra
                 )
@@ -272,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--vcpus", type=int, default=2, choices=range(1, 9), metavar="N")
     ap.add_argument("--queues", type=int, default=1, choices=range(1, 17), metavar="Q")
     ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument(
+        "--kick-defer-us", type=int, help="serve's --kick-defer-us (default: serve's own)"
+    )
     ap.add_argument("--device-extra", default="", help="virtio-net-pci properties for both")
     ap.add_argument("--json", type=Path, help="also write the samples here")
     args = ap.parse_args(argv)
@@ -292,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 queues=args.queues,
                 streams=args.streams,
                 device_extra=args.device_extra,
+                kick_defer_us=args.kick_defer_us,
             )
         )
         print(results[-1].table(), flush=True)

@@ -61,7 +61,14 @@ class Serve(NamedTuple):
 
 @contextlib.contextmanager
 def serve_on_tap(
-    ns: NetNS, tap: str, workdir: Path, *, queues: int, poll_us: int = 0, workers: int = 0
+    ns: NetNS,
+    tap: str,
+    workdir: Path,
+    *,
+    queues: int,
+    poll_us: int = 0,
+    workers: int = 0,
+    kick_defer_us: int | None = None,
 ) -> Iterator[Serve]:
     """A persistent multiqueue tap ``tap`` at 10.77.0.1/24 in ``ns`` and ``virtnet
     serve --port tap:TAP`` inside ``ns`` (socket, stats socket and log in
@@ -73,7 +80,8 @@ def serve_on_tap(
         serve = ns.popen(
             [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock),
              "--port", f"tap:{tap}", "--queues", str(queues), "--stats-socket", str(stats),
-             "--poll-us", str(poll_us), "--workers", str(workers)],
+             "--poll-us", str(poll_us), "--workers", str(workers),
+             *([] if kick_defer_us is None else ["--kick-defer-us", str(kick_defer_us)])],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
     try:
@@ -96,18 +104,23 @@ def virtnet_run(
     pin_guest: bool = True,
     udp_rates: Sequence[int] = DEFAULT_UDP_RATES,
     vcpus: int = 2,
+    kick_defer_us: int | None = None,
 ) -> GuestNetFigures:
     """The guest on virtnet serve --port tap (tap and serve inside a namespace)."""
     tap = unique_name("vntap")
     with (
         tempfile.TemporaryDirectory(prefix="vnguestrun-") as d,
         NetNS() as ns,
-        serve_on_tap(ns, tap, Path(d), queues=queues, poll_us=poll_us, workers=workers) as serve,
-    ):
+        serve_on_tap(
+            ns, tap, Path(d), queues=queues, poll_us=poll_us, workers=workers,
+            kick_defer_us=kick_defer_us,
+        ) as serve,
+    ):  # fmt: skip
         label = (
             "virtnet serve --port tap"
             + (f" --poll-us {poll_us}" if poll_us else "")
             + (f" --workers {workers}" if workers else "")
+            + (f" --kick-defer-us {kick_defer_us}" if kick_defer_us is not None else "")
         )
         return measure_guest_network(
             vhost_user_netdev_args(serve.socket, queues=queues),
@@ -170,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--poll-us", type=int, default=0, help="serve's --poll-us")
     ap.add_argument(
+        "--kick-defer-us", type=int, help="serve's --kick-defer-us (default: serve's own)"
+    )
+    ap.add_argument(
         "--workers",
         type=_worker_counts,
         default=[0],
@@ -195,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         pin_guest=not args.no_guest_pin,
                         udp_rates=args.udp_rates,
                         vcpus=args.vcpus,
+                        kick_defer_us=args.kick_defer_us,
                     )
                 )
                 print(ours[workers][-1].table(), flush=True)

@@ -202,6 +202,9 @@ def test_usage_errors(tmp_path: Path) -> None:
         Daemon([str(tmp_path / "a")], port="bogus")
     with pytest.raises(UsageError, match="--workers"):
         Daemon([str(tmp_path / "a")], port="null", workers=-1)
+    for bad in (-1, 1001):
+        with pytest.raises(UsageError, match=r"--kick-defer-us must be 0\.\.1000"):
+            Daemon([str(tmp_path / "a")], port="null", kick_defer_us=bad)
     res = subprocess.run(
         [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(tmp_path / "a"),
          "--socket", str(tmp_path / "b"), "--port", "tap:vnx0"],

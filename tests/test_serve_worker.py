@@ -25,9 +25,12 @@ from virtnet.vhost_user.backend import RingConfig
 from virtnet.vhost_user.supervisor import Supervisor
 from virtnet.vhost_user.worker import (
     FIELDS,
+    KICK_DEFER_MIN_CHAINS,
+    KICK_DEFER_ROUNDS,
     NFIELDS,
     RX_BATCH,
     RX_PUBLISH_BYTES,
+    TX_SIGNAL_CHAINS,
     Ctl,
     RegionSpec,
     RingSpec,
@@ -725,6 +728,151 @@ def test_rx_publishes_large_frames_without_waiting_for_the_batch(
         b.close()
         os.close(call)
         os.close(fd)
+
+
+@dataclass
+class InProc:
+    """A worker driven step by step in this process (null port, no EVENT_IDX:
+    every publish the device decides to signal shows on the tx call eventfd)."""
+
+    w: Worker
+    mem: GuestMemory
+    tx: DriverQueue
+    call: int
+    sent: int = 0
+
+    def send(self, n: int) -> None:
+        for _ in range(n):
+            addr = 0x300000 + (self.sent % 256) * BUF_SIZE
+            self.mem.write(addr, _frame(self.sent))
+            self.tx.add([(addr, 76)], [], self.sent)
+            self.sent += 1
+        self.tx.publish()
+
+    def signalled(self) -> int:
+        try:
+            return os.eventfd_read(self.call)
+        except BlockingIOError:
+            return 0
+
+
+@contextlib.contextmanager
+def _inproc(kick_defer_us: int) -> Iterator[InProc]:
+    import socket
+
+    fd = os.memfd_create("guest", 0)
+    os.ftruncate(fd, MEM)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    a, b = socket.socketpair()
+    mem = GuestMemory([MemoryRegion.from_fd(fd, guest_addr=0, size=MEM, user_addr=0x7F0000000000)])
+    lay = split_ring_layout(QSIZE)
+    rings = [
+        RingSpec(i, QSIZE, base + lay.desc, base + lay.avail, base + lay.used, 0,
+                 None, call if i == 1 else None, None)
+        for i, base in ((0, RX_RING), (1, TX_RING))
+    ]  # fmt: skip
+    spec = WorkerSpec("p", 0, FEATURES & ~int(NetFeature.EVENT_IDX),
+                      (RegionSpec(0, MEM, 0x7F0000000000, 0, os.dup(fd)),), rings[0], rings[1],
+                      "null", None, kick_defer_us=kick_defer_us)  # fmt: skip
+    w = Worker(spec, a)
+    tx = DriverQueue(mem, QSIZE, TX_RING + lay.desc, TX_RING + lay.avail, TX_RING + lay.used,
+                     event_idx=False)  # fmt: skip
+    try:
+        yield InProc(w, mem, tx, call)
+    finally:
+        w.mem.close()
+        w.ep.close()
+        mem.close()
+        a.close()
+        b.close()
+        os.close(call)
+        os.close(fd)
+
+
+def test_tx_burst_defers_kicks_for_a_few_rounds_then_arms() -> None:
+    """After a burst the worker looks at the tx ring KICK_DEFER_ROUNDS more
+    times before it asks for kicks; a tx batch resets the count; arming ends it."""
+    with _inproc(kick_defer_us=50) as r:
+        r.send(KICK_DEFER_MIN_CHAINS)
+        assert r.w.work() == KICK_DEFER_MIN_CHAINS
+        assert [r.w.defer() for _ in range(KICK_DEFER_ROUNDS + 1)] == [True] * KICK_DEFER_ROUNDS + [
+            False
+        ]
+        r.send(KICK_DEFER_MIN_CHAINS)
+        assert r.w.work() == KICK_DEFER_MIN_CHAINS and r.w.defer()  # the stream goes on
+        assert not r.w.arm()  # nothing left: notifications on, asleep
+        assert not r.w.defer()  # a new burst is needed to defer again
+
+
+def test_single_packets_never_defer_and_zero_disables() -> None:
+    """Request/response traffic (one chain per batch) arms at once, so its latency
+    does not change; --kick-defer-us 0 never defers."""
+    with _inproc(kick_defer_us=50) as r:
+        for _ in range(3):
+            r.send(1)
+            assert r.w.work() == 1
+            assert not r.w.defer()
+    with _inproc(kick_defer_us=0) as r:
+        r.send(10)
+        assert r.w.work() == 10
+        assert not r.w.defer()
+
+
+def test_tx_completions_signalled_when_the_ring_stays_empty_or_on_arming() -> None:
+    """Completions the guest asked to hear about are signalled after a whole
+    empty deferral round, when the worker arms, or once TX_SIGNAL_CHAINS pile
+    up -- never lost, never once per batch while the guest keeps sending."""
+    with _inproc(kick_defer_us=50) as r:
+        r.send(3)
+        assert r.w.work() == 3
+        assert r.signalled() == 0  # pending: the guest is still sending
+        assert r.w.defer()  # first empty look: still pending
+        assert r.signalled() == 0
+        assert r.w.defer()  # the ring stayed empty for a round: signal
+        assert r.signalled() == 1
+        r.send(3)
+        assert r.w.work() == 3 and r.signalled() == 0
+        assert not r.w.arm()  # going to sleep: signal first
+        assert r.signalled() == 1
+        sent = 0
+        while sent < TX_SIGNAL_CHAINS:
+            r.send(8)
+            sent += 8
+            assert r.w.work() == 8
+        assert r.signalled() == 1  # the pile-up was signalled while busy
+    with _inproc(kick_defer_us=0) as r:
+        r.send(3)
+        assert r.w.work() == 3 and not r.w.defer()
+        assert not r.w.arm() and r.signalled() == 1
+
+
+def test_deferred_kicks_keep_a_forked_worker_live(rig: Rig) -> None:
+    """A real worker process: a burst is consumed and its completion signalled
+    without any further guest action; after the deferral the worker asks for
+    kicks again, and a later burst (kicked) is consumed."""
+    _start(rig, rig.spec(port="null"))
+    _send(rig, [_frame(i) for i in range(8)])
+    assert len(_wait_used(rig.tx, 8)) == 8
+    r, _, _ = select.select([rig.calls[1]], [], [], 5)
+    assert r, "the tx completions were never signalled"
+    from virtnet.testing.guest import wait_for
+
+    ring = rig.tx._r  # the device's avail_event: where it wants the next kick
+
+    def armed() -> bool:
+        return int(ring.used[ring.avail_event_pos]) == 8
+
+    assert wait_for(armed, timeout=5), "the worker never asked for kicks again"
+    frames = [_frame(i) for i in range(8, 16)]
+    for k, f in enumerate(frames):
+        addr = 0x240000 + k * BUF_SIZE
+        rig.mem.write(addr, f)
+        rig.tx.add([(addr, len(f))], [], 8 + k)
+    assert rig.tx.kick_needed()
+    os.eventfd_write(rig.kicks[1], 1)
+    assert len(_wait_used(rig.tx, 8)) == 8
+    assert _stop(rig) == (0, 16)
+    assert rig.counter("tx_packets") == 16 and rig.counter("kicks") >= 1
 
 
 def test_worker_latency_bench_runs() -> None:

@@ -31,7 +31,10 @@ Invariants:
   processes per VM, pair ``p`` in process ``p % N``.
 * Workers are not pinned unless ``--pin CPUS`` (worker process ``p`` -> the
   ``p``-th CPU of the list, cyclically); ``--poll-us`` makes them busy-poll
-  that long before sleeping (default 0: eventfd wake-ups).
+  that long before sleeping (default 0: eventfd wake-ups); after a guest's
+  transmit burst they leave its kicks off and look at the tx ring every
+  ``--kick-defer-us`` (default :data:`~virtnet.vhost_user.worker.KICK_DEFER_US`,
+  0: never) a few times before sleeping (:mod:`virtnet.vhost_user.worker`).
 * The loop ticks every :data:`TICK_S` to reap and restart dead workers; a
   ring stop waits for its worker (bounded by the supervisor's timeouts), so
   control messages of other VMs may wait that long -- their data paths do not.
@@ -67,6 +70,7 @@ from virtnet.sdnotify import notify
 from virtnet.vhost_user.backend import MAX_QUEUE_PAIRS, Backend, BackendConfig
 from virtnet.vhost_user.server import Endpoint, Server
 from virtnet.vhost_user.supervisor import Supervisor, VmPort, feature_names
+from virtnet.vhost_user.worker import KICK_DEFER_ROUNDS, KICK_DEFER_US, MAX_KICK_DEFER_US
 
 __all__ = ["DEFAULT_QUEUES", "Daemon", "add_arguments", "run", "snapshot"]
 
@@ -122,6 +126,7 @@ class Daemon:
         offloads: bool = True,
         cpus: tuple[int, ...] = (),
         workers: int = 0,
+        kick_defer_us: int = KICK_DEFER_US,
     ) -> None:
         if not sockets:
             raise UsageError("at least one --socket is needed")
@@ -131,7 +136,10 @@ class Daemon:
             raise UsageError("--poll-us must be >= 0")
         if workers < 0:
             raise UsageError("--workers must be >= 0 (0: one process per queue pair)")
+        if not 0 <= kick_defer_us <= MAX_KICK_DEFER_US:
+            raise UsageError(f"--kick-defer-us must be 0..{MAX_KICK_DEFER_US}")
         self.workers = workers
+        self.kick_defer_us = kick_defer_us
         if len(set(sockets)) != len(sockets):
             raise UsageError("the same --socket given twice")
         self.queues = queues
@@ -182,7 +190,13 @@ class Daemon:
         config = BackendConfig(max_queue_pairs=self.queues, offloads=self.offloads)
 
         def make() -> Backend:
-            sup = Supervisor(vm.vmport, poll_us=self.poll_us, cpus=self.cpus, workers=self.workers)
+            sup = Supervisor(
+                vm.vmport,
+                poll_us=self.poll_us,
+                cpus=self.cpus,
+                workers=self.workers,
+                kick_defer_us=self.kick_defer_us,
+            )
             backend = Backend(sup, config)  # its close calls sup.on_close()
             sup.backend = backend
             vm.supervisor = sup
@@ -326,6 +340,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--poll-us", type=int, default=0, help="busy-poll this long before sleeping"
     )
+    parser.add_argument(
+        "--kick-defer-us",
+        type=int,
+        default=KICK_DEFER_US,
+        metavar="U",
+        help="after a guest's transmit burst, leave its kicks off and look at the tx ring every"
+        f" U us ({KICK_DEFER_ROUNDS} times) before sleeping: fewer VM exits for a streaming"
+        f" guest (default {KICK_DEFER_US}; 0: ask for a kick as soon as the ring is empty;"
+        f" at most {MAX_KICK_DEFER_US})",
+    )
     parser.add_argument("--stats-socket", metavar="PATH", help="serve counters for virtnet stats")
     parser.add_argument(
         "--pin",
@@ -361,6 +385,7 @@ def run(args: argparse.Namespace) -> int:
         offloads=args.offloads,
         cpus=args.pin,
         workers=args.workers,
+        kick_defer_us=args.kick_defer_us,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -53,6 +53,8 @@ from virtnet.ports.base import VNET_HDR_LEN, Offload, Port, PortQueue
 from virtnet.vhost_user.backend import Backend, RegionInfo, RingConfig
 from virtnet.vhost_user.worker import (
     FIELDS,
+    KICK_DEFER_US,
+    MAX_KICK_DEFER_US,
     NFIELDS,
     Ctl,
     RegionSpec,
@@ -252,15 +254,25 @@ class Supervisor:
     """BackendEvents for one frontend connection; forks and reaps the workers."""
 
     def __init__(
-        self, vm: VmPort, *, poll_us: int = 0, cpus: tuple[int, ...] = (), workers: int = 0
+        self,
+        vm: VmPort,
+        *,
+        poll_us: int = 0,
+        cpus: tuple[int, ...] = (),
+        workers: int = 0,
+        kick_defer_us: int = KICK_DEFER_US,
     ) -> None:
         """``workers``: at most this many worker processes for this VM, pair
-        ``p`` served by process ``p % workers`` (0: one process per pair)."""
+        ``p`` served by process ``p % workers`` (0: one process per pair).
+        ``poll_us``, ``kick_defer_us``: the workers' (:class:`WorkerSpec`)."""
         if workers < 0:
             raise UsageError(f"workers must be >= 0, not {workers}")
+        if not 0 <= kick_defer_us <= MAX_KICK_DEFER_US:
+            raise UsageError(f"kick_defer_us must be 0..{MAX_KICK_DEFER_US}, not {kick_defer_us}")
         self.vm = vm
         self.name = vm.vm_id
         self.poll_us = poll_us
+        self.kick_defer_us = kick_defer_us
         self.cpus = cpus
         self.nworkers = workers if 0 < workers < vm.max_pairs else 0
         self.backend: Backend | None = None
@@ -433,6 +445,7 @@ class Supervisor:
                     port_fd=port_fd,
                     mtu=self.mtu,
                     poll_us=self.poll_us,
+                    kick_defer_us=self.kick_defer_us,
                     cpu=self.cpus[group % len(self.cpus)] if self.cpus else None,
                 )
             )
