@@ -4,14 +4,19 @@
   booted here (no root, no QEMU, no kernel with modules, no busybox/iperf3).
 * ``no_fd_leak`` (``pytestmark = pytest.mark.usefixtures("no_fd_leak")``)
   fails a test that leaves more or fewer fds open than it found.
+* ``bench_module(name)`` imports a module of ``bench/`` (the benches' helpers
+  and tools are tested too).
 * ``guest_initramfs`` builds the test-guest initramfs once per session, in
   ``$VIRTNET_CACHE_DIR`` (default ``~/.cache/virtnet/guest``), reused across runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import importlib
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -30,6 +35,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("vm"):
             item.add_marker(skip)
+
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(scope="session")
+def bench_module() -> Callable[[str], ModuleType]:
+    """``load(name)``: the module ``bench/<name>.py`` (bench/ is on ``sys.path``
+    only while it is imported: the benches import one another by name)."""
+
+    def load(name: str) -> ModuleType:
+        sys.path.insert(0, str(BENCH_DIR))
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(str(BENCH_DIR))
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,7 @@ figure is compared with a speed.
 
 from __future__ import annotations
 
-import importlib
-import sys
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 
 import pytest
@@ -21,12 +18,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
-def guest_cpu() -> Iterator[ModuleType]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    try:
-        yield importlib.import_module("guest_cpu")
-    finally:
-        sys.path.pop(0)
+def guest_cpu(bench_module: Callable[[str], ModuleType]) -> ModuleType:
+    return bench_module("guest_cpu")
 
 
 def test_guest_cpu_sample_on_virtnet(guest_cpu: ModuleType) -> None:

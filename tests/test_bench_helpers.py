@@ -3,12 +3,10 @@ virtnet.testing.procs)."""
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 from typing import NamedTuple
 
@@ -16,12 +14,8 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def baseline() -> Iterator[ModuleType]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    try:
-        yield importlib.import_module("guest_tap_baseline")
-    finally:
-        sys.path.pop(0)
+def baseline(bench_module: Callable[[str], ModuleType]) -> ModuleType:
+    return bench_module("guest_tap_baseline")
 
 
 SPIN = """
@@ -178,12 +172,8 @@ def test_vcpus_option_reaches_the_figures(baseline: ModuleType) -> None:
 
 
 @pytest.fixture(scope="module")
-def guest_cpu() -> Iterator[ModuleType]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    try:
-        yield importlib.import_module("guest_cpu")
-    finally:
-        sys.path.pop(0)
+def guest_cpu(bench_module: Callable[[str], ModuleType]) -> ModuleType:
+    return bench_module("guest_cpu")
 
 
 def test_virtio_interrupts_names_every_vector_of_the_nic(guest_cpu: ModuleType) -> None:

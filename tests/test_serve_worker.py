@@ -12,8 +12,9 @@ import os
 import select
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 
 import pytest
 from hypothesis import given, settings
@@ -875,18 +876,10 @@ def test_deferred_kicks_keep_a_forked_worker_live(rig: Rig) -> None:
     assert rig.counter("tx_packets") == 16 and rig.counter("kicks") >= 1
 
 
-def test_worker_latency_bench_runs() -> None:
+def test_worker_latency_bench_runs(bench_module: Callable[[str], ModuleType]) -> None:
     """bench/worker_latency.py drives a real forked worker: every frame comes back
     (the loop would hang otherwise) and the worker woke on kicks, at most one per frame."""
-    import importlib
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    try:
-        bench = importlib.import_module("worker_latency")
-    finally:
-        sys.path.pop(0)
+    bench = bench_module("worker_latency")
     per_frame, wakes = bench.worker_roundtrip(200)
     assert per_frame > 0
     assert 1 <= wakes <= 200

@@ -853,11 +853,8 @@ class Worker:
         idle_timeout = NOFD_POLL_S if self.nofd else -1.0
         while True:
             if work():
-                events = ep_poll(0)
-                if events:
-                    self.handle(events)
-                    if self.done:
-                        return
+                if self._handle_ready():
+                    return
                 continue
             if poll_s and self._spin(poll_s):
                 if self.done:
@@ -865,17 +862,21 @@ class Worker:
                 continue
             if self.defer():
                 wait_readable(self.ep.fileno(), self.defer_s)
-                events = ep_poll(0)
-                if events:
-                    self.handle(events)
-                    if self.done:
-                        return
+                if self._handle_ready():
+                    return
                 continue
             if self.arm():
                 continue
             self.wake(ep_poll(idle_timeout))
             if self.done:
                 return
+
+    def _handle_ready(self) -> bool:
+        """Handle the events ready now (no wait); True when the worker is done."""
+        events = self.ep.poll(0)
+        if events:
+            self.handle(events)
+        return self.done
 
     # The steps of the loop, shared by run() and run_group().
 
