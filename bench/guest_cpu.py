@@ -3,8 +3,8 @@
 Boots the guest of ``guest_runs.py`` (same namespace, tap, placement) on one
 backend at a time and, while one iperf3 TCP run (``--direction h2g``: host ->
 guest, ``g2h``: guest -> host) is in its steady state, samples over
-``--seconds`` (``--test udp64``: 64-byte UDP datagrams as fast as iperf3 can
-send them instead of TCP):
+``--seconds`` (``--test udp64``: 64-byte UDP datagrams instead of TCP, as fast
+as iperf3 can send them or ``--rate`` per second):
 
 * each QEMU thread's host CPU (QEMU runs with ``-name debug-threads=on``, so
   the vCPU threads are named ``CPU n/TCG``) and each ``virtnet serve``
@@ -21,8 +21,8 @@ throughput figure.  ``--device-extra`` adds virtio-net-pci properties to
 both backends' NIC (e.g. ``rx_queue_size=1024``).
 
 Run as root: ``python bench/guest_cpu.py [--backend both|virtnet|qemu]
-[--direction h2g|g2h] [--test tcp|udp64] [--seconds 6] [--vcpus 2] [--queues 1] [--streams 4]
-[--device-extra PROPS] [--kick-defer-us U]``.
+[--direction h2g|g2h] [--test tcp|udp64] [--rate PPS] [--seconds 6] [--vcpus 2]
+[--queues 1] [--streams 4] [--device-extra PROPS] [--kick-defer-us U]``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from guest_runs import serve_on_tap
-from guest_tap_baseline import GUEST_CIDR, HOST_IP, UDP_PAYLOAD, can_boot, pin_guest_placement
+from guest_tap_baseline import (
+    GUEST_CIDR,
+    HOST_IP,
+    UDP_PAYLOAD,
+    can_boot,
+    per_stream_bitrate,
+    pin_guest_placement,
+)
 
 from virtnet.testing.guest import Guest, tap_netdev_args, vhost_user_netdev_args
 from virtnet.testing.netns import NetNS, unique_name
@@ -151,6 +158,7 @@ def sample(
     vcpus: int,
     serve_pids: Callable[[], list[int]] = list,
     serve_socket: Path | None = None,
+    rate: int = 0,
 ) -> CpuBreakdown:
     """Run iperf3 in ``guest`` in the background and sample its steady state."""
     qemu = guest.qemu_pid
@@ -159,7 +167,8 @@ def sample(
     prefix = pin_guest_placement(guest, vcpus)
     total_s = round(WARMUP_S + seconds + 2)
     reverse = " -R" if direction == "h2g" else ""
-    udp = f" -u -l {UDP_PAYLOAD} -b 0" if test == "udp64" else ""
+    bitrate = per_stream_bitrate(rate, streams) if rate else 0
+    udp = f" -u -l {UDP_PAYLOAD} -b {bitrate}" if test == "udp64" else ""
     guest.run(
         f"({prefix}iperf3 -c {HOST_IP} -P {streams} -t {total_s} -J{reverse}{udp}"
         " > /tmp/iperf3.json 2>&1 &)"
@@ -227,6 +236,7 @@ def measure(
     streams: int = 4,
     device_extra: str = "",
     kick_defer_us: int | None = None,
+    rate: int = 0,
 ) -> CpuBreakdown:
     """One boot on ``backend`` (``virtnet`` or ``qemu``), one sample."""
     tap = unique_name("vntap")
@@ -237,6 +247,7 @@ def measure(
         "seconds": seconds,
         "streams": streams,
         "vcpus": vcpus,
+        "rate": rate,
     }
     with tempfile.TemporaryDirectory(prefix="vnguestcpu-") as d, NetNS() as ns:
         if backend == "virtnet":
@@ -271,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--backend", choices=("both", "virtnet", "qemu"), default="both")
     ap.add_argument("--direction", choices=("h2g", "g2h"), default="h2g")
     ap.add_argument("--test", choices=("tcp", "udp64"), default="tcp")
+    ap.add_argument(
+        "--rate", type=int, default=0, help="udp64: datagrams/s offered (default 0: flood)"
+    )
     ap.add_argument("--seconds", type=float, default=6.0, help="length of the sample")
     ap.add_argument("--vcpus", type=int, default=2, choices=range(1, 9), metavar="N")
     ap.add_argument("--queues", type=int, default=1, choices=range(1, 17), metavar="Q")
@@ -283,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.seconds <= 0:
         ap.error("--seconds must be positive")
+    if args.rate < 0:
+        ap.error("--rate must be >= 0")
     if not can_boot():
         return 2
     backends = ("virtnet", "qemu") if args.backend == "both" else (args.backend,)
@@ -299,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 streams=args.streams,
                 device_extra=args.device_extra,
                 kick_defer_us=args.kick_defer_us,
+                rate=args.rate,
             )
         )
         print(results[-1].table(), flush=True)
