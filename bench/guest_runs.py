@@ -45,9 +45,10 @@ from guest_tap_baseline import (
     tap_baseline,
 )
 
-from virtnet.testing.guest import vhost_user_netdev_args, wait_for
+from virtnet.testing.guest import vhost_user_netdev_args
 from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import stop_process
+from virtnet.testing.serve import start_serve
 from virtnet.vhost_user.backend import MAX_QUEUE_PAIRS
 
 
@@ -76,19 +77,15 @@ def serve_on_tap(
     sock, stats, log = workdir / "vm.sock", workdir / "stats.sock", workdir / "serve.log"
     ns.create_tap(tap)
     ns.set_address(tap, f"{HOST_IP}/24")
-    with log.open("w") as out:
-        serve = ns.popen(
-            [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(sock),
-             "--port", f"tap:{tap}", "--queues", str(queues), "--stats-socket", str(stats),
-             "--poll-us", str(poll_us), "--workers", str(workers),
-             *([] if kick_defer_us is None else ["--kick-defer-us", str(kick_defer_us)])],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+    log.write_text("")
+    serve = start_serve(
+        ns,
+        ["--socket", str(sock), "--port", f"tap:{tap}", "--queues", str(queues),
+         "--poll-us", str(poll_us), "--workers", str(workers),
+         *([] if kick_defer_us is None else ["--kick-defer-us", str(kick_defer_us)])],
+        stats=stats, log=log, verbose=False,
+    )  # fmt: skip
     try:
-        if not wait_for(lambda: stats.exists() or serve.poll() is not None, timeout=20):
-            raise RuntimeError("virtnet serve did not start")
-        if serve.poll() is not None:
-            raise RuntimeError(f"virtnet serve exited:\n{log.read_text()}")
         yield Serve(sock, stats, serve)
     finally:
         stop_process(serve)

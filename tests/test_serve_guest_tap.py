@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import pytest
 from virtnet.testing.guest import Guest, queue_deltas, vhost_user_netdev_args, wait_for
 from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import stop_process
+from virtnet.testing.serve import start_serve
 from virtnet.vhost_user.stats import fetch
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
@@ -55,16 +55,8 @@ class Setup:
 def _start_serve(
     ns: NetNS, tap: str, sock: Path, stats: Path, log: Path, *args: str
 ) -> subprocess.Popen[str]:
-    with log.open("a") as out:
-        proc = ns.popen(
-            [sys.executable, "-m", "virtnet.cli", "-v", "serve", "--socket", str(sock),
-             "--port", f"tap:{tap}", "--queues", str(QUEUES), "--stats-socket", str(stats),
-             *args],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    assert wait_for(lambda: stats.exists() or proc.poll() is not None, timeout=20)
-    assert proc.poll() is None, log.read_text()[-3000:]
-    return proc
+    serve_args = ["--socket", str(sock), "--port", f"tap:{tap}", "--queues", str(QUEUES), *args]
+    return start_serve(ns, serve_args, stats=stats, log=log)
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 from virtnet.errors import UsageError
 from virtnet.testing.netns import die_with_parent
@@ -602,7 +602,7 @@ class Guest:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def __enter__(self) -> Guest:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -624,15 +624,25 @@ class Guest:
         """QMP monitor socket of this guest (server, no wait)."""
         return self.workdir / "qmp.sock"
 
-    def command_line(self) -> list[str]:
-        """The full QEMU command line (valid after :meth:`start` chose the work dir)."""
-        kernel = self.kernel if self.kernel is not None else find_kernel()[0]
-        assert self.initramfs is not None
+    @property
+    def agent_socket(self) -> Path:
+        """Unix socket the guest's second serial port (the agent) connects to."""
+        return self.workdir / "agent.sock"
+
+    def kernel_cmdline(self) -> str:
+        """The guest kernel's command line: console on ttyS0, /init, the IP."""
         append = "console=ttyS0 quiet loglevel=0 panic=-1 rdinit=/init"
         if self.ip:
             append += f" virtnet.ip={self.ip}"
         if self.cmdline_extra:
             append += " " + self.cmdline_extra
+        return append
+
+    def command_line(self) -> list[str]:
+        """The full QEMU command line (valid after :meth:`start` chose the work dir)."""
+        kernel = self.kernel if self.kernel is not None else find_kernel()[0]
+        assert self.initramfs is not None
+        append = self.kernel_cmdline()
         argv = [
             qemu_binary(),
             "-accel", self.accel,
@@ -646,7 +656,7 @@ class Guest:
             "-append", append,
             "-chardev", f"file,id=con,path={self.console_log}",
             "-serial", "chardev:con",
-            "-chardev", f"socket,id=agent,path={self.workdir / 'agent.sock'}",
+            "-chardev", f"socket,id=agent,path={self.agent_socket}",
             "-serial", "chardev:agent",
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             "-monitor", "none",
@@ -657,26 +667,17 @@ class Guest:
 
     def start(self) -> None:
         """Launch QEMU and wait until the agent answers (``boot_timeout``)."""
-        if self._proc is not None:
+        if self._launched():
             raise UsageError("guest already started")
         if self.initramfs is None:
             self.initramfs = build_initramfs(default_initramfs_dir())
         self.workdir = Path(tempfile.mkdtemp(prefix="vnguest-"))
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind(str(self.workdir / "agent.sock"))
+            listener.bind(str(self.agent_socket))
             listener.listen(1)
-            argv = self.command_line()
             t0 = time.monotonic()
-            with open(self.workdir / "qemu.log", "wb") as qlog:
-                self._proc = subprocess.Popen(
-                    die_with_parent(argv),
-                    stdin=subprocess.DEVNULL,
-                    stdout=qlog,
-                    stderr=subprocess.STDOUT,
-                    env=None if self.env is None else {**os.environ, **self.env},
-                    start_new_session=True,
-                )
+            self._launch()
             deadline = t0 + self.boot_timeout
             listener.settimeout(0.2)
             while self._sock is None:
@@ -700,11 +701,38 @@ class Guest:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._stop()
+        if self.workdir != Path() and not keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- how QEMU is run (a subclass may hand it to a manager such as libvirt) ----------
+
+    def _launch(self) -> None:
+        """Start QEMU with :meth:`command_line`, output to ``qemu.log``."""
+        argv = self.command_line()
+        with open(self.workdir / "qemu.log", "wb") as qlog:
+            self._proc = subprocess.Popen(
+                die_with_parent(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=qlog,
+                stderr=subprocess.STDOUT,
+                env=None if self.env is None else {**os.environ, **self.env},
+                start_new_session=True,
+            )
+
+    def _launched(self) -> bool:
+        """True from :meth:`_launch` until :meth:`_stop`."""
+        return self._proc is not None
+
+    def _stop(self) -> None:
+        """Stop QEMU (idempotent)."""
         proc, self._proc = self._proc, None
         if proc is not None:
             stop_process(proc, timeout=10)
-        if self.workdir != Path() and not keep_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _exit_status(self) -> str:
+        """How QEMU ended, for error messages."""
+        return f"exited ({self._proc and self._proc.returncode})"
 
     @property
     def running(self) -> bool:
@@ -733,7 +761,7 @@ class Guest:
             return ""
 
     def _error(self, what: str) -> GuestError:
-        status = "running" if self.running else f"exited ({self._proc and self._proc.returncode})"
+        status = "running" if self.running else self._exit_status()
         return GuestError(
             f"{what} [QEMU {status}]\n--- console tail ---\n{self.console_tail()}\n"
             f"--- QEMU output ---\n{self._qemu_output()}\n--- agent buffer tail ---\n"
@@ -741,7 +769,7 @@ class Guest:
         )
 
     def _check_alive(self, when: str) -> None:
-        if self._proc is None or self._proc.poll() is not None:
+        if not self.running:
             raise self._error(f"QEMU exited {when}")
 
     # -- the agent ---------------------------------------------------------------------
