@@ -15,7 +15,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -24,8 +23,7 @@ import pytest
 from virtnet.testing.guest import Guest, queue_deltas, vhost_user_netdev_args, wait_for
 from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import stop_process
-from virtnet.testing.serve import start_serve
-from virtnet.vhost_user.stats import fetch
+from virtnet.testing.serve import ServedGuest, check_serve_restart, start_tap_serve
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
 
@@ -34,33 +32,14 @@ HOST_IP = "10.77.0.1"
 GUEST_IP = "10.77.0.2"
 
 
-@dataclass
-class Setup:
-    guest: Guest
-    ns: NetNS
-    tap: str
-    sock: Path
-    stats: Path
-    log: Path
-    serve: subprocess.Popen[str]
-
-    def start_serve(self) -> None:
-        self.serve = _start_serve(self.ns, self.tap, self.sock, self.stats, self.log)
-
-    def pairs(self) -> list[dict[str, int]]:
-        pairs: list[dict[str, int]] = fetch(str(self.stats))["vms"][0]["pairs"]
-        return pairs
-
-
 def _start_serve(
     ns: NetNS, tap: str, sock: Path, stats: Path, log: Path, *args: str
 ) -> subprocess.Popen[str]:
-    serve_args = ["--socket", str(sock), "--port", f"tap:{tap}", "--queues", str(QUEUES), *args]
-    return start_serve(ns, serve_args, stats=stats, log=log)
+    return start_tap_serve(ns, tap, sock, stats, log, queues=QUEUES, args=args)
 
 
 @pytest.fixture(scope="module")
-def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedGuest]:
     tmp = tmp_path_factory.mktemp("serve-tap")
     tap = unique_name("vntap")
     with NetNS() as ns:
@@ -68,7 +47,7 @@ def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         ns.set_address(tap, f"{HOST_IP}/24")
         sock, stats, log = tmp / "vm.sock", tmp / "stats.sock", tmp / "serve.log"
         serve = _start_serve(ns, tap, sock, stats, log)
-        s: Setup | None = None
+        s: ServedGuest | None = None
         try:
             with Guest(
                 vhost_user_netdev_args(sock, queues=QUEUES, reconnect_ms=500),
@@ -78,14 +57,14 @@ def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                 extra_args=["-m", "512M,slots=2,maxmem=1G"],
                 cmdline_extra="memhp_default_state=online",
             ) as guest:
-                s = Setup(guest, ns, tap, sock, stats, log, serve)
+                s = ServedGuest(guest, ns, tap, sock, stats, log, serve, QUEUES)
                 yield s
         finally:
             stop_process(s.serve if s is not None else serve)
             print(log.read_text()[-6000:])
 
 
-def _iperf_both_ways(s: Setup, *, streams: int, seconds: int) -> None:
+def _iperf_both_ways(s: ServedGuest, *, streams: int, seconds: int) -> None:
     with s.ns.iperf3_server():
         out = s.guest.iperf3(f"-c {HOST_IP} -P {streams} -t {seconds} -i 0")
         assert "receiver" in out, out
@@ -93,11 +72,7 @@ def _iperf_both_ways(s: Setup, *, streams: int, seconds: int) -> None:
         assert "receiver" in out, out
 
 
-def _enabled_is(s: Setup, n: int) -> bool:
-    return [p["enabled"] for p in s.pairs()] == [1] * n + [0] * (QUEUES - n)
-
-
-def test_channels_follow_and_ping(setup: Setup) -> None:
+def test_channels_follow_and_ping(setup: ServedGuest) -> None:
     """ethtool -L 1, 2, 4, 1: serve follows; ping; iperf3 -P 4 both ways uses every
     enabled queue (rx and tx, ethtool -S deltas) and no disabled one."""
     g = setup.guest
@@ -105,7 +80,7 @@ def test_channels_follow_and_ping(setup: Setup) -> None:
     for n in (1, 2, 4, 1):
         g.set_channels(n)
         assert g.channels().combined == n
-        assert wait_for(partial(_enabled_is, setup, n), timeout=10), setup.pairs()
+        assert wait_for(partial(ServedGuest.enabled_is, setup, n), timeout=10), setup.pairs()
         assert g.ping(HOST_IP, count=2), g.console_tail()
         before = g.ethtool_stats()
         _iperf_both_ways(setup, streams=4, seconds=2)
@@ -121,7 +96,7 @@ def test_channels_follow_and_ping(setup: Setup) -> None:
     assert setup.ns.ping(GUEST_IP, count=2)
 
 
-def test_iperf3_tcp_all_queues_used(setup: Setup) -> None:
+def test_iperf3_tcp_all_queues_used(setup: ServedGuest) -> None:
     g = setup.guest
     g.set_channels(QUEUES)
     before = g.ethtool_stats()
@@ -142,7 +117,7 @@ def test_iperf3_tcp_all_queues_used(setup: Setup) -> None:
         assert s1[q]["errors"] == 0
 
 
-def test_rx_follows_tx_per_flow(setup: Setup) -> None:
+def test_rx_follows_tx_per_flow(setup: ServedGuest) -> None:
     """One TCP flow at a time (distinct client ports, iperf3 pinned to one vCPU so
     the guest's XPS keeps the flow on one tx queue): its rx comes back on that
     queue -- the tap's flow table steers rx to the queue the flow was sent on."""
@@ -168,11 +143,11 @@ def test_rx_follows_tx_per_flow(setup: Setup) -> None:
     assert len(seen) >= 2, seen
 
 
-def test_worker_killed_is_restarted_from_used_index(setup: Setup) -> None:
+def test_worker_killed_is_restarted_from_used_index(setup: ServedGuest) -> None:
     """SIGKILL one pair's worker under traffic: serve restarts it, traffic goes on."""
     g = setup.guest
     g.set_channels(QUEUES)
-    assert wait_for(partial(_enabled_is, setup, QUEUES), timeout=10)
+    assert wait_for(partial(ServedGuest.enabled_is, setup, QUEUES), timeout=10)
     before = setup.pairs()
     victim = before[1]["pid"]
     others = [before[q]["pid"] for q in (0, 2, 3)]
@@ -192,12 +167,12 @@ def test_worker_killed_is_restarted_from_used_index(setup: Setup) -> None:
     assert "resumes from used index" in setup.log.read_text()
 
 
-def test_memory_hotplug_remaps_running_workers(setup: Setup) -> None:
+def test_memory_hotplug_remaps_running_workers(setup: ServedGuest) -> None:
     """A DIMM plugged at run time: QEMU sends ADD_MEM_REG, every worker is
     stopped, remapped and restarted before the reply; traffic goes on."""
     g = setup.guest
     g.set_channels(QUEUES)
-    assert wait_for(partial(_enabled_is, setup, QUEUES), timeout=10)
+    assert wait_for(partial(ServedGuest.enabled_is, setup, QUEUES), timeout=10)
     before = [p["pid"] for p in setup.pairs()]
     g.qmp("object-add", {"qom-type": "memory-backend-memfd", "id": "hp0",
                          "size": 256 << 20, "share": True})  # fmt: skip
@@ -212,7 +187,7 @@ def test_memory_hotplug_remaps_running_workers(setup: Setup) -> None:
     assert all(p["errors"] == 0 for p in setup.pairs())
 
 
-def test_driver_reload_restarts_rings(setup: Setup) -> None:
+def test_driver_reload_restarts_rings(setup: ServedGuest) -> None:
     """rmmod/insmod virtio_net in the guest: QEMU stops every ring (GET_VRING_BASE),
     resets the device and starts fresh rings at index 0; traffic resumes."""
     g = setup.guest
@@ -232,27 +207,12 @@ def test_driver_reload_restarts_rings(setup: Setup) -> None:
     assert all(p["errors"] == 0 for p in setup.pairs())
 
 
-def test_serve_restart_resumes_traffic(setup: Setup) -> None:
+def test_serve_restart_resumes_traffic(setup: ServedGuest) -> None:
     """Kill serve (SIGKILL: workers die with it) and start it again: no guest reboot."""
-    g = setup.guest
-    g.set_channels(2)
-    assert g.ping(HOST_IP, count=1)
-    setup.serve.kill()
-    setup.serve.wait()
-    time.sleep(1.0)
-    assert not g.ping(HOST_IP, count=1, timeout=4)
-    setup.start_serve()
-    assert wait_for(lambda: g.ping(HOST_IP, count=1, timeout=4), timeout=60), setup.log.read_text()[
-        -3000:
-    ]
-    assert wait_for(lambda: sum(p["enabled"] for p in setup.pairs()) == 2, timeout=10)
-    with setup.ns.iperf3_server():
-        out = g.iperf3(f"-c {HOST_IP} -P 2 -t 2 -i 0")
-        assert "receiver" in out, out
-    assert setup.guest.running
+    check_serve_restart(setup, HOST_IP, pairs=2)
 
 
-def _running(s: Setup, n: int) -> bool:
+def _running(s: ServedGuest, n: int) -> bool:
     return all(p["pid"] for p in s.pairs()[:n])
 
 
@@ -272,10 +232,10 @@ def test_grouped_workers_with_a_real_guest(guest_initramfs: Path, tmp_path: Path
                 initramfs=guest_initramfs,
                 ip=f"{GUEST_IP}/24",
             ) as g:
-                s = Setup(g, ns, tap, sock, stats, log, serve)
+                s = ServedGuest(g, ns, tap, sock, stats, log, serve, QUEUES)
                 for n in (4, 1, 2, 4):
                     g.set_channels(n)
-                    assert wait_for(partial(_enabled_is, s, n), timeout=10), s.pairs()
+                    assert wait_for(partial(ServedGuest.enabled_is, s, n), timeout=10), s.pairs()
                     assert wait_for(partial(_running, s, n), timeout=10), s.pairs()
                     pids = [p["pid"] for p in s.pairs()]
                     assert len({pids[q] for q in range(n)}) == min(n, 2), (n, pids)

@@ -12,8 +12,6 @@ while the guest runs (the README's ``<reconnect>``): traffic resumes, no reboot.
 from __future__ import annotations
 
 import re
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -25,8 +23,7 @@ from virtnet.testing.guest import queue_deltas, wait_for
 from virtnet.testing.libvirt import Libvirtd, LibvirtGuest, skip_reason
 from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import stop_process
-from virtnet.testing.serve import start_serve
-from virtnet.vhost_user.stats import fetch
+from virtnet.testing.serve import ServedGuest, check_serve_restart, start_tap_serve
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
 
@@ -59,27 +56,9 @@ def test_readme_snippet_is_found() -> None:
 
 
 @dataclass
-class Setup:
+class Setup(ServedGuest):
     guest: LibvirtGuest
     libvirtd: Libvirtd
-    ns: NetNS
-    tap: str
-    sock: Path
-    stats: Path
-    log: Path
-    serve: subprocess.Popen[str]
-
-    def start_serve(self) -> None:
-        self.serve = _start_serve(self.ns, self.tap, self.sock, self.stats, self.log)
-
-    def pairs(self) -> list[dict[str, int]]:
-        pairs: list[dict[str, int]] = fetch(str(self.stats))["vms"][0]["pairs"]
-        return pairs
-
-
-def _start_serve(ns: NetNS, tap: str, sock: Path, stats: Path, log: Path) -> subprocess.Popen[str]:
-    args = ["--socket", str(sock), "--port", f"tap:{tap}", "--queues", str(QUEUES)]
-    return start_serve(ns, args, stats=stats, log=log)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +73,7 @@ def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         ns.create_tap(tap)
         ns.set_address(tap, f"{HOST_IP}/24")
         sock, stats, log = tmp / "vm.sock", tmp / "stats.sock", tmp / "serve.log"
-        serve = _start_serve(ns, tap, sock, stats, log)
+        serve = start_tap_serve(ns, tap, sock, stats, log, queues=QUEUES)
         s: Setup | None = None
         try:
             with (
@@ -107,15 +86,11 @@ def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                     ip=f"{GUEST_IP}/24",
                 ) as guest,
             ):
-                s = Setup(guest, lv, ns, tap, sock, stats, log, serve)
+                s = Setup(guest, ns, tap, sock, stats, log, serve, QUEUES, lv)
                 yield s
         finally:
             stop_process(s.serve if s is not None else serve)
             print(log.read_text()[-6000:])
-
-
-def _enabled_is(s: Setup, n: int) -> bool:
-    return [p["enabled"] for p in s.pairs()] == [1] * n + [0] * (QUEUES - n)
 
 
 def test_libvirt_builds_a_multiqueue_vhost_user_device(setup: Setup) -> None:
@@ -138,7 +113,7 @@ def test_channels_ping_and_iperf3_on_every_queue(setup: Setup) -> None:
     for n in (1, QUEUES):
         g.set_channels(n)
         assert g.channels().combined == n
-        assert wait_for(partial(_enabled_is, setup, n), timeout=10), setup.pairs()
+        assert wait_for(partial(setup.enabled_is, n), timeout=10), setup.pairs()
         assert g.ping(HOST_IP, count=2), g.console_tail()
     before = g.ethtool_stats()
     rx: dict[int, int] = {}
@@ -159,19 +134,4 @@ def test_channels_ping_and_iperf3_on_every_queue(setup: Setup) -> None:
 
 def test_serve_restart_resumes_traffic_under_libvirt(setup: Setup) -> None:
     """The snippet's ``<reconnect>``: QEMU (run by libvirt) dials serve again."""
-    g = setup.guest
-    g.set_channels(2)
-    assert g.ping(HOST_IP, count=1)
-    setup.serve.kill()
-    setup.serve.wait()
-    time.sleep(1.0)
-    assert not g.ping(HOST_IP, count=1, timeout=4)
-    setup.start_serve()
-    assert wait_for(lambda: g.ping(HOST_IP, count=1, timeout=4), timeout=60), setup.log.read_text()[
-        -3000:
-    ]
-    assert wait_for(lambda: sum(p["enabled"] for p in setup.pairs()) == 2, timeout=10)
-    with setup.ns.iperf3_server():
-        out = g.iperf3(f"-c {HOST_IP} -P 2 -t 2 -i 0")
-        assert "receiver" in out, out
-    assert g.running
+    check_serve_restart(setup, HOST_IP, pairs=2)

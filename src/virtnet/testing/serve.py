@@ -1,14 +1,18 @@
-"""Start ``virtnet serve`` for a test or a benchmark, inside a network namespace."""
+"""Start ``virtnet serve`` for a test or a benchmark, inside a network namespace,
+and the checks the real-guest tests share."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from virtnet.testing.guest import wait_for
+from virtnet.testing.guest import Guest, wait_for
 from virtnet.testing.netns import NetNS
+from virtnet.vhost_user.stats import fetch
 
 #: How long serve may take to put up its stats socket.
 SERVE_START_TIMEOUT = 20.0
@@ -34,3 +38,77 @@ def start_serve(
         tail = log.read_text()[-3000:]
         raise ServeStartError(f"virtnet serve exited ({proc.returncode}):\n{tail}")
     return proc
+
+
+def start_tap_serve(
+    ns: NetNS,
+    tap: str,
+    sock: Path,
+    stats: Path,
+    log: Path,
+    *,
+    queues: int,
+    args: Sequence[str] = (),
+) -> subprocess.Popen[str]:
+    """``virtnet -v serve --socket SOCK --port tap:TAP --queues N ARGS`` in ``ns``."""
+    serve_args = ["--socket", str(sock), "--port", f"tap:{tap}", "--queues", str(queues), *args]
+    return start_serve(ns, serve_args, stats=stats, log=log)
+
+
+@dataclass
+class ServedGuest:
+    """A test guest on ``virtnet serve --port tap:TAP`` running in ``ns``."""
+
+    guest: Guest
+    ns: NetNS
+    tap: str
+    sock: Path
+    stats: Path
+    log: Path
+    serve: subprocess.Popen[str]
+    queues: int
+
+    def start_serve(self, *args: str) -> None:
+        """Start serve again (after :meth:`kill_serve`) with the same socket and tap."""
+        self.serve = start_tap_serve(
+            self.ns, self.tap, self.sock, self.stats, self.log, queues=self.queues, args=args
+        )
+
+    def kill_serve(self) -> None:
+        """SIGKILL serve; its workers die with it."""
+        self.serve.kill()
+        self.serve.wait()
+
+    def pairs(self) -> list[dict[str, int]]:
+        """serve's per-pair counters of the (one) VM."""
+        pairs: list[dict[str, int]] = fetch(str(self.stats))["vms"][0]["pairs"]
+        return pairs
+
+    def enabled_is(self, n: int) -> bool:
+        """Exactly the first ``n`` pairs are enabled."""
+        return [p["enabled"] for p in self.pairs()] == [1] * n + [0] * (self.queues - n)
+
+
+def check_serve_restart(sg: ServedGuest, host_ip: str, *, pairs: int = 2) -> None:
+    """Kill serve while ``sg.guest`` runs with ``pairs`` pairs, start it again: the
+    guest reaches ``host_ip`` again without a reboot (QEMU reconnects), serve
+    re-enables the pairs and iperf3 runs.  AssertionError says which step failed."""
+    g = sg.guest
+    g.set_channels(pairs)
+    if not g.ping(host_ip, count=1):
+        raise AssertionError(f"no ping before the restart\n{g.console_tail()}")
+    sg.kill_serve()
+    time.sleep(1.0)
+    if g.ping(host_ip, count=1, timeout=4):
+        raise AssertionError("ping answered while serve was down")
+    sg.start_serve()
+    if not wait_for(lambda: g.ping(host_ip, count=1, timeout=4), timeout=60):
+        raise AssertionError(f"no ping after the restart\n{sg.log.read_text()[-3000:]}")
+    if not wait_for(lambda: sum(p["enabled"] for p in sg.pairs()) == pairs, timeout=10):
+        raise AssertionError(f"serve did not re-enable {pairs} pairs: {sg.pairs()}")
+    with sg.ns.iperf3_server():
+        out = g.iperf3(f"-c {host_ip} -P {pairs} -t 2 -i 0")
+    if "receiver" not in out:
+        raise AssertionError(f"iperf3 after the restart:\n{out}")
+    if not g.running:
+        raise AssertionError("the guest stopped")
