@@ -99,6 +99,7 @@ __all__ = [
     "SPEED_UNKNOWN",
     "STATUS_ANNOUNCE",
     "STATUS_LINK_UP",
+    "VHOST_F_LOG_ALL",
     "VHOST_USER_F_PROTOCOL_FEATURES",
     "VIRTIO_ID_NET",
     "FeatureError",
@@ -180,6 +181,9 @@ class NetFeature(enum.IntFlag):
 # speaks GET/SET_PROTOCOL_FEATURES.  It is not a virtio feature and never reaches
 # the guest.
 VHOST_USER_F_PROTOCOL_FEATURES: Final = 30
+# linux/vhost.h "VHOST_F_LOG_ALL 26": while negotiated the backend marks every page
+# it writes in the dirty log (vhost-user.rst "Migration").  Not a virtio feature.
+VHOST_F_LOG_ALL: Final = 26
 
 _F = NetFeature
 

@@ -35,6 +35,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from virtnet.dirty_log import DirtyLog
 from virtnet.errors import VirtqueueError
 from virtnet.memory import GuestMemory
 
@@ -229,6 +230,63 @@ class DeviceQueue:
         # One reusable Chain per head for single-descriptor chains: a head is
         # never in flight twice, so its object is free again once it was used.
         self._pool = [Chain(h, (), (), 0, 0) for h in range(size)]
+        # Live migration: pages written are marked here (set_dirty_log).
+        self.dirty: DirtyLog | None = None
+        self.used_log_addr: int | None = None
+
+    def set_dirty_log(self, log: DirtyLog | None, used_log_addr: int | None = None) -> None:
+        """Mark every page this queue writes in ``log`` from now on: the
+        buffers of the chains pushed (their written bytes) and, when
+        ``used_log_addr`` is given (vhost-user ``VHOST_VRING_F_LOG``), the used
+        ring, logged at that address.  ``None`` stops logging."""
+        self.dirty = log
+        self.used_log_addr = used_log_addr if log is not None else None
+
+    def _log_used_ring(self, dirty: DirtyLog) -> None:
+        if self.used_log_addr is not None:
+            dirty.mark(self.used_log_addr, 6 + 8 * self.size)
+
+    def _log_chain(self, dirty: DirtyLog, head: int, written: int) -> None:
+        """Mark the pages of the first ``written`` device-writable bytes of the
+        chain at ``head``, walked again from the descriptor table (within the
+        same hop budget as a pop; a chain the driver changed since is marked
+        as far as it is still well formed)."""
+        r = self._r
+        table = r.desc
+        table_size = self.size
+        idx = head
+        hops = 0
+        left = written
+        nested = False
+        while left > 0 and idx < table_size and hops <= table_size:
+            addr, length, flags, nxt = _desc_unpack(table, idx * DESC_SIZE)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                entries, rest = divmod(length, DESC_SIZE)
+                if nested or rest or not 0 < entries <= MAX_QUEUE_SIZE:
+                    return
+                try:
+                    table = self.mem.view(addr, length)
+                except Exception:  # GuestMemoryError: nothing of it was written
+                    return
+                table_size = length // DESC_SIZE
+                nested = True
+                idx = 0
+                hops = 0
+                continue
+            if flags & VIRTQ_DESC_F_WRITE:
+                take = min(length, left)
+                dirty.mark(addr, take)
+                left -= take
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return
+            idx = nxt
+            hops += 1
+
+    def _log_push(self, dirty: DirtyLog, used: Sequence[tuple[int, int]]) -> None:
+        for head, length in used:
+            if length:
+                self._log_chain(dirty, head, length)
+        self._log_used_ring(dirty)
 
     # -- available side ---------------------------------------------------
     def avail_idx(self) -> int:
@@ -387,6 +445,8 @@ class DeviceQueue:
         idx &= 0xFFFF
         r.used[1] = idx
         self.used_idx = idx
+        if self.dirty is not None:
+            self._log_push(self.dirty, used)
 
     def push_heads(self, heads: Sequence[int], length: int = 0) -> None:
         """Return chains that all wrote ``length`` bytes (transmit: 0); one publish."""
@@ -404,6 +464,8 @@ class DeviceQueue:
         idx &= 0xFFFF
         r.used[1] = idx
         self.used_idx = idx
+        if self.dirty is not None:
+            self._log_push(self.dirty, [(h, length) for h in heads])
 
     def push_one(self, head: int, length: int) -> None:
         """Return one chain and publish the used index."""
@@ -415,6 +477,8 @@ class DeviceQueue:
         idx = (idx + 1) & 0xFFFF
         r.used[1] = idx
         self.used_idx = idx
+        if self.dirty is not None:
+            self._log_push(self.dirty, [(head, length)])
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last decision."""
@@ -450,6 +514,8 @@ class DeviceQueue:
             on,
             self.event_idx,
         )
+        if self.dirty is not None:
+            self._log_used_ring(self.dirty)
         if not on:
             return False
         _full_barrier()
