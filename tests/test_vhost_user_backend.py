@@ -10,11 +10,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from virtnet.dirty_log import MAX_LOG_BYTES
 from virtnet.errors import ProtocolError
 from virtnet.net import NetFeature
 from virtnet.testing.fds import fd_is_open, open_fds
 from virtnet.vhost_user.backend import (
     DEFAULT_FEATURES,
+    LOG_ALL,
     Backend,
     BackendConfig,
     NullEvents,
@@ -28,6 +30,7 @@ from virtnet.vhost_user.codec import (
     VERSION,
     Body,
     Empty,
+    LogBase,
     MemRegion,
     MemTable,
     Message,
@@ -200,7 +203,7 @@ def test_qemu10_observed_sequence() -> None:
         offered = reply_u64(be.handle(msg(R.GET_FEATURES)))
         assert offered & (1 << F_PROTOCOL_FEATURES)
         pf = reply_u64(be.handle(msg(R.GET_PROTOCOL_FEATURES)))
-        assert pf == 0x1A019  # MQ REPLY_ACK NET_MTU RESET_DEVICE CONFIGURE_MEM_SLOTS STATUS
+        assert pf == 0x1A01B  # MQ LOG_SHMFD REPLY_ACK NET_MTU RESET_DEVICE MEM_SLOTS STATUS
         be.handle(msg(R.SET_PROTOCOL_FEATURES, U64(pf)))
         if dev == 0:
             assert reply_u64(be.handle(msg(R.GET_QUEUE_NUM))) == pairs
@@ -490,7 +493,7 @@ def _started_backend(rec: Recorder | None = None) -> Backend:
             "available ring",
         ),
         ([(R.SET_VRING_KICK, VringFd(0, True))], "no size or addresses"),
-        ([(R.SET_LOG_BASE, Raw(bytes(16)))], "not supported"),
+        ([(R.SET_LOG_BASE, LogBase(4096, 0))], "shared-memory file"),
         ([(R.GET_CONFIG, Raw(bytes(12)))], "not supported"),
         ([(R.VRING_KICK, VringState(0, 0))], "not supported"),
         ([(R.SET_STATUS, U64(0x100))], "status byte"),
@@ -518,6 +521,7 @@ def test_gated_requests_need_their_protocol_feature() -> None:
         (R.SET_STATUS, U64(1), ()),
         (R.RESET_DEVICE, Empty(), ()),
         (R.NET_SET_MTU, U64(1500), ()),
+        (R.SET_LOG_BASE, LogBase(4096, 0), (memfd(4096),)),
     ]
     for request, body, fds in gated:
         with pytest.raises(ProtocolError, match="without protocol feature"):
@@ -726,4 +730,61 @@ def test_new_table_under_running_rings() -> None:
     with pytest.raises(ProtocolError, match="drops running ring"):
         be.handle(msg(R.SET_MEM_TABLE, gone, (memfd(),)))
     assert fd_is_open(current) and be.regions[0].fd == current and len(rec.tables) == tables + 1
+    be.close()
+
+
+# ---------------------------------------------------------------------------
+# Live migration: VHOST_F_LOG_ALL, LOG_SHMFD and SET_LOG_BASE
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class LogRecorder(NullEvents):
+    logs: list[tuple[int, int, int, bool]] = field(default_factory=list)
+
+    def on_log_base(self, fd: int, size: int, offset: int) -> None:
+        self.logs.append((fd, size, offset, fd_is_open(fd)))
+
+
+def test_migration_features_are_offered() -> None:
+    be = Backend()
+    assert reply_u64(be.handle(msg(R.GET_FEATURES))) & LOG_ALL
+    assert reply_u64(be.handle(msg(R.GET_PROTOCOL_FEATURES))) & PF.LOG_SHMFD.mask
+    be.close()
+
+
+def test_set_log_base_hands_the_log_over_and_replies() -> None:
+    rec = LogRecorder()
+    be = Backend(rec)
+    negotiate(be)
+    fd = memfd(3 * 4096)
+    reply = be.handle(msg(R.SET_LOG_BASE, LogBase(8192, 4096), (fd,)))
+    # QEMU reads a reply to SET_LOG_BASE when LOG_SHMFD is negotiated.
+    assert reply is not None
+    assert parse_message(reply, replies=True).request is R.SET_LOG_BASE
+    assert rec.logs == [(fd, 8192, 4096, True)]
+    assert not fd_is_open(fd)  # borrowed for the callback only
+    ev_fd = ev()
+    assert be.handle(msg(R.SET_LOG_FD, EMPTY, (ev_fd,))) is None
+    assert not fd_is_open(ev_fd)
+    be.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "fd_size", "match"),
+    [
+        (LogBase(0, 0), 4096, "log size 0"),
+        (LogBase(MAX_LOG_BYTES + 1, 0), 4096, "log size"),
+        (LogBase(8192, 0), 4096, "past the end"),
+        (LogBase(4096, 1 << 62), 4096, "past the end"),
+        (LogBase(4096, 0), None, "missing"),
+    ],
+)
+def test_set_log_base_rejects_bad_logs(body: LogBase, fd_size: int | None, match: str) -> None:
+    be = Backend(LogRecorder())
+    negotiate(be)
+    fds = (memfd(fd_size),) if fd_size is not None else ()
+    with pytest.raises(ProtocolError, match=match):
+        be.handle(msg(R.SET_LOG_BASE, body, fds))
+    assert all(not fd_is_open(fd) for fd in fds)
     be.close()

@@ -183,7 +183,7 @@ HOSTILE: list[tuple[str, Callable[[], tuple[bytes, list[int]]], str]] = [
     ),
     (
         "unsupported-request",
-        lambda: (encode_message(R.SET_LOG_BASE, VERSION, bytes(16)), [os.eventfd(0)]),
+        lambda: (encode_message(R.POSTCOPY_ADVISE, VERSION, b""), []),
         "not supported",
     ),
 ]

@@ -54,13 +54,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from virtnet.dirty_log import MAX_LOG_BYTES
 from virtnet.errors import GuestMemoryError, ProtocolError
 from virtnet.memory import MAX_REGIONS, GuestMemory, MemoryRegion
-from virtnet.net import MAX_MTU, MIN_MTU, NetFeature
+from virtnet.net import MAX_MTU, MIN_MTU, VHOST_F_LOG_ALL, NetFeature
 from virtnet.vhost_user.codec import (
     F_PROTOCOL_FEATURES,
     MAX_RINGS,
     U64,
+    LogBase,
     MemRegion,
     MemTable,
     Message,
@@ -78,6 +80,7 @@ from virtnet.virtq import AVAIL_ALIGN, DESC_ALIGN, DESC_SIZE, MAX_QUEUE_SIZE, US
 __all__ = [
     "DEFAULT_FEATURES",
     "DEFAULT_PROTOCOL_FEATURES",
+    "LOG_ALL",
     "MAX_QUEUE_PAIRS",
     "MAX_VRING_SIZE",
     "Backend",
@@ -99,15 +102,27 @@ MAX_VRING_SIZE = MAX_QUEUE_SIZE
 #: virtio 1.3 section 2.1 device status: the field is one byte.
 MAX_STATUS = 0xFF
 
-DEFAULT_FEATURES = int(
-    NetFeature.VERSION_1
-    | NetFeature.MQ
-    | NetFeature.MRG_RXBUF
-    | NetFeature.EVENT_IDX
-    | NetFeature.INDIRECT_DESC
-    | NetFeature.MTU
-    | NetFeature.STATUS
-) | (1 << F_PROTOCOL_FEATURES)
+#: vhost "Migration": the backend marks the pages it writes in the dirty log
+#: while this bit is negotiated (linux/vhost.h ``VHOST_F_LOG_ALL``).
+F_LOG_ALL = VHOST_F_LOG_ALL
+LOG_ALL = 1 << F_LOG_ALL
+
+DEFAULT_FEATURES = (
+    int(
+        NetFeature.VERSION_1
+        | NetFeature.MQ
+        | NetFeature.MRG_RXBUF
+        | NetFeature.EVENT_IDX
+        | NetFeature.INDIRECT_DESC
+        | NetFeature.MTU
+        | NetFeature.STATUS
+        # QEMU answers the guest's announce on the control queue (its own);
+        # after a migration the guest then sends gratuitous ARPs itself.
+        | NetFeature.GUEST_ANNOUNCE
+    )
+    | (1 << F_PROTOCOL_FEATURES)
+    | LOG_ALL
+)
 #: CSUM/GUEST_CSUM/TSO: only when the port can do them (BackendConfig.offloads).
 OFFLOAD_FEATURES = int(
     NetFeature.CSUM
@@ -126,6 +141,7 @@ DEFAULT_PROTOCOL_FEATURES = (
     | _PF.STATUS.mask
     | _PF.RESET_DEVICE.mask
     | _PF.NET_MTU.mask
+    | _PF.LOG_SHMFD.mask
 )
 
 _U64 = struct.Struct("=Q")
@@ -140,6 +156,7 @@ _GATED: dict[Request, ProtocolFeature] = {
     Request.RESET_DEVICE: _PF.RESET_DEVICE,
     Request.NET_SET_MTU: _PF.NET_MTU,
     Request.SEND_RARP: _PF.RARP,
+    Request.SET_LOG_BASE: _PF.LOG_SHMFD,
 }
 #: Queries legal once we have *offered* the feature (QEMU asks right after
 #: SET_PROTOCOL_FEATURES, but a frontend may ask earlier).
@@ -266,6 +283,11 @@ class BackendEvents(Protocol):
     def on_rarp(self, mac: bytes) -> bool:
         """SEND_RARP: broadcast a RARP for ``mac`` (6 bytes); False = failed."""
 
+    def on_log_base(self, fd: int, size: int, offset: int) -> None:
+        """SET_LOG_BASE: the dirty log is ``size`` bytes at ``offset`` of ``fd``
+        (checked to lie inside the file; borrowed like RingConfig's fds).  The
+        workers log while ``VHOST_F_LOG_ALL`` is negotiated (``on_features``)."""
+
     def on_close(self) -> None:
         """The connection is gone (peer closed, bad input, shutdown).
 
@@ -310,6 +332,9 @@ class NullEvents:
 
     def on_rarp(self, mac: bytes) -> bool:
         return True
+
+    def on_log_base(self, fd: int, size: int, offset: int) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -800,6 +825,36 @@ class Backend:
         mac = _U64.pack(msg.body.value)[:6]
         return self.events.on_rarp(mac)
 
+    def _set_log_base(self, msg: Message, kept: list[int]) -> bytes | bool:
+        # vhost-user "Migration": the dirty log, a shared file of ``size``
+        # bytes at ``offset``; LOG_SHMFD (gated) makes the fd and a reply due.
+        assert isinstance(msg.body, LogBase)
+        if len(msg.fds) != 1:
+            raise ProtocolError("SET_LOG_BASE: the log's fd is missing")
+        size, offset = msg.body.size, msg.body.offset
+        if not 0 < size <= MAX_LOG_BYTES:
+            raise ProtocolError(f"SET_LOG_BASE: log size {size} is not in 1..{MAX_LOG_BYTES}")
+        fd = msg.fds[0]
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise ProtocolError(f"SET_LOG_BASE: log fd: {exc}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ProtocolError("SET_LOG_BASE: the log fd is not a shared-memory file")
+        if offset + size > st.st_size:
+            # Mapping past the end of the file would SIGBUS on first access.
+            raise ProtocolError(
+                f"SET_LOG_BASE: log 0x{offset:x}+0x{size:x} is past the end of its file "
+                f"({st.st_size} bytes)"
+            )
+        self.events.on_log_base(fd, size, offset)
+        return encode_reply(msg.request, U64(0))
+
+    def _set_log_fd(self, msg: Message, kept: list[int]) -> bytes | bool:
+        # An eventfd to tell the frontend the log changed; QEMU's own log
+        # sync never waits for it, so it is accepted and closed.
+        return True
+
     def _net_set_mtu(self, msg: Message, kept: list[int]) -> bytes | bool:
         assert isinstance(msg.body, U64)
         mtu = msg.body.value
@@ -856,6 +911,8 @@ _HANDLERS: dict[Request, Callable[[Backend, Message, list[int]], bytes | bool]] 
     Request.GET_QUEUE_NUM: Backend._get_queue_num,
     Request.SET_VRING_ENABLE: Backend._set_vring_enable,
     Request.SEND_RARP: Backend._send_rarp,
+    Request.SET_LOG_BASE: Backend._set_log_base,
+    Request.SET_LOG_FD: Backend._set_log_fd,
     Request.NET_SET_MTU: Backend._net_set_mtu,
     Request.GET_MAX_MEM_SLOTS: Backend._get_max_mem_slots,
     Request.ADD_MEM_REG: Backend._add_mem_reg,

@@ -348,6 +348,12 @@ class PairRouter:
     def on_rarp(self, mac: bytes) -> bool:
         return self._on_rarp(mac) if self._on_rarp is not None else False
 
+    def on_log_base(self, fd: int, size: int, offset: int) -> None:
+        # The channel protocol carries no dirty log: refuse the migration
+        # rather than let the workers write pages the frontend never re-sends.
+        # (A backend for this router should not offer VHOST_F_LOG_ALL.)
+        raise ProtocolError("SET_LOG_BASE: this backend's workers cannot log dirty pages")
+
     def on_close(self) -> None:
         """Nothing held per connection: the channels outlive it (see :meth:`shutdown`)."""
 

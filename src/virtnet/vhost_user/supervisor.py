@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
+import multiprocessing
 import os
 import signal
 import socket
@@ -50,13 +51,15 @@ from dataclasses import dataclass
 from virtnet.errors import PeerError, UsageError
 from virtnet.net import NetFeature, hdr_len
 from virtnet.ports.base import VNET_HDR_LEN, Offload, Port, PortQueue
-from virtnet.vhost_user.backend import Backend, RegionInfo, RingConfig
+from virtnet.vhost_user.backend import LOG_ALL, Backend, RegionInfo, RingConfig
+from virtnet.vhost_user.codec import VRING_ADDR_F_LOG
 from virtnet.vhost_user.worker import (
     FIELDS,
     KICK_DEFER_US,
     MAX_KICK_DEFER_US,
     NFIELDS,
     Ctl,
+    LogSpec,
     RegionSpec,
     RingSpec,
     WorkerSpec,
@@ -104,6 +107,9 @@ def feature_names(features: int) -> str:
     if rest & (1 << 30):
         names.append("PROTOCOL_FEATURES")
         rest &= ~(1 << 30)
+    if rest & LOG_ALL:
+        names.append("LOG_ALL")
+        rest &= ~LOG_ALL
     if rest:
         names.append(f"0x{rest:x}")
     return "|".join(names) or "none"
@@ -285,14 +291,16 @@ class Supervisor:
         self.deaths: dict[int, list[float]] = {}
         self.given_up: set[int] = set()
         self.hdr_ok = False  # until SET_FEATURES says which header the driver uses
+        # Live migration: the dirty log (SET_LOG_BASE; our own fd) and the lock
+        # this guest's worker processes share to mark it.
+        self.log: LogSpec | None = None
+        self.log_lock = multiprocessing.get_context("fork").Lock()
         self.closed = False
 
     # -- BackendEvents ----------------------------------------------------
 
     def on_mem_table(self, regions: tuple[RegionInfo, ...]) -> None:
-        running = sorted(self.workers)
-        for pair in running:
-            self._stop_worker(pair)
+        running = self._stop_all()
         for r in self.regions:
             _close(r.fd)
         self.regions = tuple(
@@ -300,8 +308,16 @@ class Supervisor:
             for i in regions
         )
         log.debug("%s: memory table with %d regions", self.name, len(regions))
-        for pair in running:
-            self._maybe_start(pair)
+        self._start_all(running)
+
+    def on_log_base(self, fd: int, size: int, offset: int) -> None:
+        logging_now = bool(self.features & LOG_ALL)
+        running = self._stop_all() if logging_now else []
+        if self.log is not None:
+            _close(self.log.fd)
+        self.log = LogSpec(os.dup(fd), size, offset)
+        log.info("%s: dirty log of %d bytes (migration)", self.name, size)
+        self._start_all(running)
 
     def on_ring_start(self, index: int, config: RingConfig) -> None:
         r = self.rings[index]
@@ -362,6 +378,11 @@ class Supervisor:
             self._maybe_start(index // 2)
 
     def on_features(self, features: int) -> None:
+        # Dirty logging turned on or off (live migration): running workers are
+        # restarted so that they map the log, or stop marking it.
+        running = self._stop_all() if (features ^ self.features) & LOG_ALL else []
+        if running:
+            log.info("%s: dirty page logging %s", self.name, "on" if features & LOG_ALL else "off")
         self.features = features
         log.info("%s: negotiated features 0x%x %s", self.name, features, feature_names(features))
         self.hdr_ok = hdr_len(features) == VNET_HDR_LEN
@@ -375,6 +396,7 @@ class Supervisor:
                 hdr_len(features),
             )
         self.vm.set_features(features)
+        self._start_all(running)
 
     def on_status(self, status: int) -> None:
         log.debug("%s: device status 0x%x", self.name, status)
@@ -396,6 +418,17 @@ class Supervisor:
         self.close()
 
     # -- workers ----------------------------------------------------------
+
+    def _stop_all(self) -> list[int]:
+        """Stop every running worker; the pairs that ran."""
+        running = sorted(self.workers)
+        for pair in running:
+            self._stop_worker(pair)
+        return running
+
+    def _start_all(self, pairs: list[int]) -> None:
+        for pair in pairs:
+            self._maybe_start(pair)
 
     def _pair_enabled(self, pair: int) -> bool:
         return self.rings[2 * pair].enabled and self.rings[2 * pair + 1].enabled
@@ -447,6 +480,8 @@ class Supervisor:
                     poll_us=self.poll_us,
                     kick_defer_us=self.kick_defer_us,
                     cpu=self.cpus[group % len(self.cpus)] if self.cpus else None,
+                    log=self.log if self.features & LOG_ALL else None,
+                    log_lock=self.log_lock,
                 )
             )
         if not specs:
@@ -483,6 +518,7 @@ class Supervisor:
             kick_fd=r.kick_fd,
             call_fd=r.call_fd,
             err_fd=r.err_fd,
+            log_addr=c.log_addr if c.flags & VRING_ADDR_F_LOG else None,
         )
 
     def _stop_worker(self, pair: int, *, discard_tx: bool = False) -> None:
@@ -629,3 +665,6 @@ class Supervisor:
         for reg in self.regions:
             _close(reg.fd)
         self.regions = ()
+        if self.log is not None:
+            _close(self.log.fd)
+            self.log = None

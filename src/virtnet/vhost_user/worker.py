@@ -91,6 +91,7 @@ import contextlib
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import select
 import signal
@@ -98,8 +99,10 @@ import socket
 import struct
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+from virtnet.dirty_log import DirtyLog
 from virtnet.errors import PeerError
 from virtnet.memory import GuestMemory, MemoryRegion
 from virtnet.net import NetFeature
@@ -231,6 +234,18 @@ class RingSpec:
     kick_fd: int | None
     call_fd: int | None
     err_fd: int | None
+    #: ``log_guest_addr`` while the ring's VHOST_VRING_F_LOG flag is set:
+    #: used-ring writes are logged there (see :mod:`virtnet.dirty_log`).
+    log_addr: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogSpec:
+    """The dirty log (SET_LOG_BASE): ``size`` bytes at ``offset`` of ``fd``."""
+
+    fd: int
+    size: int
+    offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,9 +264,16 @@ class WorkerSpec:
     poll_us: int = 0
     cpu: int | None = None
     kick_defer_us: int = KICK_DEFER_US
+    #: Set while VHOST_F_LOG_ALL is negotiated (live migration): the worker
+    #: marks every page it writes; ``log_lock`` (one per guest, inherited
+    #: through fork) serialises the marks of its worker processes.
+    log: LogSpec | None = None
+    log_lock: AbstractContextManager[object] | None = None
 
     def fds(self) -> set[int]:
         out = {r.fd for r in self.regions}
+        if self.log is not None:
+            out.add(self.log.fd)
         for ring in (self.rx, self.tx):
             out.update(fd for fd in (ring.kick_fd, ring.call_fd, ring.err_fd) if fd is not None)
         if self.port_fd is not None:
@@ -334,6 +356,11 @@ class Worker:
         self.errors = 0
         self.rxq = self._queue(spec.rx)
         self.txq = self._queue(spec.tx)
+        self.dirty = open_dirty_log(spec.log, spec.log_lock) if spec.log is not None else None
+        if self.dirty is not None:
+            for q, ring in ((self.rxq, spec.rx), (self.txq, spec.tx)):
+                if q is not None:
+                    q.set_dirty_log(self.dirty, ring.log_addr)
         self.kicks = 0
         self.calls = 0
         self.batches = 0
@@ -962,6 +989,15 @@ class Worker:
             if self.pending_work():
                 return True
         return False
+
+
+def open_dirty_log(spec: LogSpec, lock: AbstractContextManager[object] | None) -> DirtyLog:
+    """Map the dirty log shared (the mapping lives as long as the process)."""
+    try:
+        m = mmap.mmap(spec.fd, spec.offset + spec.size, mmap.MAP_SHARED)
+    except (OSError, ValueError) as exc:
+        raise PeerError(f"cannot map the dirty log: {exc}") from None
+    return DirtyLog(memoryview(m)[spec.offset : spec.offset + spec.size], lock)
 
 
 def region_mappings(regions: Sequence[RegionSpec | RegionInfo]) -> list[MemoryRegion]:
