@@ -33,7 +33,8 @@ from virtnet.pktgen import PairCounters, PktgenResult, run_pktgen
 from virtnet.rr import run_rr
 from virtnet.testing.netns import create_tap, delete_link
 from virtnet.testing.procs import stop_process
-from virtnet.vhost_user.frontend import DEFAULT_MAC, VhostUserFrontend
+from virtnet.vhost_user.codec import ProtocolFeature
+from virtnet.vhost_user.frontend import DEFAULT_MAC, DEFAULT_PROTOCOL_FEATURES, VhostUserFrontend
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -86,6 +87,67 @@ def test_loopback_echoes_on_the_same_pair(tmp_path: Path) -> None:
             orig = frames[flow]
             assert pair == pair_of[flow]
             assert data == orig[6:12] + orig[0:6] + orig[12:]  # MACs swapped
+
+
+def _marked_pages(log: memoryview) -> set[int]:
+    return {i * 8 + b for i, byte in enumerate(log) if byte for b in range(8) if byte >> b & 1}
+
+
+def _pages(addr: int, length: int) -> set[int]:
+    return set(range(addr >> 12, ((addr + length - 1) >> 12) + 1))
+
+
+def test_dirty_log_marks_every_page_the_workers_write(tmp_path: Path) -> None:
+    """Migration as QEMU starts it (SET_LOG_BASE, LOG_ALL, SET_VRING_ADDR with
+    VHOST_VRING_F_LOG): serve's forked workers mark the page of every receive
+    buffer they fill and every used ring they publish, and nothing else;
+    after logging stops nothing more is marked."""
+    pf = DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.LOG_SHMFD.mask
+    with (
+        serve(tmp_path, "loopback") as (sock,),
+        VhostUserFrontend(sock, queue_pairs=4, protocol_features=pf) as fe,
+    ):
+        assert fe.set_queue_pairs(4)
+        log = fe.start_dirty_log()
+        used_rings = {
+            i: _pages(r.used, 6 + 8 * r.size) for i, r in fe.rings.items() if i < 2 * fe.max_pairs
+        }
+        # Restarted under the log, the workers write only ring flags so far.
+        assert _marked_pages(log) <= set().union(*used_rings.values())
+        frames = [build_frame(f, 0) for f in range(64)]
+        assert fe.send(frames) == 64
+        got = collect(fe, 64)
+        assert len(got) == 64
+        drv = fe.driver
+        hl = drv.hdr_len
+        echoed = {data for _, data in got}
+        # Where the workers wrote: the receive buffers now holding an echo ...
+        filled: set[int] = set()
+        for q in drv.rxqs:
+            for addr in q.bufs:
+                for data in echoed:
+                    if fe.mem is not None and fe.mem.read(addr + hl, len(data)) == data:
+                        filled |= _pages(addr, hl + len(data))
+        assert filled
+        # ... and the used rings of the rings that carried frames.
+        busy = {2 * p for p, _ in got} | {2 * p + 1 for p, _ in got}
+        marked = _marked_pages(log)
+        missing = filled - marked
+        assert not missing, f"{len(missing)} written buffer pages not logged"
+        for i in busy:
+            assert used_rings[i] <= marked, f"used ring of ring {i} not logged"
+        allowed = set().union(*used_rings.values()) | {
+            pg for q in drv.rxqs for a in q.bufs for pg in _pages(a, drv.rx_buf_size)
+        }
+        assert marked <= allowed, (
+            f"pages logged that no worker writes: {sorted(marked - allowed)[:8]}"
+        )
+
+        fe.stop_dirty_log()
+        log[:] = bytes(len(log))
+        assert fe.send(frames[:16]) == 16
+        assert len(collect(fe, 16)) == 16
+        assert not _marked_pages(log), "pages logged after VHOST_F_LOG_ALL was cleared"
 
 
 def test_null_consumes_everything(tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Literal
 
 from virtnet.ctrl import ControlState, handle_command
+from virtnet.dirty_log import log_bytes_for
 from virtnet.driver import (
     DEFAULT_DRIVER_FEATURES,
     MAX_TX_FRAME,
@@ -79,6 +80,7 @@ from virtnet.net import (
     CTRL_ERR,
     CTRL_MQ,
     HDR_LEN_V1,
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
     NetConfig,
     NetFeature,
@@ -92,8 +94,10 @@ from virtnet.vhost_user.codec import (
     MAX_MEM_REGIONS,
     MAX_RINGS,
     U64,
+    VRING_ADDR_F_LOG,
     Body,
     Empty,
+    LogBase,
     MemRegion,
     MemTable,
     Message,
@@ -688,6 +692,9 @@ class VhostUserFrontend:
         self._ctrl_failure: PeerError | None = None
         self._closed = False
         self._opened = False
+        # migration: the dirty log handed to the backend (start_dirty_log)
+        self._log_fd = -1
+        self._log_map: mmap.mmap | None = None
 
     # -- context manager --------------------------------------------------
     def __enter__(self) -> VhostUserFrontend:
@@ -917,13 +924,23 @@ class VhostUserFrontend:
         else:
             self._call(Request.SET_MEM_TABLE, MemTable((region,)), (self._memfd,))
 
+    def _ring_addr(self, r: RingInfo) -> VringAddr:
+        # QEMU's vhost_virtqueue_set_addr: while logging, the used ring is
+        # logged at its guest-physical address (our guest memory starts at 0).
+        logging_ = self._log_map is not None
+        return VringAddr(
+            r.index,
+            VRING_ADDR_F_LOG if logging_ else 0,
+            r.desc + VA_BASE,
+            r.used + VA_BASE,
+            r.avail + VA_BASE,
+            r.used if logging_ else 0,
+        )
+
     def _send_ring(self, r: RingInfo, base: int) -> None:
         self._call(Request.SET_VRING_NUM, VringState(r.index, r.size))
         self._call(Request.SET_VRING_BASE, VringState(r.index, base))
-        self._call(
-            Request.SET_VRING_ADDR,
-            VringAddr(r.index, 0, r.desc + VA_BASE, r.used + VA_BASE, r.avail + VA_BASE, 0),
-        )
+        self._call(Request.SET_VRING_ADDR, self._ring_addr(r))
         self._call(Request.SET_VRING_KICK, VringFd(r.index, False), (r.kick_fd,))
         self._call(Request.SET_VRING_CALL, VringFd(r.index, False), (r.call_fd,))
 
@@ -945,11 +962,19 @@ class VhostUserFrontend:
         assert self.mem is not None
         return int(self.mem.view(r.used + 2, 2).cast("H")[0])
 
-    def _setup(self, *, resume: bool) -> None:
+    def _vhost_features(self) -> int:
+        """What SET_FEATURES acks: the guest's backend bits plus vhost's own."""
         acked = self.acked_backend_features
         if self._protocol_negotiated:
             acked |= 1 << VHOST_USER_F_PROTOCOL_FEATURES
-        self._call(Request.SET_FEATURES, U64(acked))
+        if self._log_map is not None:
+            acked |= 1 << VHOST_F_LOG_ALL
+        return acked
+
+    def _setup(self, *, resume: bool) -> None:
+        if self._log_map is not None:
+            self._send_log()
+        self._call(Request.SET_FEATURES, U64(self._vhost_features()))
         self._send_memory()
         for index in sorted(self.rings):
             r = self.rings[index]
@@ -1027,6 +1052,62 @@ class VhostUserFrontend:
         self.reconnect()
         return True
 
+    # -- migration -------------------------------------------------------
+    def _send_log(self) -> None:
+        assert self._log_map is not None
+        self._call(
+            Request.SET_LOG_BASE, LogBase(len(self._log_map), 0), (self._log_fd,), reply="u64"
+        )
+
+    def start_dirty_log(self) -> memoryview:
+        """Start dirty-page logging as QEMU does when a migration starts.
+
+        ``vhost_migration_log``: a shared log covering guest memory goes to the
+        backend (SET_LOG_BASE, answered), VHOST_F_LOG_ALL is acked
+        (SET_FEATURES) and every ring is re-sent with VHOST_VRING_F_LOG and its
+        used ring's guest-physical address (SET_VRING_ADDR).  Returns the log:
+        bit ``p % 8`` of byte ``p // 8`` is guest page ``p`` (4 KiB).
+        """
+        if self._log_map is not None:
+            raise UsageError("the dirty log is already on")
+        if not self.backend_features >> VHOST_F_LOG_ALL & 1:
+            raise UsageError("the backend does not offer VHOST_F_LOG_ALL")
+        if not self.protocol_features & _PF.LOG_SHMFD.mask:
+            raise UsageError("LOG_SHMFD was not negotiated (pass it in protocol_features)")
+        size = max(log_bytes_for(self._mem_size), 8)
+        fd = os.memfd_create("virtnet-dirty-log", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            self._log_map = mmap.mmap(fd, size)
+        except OSError:
+            os.close(fd)
+            raise
+        self._log_fd = fd
+        self._send_log()
+        self._call(Request.SET_FEATURES, U64(self._vhost_features()))
+        for index in sorted(self.rings):
+            self._call(Request.SET_VRING_ADDR, self._ring_addr(self.rings[index]))
+        return memoryview(self._log_map)
+
+    def stop_dirty_log(self) -> None:
+        """Stop logging (QEMU after a cancelled migration): SET_FEATURES without
+        VHOST_F_LOG_ALL, rings re-sent without VHOST_VRING_F_LOG."""
+        if self._log_map is None:
+            return
+        self._release_log()
+        self._call(Request.SET_FEATURES, U64(self._vhost_features()))
+        for index in sorted(self.rings):
+            self._call(Request.SET_VRING_ADDR, self._ring_addr(self.rings[index]))
+
+    def _release_log(self) -> None:
+        if self._log_map is not None:
+            with contextlib.suppress(BufferError):  # a caller still holds a view
+                self._log_map.close()
+            self._log_map = None
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
+
     def stop_rings(self) -> dict[int, int]:
         """Stop the device as QEMU's ``vhost_net_stop`` does; returns each ring's base.
 
@@ -1057,6 +1138,7 @@ class VhostUserFrontend:
                 os.unlink(self.path)
         for r in self.rings.values():
             close_fds((r.kick_fd, r.call_fd))
+        self._release_log()
         # Drop every view of the shared memory first: the mapping (and the fd
         # mmap keeps) can only go once nothing exports it.
         self.fast_pairs.clear()
