@@ -594,6 +594,10 @@ class Guest:
     cpu: str | None = None
     boot_timeout: float = 120.0
     env: Mapping[str, str] | None = None
+    #: ``-incoming URI``: the guest arrives by migration; :meth:`start` returns
+    #: once the agent socket is connected (the guest it talks to is the
+    #: migrated one, already booted).
+    incoming: str | None = None
     boot_seconds: float = field(default=0.0, init=False)
     workdir: Path = field(default=Path(), init=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -663,6 +667,8 @@ class Guest:
         ]  # fmt: skip
         if self.cpu:
             argv += ["-cpu", self.cpu]
+        if self.incoming:
+            argv += ["-incoming", self.incoming]
         return [*argv, *self.netdev_args, *self.extra_args]
 
     def start(self) -> None:
@@ -687,7 +693,8 @@ class Guest:
                     self._check_alive("while connecting the agent socket")
                     if time.monotonic() > deadline:
                         raise self._error("QEMU did not connect the agent socket") from None
-            self._read_until(lambda buf: buf.find(_READY), deadline, "boot")
+            if not self.incoming:
+                self._read_until(lambda buf: buf.find(_READY), deadline, "boot")
             del self._buf[:]
             self.boot_seconds = time.monotonic() - t0
         except BaseException:
