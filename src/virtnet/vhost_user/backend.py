@@ -220,6 +220,21 @@ class RingConfig:
         return bool(self.features & NetFeature.EVENT_IDX)
 
 
+def _check_shared_file(fd: int, offset: int, size: int, what: str) -> None:
+    """``fd`` is a regular (shared-memory) file holding ``offset .. offset + size``."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise ProtocolError(f"{what} fd: {exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ProtocolError(f"{what} fd is not a shared-memory file")
+    if offset + size > st.st_size:
+        # Mapping past the end of the file would SIGBUS on first access.
+        raise ProtocolError(
+            f"{what} 0x{offset:x}+0x{size:x} is past the end of its file ({st.st_size} bytes)"
+        )
+
+
 class BackendEvents(Protocol):
     """What the backend tells its owner (a supervisor of worker processes).
 
@@ -543,18 +558,7 @@ class Backend:
     def _map(self, desc: MemRegion, fd: int) -> MemoryRegion | None:
         if not self.config.map_memory:
             return None
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            raise ProtocolError(f"memory region fd: {exc}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise ProtocolError("memory region fd is not a shared-memory file")
-        if desc.mmap_offset + desc.size > st.st_size:
-            # Mapping past the end of the file would SIGBUS on first access.
-            raise ProtocolError(
-                f"memory region 0x{desc.mmap_offset:x}+0x{desc.size:x} is past the end "
-                f"of its file ({st.st_size} bytes)"
-            )
+        _check_shared_file(fd, desc.mmap_offset, desc.size, "memory region")
         try:
             return MemoryRegion.from_fd(
                 fd,
@@ -835,18 +839,7 @@ class Backend:
         if not 0 < size <= MAX_LOG_BYTES:
             raise ProtocolError(f"SET_LOG_BASE: log size {size} is not in 1..{MAX_LOG_BYTES}")
         fd = msg.fds[0]
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            raise ProtocolError(f"SET_LOG_BASE: log fd: {exc}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise ProtocolError("SET_LOG_BASE: the log fd is not a shared-memory file")
-        if offset + size > st.st_size:
-            # Mapping past the end of the file would SIGBUS on first access.
-            raise ProtocolError(
-                f"SET_LOG_BASE: log 0x{offset:x}+0x{size:x} is past the end of its file "
-                f"({st.st_size} bytes)"
-            )
+        _check_shared_file(fd, offset, size, "SET_LOG_BASE: the log")
         self.events.on_log_base(fd, size, offset)
         return encode_reply(msg.request, U64(0))
 
