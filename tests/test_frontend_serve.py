@@ -44,12 +44,14 @@ MAC_B = bytes.fromhex("52540000bb02")
 
 
 @contextmanager
-def serve(tmp: Path, port: str, *, vms: int = 1, queues: int = 4) -> Iterator[list[Path]]:
+def serve(
+    tmp: Path, port: str, *, vms: int = 1, queues: int = 4, extra: tuple[str, ...] = ()
+) -> Iterator[list[Path]]:
     """``virtnet serve`` with ``vms`` sockets on ``port``; always stopped afterwards."""
     socks = [tmp / f"vm{i}.sock" for i in range(vms)]
     stats = tmp / "stats.sock"
     args = [sys.executable, "-m", "virtnet.cli", "serve", "--port", port,
-            "--queues", str(queues), "--stats-socket", str(stats)]  # fmt: skip
+            "--queues", str(queues), "--stats-socket", str(stats), *extra]  # fmt: skip
     for s in socks:
         args += ["--socket", str(s)]
     log = (tmp / f"serve-{port}.log").open("ab")
@@ -97,14 +99,18 @@ def _pages(addr: int, length: int) -> set[int]:
     return set(range(addr >> 12, ((addr + length - 1) >> 12) + 1))
 
 
-def test_dirty_log_marks_every_page_the_workers_write(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [(), ("--workers", "1")], ids=["per-pair", "one-worker"])
+def test_dirty_log_marks_every_page_the_workers_write(
+    tmp_path: Path, workers: tuple[str, ...]
+) -> None:
     """Migration as QEMU starts it (SET_LOG_BASE, LOG_ALL, SET_VRING_ADDR with
-    VHOST_VRING_F_LOG): serve's forked workers mark the page of every receive
-    buffer they fill and every used ring they publish, and nothing else;
-    after logging stops nothing more is marked."""
+    VHOST_VRING_F_LOG): serve's forked workers (one per pair, or one for all
+    four pairs) mark the page of every receive buffer they fill and every used
+    ring they publish, and nothing else; after logging stops nothing more is
+    marked."""
     pf = DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.LOG_SHMFD.mask
     with (
-        serve(tmp_path, "loopback") as (sock,),
+        serve(tmp_path, "loopback", extra=workers) as (sock,),
         VhostUserFrontend(sock, queue_pairs=4, protocol_features=pf) as fe,
     ):
         assert fe.set_queue_pairs(4)
