@@ -29,14 +29,16 @@ import sys
 from collections.abc import Iterator
 
 from virtnet.errors import PeerError
-from virtnet.vhost_user.backend import Backend, BackendConfig, NullEvents, RingConfig
+from virtnet.vhost_user.backend import LOG_ALL, Backend, BackendConfig, NullEvents, RingConfig
 from virtnet.vhost_user.codec import (
     FLAG_REPLY,
     HEADER,
     U64,
     VERSION,
+    VRING_ADDR_F_LOG,
     Body,
     Empty,
+    LogBase,
     MemRegion,
     MemTable,
     Message,
@@ -191,13 +193,14 @@ def _req(
     return _rec(encode_request(request, body, need_reply=need_reply), nfds)
 
 
-def _qemu_like(pairs: int) -> bytes:
+def _qemu_like(pairs: int, *, migrate: bool = False) -> bytes:
     out = [bytes([(pairs - 1) | 4])]
+    features = 0x170408000
     for dev in range(pairs):
         out += [
             _req(R.GET_FEATURES),
             _req(R.GET_PROTOCOL_FEATURES),
-            _req(R.SET_PROTOCOL_FEATURES, U64(0x1A019)),
+            _req(R.SET_PROTOCOL_FEATURES, U64(0x1A01B if migrate else 0x1A019)),
         ]
         if dev == 0:
             out += [_req(R.GET_QUEUE_NUM), _req(R.SET_OWNER)]
@@ -207,7 +210,7 @@ def _qemu_like(pairs: int) -> bytes:
             out += [_req(R.SET_VRING_ERR, VringFd(ring, False), 1)]
     out.append(_req(R.RESET_DEVICE))
     out += [_req(R.SET_VRING_ENABLE, VringState(r, int(r < 2))) for r in range(2 * pairs)]
-    out.append(_req(R.SET_FEATURES, U64(0x170408000)))
+    out.append(_req(R.SET_FEATURES, U64(features)))
     out.append(_req(R.SET_STATUS, U64(8), need_reply=True))
     out.append(
         _req(R.ADD_MEM_REG, SingleRegion(MemRegion(0, MEMFD_SIZE, UVA, 0)), 1, need_reply=True)
@@ -222,6 +225,17 @@ def _qemu_like(pairs: int) -> bytes:
             _req(R.SET_VRING_CALL, VringFd(ring, False), 1),
         ]
     out.append(_req(R.SET_STATUS, U64(15)))
+    if migrate:
+        # QEMU's vhost_migration_log: the log, LOG_ALL, every ring with VRING_F_LOG.
+        out.append(_req(R.SET_LOG_BASE, LogBase(MEMFD_SIZE >> 15, 0), 1))
+        out.append(_req(R.SET_FEATURES, U64(features | LOG_ALL)))
+        for ring in range(2 * pairs):
+            base = UVA + ring * 0x1000
+            addr = VringAddr(
+                ring, VRING_ADDR_F_LOG, base, base + 0x600, base + 0x400, base - UVA + 0x600
+            )
+            out.append(_req(R.SET_VRING_ADDR, addr))
+        out.append(_req(R.SET_LOG_FD, _EMPTY, 1))
     out += [_req(R.GET_VRING_BASE, VringState(r, 0)) for r in range(2 * pairs)]
     out.append(_req(R.REM_MEM_REG, SingleRegion(MemRegion(0, MEMFD_SIZE, UVA, 0))))
     return b"".join(out)
@@ -250,6 +264,7 @@ def _seeds() -> dict[str, bytes]:
     return {
         "qemu10-1pair": _qemu_like(1),
         "qemu10-4pairs": _qemu_like(4),
+        "qemu10-migration": _qemu_like(2, migrate=True),
         "no-protocol-features": b"".join(no_proto),
         "packed-sendmsg": packed,
         "bad-version": bytes([0]) + _rec(HEADER.pack(1, 2, 0)),
