@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple, Self
+from typing import Any, NamedTuple, Self
 
 from virtnet.errors import UsageError
 from virtnet.testing.netns import die_with_parent
@@ -893,6 +893,26 @@ class Guest:
         if "error" in msg:
             raise GuestError(f"QMP {command}: {msg['error']}")
         return msg["return"]
+
+    def migrate(self, uri: str, *, timeout: float = 120.0) -> dict[str, Any]:
+        """Live-migrate to a QEMU waiting with ``incoming=uri``; QMP ``query-migrate``
+        once the migration ended (``status``: completed, failed or cancelled).
+        Raises :class:`GuestError` if it has not ended within ``timeout``."""
+        self.qmp("migrate", {"uri": uri})
+
+        def status() -> dict[str, Any]:
+            st = self.qmp("query-migrate")
+            if not isinstance(st, dict):
+                raise GuestError(f"query-migrate answered {st!r}")
+            return st
+
+        if not wait_for(
+            lambda: status().get("status") in ("completed", "failed", "cancelled"),
+            timeout=timeout,
+            interval=0.1,
+        ):
+            raise GuestError(f"migration to {uri} did not end within {timeout:g}s: {status()}")
+        return status()
 
     # -- helpers -----------------------------------------------------------------------
 
