@@ -228,3 +228,24 @@ def test_thread_and_system_cpu_readings() -> None:
         child.kill()
         child.wait()
     assert thread_cpu_seconds(child.pid) == {}
+
+
+PING = """PING 10.78.0.2 (10.78.0.2) 56(84) bytes of data.
+64 bytes from 10.78.0.2: icmp_seq=1 ttl=64 time=0.5 ms
+64 bytes from 10.78.0.2: icmp_seq=2 ttl=64 time=0.5 ms
+64 bytes from 10.78.0.2: icmp_seq=7 ttl=64 time=0.5 ms
+64 bytes from 10.78.0.2: icmp_seq=8 ttl=64 time=0.5 ms
+
+--- 10.78.0.2 ping statistics ---
+10 packets transmitted, 4 received, 60% packet loss, time 90ms
+"""
+
+
+def test_network_gap_is_the_longest_silence(bench_module: Callable[[str], ModuleType]) -> None:
+    """Replies to 1, 2, 7, 8 of 10: 3..6 (4 pings) is the longest gap, 9..10
+    at the end is shorter; 6 lost.  No reply at all: all of it is the gap."""
+    mig = bench_module("migration")
+    assert mig.network_gap(PING, 10.0) == (10, 6, 40.0)
+    tail = PING.replace("icmp_seq=7", "icmp_seq=3").replace("icmp_seq=8", "icmp_seq=4")
+    assert mig.network_gap(tail, 10.0) == (10, 6, 60.0)  # 5..10 never answered
+    assert mig.network_gap("5 packets transmitted, 0 received", 2.0) == (5, 5, 10.0)
