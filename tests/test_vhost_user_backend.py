@@ -28,6 +28,7 @@ from virtnet.vhost_user.codec import (
     HEADER,
     U64,
     VERSION,
+    VRING_ADDR_F_LOG,
     Body,
     Empty,
     LogBase,
@@ -787,4 +788,48 @@ def test_set_log_base_rejects_bad_logs(body: LogBase, fd_size: int | None, match
     with pytest.raises(ProtocolError, match=match):
         be.handle(msg(R.SET_LOG_BASE, body, fds))
     assert all(not fd_is_open(fd) for fd in fds)
+    be.close()
+
+
+@dataclass
+class LogAddrRecorder(Recorder):
+    """Takes (or, with ``accept=False``, refuses) in-place log-address changes."""
+
+    accept: bool = True
+
+    def on_ring_log(self, index: int, log_addr: int | None) -> bool:
+        self.log.append(("log", index, log_addr))
+        return self.accept
+
+
+@pytest.mark.parametrize("accept", [True, False])
+def test_log_flag_on_a_started_ring_goes_to_the_owner(accept: bool) -> None:
+    """QEMU turns VHOST_VRING_F_LOG on and off on running rings (migration):
+    the owner applies it in place, or (refusing) gets the ring restarted with
+    it.  A running ring whose addresses change is restarted either way."""
+    rec = LogAddrRecorder(accept=accept)
+    be = Backend(rec, BackendConfig(max_queue_pairs=1))
+    negotiate(be)
+    set_table(be)
+    setup_ring(be, 0)
+    be.handle(msg(R.SET_VRING_KICK, VringFd(0, False), (ev(),)))
+    assert rec.log[-1] == ("start", 0)
+    plain = ring_layout(0)
+    logged = VringAddr(0, VRING_ADDR_F_LOG, plain.desc, plain.used, plain.avail, 0x4000)
+    be.handle(msg(R.SET_VRING_ADDR, logged))
+    restarted = [("stop", 0), ("start", 0)]
+    if accept:
+        assert rec.log[-2:] == [("start", 0), ("log", 0, 0x4000)]
+    else:
+        assert rec.log[-3:] == [("log", 0, 0x4000), *restarted]
+    assert be.ring_config(0).flags == VRING_ADDR_F_LOG and be.ring_config(0).log_addr == 0x4000
+    if not accept:
+        assert rec.started[0].log_addr == 0x4000  # the restart carries it
+    be.handle(msg(R.SET_VRING_ADDR, plain))
+    assert ("log", 0, None) in rec.log and be.ring_config(0).flags == 0
+    # Other addresses on a running ring: a restart, not a log change.
+    n = len(rec.log)
+    moved = VringAddr(0, 0, plain.desc + 0x100, plain.used, plain.avail, 0)
+    be.handle(msg(R.SET_VRING_ADDR, moved))
+    assert rec.log[n:] == restarted
     be.close()

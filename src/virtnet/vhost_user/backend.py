@@ -62,6 +62,7 @@ from virtnet.vhost_user.codec import (
     F_PROTOCOL_FEATURES,
     MAX_RINGS,
     U64,
+    VRING_ADDR_F_LOG,
     LogBase,
     MemRegion,
     MemTable,
@@ -283,6 +284,13 @@ class BackendEvents(Protocol):
     def on_ring_call(self, index: int, call_fd: int | None) -> None:
         """The call fd of a *started* ring changed (QEMU masks vectors this way)."""
 
+    def on_ring_log(self, index: int, log_addr: int | None) -> bool:
+        """A *started* ring's used ring is to be logged at ``log_addr`` from
+        now on (``None``: not logged) -- SET_VRING_ADDR that changes only
+        VHOST_VRING_F_LOG and the log address, as QEMU sends when a
+        migration starts or ends.  True if applied in place; False makes the
+        backend stop and start the ring with the new address."""
+
     def on_features(self, features: int) -> None:
         """SET_FEATURES: the negotiated virtio feature bits."""
 
@@ -332,6 +340,9 @@ class NullEvents:
 
     def on_ring_call(self, index: int, call_fd: int | None) -> None:
         pass
+
+    def on_ring_log(self, index: int, log_addr: int | None) -> bool:
+        return False
 
     def on_features(self, features: int) -> None:
         pass
@@ -759,13 +770,26 @@ class Backend:
     def _set_vring_addr(self, msg: Message, kept: list[int]) -> bytes | bool:
         assert isinstance(msg.body, VringAddr)
         r = self._ring(msg.request, msg.body.index)
+        new = msg.body
         if r.started:
-            # Only a LOG-flag change is legal on a running ring; restart it.
+            # vhost-user.rst: on a started ring only VHOST_VRING_F_LOG may
+            # change (migration).  The owner applies that in place if it can;
+            # anything else restarts the ring with the new addresses.
+            old = r.addr
+            same_ring = old is not None and (old.desc, old.used, old.avail) == (
+                new.desc,
+                new.used,
+                new.avail,
+            )
+            log_addr = new.log if new.flags & VRING_ADDR_F_LOG else None
+            if same_ring and self.events.on_ring_log(r.index, log_addr):
+                r.addr = new
+                return True
             self._stop(r)
-            r.addr = msg.body
+            r.addr = new
             self._start(r)
         else:
-            r.addr = msg.body
+            r.addr = new
             if r.size and self._region_fds:
                 self._translate(r)  # fail early on addresses outside guest memory
         return True

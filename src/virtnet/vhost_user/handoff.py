@@ -331,6 +331,9 @@ class PairRouter:
         fds = () if call_fd is None else (call_fd,)
         send(self._channel(index // 2), Command(Op.RING_CALL, index, fds=fds))
 
+    def on_ring_log(self, index: int, log_addr: int | None) -> bool:
+        return False  # no dirty log here (on_log_base refuses it)
+
     def on_features(self, features: int) -> None:
         self.features = features
         for sock in self.channels.values():

@@ -39,6 +39,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import mmap
 import multiprocessing
@@ -376,6 +377,30 @@ class Supervisor:
                       self.name, index // 2, exc)  # fmt: skip
             self._kill_worker(index // 2)
             self._maybe_start(index // 2)
+
+    def on_ring_log(self, index: int, log_addr: int | None) -> bool:
+        r = self.rings[index]
+        c = r.config
+        if c is None:
+            return False
+        flags = c.flags | VRING_ADDR_F_LOG if log_addr is not None else c.flags & ~VRING_ADDR_F_LOG
+        r.config = dataclasses.replace(c, flags=flags, log_addr=log_addr or 0)
+        proc = self.workers.get(index // 2)
+        if proc is None:
+            return True  # the next start takes it from the config
+        msg = Ctl.LOG_MSG.pack(Ctl.LOG, index, log_addr is not None, log_addr or 0)
+        try:
+            proc.ctl.settimeout(CALL_TIMEOUT)
+            proc.ctl.send(msg)
+            ack = proc.ctl.recv(16)
+            if ack != Ctl.LOG_ACK:
+                raise OSError(f"bad log acknowledgement {ack!r}")
+        except OSError as exc:
+            log.error("%s: pair %d worker did not take the log address (%s); restarting it",
+                      self.name, index // 2, exc)  # fmt: skip
+            self._kill_worker(index // 2)
+            self._maybe_start(index // 2)
+        return True
 
     def on_features(self, features: int) -> None:
         # Dirty logging turned on or off (live migration): running workers are

@@ -202,6 +202,7 @@ _F = {name: i for i, name in enumerate(FIELDS)}
 _EVENTFD_ONE = struct.pack("=Q", 1)
 _STOP_REPLY = struct.Struct("=cHH")
 _CALL_MSG = struct.Struct("=cBB")
+_LOG_MSG = struct.Struct("=cBBQ")
 _EPOLLIN = select.EPOLLIN
 _EPOLLHUP = select.EPOLLHUP
 _EPOLLERR = select.EPOLLERR
@@ -291,14 +292,20 @@ class Ctl:
       tx", vhost-user.rst "Ring states"), pushed used and signalled.
     * ``C`` ring has_fd (+ one SCM_RIGHTS fd): new call fd for a ring; the
       worker answers ``c``.
+    * ``L`` ring on addr: log the ring's used ring at guest-physical ``addr``
+      from now on (``on`` 0: stop); the worker answers ``l``.  Only a worker
+      started with the dirty log (VHOST_F_LOG_ALL) writes it.
     """
 
     STOP = b"S"
     DISABLE = b"D"
     CALL = b"C"
     CALL_ACK = b"c"
+    LOG = b"L"
+    LOG_ACK = b"l"
     STOP_REPLY = _STOP_REPLY
     CALL_MSG = _CALL_MSG
+    LOG_MSG = _LOG_MSG
 
 
 def _read_used_idx(mem: GuestMemory, used_addr: int) -> int:
@@ -759,6 +766,15 @@ class Worker:
                 elif new is not None:
                     os.close(new)
                 self.ctl.send(Ctl.CALL_ACK)
+                continue
+            if op == Ctl.LOG and len(data) == Ctl.LOG_MSG.size:
+                for fd in fds:
+                    os.close(fd)
+                _, index, on, addr = Ctl.LOG_MSG.unpack(data)
+                for q, ring in ((self.rxq, self.spec.rx), (self.txq, self.spec.tx)):
+                    if q is not None and ring.index == index:
+                        q.set_dirty_log(q.dirty, addr if on else None)
+                self.ctl.send(Ctl.LOG_ACK)
                 continue
             for fd in fds:
                 os.close(fd)
