@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
 
 import pytest
 
-from virtnet.dirty_log import LOG_PAGE, DirtyLog, log_bytes_for
+from virtnet.dirty_log import LOG_PAGE, MARK_GRANULE, DirtyLog, log_bytes_for
 from virtnet.memory import GuestMemory
 from virtnet.vhost_user.worker import LogSpec, open_dirty_log
 from virtnet.virtq import Chain, DeviceQueue, DriverQueue, split_ring_layout
@@ -20,26 +19,66 @@ USED_LOG = 0x80000  # where the test says the used ring is logged
 
 
 def pages(log: DirtyLog) -> set[int]:
-    return {8 * i + b for i, byte in enumerate(log.log) for b in range(8) if byte >> b & 1}
+    """The pages marked: for a :class:`RecordingLog` the pages asked for (after
+    checking the bitmap holds exactly their granules), else the bits set."""
+    bits = {8 * i + b for i, byte in enumerate(log.log) for b in range(8) if byte >> b & 1}
+    if isinstance(log, RecordingLog):
+        assert bits == {8 * (p // 8) + b for p in log.pages for b in range(8)}
+        return log.pages
+    return bits
 
 
-def test_bits_follow_the_spec_pseudocode() -> None:
-    # vhost-user "Migration": page = addr / 0x1000; log[page / 8] |= 1 << page % 8
+class RecordingLog(DirtyLog):
+    """A log that also remembers each page a mark asked for, so the tests of
+    what a queue marks see pages, not granules."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(memoryview(bytearray(size)))
+        self.pages: set[int] = set()
+
+    def mark(self, gpa: int, length: int) -> None:
+        if length > 0:
+            self.pages |= set(range(gpa // LOG_PAGE, (gpa + length - 1) // LOG_PAGE + 1))
+        super().mark(gpa, length)
+
+    def clear(self) -> None:
+        self.log[:] = bytes(len(self.log))
+        self.pages.clear()
+
+
+def test_bits_follow_the_spec_layout() -> None:
+    # vhost-user "Migration": page = addr / 0x1000; bit page % 8 of log[page / 8].
+    # A mark sets its page's bit and the seven others of that byte (MARK_GRANULE).
     log = DirtyLog(memoryview(bytearray(4)))
     log.mark(0x3000, 1)
-    assert bytes(log.log) == bytes([1 << 3, 0, 0, 0])
+    assert bytes(log.log) == bytes([0xFF, 0, 0, 0])
     log.mark(9 * LOG_PAGE + 100, 1)
-    assert log.log[1] == 1 << 1
-    assert log.is_dirty(0x3FFF) and not log.is_dirty(0x4000)
+    assert bytes(log.log) == bytes([0xFF, 0xFF, 0, 0])
+    assert log.is_dirty(0x3FFF) and log.is_dirty(0x9000) and not log.is_dirty(0x10000)
+    assert MARK_GRANULE == 8 * LOG_PAGE
 
 
-def test_a_range_marks_every_page_it_touches() -> None:
+def test_a_range_marks_every_granule_it_touches() -> None:
     log = DirtyLog(memoryview(bytearray(4)))
-    log.mark(LOG_PAGE - 1, 2)  # straddles pages 0 and 1
-    log.mark(5 * LOG_PAGE, 3 * LOG_PAGE)  # pages 5, 6, 7 exactly
+    log.mark(MARK_GRANULE - 1, 2)  # straddles pages 7 and 8: bytes 0 and 1
     log.mark(20 * LOG_PAGE, 0)  # nothing written, nothing marked
-    assert pages(log) == {0, 1, 5, 6, 7}
-    assert log.marked == 5
+    assert bytes(log.log) == bytes([0xFF, 0xFF, 0, 0])
+    log.mark(24 * LOG_PAGE, 8 * LOG_PAGE)  # pages 24..31 exactly: byte 3
+    assert bytes(log.log) == bytes([0xFF, 0xFF, 0, 0xFF])
+    assert log.marked == 10
+
+
+def test_marks_never_clear_what_the_frontend_or_others_set() -> None:
+    """No read-modify-write: a mark only stores 0xFF, so bits set by another
+    worker stay, and QEMU clearing a byte between two marks loses nothing
+    (the later mark sets it again)."""
+    backing = bytearray([0b0000_0100, 0, 0])
+    log = DirtyLog(memoryview(backing))
+    log.mark(0, 1)
+    assert backing[0] == 0xFF
+    backing[0] = 0  # QEMU collected it
+    log.mark(LOG_PAGE, 1)
+    assert backing == bytearray([0xFF, 0, 0])
 
 
 def test_marks_outside_the_log_are_counted_not_written() -> None:
@@ -47,7 +86,7 @@ def test_marks_outside_the_log_are_counted_not_written() -> None:
     log = DirtyLog(memoryview(backing)[1:5])  # 32 pages; guards at both ends
     log.mark(30 * LOG_PAGE, 4 * LOG_PAGE)  # pages 30..33: 32 and 33 are outside
     log.mark(1 << 40, 1)
-    assert pages(log) == {30, 31}
+    assert pages(log) == set(range(24, 32))
     assert log.outside == 3
     assert backing[0] == 0 and backing[5] == 0
 
@@ -65,34 +104,14 @@ def test_rejects_a_read_only_log() -> None:
         DirtyLog(memoryview(bytes(8)))
 
 
-def test_marks_take_the_shared_lock() -> None:
-    class CountingLock:
-        def __init__(self) -> None:
-            self.entered = 0
-            self.lock = threading.Lock()
-
-        def __enter__(self) -> None:
-            self.lock.acquire()
-            self.entered += 1
-
-        def __exit__(self, *exc: object) -> None:
-            self.lock.release()
-
-    lock = CountingLock()
-    log = DirtyLog(memoryview(bytearray(4)), lock)
-    log.mark(0, 1)
-    log.mark(LOG_PAGE, 2 * LOG_PAGE)
-    assert lock.entered == 2
-
-
 def test_open_dirty_log_maps_the_frontends_file_at_its_offset() -> None:
     fd = os.memfd_create("vhost-log")
     try:
         os.ftruncate(fd, 2 * 4096)
-        log = open_dirty_log(LogSpec(fd, 4096, 4096), None)
+        log = open_dirty_log(LogSpec(fd, 4096, 4096))
         log.mark(3 * LOG_PAGE, 1)
         with mmap.mmap(fd, 2 * 4096) as m:
-            assert m[4096] == 1 << 3 and m[0] == 0
+            assert m[4096] == 0xFF and m[0] == 0 and m[4097] == 0
     finally:
         os.close(fd)
 
@@ -100,12 +119,12 @@ def test_open_dirty_log_maps_the_frontends_file_at_its_offset() -> None:
 # -- what a device queue marks -------------------------------------------------------
 
 
-def _pair(size: int = 16) -> tuple[GuestMemory, DriverQueue, DeviceQueue, DirtyLog]:
+def _pair(size: int = 16) -> tuple[GuestMemory, DriverQueue, DeviceQueue, RecordingLog]:
     mem = GuestMemory.anonymous(MEM)
     lay = split_ring_layout(size)
     drv = DriverQueue(mem, size, lay.desc, lay.avail, lay.used)
     dev = DeviceQueue(mem, size, lay.desc, lay.avail, lay.used)
-    log = DirtyLog(memoryview(bytearray(log_bytes_for(MEM))))
+    log = RecordingLog(log_bytes_for(MEM))
     return mem, drv, dev, log
 
 
@@ -170,7 +189,7 @@ def test_used_ring_is_marked_at_its_log_address_when_asked() -> None:
     used_bytes = 6 + 8 * 256
     want = set(range(USED_LOG // LOG_PAGE, (USED_LOG + used_bytes - 1) // LOG_PAGE + 1))
     assert pages(log) == want
-    log.log[:] = bytes(len(log.log))
+    log.clear()
     dev.enable_notify(False)  # flags / avail_event are used-ring writes too
     assert pages(log) == want
 

@@ -13,21 +13,28 @@ Invariants:
 
 * A mark outside the log is never written; it is counted in
   :attr:`DirtyLog.outside` (the frontend sized the log too small).
-* Marks are read-modify-write of one byte.  QEMU's concurrent clearing cannot
-  lose a bit that way (at worst a page is sent twice), but two writers of one
-  byte could, so every process that writes one log takes the same ``lock``
-  (one per guest, made before the workers fork).
+* A mark stores ``0xFF`` into every log byte its pages fall in: all eight
+  pages of each :data:`MARK_GRANULE` are reported dirty.  The backend never
+  reads the log, so nothing it does can lose a bit: not QEMU's concurrent
+  clearing (an atomic exchange per word: a byte stored after it is seen at
+  the next sync, at worst a page is sent twice), nor the other worker
+  processes of the guest marking the same byte.  A read-modify-write of
+  single bits would need atomics (DPDK and rust-vmm use ``fetch_or``) or a
+  lock shared between processes, which a worker killed while holding it
+  would leave held, stalling every other worker of the guest; sending up to
+  seven neighbouring pages again is the cheaper price.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from typing import Final
 
-__all__ = ["LOG_PAGE", "MAX_LOG_BYTES", "DirtyLog", "log_bytes_for"]
+__all__ = ["LOG_PAGE", "MARK_GRANULE", "MAX_LOG_BYTES", "DirtyLog", "log_bytes_for"]
 
 #: vhost-user "Migration": ``#define VHOST_LOG_PAGE 0x1000``.
 LOG_PAGE: Final = 0x1000
+#: What one mark reports dirty at the least: the eight pages of a log byte.
+MARK_GRANULE: Final = 8 * LOG_PAGE
 _PAGE_SHIFT: Final = 12
 #: Cap on the log a frontend may hand us (SET_LOG_BASE "log size"): 1 bit per
 #: 4 KiB page, so 256 MiB of log covers 8 TiB of guest-physical space.
@@ -41,14 +48,13 @@ def log_bytes_for(guest_bytes: int) -> int:
 
 
 class DirtyLog:
-    """Sets page bits in a log bitmap (a writable memoryview of the shared log)."""
+    """Marks pages in a log bitmap (a writable memoryview of the shared log)."""
 
-    def __init__(self, log: memoryview, lock: AbstractContextManager[object] | None = None) -> None:
+    def __init__(self, log: memoryview) -> None:
         if log.readonly or log.format != "B" or log.ndim != 1:
             raise ValueError("the log must be a writable, flat memoryview of bytes")
         self.log = log
-        self.lock: AbstractContextManager[object] = lock if lock is not None else nullcontext()
-        self.marked = 0  # page marks written
+        self.marked = 0  # pages asked to be marked (inside the log)
         self.outside = 0  # page marks that fell outside the log
 
     def mark(self, gpa: int, length: int) -> None:
@@ -64,9 +70,9 @@ class DirtyLog:
             if first >= end_page:
                 return
             last = end_page - 1
-        with self.lock:
-            for page in range(first, last + 1):
-                log[page >> 3] |= 1 << (page & 7)
+        lo = first >> 3
+        hi = (last >> 3) + 1
+        log[lo:hi] = b"\xff" * (hi - lo)  # byte stores only: nothing read, nothing lost
         self.marked += last - first + 1
 
     def is_dirty(self, gpa: int) -> bool:

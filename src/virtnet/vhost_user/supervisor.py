@@ -42,7 +42,6 @@ import contextlib
 import dataclasses
 import logging
 import mmap
-import multiprocessing
 import os
 import signal
 import socket
@@ -292,10 +291,8 @@ class Supervisor:
         self.deaths: dict[int, list[float]] = {}
         self.given_up: set[int] = set()
         self.hdr_ok = False  # until SET_FEATURES says which header the driver uses
-        # Live migration: the dirty log (SET_LOG_BASE; our own fd) and the lock
-        # this guest's worker processes share to mark it.
+        # Live migration: the dirty log (SET_LOG_BASE; our own fd).
         self.log: LogSpec | None = None
-        self.log_lock = multiprocessing.get_context("fork").Lock()
         self.closed = False
 
     # -- BackendEvents ----------------------------------------------------
@@ -506,7 +503,6 @@ class Supervisor:
                     kick_defer_us=self.kick_defer_us,
                     cpu=self.cpus[group % len(self.cpus)] if self.cpus else None,
                     log=self.log if self.features & LOG_ALL else None,
-                    log_lock=self.log_lock,
                 )
             )
         if not specs:

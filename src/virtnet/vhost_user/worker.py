@@ -99,7 +99,6 @@ import socket
 import struct
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from virtnet.dirty_log import DirtyLog
@@ -266,10 +265,8 @@ class WorkerSpec:
     cpu: int | None = None
     kick_defer_us: int = KICK_DEFER_US
     #: Set while VHOST_F_LOG_ALL is negotiated (live migration): the worker
-    #: marks every page it writes; ``log_lock`` (one per guest, inherited
-    #: through fork) serialises the marks of its worker processes.
+    #: marks every page it writes (lock-free: :mod:`virtnet.dirty_log`).
     log: LogSpec | None = None
-    log_lock: AbstractContextManager[object] | None = None
 
     def fds(self) -> set[int]:
         out = {r.fd for r in self.regions}
@@ -363,7 +360,7 @@ class Worker:
         self.errors = 0
         self.rxq = self._queue(spec.rx)
         self.txq = self._queue(spec.tx)
-        self.dirty = open_dirty_log(spec.log, spec.log_lock) if spec.log is not None else None
+        self.dirty = open_dirty_log(spec.log) if spec.log is not None else None
         if self.dirty is not None:
             for q, ring in ((self.rxq, spec.rx), (self.txq, spec.tx)):
                 if q is not None:
@@ -1007,13 +1004,13 @@ class Worker:
         return False
 
 
-def open_dirty_log(spec: LogSpec, lock: AbstractContextManager[object] | None) -> DirtyLog:
+def open_dirty_log(spec: LogSpec) -> DirtyLog:
     """Map the dirty log shared (the mapping lives as long as the process)."""
     try:
         m = mmap.mmap(spec.fd, spec.offset + spec.size, mmap.MAP_SHARED)
     except (OSError, ValueError) as exc:
         raise PeerError(f"cannot map the dirty log: {exc}") from None
-    return DirtyLog(memoryview(m)[spec.offset : spec.offset + spec.size], lock)
+    return DirtyLog(memoryview(m)[spec.offset : spec.offset + spec.size])
 
 
 def region_mappings(regions: Sequence[RegionSpec | RegionInfo]) -> list[MemoryRegion]:
