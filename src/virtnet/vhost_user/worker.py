@@ -90,6 +90,7 @@ import array
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -98,7 +99,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from virtnet.dirty_log import DirtyLog
@@ -1124,10 +1125,20 @@ def wait_readable(fd: int, seconds: float) -> None:
         time.sleep(seconds)
 
 
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up once in the supervisor (a worker inherits it
+    through fork instead of loading libc again on its start-up path)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
 def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def close_other_fds(keep: set[int]) -> None:
@@ -1215,6 +1226,7 @@ def spawn_workers(
     if not specs or len(specs) != len(counters):
         raise ValueError("spawn_workers: one counter slot per spec, at least one spec")
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in specs]
+    _prctl()  # resolved here, inherited by the child
     try:
         pid = os.fork()
     except BaseException:
