@@ -363,17 +363,24 @@ class Supervisor:
             return
         fds = [r.call_fd] if r.call_fd is not None else []
         msg = Ctl.CALL_MSG.pack(Ctl.CALL, index, 1 if fds else 0)
+        self._tell_worker(index // 2, proc, msg, fds, Ctl.CALL_ACK, "the call fd")
+
+    def _tell_worker(
+        self, pair: int, proc: _Proc, msg: bytes, fds: list[int], ack: bytes, what: str
+    ) -> None:
+        """Send a running worker one control message and wait for its ``ack``;
+        a worker that does not answer is killed and started again."""
         try:
             proc.ctl.settimeout(CALL_TIMEOUT)
             socket.send_fds(proc.ctl, [msg], fds)
-            ack = proc.ctl.recv(16)
-            if ack != Ctl.CALL_ACK:
-                raise OSError(f"bad call-fd acknowledgement {ack!r}")
+            got = proc.ctl.recv(16)
+            if got != ack:
+                raise OSError(f"bad acknowledgement {got!r}")
         except OSError as exc:
-            log.error("%s: pair %d worker did not take the call fd (%s); restarting it",
-                      self.name, index // 2, exc)  # fmt: skip
-            self._kill_worker(index // 2)
-            self._maybe_start(index // 2)
+            log.error("%s: pair %d worker did not take %s (%s); restarting it",
+                      self.name, pair, what, exc)  # fmt: skip
+            self._kill_worker(pair)
+            self._maybe_start(pair)
 
     def on_ring_log(self, index: int, log_addr: int | None) -> bool:
         r = self.rings[index]
@@ -386,17 +393,7 @@ class Supervisor:
         if proc is None:
             return True  # the next start takes it from the config
         msg = Ctl.LOG_MSG.pack(Ctl.LOG, index, log_addr is not None, log_addr or 0)
-        try:
-            proc.ctl.settimeout(CALL_TIMEOUT)
-            proc.ctl.send(msg)
-            ack = proc.ctl.recv(16)
-            if ack != Ctl.LOG_ACK:
-                raise OSError(f"bad log acknowledgement {ack!r}")
-        except OSError as exc:
-            log.error("%s: pair %d worker did not take the log address (%s); restarting it",
-                      self.name, index // 2, exc)  # fmt: skip
-            self._kill_worker(index // 2)
-            self._maybe_start(index // 2)
+        self._tell_worker(index // 2, proc, msg, [], Ctl.LOG_ACK, "the log address")
         return True
 
     def on_features(self, features: int) -> None:
