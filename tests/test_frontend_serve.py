@@ -33,8 +33,9 @@ from virtnet.pktgen import PairCounters, PktgenResult, run_pktgen
 from virtnet.rr import run_rr
 from virtnet.testing.netns import create_tap, delete_link
 from virtnet.testing.procs import stop_process
-from virtnet.vhost_user.codec import ProtocolFeature
+from virtnet.vhost_user.codec import ProtocolFeature, Request
 from virtnet.vhost_user.frontend import DEFAULT_MAC, DEFAULT_PROTOCOL_FEATURES, VhostUserFrontend
+from virtnet.vhost_user.stats import fetch
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -157,6 +158,37 @@ def test_dirty_log_marks_every_page_the_workers_write(
         assert fe.send(frames[:16]) == 16
         assert len(collect(fe, 16)) == 16
         assert not _marked_pages(log), "pages logged after VHOST_F_LOG_ALL was cleared"
+
+
+def _worker_pid(stats: Path) -> int:
+    pid: int = fetch(str(stats))["vms"][0]["pairs"][0]["pid"]
+    return pid
+
+
+def test_a_worker_that_ignores_a_log_address_is_restarted_with_it(tmp_path: Path) -> None:
+    """A running ring's VHOST_VRING_F_LOG reaches its worker as a control
+    message; a worker that does not answer (stopped here with SIGSTOP) is
+    killed and started again with the log address, and frames flow, logged."""
+    pf = DEFAULT_PROTOCOL_FEATURES | ProtocolFeature.LOG_SHMFD.mask
+    with (
+        serve(tmp_path, "loopback", queues=1) as (sock,),
+        VhostUserFrontend(sock, queue_pairs=1, protocol_features=pf) as fe,
+    ):
+        stats = tmp_path / "stats.sock"
+        log = fe.start_dirty_log()
+        stuck = _worker_pid(stats)
+        os.kill(stuck, signal.SIGSTOP)
+        # QEMU re-sends a ring's address with the log flag (what start_dirty_log did).
+        fe._call(Request.SET_VRING_ADDR, fe._ring_addr(fe.rings[0]))
+        fresh = _worker_pid(stats)
+        assert fresh != stuck
+        log[:] = bytes(len(log))
+        assert fe.send([build_frame(f, 0) for f in range(8)]) == 8
+        assert len(collect(fe, 8)) == 8
+        used_rx = _pages(fe.rings[0].used, 6 + 8 * fe.rings[0].size)
+        assert used_rx <= _marked_pages(log), "the restarted worker does not log the rx used ring"
+    text = (tmp_path / "serve-loopback.log").read_text()
+    assert "did not take the log address" in text, text[-2000:]
 
 
 def test_null_consumes_everything(tmp_path: Path) -> None:
