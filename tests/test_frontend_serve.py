@@ -118,7 +118,10 @@ def test_dirty_log_marks_every_page_the_workers_write(
         VhostUserFrontend(sock, queue_pairs=4, protocol_features=pf) as fe,
     ):
         assert fe.set_queue_pairs(4)
+        assert not fetch(str(tmp_path / "stats.sock"))["vms"][0]["migrating"]
         log = fe.start_dirty_log()
+        vm = fetch(str(tmp_path / "stats.sock"))["vms"][0]
+        assert vm["migrating"] and vm["dirty_log_bytes"] == len(log)
         used_rings = {
             i: _pages(r.used, 6 + 8 * r.size) for i, r in fe.rings.items() if i < 2 * fe.max_pairs
         }
@@ -154,6 +157,7 @@ def test_dirty_log_marks_every_page_the_workers_write(
         )
 
         fe.stop_dirty_log()
+        assert not fetch(str(tmp_path / "stats.sock"))["vms"][0]["migrating"]
         log[:] = bytes(len(log))
         assert fe.send(frames[:16]) == 16
         assert len(collect(fe, 16)) == 16

@@ -35,6 +35,7 @@ SNAPSHOT: dict[str, Any] = {
             "name": "vm1.sock",
             "socket": "/run/vm1.sock",
             "connected": True,
+            "migrating": True,
             "connections": 3,
             "errors": 1,
             "pairs": [
@@ -82,6 +83,8 @@ def test_counters_per_vm_and_pair() -> None:
     assert got[("virtnet_vm_connected", (("vm", "vm2.sock"),))] == 0
     assert got[("virtnet_vm_connections_total", (("vm", "vm1.sock"),))] == 3
     assert got[("virtnet_vm_errors_total", (("vm", "vm1.sock"),))] == 1
+    assert got[("virtnet_vm_migrating", (("vm", "vm1.sock"),))] == 1
+    assert got[("virtnet_vm_migrating", (("vm", "vm2.sock"),))] == 0
     # Every serve counter is exported for every pair, none invented.
     per_pair = {name for (name, labels) in got if ("pair", "0") in labels}
     assert per_pair == {f"{m}_total" for m, _ in COUNTERS.values()} | {
@@ -156,3 +159,19 @@ def test_any_snapshot_round_trips_through_the_exposition(vms: dict[str, list[Any
             labels = (("pair", str(i)), ("vm", name))
             for key, (metric, _) in COUNTERS.items():
                 assert got[(f"{metric}_total", labels)] == float(row[key])
+
+
+def test_stats_table_says_a_vm_is_migrating() -> None:
+    """``virtnet stats`` titles a migrating VM's table with the dirty log's size."""
+    from rich.console import Console
+
+    from virtnet.vhost_user.stats import render
+
+    doc = copy.deepcopy(SNAPSHOT)
+    doc["vms"][0]["dirty_log_bytes"] = 16384
+    doc["vms"][1]["socket"] = "/run/vm2.sock"
+    console = Console(width=200, record=True)
+    console.print(render(doc))
+    text = " ".join(console.export_text().split())  # the title may wrap
+    assert "migrating (dirty log of 16384 bytes)" in text
+    assert text.count("migrating") == 1  # vm2 is not

@@ -136,6 +136,11 @@ class ServeCollector(Collector):
         errs = CounterMetricFamily(
             "virtnet_vm_errors", "Connections dropped for bad input.", labels=["vm"]
         )
+        migrating = GaugeMetricFamily(
+            "virtnet_vm_migrating",
+            "1 while the frontend migrates the VM (VHOST_F_LOG_ALL: pages written are logged).",
+            labels=["vm"],
+        )
         enabled = GaugeMetricFamily(
             "virtnet_pair_enabled", "1 while the pair's rings are enabled.", labels=_LABELS
         )
@@ -151,13 +156,14 @@ class ServeCollector(Collector):
             connected.add_metric([name], 1 if vm.get("connected") else 0)
             conns.add_metric([name], _count(vm, "connections"))
             errs.add_metric([name], _count(vm, "errors"))
+            migrating.add_metric([name], 1 if vm.get("migrating") else 0)
             for p, row in enumerate(vm.get("pairs", [])):
                 labels = [name, str(p)]
                 enabled.add_metric(labels, 1 if row.get("enabled") else 0)
                 restarts.add_metric(labels, _count(row, "restarts"))
                 for key, fam in per_pair.items():
                     fam.add_metric(labels, _count(row, key))
-        return [connected, conns, errs, enabled, restarts, *per_pair.values()]
+        return [connected, conns, errs, migrating, enabled, restarts, *per_pair.values()]
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -67,7 +67,7 @@ from typing import Any
 from virtnet.errors import UsageError
 from virtnet.ports.base import Port, make_port
 from virtnet.sdnotify import notify
-from virtnet.vhost_user.backend import MAX_QUEUE_PAIRS, Backend, BackendConfig
+from virtnet.vhost_user.backend import LOG_ALL, MAX_QUEUE_PAIRS, Backend, BackendConfig
 from virtnet.vhost_user.server import Endpoint, Server
 from virtnet.vhost_user.supervisor import Supervisor, VmPort, feature_names
 from virtnet.vhost_user.worker import KICK_DEFER_ROUNDS, KICK_DEFER_US, MAX_KICK_DEFER_US
@@ -283,6 +283,7 @@ def snapshot(d: Daemon) -> dict[str, Any]:
         sup = vm.supervisor
         connected = ep is not None and ep.connection is not None
         feats = sup.features if (sup is not None and connected) else 0
+        migrating = bool(feats & LOG_ALL)
         vms.append(
             {
                 "name": vm.name,
@@ -292,6 +293,9 @@ def snapshot(d: Daemon) -> dict[str, Any]:
                 "errors": ep.errors if ep is not None else 0,
                 "last_error": ep.last_error if ep is not None else None,
                 "features": feature_names(feats) if feats else "",
+                # Live migration: VHOST_F_LOG_ALL on, workers marking the dirty log.
+                "migrating": migrating,
+                "dirty_log_bytes": sup.log.size if (migrating and sup and sup.log) else 0,
                 "workers": sorted(sup.workers) if (sup is not None and connected) else [],
                 "pairs": vm.vmport.snapshot(),
             }

@@ -86,6 +86,8 @@ def render(doc: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
         title = f"{vm['name']} ({vm['socket']}) {state}, {vm.get('connections', 0)} connection(s)"
         if vm.get("errors"):
             title += f", {vm['errors']} error(s): {vm.get('last_error')}"
+        if vm.get("migrating"):
+            title += f", migrating (dirty log of {vm.get('dirty_log_bytes', 0)} bytes)"
         t = Table(title=title, caption=vm.get("features") or None)
         t.add_column("pair", justify="right")
         t.add_column("on")
