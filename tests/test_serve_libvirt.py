@@ -7,6 +7,8 @@ network namespace holding the tap (10.78.0.1/24).  Checks: libvirt's own QEMU
 command line asks for 4 pairs with ``mq=on``; the guest's ``ethtool -L`` reaches
 serve; ping and iperf3 both ways on every queue; and serve killed and restarted
 while the guest runs (the README's ``<reconnect>``): traffic resumes, no reboot.
+And ``virsh migrate --live`` of that domain between two libvirt daemons, both
+guests on one serve.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from virtnet.testing.guest import queue_deltas, wait_for
 from virtnet.testing.libvirt import Libvirtd, LibvirtGuest, skip_reason
 from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import stop_process
-from virtnet.testing.serve import ServedGuest, check_serve_restart, start_tap_serve
+from virtnet.testing.serve import ServedGuest, check_serve_restart, start_serve, start_tap_serve
+from virtnet.vhost_user.stats import fetch
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
 
@@ -135,3 +138,78 @@ def test_channels_ping_and_iperf3_on_every_queue(setup: Setup) -> None:
 def test_serve_restart_resumes_traffic_under_libvirt(setup: Setup) -> None:
     """The snippet's ``<reconnect>``: QEMU (run by libvirt) dials serve again."""
     check_serve_restart(setup, HOST_IP, pairs=2)
+
+
+def test_virsh_migrate_live_between_two_libvirt_daemons(
+    guest_initramfs: Path, tmp_path: Path
+) -> None:
+    """``virsh migrate --live`` of the README's domain between two libvirt daemons
+    (two hosts to libvirt: each has its own host UUID), both guests on one
+    serve: ``--socket A --socket B --port tap:T%d``, the two taps in a bridge.
+    libvirt drives QEMU's migration (dirty logging in serve's workers); on the
+    destination the guest keeps its 4 pairs, reaches the host, and its traffic
+    goes through socket B."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    mem, iface = readme_libvirt_xml()
+    tap = unique_name("vnlm")
+    src_sock, dst_sock = tmp_path / "a.sock", tmp_path / "b.sock"
+    stats, log = tmp_path / "stats.sock", tmp_path / "serve.log"
+    log.write_text("")
+    with NetNS() as ns:
+        ns.ip("link", "add", "br0", "type", "bridge")
+        for i in (0, 1):
+            ns.create_tap(f"{tap}{i}")
+            ns.ip("link", "set", f"{tap}{i}", "master", "br0")
+            ns.link_up(f"{tap}{i}")
+        ns.set_address("br0", f"{HOST_IP}/24")
+        serve = start_serve(
+            ns,
+            ["--socket", str(src_sock), "--socket", str(dst_sock),
+             "--port", f"tap:{tap}%d", "--queues", str(QUEUES)],
+            stats=stats, log=log,
+        )  # fmt: skip
+        try:
+            with (
+                Libvirtd() as lv_src,
+                Libvirtd() as lv_dst,
+                LibvirtGuest(
+                    libvirtd=lv_src,
+                    devices_xml=iface.replace(README_SOCKET, str(src_sock)),
+                    memory_backing_xml=mem,
+                    initramfs=guest_initramfs,
+                    ip=f"{GUEST_IP}/24",
+                ) as src,
+            ):
+                src.set_channels(QUEUES)
+                assert src.ping(HOST_IP, count=2), src.console_tail()
+                with LibvirtGuest(
+                    libvirtd=lv_dst,
+                    initramfs=guest_initramfs,
+                    migrate_from=src,
+                    migrate_replace={str(src_sock): str(dst_sock)},
+                    incoming="virsh migrate",
+                ) as dst:
+                    dst.migration_result()
+                    assert dst.name == src.name
+                    assert wait_for(lambda: dst.running, timeout=30)
+                    assert "running" in lv_dst.virsh("domstate", dst.name)
+                    assert src.name not in lv_src.virsh("list", "--all", "--name")
+                    assert dst.channels().combined == QUEUES
+                    assert dst.ping(HOST_IP, count=3), dst.console_tail()
+                    with ns.iperf3_server():
+                        for reverse in ("", " -R"):
+                            out = dst.iperf3(f"-c {HOST_IP} -P 4 -t 2 -i 0{reverse}")
+                            assert "receiver" in out, out
+                    vms = {vm["socket"]: vm for vm in fetch(str(stats))["vms"]}
+                    pairs = vms[str(dst_sock)]["pairs"]
+                    assert sum(p["rx_packets"] for p in pairs) > 0, pairs
+                    assert sum(p["tx_packets"] for p in pairs) > 0, pairs
+                    assert all(p["errors"] == 0 for p in pairs), pairs
+                    assert sum(p["enabled"] for p in pairs) == QUEUES, pairs
+            text = log.read_text()
+            assert "dirty page logging on" in text, text[-4000:]
+        finally:
+            stop_process(serve)
+            print(log.read_text()[-6000:])

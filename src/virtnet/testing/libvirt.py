@@ -14,7 +14,9 @@ this is a test bed, not a deployment recipe.
 but ``virsh create`` starts it from a transient domain whose devices are the
 console and agent serial ports plus ``devices_xml`` (e.g. a ``vhostuser``
 interface), with ``memory_backing_xml`` for the shared guest memory a
-vhost-user backend maps.
+vhost-user backend maps.  With ``migrate_from`` it arrives instead by
+``virsh migrate --live`` from another daemon: each :class:`Libvirtd` has its own
+host UUID, so two of them are two hosts to libvirt.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +122,9 @@ class Libvirtd:
         daemon_conf.write_text(
             f'unix_sock_dir = "{self.sock_dir}"\n'
             'auth_unix_rw = "none"\nauth_unix_ro = "none"\n'
+            # Its own host identity: two test daemons are two hosts to each
+            # other, so libvirt migrates between them.
+            f'host_uuid = "{uuid.uuid4()}"\n'
             f'log_outputs = "3:file:{self.log}"\n'
         )
         script = _start_script(conf, daemon_conf, self.workdir / "libvirtd.pid")
@@ -205,7 +211,17 @@ class LibvirtGuest(Guest):
     devices_xml: str = ""
     memory_backing_xml: str = SHARED_MEMORY_XML
     name: str = field(default_factory=lambda: f"virtnet-{os.getpid()}-{time.monotonic_ns()}")
+    #: Arrive by ``virsh migrate --live`` of this running guest (from its
+    #: daemon to ours) instead of booting; also set ``incoming`` (any text) so
+    #: that :meth:`start` does not wait for a boot.  The destination's XML is
+    #: the source's ``virsh dumpxml --migratable`` (same UUID, MAC, devices)
+    #: with this guest's console and agent paths and ``migrate_replace``
+    #: applied, as a user edits it for ``virsh migrate --xml``.
+    #: :meth:`migration_result` waits for virsh.
+    migrate_from: LibvirtGuest | None = None
+    migrate_replace: Mapping[str, str] = field(default_factory=dict)
     _domain_up: bool = field(default=False, init=False, repr=False)
+    _migration: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     def _daemon(self) -> Libvirtd:
         if self.libvirtd is None:
@@ -244,9 +260,50 @@ class LibvirtGuest(Guest):
 
     def _launch(self) -> None:
         xml = self.workdir / "domain.xml"
-        xml.write_text(self.domain_xml())
-        self._daemon().virsh("create", str(xml))
+        src = self.migrate_from
+        if src is None:
+            xml.write_text(self.domain_xml())
+            self._daemon().virsh("create", str(xml))
+            self._domain_up = True
+            return
+        # The domain moves under its name; its XML gets this guest's console
+        # and agent socket (and the caller's replacements) on the destination.
+        self.name = src.name
+        text = src._daemon().virsh("dumpxml", "--migratable", src.name)
+        swaps = {
+            str(src.console_log): str(self.console_log),
+            str(src.agent_socket): str(self.agent_socket),
+            **self.migrate_replace,
+        }
+        for old, new in swaps.items():
+            if old not in text:
+                raise GuestError(f"the source's domain XML has no {old!r} to replace")
+            text = text.replace(old, new)
+        xml.write_text(text)
+        argv = ["virsh", "-c", src._daemon().uri, "migrate", "--live", self.name,
+                self._daemon().uri.replace("qemu://", "qemu+unix://"),
+                "--migrateuri", "tcp://127.0.0.1", "--xml", str(xml)]  # fmt: skip
+        with open(self.workdir / "migrate.log", "wb") as out:
+            self._migration = subprocess.Popen(
+                die_with_parent(argv), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
         self._domain_up = True
+
+    def migration_result(self, timeout: float = 120.0) -> None:
+        """Wait for ``virsh migrate``; raises :class:`LibvirtError` if it failed."""
+        proc = self._migration
+        if proc is None:
+            raise GuestError("this guest did not arrive by migration")
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = -1
+        if rc != 0:
+            out = (self.workdir / "migrate.log").read_text(errors="replace")
+            raise LibvirtError(f"virsh migrate failed ({rc}):\n{out}")
 
     def _launched(self) -> bool:
         return self._domain_up
@@ -274,7 +331,11 @@ class LibvirtGuest(Guest):
 
     @property
     def running(self) -> bool:
-        return self._domain_up and self._domain_state() == "running"
+        if not self._domain_up:
+            return False
+        if self._migration is not None and self._migration.poll() is None:
+            return True  # still arriving (paused on this side until it ends)
+        return self._domain_state() == "running"
 
     @property
     def qemu_pid(self) -> int | None:
