@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ from virtnet.testing.guest import (
 )
 from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import stop_process
-from virtnet.testing.serve import start_serve
+from virtnet.testing.serve import start_bridged_serve
 
 HOST_IP = "10.78.0.1"
 GUEST_IP = "10.78.0.2"
@@ -111,17 +111,6 @@ def _qmp_ready(guest: Guest) -> bool:
     return True
 
 
-def _bridge(ns: NetNS) -> Callable[[str], None]:
-    ns.ip("link", "add", "br0", "type", "bridge")
-    ns.set_address("br0", f"{HOST_IP}/24")
-
-    def enslave(ifname: str) -> None:
-        ns.ip("link", "set", ifname, "master", "br0")
-        ns.link_up(ifname)
-
-    return enslave
-
-
 def one_run(
     backend: str, *, queues: int, interval_ms: float, after: float, load: bool
 ) -> MigrationFigures:
@@ -129,23 +118,18 @@ def one_run(
     taps = [f"{tap}0", f"{tap}1"]
     with tempfile.TemporaryDirectory(prefix="vnmigbench-") as d, NetNS() as ns:
         work = Path(d)
-        enslave = _bridge(ns)
         mig = work / "mig.sock"
         serve: subprocess.Popen[str] | None = None
         if backend == "virtnet":
-            for t in taps:
-                ns.create_tap(t)
-                enslave(t)
             socks = [work / "a.sock", work / "b.sock"]
-            serve = start_serve(
-                ns,
-                ["--socket", str(socks[0]), "--socket", str(socks[1]),
-                 "--port", f"tap:{tap}%d", "--queues", str(queues)],
-                stats=work / "stats.sock", log=work / "serve.log", verbose=False,
+            serve = start_bridged_serve(
+                ns, tap, socks, work / "stats.sock", work / "serve.log",
+                queues=queues, host_cidr=f"{HOST_IP}/24", verbose=False,
             )  # fmt: skip
             netdevs = [vhost_user_netdev_args(s, queues=queues) for s in socks]
             label = "virtnet serve --port tap"
         else:
+            ns.add_bridge("br0", f"{HOST_IP}/24")
             netdevs = [tap_netdev_args(t, queues=queues) for t in taps]
             label = "qemu tap,vhost=off"
 
@@ -156,7 +140,7 @@ def one_run(
                 if not wait_for(lambda: _qmp_ready(guest), timeout=60, interval=0.2):
                     raise RuntimeError(f"{label}: QEMU's monitor did not come up")
                 ns.move_link(taps[i])
-                enslave(taps[i])
+                ns.enslave(taps[i], "br0")
 
         pinger: subprocess.Popen[str] | None = None
         feeder: subprocess.Popen[str] | None = None

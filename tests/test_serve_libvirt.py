@@ -25,7 +25,12 @@ from virtnet.testing.guest import queue_deltas, wait_for
 from virtnet.testing.libvirt import Libvirtd, LibvirtGuest, skip_reason
 from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import stop_process
-from virtnet.testing.serve import ServedGuest, check_serve_restart, start_serve, start_tap_serve
+from virtnet.testing.serve import (
+    ServedGuest,
+    check_serve_restart,
+    start_bridged_serve,
+    start_tap_serve,
+)
 from virtnet.vhost_user.stats import fetch
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
@@ -51,6 +56,18 @@ def readme_libvirt_xml() -> tuple[str, str]:
     return mem.group(0), iface.group(0)
 
 
+def readme_guest(lv: Libvirtd, sock: Path, initramfs: Path) -> LibvirtGuest:
+    """The test guest as the README's libvirt XML makes it, on serve's ``sock``."""
+    mem, iface = readme_libvirt_xml()
+    return LibvirtGuest(
+        libvirtd=lv,
+        devices_xml=iface.replace(README_SOCKET, str(sock)),
+        memory_backing_xml=mem,
+        initramfs=initramfs,
+        ip=f"{GUEST_IP}/24",
+    )
+
+
 def test_readme_snippet_is_found() -> None:
     """The snippet the libvirt test boots is the README's (no VM needed)."""
     mem, iface = readme_libvirt_xml()
@@ -69,7 +86,6 @@ def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    mem, iface = readme_libvirt_xml()
     tmp = tmp_path_factory.mktemp("serve-libvirt")
     tap = unique_name("vntap")
     with NetNS() as ns:
@@ -81,13 +97,7 @@ def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         try:
             with (
                 Libvirtd() as lv,
-                LibvirtGuest(
-                    libvirtd=lv,
-                    devices_xml=iface.replace(README_SOCKET, str(sock)),
-                    memory_backing_xml=mem,
-                    initramfs=guest_initramfs,
-                    ip=f"{GUEST_IP}/24",
-                ) as guest,
+                readme_guest(lv, sock, guest_initramfs) as guest,
             ):
                 s = Setup(guest, ns, tap, sock, stats, log, serve, QUEUES, lv)
                 yield s
@@ -152,35 +162,19 @@ def test_virsh_migrate_live_between_two_libvirt_daemons(
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    mem, iface = readme_libvirt_xml()
     tap = unique_name("vnlm")
     src_sock, dst_sock = tmp_path / "a.sock", tmp_path / "b.sock"
     stats, log = tmp_path / "stats.sock", tmp_path / "serve.log"
     log.write_text("")
     with NetNS() as ns:
-        ns.ip("link", "add", "br0", "type", "bridge")
-        for i in (0, 1):
-            ns.create_tap(f"{tap}{i}")
-            ns.ip("link", "set", f"{tap}{i}", "master", "br0")
-            ns.link_up(f"{tap}{i}")
-        ns.set_address("br0", f"{HOST_IP}/24")
-        serve = start_serve(
-            ns,
-            ["--socket", str(src_sock), "--socket", str(dst_sock),
-             "--port", f"tap:{tap}%d", "--queues", str(QUEUES)],
-            stats=stats, log=log,
-        )  # fmt: skip
+        serve = start_bridged_serve(
+            ns, tap, (src_sock, dst_sock), stats, log, queues=QUEUES, host_cidr=f"{HOST_IP}/24"
+        )
         try:
             with (
                 Libvirtd() as lv_src,
                 Libvirtd() as lv_dst,
-                LibvirtGuest(
-                    libvirtd=lv_src,
-                    devices_xml=iface.replace(README_SOCKET, str(src_sock)),
-                    memory_backing_xml=mem,
-                    initramfs=guest_initramfs,
-                    ip=f"{GUEST_IP}/24",
-                ) as src,
+                readme_guest(lv_src, src_sock, guest_initramfs) as src,
             ):
                 src.set_channels(QUEUES)
                 assert src.ping(HOST_IP, count=2), src.console_tail()

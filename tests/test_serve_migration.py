@@ -42,7 +42,7 @@ import pytest
 from virtnet.testing.guest import Guest, queue_deltas, vhost_user_netdev_args, wait_for
 from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import stop_process
-from virtnet.testing.serve import start_serve
+from virtnet.testing.serve import start_bridged_serve
 from virtnet.vhost_user.stats import fetch
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
@@ -128,18 +128,9 @@ def test_live_migration_keeps_the_guest_and_its_bytes(
     log.write_text("")
     tap = unique_name("vnm")
     with NetNS() as ns:
-        ns.ip("link", "add", "br0", "type", "bridge")
-        for i in (0, 1):
-            ns.create_tap(f"{tap}{i}")
-            ns.ip("link", "set", f"{tap}{i}", "master", "br0")
-            ns.link_up(f"{tap}{i}")
-        ns.set_address("br0", f"{HOST_IP}/24")
-        serve = start_serve(
-            ns,
-            ["--socket", str(src_sock), "--socket", str(dst_sock),
-             "--port", f"tap:{tap}%d", "--queues", str(QUEUES)],
-            stats=stats, log=log,
-        )  # fmt: skip
+        serve = start_bridged_serve(
+            ns, tap, (src_sock, dst_sock), stats, log, queues=QUEUES, host_cidr=f"{HOST_IP}/24"
+        )
         sender: subprocess.Popen[str] | None = None
         blaster: subprocess.Popen[str] | None = None
         try:

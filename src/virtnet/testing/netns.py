@@ -297,6 +297,16 @@ class NetNS:
         """``ip link set <ifname> up``."""
         self.ip("link", "set", "dev", ifname, "up")
 
+    def add_bridge(self, name: str, cidr: str) -> None:
+        """A Linux bridge ``name`` holding ``cidr`` (the host's side), up."""
+        self.ip("link", "add", name, "type", "bridge")
+        self.set_address(name, cidr)
+
+    def enslave(self, ifname: str, bridge: str) -> None:
+        """Put ``ifname`` into ``bridge`` and bring it up."""
+        self.ip("link", "set", "dev", ifname, "master", bridge)
+        self.link_up(ifname)
+
     def has_link(self, ifname: str) -> bool:
         """True if ``ifname`` exists in this namespace."""
         return link_exists(ifname, netns=self.name)

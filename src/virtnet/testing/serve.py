@@ -55,6 +55,30 @@ def start_tap_serve(
     return start_serve(ns, serve_args, stats=stats, log=log)
 
 
+def start_bridged_serve(
+    ns: NetNS,
+    tap: str,
+    socks: Sequence[Path],
+    stats: Path,
+    log: Path,
+    *,
+    queues: int,
+    host_cidr: str,
+    verbose: bool = True,
+) -> subprocess.Popen[str]:
+    """One ``virtnet serve`` for several VM sockets (``--port tap:TAP%d``: VM i
+    gets tap ``TAPi``), the taps in a bridge ``br0`` holding ``host_cidr`` in
+    ``ns``, as libvirt bridges guests: a guest can migrate from one socket to
+    another and stay on the same network."""
+    ns.add_bridge("br0", host_cidr)
+    for i in range(len(socks)):
+        ns.create_tap(f"{tap}{i}")
+        ns.enslave(f"{tap}{i}", "br0")
+    args = [a for s in socks for a in ("--socket", str(s))]
+    args += ["--port", f"tap:{tap}%d", "--queues", str(queues)]
+    return start_serve(ns, args, stats=stats, log=log, verbose=verbose)
+
+
 @dataclass
 class ServedGuest:
     """A test guest on ``virtnet serve --port tap:TAP`` running in ``ns``."""
