@@ -899,20 +899,19 @@ class Guest:
         once the migration ended (``status``: completed, failed or cancelled).
         Raises :class:`GuestError` if it has not ended within ``timeout``."""
         self.qmp("migrate", {"uri": uri})
+        last: dict[str, Any] = {}
 
-        def status() -> dict[str, Any]:
+        def ended() -> bool:
             st = self.qmp("query-migrate")
             if not isinstance(st, dict):
                 raise GuestError(f"query-migrate answered {st!r}")
-            return st
+            last.clear()
+            last.update(st)
+            return st.get("status") in ("completed", "failed", "cancelled")
 
-        if not wait_for(
-            lambda: status().get("status") in ("completed", "failed", "cancelled"),
-            timeout=timeout,
-            interval=0.1,
-        ):
-            raise GuestError(f"migration to {uri} did not end within {timeout:g}s: {status()}")
-        return status()
+        if not wait_for(ended, timeout=timeout, interval=0.1):
+            raise GuestError(f"migration to {uri} did not end within {timeout:g}s: {last}")
+        return last
 
     # -- helpers -----------------------------------------------------------------------
 

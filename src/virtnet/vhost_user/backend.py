@@ -105,8 +105,7 @@ MAX_STATUS = 0xFF
 
 #: vhost "Migration": the backend marks the pages it writes in the dirty log
 #: while this bit is negotiated (linux/vhost.h ``VHOST_F_LOG_ALL``).
-F_LOG_ALL = VHOST_F_LOG_ALL
-LOG_ALL = 1 << F_LOG_ALL
+LOG_ALL = 1 << VHOST_F_LOG_ALL
 
 DEFAULT_FEATURES = (
     int(

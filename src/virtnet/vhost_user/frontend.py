@@ -1084,9 +1084,7 @@ class VhostUserFrontend:
             raise
         self._log_fd = fd
         self._send_log()
-        self._call(Request.SET_FEATURES, U64(self._vhost_features()))
-        for index in sorted(self.rings):
-            self._call(Request.SET_VRING_ADDR, self._ring_addr(self.rings[index]))
+        self._send_log_state()
         return memoryview(self._log_map)
 
     def stop_dirty_log(self) -> None:
@@ -1095,6 +1093,11 @@ class VhostUserFrontend:
         if self._log_map is None:
             return
         self._release_log()
+        self._send_log_state()
+
+    def _send_log_state(self) -> None:
+        """VHOST_F_LOG_ALL (SET_FEATURES) and every ring's VHOST_VRING_F_LOG
+        (SET_VRING_ADDR) as the log now is: on or off."""
         self._call(Request.SET_FEATURES, U64(self._vhost_features()))
         for index in sorted(self.rings):
             self._call(Request.SET_VRING_ADDR, self._ring_addr(self.rings[index]))
