@@ -105,6 +105,19 @@ def in_netns(ns: str, fn: Callable[[], T]) -> T:
     return result
 
 
+def quiet_tap(name: str, mtu: int | None = None) -> TapPort:
+    """A tap brought up without IPv6, so the kernel puts none of its own frames
+    (duplicate-address detection, MLD reports) into the queue a test reads."""
+    port = TapPort(name)
+    port.open_queue("vm", 0)
+    with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+        f.write("1")
+    if mtu is not None:
+        _ip("link", "set", name, "mtu", str(mtu))
+    port.set_up(True)
+    return port
+
+
 def vnet_hdr(flags: int = 0, gso: int = 0, hdr_len: int = 0, gso_size: int = 0) -> bytes:
     return struct.pack("<BBHHHHH", flags, gso, hdr_len, gso_size, 0, 0, 0)
 
@@ -383,10 +396,9 @@ def test_queue_fd_passes_to_worker(netns: str) -> None:
 
 def test_short_rx_buffers_drop_not_truncate(netns: str) -> None:
     def body() -> list[int]:
-        port = TapPort("vt0", up=True)
+        port = quiet_tap("vt0")
         try:
-            q = port.open_queue("vm", 0)
-            assert isinstance(q, TapQueue)
+            q = port.queue(0)
             ps = packet_socket("vt0")
             f = eth(GUEST, PEER, 0x88B5, bytes(86))  # 100-byte frame
             out = []
@@ -460,3 +472,192 @@ def test_switch_process_with_uplink_spec(netns: str) -> None:
 
     frame = in_netns(netns, body)[VNET_HDR_LEN:]
     assert frame[:6] == GUEST and struct.unpack("!H", frame[20:22])[0] == 2
+
+
+# -- the worker's receive path from a real tap ------------------------------
+
+WQ_SIZE = 256
+W_MEM = 8 << 20
+W_RX, W_TX, W_BUFS = 0x10000, 0x20000, 0x100000
+W_SLOT = 8192  # guest memory per posted chain
+
+
+class _TapWorker:
+    """An in-process queue-pair worker on a tap queue, and the guest's rx ring."""
+
+    def __init__(self, q: TapQueue, *, gso: bool, mtu: int) -> None:
+        from virtnet.memory import GuestMemory, MemoryRegion
+        from virtnet.net import NetFeature
+        from virtnet.vhost_user.worker import RegionSpec, RingSpec, Worker, WorkerSpec
+        from virtnet.virtq import DriverQueue, split_ring_layout
+
+        self.memfd = os.memfd_create("guest", 0)
+        os.ftruncate(self.memfd, W_MEM)
+        self.mem = GuestMemory(
+            [MemoryRegion.from_fd(self.memfd, guest_addr=0, size=W_MEM, user_addr=1 << 40)]
+        )
+        lay = split_ring_layout(WQ_SIZE)
+        self.rx = DriverQueue(self.mem, WQ_SIZE, W_RX + lay.desc, W_RX + lay.avail,
+                              W_RX + lay.used, event_idx=True)  # fmt: skip
+        feats = NetFeature.VERSION_1 | NetFeature.MRG_RXBUF | NetFeature.EVENT_IDX
+        if gso:
+            feats |= NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4
+        rings = [
+            RingSpec(i, WQ_SIZE, b + lay.desc, b + lay.avail, b + lay.used, 0, None, None, None)
+            for i, b in ((0, W_RX), (1, W_TX))
+        ]
+        fd = q.fileno()
+        assert fd is not None
+        regions = (RegionSpec(0, W_MEM, 1 << 40, 0, os.dup(self.memfd)),)  # the worker closes it
+        spec = WorkerSpec("t", 0, int(feats), regions,
+                          rings[0], rings[1], "tap", fd, mtu=mtu)  # fmt: skip
+        self.ctl = socket.socketpair()
+        self.worker = Worker(spec, self.ctl[0], port=q)
+
+    def post(self, slot: int, sizes: tuple[int, ...]) -> None:
+        """One rx chain in guest-memory slot ``slot``: a buffer per size."""
+        addr = W_BUFS + slot * W_SLOT
+        bufs = []
+        for n in sizes:
+            bufs.append((addr, n))
+            addr += n
+        self.rx.add([], bufs, slot)
+
+    def close(self) -> None:
+        self.worker.mem.close()
+        self.mem.close()
+        os.close(self.memfd)
+        for s in self.ctl:
+            s.close()
+
+
+def _drain(q: TapQueue) -> None:
+    fd = q.fileno()
+    assert fd is not None
+    buf = bytearray(70000)
+    with __import__("contextlib").suppress(BlockingIOError):
+        while True:
+            os.readv(fd, [buf])
+
+
+def test_worker_rx_from_tap_property(netns: str) -> None:
+    """The worker's receive path on a real tap -- the fast loop for frames that
+    fit the first chain, the general loop after a frame spills over, chains of
+    several buffers, a GSO guest's 64 KiB reserve -- against frames the host
+    sends: each arrives intact and in order, over as many chains as its
+    ``num_buffers`` says; the port counts every frame; the used index equals
+    the popped index minus the reserve."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    def body() -> int:
+        port = quiet_tap("vtw0", mtu=9000)
+        q = port.queue(0)
+        ps = packet_socket("vtw0")
+        examples = 0
+
+        @settings(max_examples=30, deadline=None, database=None)
+        @given(
+            sizes=st.lists(st.integers(min_value=60, max_value=1514), min_size=1, max_size=40),
+            jumbo=st.lists(st.integers(min_value=1515, max_value=9014), max_size=4),
+            buf=st.sampled_from([256, 1530, 2048, 4096]),
+            split=st.booleans(),
+            gso=st.booleans(),
+            seed=st.randoms(use_true_random=False),
+        )
+        def case(sizes: list[int], jumbo: list[int], buf: int, split: bool, gso: bool,
+                 seed: Any) -> None:  # fmt: skip
+            nonlocal examples
+            examples += 1
+            mixed = sizes + jumbo
+            seed.shuffle(mixed)
+            _drain(q)
+            tw = _TapWorker(q, gso=gso, mtu=9000)
+            try:
+                w = tw.worker
+                shape = (buf // 2, buf - buf // 2) if split else (buf,)
+                for slot in range(WQ_SIZE // len(shape)):
+                    tw.post(slot, shape)
+                tw.rx.publish()
+                frames = [
+                    eth(GUEST, PEER, 0x88B5, struct.pack(">I", k) + bytes(range(256)) * 40)[:n]
+                    for k, n in enumerate(mixed)
+                ]
+                for fr in frames:
+                    ps.send(fr)
+                got: list[bytes] = []
+                for _ in range(200):
+                    w.port_readable = True
+                    w.rx_batch()
+                    used = tw.rx.get_used()
+                    pos = 0
+                    while pos < len(used):
+                        head = used[pos][0]
+                        assert isinstance(head, int)
+                        hdr = tw.mem.read(W_BUFS + head * W_SLOT, VNET_HDR_LEN)
+                        nb = struct.unpack_from("<H", hdr, 10)[0]
+                        assert nb >= 1
+                        data = b""
+                        for tok, ln in used[pos : pos + nb]:
+                            assert isinstance(tok, int)
+                            data += tw.mem.read(W_BUFS + tok * W_SLOT, ln)  # chain is contiguous
+                            tw.post(tok, shape)
+                        got.append(data[VNET_HDR_LEN:])
+                        pos += nb
+                    assert pos == len(used)
+                    tw.rx.publish()
+                    if len(got) == len(frames):
+                        break
+                assert got == frames
+                assert (w.port.rx_packets, w.port.rx_dropped) == (len(frames), 0)
+                assert w.port.rx_bytes == sum(len(f) for f in frames)
+                rq = w.rxq
+                assert rq is not None
+                assert (rq.last_avail_idx - len(w.reserve)) & 0xFFFF == rq.used_idx
+            finally:
+                w.port.rx_packets = w.port.rx_bytes = w.port.rx_dropped = 0
+                tw.close()
+
+        try:
+            case()
+        finally:
+            ps.close()
+            port.close()
+        return examples
+
+    assert in_netns(netns, body) >= 30  # hypothesis may run more than max_examples
+
+
+def test_worker_rx_from_tap_drops_a_frame_longer_than_the_guest_takes(netns: str) -> None:
+    """A frame longer than the guest's MTU allows (the tap's MTU is larger) is
+    dropped and counted, on the fast path (a chain larger than any frame the
+    guest takes) and on the general one; the frames around it arrive."""
+
+    def body() -> list[tuple[int, int, int]]:
+        port = quiet_tap("vtw0", mtu=9000)
+        q = port.queue(0)
+        ps = packet_socket("vtw0")
+        out = []
+        try:
+            for buf in (2048, 1000):  # >= or < the 1530 bytes a 1500-MTU frame needs
+                _drain(q)
+                tw = _TapWorker(q, gso=False, mtu=1500)
+                try:
+                    for slot in range(64):
+                        tw.post(slot, (buf,))
+                    tw.rx.publish()
+                    for n in (100, 3000, 1514, 100):
+                        ps.send(eth(GUEST, PEER, 0x88B5, bytes(n - 14)))
+                    w = tw.worker
+                    w.port_readable = True
+                    delivered = w.rx_batch()
+                    out.append((delivered, w.port.rx_packets, w.port.rx_dropped))
+                finally:
+                    w.port.rx_packets = w.port.rx_dropped = 0
+                    tw.close()
+        finally:
+            ps.close()
+            port.close()
+        return out
+
+    assert in_netns(netns, body) == [(3, 3, 1), (3, 3, 1)]
