@@ -547,7 +547,9 @@ def test_worker_rx_from_tap_property(netns: str) -> None:
     sends: each arrives intact and in order, over as many chains as its
     ``num_buffers`` says; the port counts every frame; the used index equals
     the popped index minus the reserve."""
-    from hypothesis import given, settings
+    import random
+
+    from hypothesis import example, given, settings
     from hypothesis import strategies as st
 
     def body() -> int:
@@ -557,8 +559,11 @@ def test_worker_rx_from_tap_property(netns: str) -> None:
         examples = 0
 
         @settings(max_examples=30, deadline=None, database=None)
+        # Streams longer than the ring: the reserve is refilled, the ring wraps.
+        @example([60] * 400, [9014], 1530, False, False, random.Random(1))
+        @example([60, 1514] * 150, [3000, 9014], 2048, False, True, random.Random(2))
         @given(
-            sizes=st.lists(st.integers(min_value=60, max_value=1514), min_size=1, max_size=40),
+            sizes=st.lists(st.integers(min_value=60, max_value=1514), min_size=1, max_size=150),
             jumbo=st.lists(st.integers(min_value=1515, max_value=9014), max_size=4),
             buf=st.sampled_from([256, 1530, 2048, 4096]),
             split=st.booleans(),

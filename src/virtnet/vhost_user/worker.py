@@ -629,10 +629,16 @@ class Worker:
         nbytes = 0
         last_room = -1
         view = bounce
+        cap = self.rx_cap  # kept in a local between refills
+        unpublished = self.rx_unpublished
         try:
             while frames + drops < RX_BATCH and self.port_readable:
-                if self.rx_cap < need and not self._refill(q):
-                    break  # short of buffers: the general loop stalls or reads anyway
+                if cap < need:
+                    self.rx_cap = cap
+                    ok = self._refill(q)
+                    cap = self.rx_cap
+                    if not ok:
+                        break  # short of buffers: the general loop stalls or reads anyway
                 head = reserve[0]
                 hb = head.in_
                 hl = head.in_len
@@ -651,7 +657,8 @@ class Worker:
                     break
                 except OSError:
                     break  # the general loop reads again through the port, which handles it
-                if n <= hl:
+                spilled = n > hl
+                if not spilled:
                     if n < VNET_HDR_LEN:  # never from a tap; FdQueue.recv_into's rule
                         if n:
                             port.rx_dropped += 1
@@ -663,7 +670,7 @@ class Worker:
                     append((head.head, n))
                     del reserve[0]
                     del bufs[0]
-                    self.rx_cap -= hl
+                    cap -= hl
                 elif n > hl + room:
                     port.rx_dropped += 1  # longer than any frame the guest takes
                     drops += 1
@@ -671,15 +678,21 @@ class Worker:
                 else:
                     self._unspill(n - hl)
                     self.rx_big = True
+                    self.rx_cap = cap
                     self._rx_used(n, used)
+                    cap = self.rx_cap
                 frames += 1
                 nbytes += n
-                self.rx_unpublished += n
-                if self.rx_unpublished >= RX_PUBLISH_BYTES:
+                unpublished += n
+                if unpublished >= RX_PUBLISH_BYTES:
+                    self.rx_cap = cap
                     self._rx_publish(q, used)
-                if self.rx_big:
+                    unpublished = 0
+                if spilled:
                     break
         finally:
+            self.rx_cap = cap
+            self.rx_unpublished = unpublished
             if frames:
                 self.rx_stalled = False
                 port.rx_packets += frames
