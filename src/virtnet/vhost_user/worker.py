@@ -33,6 +33,14 @@ Data path:
   to reading in place until a frame fits the first chain again.  Large frames
   are published sooner: every :data:`RX_PUBLISH_BYTES` of frames (each GSO
   frame), so the guest starts on them while the worker copies the next ones.
+* rx from a tap, the common case (mergeable buffers, a chain of one buffer,
+  a frame that fits it): a loop of its own does one ``os.readv`` of that
+  buffer and the bounce buffer per frame, writes ``num_buffers`` 1 and adds
+  the port's counters once per batch; a frame that spills over, a chain of
+  several buffers or a short reserve hands over to the general loop above.
+  That took a 64-byte frame from 3.2 to 2.1 us of worker time (of which the
+  tap ``readv`` is 1.0), bringing the backend's CPU per frame to about 1.1x
+  QEMU's own tap backend in a real guest's flood.
 * Without rx buffers the worker stops reading the port (the frame stays in the
   kernel / switch / loopback queue, which counts its own drops), counts an
   ``rx_no_buffer`` stall, enables rx kicks and waits for the guest.
