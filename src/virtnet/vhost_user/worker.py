@@ -625,6 +625,8 @@ class Worker:
         """
         fd = self.tap_fd
         assert fd is not None
+        if not self.port_readable:
+            return 0
         readv = os.readv
         reserve = self.reserve
         bufs = self.rx_bufs
@@ -632,29 +634,40 @@ class Worker:
         bounce = self.rx_bounce
         append = used.append
         port = self.port
+        hdr_len = VNET_HDR_LEN
+        # Chains of the reserve read into: reserve[:i] (and bufs[:i], one
+        # buffer each), deleted together before anything else looks at the
+        # reserve (a refill, a spilled frame, the way out).
+        i = 0
         frames = 0
-        drops = 0
         nbytes = 0
-        last_room = -1
+        budget = RX_BATCH
+        last_hl = -1
+        room = 0
         view = bounce
         cap = self.rx_cap  # kept in a local between refills
-        unpublished = self.rx_unpublished
+        publish_at = RX_PUBLISH_BYTES - self.rx_unpublished  # nbytes that publishes
         try:
-            while frames + drops < RX_BATCH and self.port_readable:
+            while budget > 0:
                 if cap < need:
+                    del reserve[:i]
+                    del bufs[:i]
+                    i = 0
                     self.rx_cap = cap
                     ok = self._refill(q)
                     cap = self.rx_cap
                     if not ok:
                         break  # short of buffers: the general loop stalls or reads anyway
-                head = reserve[0]
+                head = reserve[i]
                 hb = head.in_
                 hl = head.in_len
-                if len(hb) != 1 or hl < VNET_HDR_LEN:
+                if len(hb) != 1:
                     break
-                room = need - hl if hl < need else 0  # the reserve has that much after it
-                if room != last_room:
-                    last_room = room
+                if hl != last_hl:
+                    if hl < hdr_len:
+                        break
+                    last_hl = hl
+                    room = need - hl if hl < need else 0  # the reserve has that much after it
                     # One byte more than the reserve can take: the tap truncates
                     # silently, so a read that reaches it is a frame cut short.
                     view = bounce[: room + 1]
@@ -665,9 +678,9 @@ class Worker:
                     break
                 except OSError:
                     break  # the general loop reads again through the port, which handles it
-                spilled = n > hl
-                if not spilled:
-                    if n < VNET_HDR_LEN:  # never from a tap; FdQueue.recv_into's rule
+                budget -= 1
+                if n <= hl:
+                    if n < hdr_len:  # never from a tap; FdQueue.recv_into's rule
                         if n:
                             port.rx_dropped += 1
                         self.port_readable = False
@@ -676,35 +689,39 @@ class Worker:
                     first[10] = 1  # num_buffers, little-endian u16
                     first[11] = 0
                     append((head.head, n))
-                    del reserve[0]
-                    del bufs[0]
+                    i += 1
                     cap -= hl
+                    frames += 1
+                    nbytes += n
+                    if nbytes >= publish_at:
+                        self._rx_publish(q, used)
+                        publish_at = nbytes + RX_PUBLISH_BYTES
                 elif n > hl + room:
                     port.rx_dropped += 1  # longer than any frame the guest takes
-                    drops += 1
-                    continue
                 else:
+                    del reserve[:i]
+                    del bufs[:i]
+                    i = 0
                     self._unspill(n - hl)
                     self.rx_big = True
                     self.rx_cap = cap
                     self._rx_used(n, used)
                     cap = self.rx_cap
-                frames += 1
-                nbytes += n
-                unpublished += n
-                if unpublished >= RX_PUBLISH_BYTES:
-                    self.rx_cap = cap
-                    self._rx_publish(q, used)
-                    unpublished = 0
-                if spilled:
+                    frames += 1
+                    nbytes += n
+                    if nbytes >= publish_at:
+                        self._rx_publish(q, used)
+                        publish_at = nbytes + RX_PUBLISH_BYTES
                     break
         finally:
+            del reserve[:i]
+            del bufs[:i]
             self.rx_cap = cap
-            self.rx_unpublished = unpublished
+            self.rx_unpublished = nbytes - (publish_at - RX_PUBLISH_BYTES)
             if frames:
                 self.rx_stalled = False
                 port.rx_packets += frames
-                port.rx_bytes += nbytes - VNET_HDR_LEN * frames
+                port.rx_bytes += nbytes - hdr_len * frames
         return frames
 
     def _rx_frames(self, q: DeviceQueue, used: list[tuple[int, int]], limit: int) -> int:
