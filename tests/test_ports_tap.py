@@ -666,3 +666,59 @@ def test_worker_rx_from_tap_drops_a_frame_longer_than_the_guest_takes(netns: str
         return out
 
     assert in_netns(netns, body) == [(3, 3, 1), (3, 3, 1)]
+
+
+def _loop_step(w: Any, timeout: float) -> str:
+    """One pass of the worker's own loop (``Worker.run``, no deferral):
+    "work", "rearm" (work showed up while arming), or "slept"."""
+    if w.work():
+        return "work"
+    if w.arm():
+        return "rearm"
+    w.wake(w.ep.poll(timeout))
+    return "slept"
+
+
+def test_worker_stalled_on_buffers_sleeps_on_the_port_once_the_tap_is_empty(
+    netns: str,
+) -> None:
+    """A worker stalled for want of rx buffers, whose first read after the
+    guest posts them finds the tap empty, is no longer stalled: it sleeps
+    with the port polled, and the next frame the host sends reaches the ring.
+    (The fast tap loop once kept the stall: the port unpolled, the worker
+    re-arming forever on the posted buffers, frames dropped by the tap
+    until the guest happened to kick.)"""
+
+    def body() -> tuple[list[str], int, bool]:
+        port = quiet_tap("vtw0")
+        q = port.queue(0)
+        ps = packet_socket("vtw0")
+        _drain(q)
+        tw = _TapWorker(q, gso=False, mtu=1500)
+        try:
+            w = tw.worker
+            w.start()
+            w.port_readable = True  # as at start: the port may hold a frame
+            w.work()  # no buffers posted: stalled
+            assert w.rx_stalled
+            for slot in range(WQ_SIZE):
+                tw.post(slot, (1530,))
+            tw.rx.publish()  # the guest posts without a kick (EVENT_IDX said no)
+            steps: list[str] = []
+            while len(steps) < 20 and "slept" not in steps:
+                steps.append(_loop_step(w, 0.2))
+            ps.send(eth(GUEST, PEER, 0x88B5, bytes(100)))
+            for _ in range(5):
+                if w.port.rx_packets:
+                    break
+                _loop_step(w, 1.0)
+            return steps, w.port.rx_packets, w.rx_stalled
+        finally:
+            w.port.rx_packets = w.port.rx_bytes = 0
+            tw.close()
+            ps.close()
+            port.close()
+
+    steps, delivered, stalled = in_netns(netns, body)
+    assert "slept" in steps, f"the worker never slept: {steps}"
+    assert (delivered, stalled) == (1, False)

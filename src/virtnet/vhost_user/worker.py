@@ -597,6 +597,11 @@ class Worker:
         except PeerError as exc:
             self._broken(self.spec.rx.index, str(exc))
             return frames
+        if self.rx_stalled and not self._has_frame():
+            # Stalled means a frame waits for buffers.  A read that found the
+            # port empty ends the stall: the port is polled again, not the
+            # ring (else the worker re-arms on the posted buffers forever).
+            self.rx_stalled = False
         if used:
             q.push(used)
             if q.should_notify():
