@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from guest_runs import serve_on_tap
+from guest_runs import Serve, serve_on_tap
 from guest_tap_baseline import (
     GUEST_CIDR,
     HOST_IP,
@@ -225,6 +225,37 @@ def _booted(
         yield guest
 
 
+@contextmanager
+def booted_on(
+    backend: str,
+    ns: NetNS,
+    workdir: Path,
+    *,
+    vcpus: int,
+    queues: int,
+    device_extra: str = "",
+    kick_defer_us: int | None = None,
+) -> Iterator[tuple[Guest, Serve | None]]:
+    """The bench guest booted on ``backend`` in ``ns``: ``virtnet`` (serve on a
+    tap in ``ns``, its files in ``workdir``) or ``qemu`` (QEMU's own tap, moved
+    into ``ns``); yields the guest and the serve (None for QEMU's tap)."""
+    tap = unique_name("vntap")
+    if backend == "virtnet":
+        with serve_on_tap(ns, tap, workdir, queues=queues, kick_defer_us=kick_defer_us) as serve:
+            netdev = vhost_user_netdev_args(serve.socket, queues=queues, device_extra=device_extra)
+            with _booted(netdev, vcpus=vcpus, queues=queues, after_boot=lambda: None) as g:
+                yield g, serve
+        return
+
+    def plug() -> None:
+        ns.move_link(tap)
+        ns.set_address(tap, f"{HOST_IP}/24")
+
+    netdev = tap_netdev_args(tap, queues=queues, device_extra=device_extra)
+    with _booted(netdev, vcpus=vcpus, queues=queues, after_boot=plug) as g:
+        yield g, None
+
+
 def measure(
     backend: str,
     *,
@@ -239,7 +270,6 @@ def measure(
     rate: int = 0,
 ) -> CpuBreakdown:
     """One boot on ``backend`` (``virtnet`` or ``qemu``), one sample."""
-    tap = unique_name("vntap")
     kw: dict[str, Any] = {
         "backend": backend,
         "direction": direction,
@@ -249,32 +279,24 @@ def measure(
         "vcpus": vcpus,
         "rate": rate,
     }
-    with tempfile.TemporaryDirectory(prefix="vnguestcpu-") as d, NetNS() as ns:
-        if backend == "virtnet":
-            with serve_on_tap(
-                ns, tap, Path(d), queues=queues, kick_defer_us=kick_defer_us
-            ) as serve:
-                netdev = vhost_user_netdev_args(
-                    serve.socket, queues=queues, device_extra=device_extra
-                )
-                with (
-                    _booted(netdev, vcpus=vcpus, queues=queues, after_boot=lambda: None) as g,
-                    ns.iperf3_server(),
-                ):
-                    return sample(
-                        g,
-                        serve_pids=lambda: tree_pids(serve.proc.pid),
-                        serve_socket=serve.stats_socket,
-                        **kw,
-                    )
-
-        def plug() -> None:
-            ns.move_link(tap)
-            ns.set_address(tap, f"{HOST_IP}/24")
-
-        netdev = tap_netdev_args(tap, queues=queues, device_extra=device_extra)
-        with _booted(netdev, vcpus=vcpus, queues=queues, after_boot=plug) as g, ns.iperf3_server():
+    with (
+        tempfile.TemporaryDirectory(prefix="vnguestcpu-") as d,
+        NetNS() as ns,
+        booted_on(
+            backend,
+            ns,
+            Path(d),
+            vcpus=vcpus,
+            queues=queues,
+            device_extra=device_extra,
+            kick_defer_us=kick_defer_us,
+        ) as (g, serve),  # fmt: skip
+        ns.iperf3_server(),
+    ):
+        if serve is None:
             return sample(g, **kw)
+        pid = serve.proc.pid
+        return sample(g, serve_pids=lambda: tree_pids(pid), serve_socket=serve.stats_socket, **kw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -249,3 +249,16 @@ def test_network_gap_is_the_longest_silence(bench_module: Callable[[str], Module
     tail = PING.replace("icmp_seq=7", "icmp_seq=3").replace("icmp_seq=8", "icmp_seq=4")
     assert mig.network_gap(tail, 10.0) == (10, 6, 60.0)  # 5..10 never answered
     assert mig.network_gap("5 packets transmitted, 0 received", 2.0) == (5, 5, 10.0)
+
+
+def test_guest_steps_counts_stalls_and_failures(bench_module: Callable[[str], ModuleType]) -> None:
+    """bench/guest_steps.py: a step below half the offered rate is a stall, a
+    failed iperf3 (0 received) one too; the summary says both."""
+    steps = bench_module("guest_steps").Steps(
+        "virtnet", 80000, [79000.0, 39999.0, 40000.0, 0.0, 78000.0], 1
+    )
+    assert steps.stalls == 2
+    text = steps.summary()
+    assert "median 40,000 pps received" in text
+    assert "lowest 0" in text and "stalls (< 50% of offered) 2" in text
+    assert "iperf3 failures 1" in text
