@@ -43,7 +43,10 @@ Data path:
   QEMU's own tap backend in a real guest's flood.
 * Without rx buffers the worker stops reading the port (the frame stays in the
   kernel / switch / loopback queue, which counts its own drops), counts an
-  ``rx_no_buffer`` stall, enables rx kicks and waits for the guest.
+  ``rx_no_buffer`` stall, enables rx kicks and waits for the guest.  A stall
+  means a frame waits: a read that finds the port empty ends it, so the port
+  is polled again instead of the ring (a stall kept without a frame once left
+  the worker re-arming on posted buffers while the tap filled and dropped).
 * Busy polling (``poll_us``): spin that long on the rings and the port before
   re-enabling notifications and sleeping in ``epoll``.
 * Deferred kicks (``kick_defer_us``, on by default): after a transmit burst
