@@ -731,7 +731,8 @@ def test_worker_stalled_on_buffers_sleeps_on_the_port_once_the_tap_is_empty(
 
 
 def test_worker_rx_state_machine_never_loses_a_frame_or_spins(netns: str) -> None:
-    """Random interleavings of the host sending, the guest posting buffers
+    """Random interleavings of the host sending (small frames and frames up
+    to the MTU, for a guest with and without GSO), the guest posting buffers
     (kicking when EVENT_IDX asks, as Linux does), the guest taking used
     entries and the worker's own loop steps, on a real tap with real kick
     eventfds.  Then the guest keeps posting and taking while the worker runs:
@@ -742,6 +743,7 @@ def test_worker_rx_state_machine_never_loses_a_frame_or_spins(netns: str) -> Non
 
     action = st.one_of(
         st.tuples(st.just("send"), st.integers(min_value=1, max_value=40)),
+        st.tuples(st.just("big"), st.integers(min_value=100, max_value=1514)),
         st.tuples(st.just("post"), st.integers(min_value=1, max_value=WQ_SIZE)),
         st.tuples(st.just("take"), st.just(0)),
         st.tuples(st.just("loop"), st.just(0)),
@@ -753,13 +755,13 @@ def test_worker_rx_state_machine_never_loses_a_frame_or_spins(netns: str) -> Non
         ps = packet_socket("vtw0")
         examples = 0
 
-        @settings(max_examples=40, deadline=None, database=None)
-        @given(actions=st.lists(action, max_size=80))
-        def case(actions: list[tuple[str, int]]) -> None:
+        @settings(max_examples=60, deadline=None, database=None)
+        @given(actions=st.lists(action, max_size=80), gso=st.booleans())
+        def case(actions: list[tuple[str, int]], gso: bool) -> None:
             nonlocal examples
             examples += 1
             _drain(q)
-            tw = _TapWorker(q, gso=False, mtu=1500, eventfds=True)
+            tw = _TapWorker(q, gso=gso, mtu=1500, eventfds=True)
             w = tw.worker
             kick_rx = tw.efds[0]
             free = list(range(WQ_SIZE))
@@ -782,12 +784,18 @@ def test_worker_rx_state_machine_never_loses_a_frame_or_spins(netns: str) -> Non
 
             try:
                 w.start()
+
+                def send(count: int, size: int) -> None:
+                    for _ in range(min(count, 900 - len(sent))):  # the tap queue holds 1000
+                        fr = eth(GUEST, PEER, 0x88B5, struct.pack(">I", len(sent)).ljust(size - 14))
+                        ps.send(fr)
+                        sent.append(fr)
+
                 for what, n in actions:
                     if what == "send":
-                        for _ in range(min(n, 900 - len(sent))):  # the tap queue holds 1000
-                            fr = eth(GUEST, PEER, 0x88B5, struct.pack(">I", len(sent)) + bytes(60))
-                            ps.send(fr)
-                            sent.append(fr)
+                        send(n, 78)
+                    elif what == "big":  # one frame of n bytes, up to the MTU
+                        send(1, n)
                     elif what == "post":
                         post(n)
                     elif what == "take":
