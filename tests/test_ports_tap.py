@@ -529,6 +529,9 @@ class _TapWorker:
         self.rx.add([], bufs, slot)
 
     def close(self) -> None:
+        """Release the worker; the tap queue outlives it, its counters start again."""
+        p = self.worker.port
+        p.rx_packets = p.rx_bytes = p.rx_dropped = p.tx_packets = p.tx_bytes = p.tx_dropped = 0
         self.worker.ep.close()
         self.worker.mem.close()
         self.mem.close()
@@ -536,6 +539,18 @@ class _TapWorker:
             os.close(fd)
         for s in self.ctl:
             s.close()
+
+
+@contextlib.contextmanager
+def _tap_and_sender(name: str, mtu: int | None = None) -> Iterator[tuple[TapQueue, socket.socket]]:
+    """A quiet tap's queue 0 and a packet socket on the tap (the host's side)."""
+    port = quiet_tap(name, mtu=mtu)
+    ps = packet_socket(name)
+    try:
+        yield port.queue(0), ps
+    finally:
+        ps.close()
+        port.close()
 
 
 def _drain(q: TapQueue) -> None:
@@ -560,81 +575,76 @@ def test_worker_rx_from_tap_property(netns: str) -> None:
     from hypothesis import strategies as st
 
     def body() -> int:
-        port = quiet_tap("vtw0", mtu=9000)
-        q = port.queue(0)
-        ps = packet_socket("vtw0")
-        examples = 0
+        with _tap_and_sender("vtw0", mtu=9000) as (q, ps):
+            examples = 0
 
-        @settings(max_examples=30, deadline=None, database=None)
-        # Streams longer than the ring: the reserve is refilled, the ring wraps.
-        @example([60] * 400, [9014], 1530, False, False, random.Random(1))
-        @example([60, 1514] * 150, [3000, 9014], 2048, False, True, random.Random(2))
-        @given(
-            sizes=st.lists(st.integers(min_value=60, max_value=1514), min_size=1, max_size=150),
-            jumbo=st.lists(st.integers(min_value=1515, max_value=9014), max_size=4),
-            buf=st.sampled_from([256, 1530, 2048, 4096]),
-            split=st.booleans(),
-            gso=st.booleans(),
-            seed=st.randoms(use_true_random=False),
-        )
-        def case(sizes: list[int], jumbo: list[int], buf: int, split: bool, gso: bool,
-                 seed: Any) -> None:  # fmt: skip
-            nonlocal examples
-            examples += 1
-            mixed = sizes + jumbo
-            seed.shuffle(mixed)
-            _drain(q)
-            tw = _TapWorker(q, gso=gso, mtu=9000)
-            try:
-                w = tw.worker
-                shape = (buf // 2, buf - buf // 2) if split else (buf,)
-                for slot in range(WQ_SIZE // len(shape)):
-                    tw.post(slot, shape)
-                tw.rx.publish()
-                frames = [
-                    eth(GUEST, PEER, 0x88B5, struct.pack(">I", k) + bytes(range(256)) * 40)[:n]
-                    for k, n in enumerate(mixed)
-                ]
-                for fr in frames:
-                    ps.send(fr)
-                got: list[bytes] = []
-                for _ in range(200):
-                    w.port_readable = True
-                    w.rx_batch()
-                    used = tw.rx.get_used()
-                    pos = 0
-                    while pos < len(used):
-                        head = used[pos][0]
-                        assert isinstance(head, int)
-                        hdr = tw.mem.read(W_BUFS + head * W_SLOT, VNET_HDR_LEN)
-                        nb = struct.unpack_from("<H", hdr, 10)[0]
-                        assert nb >= 1
-                        data = b""
-                        for tok, ln in used[pos : pos + nb]:
-                            assert isinstance(tok, int)
-                            data += tw.mem.read(W_BUFS + tok * W_SLOT, ln)  # chain is contiguous
-                            tw.post(tok, shape)
-                        got.append(data[VNET_HDR_LEN:])
-                        pos += nb
-                    assert pos == len(used)
+            @settings(max_examples=30, deadline=None, database=None)
+            # Streams longer than the ring: the reserve is refilled, the ring wraps.
+            @example([60] * 400, [9014], 1530, False, False, random.Random(1))
+            @example([60, 1514] * 150, [3000, 9014], 2048, False, True, random.Random(2))
+            @given(
+                sizes=st.lists(st.integers(min_value=60, max_value=1514), min_size=1, max_size=150),
+                jumbo=st.lists(st.integers(min_value=1515, max_value=9014), max_size=4),
+                buf=st.sampled_from([256, 1530, 2048, 4096]),
+                split=st.booleans(),
+                gso=st.booleans(),
+                seed=st.randoms(use_true_random=False),
+            )
+            def case(sizes: list[int], jumbo: list[int], buf: int, split: bool, gso: bool,
+                     seed: Any) -> None:  # fmt: skip
+                nonlocal examples
+                examples += 1
+                mixed = sizes + jumbo
+                seed.shuffle(mixed)
+                _drain(q)
+                tw = _TapWorker(q, gso=gso, mtu=9000)
+                try:
+                    w = tw.worker
+                    shape = (buf // 2, buf - buf // 2) if split else (buf,)
+                    for slot in range(WQ_SIZE // len(shape)):
+                        tw.post(slot, shape)
                     tw.rx.publish()
-                    if len(got) == len(frames):
-                        break
-                assert got == frames
-                assert (w.port.rx_packets, w.port.rx_dropped) == (len(frames), 0)
-                assert w.port.rx_bytes == sum(len(f) for f in frames)
-                rq = w.rxq
-                assert rq is not None
-                assert (rq.last_avail_idx - len(w.reserve)) & 0xFFFF == rq.used_idx
-            finally:
-                w.port.rx_packets = w.port.rx_bytes = w.port.rx_dropped = 0
-                tw.close()
+                    frames = [
+                        eth(GUEST, PEER, 0x88B5, struct.pack(">I", k) + bytes(range(256)) * 40)[:n]
+                        for k, n in enumerate(mixed)
+                    ]
+                    for fr in frames:
+                        ps.send(fr)
+                    got: list[bytes] = []
+                    for _ in range(200):
+                        w.port_readable = True
+                        w.rx_batch()
+                        used = tw.rx.get_used()
+                        pos = 0
+                        while pos < len(used):
+                            head = used[pos][0]
+                            assert isinstance(head, int)
+                            hdr = tw.mem.read(W_BUFS + head * W_SLOT, VNET_HDR_LEN)
+                            nb = struct.unpack_from("<H", hdr, 10)[0]
+                            assert nb >= 1
+                            data = b""
+                            for tok, ln in used[pos : pos + nb]:
+                                assert isinstance(tok, int)
+                                data += tw.mem.read(
+                                    W_BUFS + tok * W_SLOT, ln
+                                )  # chain is contiguous
+                                tw.post(tok, shape)
+                            got.append(data[VNET_HDR_LEN:])
+                            pos += nb
+                        assert pos == len(used)
+                        tw.rx.publish()
+                        if len(got) == len(frames):
+                            break
+                    assert got == frames
+                    assert (w.port.rx_packets, w.port.rx_dropped) == (len(frames), 0)
+                    assert w.port.rx_bytes == sum(len(f) for f in frames)
+                    rq = w.rxq
+                    assert rq is not None
+                    assert (rq.last_avail_idx - len(w.reserve)) & 0xFFFF == rq.used_idx
+                finally:
+                    tw.close()
 
-        try:
             case()
-        finally:
-            ps.close()
-            port.close()
         return examples
 
     assert in_netns(netns, body) >= 30  # hypothesis may run more than max_examples
@@ -665,7 +675,6 @@ def test_worker_rx_from_tap_drops_a_frame_longer_than_the_guest_takes(netns: str
                     delivered = w.rx_batch()
                     out.append((delivered, w.port.rx_packets, w.port.rx_dropped))
                 finally:
-                    w.port.rx_packets = w.port.rx_dropped = 0
                     tw.close()
         finally:
             ps.close()
@@ -729,7 +738,6 @@ def test_worker_stalled_on_buffers_sleeps_on_the_port_once_the_tap_is_empty(
                 _loop_step(w, 1.0)
             return steps, w.port.rx_packets, w.rx_stalled
         finally:
-            w.port.rx_packets = w.port.rx_bytes = 0
             tw.close()
             ps.close()
             port.close()
@@ -759,79 +767,74 @@ def test_worker_rx_state_machine_never_loses_a_frame_or_spins(netns: str) -> Non
     )
 
     def body() -> int:
-        port = quiet_tap("vtw0")
-        q = port.queue(0)
-        ps = packet_socket("vtw0")
-        examples = 0
+        with _tap_and_sender("vtw0") as (q, ps):
+            examples = 0
 
-        @settings(max_examples=60, deadline=None, database=None)
-        @given(actions=st.lists(action, max_size=80), gso=st.booleans())
-        def case(actions: list[tuple[str, int]], gso: bool) -> None:
-            nonlocal examples
-            examples += 1
-            _drain(q)
-            tw = _TapWorker(q, gso=gso, mtu=1500, eventfds=True)
-            w = tw.worker
-            kick_rx = tw.efds[0]
-            free = list(range(WQ_SIZE))
-            sent: list[bytes] = []
-            got: list[bytes] = []
+            @settings(max_examples=60, deadline=None, database=None)
+            @given(actions=st.lists(action, max_size=80), gso=st.booleans())
+            def case(actions: list[tuple[str, int]], gso: bool) -> None:
+                nonlocal examples
+                examples += 1
+                _drain(q)
+                tw = _TapWorker(q, gso=gso, mtu=1500, eventfds=True)
+                w = tw.worker
+                kick_rx = tw.efds[0]
+                free = list(range(WQ_SIZE))
+                sent: list[bytes] = []
+                got: list[bytes] = []
 
-            def post(m: int) -> None:
-                for _ in range(min(m, len(free))):
-                    tw.post(free.pop(), (1530,))
-                if tw.rx.kick_needed():
-                    os.eventfd_write(kick_rx, 1)
+                def post(m: int) -> None:
+                    for _ in range(min(m, len(free))):
+                        tw.post(free.pop(), (1530,))
+                    if tw.rx.kick_needed():
+                        os.eventfd_write(kick_rx, 1)
 
-            def take() -> None:
-                for tok, ln in tw.rx.get_used():
-                    assert isinstance(tok, int)
-                    data = tw.mem.read(W_BUFS + tok * W_SLOT, ln)
-                    assert struct.unpack_from("<H", data, 10)[0] == 1  # num_buffers
-                    got.append(data[VNET_HDR_LEN:])
-                    free.append(tok)
+                def take() -> None:
+                    for tok, ln in tw.rx.get_used():
+                        assert isinstance(tok, int)
+                        data = tw.mem.read(W_BUFS + tok * W_SLOT, ln)
+                        assert struct.unpack_from("<H", data, 10)[0] == 1  # num_buffers
+                        got.append(data[VNET_HDR_LEN:])
+                        free.append(tok)
 
-            try:
-                w.start()
+                try:
+                    w.start()
 
-                def send(count: int, size: int) -> None:
-                    for _ in range(min(count, 900 - len(sent))):  # the tap queue holds 1000
-                        fr = eth(GUEST, PEER, 0x88B5, struct.pack(">I", len(sent)).ljust(size - 14))
-                        ps.send(fr)
-                        sent.append(fr)
+                    def send(count: int, size: int) -> None:
+                        for _ in range(min(count, 900 - len(sent))):  # the tap queue holds 1000
+                            fr = eth(
+                                GUEST, PEER, 0x88B5, struct.pack(">I", len(sent)).ljust(size - 14)
+                            )
+                            ps.send(fr)
+                            sent.append(fr)
 
-                for what, n in actions:
-                    if what == "send":
-                        send(n, 78)
-                    elif what == "big":  # one frame of n bytes, up to the MTU
-                        send(1, n)
-                    elif what == "post":
-                        post(n)
-                    elif what == "take":
+                    for what, n in actions:
+                        if what == "send":
+                            send(n, 78)
+                        elif what == "big":  # one frame of n bytes, up to the MTU
+                            send(1, n)
+                        elif what == "post":
+                            post(n)
+                        elif what == "take":
+                            take()
+                        else:
+                            _loop_step(w, 0.0)
+                    rearms = 0
+                    for _ in range(3000):
                         take()
-                    else:
-                        _loop_step(w, 0.0)
-                rearms = 0
-                for _ in range(3000):
+                        post(WQ_SIZE)
+                        step = _loop_step(w, 0.01)
+                        rearms = rearms + 1 if step == "rearm" else 0
+                        assert rearms < 3, f"worker re-arms without work: stalled={w.rx_stalled}"
+                        if step == "slept" and len(got) >= len(sent):
+                            break
                     take()
-                    post(WQ_SIZE)
-                    step = _loop_step(w, 0.01)
-                    rearms = rearms + 1 if step == "rearm" else 0
-                    assert rearms < 3, f"worker re-arms without work: stalled={w.rx_stalled}"
-                    if step == "slept" and len(got) >= len(sent):
-                        break
-                take()
-                assert got == sent
-                assert (w.port.rx_packets, w.port.rx_dropped) == (len(sent), 0)
-            finally:
-                w.port.rx_packets = w.port.rx_bytes = w.port.rx_dropped = 0
-                tw.close()
+                    assert got == sent
+                    assert (w.port.rx_packets, w.port.rx_dropped) == (len(sent), 0)
+                finally:
+                    tw.close()
 
-        try:
             case()
-        finally:
-            ps.close()
-            port.close()
         return examples
 
     assert in_netns(netns, body) >= 40
@@ -862,102 +865,95 @@ def test_worker_tx_state_machine_sends_every_frame_and_never_loses_a_completion(
     tx_frames_at = W_BUFS + WQ_SIZE * W_SLOT
 
     def body() -> int:
-        port = quiet_tap("vtw0")
-        q = port.queue(0)
-        ps = packet_socket("vtw0")
-        ps.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE: every frame sent fits
-        ps.setblocking(False)
-        examples = 0
+        with _tap_and_sender("vtw0") as (q, ps):
+            ps.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE: every frame sent fits
+            ps.setblocking(False)
+            examples = 0
 
-        @settings(max_examples=60, deadline=None, database=None)
-        # A guest waiting for a completion of one frame (no deferral) or a burst.
-        @example([("wait", 0), ("xmit", 1)])
-        @example([("xmit", 3), ("loop", 0), ("wait", 0), ("xmit", 70)])
-        @given(actions=st.lists(action, max_size=60))
-        def case(actions: list[tuple[str, int]]) -> None:
-            nonlocal examples
-            examples += 1
-            _drain(q)
-            with contextlib.suppress(BlockingIOError):
-                while True:
-                    ps.recv(65536)
-            tw = _TapWorker(q, gso=False, mtu=1500, eventfds=True)
-            w = tw.worker
-            lay = split_ring_layout(WQ_SIZE)
-            tx = DriverQueue(tw.mem, WQ_SIZE, W_TX + lay.desc, W_TX + lay.avail,
-                             W_TX + lay.used, event_idx=True)  # fmt: skip
-            kick_tx, call_tx = tw.efds[1], tw.efds[3]
-            free = list(range(WQ_SIZE))
-            sent: list[bytes] = []
-            calls = 0
-            waiting_mark: int | None = None  # calls seen when the guest asked for one
-
-            def count_calls() -> None:
-                nonlocal calls
+            @settings(max_examples=60, deadline=None, database=None)
+            # A guest waiting for a completion of one frame (no deferral) or a burst.
+            @example([("wait", 0), ("xmit", 1)])
+            @example([("xmit", 3), ("loop", 0), ("wait", 0), ("xmit", 70)])
+            @given(actions=st.lists(action, max_size=60))
+            def case(actions: list[tuple[str, int]]) -> None:
+                nonlocal examples
+                examples += 1
+                _drain(q)
                 with contextlib.suppress(BlockingIOError):
-                    calls += os.eventfd_read(call_tx)
+                    while True:
+                        ps.recv(65536)
+                tw = _TapWorker(q, gso=False, mtu=1500, eventfds=True)
+                w = tw.worker
+                lay = split_ring_layout(WQ_SIZE)
+                tx = DriverQueue(tw.mem, WQ_SIZE, W_TX + lay.desc, W_TX + lay.avail,
+                                 W_TX + lay.used, event_idx=True)  # fmt: skip
+                kick_tx, call_tx = tw.efds[1], tw.efds[3]
+                free = list(range(WQ_SIZE))
+                sent: list[bytes] = []
+                calls = 0
+                waiting_mark: int | None = None  # calls seen when the guest asked for one
 
-            def xmit(n: int) -> None:
-                for _ in range(min(n, len(free), 3000 - len(sent))):
-                    slot = free.pop()
-                    fr = eth(PEER, GUEST, 0x88B5, struct.pack(">I", len(sent)) + bytes(60))
-                    addr = tx_frames_at + slot * 128
-                    tw.mem.write(addr, bytes(VNET_HDR_LEN) + fr)
-                    tx.add([(addr, VNET_HDR_LEN + len(fr))], [], slot)
-                    sent.append(fr)
-                if tx.kick_needed():
-                    os.eventfd_write(kick_tx, 1)
+                def count_calls() -> None:
+                    nonlocal calls
+                    with contextlib.suppress(BlockingIOError):
+                        calls += os.eventfd_read(call_tx)
 
-            def reap() -> None:
-                nonlocal waiting_mark
-                for tok, _ in tx.get_used():
-                    assert isinstance(tok, int)
-                    free.append(tok)
-                waiting_mark = None
+                def xmit(n: int) -> None:
+                    for _ in range(min(n, len(free), 3000 - len(sent))):
+                        slot = free.pop()
+                        fr = eth(PEER, GUEST, 0x88B5, struct.pack(">I", len(sent)) + bytes(60))
+                        addr = tx_frames_at + slot * 128
+                        tw.mem.write(addr, bytes(VNET_HDR_LEN) + fr)
+                        tx.add([(addr, VNET_HDR_LEN + len(fr))], [], slot)
+                        sent.append(fr)
+                    if tx.kick_needed():
+                        os.eventfd_write(kick_tx, 1)
 
-            try:
-                w.start()
-                for what, n in actions:
-                    if what == "xmit":
-                        xmit(n)
-                    elif what == "reap":
-                        reap()
-                    elif what == "wait":
-                        count_calls()
-                        if not tx.enable_interrupts(True):
-                            waiting_mark = calls  # nothing pending: wait for the call
-                    else:
-                        _loop_step(w, 0.0)
-                for _ in range(200):
-                    if _loop_step(w, 0.01) == "slept":
-                        break
-                else:
-                    raise AssertionError("the worker never went to sleep")
-                count_calls()
-                if waiting_mark is not None and tx.used_pending():
-                    assert calls > waiting_mark, "completions pending, the interrupt lost"
-                seen: list[bytes] = []
-                ps.settimeout(1.0)  # delivery to the packet socket may lag the write
+                def reap() -> None:
+                    nonlocal waiting_mark
+                    for tok, _ in tx.get_used():
+                        assert isinstance(tok, int)
+                        free.append(tok)
+                    waiting_mark = None
+
                 try:
-                    while len(seen) < len(sent):
-                        data = ps.recv(65536)
-                        if data[6:12] == GUEST:
-                            seen.append(data)
-                except TimeoutError:
-                    pass
+                    w.start()
+                    for what, n in actions:
+                        if what == "xmit":
+                            xmit(n)
+                        elif what == "reap":
+                            reap()
+                        elif what == "wait":
+                            count_calls()
+                            if not tx.enable_interrupts(True):
+                                waiting_mark = calls  # nothing pending: wait for the call
+                        else:
+                            _loop_step(w, 0.0)
+                    for _ in range(200):
+                        if _loop_step(w, 0.01) == "slept":
+                            break
+                    else:
+                        raise AssertionError("the worker never went to sleep")
+                    count_calls()
+                    if waiting_mark is not None and tx.used_pending():
+                        assert calls > waiting_mark, "completions pending, the interrupt lost"
+                    seen: list[bytes] = []
+                    ps.settimeout(1.0)  # delivery to the packet socket may lag the write
+                    try:
+                        while len(seen) < len(sent):
+                            data = ps.recv(65536)
+                            if data[6:12] == GUEST:
+                                seen.append(data)
+                    except TimeoutError:
+                        pass
+                    finally:
+                        ps.setblocking(False)
+                    assert w.port.tx_packets == len(sent)
+                    assert seen == sent
                 finally:
-                    ps.setblocking(False)
-                assert w.port.tx_packets == len(sent)
-                assert seen == sent
-            finally:
-                w.port.tx_packets = w.port.tx_bytes = 0
-                tw.close()
+                    tw.close()
 
-        try:
             case()
-        finally:
-            ps.close()
-            port.close()
         return examples
 
     assert in_netns(netns, body) >= 60
