@@ -385,6 +385,7 @@ class Worker:
         self.rx_no_buffer = 0
         # Deferred kicks: a tx burst was seen (defer_ok); empty rounds so far.
         self.defer_s = spec.kick_defer_us / 1e6
+        self.poll_s = spec.poll_us / 1e6  # busy polling before sleeping (--poll-us)
         self.defer_ok = False
         self.deferred = 0
         # Tx completions pushed but not yet signalled (the guest asked: pending).
@@ -1043,36 +1044,37 @@ class Worker:
     def run(self) -> None:
         """Serve until stopped; returns after the stop reply was sent."""
         self.start()
-        poll_s = self.spec.poll_us / 1e6
-        ep_poll = self.ep.poll
-        work = self.work
+        step = self.step
         idle_timeout = NOFD_POLL_S if self.nofd else -1.0
-        while True:
-            if work():
-                if self._handle_ready():
-                    return
-                continue
-            if poll_s and self._spin(poll_s):
-                if self.done:
-                    return
-                continue
-            if self.defer():
-                wait_readable(self.ep.fileno(), self.defer_s)
-                if self._handle_ready():
-                    return
-                continue
-            if self.arm():
-                continue
-            self.wake(ep_poll(idle_timeout))
-            if self.done:
-                return
+        while not self.done:
+            step(idle_timeout)
 
-    def _handle_ready(self) -> bool:
-        """Handle the events ready now (no wait); True when the worker is done."""
+    def step(self, timeout: float) -> str:
+        """One pass of the loop :meth:`run` repeats: "work" (a batch done),
+        "spin" (busy polling found work or an event), "defer" (a deferral
+        round after a tx burst), "rearm" (work showed up while arming), or
+        "slept" (in ``epoll``, ``timeout`` seconds at most, -1 for ever).
+        The loop ends once :attr:`done`."""
+        if self.work():
+            self._handle_ready()
+            return "work"
+        poll_s = self.poll_s
+        if poll_s and self._spin(poll_s):
+            return "spin"
+        if self.defer():
+            wait_readable(self.ep.fileno(), self.defer_s)
+            self._handle_ready()
+            return "defer"
+        if self.arm():
+            return "rearm"
+        self.wake(self.ep.poll(timeout))
+        return "slept"
+
+    def _handle_ready(self) -> None:
+        """Handle the events ready now (no wait)."""
         events = self.ep.poll(0)
         if events:
             self.handle(events)
-        return self.done
 
     # The steps of the loop, shared by run() and run_group().
 
