@@ -290,7 +290,7 @@ def measure(
             queues=queues,
             device_extra=device_extra,
             kick_defer_us=kick_defer_us,
-        ) as (g, serve),  # fmt: skip
+        ) as (g, serve),
         ns.iperf3_server(),
     ):
         if serve is None:

@@ -38,4 +38,5 @@ def test_tap_rx_bench_refuses_bad_sizes(bench_module: Callable[[str], ModuleType
     tap_rx = bench_module("tap_rx")
     with pytest.raises(SystemExit):
         tap_rx.main(["--size", "2000"])
-    assert len(tap_rx.udp_frame(64)) == 64 and len(tap_rx.udp_frame(1514)) == 1514
+    # The frames it sends are exactly --size bytes.
+    assert len(tap_rx.build_frame(0, 0, 64)) == 64 and len(tap_rx.build_frame(0, 0, 1514)) == 1514

@@ -28,6 +28,7 @@ from virtnet.errors import UsageError
 from virtnet.ports import VNET_HDR_LEN, FdQueue, Offload, attach_queue, make_port
 from virtnet.ports.switch import Switch, SwitchPort
 from virtnet.ports.tap import TapPort, TapQueue
+from virtnet.testing.worker import QSIZE, WorkerHarness, quiet_tap
 
 pytestmark = [
     pytest.mark.root,
@@ -104,19 +105,6 @@ def in_netns(ns: str, fn: Callable[[], T]) -> T:
         raise AssertionError(f"in netns child:\n{val}")
     result: T = val
     return result
-
-
-def quiet_tap(name: str, mtu: int | None = None) -> TapPort:
-    """A tap brought up without IPv6, so the kernel puts none of its own frames
-    (duplicate-address detection, MLD reports) into the queue a test reads."""
-    port = TapPort(name)
-    port.open_queue("vm", 0)
-    with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
-        f.write("1")
-    if mtu is not None:
-        _ip("link", "set", name, "mtu", str(mtu))
-    port.set_up(True)
-    return port
 
 
 def vnet_hdr(flags: int = 0, gso: int = 0, hdr_len: int = 0, gso_size: int = 0) -> bytes:
@@ -477,69 +465,6 @@ def test_switch_process_with_uplink_spec(netns: str) -> None:
 
 # -- the worker's receive path from a real tap ------------------------------
 
-WQ_SIZE = 256
-W_MEM = 8 << 20
-W_RX, W_TX, W_BUFS = 0x10000, 0x20000, 0x100000
-W_SLOT = 8192  # guest memory per posted chain
-
-
-class _TapWorker:
-    """An in-process queue-pair worker on a tap queue, and the guest's rx ring."""
-
-    def __init__(self, q: TapQueue, *, gso: bool, mtu: int, eventfds: bool = False) -> None:
-        from virtnet.memory import GuestMemory, MemoryRegion
-        from virtnet.net import NetFeature
-        from virtnet.vhost_user.worker import RegionSpec, RingSpec, Worker, WorkerSpec
-        from virtnet.virtq import DriverQueue, split_ring_layout
-
-        self.memfd = os.memfd_create("guest", 0)
-        os.ftruncate(self.memfd, W_MEM)
-        self.mem = GuestMemory(
-            [MemoryRegion.from_fd(self.memfd, guest_addr=0, size=W_MEM, user_addr=1 << 40)]
-        )
-        lay = split_ring_layout(WQ_SIZE)
-        self.rx = DriverQueue(self.mem, WQ_SIZE, W_RX + lay.desc, W_RX + lay.avail,
-                              W_RX + lay.used, event_idx=True)  # fmt: skip
-        feats = NetFeature.VERSION_1 | NetFeature.MRG_RXBUF | NetFeature.EVENT_IDX
-        if gso:
-            feats |= NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4
-        # eventfds: kick rx, kick tx, call rx, call tx (else none: the worker polls)
-        self.efds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(4)] if eventfds else []
-        fds: list[int | None] = [*self.efds] if eventfds else [None] * 4
-        rings = [
-            RingSpec(i, WQ_SIZE, b + lay.desc, b + lay.avail, b + lay.used, 0,
-                     fds[i], fds[2 + i], None)
-            for i, b in ((0, W_RX), (1, W_TX))
-        ]  # fmt: skip
-        fd = q.fileno()
-        assert fd is not None
-        regions = (RegionSpec(0, W_MEM, 1 << 40, 0, os.dup(self.memfd)),)  # the worker closes it
-        spec = WorkerSpec("t", 0, int(feats), regions,
-                          rings[0], rings[1], "tap", fd, mtu=mtu)  # fmt: skip
-        self.ctl = socket.socketpair()
-        self.worker = Worker(spec, self.ctl[0], port=q)
-
-    def post(self, slot: int, sizes: tuple[int, ...]) -> None:
-        """One rx chain in guest-memory slot ``slot``: a buffer per size."""
-        addr = W_BUFS + slot * W_SLOT
-        bufs = []
-        for n in sizes:
-            bufs.append((addr, n))
-            addr += n
-        self.rx.add([], bufs, slot)
-
-    def close(self) -> None:
-        """Release the worker; the tap queue outlives it, its counters start again."""
-        p = self.worker.port
-        p.rx_packets = p.rx_bytes = p.rx_dropped = p.tx_packets = p.tx_bytes = p.tx_dropped = 0
-        self.worker.ep.close()
-        self.worker.mem.close()
-        self.mem.close()
-        for fd in (self.memfd, *self.efds):
-            os.close(fd)
-        for s in self.ctl:
-            s.close()
-
 
 @contextlib.contextmanager
 def _tap_and_sender(name: str, mtu: int | None = None) -> Iterator[tuple[TapQueue, socket.socket]]:
@@ -597,11 +522,11 @@ def test_worker_rx_from_tap_property(netns: str) -> None:
                 mixed = sizes + jumbo
                 seed.shuffle(mixed)
                 _drain(q)
-                tw = _TapWorker(q, gso=gso, mtu=9000)
+                tw = WorkerHarness(q, gso=gso, mtu=9000)
                 try:
                     w = tw.worker
                     shape = (buf // 2, buf - buf // 2) if split else (buf,)
-                    for slot in range(WQ_SIZE // len(shape)):
+                    for slot in range(QSIZE // len(shape)):
                         tw.post(slot, shape)
                     tw.rx.publish()
                     frames = [
@@ -619,15 +544,13 @@ def test_worker_rx_from_tap_property(netns: str) -> None:
                         while pos < len(used):
                             head = used[pos][0]
                             assert isinstance(head, int)
-                            hdr = tw.mem.read(W_BUFS + head * W_SLOT, VNET_HDR_LEN)
+                            hdr = tw.mem.read(tw.slot_addr(head), VNET_HDR_LEN)
                             nb = struct.unpack_from("<H", hdr, 10)[0]
                             assert nb >= 1
                             data = b""
                             for tok, ln in used[pos : pos + nb]:
                                 assert isinstance(tok, int)
-                                data += tw.mem.read(
-                                    W_BUFS + tok * W_SLOT, ln
-                                )  # chain is contiguous
+                                data += tw.mem.read(tw.slot_addr(tok), ln)  # chain is contiguous
                                 tw.post(tok, shape)
                             got.append(data[VNET_HDR_LEN:])
                             pos += nb
@@ -663,7 +586,7 @@ def test_worker_rx_from_tap_drops_a_frame_longer_than_the_guest_takes(netns: str
         try:
             for buf in (2048, 1000):  # >= or < the 1530 bytes a 1500-MTU frame needs
                 _drain(q)
-                tw = _TapWorker(q, gso=False, mtu=1500)
+                tw = WorkerHarness(q, gso=False, mtu=1500)
                 try:
                     for slot in range(64):
                         tw.post(slot, (buf,))
@@ -684,25 +607,6 @@ def test_worker_rx_from_tap_drops_a_frame_longer_than_the_guest_takes(netns: str
     assert in_netns(netns, body) == [(3, 3, 1), (3, 3, 1)]
 
 
-def _loop_step(w: Any, timeout: float) -> str:
-    """One pass of the worker's own loop, as ``Worker.run`` makes it (no
-    busy polling): "work", "defer" (a deferral round after a tx burst),
-    "rearm" (work showed up while arming), or "slept" (``timeout`` at most)."""
-    from virtnet.vhost_user.worker import wait_readable
-
-    if w.work():
-        w.handle(w.ep.poll(0))
-        return "work"
-    if w.defer():
-        wait_readable(w.ep.fileno(), w.defer_s)
-        w.handle(w.ep.poll(0))
-        return "defer"
-    if w.arm():
-        return "rearm"
-    w.wake(w.ep.poll(timeout))
-    return "slept"
-
-
 def test_worker_stalled_on_buffers_sleeps_on_the_port_once_the_tap_is_empty(
     netns: str,
 ) -> None:
@@ -714,33 +618,29 @@ def test_worker_stalled_on_buffers_sleeps_on_the_port_once_the_tap_is_empty(
     until the guest happened to kick.)"""
 
     def body() -> tuple[list[str], int, bool]:
-        port = quiet_tap("vtw0")
-        q = port.queue(0)
-        ps = packet_socket("vtw0")
-        _drain(q)
-        tw = _TapWorker(q, gso=False, mtu=1500)
-        try:
-            w = tw.worker
-            w.start()
-            w.port_readable = True  # as at start: the port may hold a frame
-            w.work()  # no buffers posted: stalled
-            assert w.rx_stalled
-            for slot in range(WQ_SIZE):
-                tw.post(slot, (1530,))
-            tw.rx.publish()  # the guest posts without a kick (EVENT_IDX said no)
-            steps: list[str] = []
-            while len(steps) < 20 and "slept" not in steps:
-                steps.append(_loop_step(w, 0.2))
-            ps.send(eth(GUEST, PEER, 0x88B5, bytes(100)))
-            for _ in range(5):
-                if w.port.rx_packets:
-                    break
-                _loop_step(w, 1.0)
-            return steps, w.port.rx_packets, w.rx_stalled
-        finally:
-            tw.close()
-            ps.close()
-            port.close()
+        with _tap_and_sender("vtw0") as (q, ps):
+            _drain(q)
+            tw = WorkerHarness(q, gso=False, mtu=1500)
+            try:
+                w = tw.worker
+                w.start()
+                w.port_readable = True  # as at start: the port may hold a frame
+                w.work()  # no buffers posted: stalled
+                assert w.rx_stalled
+                for slot in range(QSIZE):
+                    tw.post(slot, (1530,))
+                tw.rx.publish()  # the guest posts without a kick (EVENT_IDX said no)
+                steps: list[str] = []
+                while len(steps) < 20 and "slept" not in steps:
+                    steps.append(w.step(0.2))
+                ps.send(eth(GUEST, PEER, 0x88B5, bytes(100)))
+                for _ in range(5):
+                    if w.port.rx_packets:
+                        break
+                    w.step(1.0)
+                return steps, w.port.rx_packets, w.rx_stalled
+            finally:
+                tw.close()
 
     steps, delivered, stalled = in_netns(netns, body)
     assert "slept" in steps, f"the worker never slept: {steps}"
@@ -761,7 +661,7 @@ def test_worker_rx_state_machine_never_loses_a_frame_or_spins(netns: str) -> Non
     action = st.one_of(
         st.tuples(st.just("send"), st.integers(min_value=1, max_value=40)),
         st.tuples(st.just("big"), st.integers(min_value=100, max_value=1514)),
-        st.tuples(st.just("post"), st.integers(min_value=1, max_value=WQ_SIZE)),
+        st.tuples(st.just("post"), st.integers(min_value=1, max_value=QSIZE)),
         st.tuples(st.just("take"), st.just(0)),
         st.tuples(st.just("loop"), st.just(0)),
     )
@@ -776,10 +676,10 @@ def test_worker_rx_state_machine_never_loses_a_frame_or_spins(netns: str) -> Non
                 nonlocal examples
                 examples += 1
                 _drain(q)
-                tw = _TapWorker(q, gso=gso, mtu=1500, eventfds=True)
+                tw = WorkerHarness(q, gso=gso, mtu=1500, eventfds=True)
                 w = tw.worker
                 kick_rx = tw.efds[0]
-                free = list(range(WQ_SIZE))
+                free = list(range(QSIZE))
                 sent: list[bytes] = []
                 got: list[bytes] = []
 
@@ -792,22 +692,19 @@ def test_worker_rx_state_machine_never_loses_a_frame_or_spins(netns: str) -> Non
                 def take() -> None:
                     for tok, ln in tw.rx.get_used():
                         assert isinstance(tok, int)
-                        data = tw.mem.read(W_BUFS + tok * W_SLOT, ln)
+                        data = tw.mem.read(tw.slot_addr(tok), ln)
                         assert struct.unpack_from("<H", data, 10)[0] == 1  # num_buffers
                         got.append(data[VNET_HDR_LEN:])
                         free.append(tok)
 
+                def send(count: int, size: int) -> None:
+                    for _ in range(min(count, 900 - len(sent))):  # the tap queue holds 1000
+                        fr = eth(GUEST, PEER, 0x88B5, struct.pack(">I", len(sent)).ljust(size - 14))
+                        ps.send(fr)
+                        sent.append(fr)
+
                 try:
                     w.start()
-
-                    def send(count: int, size: int) -> None:
-                        for _ in range(min(count, 900 - len(sent))):  # the tap queue holds 1000
-                            fr = eth(
-                                GUEST, PEER, 0x88B5, struct.pack(">I", len(sent)).ljust(size - 14)
-                            )
-                            ps.send(fr)
-                            sent.append(fr)
-
                     for what, n in actions:
                         if what == "send":
                             send(n, 78)
@@ -818,12 +715,12 @@ def test_worker_rx_state_machine_never_loses_a_frame_or_spins(netns: str) -> Non
                         elif what == "take":
                             take()
                         else:
-                            _loop_step(w, 0.0)
+                            w.step(0.0)
                     rearms = 0
                     for _ in range(3000):
                         take()
-                        post(WQ_SIZE)
-                        step = _loop_step(w, 0.01)
+                        post(QSIZE)
+                        step = w.step(0.01)
                         rearms = rearms + 1 if step == "rearm" else 0
                         assert rearms < 3, f"worker re-arms without work: stalled={w.rx_stalled}"
                         if step == "slept" and len(got) >= len(sent):
@@ -854,15 +751,13 @@ def test_worker_tx_state_machine_sends_every_frame_and_never_loses_a_completion(
     from hypothesis import example, given, settings
     from hypothesis import strategies as st
 
-    from virtnet.virtq import DriverQueue, split_ring_layout
-
     action = st.one_of(
         st.tuples(st.just("xmit"), st.integers(min_value=1, max_value=80)),
         st.tuples(st.just("reap"), st.just(0)),
         st.tuples(st.just("wait"), st.just(0)),
         st.tuples(st.just("loop"), st.just(0)),
     )
-    tx_frames_at = W_BUFS + WQ_SIZE * W_SLOT
+    tx_frames_at = WorkerHarness.slot_addr(QSIZE)  # past the rx slots
 
     def body() -> int:
         with _tap_and_sender("vtw0") as (q, ps):
@@ -882,13 +777,11 @@ def test_worker_tx_state_machine_sends_every_frame_and_never_loses_a_completion(
                 with contextlib.suppress(BlockingIOError):
                     while True:
                         ps.recv(65536)
-                tw = _TapWorker(q, gso=False, mtu=1500, eventfds=True)
+                tw = WorkerHarness(q, gso=False, mtu=1500, eventfds=True)
                 w = tw.worker
-                lay = split_ring_layout(WQ_SIZE)
-                tx = DriverQueue(tw.mem, WQ_SIZE, W_TX + lay.desc, W_TX + lay.avail,
-                                 W_TX + lay.used, event_idx=True)  # fmt: skip
+                tx = tw.tx
                 kick_tx, call_tx = tw.efds[1], tw.efds[3]
-                free = list(range(WQ_SIZE))
+                free = list(range(QSIZE))
                 sent: list[bytes] = []
                 calls = 0
                 waiting_mark: int | None = None  # calls seen when the guest asked for one
@@ -928,9 +821,9 @@ def test_worker_tx_state_machine_sends_every_frame_and_never_loses_a_completion(
                             if not tx.enable_interrupts(True):
                                 waiting_mark = calls  # nothing pending: wait for the call
                         else:
-                            _loop_step(w, 0.0)
+                            w.step(0.0)
                     for _ in range(200):
-                        if _loop_step(w, 0.01) == "slept":
+                        if w.step(0.01) == "slept":
                             break
                     else:
                         raise AssertionError("the worker never went to sleep")
