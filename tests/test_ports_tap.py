@@ -850,3 +850,181 @@ def test_worker_tx_state_machine_sends_every_frame_and_never_loses_a_completion(
         return examples
 
     assert in_netns(netns, body) >= 60
+
+
+def test_worker_group_serves_every_pair_under_random_interleavings(netns: str) -> None:
+    """Two pairs served by one process (:class:`WorkerGroup`, ``serve
+    --workers``), each on a tap of its own with real eventfds, under random
+    interleavings of both guests sending and posting rx buffers, taking used
+    entries, queueing tx frames, asking for a tx interrupt, and the group's
+    own loop steps.  Then the guests keep taking and posting while the group
+    runs: every frame of each pair arrives once and in order (rx and tx), the
+    group never re-arms three times running without work, and a guest that
+    waits for a tx completion it has pending got its interrupt."""
+    from hypothesis import example, given, settings
+    from hypothesis import strategies as st
+
+    from virtnet.vhost_user.worker import WorkerGroup
+
+    pair = st.integers(min_value=0, max_value=1)
+    action = st.one_of(
+        st.tuples(st.just("send"), pair, st.integers(min_value=1, max_value=40)),
+        st.tuples(st.just("post"), pair, st.integers(min_value=1, max_value=QSIZE)),
+        st.tuples(st.just("take"), pair, st.just(0)),
+        st.tuples(st.just("xmit"), pair, st.integers(min_value=1, max_value=80)),
+        st.tuples(st.just("reap"), pair, st.just(0)),
+        st.tuples(st.just("wait"), pair, st.just(0)),
+        st.tuples(st.just("loop"), st.just(0), st.just(0)),
+    )
+    tx_frames_at = WorkerHarness.slot_addr(QSIZE)  # past the rx slots
+
+    class Guest:
+        """One pair's driver side: its rx and tx bookkeeping."""
+
+        def __init__(self, tw: WorkerHarness, ps: socket.socket, mac: bytes) -> None:
+            self.tw, self.ps, self.mac = tw, ps, mac
+            self.rx_free = list(range(QSIZE))
+            self.tx_free = list(range(QSIZE))
+            self.sent: list[bytes] = []  # by the host, to the guest
+            self.got: list[bytes] = []
+            self.xmitted: list[bytes] = []  # by the guest, to the host
+            self.calls = 0
+            self.waiting_mark: int | None = None
+
+        def send(self, count: int) -> None:
+            for _ in range(min(count, 900 - len(self.sent))):  # the tap queue holds 1000
+                fr = eth(self.mac, PEER, 0x88B5, struct.pack(">I", len(self.sent)).ljust(64))
+                self.ps.send(fr)
+                self.sent.append(fr)
+
+        def post(self, m: int) -> None:
+            tw = self.tw
+            for _ in range(min(m, len(self.rx_free))):
+                tw.post(self.rx_free.pop(), (1530,))
+            if tw.rx.kick_needed():
+                os.eventfd_write(tw.efds[0], 1)
+
+        def take(self) -> None:
+            tw = self.tw
+            for tok, ln in tw.rx.get_used():
+                assert isinstance(tok, int)
+                self.got.append(tw.mem.read(tw.slot_addr(tok), ln)[VNET_HDR_LEN:])
+                self.rx_free.append(tok)
+
+        def xmit(self, n: int) -> None:
+            tw = self.tw
+            for _ in range(min(n, len(self.tx_free), 2000 - len(self.xmitted))):
+                slot = self.tx_free.pop()
+                fr = eth(PEER, self.mac, 0x88B5, struct.pack(">I", len(self.xmitted)) + bytes(60))
+                addr = tx_frames_at + slot * 128
+                tw.mem.write(addr, bytes(VNET_HDR_LEN) + fr)
+                tw.tx.add([(addr, VNET_HDR_LEN + len(fr))], [], slot)
+                self.xmitted.append(fr)
+            if tw.tx.kick_needed():
+                os.eventfd_write(tw.efds[1], 1)
+
+        def count_calls(self) -> None:
+            with contextlib.suppress(BlockingIOError):
+                self.calls += os.eventfd_read(self.tw.efds[3])
+
+        def reap(self) -> None:
+            for tok, _ in self.tw.tx.get_used():
+                assert isinstance(tok, int)
+                self.tx_free.append(tok)
+            self.waiting_mark = None
+
+        def wait(self) -> None:
+            self.count_calls()
+            if not self.tw.tx.enable_interrupts(True):
+                self.waiting_mark = self.calls  # nothing pending: wait for the call
+
+        def host_got(self) -> list[bytes]:
+            """The guest's frames as the host saw them on the tap."""
+            seen: list[bytes] = []
+            self.ps.settimeout(1.0)  # delivery to the packet socket may lag the write
+            try:
+                while len(seen) < len(self.xmitted):
+                    data = self.ps.recv(65536)
+                    if data[6:12] == self.mac:
+                        seen.append(data)
+            except TimeoutError:
+                pass
+            finally:
+                self.ps.setblocking(False)
+            return seen
+
+    macs = (GUEST, bytes.fromhex("52540077aa03"))
+
+    def body() -> int:
+        with _tap_and_sender("vtw0") as (q0, ps0), _tap_and_sender("vtw1") as (q1, ps1):
+            for ps in (ps0, ps1):
+                ps.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE
+                ps.setblocking(False)
+            examples = 0
+
+            @settings(max_examples=40, deadline=None, database=None)
+            # A guest waiting for a tx completion, on either pair.
+            @example([("wait", 0, 0), ("xmit", 0, 1)])
+            @example([("xmit", 0, 5), ("wait", 1, 0), ("loop", 0, 0), ("xmit", 1, 1)])
+            @given(actions=st.lists(action, max_size=60))
+            def case(actions: list[tuple[str, int, int]]) -> None:
+                nonlocal examples
+                examples += 1
+                guests: list[Guest] = []
+                group: WorkerGroup | None = None
+                try:
+                    for q, ps, mac in ((q0, ps0, macs[0]), (q1, ps1, macs[1])):
+                        _drain(q)
+                        with contextlib.suppress(BlockingIOError):
+                            while True:
+                                ps.recv(65536)
+                        tw = WorkerHarness(q, gso=False, mtu=1500, eventfds=True)
+                        guests.append(Guest(tw, ps, mac))
+                    group = WorkerGroup([g.tw.worker for g in guests])
+                    group.start()
+                    for what, p, n in actions:
+                        g = guests[p]
+                        if what == "send":
+                            g.send(n)
+                        elif what == "post":
+                            g.post(n)
+                        elif what == "take":
+                            g.take()
+                        elif what == "xmit":
+                            g.xmit(n)
+                        elif what == "reap":
+                            g.reap()
+                        elif what == "wait":
+                            g.wait()
+                        else:
+                            group.step(0.0)
+                    rearms = 0
+                    for _ in range(3000):
+                        for g in guests:
+                            g.take()
+                            g.post(QSIZE)
+                        step = group.step(0.01)
+                        rearms = rearms + 1 if step == "rearm" else 0
+                        assert rearms < 3, "the group re-arms without work"
+                        if step == "slept" and all(len(g.got) >= len(g.sent) for g in guests):
+                            break
+                    for i, g in enumerate(guests):
+                        g.take()
+                        g.count_calls()
+                        if g.waiting_mark is not None and g.tw.tx.used_pending():
+                            assert g.calls > g.waiting_mark, f"pair {i}: tx interrupt lost"
+                        assert g.got == g.sent, f"pair {i}: rx"
+                        assert g.host_got() == g.xmitted, f"pair {i}: tx"
+                        port = g.tw.worker.port
+                        assert (port.rx_packets, port.rx_dropped) == (len(g.sent), 0)
+                        assert port.tx_packets == len(g.xmitted)
+                finally:
+                    if group is not None:
+                        group.close()
+                    for g in guests:
+                        g.tw.close()
+
+            case()
+        return examples
+
+    assert in_netns(netns, body) >= 40

@@ -9,7 +9,7 @@ its own ``epoll``, and signals the call eventfds.  The supervisor
 pair over its own ``SOCK_SEQPACKET`` control socket (:class:`Ctl`).
 
 A process serves one pair by default; with ``serve --workers N`` it serves
-several pairs of one VM (:func:`run_group`): one outer ``epoll`` over the
+several pairs of one VM (:class:`WorkerGroup`): one outer ``epoll`` over the
 pairs' epoll fds, so the process sleeps once for all of them and a kick that
 arrives while another pair is being served costs no wake-up.  A stopped pair
 leaves the group; the process exits when its last pair is stopped.
@@ -136,6 +136,7 @@ __all__ = [
     "RegionSpec",
     "RingSpec",
     "Worker",
+    "WorkerGroup",
     "WorkerSpec",
     "map_regions",
     "region_mappings",
@@ -1076,7 +1077,7 @@ class Worker:
         if events:
             self.handle(events)
 
-    # The steps of the loop, shared by run() and run_group().
+    # The steps of the loop, shared by run() and WorkerGroup.step().
 
     def start(self) -> None:
         self.ctl.setblocking(False)
@@ -1194,83 +1195,113 @@ def map_regions(regions: Sequence[RegionSpec]) -> GuestMemory:
 
 
 def run_group(workers: Sequence[Worker]) -> None:
-    """Serve several pairs in one process until every one of them is stopped.
+    """Serve several pairs in one process until every one of them is stopped
+    (:class:`WorkerGroup`; one pair runs its own loop)."""
+    if len(workers) == 1:
+        workers[0].run()
+        return
+    WorkerGroup(workers).run()
+
+
+class WorkerGroup:
+    """Several pairs served by one process.
 
     One ``epoll`` over the workers' own epoll fds: the process sleeps once for
     all its pairs, and a kick on one pair that arrives while another is being
     served costs no wake-up.  Each pair keeps its own control socket, stop
     reply and counters; a stopped pair leaves the loop, the others go on.
     """
-    if len(workers) == 1:
-        workers[0].run()
-        return
-    outer = select.epoll()
-    live = list(workers)
-    by_fd = {w.ep.fileno(): w for w in live}
-    for w in live:
-        w.start()
-        outer.register(w.ep.fileno(), _EPOLLIN)
-    poll_s = max(w.spec.poll_us for w in live) / 1e6
-    idle_timeout = NOFD_POLL_S if any(w.nofd for w in live) else -1.0
-    try:
-        while live:
-            did = 0
-            for w in live:
-                did += w.work()
-            # Every pass, not only when idle: a busy pair must not starve the
-            # others' port readiness, kicks and control messages.
-            for fd, _ in outer.poll(0):
-                w = by_fd[fd]
-                w.handle(w.ep.poll(0))
-            if _retire(live, outer) or did:
-                continue
-            if poll_s and _spin_group(live, outer, poll_s):
-                continue
-            deferring = [w for w in live if w.defer()]
-            if deferring:
-                wait_readable(outer.fileno(), min(w.defer_s for w in deferring))
-                continue
-            if _arm_all(live):
-                continue
-            ready = {fd for fd, _ in outer.poll(idle_timeout)}
-            for w in live:
-                if w.ep.fileno() in ready:
-                    w.wake(w.ep.poll(0))
-                else:
-                    w.disarm()
-            _retire(live, outer)
-    finally:
-        outer.close()
 
+    def __init__(self, workers: Sequence[Worker]) -> None:
+        self.live = list(workers)
+        self.outer = select.epoll()
+        self._by_fd = {w.ep.fileno(): w for w in self.live}
+        self.poll_s = max(w.spec.poll_us for w in self.live) / 1e6
+        self.idle_timeout = NOFD_POLL_S if any(w.nofd for w in self.live) else -1.0
 
-def _retire(live: list[Worker], outer: select.epoll) -> bool:
-    """Drop the workers that are done from ``live``; True if any was."""
-    done = [w for w in live if w.done]
-    for w in done:
-        live.remove(w)
-        with contextlib.suppress(OSError, ValueError):
-            outer.unregister(w.ep.fileno())
-    return bool(done)
+    @property
+    def done(self) -> bool:
+        """Every pair has stopped."""
+        return not self.live
 
+    def start(self) -> None:
+        for w in self.live:
+            w.start()
+            self.outer.register(w.ep.fileno(), _EPOLLIN)
 
-def _arm_all(live: Sequence[Worker]) -> bool:
-    """Arm every worker; True (all disarmed again) when one of them has work."""
-    for i, w in enumerate(live):
-        if w.arm():
-            for other in live[:i]:
-                other.disarm()
-            return True
-    return False
+    def run(self) -> None:
+        """Serve until every pair is stopped."""
+        self.start()
+        try:
+            while self.live:
+                self.step(self.idle_timeout)
+        finally:
+            self.close()
 
+    def close(self) -> None:
+        self.outer.close()
 
-def _spin_group(live: Sequence[Worker], outer: select.epoll, seconds: float) -> bool:
-    """Busy-poll every pair of the group for ``seconds``; True when work or an
-    event showed up (the loop's next pass handles the events)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if outer.poll(0) or any(w.pending_work() for w in live):
-            return True
-    return False
+    def step(self, timeout: float) -> str:
+        """One pass of the loop :meth:`run` repeats, with the outcomes of
+        :meth:`Worker.step` ("work" also when a pair stopped)."""
+        live = self.live
+        outer = self.outer
+        did = 0
+        for w in live:
+            did += w.work()
+        # Every pass, not only when idle: a busy pair must not starve the
+        # others' port readiness, kicks and control messages.
+        for fd, _ in outer.poll(0):
+            w = self._by_fd[fd]
+            w.handle(w.ep.poll(0))
+        if self._retire() or did:
+            return "work"
+        if self.poll_s and self._spin(self.poll_s):
+            return "spin"
+        deferring = [w for w in live if w.defer()]
+        if deferring:
+            wait_readable(outer.fileno(), min(w.defer_s for w in deferring))
+            return "defer"
+        if self._arm_all():
+            return "rearm"
+        ready = {fd for fd, _ in outer.poll(timeout)}
+        for w in live:
+            if w.ep.fileno() in ready:
+                w.wake(w.ep.poll(0))
+            else:
+                w.disarm()
+        self._retire()
+        return "slept"
+
+    def _retire(self) -> bool:
+        """Drop the workers that are done; True if any was."""
+        done = [w for w in self.live if w.done]
+        for w in done:
+            self.live.remove(w)
+            with contextlib.suppress(OSError, ValueError):
+                self.outer.unregister(w.ep.fileno())
+        return bool(done)
+
+    def _arm_all(self) -> bool:
+        """Arm every worker; True (all disarmed again) when one of them has work."""
+        live = self.live
+        for i, w in enumerate(live):
+            if w.arm():
+                for other in live[:i]:
+                    other.disarm()
+                return True
+        return False
+
+    def _spin(self, seconds: float) -> bool:
+        """Busy-poll every pair for ``seconds``; True when work or an event
+        showed up (the next pass handles the events)."""
+        deadline = time.monotonic() + seconds
+        live = self.live
+        poll = self.outer.poll
+        while time.monotonic() < deadline:
+            if poll(0) or any(w.pending_work() for w in live):
+                return True
+        return False
 
 
 def wait_readable(fd: int, seconds: float) -> None:
