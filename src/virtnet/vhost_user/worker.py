@@ -1221,7 +1221,7 @@ class WorkerGroup:
         self.live = list(workers)
         self.outer = select.epoll()
         self._by_fd = {w.ep.fileno(): w for w in self.live}
-        self.poll_s = max(w.spec.poll_us for w in self.live) / 1e6
+        self.poll_s = max(w.poll_s for w in self.live)
         self.idle_timeout = NOFD_POLL_S if any(w.nofd for w in self.live) else -1.0
 
     @property
