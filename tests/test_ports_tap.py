@@ -188,6 +188,9 @@ def test_tx_and_rx_with_vnet_header(netns: str) -> None:
             qs = [port.open_queue("vm", p) for p in range(2)]
             assert all(isinstance(q, TapQueue) for q in qs)
             assert port.created
+            # No IPv6 on it: the kernel's own frames (DAD, MLD) would be counted as rx.
+            with open("/proc/sys/net/ipv6/conf/vt0/disable_ipv6", "w") as f:
+                f.write("1")
             port.set_up()
             ps = packet_socket("vt0")
             # guest -> host: header + frame gathered from three buffers
