@@ -189,8 +189,8 @@ def test_tx_and_rx_with_vnet_header(netns: str) -> None:
             assert all(isinstance(q, TapQueue) for q in qs)
             assert port.created
             # No IPv6 on it: the kernel's own frames (DAD, MLD) would be counted as rx.
-            with open("/proc/sys/net/ipv6/conf/vt0/disable_ipv6", "w") as f:
-                f.write("1")
+            with open("/proc/sys/net/ipv6/conf/vt0/disable_ipv6", "w") as sysctl:
+                sysctl.write("1")
             port.set_up()
             ps = packet_socket("vt0")
             # guest -> host: header + frame gathered from three buffers
@@ -650,6 +650,99 @@ def test_worker_stalled_on_buffers_sleeps_on_the_port_once_the_tap_is_empty(
     assert (delivered, stalled) == (1, False)
 
 
+#: Guest frames queued by a :class:`Guest` at most (the host socket holds them all).
+MAX_XMIT = 3000
+#: Where a :class:`Guest`'s tx frames live: past the harness's rx slots.
+TX_FRAMES_AT = WorkerHarness.slot_addr(QSIZE)
+
+
+class Guest:
+    """One pair's driver side on a :class:`WorkerHarness` with real eventfds:
+    rx buffers posted and taken, tx frames queued and reaped, tx interrupts
+    counted, and ``ps`` (a packet socket on the pair's tap) as the host."""
+
+    def __init__(self, tw: WorkerHarness, ps: socket.socket, mac: bytes) -> None:
+        self.tw, self.ps, self.mac = tw, ps, mac
+        self.rx_free = list(range(QSIZE))
+        self.tx_free = list(range(QSIZE))
+        self.sent: list[bytes] = []  # by the host, to the guest
+        self.got: list[bytes] = []
+        self.xmitted: list[bytes] = []  # by the guest, to the host
+        self.calls = 0
+        self.waiting_mark: int | None = None
+
+    def send(self, count: int, size: int = 78) -> None:
+        """The host sends ``count`` numbered frames of ``size`` bytes to the guest."""
+        for _ in range(min(count, 900 - len(self.sent))):  # the tap queue holds 1000
+            fr = eth(self.mac, PEER, 0x88B5, struct.pack(">I", len(self.sent)).ljust(size - 14))
+            self.ps.send(fr)
+            self.sent.append(fr)
+
+    def post(self, m: int) -> None:
+        tw = self.tw
+        for _ in range(min(m, len(self.rx_free))):
+            tw.post(self.rx_free.pop(), (1530,))
+        if tw.rx.kick_needed():
+            os.eventfd_write(tw.efds[0], 1)
+
+    def take(self) -> None:
+        tw = self.tw
+        for tok, ln in tw.rx.get_used():
+            assert isinstance(tok, int)
+            data = tw.mem.read(tw.slot_addr(tok), ln)
+            assert struct.unpack_from("<H", data, 10)[0] == 1  # num_buffers
+            self.got.append(data[VNET_HDR_LEN:])
+            self.rx_free.append(tok)
+
+    def xmit(self, n: int) -> None:
+        tw = self.tw
+        for _ in range(min(n, len(self.tx_free), MAX_XMIT - len(self.xmitted))):
+            slot = self.tx_free.pop()
+            fr = eth(PEER, self.mac, 0x88B5, struct.pack(">I", len(self.xmitted)) + bytes(60))
+            addr = TX_FRAMES_AT + slot * 128
+            tw.mem.write(addr, bytes(VNET_HDR_LEN) + fr)
+            tw.tx.add([(addr, VNET_HDR_LEN + len(fr))], [], slot)
+            self.xmitted.append(fr)
+        if tw.tx.kick_needed():
+            os.eventfd_write(tw.efds[1], 1)
+
+    def count_calls(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self.calls += os.eventfd_read(self.tw.efds[3])
+
+    def reap(self) -> None:
+        for tok, _ in self.tw.tx.get_used():
+            assert isinstance(tok, int)
+            self.tx_free.append(tok)
+        self.waiting_mark = None
+
+    def wait(self) -> None:
+        self.count_calls()
+        if not self.tw.tx.enable_interrupts(True):
+            self.waiting_mark = self.calls  # nothing pending: wait for the call
+
+    def drain_host(self) -> None:
+        """Forget what the host side's socket holds (an earlier example's frames)."""
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self.ps.recv(65536)
+
+    def host_got(self) -> list[bytes]:
+        """The guest's frames as the host saw them on the tap."""
+        seen: list[bytes] = []
+        self.ps.settimeout(1.0)  # delivery to the packet socket may lag the write
+        try:
+            while len(seen) < len(self.xmitted):
+                data = self.ps.recv(65536)
+                if data[6:12] == self.mac:
+                    seen.append(data)
+        except TimeoutError:
+            pass
+        finally:
+            self.ps.setblocking(False)
+        return seen
+
+
 def test_worker_rx_state_machine_never_loses_a_frame_or_spins(netns: str) -> None:
     """Random interleavings of the host sending (small frames and frames up
     to the MTU, for a guest with and without GSO), the guest posting buffers
@@ -681,56 +774,32 @@ def test_worker_rx_state_machine_never_loses_a_frame_or_spins(netns: str) -> Non
                 _drain(q)
                 tw = WorkerHarness(q, gso=gso, mtu=1500, eventfds=True)
                 w = tw.worker
-                kick_rx = tw.efds[0]
-                free = list(range(QSIZE))
-                sent: list[bytes] = []
-                got: list[bytes] = []
-
-                def post(m: int) -> None:
-                    for _ in range(min(m, len(free))):
-                        tw.post(free.pop(), (1530,))
-                    if tw.rx.kick_needed():
-                        os.eventfd_write(kick_rx, 1)
-
-                def take() -> None:
-                    for tok, ln in tw.rx.get_used():
-                        assert isinstance(tok, int)
-                        data = tw.mem.read(tw.slot_addr(tok), ln)
-                        assert struct.unpack_from("<H", data, 10)[0] == 1  # num_buffers
-                        got.append(data[VNET_HDR_LEN:])
-                        free.append(tok)
-
-                def send(count: int, size: int) -> None:
-                    for _ in range(min(count, 900 - len(sent))):  # the tap queue holds 1000
-                        fr = eth(GUEST, PEER, 0x88B5, struct.pack(">I", len(sent)).ljust(size - 14))
-                        ps.send(fr)
-                        sent.append(fr)
-
+                g = Guest(tw, ps, GUEST)
                 try:
                     w.start()
                     for what, n in actions:
                         if what == "send":
-                            send(n, 78)
+                            g.send(n)
                         elif what == "big":  # one frame of n bytes, up to the MTU
-                            send(1, n)
+                            g.send(1, n)
                         elif what == "post":
-                            post(n)
+                            g.post(n)
                         elif what == "take":
-                            take()
+                            g.take()
                         else:
                             w.step(0.0)
                     rearms = 0
                     for _ in range(3000):
-                        take()
-                        post(QSIZE)
+                        g.take()
+                        g.post(QSIZE)
                         step = w.step(0.01)
                         rearms = rearms + 1 if step == "rearm" else 0
                         assert rearms < 3, f"worker re-arms without work: stalled={w.rx_stalled}"
-                        if step == "slept" and len(got) >= len(sent):
+                        if step == "slept" and len(g.got) >= len(g.sent):
                             break
-                    take()
-                    assert got == sent
-                    assert (w.port.rx_packets, w.port.rx_dropped) == (len(sent), 0)
+                    g.take()
+                    assert g.got == g.sent
+                    assert (w.port.rx_packets, w.port.rx_dropped) == (len(g.sent), 0)
                 finally:
                     tw.close()
 
@@ -760,7 +829,6 @@ def test_worker_tx_state_machine_sends_every_frame_and_never_loses_a_completion(
         st.tuples(st.just("wait"), st.just(0)),
         st.tuples(st.just("loop"), st.just(0)),
     )
-    tx_frames_at = WorkerHarness.slot_addr(QSIZE)  # past the rx slots
 
     def body() -> int:
         with _tap_and_sender("vtw0") as (q, ps):
@@ -777,52 +845,19 @@ def test_worker_tx_state_machine_sends_every_frame_and_never_loses_a_completion(
                 nonlocal examples
                 examples += 1
                 _drain(q)
-                with contextlib.suppress(BlockingIOError):
-                    while True:
-                        ps.recv(65536)
                 tw = WorkerHarness(q, gso=False, mtu=1500, eventfds=True)
                 w = tw.worker
-                tx = tw.tx
-                kick_tx, call_tx = tw.efds[1], tw.efds[3]
-                free = list(range(QSIZE))
-                sent: list[bytes] = []
-                calls = 0
-                waiting_mark: int | None = None  # calls seen when the guest asked for one
-
-                def count_calls() -> None:
-                    nonlocal calls
-                    with contextlib.suppress(BlockingIOError):
-                        calls += os.eventfd_read(call_tx)
-
-                def xmit(n: int) -> None:
-                    for _ in range(min(n, len(free), 3000 - len(sent))):
-                        slot = free.pop()
-                        fr = eth(PEER, GUEST, 0x88B5, struct.pack(">I", len(sent)) + bytes(60))
-                        addr = tx_frames_at + slot * 128
-                        tw.mem.write(addr, bytes(VNET_HDR_LEN) + fr)
-                        tx.add([(addr, VNET_HDR_LEN + len(fr))], [], slot)
-                        sent.append(fr)
-                    if tx.kick_needed():
-                        os.eventfd_write(kick_tx, 1)
-
-                def reap() -> None:
-                    nonlocal waiting_mark
-                    for tok, _ in tx.get_used():
-                        assert isinstance(tok, int)
-                        free.append(tok)
-                    waiting_mark = None
-
+                g = Guest(tw, ps, GUEST)
+                g.drain_host()
                 try:
                     w.start()
                     for what, n in actions:
                         if what == "xmit":
-                            xmit(n)
+                            g.xmit(n)
                         elif what == "reap":
-                            reap()
+                            g.reap()
                         elif what == "wait":
-                            count_calls()
-                            if not tx.enable_interrupts(True):
-                                waiting_mark = calls  # nothing pending: wait for the call
+                            g.wait()
                         else:
                             w.step(0.0)
                     for _ in range(200):
@@ -830,22 +865,11 @@ def test_worker_tx_state_machine_sends_every_frame_and_never_loses_a_completion(
                             break
                     else:
                         raise AssertionError("the worker never went to sleep")
-                    count_calls()
-                    if waiting_mark is not None and tx.used_pending():
-                        assert calls > waiting_mark, "completions pending, the interrupt lost"
-                    seen: list[bytes] = []
-                    ps.settimeout(1.0)  # delivery to the packet socket may lag the write
-                    try:
-                        while len(seen) < len(sent):
-                            data = ps.recv(65536)
-                            if data[6:12] == GUEST:
-                                seen.append(data)
-                    except TimeoutError:
-                        pass
-                    finally:
-                        ps.setblocking(False)
-                    assert w.port.tx_packets == len(sent)
-                    assert seen == sent
+                    g.count_calls()
+                    if g.waiting_mark is not None and tw.tx.used_pending():
+                        assert g.calls > g.waiting_mark, "completions pending, the interrupt lost"
+                    assert w.port.tx_packets == len(g.xmitted)
+                    assert g.host_got() == g.xmitted
                 finally:
                     tw.close()
 
@@ -879,83 +903,6 @@ def test_worker_group_serves_every_pair_under_random_interleavings(netns: str) -
         st.tuples(st.just("wait"), pair, st.just(0)),
         st.tuples(st.just("loop"), st.just(0), st.just(0)),
     )
-    tx_frames_at = WorkerHarness.slot_addr(QSIZE)  # past the rx slots
-
-    class Guest:
-        """One pair's driver side: its rx and tx bookkeeping."""
-
-        def __init__(self, tw: WorkerHarness, ps: socket.socket, mac: bytes) -> None:
-            self.tw, self.ps, self.mac = tw, ps, mac
-            self.rx_free = list(range(QSIZE))
-            self.tx_free = list(range(QSIZE))
-            self.sent: list[bytes] = []  # by the host, to the guest
-            self.got: list[bytes] = []
-            self.xmitted: list[bytes] = []  # by the guest, to the host
-            self.calls = 0
-            self.waiting_mark: int | None = None
-
-        def send(self, count: int) -> None:
-            for _ in range(min(count, 900 - len(self.sent))):  # the tap queue holds 1000
-                fr = eth(self.mac, PEER, 0x88B5, struct.pack(">I", len(self.sent)).ljust(64))
-                self.ps.send(fr)
-                self.sent.append(fr)
-
-        def post(self, m: int) -> None:
-            tw = self.tw
-            for _ in range(min(m, len(self.rx_free))):
-                tw.post(self.rx_free.pop(), (1530,))
-            if tw.rx.kick_needed():
-                os.eventfd_write(tw.efds[0], 1)
-
-        def take(self) -> None:
-            tw = self.tw
-            for tok, ln in tw.rx.get_used():
-                assert isinstance(tok, int)
-                self.got.append(tw.mem.read(tw.slot_addr(tok), ln)[VNET_HDR_LEN:])
-                self.rx_free.append(tok)
-
-        def xmit(self, n: int) -> None:
-            tw = self.tw
-            for _ in range(min(n, len(self.tx_free), 2000 - len(self.xmitted))):
-                slot = self.tx_free.pop()
-                fr = eth(PEER, self.mac, 0x88B5, struct.pack(">I", len(self.xmitted)) + bytes(60))
-                addr = tx_frames_at + slot * 128
-                tw.mem.write(addr, bytes(VNET_HDR_LEN) + fr)
-                tw.tx.add([(addr, VNET_HDR_LEN + len(fr))], [], slot)
-                self.xmitted.append(fr)
-            if tw.tx.kick_needed():
-                os.eventfd_write(tw.efds[1], 1)
-
-        def count_calls(self) -> None:
-            with contextlib.suppress(BlockingIOError):
-                self.calls += os.eventfd_read(self.tw.efds[3])
-
-        def reap(self) -> None:
-            for tok, _ in self.tw.tx.get_used():
-                assert isinstance(tok, int)
-                self.tx_free.append(tok)
-            self.waiting_mark = None
-
-        def wait(self) -> None:
-            self.count_calls()
-            if not self.tw.tx.enable_interrupts(True):
-                self.waiting_mark = self.calls  # nothing pending: wait for the call
-
-        def host_got(self) -> list[bytes]:
-            """The guest's frames as the host saw them on the tap."""
-            seen: list[bytes] = []
-            self.ps.settimeout(1.0)  # delivery to the packet socket may lag the write
-            try:
-                while len(seen) < len(self.xmitted):
-                    data = self.ps.recv(65536)
-                    if data[6:12] == self.mac:
-                        seen.append(data)
-            except TimeoutError:
-                pass
-            finally:
-                self.ps.setblocking(False)
-            return seen
-
     macs = (GUEST, bytes.fromhex("52540077aa03"))
 
     def body() -> int:
@@ -978,11 +925,9 @@ def test_worker_group_serves_every_pair_under_random_interleavings(netns: str) -
                 try:
                     for q, ps, mac in ((q0, ps0, macs[0]), (q1, ps1, macs[1])):
                         _drain(q)
-                        with contextlib.suppress(BlockingIOError):
-                            while True:
-                                ps.recv(65536)
                         tw = WorkerHarness(q, gso=False, mtu=1500, eventfds=True)
                         guests.append(Guest(tw, ps, mac))
+                        guests[-1].drain_host()
                     group = WorkerGroup([g.tw.worker for g in guests])
                     group.start()
                     for what, p, n in actions:
