@@ -1156,16 +1156,30 @@ class Worker:
 
     def _spin(self, seconds: float) -> bool:
         """Busy-poll rings and port for ``seconds``; True when work (or a stop) showed up."""
-        deadline = time.monotonic() + seconds
         ep_poll = self.ep.poll
-        while time.monotonic() < deadline:
+        pending_work = self.pending_work
+        events: list[tuple[int, int]] = []
+
+        def ready() -> bool:
+            nonlocal events
             events = ep_poll(0)
-            if events:
-                self.handle(events)
-                return True
-            if self.pending_work():
-                return True
-        return False
+            return bool(events) or pending_work()
+
+        if not spin_until(seconds, ready):
+            return False
+        if events:
+            self.handle(events)
+        return True
+
+
+def spin_until(seconds: float, ready: Callable[[], bool]) -> bool:
+    """Busy-poll ``ready()`` for up to ``seconds``; True as soon as it is
+    (``--poll-us``: one pair's loop and a group's share this)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ready():
+            return True
+    return False
 
 
 def open_dirty_log(spec: LogSpec) -> DirtyLog:
@@ -1300,13 +1314,9 @@ class WorkerGroup:
     def _spin(self, seconds: float) -> bool:
         """Busy-poll every pair for ``seconds``; True when work or an event
         showed up (the next pass handles the events)."""
-        deadline = time.monotonic() + seconds
         live = self.live
         poll = self.outer.poll
-        while time.monotonic() < deadline:
-            if poll(0) or any(w.pending_work() for w in live):
-                return True
-        return False
+        return spin_until(seconds, lambda: bool(poll(0)) or any(w.pending_work() for w in live))
 
 
 def wait_readable(fd: int, seconds: float) -> None:
