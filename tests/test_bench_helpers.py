@@ -262,3 +262,32 @@ def test_guest_steps_counts_stalls_and_failures(bench_module: Callable[[str], Mo
     assert "median 40,000 pps received" in text
     assert "lowest 0" in text and "stalls (< 50% of offered) 2" in text
     assert "iperf3 failures 1" in text
+
+
+PING_FLOOD = """PING 10.77.0.2 (10.77.0.2) 4000(4028) bytes of data.
+
+--- 10.77.0.2 ping statistics ---
+9712 packets transmitted, 9710 received, 0.0205931% packet loss, time 3001ms
+rtt min/avg/max/mdev = 0.172/0.295/2.180/0.061 ms, pipe 2, ipg/ewma 0.309/0.293 ms
+"""
+
+
+def test_guest_rr_parses_ping_flood_output(bench_module: Callable[[str], ModuleType]) -> None:
+    """bench/guest_rr.py counts the replies and takes the mean round trip in us;
+    a run without replies has no rtt line; output without a summary is an error."""
+    rr = bench_module("guest_rr")
+    assert rr.parse_ping(PING_FLOOD) == (9710, pytest.approx(295.0))
+    assert rr.parse_ping("5 packets transmitted, 0 received, 100% packet loss") == (0, 0.0)
+    with pytest.raises(ValueError, match="no ping summary"):
+        rr.parse_ping("ping: connect: Network is unreachable")
+
+
+def test_guest_rr_median_is_cell_by_cell(bench_module: Callable[[str], ModuleType]) -> None:
+    rr = bench_module("guest_rr")
+    boots = [
+        [rr.RRFigure(56, 1, rate, rtt), rr.RRFigure(56, 4, 4 * rate, 2 * rtt)]
+        for rate, rtt in ((100.0, 10.0), (300.0, 30.0), (200.0, 20.0))
+    ]
+    assert rr._median(boots) == [rr.RRFigure(56, 1, 200.0, 20.0), rr.RRFigure(56, 4, 800.0, 40.0)]
+    with pytest.raises(ValueError):
+        rr._median([boots[0], boots[1][:1]])

@@ -1,0 +1,254 @@
+"""Request/response rate of a real guest against sessions: virtnet serve vs QEMU's tap.
+
+The seeds measure request/response rates against the number of sessions
+(netperf TCP_RR).  Here a session is one ``ping -f`` from the host side (one
+echo request outstanding at a time, the next sent as soon as the reply is
+back) and the guest's kernel is the responder, so no guest program's
+scheduling is measured, only the path: host -> tap -> backend -> guest ->
+backend -> tap -> host.  ``--sizes`` picks the echo payload: 56 bytes is one
+frame each way; 4000 bytes is three IP fragments each way, so every reply
+is a transmit burst of three chains -- the pattern that starts the worker's
+deferred kicks (``serve --kick-defer-us``), whose price is that a reply
+queued during a deferral waits for the next look.
+
+Backends, each on a fresh boot of the same guest (TCG, ``--vcpus``, 512 MB):
+
+* ``virtnet`` once per ``--kick-defer-us`` value: ``virtnet serve --port
+  tap:IF`` inside a namespace holding the tap at 10.77.0.1/24;
+* ``qemu tap,vhost=off``: QEMU's own tap backend moved into a namespace (the
+  peer, measured in the same run).
+
+Printed per (size, sessions): transactions per second (completed echoes, all
+sessions together), the mean round trip, and the ratio to the peer.
+
+Run as root: ``python bench/guest_rr.py [--kick-defer-us 0,50,400] [--sessions 1,4,16]
+[--sizes 56,4000] [--duration 4] [--queues 1] [--vcpus 2] [--poll-us U] [--repeat N]
+[--json FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from guest_runs import serve_on_tap
+from guest_tap_baseline import GUEST_CIDR, HOST_IP, can_boot, comma_ints
+
+from virtnet.testing.guest import Guest, tap_netdev_args, vhost_user_netdev_args
+from virtnet.testing.netns import NetNS, unique_name
+
+GUEST_IP = GUEST_CIDR.split("/")[0]
+#: Largest echo payload: an IPv4 datagram is at most 65535 bytes (RFC 791)
+#: less 20 of IP and 8 of ICMP header.
+MAX_PAYLOAD = 65507
+_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received")
+_RTT = re.compile(r"rtt min/avg/max/mdev = [\d.]+/([\d.]+)/")
+
+
+@dataclass(frozen=True)
+class RRFigure:
+    """One (payload size, sessions) cell: completed echoes per second, mean round trip."""
+
+    size: int
+    sessions: int
+    rate: float
+    rtt_us: float
+
+
+def parse_ping(output: str) -> tuple[int, float]:
+    """(replies received, mean round trip in microseconds) from iputils ``ping -q`` output.
+
+    Raises ``ValueError`` when the summary line is missing; a run without any
+    reply has no rtt line and gives a round trip of 0.
+    """
+    m = _SUMMARY.search(output)
+    if m is None:
+        raise ValueError(f"no ping summary in:\n{output}")
+    rtt = _RTT.search(output)
+    return int(m.group(2)), float(rtt.group(1)) * 1000 if rtt else 0.0
+
+
+def rr_sessions(ns: NetNS, *, sessions: int, size: int, seconds: int) -> RRFigure:
+    """``sessions`` concurrent ``ping -f`` runs from ``ns`` to the guest for ``seconds``."""
+    argv = ["ping", "-f", "-q", "-w", str(seconds), "-s", str(size), GUEST_IP]
+    procs = [
+        ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(sessions)
+    ]
+    replies = 0
+    weighted = 0.0
+    for proc in procs:
+        out, _ = proc.communicate(timeout=seconds + 30)
+        got, rtt_us = parse_ping(out)
+        replies += got
+        weighted += got * rtt_us
+    return RRFigure(size, sessions, replies / seconds, weighted / replies if replies else 0.0)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every boot measures."""
+
+    sizes: tuple[int, ...]
+    sessions: tuple[int, ...]
+    seconds: int
+    queues: int
+    vcpus: int
+    poll_us: int = 0
+
+
+def measure(
+    netdev_args: Sequence[str],
+    ns: NetNS,
+    plan: Plan,
+    after_boot: Callable[[Guest], None] | None = None,
+) -> list[RRFigure]:
+    """Boot the guest on ``netdev_args`` and measure every (size, sessions) cell."""
+    with Guest(netdev_args, ip=GUEST_CIDR, smp=plan.vcpus, memory_mb=512) as guest:
+        if after_boot is not None:
+            after_boot(guest)
+        guest.set_channels(plan.queues)
+        if not guest.ping(HOST_IP, count=2):
+            raise RuntimeError(f"guest cannot ping {HOST_IP}:\n{guest.console_tail()}")
+        return [
+            rr_sessions(ns, sessions=n, size=size, seconds=plan.seconds)
+            for size in plan.sizes
+            for n in plan.sessions
+        ]
+
+
+def virtnet_rr(plan: Plan, kick_defer_us: int) -> list[RRFigure]:
+    """The guest on ``virtnet serve --port tap --kick-defer-us kick_defer_us``."""
+    tap = unique_name("vntap")
+    with (
+        tempfile.TemporaryDirectory(prefix="vnguestrr-") as d,
+        NetNS() as ns,
+        serve_on_tap(
+            ns,
+            tap,
+            Path(d),
+            queues=plan.queues,
+            kick_defer_us=kick_defer_us,
+            poll_us=plan.poll_us,
+        ) as serve,
+    ):
+        return measure(vhost_user_netdev_args(serve.socket, queues=plan.queues), ns, plan)
+
+
+def qemu_tap_rr(plan: Plan) -> list[RRFigure]:
+    """The peer: QEMU's own tap backend, ``vhost=off``."""
+    tap = unique_name("vntap")
+    with NetNS() as ns:
+
+        def plug(_guest: Guest) -> None:
+            ns.move_link(tap)
+            ns.set_address(tap, f"{HOST_IP}/24")
+
+        return measure(tap_netdev_args(tap, queues=plan.queues), ns, plan, plug)
+
+
+def _median(runs: Sequence[list[RRFigure]]) -> list[RRFigure]:
+    """Cell by cell median over boots."""
+    return [
+        RRFigure(
+            cells[0].size,
+            cells[0].sessions,
+            statistics.median(c.rate for c in cells),
+            statistics.median(c.rtt_us for c in cells),
+        )
+        for cells in zip(*runs, strict=True)
+    ]
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    sizes = tuple(comma_ints(text))
+    if not sizes or any(not 0 <= s <= MAX_PAYLOAD for s in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be 0..{MAX_PAYLOAD}: {text!r}")
+    return sizes
+
+
+def _positive(text: str) -> tuple[int, ...]:
+    values = tuple(comma_ints(text))
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"need positive integers: {text!r}")
+    return values
+
+
+def _defers(text: str) -> tuple[int, ...]:
+    values = tuple(comma_ints(text))
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"need microseconds >= 0: {text!r}")
+    return values
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--kick-defer-us",
+        type=_defers,
+        default=(0, 50, 400),
+        help="serve's --kick-defer-us values, one boot each (default 0,50,400)",
+    )
+    ap.add_argument(
+        "--sessions",
+        type=_positive,
+        default=(1, 4, 16),
+        help="concurrent ping -f sessions (default 1,4,16)",
+    )
+    ap.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=(56, 4000),
+        help="echo payload bytes (default 56: one frame, 4000: three fragments)",
+    )
+    ap.add_argument("--duration", type=int, default=4, help="seconds per cell")
+    ap.add_argument("--queues", type=int, default=1, choices=range(1, 17), metavar="N")
+    ap.add_argument("--vcpus", type=int, default=2, choices=range(1, 9), metavar="N")
+    ap.add_argument("--poll-us", type=int, default=0, help="serve's --poll-us (default 0)")
+    ap.add_argument("--repeat", type=int, default=1, help="boots per backend; medians printed")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args(argv)
+    if not can_boot():
+        return 2
+    plan = Plan(args.sizes, args.sessions, args.duration, args.queues, args.vcpus, args.poll_us)
+    runs: dict[str, list[list[RRFigure]]] = {}
+    for rep in range(max(1, args.repeat)):
+        for us in args.kick_defer_us:
+            runs.setdefault(f"virtnet defer {us} us", []).append(virtnet_rr(plan, us))
+            print(f"boot {rep + 1}: virtnet defer {us} us done", flush=True)
+        runs.setdefault("qemu tap", []).append(qemu_tap_rr(plan))
+        print(f"boot {rep + 1}: qemu tap done", flush=True)
+    med = {name: _median(r) for name, r in runs.items()}
+    peer = med["qemu tap"]
+    names = list(med)
+    print(
+        f"\n({args.repeat} boot(s) each, median; {args.vcpus} vCPUs, {args.queues} queue(s),"
+        f" {args.duration} s per cell; transactions/s, mean round trip, ratio to QEMU's tap)"
+    )
+    print("| payload | sessions | " + " | ".join(names) + " |")
+    print("|---:|---:|" + "---:|" * len(names))
+    for i, p in enumerate(peer):
+        cells = [
+            f"{med[n][i].rate:,.0f}/s {med[n][i].rtt_us:.0f} us"
+            + (f" ({med[n][i].rate / p.rate:.2f})" if n != "qemu tap" and p.rate else "")
+            for n in names
+        ]
+        print(f"| {p.size} | {p.sessions} | " + " | ".join(cells) + " |")
+    if args.json:
+        args.json.write_text(
+            json.dumps({n: [vars(c) for c in cells] for n, cells in med.items()}, indent=2) + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
