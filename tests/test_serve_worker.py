@@ -26,8 +26,10 @@ from virtnet.vhost_user.backend import RingConfig
 from virtnet.vhost_user.supervisor import Supervisor
 from virtnet.vhost_user.worker import (
     FIELDS,
+    KICK_DEFER_BULK_BYTES_PER_S,
     KICK_DEFER_MIN_CHAINS,
     KICK_DEFER_ROUNDS,
+    KICK_DEFER_SHORT_US,
     NFIELDS,
     RX_BATCH,
     RX_PUBLISH_BYTES,
@@ -742,11 +744,12 @@ class InProc:
     call: int
     sent: int = 0
 
-    def send(self, n: int) -> None:
+    def send(self, n: int, size: int = 76) -> None:
+        """Queue ``n`` tx chains of ``size`` bytes (the null port reads only the length)."""
         for _ in range(n):
             addr = 0x300000 + (self.sent % 256) * BUF_SIZE
             self.mem.write(addr, _frame(self.sent))
-            self.tx.add([(addr, 76)], [], self.sent)
+            self.tx.add([(addr, size)], [], self.sent)
             self.sent += 1
         self.tx.publish()
 
@@ -803,6 +806,33 @@ def test_tx_burst_defers_kicks_for_a_few_rounds_then_arms() -> None:
         assert r.w.work() == KICK_DEFER_MIN_CHAINS and r.w.defer()  # the stream goes on
         assert not r.w.arm()  # nothing left: notifications on, asleep
         assert not r.w.defer()  # a new burst is needed to defer again
+
+
+def test_deferral_looks_are_long_only_while_bulk_traffic_flows() -> None:
+    """A deferral's looks are KICK_DEFER_SHORT_US apart unless the pair moves
+    KICK_DEFER_BULK_BYTES_PER_S, judged over windows of at least kick_defer_us:
+    a request/response peer waits for every frame a look picks up, a stream
+    does not; a short burst is not a stream."""
+    short, window = KICK_DEFER_SHORT_US / 1e6, 400e-6
+    with _inproc(kick_defer_us=400) as r:
+        r.send(KICK_DEFER_MIN_CHAINS)  # small frames: not bulk
+        assert r.w.work() == KICK_DEFER_MIN_CHAINS
+        assert r.w.defer() and r.w.look_s == short
+        r.send(4, size=10_000)  # 40 KB at once: fast, but less than a window's worth
+        assert KICK_DEFER_BULK_BYTES_PER_S * window > 4 * (10_000 - 12)
+        assert r.w.work() == 4
+        assert r.w.defer() and r.w.look_s == short
+        r.send(16, size=60_000)  # 960 KB: more than a window's worth
+        assert KICK_DEFER_BULK_BYTES_PER_S * window < 16 * (60_000 - 12)
+        assert r.w.work() == 16
+        assert r.w.defer() and r.w.look_s == window
+        time.sleep(0.01)  # the window ends: under 1 MB in 10 ms is not 1 Gbit/s
+        assert KICK_DEFER_BULK_BYTES_PER_S * 0.01 > 2 * 64 + 4 * 10_000 + 16 * 60_000
+        assert r.w.defer() and r.w.look_s == short
+    with _inproc(kick_defer_us=20) as r:  # a look is never longer than kick_defer_us
+        r.send(16, size=60_000)
+        assert r.w.work() == 16
+        assert r.w.defer() and r.w.look_s == 20e-6
 
 
 def test_single_packets_never_defer_and_zero_disables() -> None:

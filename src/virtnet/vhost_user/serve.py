@@ -34,7 +34,8 @@ Invariants:
   that long before sleeping (default 0: eventfd wake-ups); after a guest's
   transmit burst they leave its kicks off and look at the tx ring every
   ``--kick-defer-us`` (default :data:`~virtnet.vhost_user.worker.KICK_DEFER_US`,
-  0: never) a few times before sleeping (:mod:`virtnet.vhost_user.worker`).
+  0: never) while bulk traffic flows, every 50 us otherwise, a few times
+  before sleeping (:mod:`virtnet.vhost_user.worker`).
 * The loop ticks every :data:`TICK_S` to reap and restart dead workers; a
   ring stop waits for its worker (bounded by the supervisor's timeouts), so
   control messages of other VMs may wait that long -- their data paths do not.
@@ -70,7 +71,12 @@ from virtnet.sdnotify import notify
 from virtnet.vhost_user.backend import LOG_ALL, MAX_QUEUE_PAIRS, Backend, BackendConfig
 from virtnet.vhost_user.server import Endpoint, Server
 from virtnet.vhost_user.supervisor import Supervisor, VmPort, feature_names
-from virtnet.vhost_user.worker import KICK_DEFER_ROUNDS, KICK_DEFER_US, MAX_KICK_DEFER_US
+from virtnet.vhost_user.worker import (
+    KICK_DEFER_ROUNDS,
+    KICK_DEFER_SHORT_US,
+    KICK_DEFER_US,
+    MAX_KICK_DEFER_US,
+)
 
 __all__ = ["DEFAULT_QUEUES", "Daemon", "add_arguments", "run", "snapshot"]
 
@@ -350,7 +356,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=KICK_DEFER_US,
         metavar="U",
         help="after a guest's transmit burst, leave its kicks off and look at the tx ring every"
-        f" U us ({KICK_DEFER_ROUNDS} times) before sleeping: fewer VM exits for a streaming"
+        f" U us while bulk traffic flows (every {KICK_DEFER_SHORT_US} us otherwise;"
+        f" {KICK_DEFER_ROUNDS} times) before sleeping: fewer VM exits for a streaming"
         f" guest (default {KICK_DEFER_US}; 0: ask for a kick as soon as the ring is empty;"
         f" at most {MAX_KICK_DEFER_US})",
     )

@@ -51,14 +51,18 @@ Data path:
   re-enabling notifications and sleeping in ``epoll``.
 * Deferred kicks (``kick_defer_us``, on by default): after a transmit burst
   (:data:`KICK_DEFER_MIN_CHAINS` chains or more in a batch) the worker leaves
-  the guest's kicks off and looks at the tx ring again ``kick_defer_us`` later,
-  up to :data:`KICK_DEFER_ROUNDS` times, waking at once for the port and the
+  the guest's kicks off and looks at the tx ring again later, up to
+  :data:`KICK_DEFER_ROUNDS` times, waking at once for the port and the
   control socket meanwhile; only then does it ask for kicks and sleep.  A
   guest streaming out then kicks a few times a second instead of once every
   few packets (a kick is a VM exit; under TCG, tens of microseconds of vCPU),
   the way QEMU's own virtio-net polls from a bottom half and Linux NICs defer
-  interrupts (``napi_defer_hard_irqs``).  Traffic of one packet at a time
-  (request/response, ping) never defers: its latency is unchanged.
+  interrupts (``napi_defer_hard_irqs``).  The looks are ``kick_defer_us``
+  apart while the pair moves bulk traffic (:data:`KICK_DEFER_BULK_BYTES_PER_S`
+  over a window of ``kick_defer_us``), :data:`KICK_DEFER_SHORT_US` otherwise:
+  a frame queued during a deferral waits for the next look, which a stream
+  does not notice and a request/response peer does.  Traffic of one packet
+  at a time never defers at all.
 * Transmit completions are signalled once :data:`TX_SIGNAL_CHAINS` are
   unsignalled, when the tx ring stayed empty for a deferral round, and before
   the worker sleeps -- not after every batch: the guest reclaims completed
@@ -123,8 +127,10 @@ from virtnet.virtq import Chain, DeviceQueue
 
 __all__ = [
     "FIELDS",
+    "KICK_DEFER_BULK_BYTES_PER_S",
     "KICK_DEFER_MIN_CHAINS",
     "KICK_DEFER_ROUNDS",
+    "KICK_DEFER_SHORT_US",
     "KICK_DEFER_US",
     "MAX_KICK_DEFER_US",
     "NFIELDS",
@@ -161,17 +167,30 @@ RX_BATCH = 64
 #: Small frames still publish once per batch.
 RX_PUBLISH_BYTES = 32 * 1024
 #: Default ``kick_defer_us`` (``serve --kick-defer-us``): microseconds between
-#: two looks at the tx ring while the guest's kicks are left off (the kernel's
-#: default 50 us timer slack comes on top).  Session 13, TCP host->guest into a
-#: 2-vCPU TCG guest (the guest's ACKs are the tx): 50 us gave 3.9-4.1 Gbit/s
-#: (~500 guest kicks and ~570 tx interrupts a second), 400 us 4.6-4.9 (~15 and
-#: ~110), QEMU's own tap 4.2-4.4.  The price: a frame queued while the worker
-#: is deferring after a burst of two or more waits up to this long; single
-#: frames (ping, request/response) never start a deferral.
+#: two looks at the tx ring while the guest's kicks are left off and the pair
+#: moves bulk traffic (the kernel's default 50 us timer slack comes on top).
+#: Session 13, TCP host->guest into a 2-vCPU TCG guest (the guest's ACKs are
+#: the tx): 50 us gave 3.9-4.1 Gbit/s (~500 guest kicks and ~570 tx
+#: interrupts a second), 400 us 4.6-4.9 (~15 and ~110), QEMU's own tap
+#: 4.2-4.4.  Session 14: 400-us looks for every kind of traffic halved the
+#: rate of 4 ping sessions (each reply waited for a look), hence
+#: :data:`KICK_DEFER_SHORT_US` when the traffic is not bulk.
 KICK_DEFER_US = 400
 #: Largest ``kick_defer_us`` accepted: beyond a millisecond a streaming guest's
 #: 256-entry tx ring (~100k packets/s under TCG here) fills between two looks.
 MAX_KICK_DEFER_US = 1000
+#: Microseconds between two looks while deferring when the pair is not
+#: moving bulk traffic (below :data:`KICK_DEFER_BULK_BYTES_PER_S`): a
+#: request/response peer is waiting for each frame a look picks up, so a look
+#: of ``kick_defer_us`` (400 us) halved the transactions per second of four
+#: ping sessions into a 2-vCPU guest (``bench/guest_rr.py``, session 14).
+KICK_DEFER_SHORT_US = 50
+#: Bytes per second (rx and tx of the pair, over a window of at least
+#: ``kick_defer_us``) from which the deferral's looks are ``kick_defer_us``
+#: long: 1 Gbit/s.  A TCP stream here moves 3-5 Gbit/s; request/response
+#: traffic far less.  (A shorter window judged a 4 KB burst arriving in 30 us
+#: bulk, and that transaction's answer waited for a long look.)
+KICK_DEFER_BULK_BYTES_PER_S = 125_000_000
 #: Looks at an empty tx ring before the worker asks for kicks and sleeps.
 KICK_DEFER_ROUNDS = 4
 #: A tx batch of at least this many chains starts the deferral: a stream, not
@@ -391,6 +410,13 @@ class Worker:
         self.rx_no_buffer = 0
         # Deferred kicks: a tx burst was seen (defer_ok); empty rounds so far.
         self.defer_s = spec.kick_defer_us / 1e6
+        self.short_s = min(self.defer_s, KICK_DEFER_SHORT_US / 1e6)
+        self.look_s = self.short_s  # the next look's distance (defer())
+        # The bulk-traffic window: its start (monotonic, port bytes) and the
+        # verdict on the previous window.
+        self._window_at = 0.0
+        self._window_bytes = 0
+        self._bulk = False
         self.poll_s = spec.poll_us / 1e6  # busy polling before sleeping (--poll-us)
         self.defer_ok = False
         self.deferred = 0
@@ -1068,7 +1094,7 @@ class Worker:
         if poll_s and self._spin(poll_s):
             return "spin"
         if self.defer():
-            wait_readable(self.ep.fileno(), self.defer_s)
+            wait_readable(self.ep.fileno(), self.look_s)
             self._handle_ready()
             return "defer"
         if self.arm():
@@ -1118,7 +1144,25 @@ class Worker:
         if self.deferred:
             self.flush_tx_signal()  # the guest may be waiting for them
         self.deferred += 1
+        # Long looks only while bulk traffic flows: a frame queued meanwhile
+        # waits for the look, which a stream does not notice and a peer
+        # waiting for an answer does.
+        self.look_s = self.defer_s if self.bulk_traffic() else self.short_s
         return True
+
+    def bulk_traffic(self) -> bool:
+        """Whether the pair moves :data:`KICK_DEFER_BULK_BYTES_PER_S` or more,
+        judged over windows of at least ``kick_defer_us``: the current window
+        once it has moved that much, else the previous window's verdict."""
+        now = time.monotonic()
+        port = self.port
+        moved = port.rx_bytes + port.tx_bytes - self._window_bytes
+        elapsed = now - self._window_at
+        if elapsed >= self.defer_s:  # the window is over: judge it, start the next
+            self._bulk = moved >= KICK_DEFER_BULK_BYTES_PER_S * elapsed
+            self._window_at, self._window_bytes = now, moved + self._window_bytes
+            return self._bulk
+        return self._bulk or moved >= KICK_DEFER_BULK_BYTES_PER_S * self.defer_s
 
     def arm(self) -> bool:
         """Going to sleep: signal pending tx completions, ask for kicks, then
@@ -1279,7 +1323,7 @@ class WorkerGroup:
             return "spin"
         deferring = [w for w in live if w.defer()]
         if deferring:
-            wait_readable(outer.fileno(), min(w.defer_s for w in deferring))
+            wait_readable(outer.fileno(), min(w.look_s for w in deferring))
             return "defer"
         if self._arm_all():
             return "rearm"
