@@ -235,13 +235,16 @@ def booted_on(
     queues: int,
     device_extra: str = "",
     kick_defer_us: int | None = None,
+    poll_us: int = 0,
 ) -> Iterator[tuple[Guest, Serve | None]]:
     """The bench guest booted on ``backend`` in ``ns``: ``virtnet`` (serve on a
     tap in ``ns``, its files in ``workdir``) or ``qemu`` (QEMU's own tap, moved
     into ``ns``); yields the guest and the serve (None for QEMU's tap)."""
     tap = unique_name("vntap")
     if backend == "virtnet":
-        with serve_on_tap(ns, tap, workdir, queues=queues, kick_defer_us=kick_defer_us) as serve:
+        with serve_on_tap(
+            ns, tap, workdir, queues=queues, kick_defer_us=kick_defer_us, poll_us=poll_us
+        ) as serve:
             netdev = vhost_user_netdev_args(serve.socket, queues=queues, device_extra=device_extra)
             with _booted(netdev, vcpus=vcpus, queues=queues, after_boot=lambda: None) as g:
                 yield g, serve

@@ -35,17 +35,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from guest_runs import serve_on_tap
-from guest_tap_baseline import GUEST_CIDR, HOST_IP, can_boot, comma_ints
+from guest_cpu import booted_on
+from guest_tap_baseline import GUEST_CIDR, can_boot, comma_ints
 
-from virtnet.testing.guest import Guest, tap_netdev_args, vhost_user_netdev_args
-from virtnet.testing.netns import NetNS, unique_name
+from virtnet.testing.netns import NetNS
 
 GUEST_IP = GUEST_CIDR.split("/")[0]
 #: Largest echo payload: an IPv4 datagram is at most 65535 bytes (RFC 791)
@@ -106,54 +105,23 @@ class Plan:
     poll_us: int = 0
 
 
-def measure(
-    netdev_args: Sequence[str],
-    ns: NetNS,
-    plan: Plan,
-    after_boot: Callable[[Guest], None] | None = None,
-) -> list[RRFigure]:
-    """Boot the guest on ``netdev_args`` and measure every (size, sessions) cell."""
-    with Guest(netdev_args, ip=GUEST_CIDR, smp=plan.vcpus, memory_mb=512) as guest:
-        if after_boot is not None:
-            after_boot(guest)
-        guest.set_channels(plan.queues)
-        if not guest.ping(HOST_IP, count=2):
-            raise RuntimeError(f"guest cannot ping {HOST_IP}:\n{guest.console_tail()}")
+def measure(backend: str, plan: Plan, kick_defer_us: int | None = None) -> list[RRFigure]:
+    """Boot the guest on ``backend`` (``virtnet``: serve on a tap with
+    ``kick_defer_us``; ``qemu``: QEMU's own tap) and measure every (size,
+    sessions) cell."""
+    with (
+        tempfile.TemporaryDirectory(prefix="vnguestrr-") as d,
+        NetNS() as ns,
+        booted_on(
+            backend, ns, Path(d), vcpus=plan.vcpus, queues=plan.queues,
+            kick_defer_us=kick_defer_us, poll_us=plan.poll_us,
+        ),
+    ):  # fmt: skip
         return [
             rr_sessions(ns, sessions=n, size=size, seconds=plan.seconds)
             for size in plan.sizes
             for n in plan.sessions
         ]
-
-
-def virtnet_rr(plan: Plan, kick_defer_us: int) -> list[RRFigure]:
-    """The guest on ``virtnet serve --port tap --kick-defer-us kick_defer_us``."""
-    tap = unique_name("vntap")
-    with (
-        tempfile.TemporaryDirectory(prefix="vnguestrr-") as d,
-        NetNS() as ns,
-        serve_on_tap(
-            ns,
-            tap,
-            Path(d),
-            queues=plan.queues,
-            kick_defer_us=kick_defer_us,
-            poll_us=plan.poll_us,
-        ) as serve,
-    ):
-        return measure(vhost_user_netdev_args(serve.socket, queues=plan.queues), ns, plan)
-
-
-def qemu_tap_rr(plan: Plan) -> list[RRFigure]:
-    """The peer: QEMU's own tap backend, ``vhost=off``."""
-    tap = unique_name("vntap")
-    with NetNS() as ns:
-
-        def plug(_guest: Guest) -> None:
-            ns.move_link(tap)
-            ns.set_address(tap, f"{HOST_IP}/24")
-
-        return measure(tap_netdev_args(tap, queues=plan.queues), ns, plan, plug)
 
 
 def _median(runs: Sequence[list[RRFigure]]) -> list[RRFigure]:
@@ -223,9 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: dict[str, list[list[RRFigure]]] = {}
     for rep in range(max(1, args.repeat)):
         for us in args.kick_defer_us:
-            runs.setdefault(f"virtnet defer {us} us", []).append(virtnet_rr(plan, us))
+            runs.setdefault(f"virtnet defer {us} us", []).append(measure("virtnet", plan, us))
             print(f"boot {rep + 1}: virtnet defer {us} us done", flush=True)
-        runs.setdefault("qemu tap", []).append(qemu_tap_rr(plan))
+        runs.setdefault("qemu tap", []).append(measure("qemu", plan))
         print(f"boot {rep + 1}: qemu tap done", flush=True)
     med = {name: _median(r) for name, r in runs.items()}
     peer = med["qemu tap"]
