@@ -19,7 +19,11 @@ Backends, each on a fresh boot of the same guest (TCG, ``--vcpus``, 512 MB):
   peer, measured in the same run).
 
 Printed per (size, sessions): transactions per second (completed echoes, all
-sessions together), the mean round trip, and the ratio to the peer.
+sessions together), the mean round trip, the ratio to the peer and, with
+several queue pairs, each guest rx and tx queue's share of the frames
+(``ethtool -S``).  The sessions do not spread over the pairs: the host's tap
+picks the rx queue by a flow hash that, for ICMP, covers the addresses only,
+and the guest answers on the tx queue of the vCPU that took the request.
 
 Run as root: ``python bench/guest_rr.py [--kick-defer-us 0,50,400] [--sessions 1,4,16]
 [--sizes 56,4000] [--duration 4] [--queues 1] [--vcpus 2] [--poll-us U] [--repeat N]
@@ -29,6 +33,7 @@ Run as root: ``python bench/guest_rr.py [--kick-defer-us 0,50,400] [--sessions 1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import statistics
@@ -44,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from guest_cpu import booted_on
 from guest_tap_baseline import GUEST_CIDR, can_boot, comma_ints
 
+from virtnet.testing.guest import queue_deltas
 from virtnet.testing.netns import NetNS
 
 GUEST_IP = GUEST_CIDR.split("/")[0]
@@ -56,12 +62,21 @@ _RTT = re.compile(r"rtt min/avg/max/mdev = [\d.]+/([\d.]+)/")
 
 @dataclass(frozen=True)
 class RRFigure:
-    """One (payload size, sessions) cell: completed echoes per second, mean round trip."""
+    """One (payload size, sessions) cell: completed echoes per second, mean
+    round trip, and the share of the frames each of the guest's rx and tx queues took."""
 
     size: int
     sessions: int
     rate: float
     rtt_us: float
+    rx_share: tuple[float, ...] = ()
+    tx_share: tuple[float, ...] = ()
+
+
+def shares(counts: dict[int, int]) -> tuple[float, ...]:
+    """Each queue's share of ``{queue: frames}`` (all 0 without frames)."""
+    total = sum(counts.values())
+    return tuple(counts[q] / total if total else 0.0 for q in sorted(counts))
 
 
 def parse_ping(output: str) -> tuple[int, float]:
@@ -115,13 +130,22 @@ def measure(backend: str, plan: Plan, kick_defer_us: int | None = None) -> list[
         booted_on(
             backend, ns, Path(d), vcpus=plan.vcpus, queues=plan.queues,
             kick_defer_us=kick_defer_us, poll_us=plan.poll_us,
-        ),
+        ) as (guest, _serve),
     ):  # fmt: skip
-        return [
-            rr_sessions(ns, sessions=n, size=size, seconds=plan.seconds)
-            for size in plan.sizes
-            for n in plan.sessions
-        ]
+        cells = []
+        for size in plan.sizes:
+            for n in plan.sessions:
+                before = guest.ethtool_stats()
+                fig = rr_sessions(ns, sessions=n, size=size, seconds=plan.seconds)
+                after = guest.ethtool_stats()
+                cells.append(
+                    dataclasses.replace(
+                        fig,
+                        rx_share=shares(queue_deltas(before, after, "rx")),
+                        tx_share=shares(queue_deltas(before, after, "tx")),
+                    )
+                )
+        return cells
 
 
 def _median(runs: Sequence[list[RRFigure]]) -> list[RRFigure]:
@@ -132,9 +156,20 @@ def _median(runs: Sequence[list[RRFigure]]) -> list[RRFigure]:
             cells[0].sessions,
             statistics.median(c.rate for c in cells),
             statistics.median(c.rtt_us for c in cells),
+            tuple(statistics.median(q) for q in zip(*(c.rx_share for c in cells), strict=True)),
+            tuple(statistics.median(q) for q in zip(*(c.tx_share for c in cells), strict=True)),
         )
         for cells in zip(*runs, strict=True)
     ]
+
+
+def _spread(cell: RRFigure) -> str:
+    """ " rx 50/50 tx 100/0 %" with several queues, else ""."""
+    if len(cell.rx_share) < 2:
+        return ""
+    rx = "/".join(f"{100 * x:.0f}" for x in cell.rx_share)
+    tx = "/".join(f"{100 * x:.0f}" for x in cell.tx_share)
+    return f" rx {rx} tx {tx} %"
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -208,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cells = [
             f"{med[n][i].rate:,.0f}/s {med[n][i].rtt_us:.0f} us"
             + (f" ({med[n][i].rate / p.rate:.2f})" if n != "qemu tap" and p.rate else "")
+            + _spread(med[n][i])
             for n in names
         ]
         print(f"| {p.size} | {p.sessions} | " + " | ".join(cells) + " |")

@@ -291,3 +291,9 @@ def test_guest_rr_median_is_cell_by_cell(bench_module: Callable[[str], ModuleTyp
     assert rr._median(boots) == [rr.RRFigure(56, 1, 200.0, 20.0), rr.RRFigure(56, 4, 800.0, 40.0)]
     with pytest.raises(ValueError):
         rr._median([boots[0], boots[1][:1]])
+
+
+def test_guest_rr_queue_shares(bench_module: Callable[[str], ModuleType]) -> None:
+    rr = bench_module("guest_rr")
+    assert rr.shares({1: 30, 0: 10}) == (0.25, 0.75)
+    assert rr.shares({0: 0, 1: 0}) == (0.0, 0.0)
