@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -220,6 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="boots per backend; medians printed")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
+    if args.duration < 1 or args.repeat < 1 or args.poll_us < 0:
+        ap.error("--duration and --repeat must be >= 1, --poll-us >= 0")
+    if shutil.which("ping") is None:
+        print("guest_rr.py needs iputils' ping (ping -f): apt-get install iputils-ping",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if not can_boot():
         return 2
     plan = Plan(args.sizes, args.sessions, args.duration, args.queues, args.vcpus, args.poll_us)
