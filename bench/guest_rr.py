@@ -48,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from guest_cpu import booted_on
-from guest_tap_baseline import GUEST_CIDR, can_boot, comma_ints
+from guest_tap_baseline import GUEST_CIDR, can_boot, int_list_arg
 
 from virtnet.testing.guest import queue_deltas
 from virtnet.testing.netns import NetNS
@@ -157,11 +157,16 @@ def _median(runs: Sequence[list[RRFigure]]) -> list[RRFigure]:
             cells[0].sessions,
             statistics.median(c.rate for c in cells),
             statistics.median(c.rtt_us for c in cells),
-            tuple(statistics.median(q) for q in zip(*(c.rx_share for c in cells), strict=True)),
-            tuple(statistics.median(q) for q in zip(*(c.tx_share for c in cells), strict=True)),
+            _median_shares([c.rx_share for c in cells]),
+            _median_shares([c.tx_share for c in cells]),
         )
         for cells in zip(*runs, strict=True)
     ]
+
+
+def _median_shares(shares_by_boot: Sequence[tuple[float, ...]]) -> tuple[float, ...]:
+    """Queue by queue median of the boots' shares."""
+    return tuple(statistics.median(q) for q in zip(*shares_by_boot, strict=True))
 
 
 def _spread(cell: RRFigure) -> str:
@@ -173,25 +178,9 @@ def _spread(cell: RRFigure) -> str:
     return f" rx {rx} tx {tx} %"
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    sizes = tuple(comma_ints(text))
-    if not sizes or any(not 0 <= s <= MAX_PAYLOAD for s in sizes):
-        raise argparse.ArgumentTypeError(f"sizes must be 0..{MAX_PAYLOAD}: {text!r}")
-    return sizes
-
-
-def _positive(text: str) -> tuple[int, ...]:
-    values = tuple(comma_ints(text))
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"need positive integers: {text!r}")
-    return values
-
-
-def _defers(text: str) -> tuple[int, ...]:
-    values = tuple(comma_ints(text))
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"need microseconds >= 0: {text!r}")
-    return values
+_sizes = int_list_arg("sizes", 0, MAX_PAYLOAD)
+_positive = int_list_arg("values", 1)
+_defers = int_list_arg("microseconds", 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,7 +39,7 @@ from guest_tap_baseline import (
     GuestNetFigures,
     add_run_arguments,
     can_boot,
-    comma_ints,
+    int_list_arg,
     measure_guest_network,
     median_figures,
     tap_baseline,
@@ -151,19 +151,8 @@ _ROWS = (
 )
 
 
-def _counts(text: str, lo: int) -> list[int]:
-    counts = comma_ints(text)
-    if not counts or any(not lo <= q <= MAX_QUEUE_PAIRS for q in counts):
-        raise argparse.ArgumentTypeError(f"counts must be {lo}..{MAX_QUEUE_PAIRS}: {text!r}")
-    return counts
-
-
-def _queue_counts(text: str) -> list[int]:
-    return _counts(text, 1)
-
-
-def _worker_counts(text: str) -> list[int]:
-    return _counts(text, 0)
+_queue_counts = int_list_arg("counts", 1, MAX_QUEUE_PAIRS)
+_worker_counts = int_list_arg("counts", 0, MAX_QUEUE_PAIRS)
 
 
 def _cell(value: float, unit: str) -> str:

@@ -334,12 +334,27 @@ def comma_ints(text: str) -> list[int]:
         ) from None
 
 
-def udp_rates_arg(text: str) -> tuple[int, ...]:
-    """``--udp-rates``: comma-separated offered loads in pps ("" for no ladder)."""
-    rates = tuple(comma_ints(text))
-    if any(r <= 0 for r in rates):
-        raise argparse.ArgumentTypeError(f"rates must be positive packets per second: {text!r}")
-    return rates
+def int_list_arg(
+    what: str, lo: int, hi: int | None = None, *, empty_ok: bool = False
+) -> Callable[[str], tuple[int, ...]]:
+    """An argparse ``type``: a comma-separated list (:func:`comma_ints`) of
+    integers in ``lo..hi`` (no upper bound when ``hi`` is None), empty only
+    with ``empty_ok``; ``what`` names them in the error."""
+    bounds = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+
+    def parse(text: str) -> tuple[int, ...]:
+        values = tuple(comma_ints(text))
+        if (not values and not empty_ok) or any(
+            v < lo or (hi is not None and v > hi) for v in values
+        ):
+            raise argparse.ArgumentTypeError(f"{what} must be {bounds}: {text!r}")
+        return values
+
+    return parse
+
+
+#: ``--udp-rates``: comma-separated offered loads in pps ("" for no ladder).
+udp_rates_arg = int_list_arg("rates (packets per second)", 1, empty_ok=True)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
