@@ -1156,11 +1156,12 @@ class Worker:
         once it has moved that much, else the previous window's verdict."""
         now = time.monotonic()
         port = self.port
-        moved = port.rx_bytes + port.tx_bytes - self._window_bytes
+        total = port.rx_bytes + port.tx_bytes
+        moved = total - self._window_bytes
         elapsed = now - self._window_at
         if elapsed >= self.defer_s:  # the window is over: judge it, start the next
             self._bulk = moved >= KICK_DEFER_BULK_BYTES_PER_S * elapsed
-            self._window_at, self._window_bytes = now, moved + self._window_bytes
+            self._window_at, self._window_bytes = now, total
             return self._bulk
         return self._bulk or moved >= KICK_DEFER_BULK_BYTES_PER_S * self.defer_s
 
