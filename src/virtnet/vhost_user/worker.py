@@ -411,7 +411,6 @@ class Worker:
         # Deferred kicks: a tx burst was seen (defer_ok); empty rounds so far.
         self.defer_s = spec.kick_defer_us / 1e6
         self.short_s = min(self.defer_s, KICK_DEFER_SHORT_US / 1e6)
-        self.look_s = self.short_s  # the next look's distance (defer())
         # The bulk-traffic window: its start (monotonic, port bytes) and the
         # verdict on the previous window.
         self._window_at = 0.0
@@ -1093,8 +1092,9 @@ class Worker:
         poll_s = self.poll_s
         if poll_s and self._spin(poll_s):
             return "spin"
-        if self.defer():
-            wait_readable(self.ep.fileno(), self.look_s)
+        look = self.defer()
+        if look is not None:
+            wait_readable(self.ep.fileno(), look)
             self._handle_ready()
             return "defer"
         if self.arm():
@@ -1135,20 +1135,19 @@ class Worker:
         if not self._handle_events(events):
             self.done = True
 
-    def defer(self) -> bool:
-        """Idle after a tx burst: True to look at the tx ring again in
-        ``defer_s`` (kicks still off) instead of arming; signals the pending
+    def defer(self) -> float | None:
+        """Idle after a tx burst: the seconds until the next look at the tx
+        ring (kicks still off), or None to arm instead; signals the pending
         tx completions once the ring stayed empty for a whole round."""
         if not self.defer_ok or self.deferred >= KICK_DEFER_ROUNDS:
-            return False
+            return None
         if self.deferred:
             self.flush_tx_signal()  # the guest may be waiting for them
         self.deferred += 1
         # Long looks only while bulk traffic flows: a frame queued meanwhile
         # waits for the look, which a stream does not notice and a peer
         # waiting for an answer does.
-        self.look_s = self.defer_s if self.bulk_traffic() else self.short_s
-        return True
+        return self.defer_s if self.bulk_traffic() else self.short_s
 
     def bulk_traffic(self) -> bool:
         """Whether the pair moves :data:`KICK_DEFER_BULK_BYTES_PER_S` or more,
@@ -1322,9 +1321,9 @@ class WorkerGroup:
             return "work"
         if self.poll_s and self._spin(self.poll_s):
             return "spin"
-        deferring = [w for w in live if w.defer()]
-        if deferring:
-            wait_readable(outer.fileno(), min(w.look_s for w in deferring))
+        looks = [look for look in (w.defer() for w in live) if look is not None]
+        if looks:
+            wait_readable(outer.fileno(), min(looks))
             return "defer"
         if self._arm_all():
             return "rearm"
