@@ -161,6 +161,89 @@ def test_any_snapshot_round_trips_through_the_exposition(vms: dict[str, list[Any
                 assert got[(f"{metric}_total", labels)] == float(row[key])
 
 
+_SWITCH = {
+    "frames_in": 9,
+    "frames_out": 5,
+    "flooded": 1,
+    "filtered": 0,
+    "dropped_full": 3,
+    "dropped_unknown_vm": 0,
+    "dropped_bad_frame": 1,
+    "dropped_vlan": 0,
+    "dropped_offload": 0,
+    "dropped_no_queue": 0,
+    "mac_evictions": 0,
+    "flow_evictions": 2,
+    "control_errors": 0,
+    "uplinks": [{"name": "up0", "dropped": {"to_guest": 4, "from_guest": 0}}],
+}
+
+
+def test_the_drops_no_worker_sees_tap_and_switch() -> None:
+    """A VM's tap drops (the kernel's) and the switch's counters by reason; a
+    tap not found reports no sample rather than a zero."""
+    doc = copy.deepcopy(SNAPSHOT)
+    doc["vms"][0]["tap"] = {"name": "vn0", "dropped": {"to_guest": 31337, "from_guest": 2}}
+    doc["vms"][1]["tap"] = {"name": "vn1", "dropped": None}
+    doc["switch"] = copy.deepcopy(_SWITCH)
+    got = scrape(doc)
+    tap = "virtnet_tap_dropped_total"
+    assert got[(tap, (("direction", "to_guest"), ("tap", "vn0"), ("vm", "vm1.sock")))] == 31337
+    assert got[(tap, (("direction", "from_guest"), ("tap", "vn0"), ("vm", "vm1.sock")))] == 2
+    assert not any(name == tap and ("tap", "vn1") in labels for name, labels in got)
+    assert got[(tap, (("direction", "to_guest"), ("tap", "up0"), ("vm", "uplink")))] == 4
+    assert got[("virtnet_switch_up", ())] == 1
+    assert got[("virtnet_switch_frames_total", (("direction", "in"),))] == 9
+    assert got[("virtnet_switch_dropped_total", (("reason", "full"),))] == 3
+    assert got[("virtnet_switch_dropped_total", (("reason", "bad_frame"),))] == 1
+    assert got[("virtnet_switch_evictions_total", (("table", "flow"),))] == 2
+    # A switch that did not answer: down, and none of its counters.
+    doc["switch"] = {"error": "switch process did not answer: timed out", "uplinks": []}
+    got = scrape(doc)
+    assert got[("virtnet_switch_up", ())] == 0
+    assert not any(name.startswith("virtnet_switch_frames") for name, _ in got)
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("switch",), "up"),
+        (("switch", "dropped_full"), -1),
+        (("switch", "uplinks"), "up0"),
+        (("switch", "uplinks", 0, "dropped"), [4, 0]),
+        (("vms", 0, "tap"), {"dropped": None}),
+        (("vms", 0, "tap", "dropped", "to_guest"), "7"),
+    ],
+)
+def test_malformed_tap_or_switch_entries_fail_the_scrape(path: tuple[Any, ...], value: Any) -> None:
+    doc = copy.deepcopy(SNAPSHOT)
+    doc["vms"][0]["tap"] = {"name": "vn0", "dropped": {"to_guest": 1, "from_guest": 0}}
+    doc["switch"] = copy.deepcopy(_SWITCH)
+    node: Any = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    assert scrape(doc) == {("virtnet_up", ()): 0}
+
+
+def test_stats_table_shows_tap_and_switch_drops() -> None:
+    from rich.console import Console
+
+    from virtnet.vhost_user.stats import render
+
+    doc = copy.deepcopy(SNAPSHOT)
+    doc["vms"][0]["tap"] = {"name": "vn0", "dropped": {"to_guest": 31337, "from_guest": 2}}
+    doc["vms"][1] |= {"socket": "/run/vm2.sock", "tap": {"name": "vn1", "dropped": None}}
+    doc["switch"] = copy.deepcopy(_SWITCH)
+    console = Console(width=200, record=True)
+    console.print(render(doc))
+    text = " ".join(console.export_text().split())
+    assert "tap vn0: the kernel dropped 31337 frames to the guest, 2 from it" in text
+    assert "tap vn1: not found in this network namespace" in text
+    assert "drop full" in text and "flow evictions 2" in text
+    assert "tap up0: the kernel dropped 4 frames to the guest" in text
+
+
 def test_stats_table_says_a_vm_is_migrating() -> None:
     """``virtnet stats`` titles a migrating VM's table with the dirty log's size."""
     from rich.console import Console

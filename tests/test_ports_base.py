@@ -135,3 +135,36 @@ def test_socket_queue_peer_closed() -> None:
     assert q.tx_dropped == 1
     q.close()
     q.close()  # idempotent
+
+
+_PROC_NET_DEV = (  # the shape of /proc/net/dev (header lines shortened)
+    "Inter-|   Receive                      |  Transmit\n"
+    " face |bytes    packets errs drop ...  |bytes    packets errs drop ...\n"
+    "    lo: 740 10 0 0 0 0 0 0 740 10 0 0 0 0 0 0\n"
+    "   vn0: 1234567     890    0    7    0     0          0         0"
+    " 98765432   43210    0 31337    0     0       0          0\n"
+    "vnlong:12345678901234 5 0 1 0 0 0 0 6 7 0 2 0 0 0 0\n"
+    "  bad0: 1 2 3\n"
+    "  neg0: 1 2 3 -4 5 6 7 8 9 10 11 12 13 14 15 16\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("ifname", "want"),
+    [
+        ("vn0", (7, 31337)),
+        ("vnlong", (1, 2)),  # no space after the colon once the counter is wide
+        ("lo", (0, 0)),
+        ("vn", None),  # a prefix of a name is not that name
+        ("bad0", None),  # not 16 counters
+        ("neg0", None),
+        ("face", None),  # the header is not an interface
+        ("absent", None),
+    ],
+)
+def test_netdev_drops_reads_rx_and_tx_drop_columns(
+    ifname: str, want: tuple[int, int] | None
+) -> None:
+    from virtnet.ports.tap import netdev_drops
+
+    assert netdev_drops(ifname, _PROC_NET_DEV) == want

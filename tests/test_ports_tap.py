@@ -466,6 +466,43 @@ def test_switch_process_with_uplink_spec(netns: str) -> None:
     assert frame[:6] == GUEST and struct.unpack("!H", frame[20:22])[0] == 2
 
 
+def test_the_kernels_drops_on_a_tap_are_read_from_its_namespace(netns: str) -> None:
+    """Frames the host sends while nobody reads the tap queue overflow its
+    txqueuelen-frame ring; the kernel counts them, and ``host_drops`` finds
+    them in the reading process's namespace: sent = queued + dropped."""
+    ring, sent = 16, 40
+
+    def body() -> tuple[dict[str, int] | None, int, dict[str, int] | None]:
+        port = quiet_tap("vd0")
+        try:
+            _ip("link", "set", "vd0", "txqueuelen", str(ring))
+            before = port.host_drops()
+            with contextlib.closing(packet_socket("vd0")) as ps:
+                frame = GUEST + PEER + b"\x08\x00" + bytes(50)
+                for _ in range(sent):
+                    ps.send(frame)
+            after = port.host_drops()
+            fd = port.queue(0).fileno()
+            assert fd is not None
+            queued = 0
+            buf = bytearray(2048)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.readv(fd, [buf])
+                    queued += 1
+            assert before is not None and after is not None
+            return before, queued, {k: after[k] - before[k] for k in after}
+        finally:
+            port.close()
+
+    before, queued, delta = in_netns(netns, body)
+    assert before == {"to_guest": 0, "from_guest": 0}
+    assert queued == ring
+    assert delta == {"to_guest": sent - ring, "from_guest": 0}
+    # Not in this namespace: no such interface here.
+    assert TapPort("vd0").host_drops() is None
+
+
 # -- the worker's receive path from a real tap ------------------------------
 
 

@@ -24,6 +24,7 @@ from virtnet.testing.guest import Guest, queue_deltas, vhost_user_netdev_args, w
 from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import stop_process
 from virtnet.testing.serve import ServedGuest, check_serve_restart, start_tap_serve
+from virtnet.vhost_user.stats import fetch
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
 
@@ -115,6 +116,11 @@ def test_iperf3_tcp_all_queues_used(setup: ServedGuest) -> None:
         assert s1[q]["rx_packets"] > s0[q]["rx_packets"], (q, s0, s1)
         assert s1[q]["tx_packets"] > s0[q]["tx_packets"], (q, s0, s1)
         assert s1[q]["errors"] == 0
+    # serve reads the kernel's drops on its tap in the namespace it runs in.
+    tap = fetch(str(setup.stats))["vms"][0]["tap"]
+    assert tap["name"] == setup.tap, tap
+    assert set(tap["dropped"]) == {"to_guest", "from_guest"}, tap
+    assert all(isinstance(v, int) and v >= 0 for v in tap["dropped"].values()), tap
 
 
 def test_rx_follows_tx_per_flow(setup: ServedGuest) -> None:

@@ -193,6 +193,46 @@ def test_stats_cli(serve: tuple[Path, Path, Path, subprocess.Popen[bytes]]) -> N
         assert "vm.sock" in out and "rx pkts" in out
 
 
+def test_stats_show_the_switch_drops_no_worker_sees(tmp_path: Path) -> None:
+    """With the switch port, the stats document, ``virtnet stats`` and the
+    Prometheus exporter report the switch process's own counters: a frame
+    with a multicast source is dropped there (counted as a bad frame), after
+    the worker had passed it on as sent."""
+    from virtnet.vhost_user.metrics import ServeCollector
+
+    sock, stats, _ = _paths(tmp_path)
+    bad = b"\xff" * 6 + b"\x01\x00\x5e\x00\x00\x01" + b"\x08\x00" + bytes(46)
+    good = b"\xff" * 6 + MAC_A + b"\x08\x00" + bytes(46)
+    with (
+        _serving(tmp_path, "--port", "switch", "--queues", "1"),
+        VhostUserFrontend(sock, queue_pairs=1, mac=MAC_A) as fe,
+    ):
+        assert fe.send([bad, bad, good]) == 3
+        assert wait_for(lambda: fetch(str(stats))["switch"].get("frames_in") == 3, timeout=10)
+        doc = fetch(str(stats))
+        sw = doc["switch"]
+        assert sw["dropped_bad_frame"] == 2 and sw["flooded"] == 1, sw
+        assert sw["uplinks"] == [] and "ports" not in sw
+        assert doc["vms"][0]["pairs"][0]["tx_packets"] == 3  # the worker sent all three
+        out = subprocess.run(
+            [sys.executable, "-m", "virtnet.cli", "stats", "--stats-socket", str(stats)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+            env={**os.environ, "COLUMNS": "200"},
+        ).stdout
+        assert "switch" in out and "drop bad" in out
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in ServeCollector(lambda: doc).collect()
+            for s in fam.samples
+        }
+        assert samples[("virtnet_switch_up", ())] == 1
+        assert samples[("virtnet_switch_dropped_total", (("reason", "bad_frame"),))] == 2
+        assert samples[("virtnet_switch_frames_total", (("direction", "in"),))] == 3
+
+
 def test_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="template"):
         Daemon([str(tmp_path / "a"), str(tmp_path / "b")], port="tap:vnx0")

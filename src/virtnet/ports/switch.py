@@ -733,6 +733,11 @@ class SwitchPort:
         self._uplinks.append(tap)
         return tap
 
+    @property
+    def uplinks(self) -> tuple[TapPort, ...]:
+        """The taps joined with :meth:`add_uplink`."""
+        return tuple(self._uplinks)
+
     def set_active_pairs(self, vm_id: str, n: int) -> None:
         self._send({"op": "active", "vm": vm_id, "n": n})
 

@@ -19,6 +19,13 @@ Invariants:
   disabled pair so no rx is steered to it.
 * Offloads are off until :meth:`TapPort.set_offloads` turns on what the guest
   negotiated; TSO needs CSUM (the kernel ignores TSO without it).
+* Frames the kernel drops on the tap itself are counted by the kernel, not by
+  a worker: to the guest when a queue's ring (``txqueuelen`` frames) is full
+  because nothing reads it -- typically a guest that posts no rx buffers --
+  and from the guest when the kernel refuses a written frame.
+  :meth:`TapPort.host_drops` reads both from ``/proc/net/dev``, which shows
+  the reading process's network namespace (``/sys/class/net`` shows the one
+  sysfs was mounted in).
 """
 
 from __future__ import annotations
@@ -39,9 +46,12 @@ __all__ = [
     "IFF_NO_PI",
     "IFF_TAP",
     "IFF_VNET_HDR",
+    "MAX_NETDEV_BYTES",
     "MAX_TAP_QUEUES",
+    "NETDEV_STATS",
     "TapPort",
     "TapQueue",
+    "netdev_drops",
 ]
 
 TUN_PATH = "/dev/net/tun"
@@ -99,6 +109,29 @@ _OFFLOAD_BITS = {
 }
 
 _WANT_FLAGS = IFF_TAP | IFF_MULTI_QUEUE | IFF_VNET_HDR | IFF_NO_PI
+
+#: Per-interface counters of the reading process's namespace (net/core/net-procfs.c:
+#: "face |bytes packets errs drop fifo frame compressed multicast|bytes packets
+#: errs drop fifo colls carrier compressed").
+NETDEV_STATS = "/proc/net/dev"
+_NETDEV_FIELDS = 16
+_RX_DROP, _TX_DROP = 3, 11
+#: Bytes of ``/proc/net/dev`` read at most (about 200 bytes per interface).
+MAX_NETDEV_BYTES = 4 << 20
+
+
+def netdev_drops(ifname: str, text: str) -> tuple[int, int] | None:
+    """``(rx drop, tx drop)`` of ``ifname`` in a ``/proc/net/dev`` text, or
+    None when the interface is not listed or its line is not 16 counters."""
+    for line in text.splitlines()[2:]:
+        name, sep, rest = line.partition(":")
+        if not sep or name.strip() != ifname:
+            continue
+        fields = rest.split()
+        if len(fields) != _NETDEV_FIELDS or not all(f.isdigit() for f in fields):
+            return None
+        return int(fields[_RX_DROP]), int(fields[_TX_DROP])
+    return None
 
 
 def _check_ifname(ifname: str) -> bytes:
@@ -225,6 +258,21 @@ class TapPort:
         except OSError as exc:
             raise UsageError(f"TUNSETQUEUE on {self.ifname!r} pair {pair}: {exc}") from exc
         q.attached = enabled
+
+    def host_drops(self, path: str = NETDEV_STATS) -> dict[str, int] | None:
+        """The kernel's drops on this tap, named from the guest's side:
+        ``to_guest`` (the tap's transmit drops: frames the host sent while
+        the queue was full) and ``from_guest`` (its receive drops: written
+        frames the kernel refused); None when the interface is not there."""
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                text = f.read(MAX_NETDEV_BYTES)
+        except OSError:
+            return None
+        drops = netdev_drops(self.ifname, text)
+        if drops is None:
+            return None
+        return {"to_guest": drops[1], "from_guest": drops[0]}
 
     def set_up(self, up: bool = True) -> None:
         """Set or clear IFF_UP on the interface."""

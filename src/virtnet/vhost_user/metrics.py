@@ -17,7 +17,16 @@ Metrics (labels ``vm`` -- the socket's name -- and ``pair``):
   ``virtnet_rx_bytes_total``, ``virtnet_rx_dropped_total``,
   ``virtnet_rx_no_buffer_total``, ``virtnet_tx_packets_total``,
   ``virtnet_tx_bytes_total``, ``virtnet_tx_dropped_total``,
-  ``virtnet_errors_total``, ``virtnet_kicks_total``, ``virtnet_calls_total``.
+  ``virtnet_errors_total``, ``virtnet_kicks_total``, ``virtnet_calls_total``;
+* the drops no worker sees: ``virtnet_tap_dropped_total`` (labels ``vm``,
+  ``tap``, ``direction`` ``to_guest``/``from_guest``: the kernel's drops on a
+  VM's tap, or on a switch uplink with ``vm`` ``uplink``) and, with the
+  switch port, ``virtnet_switch_up``, ``virtnet_switch_frames_total``
+  (``direction`` ``in``/``out``), ``virtnet_switch_flooded_total``,
+  ``virtnet_switch_filtered_total``, ``virtnet_switch_dropped_total``
+  (``reason``: full, unknown_vm, bad_frame, vlan, offload, no_queue),
+  ``virtnet_switch_evictions_total`` (``table`` mac/flow) and
+  ``virtnet_switch_control_errors_total``.
 
 Invariant: the snapshot is checked before anything is reported (a mapping
 with a ``vms`` list of at most :data:`MAX_VMS` uniquely named VMs, each with at most
@@ -44,6 +53,7 @@ from virtnet.vhost_user.backend import MAX_QUEUE_PAIRS
 __all__ = [
     "COUNTERS",
     "MAX_VMS",
+    "SWITCH_DROPS",
     "ServeCollector",
     "parse_listen",
     "serve_metrics",
@@ -70,6 +80,16 @@ COUNTERS: dict[str, tuple[str, str]] = {
 }
 
 _LABELS = ["vm", "pair"]
+
+#: switch drop counter -> ``reason`` label of virtnet_switch_dropped_total
+SWITCH_DROPS = {
+    "dropped_full": "full",
+    "dropped_unknown_vm": "unknown_vm",
+    "dropped_bad_frame": "bad_frame",
+    "dropped_vlan": "vlan",
+    "dropped_offload": "offload",
+    "dropped_no_queue": "no_queue",
+}
 
 
 class SnapshotError(ValueError):
@@ -163,7 +183,82 @@ class ServeCollector(Collector):
                 restarts.add_metric(labels, _count(row, "restarts"))
                 for key, fam in per_pair.items():
                     fam.add_metric(labels, _count(row, key))
-        return [connected, conns, errs, migrating, enabled, restarts, *per_pair.values()]
+        taps = CounterMetricFamily(
+            "virtnet_tap_dropped",
+            "Frames the kernel dropped on a tap (to_guest: its queue was full).",
+            labels=["vm", "tap", "direction"],
+        )
+        for vm in vms:
+            if "tap" in vm:
+                _add_tap(taps, vm["name"], vm["tap"])
+        families: list[Metric] = [
+            connected,
+            conns,
+            errs,
+            migrating,
+            enabled,
+            restarts,
+            *per_pair.values(),
+        ]
+        sw = doc.get("switch")
+        if sw is not None:
+            families += _switch_families(sw, taps)
+        families.append(taps)
+        return families
+
+
+def _add_tap(fam: CounterMetricFamily, vm: str, tap: Any) -> None:
+    """A snapshot's ``tap`` entry ({name, dropped: {to_guest, from_guest} or None})."""
+    if not isinstance(tap, dict) or not isinstance(tap.get("name"), str):
+        raise SnapshotError(f"VM {vm!r}: a tap entry without a name")
+    dropped = tap.get("dropped")
+    if dropped is None:  # the tap is not there (yet): no sample, not a zero
+        return
+    if not isinstance(dropped, dict):
+        raise SnapshotError(f"VM {vm!r}: tap drops are not an object")
+    for direction in ("to_guest", "from_guest"):
+        fam.add_metric([vm, tap["name"], direction], _count(dropped, direction))
+
+
+def _switch_families(sw: Any, taps: CounterMetricFamily) -> list[Metric]:
+    """The switch process's counters; its uplinks' drops go to ``taps``."""
+    if not isinstance(sw, dict):
+        raise SnapshotError("'switch' is not an object")
+    up = GaugeMetricFamily("virtnet_switch_up", "1 when the switch process answered.")
+    up.add_metric([], 0 if "error" in sw else 1)
+    if "error" in sw:
+        return [up]
+    frames = CounterMetricFamily(
+        "virtnet_switch_frames", "Frames into / out of the switch.", labels=["direction"]
+    )
+    frames.add_metric(["in"], _count(sw, "frames_in"))
+    frames.add_metric(["out"], _count(sw, "frames_out"))
+    flooded = CounterMetricFamily("virtnet_switch_flooded", "Frames flooded to every member.")
+    flooded.add_metric([], _count(sw, "flooded"))
+    filtered = CounterMetricFamily(
+        "virtnet_switch_filtered", "Unicast frames for their own source, not sent back."
+    )
+    filtered.add_metric([], _count(sw, "filtered"))
+    dropped = CounterMetricFamily(
+        "virtnet_switch_dropped", "Frames the switch dropped, by reason.", labels=["reason"]
+    )
+    for key, reason in SWITCH_DROPS.items():
+        dropped.add_metric([reason], _count(sw, key))
+    evictions = CounterMetricFamily(
+        "virtnet_switch_evictions", "Table entries evicted when full.", labels=["table"]
+    )
+    evictions.add_metric(["mac"], _count(sw, "mac_evictions"))
+    evictions.add_metric(["flow"], _count(sw, "flow_evictions"))
+    ctl = CounterMetricFamily(
+        "virtnet_switch_control_errors", "Bad control messages the switch refused."
+    )
+    ctl.add_metric([], _count(sw, "control_errors"))
+    uplinks = sw.get("uplinks", [])
+    if not isinstance(uplinks, list) or len(uplinks) > MAX_VMS:
+        raise SnapshotError("switch 'uplinks' is not a list")
+    for tap in uplinks:
+        _add_tap(taps, "uplink", tap)
+    return [up, frames, flooded, filtered, dropped, evictions, ctl]
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -26,7 +26,10 @@ Invariants:
 * SIGTERM/SIGINT end the loop; every connection is closed (which stops and
   reaps every worker), then the ports and the stats socket.
 * The stats socket (``--stats-socket``) answers each connection with one
-  JSON document (:func:`snapshot`) and closes it; it never blocks the loop.
+  JSON document (:func:`snapshot`) and closes it; it never blocks the loop
+  longer than :data:`SWITCH_STATS_TIMEOUT_S` (the switch process's answer).
+  Besides the workers' per-pair counters it carries the drops no worker
+  sees: a tap's own (the kernel's, per VM) and the switch's (per reason).
 * One worker process per enabled pair, unless ``--workers N``: at most N
   processes per VM, pair ``p`` in process ``p % N``.
 * Workers are not pinned unless ``--pin CPUS`` (worker process ``p`` -> the
@@ -67,6 +70,8 @@ from typing import Any
 
 from virtnet.errors import UsageError
 from virtnet.ports.base import Port, make_port
+from virtnet.ports.switch import SwitchPort
+from virtnet.ports.tap import TapPort
 from virtnet.sdnotify import notify
 from virtnet.vhost_user.backend import LOG_ALL, MAX_QUEUE_PAIRS, Backend, BackendConfig
 from virtnet.vhost_user.server import Endpoint, Server
@@ -88,6 +93,8 @@ DEFAULT_QUEUES = 8
 TICK_S = 0.05
 #: Client-mode redial interval (seconds).
 RETRY_S = 0.5
+#: How long a stats request waits for the switch process's counters.
+SWITCH_STATS_TIMEOUT_S = 0.5
 
 
 @dataclass
@@ -306,7 +313,30 @@ def snapshot(d: Daemon) -> dict[str, Any]:
                 "pairs": vm.vmport.snapshot(),
             }
         )
-    return {"time": time.time(), "queues": d.queues, "vms": vms}
+        if isinstance(vm.port, TapPort):
+            vms[-1]["tap"] = _tap_snapshot(vm.port)
+    doc: dict[str, Any] = {"time": time.time(), "queues": d.queues, "vms": vms}
+    if isinstance(d._shared, SwitchPort):
+        doc["switch"] = _switch_snapshot(d._shared)
+    return doc
+
+
+def _tap_snapshot(tap: TapPort) -> dict[str, Any]:
+    """A tap's name and the kernel's drops on it (``dropped`` None: not found)."""
+    return {"name": tap.ifname, "dropped": tap.host_drops()}
+
+
+def _switch_snapshot(sw: SwitchPort) -> dict[str, Any]:
+    """The switch process's counters (without its per-port ones, which the
+    workers' pairs already show) and its uplink taps; ``error`` when the
+    switch did not answer."""
+    try:
+        counters = sw.stats(timeout=SWITCH_STATS_TIMEOUT_S)
+    except UsageError as exc:
+        counters = {"error": str(exc)}
+    counters.pop("ports", None)
+    counters["uplinks"] = [_tap_snapshot(t) for t in sw.uplinks]
+    return counters
 
 
 def _cpu_list(text: str) -> tuple[int, ...]:

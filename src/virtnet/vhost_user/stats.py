@@ -21,7 +21,15 @@ from typing import Any
 
 from virtnet.errors import UsageError
 
-__all__ = ["DEFAULT_STATS_SOCKET", "add_arguments", "fetch", "render", "run"]
+__all__ = [
+    "DEFAULT_STATS_SOCKET",
+    "SWITCH_COLUMNS",
+    "add_arguments",
+    "fetch",
+    "render",
+    "run",
+    "tap_drops_text",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,35 @@ _COLUMNS = {
     "tx_dropped": "tx drop",
     "errors": "err",
 }
+
+#: switch counter -> column header (drops by reason; what the workers' pairs cannot show)
+SWITCH_COLUMNS = {
+    "frames_in": "in",
+    "frames_out": "out",
+    "flooded": "flooded",
+    "filtered": "filtered",
+    "dropped_full": "drop full",
+    "dropped_unknown_vm": "drop no VM",
+    "dropped_bad_frame": "drop bad",
+    "dropped_vlan": "drop VLAN",
+    "dropped_offload": "drop offload",
+    "dropped_no_queue": "drop no queue",
+}
+
+
+def tap_drops_text(tap: Any) -> str:
+    """``tap vn0: the kernel dropped 5 frames to the guest, 0 from it`` (or
+    that the tap is not there) for a snapshot's ``tap`` entry."""
+    if not isinstance(tap, dict):
+        return "tap: ?"
+    name = tap.get("name", "?")
+    dropped = tap.get("dropped")
+    if not isinstance(dropped, dict):
+        return f"tap {name}: not found in this network namespace"
+    return (
+        f"tap {name}: the kernel dropped {dropped.get('to_guest', '?')} frames to the guest,"
+        f" {dropped.get('from_guest', '?')} from it"
+    )
 
 
 def fetch(path: str) -> dict[str, Any]:
@@ -88,6 +125,8 @@ def render(doc: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
             title += f", {vm['errors']} error(s): {vm.get('last_error')}"
         if vm.get("migrating"):
             title += f", migrating (dirty log of {vm.get('dirty_log_bytes', 0)} bytes)"
+        if "tap" in vm:
+            title += f"; {tap_drops_text(vm['tap'])}"
         t = Table(title=title, caption=vm.get("features") or None)
         t.add_column("pair", justify="right")
         t.add_column("on")
@@ -110,7 +149,29 @@ def render(doc: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
                     cells.append(f"{(row.get(c, 0) - old.get(c, 0)) / dt:,.0f}")
             t.add_row(*cells)
         tables.append(t)
+    sw = doc.get("switch")
+    if isinstance(sw, dict):
+        tables.append(_switch_table(sw))
     return Group(*tables)
+
+
+def _switch_table(sw: dict[str, Any]) -> Any:
+    """The switch process's frame counters and drops by reason."""
+    from rich.table import Table
+
+    if "error" in sw:
+        return Table(title=f"switch: {sw['error']}")
+    notes = [
+        f"{key.replace('_', ' ')} {sw[key]}"
+        for key in ("mac_evictions", "flow_evictions", "control_errors")
+        if sw.get(key)
+    ]
+    notes += [tap_drops_text(up) for up in sw.get("uplinks") or []]
+    t = Table(title="switch", caption="; ".join(notes) or None)
+    for header in SWITCH_COLUMNS.values():
+        t.add_column(header, justify="right")
+    t.add_row(*(str(sw.get(key, 0)) for key in SWITCH_COLUMNS))
+    return t
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
