@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import json
+import select
 import socket
 import struct
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from virtnet.ports import VNET_HDR_LEN, Offload, SocketQueue, make_port
 from virtnet.ports import switch as sw_mod
 from virtnet.ports.switch import Switch, SwitchPort, flow_id, spread
 from virtnet.steering import Steering
+from virtnet.testing.guest import wait_for
 
 BCAST = b"\xff" * 6
 
@@ -357,6 +359,13 @@ def test_switch_process() -> None:
         assert bytes(buf[:n]) == f
         st = port.stats()
         assert st["frames_in"] == 1 and st["frames_out"] == 1
+        # A reply nobody waited for (an earlier call that timed out) is not
+        # taken for the answer to the next request.
+        port._send({"op": "stats"})
+        assert wait_for(lambda: bool(select.select([port._ctl], [], [], 0)[0]), timeout=5)
+        assert send(a, f)
+        assert b.sock.recv_into(buf) == len(f)
+        assert port.stats()["frames_in"] == 2
         a.close()
         b.close()
     finally:

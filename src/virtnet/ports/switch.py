@@ -752,6 +752,11 @@ class SwitchPort:
 
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """The switch's :class:`SwitchStats` as a dict."""
+        # A reply that came after an earlier call gave up waiting is stale:
+        # drop it, or every later call would be one answer behind.
+        with contextlib.suppress(OSError):
+            while self._ctl.recv(1 << 20, socket.MSG_DONTWAIT):
+                pass
         self._send({"op": "stats"})
         self._ctl.settimeout(timeout)
         try:
