@@ -233,6 +233,33 @@ def test_stats_show_the_switch_drops_no_worker_sees(tmp_path: Path) -> None:
         assert samples[("virtnet_switch_frames_total", (("direction", "in"),))] == 3
 
 
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_more_worker_processes_than_cpus_is_warned_once(tmp_path: Path, workers: str) -> None:
+    """serve on one CPU (taskset): a guest enabling 2 pairs gets a worker
+    process per pair and one warning naming --workers; with --workers 1 the
+    pairs share one process and nothing is said."""
+    sock, stats, log = _paths(tmp_path)
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            ["taskset", "-c", str(min(os.sched_getaffinity(0))), sys.executable, "-m",
+             "virtnet.cli", "serve", "--socket", str(sock), "--stats-socket", str(stats),
+             "--port", "loopback", "--queues", "2", "--workers", workers],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        assert wait_for(lambda: stats.exists() or proc.poll() is not None, timeout=20)
+        with VhostUserFrontend(sock, queue_pairs=2, mac=MAC_A) as fe:
+            for n in (2, 1, 2):
+                assert fe.set_queue_pairs(n)
+                assert wait_for(partial(_enabled_is, stats, n), timeout=10)
+            assert _echo(fe, 8, pair=1) == 8
+    finally:
+        assert stop_process(proc, timeout=30) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    warned = "2 worker processes on 1 CPUs; busy pairs will take turns on them. --workers 1"
+    assert text.count(warned) == (1 if workers == "0" else 0), text[-3000:]
+
+
 def test_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="template"):
         Daemon([str(tmp_path / "a"), str(tmp_path / "b")], port="tap:vnx0")

@@ -294,6 +294,7 @@ class Supervisor:
         # Live migration: the dirty log (SET_LOG_BASE; our own fd).
         self.log: LogSpec | None = None
         self.closed = False
+        self._warned_cpus = False  # the more-processes-than-CPUs warning, once
 
     # -- BackendEvents ----------------------------------------------------
 
@@ -521,6 +522,26 @@ class Supervisor:
                 spec.rx.last_avail_idx,
                 spec.tx.last_avail_idx,
             )
+        self._check_cpus()
+
+    def _check_cpus(self) -> None:
+        """Warn once when this VM has more worker processes than serve may use
+        CPUs: each busy pair is then a process that wakes per kick and waits
+        for a CPU, and more pairs cost instead of adding throughput
+        (docs/benchmarks.md, "Worker processes per VM")."""
+        procs = len({p.pid for p in self.workers.values()})
+        cpus = len(os.sched_getaffinity(0))
+        if procs <= cpus or self._warned_cpus:
+            return
+        self._warned_cpus = True
+        log.warning(
+            "%s: %d worker processes on %d CPUs; busy pairs will take turns on them."
+            " --workers %d serves the pairs in that many processes",
+            self.name,
+            procs,
+            cpus,
+            cpus,
+        )
 
     def _ring_spec(self, index: int) -> RingSpec:
         r = self.rings[index]
