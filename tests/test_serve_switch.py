@@ -81,3 +81,8 @@ def test_guests_iperf3_both_ways(pair: tuple[Guest, Guest, Path]) -> None:
         assert sum(p["rx_packets"] for p in vm["pairs"]) > 1000, vm
         assert sum(p["tx_packets"] for p in vm["pairs"]) > 1000, vm
         assert all(p["errors"] == 0 for p in vm["pairs"])
+    # The switch process's own counters reach the stats: both streams crossed it.
+    sw = doc["switch"]
+    assert "error" not in sw, sw
+    assert sw["frames_in"] > 1000 and sw["frames_out"] > 1000, sw
+    assert sw["dropped_bad_frame"] == sw["dropped_unknown_vm"] == 0, sw
