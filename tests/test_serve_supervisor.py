@@ -177,19 +177,24 @@ def test_queue_changes_and_clean_shutdown(
     assert "stopped" in text
 
 
+def _stats_cli(stats: Path) -> str:
+    """What ``virtnet stats`` prints for serve's stats socket (200 columns)."""
+    return subprocess.run(
+        [sys.executable, "-m", "virtnet.cli", "stats", "--stats-socket", str(stats)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
+
+
 def test_stats_cli(serve: tuple[Path, Path, Path, subprocess.Popen[bytes]]) -> None:
     sock, stats, _, _ = serve
     with VhostUserFrontend(sock, queue_pairs=2, mac=MAC_A) as fe:
         fe.set_queue_pairs(2)
         assert _echo(fe, 10, pair=0) == 10
-        out = subprocess.run(
-            [sys.executable, "-m", "virtnet.cli", "stats", "--stats-socket", str(stats)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-            env={**os.environ, "COLUMNS": "200"},
-        ).stdout
+        out = _stats_cli(stats)
         assert "vm.sock" in out and "rx pkts" in out
 
 
@@ -214,14 +219,7 @@ def test_stats_show_the_switch_drops_no_worker_sees(tmp_path: Path) -> None:
         assert sw["dropped_bad_frame"] == 2 and sw["flooded"] == 1, sw
         assert sw["uplinks"] == [] and "ports" not in sw
         assert doc["vms"][0]["pairs"][0]["tx_packets"] == 3  # the worker sent all three
-        out = subprocess.run(
-            [sys.executable, "-m", "virtnet.cli", "stats", "--stats-socket", str(stats)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-            env={**os.environ, "COLUMNS": "200"},
-        ).stdout
+        out = _stats_cli(stats)
         assert "switch" in out and "drop bad" in out
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value
