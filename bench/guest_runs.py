@@ -130,6 +130,7 @@ def virtnet_run(
             backend_pid=serve.proc.pid,
             udp_rates=udp_rates,
             smp=vcpus,
+            tap=tap,
         )
 
 
@@ -144,6 +145,7 @@ _ROWS = (
     ("UDP-64 host->guest received", "udp64_host_to_guest_received_pps", "pps"),
     ("UDP-64 host->guest at the guest NIC", "udp64_host_to_guest_nic_pps", "pps"),
     ("UDP-64 host->guest guest socket drops", "udp64_host_to_guest_socket_drops_pps", "pps"),
+    ("UDP-64 host->guest host tap drops", "udp64_host_to_guest_tap_drops_pps", "pps"),
     ("UDP-64 host->guest backend CPU", "udp64_host_to_guest_backend_us_per_frame", "us/frame"),
     ("UDP-64 host->guest peak of the offered-load ladder", "udp64_host_to_guest_peak_pps", "pps"),
     ("guest rx interrupts, TCP host->guest", "tcp_host_to_guest_rx_irqs_per_s", "/s"),

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from virtnet.ports.tap import NETDEV_STATS, netdev_drops
 from virtnet.testing.guest import Guest, queue_packets, skip_reason, tap_netdev_args
 from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import cpu_seconds, tree_cpu_seconds
@@ -73,6 +74,10 @@ class GuestNetFigures:
     #: where the frames the iperf3 receiver never saw went.
     udp64_host_to_guest_nic_pps: float = 0.0
     udp64_host_to_guest_socket_drops_pps: float = 0.0
+    #: Frames of that flood the host's kernel dropped on the tap (its queue
+    #: full: the backend was not reading), per second, from ``/proc/net/dev``
+    #: in the namespace: where most of an overload goes, for either backend.
+    udp64_host_to_guest_tap_drops_pps: float = 0.0
     #: Host CPU the backend spent per frame the guest's NIC received in that
     #: run: QEMU's main thread (its tap backend, or the interrupts it injects
     #: for vhost-user) plus the backend's own processes (virtnet serve).
@@ -111,7 +116,8 @@ class GuestNetFigures:
                 f"  UDP64 host->guest sent {self.udp64_host_to_guest_sent_pps:10.0f} pps"
                 f"  received {self.udp64_host_to_guest_received_pps:10.0f} pps"
                 f"  (guest NIC {self.udp64_host_to_guest_nic_pps:.0f} pps, guest socket"
-                f" drops {self.udp64_host_to_guest_socket_drops_pps:.0f} pps;"
+                f" drops {self.udp64_host_to_guest_socket_drops_pps:.0f} pps, host tap"
+                f" drops {self.udp64_host_to_guest_tap_drops_pps:.0f} pps;"
                 f" backend CPU {self.udp64_host_to_guest_backend_us_per_frame:.2f} us/frame)",
                 f"  guest rx interrupts/s: TCP host->guest"
                 f" {self.tcp_host_to_guest_rx_irqs_per_s:.0f}, UDP64 host->guest flood"
@@ -207,6 +213,17 @@ def _udp_pps(data: dict[str, Any]) -> tuple[float, float]:
     return sent_pps, received_pps
 
 
+def tap_drops_to_guest(ns: NetNS, tap: str | None) -> int:
+    """The kernel's transmit drops on ``tap`` in ``ns`` so far (frames for the
+    guest its full queue refused); 0 without a tap."""
+    if tap is None:
+        return 0
+    drops = netdev_drops(tap, ns.run(["cat", NETDEV_STATS]).stdout)
+    if drops is None:
+        raise RuntimeError(f"{tap} is not in {NETDEV_STATS} of namespace {ns.name}")
+    return drops[1]
+
+
 def measure_guest_network(
     netdev_args: Sequence[str],
     *,
@@ -221,6 +238,7 @@ def measure_guest_network(
     pin_guest: bool = True,
     backend_pid: int | None = None,
     udp_rates: Sequence[int] = DEFAULT_UDP_RATES,
+    tap: str | None = None,
 ) -> GuestNetFigures:
     """Boot a guest with ``netdev_args`` and measure TCP and 64-byte UDP both ways.
 
@@ -233,6 +251,8 @@ def measure_guest_network(
     outside QEMU (virtnet serve) whose process tree's CPU counts as the
     backend's, with QEMU's main thread.  ``udp_rates``: offered loads of the
     host->guest load-response ladder, run after the flood (empty: none).
+    ``tap``: the tap in ``ns`` facing the guest, whose kernel drops during the
+    flood are counted.
     """
     secs = max(1, round(duration))
     with Guest(netdev_args, ip=GUEST_CIDR, smp=smp, memory_mb=memory_mb) as guest:
@@ -259,7 +279,9 @@ def measure_guest_network(
             before = guest_rx_counters(guest)
             cpu0 = backend_cpu_seconds(guest, backend_pid)
             irq0 = guest_rx_interrupts(guest)
+            tap0 = tap_drops_to_guest(ns, tap)
             udp_rx = _udp_pps(run(udp(0) + " -R"))
+            tap_dropped = tap_drops_to_guest(ns, tap) - tap0
             udp_rx_irqs = guest_rx_interrupts(guest) - irq0
             cpu1 = backend_cpu_seconds(guest, backend_pid)
             after = guest_rx_counters(guest)
@@ -282,6 +304,7 @@ def measure_guest_network(
             pin_guest=pin_guest,
             udp64_host_to_guest_nic_pps=(after[0] - before[0]) / secs,
             udp64_host_to_guest_socket_drops_pps=(after[1] - before[1]) / secs,
+            udp64_host_to_guest_tap_drops_pps=tap_dropped / secs,
             udp64_host_to_guest_backend_us_per_frame=(
                 1e6 * (cpu1 - cpu0) / max(1, after[0] - before[0])
             ),
@@ -318,6 +341,7 @@ def tap_baseline(
             after_boot=plug,
             duration=duration,
             streams=streams,
+            tap=tap,
             pin_guest=pin_guest,
             udp_rates=udp_rates,
             smp=vcpus,

@@ -3,6 +3,7 @@ virtnet.testing.procs)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -297,3 +298,20 @@ def test_guest_rr_queue_shares(bench_module: Callable[[str], ModuleType]) -> Non
     rr = bench_module("guest_rr")
     assert rr.shares({1: 30, 0: 10}) == (0.25, 0.75)
     assert rr.shares({0: 0, 1: 0}) == (0.0, 0.0)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="needs root (netns, tap)")
+def test_tap_drops_are_read_inside_the_namespace(baseline: ModuleType) -> None:
+    """The flood's host-side drops come from the namespace's /proc/net/dev:
+    a tap there reads 0 before any traffic, a name not there is an error, and
+    no tap (a backend without one) counts nothing."""
+    from virtnet.testing.netns import NetNS, unique_name
+
+    tap = unique_name("vndrop")
+    with NetNS() as ns:
+        ns.create_tap(tap)
+        assert baseline.tap_drops_to_guest(ns, tap) == 0
+        assert baseline.tap_drops_to_guest(ns, None) == 0
+        with pytest.raises(RuntimeError, match="not in /proc/net/dev"):
+            baseline.tap_drops_to_guest(ns, tap + "x")
