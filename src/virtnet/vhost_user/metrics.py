@@ -37,6 +37,7 @@ integer counters); a snapshot that is not is a failed scrape (``virtnet_up``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -48,6 +49,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from virtnet.errors import UsageError
+from virtnet.ports.switch import SwitchStats
 from virtnet.vhost_user.backend import MAX_QUEUE_PAIRS
 
 __all__ = [
@@ -81,14 +83,12 @@ COUNTERS: dict[str, tuple[str, str]] = {
 
 _LABELS = ["vm", "pair"]
 
-#: switch drop counter -> ``reason`` label of virtnet_switch_dropped_total
+#: switch drop counter -> ``reason`` label of virtnet_switch_dropped_total: every
+#: ``dropped_*`` field of the switch's :class:`~virtnet.ports.switch.SwitchStats`
 SWITCH_DROPS = {
-    "dropped_full": "full",
-    "dropped_unknown_vm": "unknown_vm",
-    "dropped_bad_frame": "bad_frame",
-    "dropped_vlan": "vlan",
-    "dropped_offload": "offload",
-    "dropped_no_queue": "no_queue",
+    f.name: f.name.removeprefix("dropped_")
+    for f in dataclasses.fields(SwitchStats)
+    if f.name.startswith("dropped_")
 }
 
 
