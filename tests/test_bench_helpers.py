@@ -315,3 +315,27 @@ def test_tap_drops_are_read_inside_the_namespace(baseline: ModuleType) -> None:
         assert baseline.tap_drops_to_guest(ns, None) == 0
         with pytest.raises(RuntimeError, match="not in /proc/net/dev"):
             baseline.tap_drops_to_guest(ns, tap + "x")
+
+
+def test_boot_ratios_pair_boots_in_order_and_sort_the_ratios(
+    bench_module: Callable[[str], ModuleType], baseline: ModuleType
+) -> None:
+    """Boot i of virtnet is divided by boot i of QEMU's tap (not by the
+    median), the ratios come lowest first, and a QEMU figure of 0 is left out."""
+    runs = bench_module("guest_runs")
+
+    def fig(flood: float) -> object:
+        return baseline.GuestNetFigures(
+            label="x", queues=1, streams=4, duration=4, boot_seconds=1.0,
+            tcp_guest_to_host_gbps=1.0, tcp_host_to_guest_gbps=0.0,
+            udp64_guest_to_host_sent_pps=1.0, udp64_guest_to_host_received_pps=1.0,
+            udp64_host_to_guest_sent_pps=1.0, udp64_host_to_guest_received_pps=flood,
+        )  # fmt: skip
+
+    ours = [fig(50e3), fig(40e3), fig(60e3)]
+    peer = [fig(40e3), fig(50e3), fig(60e3)]
+    key = "udp64_host_to_guest_received_pps"
+    assert runs.boot_ratios(ours, peer, key) == "0.80, 1.00, 1.25"
+    assert runs.boot_ratios(ours, peer, "tcp_host_to_guest_gbps") == "-"
+    with pytest.raises(ValueError):
+        runs.boot_ratios(ours, peer[:2], key)
