@@ -138,6 +138,11 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:6.2f}" if b else "     -"
 
 
+def _summary(runs: Sequence[GuestNetFigures]) -> GuestNetFigures:
+    """The figure a table row shows: the median of several boots, or the one boot."""
+    return median_figures(runs) if len(runs) > 1 else runs[0]
+
+
 def boot_ratios(ours: Sequence[GuestNetFigures], peer: Sequence[GuestNetFigures], key: str) -> str:
     """Boot i of virtnet against boot i of QEMU's tap (the two ran back to
     back), lowest to highest: the spread a median hides.  The 64-byte flood
@@ -193,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not can_boot():
         return 2
-    results: dict[tuple[int, int], tuple[GuestNetFigures, GuestNetFigures]] = {}
-    spreads: dict[tuple[int, int], tuple[list[GuestNetFigures], list[GuestNetFigures]]] = {}
+    # (queues, workers) -> every boot of virtnet, every boot of QEMU's tap
+    results: dict[tuple[int, int], tuple[list[GuestNetFigures], list[GuestNetFigures]]] = {}
     for queues in args.queues:
         ours: dict[int, list[GuestNetFigures]] = {w: [] for w in args.workers}
         peer: list[GuestNetFigures] = []
@@ -225,11 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
             print(peer[-1].table(), flush=True)
-        p = median_figures(peer) if len(peer) > 1 else peer[0]
         for workers, figs in ours.items():
-            v = median_figures(figs) if len(figs) > 1 else figs[0]
-            results[(queues, workers)] = (v, p)
-            spreads[(queues, workers)] = (figs, peer)
+            results[(queues, workers)] = (figs, peer)
     runs = f"median of {args.repeat}" if args.repeat > 1 else "one run"
     runs += f", {args.vcpus} vCPU{'s' if args.vcpus > 1 else ''}"
     print(
@@ -237,8 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"| boot by boot |  ({runs})"
     )
     print("|---:|---:|---|---:|---:|---:|---|")
-    for (queues, workers), (v, p) in results.items():
-        ours_runs, peer_runs = spreads[(queues, workers)]
+    for (queues, workers), (ours_runs, peer_runs) in results.items():
+        v, p = _summary(ours_runs), _summary(peer_runs)
         for label, key, unit in _ROWS:
             a, b = getattr(v, key), getattr(p, key)
             cells = (
@@ -255,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(
             json.dumps(
                 {
-                    f"{q}q{w}w": {"virtnet": asdict(v), "qemu_tap": asdict(p)}
+                    f"{q}q{w}w": {"virtnet": asdict(_summary(v)), "qemu_tap": asdict(_summary(p))}
                     for (q, w), (v, p) in results.items()
                 },
                 indent=2,
