@@ -224,6 +224,61 @@ def tap_drops_to_guest(ns: NetNS, tap: str | None) -> int:
     return drops[1]
 
 
+@dataclass(frozen=True)
+class Flood:
+    """One 64-byte UDP flood into the guest (iperf3 ``-b 0 -R``, as fast as the
+    host's iperf3 can send), every figure per second of the run."""
+
+    sent_pps: float
+    #: what the guest's iperf3 read
+    received_pps: float
+    #: what the guest's NIC took (``ethtool -S`` rx packets, every queue)
+    nic_pps: float
+    #: what the guest's UDP sockets dropped for want of room (RcvbufErrors)
+    socket_drops_pps: float
+    #: what the host's kernel dropped on the tap facing the guest (0 without one)
+    tap_drops_pps: float
+    #: host CPU of QEMU's main thread and the backend's processes per NIC frame
+    backend_us_per_frame: float
+    #: the guest's receive interrupts
+    rx_irqs_per_s: float
+
+
+def udp_flood(
+    guest: Guest,
+    ns: NetNS,
+    *,
+    seconds: int,
+    streams: int,
+    prefix: str = "",
+    backend_pid: int | None = None,
+    tap: str | None = None,
+) -> Flood:
+    """Flood the guest with 64-byte UDP for ``seconds`` from an iperf3 server
+    running in ``ns`` (the guest's iperf3 runs ``-R``, behind ``prefix``), and
+    count where the frames went."""
+    before = guest_rx_counters(guest)
+    cpu0 = backend_cpu_seconds(guest, backend_pid)
+    irq0 = guest_rx_interrupts(guest)
+    tap0 = tap_drops_to_guest(ns, tap)
+    args = f"-u -l {UDP_PAYLOAD} -b 0 -P {streams} -t {seconds} -R"
+    sent, received = _udp_pps(_iperf_json(guest, args, seconds, prefix=prefix))
+    tap_dropped = tap_drops_to_guest(ns, tap) - tap0
+    irqs = guest_rx_interrupts(guest) - irq0
+    cpu1 = backend_cpu_seconds(guest, backend_pid)
+    after = guest_rx_counters(guest)
+    frames = after[0] - before[0]
+    return Flood(
+        sent_pps=sent,
+        received_pps=received,
+        nic_pps=frames / seconds,
+        socket_drops_pps=(after[1] - before[1]) / seconds,
+        tap_drops_pps=tap_dropped / seconds,
+        backend_us_per_frame=1e6 * (cpu1 - cpu0) / max(1, frames),
+        rx_irqs_per_s=irqs / seconds,
+    )
+
+
 def measure_guest_network(
     netdev_args: Sequence[str],
     *,
@@ -276,15 +331,10 @@ def measure_guest_network(
                 return f"-u -l {UDP_PAYLOAD} -b {bitrate} -P {streams} -t {secs}"
 
             udp_tx = _udp_pps(run(udp(0)))
-            before = guest_rx_counters(guest)
-            cpu0 = backend_cpu_seconds(guest, backend_pid)
-            irq0 = guest_rx_interrupts(guest)
-            tap0 = tap_drops_to_guest(ns, tap)
-            udp_rx = _udp_pps(run(udp(0) + " -R"))
-            tap_dropped = tap_drops_to_guest(ns, tap) - tap0
-            udp_rx_irqs = guest_rx_interrupts(guest) - irq0
-            cpu1 = backend_cpu_seconds(guest, backend_pid)
-            after = guest_rx_counters(guest)
+            flood = udp_flood(
+                guest, ns, seconds=secs, streams=streams, prefix=prefix,
+                backend_pid=backend_pid, tap=tap,
+            )  # fmt: skip
             ladder = []
             for rate in udp_rates:
                 got = _udp_pps(run(udp(per_stream_bitrate(rate, streams)) + " -R"))
@@ -299,20 +349,18 @@ def measure_guest_network(
             tcp_host_to_guest_gbps=tcp_rx,
             udp64_guest_to_host_sent_pps=udp_tx[0],
             udp64_guest_to_host_received_pps=udp_tx[1],
-            udp64_host_to_guest_sent_pps=udp_rx[0],
-            udp64_host_to_guest_received_pps=udp_rx[1],
+            udp64_host_to_guest_sent_pps=flood.sent_pps,
+            udp64_host_to_guest_received_pps=flood.received_pps,
             pin_guest=pin_guest,
-            udp64_host_to_guest_nic_pps=(after[0] - before[0]) / secs,
-            udp64_host_to_guest_socket_drops_pps=(after[1] - before[1]) / secs,
-            udp64_host_to_guest_tap_drops_pps=tap_dropped / secs,
-            udp64_host_to_guest_backend_us_per_frame=(
-                1e6 * (cpu1 - cpu0) / max(1, after[0] - before[0])
-            ),
+            udp64_host_to_guest_nic_pps=flood.nic_pps,
+            udp64_host_to_guest_socket_drops_pps=flood.socket_drops_pps,
+            udp64_host_to_guest_tap_drops_pps=flood.tap_drops_pps,
+            udp64_host_to_guest_backend_us_per_frame=flood.backend_us_per_frame,
             udp64_host_to_guest_ladder=tuple(ladder),
             udp64_host_to_guest_peak_pps=ladder_peak(ladder),
             vcpus=smp,
             tcp_host_to_guest_rx_irqs_per_s=tcp_rx_irqs / secs,
-            udp64_host_to_guest_rx_irqs_per_s=udp_rx_irqs / secs,
+            udp64_host_to_guest_rx_irqs_per_s=flood.rx_irqs_per_s,
         )
 
 

@@ -3,11 +3,13 @@ virtnet.testing.procs)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 
@@ -339,3 +341,92 @@ def test_boot_ratios_pair_boots_in_order_and_sort_the_ratios(
     assert runs.boot_ratios(ours, peer, "tcp_host_to_guest_gbps") == "-"
     with pytest.raises(ValueError):
         runs.boot_ratios(ours, peer[:2], key)
+
+
+def test_guest_flood_summary_counts_interrupt_bound_floods_and_divides_by_qemu(
+    bench_module: Callable[[str], ModuleType], baseline: ModuleType
+) -> None:
+    """Medians over every flood, the received rate's range, the floods under
+    FEW_FRAMES_PER_IRQ NIC frames per interrupt, and the ratio to QEMU's row."""
+    flood = bench_module("guest_flood")
+
+    def f(received: float, nic: float, irqs: float) -> object:
+        return baseline.Flood(
+            sent_pps=1e6, received_pps=received, nic_pps=nic, socket_drops_pps=nic - received,
+            tap_drops_pps=0.0, backend_us_per_frame=3.0, rx_irqs_per_s=irqs,
+        )  # fmt: skip
+
+    few = flood.FEW_FRAMES_PER_IRQ
+    ours = flood.summarize(
+        "virtnet", [f(50e3, 70e3, 60), f(30e3, 40e3, 40e3 / few + 1), f(45e3, 60e3, 60e3 / few)]
+    )
+    assert (ours.floods, ours.received_pps, ours.lowest_pps, ours.highest_pps) == (
+        3, 45e3, 30e3, 50e3,
+    )  # fmt: skip
+    assert ours.nic_pps == 60e3 and ours.socket_drops_pps == 15e3
+    assert ours.interrupt_bound == 1  # exactly FEW_FRAMES_PER_IRQ frames per interrupt is not
+    peer = flood.summarize("qemu", [f(50e3, 52e3, 100)])
+    rows = flood.table([ours, peer]).splitlines()
+    assert rows[2].startswith("| virtnet | 3 | 45.0k | 0.90 | 30.0k-50.0k | 60.0k | 15.0k |")
+    assert rows[3].startswith("| qemu | 1 | 50.0k | 1.00 |")
+    assert "| - |" in flood.table([ours]).splitlines()[2]  # no QEMU row: no ratio
+    with pytest.raises(ValueError, match="no floods"):
+        flood.summarize("virtnet", [])
+
+
+def test_guest_flood_tree_option_needs_a_virtnet_source_tree(
+    bench_module: Callable[[str], ModuleType], tmp_path: Path
+) -> None:
+    """--tree NAME=SRC names a src/ holding the virtnet package, under a name
+    that is not a built-in backend's."""
+    flood = bench_module("guest_flood")
+    src = Path(__file__).resolve().parent.parent / "src"
+    assert flood.tree_arg(f"k8={src}") == ("k8", src)
+    for bad in ("k8", f"={src}", "k8=", f"qemu={src}", f"virtnet={src}", f"k8={tmp_path}"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            flood.tree_arg(bad)
+
+
+def test_guest_flood_python_path_is_restored(bench_module: Callable[[str], ModuleType]) -> None:
+    """serve is started with the tree first on PYTHONPATH, and the variable is
+    put back afterwards (set or unset)."""
+    flood = bench_module("guest_flood")
+    old = os.environ.pop("PYTHONPATH", None)
+    try:
+        with flood.python_path(Path("/x/src")):
+            assert os.environ["PYTHONPATH"] == "/x/src"
+        assert "PYTHONPATH" not in os.environ
+        os.environ["PYTHONPATH"] = "/y"
+        with flood.python_path(None):
+            assert os.environ["PYTHONPATH"] == "/y"
+        with flood.python_path(Path("/x/src")):
+            assert os.environ["PYTHONPATH"] == "/x/src"
+        assert os.environ["PYTHONPATH"] == "/y"
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def test_guest_flood_autogroup_setting_is_put_back(
+    bench_module: Callable[[str], ModuleType], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--autogroup off writes 0 for the run and the old value afterwards,
+    even when the run fails; keep writes nothing; a kernel without the file
+    can only keep."""
+    flood = bench_module("guest_flood")
+    knob = tmp_path / "sched_autogroup_enabled"
+    knob.write_text("1\n")
+    monkeypatch.setattr(flood, "AUTOGROUP", knob)
+    with pytest.raises(KeyError), flood.autogroup("off") as now:
+        assert now == "off" and knob.read_text() == "0"
+        raise KeyError
+    assert knob.read_text() == "1"
+    with flood.autogroup("keep") as now:
+        assert now == "on"
+    monkeypatch.setattr(flood, "AUTOGROUP", tmp_path / "missing")
+    with flood.autogroup("keep") as now:
+        assert now == "absent"
+    with pytest.raises(RuntimeError, match="no autogroup"), flood.autogroup("on"):
+        pass

@@ -1,0 +1,272 @@
+"""64-byte UDP floods into a real guest, many per boot, backends alternated.
+
+``guest_runs.py`` floods each boot once, after its TCP and UDP runs, and that
+one figure swings by a tenth from sweep to sweep on the same host (see
+docs/benchmarks.md, session 16).  This bench spends its time on the flood
+alone: ``--floods`` floods per boot (``guest_tap_baseline.udp_flood``: what
+the guest's iperf3 read, what its NIC took, its socket drops, its receive
+interrupts, the backend's CPU per frame), ``--repeat`` boots of each backend,
+the order of the backends reversed every other round, and prints the median
+and the spread of every figure, and of each backend's received rate over
+QEMU's.
+
+Backends: ``virtnet`` (``virtnet serve --port tap`` from the installed tree),
+``qemu`` (QEMU's own ``-netdev tap,vhost=off``, the peer), and any number of
+``--tree NAME=SRC``: virtnet serve run from another source tree (``SRC`` is
+the ``src`` directory of, say, a git worktree holding a change to try), so a
+change is measured against the installed code and QEMU in the same run.
+
+The host kernel's autogroup scheduling (``kernel.sched_autogroup_enabled``, on
+in Debian's kernels) shares CPU between sessions before threads: QEMU's vCPUs
+and its main thread, which reads QEMU's own tap, share one budget, and virtnet
+serve (a session of its own) has another.  ``--autogroup on|off`` sets it for
+the run and puts the old value back afterwards.
+
+A flood with fewer than :data:`FEW_FRAMES_PER_IRQ` NIC frames per receive
+interrupt is counted apart: the guest then drains the ring faster than it
+fills and takes an interrupt (and a wake-up) per batch, a slower mode that a
+minority of floods fall into on either backend.
+
+Run as root: ``python bench/guest_flood.py [--repeat 6] [--floods 3]
+[--duration 4] [--streams 4] [--vcpus 2] [--tree NAME=SRC ...] [--no-qemu]
+[--autogroup keep|on|off] [--json FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from guest_cpu import booted_on
+from guest_tap_baseline import Flood, can_boot, pin_guest_placement, udp_flood
+
+from virtnet.testing.netns import NetNS
+
+#: Below this many NIC frames per receive interrupt a flood is "interrupt-bound"
+#: (111 floods on a 2-CPU host, session 17: most took 200-3,000 frames per
+#: interrupt, 10 took 5-71, and 2 took 119 and 135).
+FEW_FRAMES_PER_IRQ = 100
+PEER = "qemu"
+AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One backend's floods: medians, the received rate's range, and how many
+    floods were interrupt-bound."""
+
+    backend: str
+    floods: int
+    received_pps: float
+    lowest_pps: float
+    highest_pps: float
+    nic_pps: float
+    socket_drops_pps: float
+    rx_irqs_per_s: float
+    backend_us_per_frame: float
+    interrupt_bound: int
+
+
+def interrupt_bound(flood: Flood) -> bool:
+    """Fewer than :data:`FEW_FRAMES_PER_IRQ` NIC frames per receive interrupt."""
+    return flood.nic_pps < FEW_FRAMES_PER_IRQ * flood.rx_irqs_per_s
+
+
+def summarize(backend: str, floods: Sequence[Flood]) -> Summary:
+    """Medians over ``floods`` (every flood of every boot counts once)."""
+    if not floods:
+        raise ValueError(f"{backend}: no floods to summarize")
+    got = [f.received_pps for f in floods]
+
+    def median(key: str) -> float:
+        return float(statistics.median(getattr(f, key) for f in floods))
+
+    return Summary(
+        backend=backend,
+        floods=len(floods),
+        received_pps=statistics.median(got),
+        lowest_pps=min(got),
+        highest_pps=max(got),
+        nic_pps=median("nic_pps"),
+        socket_drops_pps=median("socket_drops_pps"),
+        rx_irqs_per_s=median("rx_irqs_per_s"),
+        backend_us_per_frame=median("backend_us_per_frame"),
+        interrupt_bound=sum(interrupt_bound(f) for f in floods),
+    )
+
+
+def tree_arg(text: str) -> tuple[str, Path]:
+    """``--tree NAME=SRC``: SRC must hold the ``virtnet`` package."""
+    name, sep, src = text.partition("=")
+    if not sep or not name or not src:
+        raise argparse.ArgumentTypeError(f"expected NAME=SRC, got {text!r}")
+    if name in ("virtnet", PEER):
+        raise argparse.ArgumentTypeError(f"{name!r} names a built-in backend")
+    path = Path(src).resolve()
+    if not (path / "virtnet" / "__init__.py").is_file():
+        raise argparse.ArgumentTypeError(f"{path} holds no virtnet package (give its src/)")
+    return name, path
+
+
+@contextlib.contextmanager
+def python_path(src: Path | None) -> Iterator[None]:
+    """Processes started meanwhile (serve) import virtnet from ``src`` first."""
+    old = os.environ.get("PYTHONPATH")
+    if src is not None:
+        os.environ["PYTHONPATH"] = str(src)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+@contextlib.contextmanager
+def autogroup(setting: str) -> Iterator[str]:
+    """``kernel.sched_autogroup_enabled`` set to ``setting`` (``on``, ``off``;
+    ``keep`` leaves it) until the block ends; yields what is in force ("on",
+    "off", or "absent" on a kernel without it)."""
+    if not AUTOGROUP.exists():
+        if setting != "keep":
+            raise RuntimeError(f"{AUTOGROUP} is missing: this kernel has no autogroup")
+        yield "absent"
+        return
+    old = AUTOGROUP.read_text().strip()
+    if setting != "keep":
+        AUTOGROUP.write_text("1" if setting == "on" else "0")
+    try:
+        yield "on" if AUTOGROUP.read_text().strip() == "1" else "off"
+    finally:
+        if setting != "keep":
+            AUTOGROUP.write_text(old)
+
+
+def boot_and_flood(
+    backend: str,
+    src: Path | None,
+    *,
+    floods: int,
+    seconds: int,
+    streams: int,
+    vcpus: int,
+    queues: int,
+) -> list[Flood]:
+    """One boot on ``backend`` (``qemu``, or virtnet serve from ``src``, None
+    for the installed tree), ``floods`` floods."""
+    kind = PEER if backend == PEER else "virtnet"
+    with (
+        python_path(src),
+        tempfile.TemporaryDirectory(prefix="vnflood-") as d,
+        NetNS() as ns,
+        booted_on(kind, ns, Path(d), vcpus=vcpus, queues=queues) as (guest, serve),
+        ns.iperf3_server(),
+    ):
+        prefix = pin_guest_placement(guest, vcpus)
+        pid = serve.proc.pid if serve is not None else None
+        return [
+            udp_flood(guest, ns, seconds=seconds, streams=streams, prefix=prefix, backend_pid=pid)
+            for _ in range(floods)
+        ]
+
+
+def _line(backend: str, boot: int, floods: Sequence[Flood]) -> str:
+    cells = "  ".join(
+        f"{f.received_pps / 1e3:.1f}k (NIC {f.nic_pps / 1e3:.1f}k, {f.rx_irqs_per_s:.0f} irq/s)"
+        for f in floods
+    )
+    return f"  [{backend}] boot {boot}: {cells}"
+
+
+def table(summaries: Sequence[Summary]) -> str:
+    """The summary table (markdown), ratios to QEMU's tap when it ran."""
+    peer = next((s for s in summaries if s.backend == PEER), None)
+    rows = [
+        "| backend | floods | received, median | / QEMU | lowest-highest | NIC | socket drops "
+        "| rx irq/s | backend us/frame | interrupt-bound |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        ratio = f"{s.received_pps / peer.received_pps:.2f}" if peer and peer.received_pps else "-"
+        rows.append(
+            f"| {s.backend} | {s.floods} | {s.received_pps / 1e3:.1f}k | {ratio} "
+            f"| {s.lowest_pps / 1e3:.1f}k-{s.highest_pps / 1e3:.1f}k | {s.nic_pps / 1e3:.1f}k "
+            f"| {s.socket_drops_pps / 1e3:.1f}k | {s.rx_irqs_per_s:.0f} "
+            f"| {s.backend_us_per_frame:.2f} | {s.interrupt_bound} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=6, help="boots of each backend (default 6)")
+    ap.add_argument("--floods", type=int, default=3, help="floods per boot (default 3)")
+    ap.add_argument("--duration", type=int, default=4, help="seconds per flood (default 4)")
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--vcpus", type=int, default=2, choices=range(1, 9), metavar="N")
+    ap.add_argument("--queues", type=int, default=1, help="queue pairs (default 1)")
+    ap.add_argument(
+        "--tree",
+        type=tree_arg,
+        action="append",
+        default=[],
+        metavar="NAME=SRC",
+        help="also run virtnet serve from the source tree SRC, named NAME (repeatable)",
+    )
+    ap.add_argument("--no-qemu", action="store_true", help="leave out QEMU's tap")
+    ap.add_argument(
+        "--autogroup",
+        choices=("keep", "on", "off"),
+        default="keep",
+        help="the kernel's autogroup scheduling for the run (default: as it is)",
+    )
+    ap.add_argument("--json", type=Path, help="also write every flood here")
+    args = ap.parse_args(argv)
+    if min(args.repeat, args.floods, args.duration, args.streams, args.queues) < 1:
+        ap.error("--repeat, --floods, --duration, --streams and --queues must be positive")
+    names = [n for n, _ in args.tree]
+    if len(set(names)) != len(names):
+        ap.error("two --tree options share a name")
+    if not can_boot():
+        return 2
+    backends: list[tuple[str, Path | None]] = [("virtnet", None), *args.tree]
+    if not args.no_qemu:
+        backends.append((PEER, None))
+    results: dict[str, list[Flood]] = {name: [] for name, _ in backends}
+    with autogroup(args.autogroup) as grouping:
+        print(f"autogroup scheduling: {grouping}", flush=True)
+        for boot in range(args.repeat):
+            order = backends if boot % 2 == 0 else backends[::-1]
+            for name, src in order:
+                got = boot_and_flood(
+                    name, src, floods=args.floods, seconds=args.duration,
+                    streams=args.streams, vcpus=args.vcpus, queues=args.queues,
+                )  # fmt: skip
+                results[name].extend(got)
+                print(_line(name, boot, got), flush=True)
+    summaries = [summarize(name, floods) for name, floods in results.items()]
+    print(
+        f"\n{args.repeat} boots x {args.floods} floods of {args.duration} s per backend, "
+        f"{args.vcpus} vCPUs, {args.queues} pair(s), autogroup {grouping}; interrupt-bound: "
+        f"fewer than {FEW_FRAMES_PER_IRQ} NIC frames per interrupt"
+    )
+    print(table(summaries))
+    if args.json:
+        out = {name: [asdict(f) for f in floods] for name, floods in results.items()}
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
