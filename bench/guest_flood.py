@@ -16,11 +16,9 @@ Backends: ``virtnet`` (``virtnet serve --port tap`` from the installed tree),
 the ``src`` directory of, say, a git worktree holding a change to try), so a
 change is measured against the installed code and QEMU in the same run.
 
-The host kernel's autogroup scheduling (``kernel.sched_autogroup_enabled``, on
-in Debian's kernels) shares CPU between sessions before threads: QEMU's vCPUs
-and its main thread, which reads QEMU's own tap, share one budget, and virtnet
-serve (a session of its own) has another.  ``--autogroup on|off`` sets it for
-the run and puts the old value back afterwards.
+``--autogroup on|off`` sets the kernel's autogroup scheduling for the run
+(``guest_tap_baseline.AUTOGROUP``: it decides this figure) and puts the old
+value back afterwards.
 
 A flood with fewer than :data:`FEW_FRAMES_PER_IRQ` NIC frames per receive
 interrupt is counted apart: the guest then drains the ring faster than it
@@ -48,7 +46,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from guest_cpu import booted_on
-from guest_tap_baseline import Flood, can_boot, pin_guest_placement, udp_flood
+from guest_tap_baseline import (
+    AUTOGROUP_CHOICES,
+    AUTOGROUP_HELP,
+    Flood,
+    autogroup,
+    can_boot,
+    pin_guest_placement,
+    udp_flood,
+)
 
 from virtnet.testing.netns import NetNS
 
@@ -57,7 +63,6 @@ from virtnet.testing.netns import NetNS
 #: interrupt, 10 took 5-71, and 2 took 119 and 135).
 FEW_FRAMES_PER_IRQ = 100
 PEER = "qemu"
-AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
 
 
 @dataclass(frozen=True)
@@ -133,26 +138,6 @@ def python_path(src: Path | None) -> Iterator[None]:
             os.environ["PYTHONPATH"] = old
 
 
-@contextlib.contextmanager
-def autogroup(setting: str) -> Iterator[str]:
-    """``kernel.sched_autogroup_enabled`` set to ``setting`` (``on``, ``off``;
-    ``keep`` leaves it) until the block ends; yields what is in force ("on",
-    "off", or "absent" on a kernel without it)."""
-    if not AUTOGROUP.exists():
-        if setting != "keep":
-            raise RuntimeError(f"{AUTOGROUP} is missing: this kernel has no autogroup")
-        yield "absent"
-        return
-    old = AUTOGROUP.read_text().strip()
-    if setting != "keep":
-        AUTOGROUP.write_text("1" if setting == "on" else "0")
-    try:
-        yield "on" if AUTOGROUP.read_text().strip() == "1" else "off"
-    finally:
-        if setting != "keep":
-            AUTOGROUP.write_text(old)
-
-
 def boot_and_flood(
     backend: str,
     src: Path | None,
@@ -225,12 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also run virtnet serve from the source tree SRC, named NAME (repeatable)",
     )
     ap.add_argument("--no-qemu", action="store_true", help="leave out QEMU's tap")
-    ap.add_argument(
-        "--autogroup",
-        choices=("keep", "on", "off"),
-        default="keep",
-        help="the kernel's autogroup scheduling for the run (default: as it is)",
-    )
+    ap.add_argument("--autogroup", choices=AUTOGROUP_CHOICES, default="keep", help=AUTOGROUP_HELP)
     ap.add_argument("--json", type=Path, help="also write every flood here")
     args = ap.parse_args(argv)
     if min(args.repeat, args.floods, args.duration, args.streams, args.queues) < 1:

@@ -12,8 +12,8 @@ in a fresh namespace at 10.77.0.1/24), two backends in the same run:
 
 Run as root: ``python bench/guest_runs.py [--queues 4|1,2,4] [--workers 0|0,1,2]
 [--duration 5] [--streams 4] [--repeat N] [--poll-us U] [--no-guest-pin]
-[--vcpus 2] [--json FILE]``.  ``--workers`` is serve's (0: one worker process per pair);
-a list measures each value against the same peer boots.
+[--vcpus 2] [--autogroup keep|on|off] [--json FILE]``.  ``--workers`` is serve's
+(0: one worker process per pair); a list measures each value against the same peer boots.
 The guest's interrupts and iperf3 are pinned apart by default, the same for
 both backends (see :mod:`guest_tap_baseline`).
 """
@@ -38,6 +38,7 @@ from guest_tap_baseline import (
     HOST_IP,
     GuestNetFigures,
     add_run_arguments,
+    autogroup,
     can_boot,
     int_list_arg,
     measure_guest_network,
@@ -200,40 +201,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # (queues, workers) -> every boot of virtnet, every boot of QEMU's tap
     results: dict[tuple[int, int], tuple[list[GuestNetFigures], list[GuestNetFigures]]] = {}
-    for queues in args.queues:
-        ours: dict[int, list[GuestNetFigures]] = {w: [] for w in args.workers}
-        peer: list[GuestNetFigures] = []
-        for _ in range(max(1, args.repeat)):
-            for workers in args.workers:
-                ours[workers].append(
-                    virtnet_run(
+    with autogroup(args.autogroup) as grouping:
+        print(f"autogroup scheduling: {grouping}", flush=True)
+        for queues in args.queues:
+            ours: dict[int, list[GuestNetFigures]] = {w: [] for w in args.workers}
+            peer: list[GuestNetFigures] = []
+            for _ in range(max(1, args.repeat)):
+                for workers in args.workers:
+                    ours[workers].append(
+                        virtnet_run(
+                            queues=queues,
+                            duration=args.duration,
+                            streams=args.streams,
+                            poll_us=args.poll_us,
+                            workers=workers,
+                            pin_guest=not args.no_guest_pin,
+                            udp_rates=args.udp_rates,
+                            vcpus=args.vcpus,
+                            kick_defer_us=args.kick_defer_us,
+                        )
+                    )
+                    print(ours[workers][-1].table(), flush=True)
+                peer.append(
+                    tap_baseline(
                         queues=queues,
                         duration=args.duration,
                         streams=args.streams,
-                        poll_us=args.poll_us,
-                        workers=workers,
                         pin_guest=not args.no_guest_pin,
                         udp_rates=args.udp_rates,
                         vcpus=args.vcpus,
-                        kick_defer_us=args.kick_defer_us,
                     )
                 )
-                print(ours[workers][-1].table(), flush=True)
-            peer.append(
-                tap_baseline(
-                    queues=queues,
-                    duration=args.duration,
-                    streams=args.streams,
-                    pin_guest=not args.no_guest_pin,
-                    udp_rates=args.udp_rates,
-                    vcpus=args.vcpus,
-                )
-            )
-            print(peer[-1].table(), flush=True)
-        for workers, figs in ours.items():
-            results[(queues, workers)] = (figs, peer)
+                print(peer[-1].table(), flush=True)
+            for workers, figs in ours.items():
+                results[(queues, workers)] = (figs, peer)
     runs = f"median of {args.repeat}" if args.repeat > 1 else "one run"
-    runs += f", {args.vcpus} vCPU{'s' if args.vcpus > 1 else ''}"
+    runs += f", {args.vcpus} vCPU{'s' if args.vcpus > 1 else ''}, autogroup {grouping}"
     print(
         f"\n| queues | workers | figure | virtnet serve | QEMU tap,vhost=off | ratio "
         f"| boot by boot |  ({runs})"

@@ -26,10 +26,11 @@ Run as root: ``python bench/guest_tap_baseline.py [--queues 4] [--duration 5]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,16 @@ UDP_PAYLOAD = 64
 #: guest actually receives, the way forwarding devices are rated (delivered
 #: against offered load).  A TCG guest here tops out at 50-70k pps.
 DEFAULT_UDP_RATES = (20_000, 35_000, 50_000, 65_000, 80_000, 100_000)
+#: The kernel's autogroup scheduling: CPU is shared between sessions before
+#: threads, so QEMU's vCPUs and its main thread (which reads QEMU's own tap)
+#: share one budget and virtnet serve, a session of its own, has another.  On
+#: by default in Debian's kernels; it decides the 64-byte flood into the guest
+#: (docs/benchmarks.md, session 17).
+AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
+AUTOGROUP_CHOICES = ("keep", "on", "off")
+AUTOGROUP_HELP = (
+    "the kernel's autogroup scheduling for the run, put back afterwards (default: keep it)"
+)
 
 
 @dataclass
@@ -456,6 +467,29 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="offered loads (pps) of the 64-byte UDP host->guest ladder, comma-separated;"
         " '' skips it (default: 20000,35000,50000,65000,80000,100000)",
     )
+    parser.add_argument(
+        "--autogroup", choices=AUTOGROUP_CHOICES, default="keep", help=AUTOGROUP_HELP
+    )
+
+
+@contextlib.contextmanager
+def autogroup(setting: str) -> Iterator[str]:
+    """``kernel.sched_autogroup_enabled`` set to ``setting`` (``on``, ``off``;
+    ``keep`` leaves it) until the block ends; yields what is in force ("on",
+    "off", or "absent" on a kernel without it)."""
+    if not AUTOGROUP.exists():
+        if setting != "keep":
+            raise RuntimeError(f"{AUTOGROUP} is missing: this kernel has no autogroup")
+        yield "absent"
+        return
+    old = AUTOGROUP.read_text().strip()
+    if setting != "keep":
+        AUTOGROUP.write_text("1" if setting == "on" else "0")
+    try:
+        yield "on" if AUTOGROUP.read_text().strip() == "1" else "off"
+    finally:
+        if setting != "keep":
+            AUTOGROUP.write_text(old)
 
 
 def can_boot() -> bool:
@@ -475,18 +509,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not can_boot():
         return 2
     runs = []
-    for _ in range(max(1, args.repeat)):
-        runs.append(
-            tap_baseline(
-                queues=args.queues,
-                duration=args.duration,
-                streams=args.streams,
-                pin_guest=not args.no_guest_pin,
-                udp_rates=args.udp_rates,
-                vcpus=args.vcpus,
+    with autogroup(args.autogroup) as grouping:
+        print(f"autogroup scheduling: {grouping}", flush=True)
+        for _ in range(max(1, args.repeat)):
+            runs.append(
+                tap_baseline(
+                    queues=args.queues,
+                    duration=args.duration,
+                    streams=args.streams,
+                    pin_guest=not args.no_guest_pin,
+                    udp_rates=args.udp_rates,
+                    vcpus=args.vcpus,
+                )
             )
-        )
-        print(runs[-1].table(), flush=True)
+            print(runs[-1].table(), flush=True)
     figures = median_figures(runs) if len(runs) > 1 else runs[0]
     if len(runs) > 1:
         print(figures.table())

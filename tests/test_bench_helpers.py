@@ -409,24 +409,23 @@ def test_guest_flood_python_path_is_restored(bench_module: Callable[[str], Modul
             os.environ["PYTHONPATH"] = old
 
 
-def test_guest_flood_autogroup_setting_is_put_back(
-    bench_module: Callable[[str], ModuleType], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_autogroup_setting_is_put_back(
+    baseline: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--autogroup off writes 0 for the run and the old value afterwards,
     even when the run fails; keep writes nothing; a kernel without the file
     can only keep."""
-    flood = bench_module("guest_flood")
     knob = tmp_path / "sched_autogroup_enabled"
     knob.write_text("1\n")
-    monkeypatch.setattr(flood, "AUTOGROUP", knob)
-    with pytest.raises(KeyError), flood.autogroup("off") as now:
+    monkeypatch.setattr(baseline, "AUTOGROUP", knob)
+    with pytest.raises(KeyError), baseline.autogroup("off") as now:
         assert now == "off" and knob.read_text() == "0"
         raise KeyError
     assert knob.read_text() == "1"
-    with flood.autogroup("keep") as now:
+    with baseline.autogroup("keep") as now:
         assert now == "on"
-    monkeypatch.setattr(flood, "AUTOGROUP", tmp_path / "missing")
-    with flood.autogroup("keep") as now:
+    monkeypatch.setattr(baseline, "AUTOGROUP", tmp_path / "missing")
+    with baseline.autogroup("keep") as now:
         assert now == "absent"
-    with pytest.raises(RuntimeError, match="no autogroup"), flood.autogroup("on"):
+    with pytest.raises(RuntimeError, match="no autogroup"), baseline.autogroup("on"):
         pass
