@@ -43,6 +43,7 @@ from guest_tap_baseline import (
     int_list_arg,
     measure_guest_network,
     median_figures,
+    run_options,
     tap_baseline,
 )
 
@@ -211,27 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ours[workers].append(
                         virtnet_run(
                             queues=queues,
-                            duration=args.duration,
-                            streams=args.streams,
                             poll_us=args.poll_us,
                             workers=workers,
-                            pin_guest=not args.no_guest_pin,
-                            udp_rates=args.udp_rates,
-                            vcpus=args.vcpus,
                             kick_defer_us=args.kick_defer_us,
+                            **run_options(args),
                         )
                     )
                     print(ours[workers][-1].table(), flush=True)
-                peer.append(
-                    tap_baseline(
-                        queues=queues,
-                        duration=args.duration,
-                        streams=args.streams,
-                        pin_guest=not args.no_guest_pin,
-                        udp_rates=args.udp_rates,
-                        vcpus=args.vcpus,
-                    )
-                )
+                peer.append(tap_baseline(queues=queues, **run_options(args)))
                 print(peer[-1].table(), flush=True)
             for workers, figs in ours.items():
                 results[(queues, workers)] = (figs, peer)

@@ -472,6 +472,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`tap_baseline` (and of ``guest_runs``'
+    ``virtnet_run``) that :func:`add_run_arguments` parsed into ``args``."""
+    return {
+        "duration": args.duration,
+        "streams": args.streams,
+        "pin_guest": not args.no_guest_pin,
+        "udp_rates": args.udp_rates,
+        "vcpus": args.vcpus,
+    }
+
+
 @contextlib.contextmanager
 def autogroup(setting: str) -> Iterator[str]:
     """``kernel.sched_autogroup_enabled`` set to ``setting`` (``on``, ``off``;
@@ -512,16 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with autogroup(args.autogroup) as grouping:
         print(f"autogroup scheduling: {grouping}", flush=True)
         for _ in range(max(1, args.repeat)):
-            runs.append(
-                tap_baseline(
-                    queues=args.queues,
-                    duration=args.duration,
-                    streams=args.streams,
-                    pin_guest=not args.no_guest_pin,
-                    udp_rates=args.udp_rates,
-                    vcpus=args.vcpus,
-                )
-            )
+            runs.append(tap_baseline(queues=args.queues, **run_options(args)))
             print(runs[-1].table(), flush=True)
     figures = median_figures(runs) if len(runs) > 1 else runs[0]
     if len(runs) > 1:

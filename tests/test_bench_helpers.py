@@ -387,26 +387,22 @@ def test_guest_flood_tree_option_needs_a_virtnet_source_tree(
             flood.tree_arg(bad)
 
 
-def test_guest_flood_python_path_is_restored(bench_module: Callable[[str], ModuleType]) -> None:
+def test_guest_flood_python_path_is_restored(
+    bench_module: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """serve is started with the tree first on PYTHONPATH, and the variable is
     put back afterwards (set or unset)."""
     flood = bench_module("guest_flood")
-    old = os.environ.pop("PYTHONPATH", None)
-    try:
-        with flood.python_path(Path("/x/src")):
-            assert os.environ["PYTHONPATH"] == "/x/src"
-        assert "PYTHONPATH" not in os.environ
-        os.environ["PYTHONPATH"] = "/y"
-        with flood.python_path(None):
-            assert os.environ["PYTHONPATH"] == "/y"
-        with flood.python_path(Path("/x/src")):
-            assert os.environ["PYTHONPATH"] == "/x/src"
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    with flood.python_path(Path("/x/src")):
+        assert os.environ["PYTHONPATH"] == "/x/src"
+    assert "PYTHONPATH" not in os.environ
+    monkeypatch.setenv("PYTHONPATH", "/y")
+    with flood.python_path(None):
         assert os.environ["PYTHONPATH"] == "/y"
-    finally:
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
+    with flood.python_path(Path("/x/src")):
+        assert os.environ["PYTHONPATH"] == "/x/src"
+    assert os.environ["PYTHONPATH"] == "/y"
 
 
 def test_autogroup_setting_is_put_back(
