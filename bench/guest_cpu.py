@@ -22,7 +22,8 @@ both backends' NIC (e.g. ``rx_queue_size=1024``).
 
 Run as root: ``python bench/guest_cpu.py [--backend both|virtnet|qemu]
 [--direction h2g|g2h] [--test tcp|udp64] [--rate PPS] [--seconds 6] [--vcpus 2]
-[--queues 1] [--streams 4] [--device-extra PROPS] [--kick-defer-us U]``.
+[--queues 1] [--streams 4] [--device-extra PROPS] [--kick-defer-us U]
+[--autogroup keep|on|off]``.
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from guest_runs import Serve, serve_on_tap
 from guest_tap_baseline import (
+    AUTOGROUP_CHOICES,
+    AUTOGROUP_HELP,
     GUEST_CIDR,
     HOST_IP,
     UDP_PAYLOAD,
+    autogroup,
     can_boot,
     per_stream_bitrate,
     pin_guest_placement,
@@ -318,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--kick-defer-us", type=int, help="serve's --kick-defer-us (default: serve's own)"
     )
     ap.add_argument("--device-extra", default="", help="virtio-net-pci properties for both")
+    ap.add_argument("--autogroup", choices=AUTOGROUP_CHOICES, default="keep", help=AUTOGROUP_HELP)
     ap.add_argument("--json", type=Path, help="also write the samples here")
     args = ap.parse_args(argv)
     if args.seconds <= 0:
@@ -328,22 +333,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     backends = ("virtnet", "qemu") if args.backend == "both" else (args.backend,)
     results = []
-    for backend in backends:
-        results.append(
-            measure(
-                backend,
-                direction=args.direction,
-                test=args.test,
-                seconds=args.seconds,
-                vcpus=args.vcpus,
-                queues=args.queues,
-                streams=args.streams,
-                device_extra=args.device_extra,
-                kick_defer_us=args.kick_defer_us,
-                rate=args.rate,
+    with autogroup(args.autogroup) as grouping:
+        print(f"autogroup scheduling: {grouping}", flush=True)
+        for backend in backends:
+            results.append(
+                measure(
+                    backend,
+                    direction=args.direction,
+                    test=args.test,
+                    seconds=args.seconds,
+                    vcpus=args.vcpus,
+                    queues=args.queues,
+                    streams=args.streams,
+                    device_extra=args.device_extra,
+                    kick_defer_us=args.kick_defer_us,
+                    rate=args.rate,
+                )
             )
-        )
-        print(results[-1].table(), flush=True)
+            print(results[-1].table(), flush=True)
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
     return 0
