@@ -6,9 +6,9 @@ docs/benchmarks.md, session 16).  This bench spends its time on the flood
 alone: ``--floods`` floods per boot (``guest_tap_baseline.udp_flood``: what
 the guest's iperf3 read, what its NIC took, its socket drops, its receive
 interrupts, the backend's CPU per frame), ``--repeat`` boots of each backend,
-the order of the backends reversed every other round, and prints the median
-and the spread of every figure, and of each backend's received rate over
-QEMU's.
+the order of the backends reversed every other round; it prints every boot's
+floods as they come, then per backend the median of each figure, the range of
+the received rate, and the received rate over QEMU's.
 
 Backends: ``virtnet`` (``virtnet serve --port tap`` from the installed tree),
 ``qemu`` (QEMU's own ``-netdev tap,vhost=off``, the peer), and any number of
@@ -58,9 +58,10 @@ from guest_tap_baseline import (
 
 from virtnet.testing.netns import NetNS
 
-#: Below this many NIC frames per receive interrupt a flood is "interrupt-bound"
-#: (111 floods on a 2-CPU host, session 17: most took 200-3,000 frames per
-#: interrupt, 10 took 5-71, and 2 took 119 and 135).
+#: Below this many NIC frames per receive interrupt a flood is "interrupt-bound".
+#: Session 17's 399 floods on a 2-CPU host: 362 took 200-3,100 frames per
+#: interrupt (median 568), 18 took 100-199, and 19 took 5-96; those 19 read
+#: 22-46k datagrams/s where the others read about 50k.
 FEW_FRAMES_PER_IRQ = 100
 PEER = "qemu"
 
@@ -128,7 +129,7 @@ def python_path(src: Path | None) -> Iterator[None]:
     """Processes started meanwhile (serve) import virtnet from ``src`` first."""
     old = os.environ.get("PYTHONPATH")
     if src is not None:
-        os.environ["PYTHONPATH"] = str(src)
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(src), *([old] if old else [])])
     try:
         yield
     finally:

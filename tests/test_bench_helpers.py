@@ -390,8 +390,8 @@ def test_guest_flood_tree_option_needs_a_virtnet_source_tree(
 def test_guest_flood_python_path_is_restored(
     bench_module: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """serve is started with the tree first on PYTHONPATH, and the variable is
-    put back afterwards (set or unset)."""
+    """serve is started with the tree first on PYTHONPATH (before what was
+    there), and the variable is put back afterwards (set or unset)."""
     flood = bench_module("guest_flood")
     monkeypatch.delenv("PYTHONPATH", raising=False)
     with flood.python_path(Path("/x/src")):
@@ -401,7 +401,7 @@ def test_guest_flood_python_path_is_restored(
     with flood.python_path(None):
         assert os.environ["PYTHONPATH"] == "/y"
     with flood.python_path(Path("/x/src")):
-        assert os.environ["PYTHONPATH"] == "/x/src"
+        assert os.environ["PYTHONPATH"] == f"/x/src{os.pathsep}/y"
     assert os.environ["PYTHONPATH"] == "/y"
 
 
