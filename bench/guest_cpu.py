@@ -43,11 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from guest_runs import Serve, serve_on_tap
 from guest_tap_baseline import (
-    AUTOGROUP_CHOICES,
-    AUTOGROUP_HELP,
     GUEST_CIDR,
     HOST_IP,
     UDP_PAYLOAD,
+    add_autogroup_argument,
     autogroup,
     can_boot,
     per_stream_bitrate,
@@ -240,11 +239,13 @@ def booted_on(
     device_extra: str = "",
     kick_defer_us: int | None = None,
     poll_us: int = 0,
+    tap: str | None = None,
 ) -> Iterator[tuple[Guest, Serve | None]]:
     """The bench guest booted on ``backend`` in ``ns``: ``virtnet`` (serve on a
     tap in ``ns``, its files in ``workdir``) or ``qemu`` (QEMU's own tap, moved
-    into ``ns``); yields the guest and the serve (None for QEMU's tap)."""
-    tap = unique_name("vntap")
+    into ``ns``); yields the guest and the serve (None for QEMU's tap).
+    ``tap``: the tap's name (default: a fresh one)."""
+    tap = tap or unique_name("vntap")
     if backend == "virtnet":
         with serve_on_tap(
             ns, tap, workdir, queues=queues, kick_defer_us=kick_defer_us, poll_us=poll_us
@@ -322,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--kick-defer-us", type=int, help="serve's --kick-defer-us (default: serve's own)"
     )
     ap.add_argument("--device-extra", default="", help="virtio-net-pci properties for both")
-    ap.add_argument("--autogroup", choices=AUTOGROUP_CHOICES, default="keep", help=AUTOGROUP_HELP)
+    add_autogroup_argument(ap)
     ap.add_argument("--json", type=Path, help="also write the samples here")
     args = ap.parse_args(argv)
     if args.seconds <= 0:

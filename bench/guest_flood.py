@@ -47,16 +47,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from guest_cpu import booted_on
 from guest_tap_baseline import (
-    AUTOGROUP_CHOICES,
-    AUTOGROUP_HELP,
     Flood,
+    add_autogroup_argument,
     autogroup,
     can_boot,
     pin_guest_placement,
     udp_flood,
 )
 
-from virtnet.testing.netns import NetNS
+from virtnet.testing.netns import NetNS, unique_name
 
 #: Below this many NIC frames per receive interrupt a flood is "interrupt-bound".
 #: Session 17's 399 floods on a 2-CPU host: 362 took 200-3,100 frames per
@@ -152,17 +151,26 @@ def boot_and_flood(
     """One boot on ``backend`` (``qemu``, or virtnet serve from ``src``, None
     for the installed tree), ``floods`` floods."""
     kind = PEER if backend == PEER else "virtnet"
+    tap = unique_name("vntap")
     with (
         python_path(src),
         tempfile.TemporaryDirectory(prefix="vnflood-") as d,
         NetNS() as ns,
-        booted_on(kind, ns, Path(d), vcpus=vcpus, queues=queues) as (guest, serve),
+        booted_on(kind, ns, Path(d), vcpus=vcpus, queues=queues, tap=tap) as (guest, serve),
         ns.iperf3_server(),
     ):
         prefix = pin_guest_placement(guest, vcpus)
         pid = serve.proc.pid if serve is not None else None
         return [
-            udp_flood(guest, ns, seconds=seconds, streams=streams, prefix=prefix, backend_pid=pid)
+            udp_flood(
+                guest,
+                ns,
+                seconds=seconds,
+                streams=streams,
+                prefix=prefix,
+                backend_pid=pid,
+                tap=tap,
+            )
             for _ in range(floods)
         ]
 
@@ -211,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also run virtnet serve from the source tree SRC, named NAME (repeatable)",
     )
     ap.add_argument("--no-qemu", action="store_true", help="leave out QEMU's tap")
-    ap.add_argument("--autogroup", choices=AUTOGROUP_CHOICES, default="keep", help=AUTOGROUP_HELP)
+    add_autogroup_argument(ap)
     ap.add_argument("--json", type=Path, help="also write every flood here")
     args = ap.parse_args(argv)
     if min(args.repeat, args.floods, args.duration, args.streams, args.queues) < 1:

@@ -42,8 +42,8 @@ from guest_tap_baseline import (
     can_boot,
     int_list_arg,
     measure_guest_network,
-    median_figures,
     run_options,
+    summary_figures,
     tap_baseline,
 )
 
@@ -140,11 +140,6 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:6.2f}" if b else "     -"
 
 
-def _summary(runs: Sequence[GuestNetFigures]) -> GuestNetFigures:
-    """The figure a table row shows: the median of several boots, or the one boot."""
-    return median_figures(runs) if len(runs) > 1 else runs[0]
-
-
 def boot_ratios(ours: Sequence[GuestNetFigures], peer: Sequence[GuestNetFigures], key: str) -> str:
     """Boot i of virtnet against boot i of QEMU's tap (the two ran back to
     back), lowest to highest: the spread a median hides.  The 64-byte flood
@@ -231,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print("|---:|---:|---|---:|---:|---:|---|")
     for (queues, workers), (ours_runs, peer_runs) in results.items():
-        v, p = _summary(ours_runs), _summary(peer_runs)
+        v, p = summary_figures(ours_runs), summary_figures(peer_runs)
         for label, key, unit in _ROWS:
             a, b = getattr(v, key), getattr(p, key)
             cells = (
@@ -248,7 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(
             json.dumps(
                 {
-                    f"{q}q{w}w": {"virtnet": asdict(_summary(v)), "qemu_tap": asdict(_summary(p))}
+                    f"{q}q{w}w": {
+                        "virtnet": asdict(summary_figures(v)),
+                        "qemu_tap": asdict(summary_figures(p)),
+                    }
                     for (q, w), (v, p) in results.items()
                 },
                 indent=2,

@@ -57,10 +57,6 @@ DEFAULT_UDP_RATES = (20_000, 35_000, 50_000, 65_000, 80_000, 100_000)
 #: by default in Debian's kernels; it decides the 64-byte flood into the guest
 #: (docs/benchmarks.md, session 17).
 AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
-AUTOGROUP_CHOICES = ("keep", "on", "off")
-AUTOGROUP_HELP = (
-    "the kernel's autogroup scheduling for the run, put back afterwards (default: keep it)"
-)
 
 
 @dataclass
@@ -467,8 +463,17 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="offered loads (pps) of the 64-byte UDP host->guest ladder, comma-separated;"
         " '' skips it (default: 20000,35000,50000,65000,80000,100000)",
     )
+    add_autogroup_argument(parser)
+
+
+def add_autogroup_argument(parser: argparse.ArgumentParser) -> None:
+    """``--autogroup keep|on|off``: the setting :func:`autogroup` applies."""
     parser.add_argument(
-        "--autogroup", choices=AUTOGROUP_CHOICES, default="keep", help=AUTOGROUP_HELP
+        "--autogroup",
+        choices=("keep", "on", "off"),
+        default="keep",
+        help="the kernel's autogroup scheduling for the run, put back afterwards"
+        " (default: keep it)",
     )
 
 
@@ -526,12 +531,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _ in range(max(1, args.repeat)):
             runs.append(tap_baseline(queues=args.queues, **run_options(args)))
             print(runs[-1].table(), flush=True)
-    figures = median_figures(runs) if len(runs) > 1 else runs[0]
+    figures = summary_figures(runs)
     if len(runs) > 1:
         print(figures.table())
     if args.json:
         args.json.write_text(json.dumps(asdict(figures), indent=2) + "\n")
     return 0
+
+
+def summary_figures(runs: Sequence[GuestNetFigures]) -> GuestNetFigures:
+    """The figure a table shows: the median of several boots, or the one boot."""
+    return median_figures(runs) if len(runs) > 1 else runs[0]
 
 
 def median_figures(runs: Sequence[GuestNetFigures]) -> GuestNetFigures:
