@@ -70,6 +70,7 @@ class Recorder(NullEvents):
     last_avail: dict[int, int] = field(default_factory=dict)
     tables: list[tuple[RegionInfo, ...]] = field(default_factory=list)
     mtu_ok: bool = True
+    enabled: set[int] = field(default_factory=set)
 
     def on_mem_table(self, regions: tuple[RegionInfo, ...]) -> None:
         for r in regions:
@@ -92,6 +93,10 @@ class Recorder(NullEvents):
 
     def on_ring_enable(self, index: int, enabled: bool) -> None:
         self.log.append(("enable", index, enabled))
+        if enabled:
+            self.enabled.add(index)
+        else:
+            self.enabled.discard(index)
 
     def on_ring_call(self, index: int, call_fd: int | None) -> None:
         assert index in self.started
@@ -443,6 +448,32 @@ def test_reset_device_stops_rings_keeps_call_fds() -> None:
     assert not fd_is_open(call)
 
 
+def test_reset_device_disables_every_enabled_ring() -> None:
+    """After RESET_DEVICE QEMU re-enables only the pairs the guest uses, so the
+    owner must hear that every ring enabled before the reset no longer is."""
+    rec = Recorder()
+    be = Backend(rec, BackendConfig(max_queue_pairs=2))
+    negotiate(be)
+    set_table(be)
+    for i in range(4):
+        be.handle(msg(R.SET_VRING_ENABLE, VringState(i, 1)))
+    setup_ring(be, 0)
+    be.handle(msg(R.SET_VRING_KICK, VringFd(0, False), (ev(),)))
+    assert rec.enabled == {0, 1, 2, 3}
+    del rec.log[:]
+    be.handle(msg(R.RESET_DEVICE))
+    assert rec.log == [
+        ("stop", 0),
+        ("enable", 0, False),
+        ("enable", 1, False),
+        ("enable", 2, False),
+        ("enable", 3, False),
+        ("reset",),
+    ]
+    assert not rec.enabled and not any(r.enabled for r in be.rings)
+    be.close()
+
+
 def test_offloads_are_configurable() -> None:
     plain = reply_u64(Backend().handle(msg(R.GET_FEATURES)))
     off = reply_u64(Backend(config=BackendConfig(offloads=True)).handle(msg(R.GET_FEATURES)))
@@ -700,6 +731,8 @@ def test_state_machine_never_crashes_and_keeps_invariants(
             assert req == request and flags == VERSION | 0x4 and size == len(reply) - HEADER.size
         # The owner's view of started rings always matches the backend's.
         assert set(rec.started) == {r.index for r in be.rings if r.started}
+        # ... and so does its view of enabled rings (RESET_DEVICE included).
+        assert rec.enabled == {r.index for r in be.rings if r.enabled}
         most = max(most, len(rec.started))
         for r in be.rings:
             if r.started:

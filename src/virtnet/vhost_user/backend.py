@@ -897,11 +897,16 @@ class Backend:
         # initial state ... retains ownership".  The memory table, the
         # protocol features and the call/err fds (QEMU sets those once, at
         # vhost_dev_init) belong to the connection and are kept; the kick fd
-        # belonged to the started ring and goes.
+        # belonged to the started ring and goes.  The owner hears of every
+        # ring that stops and every one that is no longer enabled: QEMU only
+        # re-enables the pairs the guest uses, so an enabled flag kept from
+        # before the reset would let a pair the guest left unused receive.
         for r in self.rings:
             self._stop(r)
             _close(r.kick_fd)
             self.rings[r.index] = _Ring(r.index, call_fd=r.call_fd, err_fd=r.err_fd)
+            if r.enabled:
+                self.events.on_ring_enable(r.index, False)
         self.features = 0
         self.features_set = False
         self.status = 0
