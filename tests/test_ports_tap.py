@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import logging
 import os
 import pickle
 import select
@@ -29,6 +30,7 @@ from virtnet.ports import VNET_HDR_LEN, FdQueue, Offload, attach_queue, make_por
 from virtnet.ports.switch import Switch, SwitchPort
 from virtnet.ports.tap import TapPort, TapQueue
 from virtnet.testing.worker import QSIZE, WorkerHarness, quiet_tap
+from virtnet.vhost_user.supervisor import VmPort
 
 pytestmark = [
     pytest.mark.root,
@@ -309,6 +311,51 @@ def test_attach_existing_and_refuse_non_multiqueue(netns: str) -> None:
     assert "'sq0' exists without multi_queue" in errors[0]
     assert "'tun0' is a tun, not a tap" in errors[1]
     assert "'ve0' exists and is not a tun/tap device" in errors[2]
+
+
+def test_tap_follows_the_guests_mtu_only_where_serve_created_it(netns: str) -> None:
+    """NET_SET_MTU raises the MTU of a tap serve created (before or after its
+    first queue), never lowers it, and leaves an existing tap alone with a
+    warning naming the command that fixes it."""
+    _ip("-n", netns, "tuntap", "add", "dev", "old0", "mode", "tap", "multi_queue")
+
+    def body() -> tuple[list[int | None], list[str]]:
+        messages: list[str] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                messages.append(f"{record.levelname} {record.getMessage()}")
+
+        sup_log = logging.getLogger("virtnet.vhost_user.supervisor")
+        sup_log.addHandler(Keep())
+        sup_log.setLevel(logging.INFO)
+        mtus: list[int | None] = []
+        for name, first, later in (("new0", 9000, None), ("new1", None, 4000),
+                                   ("new2", 1400, None), ("old0", 9000, None)):  # fmt: skip
+            tap = TapPort(name)
+            vm = VmPort(name, tap, 2)
+            try:
+                if first is not None:
+                    vm.set_guest_mtu(first)  # before the tap exists
+                fd = vm.queue_fd(0)
+                assert fd is not None
+                os.close(fd)
+                if later is not None:
+                    vm.set_guest_mtu(later)
+                mtus.append(tap.mtu())
+            finally:
+                vm.close()
+                tap.close()
+        return mtus, messages
+
+    mtus, messages = in_netns(netns, body)
+    assert mtus == [9000, 4000, 1500, 1500], mtus
+    warnings = [m for m in messages if m.startswith("WARNING")]
+    assert warnings == [
+        "WARNING old0: the guest's MTU is 9000 but tap old0's is 1500: the host cannot send the"
+        " guest frames over 1500 bytes; raise it with 'ip link set dev old0 mtu 9000'"
+    ], messages
+    assert "INFO new0: tap new0 MTU 9000, the guest's" in messages, messages
 
 
 def test_bad_names() -> None:

@@ -19,6 +19,10 @@ Invariants:
   disabled pair so no rx is steered to it.
 * Offloads are off until :meth:`TapPort.set_offloads` turns on what the guest
   negotiated; TSO needs CSUM (the kernel ignores TSO without it).
+* A tap serve created follows the MTU the VM's NIC announces
+  (``VHOST_USER_NET_SET_MTU``, QEMU's ``host_mtu``) when that is larger, as
+  libvirt sets a tap's MTU from ``<mtu>``; a tap that existed is left as its
+  owner set it, and a smaller MTU there is logged as a warning.
 * Frames the kernel drops on the tap itself are counted by the kernel, not by
   a worker: to the guest when a queue's ring (``txqueuelen`` frames) is full
   because nothing reads it -- typically a guest that posts no rx buffers --
@@ -89,7 +93,12 @@ SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
 
+# SIOCGIFMTU / SIOCSIFMTU (include/uapi/linux/sockios.h).
+SIOCGIFMTU = 0x8921
+SIOCSIFMTU = 0x8922
+
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name + ifr_flags, 40 bytes
+_IFREQ_INT = struct.Struct("16si20x")  # struct ifreq: name + ifr_mtu
 _IFREQ_PTR = struct.Struct("16sP16x")  # struct ifreq: name + ifr_data pointer
 # include/uapi/linux/sockios.h SIOCETHTOOL; ethtool.h ETHTOOL_GDRVINFO and the
 # head of struct ethtool_drvinfo (cmd, driver[32], version[32], fw_version[32],
@@ -284,6 +293,24 @@ class TapPort:
                 fcntl.ioctl(s, SIOCSIFFLAGS, _IFREQ.pack(self._raw, flags))
             except OSError as exc:
                 raise UsageError(f"cannot set {self.ifname!r} up={up}: {exc}") from exc
+
+    def mtu(self) -> int | None:
+        """The interface's MTU; None when it is not there."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                res = fcntl.ioctl(s, SIOCGIFMTU, _IFREQ_INT.pack(self._raw, 0))
+            except OSError:
+                return None
+        mtu: int = _IFREQ_INT.unpack(res)[1]
+        return mtu
+
+    def set_mtu(self, mtu: int) -> None:
+        """Set the interface's MTU (SIOCSIFMTU)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                fcntl.ioctl(s, SIOCSIFMTU, _IFREQ_INT.pack(self._raw, mtu))
+            except OSError as exc:
+                raise UsageError(f"cannot set the MTU of {self.ifname!r} to {mtu}: {exc}") from exc
 
     # -- internals ----------------------------------------------------------
 

@@ -140,6 +140,9 @@ class VmPort:
         self.slots = memoryview(self._shm).cast("Q")
         self.base = [[0] * NFIELDS for _ in range(max_pairs)]
         self.restarts = [0] * max_pairs
+        #: The MTU the VM's NIC announced (NET_SET_MTU), None until it does.
+        self.guest_mtu: int | None = None
+        self._mtu_done: int | None = None  # the guest MTU the tap was last checked for
 
     def slot(self, pair: int) -> memoryview:
         return self.slots[pair * NFIELDS : (pair + 1) * NFIELDS]
@@ -153,6 +156,7 @@ class VmPort:
             if self.kind == "tap":
                 # A new tap queue is attached; follow the pair's enable state.
                 self._tap_enable(pair, pair in self.enabled)
+                self._tap_mtu()  # the first queue may have created the tap
         fd = q.fileno()
         return None if fd is None else os.dup(fd)
 
@@ -179,6 +183,39 @@ class VmPort:
             set_active = getattr(self.port, "set_active_pairs", None)
             if set_active is not None:
                 set_active(self.vm_id, max(1, n))
+
+    def set_guest_mtu(self, mtu: int) -> None:
+        """The VM's NIC announced ``mtu`` (NET_SET_MTU, already range-checked)."""
+        self.guest_mtu = mtu
+        if self.kind == "tap" and self.queues:
+            self._tap_mtu()
+
+    def _tap_mtu(self) -> None:
+        """Raise the MTU of a tap serve created to the guest's; warn when a tap
+        that existed has a smaller one (host->guest frames over it are lost)."""
+        want = self.guest_mtu
+        get_mtu = getattr(self.port, "mtu", None)
+        if want is None or want == self._mtu_done or get_mtu is None:
+            return
+        self._mtu_done = want
+        have = get_mtu()
+        if have is None or have >= want:
+            return
+        name = getattr(self.port, "ifname", "?")
+        set_mtu = getattr(self.port, "set_mtu", None)
+        if getattr(self.port, "created", False) and set_mtu is not None:
+            try:
+                set_mtu(want)
+            except UsageError as exc:
+                log.warning("%s: %s", self.vm_id, exc)
+            else:
+                log.info("%s: tap %s MTU %d, the guest's", self.vm_id, name, want)
+            return
+        log.warning(
+            "%s: the guest's MTU is %d but tap %s's is %d: the host cannot send the guest"
+            " frames over %d bytes; raise it with 'ip link set dev %s mtu %d'",
+            self.vm_id, want, name, have, have, name, want,
+        )  # fmt: skip
 
     def _tap_enable(self, pair: int, on: bool) -> None:
         set_queue_enabled = getattr(self.port, "set_queue_enabled", None)
@@ -429,6 +466,7 @@ class Supervisor:
     def on_mtu(self, mtu: int) -> bool:
         log.info("%s: MTU %d", self.name, mtu)
         self.mtu = mtu
+        self.vm.set_guest_mtu(mtu)
         return True
 
     def on_rarp(self, mac: bytes) -> bool:
