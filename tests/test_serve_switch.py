@@ -86,3 +86,24 @@ def test_guests_iperf3_both_ways(pair: tuple[Guest, Guest, Path]) -> None:
     assert "error" not in sw, sw
     assert sw["frames_in"] > 1000 and sw["frames_out"] > 1000, sw
     assert sw["dropped_bad_frame"] == sw["dropped_unknown_vm"] == 0, sw
+
+
+def test_guests_over_ipv6(pair: tuple[Guest, Guest, Path]) -> None:
+    """Link-local IPv6 needs the switch to flood neighbour solicitations
+    (multicast 33:33:ff:xx:xx:xx); then ping and TCP both ways over IPv6,
+    with GSO TCPV6 super-frames crossing the switch."""
+    ga, gb, _ = pair
+    addr_b = "fe80::5054:ff:fe77:103"  # EUI-64 of gb's MAC
+    for g in (ga, gb):
+        assert wait_for(lambda g=g: "tentative" not in g.run("ip -6 addr show dev eth0").output
+                        and "fe80::" in g.run("ip -6 addr show dev eth0").output,
+                        timeout=20), g.run("ip -6 addr", check=False).output  # fmt: skip
+    assert addr_b in gb.run("ip -6 addr show dev eth0").output
+    assert wait_for(lambda: ga.run(f"ping -6 -c 1 -W 2 {addr_b}%eth0", check=False).status == 0,
+                    timeout=30), ga.run("ip -6 neigh", check=False).output  # fmt: skip
+    gb.run("iperf3 -s -D -1 >/dev/null 2>&1; sleep 0.5")
+    out = ga.iperf3(f"-6 -c {addr_b}%eth0 -P 2 -t 2 -i 0")
+    assert "receiver" in out, out
+    gb.run("iperf3 -s -D -1 >/dev/null 2>&1; sleep 0.5")
+    out = ga.iperf3(f"-6 -c {addr_b}%eth0 -P 2 -t 2 -i 0 -R")
+    assert "receiver" in out, out
