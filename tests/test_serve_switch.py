@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -94,10 +95,13 @@ def test_guests_over_ipv6(pair: tuple[Guest, Guest, Path]) -> None:
     with GSO TCPV6 super-frames crossing the switch."""
     ga, gb, _ = pair
     addr_b = "fe80::5054:ff:fe77:103"  # EUI-64 of gb's MAC
+
+    def link_local_ready(g: Guest) -> bool:
+        out = g.run("ip -6 addr show dev eth0").output
+        return "fe80::" in out and "tentative" not in out
+
     for g in (ga, gb):
-        assert wait_for(lambda g=g: "tentative" not in g.run("ip -6 addr show dev eth0").output
-                        and "fe80::" in g.run("ip -6 addr show dev eth0").output,
-                        timeout=20), g.run("ip -6 addr", check=False).output  # fmt: skip
+        assert wait_for(partial(link_local_ready, g), timeout=20), g.run("ip -6 addr").output
     assert addr_b in gb.run("ip -6 addr show dev eth0").output
     assert wait_for(lambda: ga.run(f"ping -6 -c 1 -W 2 {addr_b}%eth0", check=False).status == 0,
                     timeout=30), ga.run("ip -6 neigh", check=False).output  # fmt: skip
