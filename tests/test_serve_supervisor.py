@@ -8,6 +8,7 @@ next-avail indexes; SIGTERM reaps every worker; the stats socket and
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -26,7 +27,7 @@ from virtnet.errors import UsageError
 from virtnet.testing.guest import wait_for
 from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.frontend import VhostUserFrontend
-from virtnet.vhost_user.serve import Daemon
+from virtnet.vhost_user.serve import Daemon, _vlan_plan, _vlans_arg
 from virtnet.vhost_user.stats import fetch, render
 
 pytestmark = pytest.mark.timeout(120)
@@ -276,6 +277,64 @@ def test_usage_errors(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert res.returncode == 2 and "template" in res.stderr
+
+
+def test_vlans_option_parsing_and_errors(tmp_path: Path) -> None:
+    assert _vlans_arg("0,100-102") == (None, frozenset({0, 100, 101, 102}))
+    assert _vlans_arg("a=b.sock=7") == ("a=b.sock", frozenset({7}))
+    for bad in ("", "x", "vm=", "=5", "4095", "5-3", "-1", "vm=0,,1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="bad --vlans"):
+            _vlans_arg(bad)
+    members = ["a.sock", "b.sock", "uplink:up0"]
+    plan = _vlan_plan([("b.sock", frozenset({5})), ("uplink", frozenset({0, 5}))], members)
+    assert plan == {"a.sock": {0}, "b.sock": {5}, "uplink:up0": {0, 5}}
+    plan = _vlan_plan([(None, frozenset({0, 9})), ("a.sock", frozenset({9}))], members)
+    assert plan == {"a.sock": {9}, "b.sock": {0, 9}, "uplink:up0": {0, 9}}
+    with pytest.raises(UsageError, match=r"no such switch member.*a\.sock, b\.sock, uplink"):
+        _vlan_plan([("c.sock", frozenset({1}))], members)
+    with pytest.raises(UsageError, match="given twice"):
+        _vlan_plan([("uplink", frozenset({1})), ("uplink:up0", frozenset({2}))], members)
+    with pytest.raises(UsageError, match="without VM= given twice"):
+        _vlan_plan([(None, frozenset({1})), (None, frozenset({2}))], members)
+    with pytest.raises(UsageError, match="--vlans needs --port switch"):
+        Daemon([str(tmp_path / "a")], port="null", vlans=[(None, frozenset({0}))])
+    res = subprocess.run(
+        [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(tmp_path / "a"),
+         "--vlans", "a=4095"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert res.returncode == 2 and "bad --vlans 'a=4095'" in res.stderr, res.stderr
+
+
+def _tagged(vlan: int | None, src: bytes, n: int) -> bytes:
+    tag = b"" if vlan is None else b"\x81\x00" + struct.pack(">H", vlan)
+    return b"\xff" * 6 + src + tag + b"\x08\x00" + struct.pack(">I", n) + bytes(42)
+
+
+def test_vlans_keep_switch_members_apart(tmp_path: Path) -> None:
+    """``--vlans vm.sock=0,100 --vlans b.sock=100``: B gets A's frames tagged 100
+    (tag kept), not A's untagged ones (B is no member of 0); a frame on a VLAN A
+    is no member of is dropped and counted.  The stats show each VM's VLANs."""
+    sock, stats, _ = _paths(tmp_path)
+    b_sock = tmp_path / "b.sock"
+    with (
+        _serving(tmp_path, "--socket", str(b_sock), "--port", "switch", "--queues", "1",
+                 "--vlans", "vm.sock=0,100", "--vlans", "b.sock=100"),
+        VhostUserFrontend(sock, queue_pairs=1, mac=MAC_A) as fa,
+        VhostUserFrontend(b_sock, queue_pairs=1, mac=MAC_B) as fb,
+    ):  # fmt: skip
+        assert fa.send([_tagged(None, MAC_A, 1), _tagged(100, MAC_A, 2), _tagged(200, MAC_A, 3)])
+        got: list[bytes] = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not got:
+            got += [f.data for f in fb.receive(timeout=0.2)]
+        time.sleep(0.3)
+        got += [f.data for f in fb.receive(timeout=0.2)]
+        assert got == [_tagged(100, MAC_A, 2)], got
+        doc = fetch(str(stats))
+        assert doc["switch"]["dropped_vlan"] == 1, doc["switch"]
+        assert [vm["vlans"] for vm in doc["vms"]] == [[0, 100], [100]]
+        assert "VLANs 0,100" in _stats_cli(stats)
 
 
 @pytest.mark.parametrize("offloads", [True, False])

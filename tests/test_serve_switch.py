@@ -2,7 +2,9 @@
 
 Both guests boot (QEMU 10, TCG) with 2-pair vhost-user NICs; the switch
 process of serve joins them.  They ping each other and run iperf3 TCP both
-ways (GSO super-frames cross the switch: both guests take TSO on rx).
+ways (GSO super-frames cross the switch: both guests take TSO on rx), over
+IPv4, link-local IPv6, and a VLAN both are members of (``--vlans``), and
+cannot reach each other over a VLAN they are not members of.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
 QUEUES = 2
 IP_A, IP_B = "10.77.1.2", "10.77.1.3"
+#: Both guests are members of VLAN 0 (untagged) and this one (``--vlans 0,VLAN``).
+VLAN, OTHER_VLAN = 100, 200
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,7 @@ def pair(
         serve = subprocess.Popen(
             [sys.executable, "-m", "virtnet.cli", "-v", "serve", "--socket", str(a),
              "--socket", str(b), "--port", "switch", "--queues", str(QUEUES),
+             "--vlans", f"0,{VLAN}",
              "--stats-socket", str(stats)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
@@ -111,3 +116,27 @@ def test_guests_over_ipv6(pair: tuple[Guest, Guest, Path]) -> None:
     gb.run("iperf3 -s -D -1 >/dev/null 2>&1; sleep 0.5")
     out = ga.iperf3(f"-6 -c {addr_b}%eth0 -P 2 -t 2 -i 0 -R")
     assert "receiver" in out, out
+
+
+def test_guests_over_a_vlan_and_not_over_another(pair: tuple[Guest, Guest, Path]) -> None:
+    """``--vlans 0,100``: the guests' own 802.1Q interfaces eth0.100 reach each
+    other (ping, TCP both ways: tagged GSO super-frames cross the switch), and
+    eth0.200 does not -- the switch drops what a VM sends on a VLAN it is no
+    member of, and counts it."""
+    ga, gb, stats = pair
+    for g, last in ((ga, 2), (gb, 3)):
+        for vid in (VLAN, OTHER_VLAN):
+            g.run(
+                f"ip link add link eth0 name eth0.{vid} type vlan id {vid}"
+                f" && ip addr add 10.77.{vid}.{last}/24 dev eth0.{vid}"
+                f" && ip link set eth0.{vid} up"
+            )
+    peer = f"10.77.{VLAN}.3"
+    assert wait_for(lambda: ga.ping(peer, count=1, timeout=5), timeout=30), ga.console_tail()
+    dropped = fetch(str(stats))["switch"]["dropped_vlan"]
+    assert not ga.ping(f"10.77.{OTHER_VLAN}.3", count=2, timeout=5)
+    assert fetch(str(stats))["switch"]["dropped_vlan"] >= dropped + 2
+    for reverse in ("", " -R"):
+        gb.run("iperf3 -s -D -1 >/dev/null 2>&1; sleep 0.5")
+        out = ga.iperf3(f"-c {peer} -P 2 -t 2 -i 0{reverse}")
+        assert "receiver" in out, out

@@ -74,8 +74,8 @@ __all__ = [
     "wait_for",
 ]
 
-#: Kernel modules the guest needs for virtio-net over PCI (dependencies are
-#: added from ``modules.dep`` and loaded first).
+#: Kernel modules the guest loads: virtio-net over PCI, and 802.1Q
+#: (dependencies are added from ``modules.dep`` and loaded first).
 GUEST_MODULES: tuple[str, ...] = (
     "virtio",
     "virtio_ring",
@@ -85,6 +85,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "failover",
     "net_failover",
     "virtio_net",
+    "8021q",  # VLAN interfaces (eth0.N) in the guest
 )
 
 #: Programs copied into the guest together with their shared libraries.

@@ -64,13 +64,14 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 from virtnet.errors import UsageError
 from virtnet.ports.base import Port, make_port
-from virtnet.ports.switch import SwitchPort
+from virtnet.ports.switch import VLAN_MAX, SwitchPort
 from virtnet.ports.tap import TapPort
 from virtnet.sdnotify import notify
 from virtnet.vhost_user.backend import LOG_ALL, MAX_QUEUE_PAIRS, Backend, BackendConfig
@@ -140,7 +141,9 @@ class Daemon:
         cpus: tuple[int, ...] = (),
         workers: int = 0,
         kick_defer_us: int = KICK_DEFER_US,
+        vlans: Sequence[tuple[str | None, frozenset[int]]] = (),
     ) -> None:
+        """``vlans``: the ``--vlans`` options (:func:`_vlans_arg`), switch only."""
         if not sockets:
             raise UsageError("at least one --socket is needed")
         if not 1 <= queues <= MAX_QUEUE_PAIRS:
@@ -166,6 +169,8 @@ class Daemon:
         self.server = Server()
         self.vms: list[_Vm] = []
         self._shared: Port | None = None
+        #: Each switch member's VLANs, when --vlans set them.
+        self.vlans: dict[str, frozenset[int]] = {}
         self._stop = False
         self.stats_path = stats_socket
         self.stats_listener: socket.socket | None = None
@@ -193,11 +198,23 @@ class Daemon:
                         vm.endpoint = self.server.add_listener(path, factory, name=name)
                     except OSError as exc:
                         raise UsageError(f"cannot listen on {path}: {exc}") from exc
+            if vlans:
+                self._set_vlans(vlans)
             if stats_socket:
                 self._open_stats(stats_socket)
         except BaseException:
             self.close()
             raise
+
+    def _set_vlans(self, spec: Sequence[tuple[str | None, frozenset[int]]]) -> None:
+        sw = self._shared
+        if not isinstance(sw, SwitchPort):
+            raise UsageError("--vlans needs --port switch (a tap carries every VLAN)")
+        members = [vm.name for vm in self.vms] + [f"uplink:{t.ifname}" for t in sw.uplinks]
+        for member, ids in _vlan_plan(spec, members).items():
+            sw.set_vlans(member, ids)
+            self.vlans[member] = ids
+            log.info("%s: VLANs %s", member, ",".join(map(str, sorted(ids))))
 
     def _factory(self, vm: _Vm) -> Any:
         config = BackendConfig(max_queue_pairs=self.queues, offloads=self.offloads)
@@ -315,6 +332,8 @@ def snapshot(d: Daemon) -> dict[str, Any]:
         )
         if isinstance(vm.port, TapPort):
             vms[-1]["tap"] = _tap_snapshot(vm.port)
+        if vm.name in d.vlans:
+            vms[-1]["vlans"] = sorted(d.vlans[vm.name])
     doc: dict[str, Any] = {"time": time.time(), "queues": d.queues, "vms": vms}
     if isinstance(d._shared, SwitchPort):
         doc["switch"] = _switch_snapshot(d._shared)
@@ -339,18 +358,67 @@ def _switch_snapshot(sw: SwitchPort) -> dict[str, Any]:
     return counters
 
 
+def _int_ranges(text: str) -> tuple[int, ...]:
+    """``0,2-3`` -> (0, 2, 3); ValueError when it is not such a list."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        first, last = int(lo), int(hi or lo)
+        if first < 0 or last < first:
+            raise ValueError(part)
+        out += range(first, last + 1)
+    return tuple(out)
+
+
 def _cpu_list(text: str) -> tuple[int, ...]:
     """``0,2-3`` -> (0, 2, 3)."""
-    out: list[int] = []
     try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            out += range(int(lo), int(hi or lo) + 1)
+        return _int_ranges(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad CPU list {text!r} (e.g. 0,2-3)") from None
-    if not out or min(out) < 0:
-        raise argparse.ArgumentTypeError(f"bad CPU list {text!r}")
-    return tuple(out)
+
+
+def _vlans_arg(text: str) -> tuple[str | None, frozenset[int]]:
+    """``--vlans [MEMBER=]IDS``: ``vm1.sock=0,100-102`` -> ("vm1.sock", {0, 100, 101, 102});
+    without ``MEMBER=`` the set is every member's default (None)."""
+    member, eq, ids = text.rpartition("=")
+    try:
+        vlans = frozenset(_int_ranges(ids))
+    except ValueError:
+        vlans = frozenset()
+    if (eq and not member) or not vlans or max(vlans) > VLAN_MAX:
+        raise argparse.ArgumentTypeError(
+            f"bad --vlans {text!r}: [VM=]IDS, IDS a list of VLAN ids 0..{VLAN_MAX}"
+            " (0: untagged), e.g. vm1.sock=0,100-102"
+        )
+    return (member if eq else None), vlans
+
+
+def _vlan_plan(
+    spec: Sequence[tuple[str | None, frozenset[int]]], members: Sequence[str]
+) -> dict[str, frozenset[int]]:
+    """Each switch member's VLANs from the ``--vlans`` options: a named one for
+    that member (a VM's name, or ``uplink`` for the uplink tap), the unnamed
+    one for the rest (default: untagged only)."""
+    default: frozenset[int] | None = None
+    named: dict[str, frozenset[int]] = {}
+    aliases = {m.partition(":")[0] if m.startswith("uplink:") else m: m for m in members}
+    aliases.update({m: m for m in members})
+    for who, vlans in spec:
+        if who is None:
+            if default is not None:
+                raise UsageError("--vlans without VM= given twice")
+            default = vlans
+            continue
+        if who not in aliases:
+            raise UsageError(
+                f"--vlans {who}=...: no such switch member (VMs are named by their socket's"
+                f" file name: {', '.join(sorted(aliases))})"
+            )
+        if aliases[who] in named:
+            raise UsageError(f"--vlans for {who} given twice")
+        named[aliases[who]] = vlans
+    return {m: named.get(m, default if default is not None else frozenset({0})) for m in members}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -408,6 +476,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " (size it to the CPUs the workers can have); default 0: one process per pair",
     )
     parser.add_argument(
+        "--vlans",
+        type=_vlans_arg,
+        action="append",
+        default=[],
+        metavar="[VM=]IDS",
+        help="--port switch: the 802.1Q VLANs a VM may use (0: untagged; e.g. 0,100-102);"
+        " VM is its socket's file name, or 'uplink'; without VM= it applies to every member"
+        " not named (default: 0 only). Frames are never tagged or untagged",
+    )
+    parser.add_argument(
         "--no-offloads",
         dest="offloads",
         action="store_false",
@@ -427,6 +505,7 @@ def run(args: argparse.Namespace) -> int:
         cpus=args.pin,
         workers=args.workers,
         kick_defer_us=args.kick_defer_us,
+        vlans=args.vlans,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -127,6 +127,8 @@ def render(doc: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
             title += f", migrating (dirty log of {vm.get('dirty_log_bytes', 0)} bytes)"
         if "tap" in vm:
             title += f"; {tap_drops_text(vm['tap'])}"
+        if vm.get("vlans"):
+            title += f"; VLANs {','.join(map(str, vm['vlans']))}"
         t = Table(title=title, caption=vm.get("features") or None)
         t.add_column("pair", justify="right")
         t.add_column("on")
