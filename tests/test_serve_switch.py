@@ -3,7 +3,7 @@
 Both guests boot (QEMU 10, TCG) with 2-pair vhost-user NICs; the switch
 process of serve joins them.  They ping each other and run iperf3 TCP both
 ways (GSO super-frames cross the switch: both guests take TSO on rx), over
-IPv4, link-local IPv6, and a VLAN both are members of (``--vlans``), and
+IPv4 at MTU 9000 (``host_mtu``), link-local IPv6, and a VLAN both are members of (``--vlans``), and
 cannot reach each other over a VLAN they are not members of.
 """
 
@@ -27,6 +27,8 @@ QUEUES = 2
 IP_A, IP_B = "10.77.1.2", "10.77.1.3"
 #: Both guests are members of VLAN 0 (untagged) and this one (``--vlans 0,VLAN``).
 VLAN, OTHER_VLAN = 100, 200
+#: Both NICs announce this MTU (``host_mtu``), so the guests use jumbo frames.
+MTU = 9000
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +50,17 @@ def pair(
         assert serve.poll() is None, log.read_text()
         with (
             Guest(
-                vhost_user_netdev_args(a, queues=QUEUES, mac="52:54:00:77:01:02"),
+                vhost_user_netdev_args(
+                    a, queues=QUEUES, mac="52:54:00:77:01:02", device_extra=f"host_mtu={MTU}"
+                ),
                 initramfs=guest_initramfs,
                 ip=f"{IP_A}/24",
                 smp=1,
             ) as ga,
             Guest(
-                vhost_user_netdev_args(b, queues=QUEUES, mac="52:54:00:77:01:03"),
+                vhost_user_netdev_args(
+                    b, queues=QUEUES, mac="52:54:00:77:01:03", device_extra=f"host_mtu={MTU}"
+                ),
                 initramfs=guest_initramfs,
                 ip=f"{IP_B}/24",
                 smp=1,
@@ -71,6 +77,23 @@ def test_guests_ping_each_other(pair: tuple[Guest, Guest, Path]) -> None:
     ga, gb, _ = pair
     assert wait_for(lambda: ga.ping(IP_B, count=1, timeout=5), timeout=40), ga.console_tail()
     assert gb.ping(IP_A, count=3)
+
+
+def test_jumbo_frames_between_guests(pair: tuple[Guest, Guest, Path]) -> None:
+    """Both guests took MTU 9000 from host_mtu; 9000-byte packets cross the
+    switch whole (the receiver's eth0 counts as many frames as pings)."""
+    ga, gb, _ = pair
+    for g in (ga, gb):
+        assert g.run("cat /sys/class/net/eth0/mtu").output.strip() == str(MTU)
+    assert ga.ping(IP_B, count=1)
+
+    def rx_packets() -> int:
+        return int(gb.run("cat /sys/class/net/eth0/statistics/rx_packets").output)
+
+    before = rx_packets()
+    out = ga.run(f"ping -c 3 -W 5 -s {MTU - 28} {IP_B}").output
+    assert f"{MTU - 20} bytes from {IP_B}" in out, out
+    assert rx_packets() - before <= 3 + 2  # 3 echo requests (+ ARP), no fragments
 
 
 def test_guests_iperf3_both_ways(pair: tuple[Guest, Guest, Path]) -> None:
