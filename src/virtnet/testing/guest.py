@@ -914,6 +914,19 @@ class Guest:
             raise GuestError(f"migration to {uri} did not end within {timeout:g}s: {last}")
         return last
 
+    def reboot(self, *, timeout: float | None = None) -> None:
+        """Reset the machine (QMP ``system_reset``: what a guest's ``reboot`` or
+        a host-side reset does) and wait until the rebooted guest's agent
+        answers (``timeout``, default ``boot_timeout``); ``/init`` gives eth0
+        its ``ip`` again.  ``-no-reboot`` would turn the reset into an exit, so
+        the reset action is switched to "reset" first."""
+        self.qmp("set-action", {"reboot": "reset"})
+        deadline = time.monotonic() + (self.boot_timeout if timeout is None else timeout)
+        del self._buf[:]
+        self.qmp("system_reset")
+        self._read_until(lambda buf: buf.find(_READY), deadline, "reboot")
+        del self._buf[:]
+
     # -- helpers -----------------------------------------------------------------------
 
     def configure_ip(self, cidr: str, ifname: str = "eth0") -> None:

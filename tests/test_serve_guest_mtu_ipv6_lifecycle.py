@@ -1,4 +1,4 @@
-"""What users run besides IPv4 at MTU 1500, with a real guest on ``virtnet serve --port tap``.
+"""Jumbo frames, IPv6 and a VM's lifecycle, with a real guest on ``virtnet serve --port tap``.
 
 One guest (QEMU 10, TCG, 2 pairs) whose NIC has ``host_mtu=9000``: QEMU then
 sends ``VHOST_USER_NET_SET_MTU`` and offers ``VIRTIO_NET_F_MTU``, and the
@@ -6,15 +6,16 @@ guest's own virtio_net takes MTU 9000.  serve creates the tap in the test's
 namespace and raises its MTU to the one QEMU announced.  Checks:
 
 * jumbo frames: 9000-byte IPv4 packets both ways, unfragmented (DF set into
-  the guest, the tap's counters out of it),
-  and TCP both ways at that MTU;
+  the guest, the tap's counters out of it), and TCP both ways at that MTU;
 * IPv6: neighbour discovery (multicast) through serve, ping both ways, TCP
   both ways (the TSO6/GSO TCPV6 offload path in both directions);
 * the NIC unplugged and plugged again at run time (QMP ``device_del`` /
   ``netdev_del`` then ``chardev-add`` / ``netdev_add`` / ``device_add``, what
   ``virsh detach-interface`` and ``attach-interface`` do): serve stops the
   rings, sees the connection close, keeps serving, and takes the new NIC on a
-  new connection without being restarted.
+  new connection without being restarted;
+* the machine reset (a reboot): the same connection, the device negotiated
+  again by the rebooted kernel.
 """
 
 from __future__ import annotations
@@ -166,8 +167,8 @@ def test_nic_unplugged_and_plugged_again(setup: ServedGuest) -> None:
     """Hot-unplug the NIC (the guest ejects it through ACPI), delete its
     netdev (QEMU closes the vhost-user connection), then plug a new NIC on a
     new connection to the same serve: the guest gets eth0 back at MTU 9000
-    with both pairs, and traffic flows.  serve is never restarted.  (Last: the
-    module's NIC is gone afterwards.)"""
+    with both pairs, and traffic flows.  serve is never restarted.  (The
+    module's later tests run on the new NIC.)"""
     s = setup
     g = s.guest
     g.set_channels(QUEUES)
@@ -206,4 +207,21 @@ def test_nic_unplugged_and_plugged_again(setup: ServedGuest) -> None:
         out = g.iperf3(f"-c {HOST_IP} -P {QUEUES} -t 2 -i 0 -R")
         assert "receiver" in out, out
     assert s.serve.poll() is None and s.serve.pid == serve_pid
+    _no_errors(s)
+
+
+def test_guest_reboot(setup: ServedGuest) -> None:
+    """The whole machine reset (after the re-plug above): QEMU stops the rings
+    and resets the device on the same connection, the rebooted kernel's
+    virtio_net negotiates again, and both pairs carry traffic."""
+    s = setup
+    g = s.guest
+    connections = _vm(s)["connections"]
+    g.reboot()
+    assert wait_for(lambda: g.ping(HOST_IP, count=1, timeout=4), timeout=60), g.console_tail()
+    assert g.run("cat /sys/class/net/eth0/mtu").output.strip() == str(MTU)
+    g.set_channels(QUEUES)
+    assert wait_for(partial(ServedGuest.enabled_is, s, QUEUES), timeout=10), s.pairs()
+    _tcp_both_ways(s, HOST_IP)
+    assert _vm(s)["connections"] == connections  # a reset is not a reconnection
     _no_errors(s)
