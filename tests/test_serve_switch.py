@@ -31,6 +31,11 @@ VLAN, OTHER_VLAN = 100, 200
 MTU = 9000
 
 
+def _control(stats: Path) -> Path:
+    """serve's control socket, next to its stats socket."""
+    return stats.with_name("control.sock")
+
+
 @pytest.fixture(scope="module")
 def pair(
     guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory
@@ -42,7 +47,7 @@ def pair(
             [sys.executable, "-m", "virtnet.cli", "-v", "serve", "--socket", str(a),
              "--socket", str(b), "--port", "switch", "--queues", str(QUEUES),
              "--vlans", f"0,{VLAN}",
-             "--stats-socket", str(stats)],
+             "--stats-socket", str(stats), "--control-socket", str(_control(stats))],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
     try:
@@ -163,3 +168,37 @@ def test_guests_over_a_vlan_and_not_over_another(pair: tuple[Guest, Guest, Path]
         gb.run("iperf3 -s -D -1 >/dev/null 2>&1; sleep 0.5")
         out = ga.iperf3(f"-c {peer} -P 2 -t 2 -i 0{reverse}")
         assert "receiver" in out, out
+
+
+def test_a_guest_plugged_in_and_out_with_virtnet_ctl(
+    pair: tuple[Guest, Guest, Path], guest_initramfs: Path
+) -> None:
+    """``virtnet ctl add`` gives serve a third VM socket at run time: a guest
+    booted on it pings A; ``virtnet ctl remove`` unplugs it (its link is
+    gone) while A and B go on talking; a second add takes it back (QEMU
+    reconnects by itself)."""
+    ga, _, stats = pair
+    control = _control(stats)
+    c = stats.with_name("c.sock")
+
+    def ctl(*args: str) -> str:
+        res = subprocess.run(
+            [sys.executable, "-m", "virtnet.cli", "ctl", "--control-socket", str(control), *args],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        return res.stdout.strip()
+
+    assert ctl("add", "--socket", str(c)) == "c.sock"
+    with Guest(
+        vhost_user_netdev_args(c, queues=QUEUES, mac="52:54:00:77:01:04", reconnect_ms=500),
+        initramfs=guest_initramfs,
+        ip="10.77.1.4/24",
+        smp=1,
+    ) as gc:
+        assert wait_for(lambda: gc.ping(IP_A, count=1, timeout=5), timeout=40), gc.console_tail()
+        ctl("remove", "c.sock")
+        assert not gc.ping(IP_A, count=2, timeout=5)
+        assert ga.ping(IP_B, count=2)
+        assert [vm["name"] for vm in fetch(str(stats))["vms"]] == ["a.sock", "b.sock"]
+        assert ctl("add", "--socket", str(c)) == "c.sock"
+        assert wait_for(lambda: gc.ping(IP_A, count=1, timeout=5), timeout=40), gc.console_tail()

@@ -69,12 +69,13 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from virtnet.errors import UsageError
+from virtnet.errors import PeerError, UsageError
 from virtnet.ports.base import Port, make_port
 from virtnet.ports.switch import VLAN_MAX, SwitchPort
 from virtnet.ports.tap import TapPort
 from virtnet.sdnotify import notify
 from virtnet.vhost_user.backend import LOG_ALL, MAX_QUEUE_PAIRS, Backend, BackendConfig
+from virtnet.vhost_user.control import MAX_REQUEST_BYTES, TIMEOUT_S, AddVm, parse_request
 from virtnet.vhost_user.server import Endpoint, Server
 from virtnet.vhost_user.supervisor import Supervisor, VmPort, feature_names
 from virtnet.vhost_user.worker import (
@@ -142,8 +143,10 @@ class Daemon:
         workers: int = 0,
         kick_defer_us: int = KICK_DEFER_US,
         vlans: Sequence[tuple[str | None, frozenset[int]]] = (),
+        control_socket: str | None = None,
     ) -> None:
-        """``vlans``: the ``--vlans`` options (:func:`_vlans_arg`), switch only."""
+        """``vlans``: the ``--vlans`` options (:func:`_vlans_arg`), switch only;
+        ``control_socket``: where ``virtnet ctl`` adds and removes VMs."""
         if not sockets:
             raise UsageError("at least one --socket is needed")
         if not 1 <= queues <= MAX_QUEUE_PAIRS:
@@ -166,45 +169,123 @@ class Daemon:
         if bad:
             raise UsageError(f"--pin: CPUs {bad} are not available (allowed: {sorted(allowed)})")
         self.cpus = cpus
+        self.port_spec = port
+        self.client = client
         self.server = Server()
         self.vms: list[_Vm] = []
+        self._next_index = 0  # of the next VM: tap templates, name suffixes
         self._shared: Port | None = None
         #: Each switch member's VLANs, when --vlans set them.
         self.vlans: dict[str, frozenset[int]] = {}
+        self._vlan_spec = tuple(vlans)
         self._stop = False
         self.stats_path = stats_socket
         self.stats_listener: socket.socket | None = None
+        self.control_path = control_socket
+        self.control_listener: socket.socket | None = None
         try:
             for i, path in enumerate(sockets):
-                spec = _tap_spec(port, i, len(sockets))
-                if spec.startswith("tap:"):
-                    p = make_port(spec)
-                else:
-                    if self._shared is None:
-                        self._shared = make_port(spec)
-                    p = self._shared
-                name = os.path.basename(path) or f"vm{i}"
-                if any(v.name == name for v in self.vms):
-                    name = f"{name}#{i}"
-                vm = _Vm(i, name, path, p, VmPort(name, p, queues))
-                self.vms.append(vm)
-                factory = self._factory(vm)
-                if client:
-                    vm.endpoint = self.server.add_client(
-                        path, factory, name=name, retry_interval=RETRY_S
-                    )
-                else:
-                    try:
-                        vm.endpoint = self.server.add_listener(path, factory, name=name)
-                    except OSError as exc:
-                        raise UsageError(f"cannot listen on {path}: {exc}") from exc
+                self._add_vm(path, _tap_spec(port, i, len(sockets)))
             if vlans:
                 self._set_vlans(vlans)
             if stats_socket:
-                self._open_stats(stats_socket)
+                self.stats_listener = _listen(stats_socket, "stats socket")
+            if control_socket:
+                self.control_listener = _listen(control_socket, "control socket", private=True)
         except BaseException:
             self.close()
             raise
+
+    def _add_vm(self, path: str, spec: str) -> _Vm:
+        """Serve ``path`` on port ``spec`` (the tap's own, or the shared one)."""
+        i = self._next_index
+        self._next_index += 1
+        if spec.startswith("tap:"):
+            p = make_port(spec)
+        else:
+            if self._shared is None:
+                self._shared = make_port(spec)
+            p = self._shared
+        name = os.path.basename(path) or f"vm{i}"
+        if any(v.name == name for v in self.vms):
+            name = f"{name}#{i}"
+        vm = _Vm(i, name, path, p, VmPort(name, p, self.queues))
+        factory = self._factory(vm)
+        try:
+            if self.client:
+                vm.endpoint = self.server.add_client(
+                    path, factory, name=name, retry_interval=RETRY_S
+                )
+            else:
+                try:
+                    vm.endpoint = self.server.add_listener(path, factory, name=name)
+                except OSError as exc:
+                    raise UsageError(f"cannot listen on {path}: {exc}") from exc
+        except BaseException:
+            vm.vmport.close()
+            if p is not self._shared:
+                p.close()
+            raise
+        self.vms.append(vm)
+        return vm
+
+    def add_vm(
+        self, path: str, *, vlans: frozenset[int] | None = None, tap: str | None = None
+    ) -> str:
+        """Serve one more VM on ``path`` at run time (``virtnet ctl add``); its name.
+
+        ``vlans``: its switch VLANs (default: the ``--vlans`` default, else
+        untagged only); ``tap``: its tap with ``--port tap:...`` (default: the
+        port's ``%d`` template with the next index)."""
+        if any(vm.path == path for vm in self.vms):
+            raise UsageError(f"{path} is already served")
+        is_tap = self.port_spec.startswith("tap:")
+        if tap is not None and not is_tap:
+            raise UsageError(f"a tap name needs --port tap:..., not --port {self.port_spec}")
+        if vlans is not None and not isinstance(self._shared, SwitchPort):
+            raise UsageError("VLANs need --port switch (a tap carries every VLAN)")
+        if is_tap and tap is None and not any(t in self.port_spec for t in ("%d", "{}")):
+            raise UsageError(
+                f"--port {self.port_spec} names one tap, which a VM already has: give the"
+                " new VM its own tap"
+            )
+        spec = f"tap:{tap}" if tap is not None else _tap_spec(self.port_spec, self._next_index, 1)
+        if is_tap and any(getattr(v.port, "ifname", None) == spec[4:] for v in self.vms):
+            raise UsageError(f"tap {spec[4:]} already serves a VM")
+        vm = self._add_vm(path, spec)
+        sw = self._shared
+        if isinstance(sw, SwitchPort) and (vlans is not None or self._vlan_spec):
+            ids = vlans if vlans is not None else _vlans_for(self._vlan_spec, vm.name)
+            sw.set_vlans(vm.name, ids)
+            self.vlans[vm.name] = ids
+        log.info(
+            "%s: added (%s)%s", vm.name, path,
+            f", VLANs {','.join(map(str, sorted(self.vlans[vm.name])))}"
+            if vm.name in self.vlans else "",
+        )  # fmt: skip
+        return vm.name
+
+    def remove_vm(self, name: str) -> None:
+        """Stop serving the VM called ``name`` (``virtnet ctl remove``): close
+        its connection (its workers stop), its socket and its tap or switch
+        membership."""
+        vm = next((v for v in self.vms if v.name == name), None)
+        if vm is None:
+            raise UsageError(f"no VM called {name!r} (see virtnet stats)")
+        self.vms.remove(vm)
+        if vm.endpoint is not None:
+            self.server.remove(vm.endpoint)
+        if vm.supervisor is not None:
+            vm.supervisor.close()
+        vm.vmport.close()
+        if vm.port is self._shared:
+            remove = getattr(vm.port, "remove_vm", None)
+            if remove is not None:
+                remove(vm.name)
+        else:
+            vm.port.close()
+        self.vlans.pop(vm.name, None)
+        log.info("%s: removed", vm.name)
 
     def _set_vlans(self, spec: Sequence[tuple[str | None, frozenset[int]]]) -> None:
         sw = self._shared
@@ -234,19 +315,6 @@ class Daemon:
 
         return make
 
-    def _open_stats(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.bind(path)
-            s.listen(8)
-            s.setblocking(False)
-        except OSError as exc:
-            s.close()
-            raise UsageError(f"cannot listen on stats socket {path}: {exc}") from exc
-        self.stats_listener = s
-
     def snapshot(self) -> dict[str, Any]:
         return snapshot(self)
 
@@ -270,6 +338,39 @@ class Daemon:
             finally:
                 conn.close()
 
+    def _serve_control(self) -> None:
+        s = self.control_listener
+        if s is None:
+            return
+        for _ in range(8):
+            try:
+                conn, _ = s.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("control socket: %s", exc)
+                return
+            with conn:
+                conn.settimeout(TIMEOUT_S)
+                try:
+                    line = _read_line(conn, MAX_REQUEST_BYTES)
+                    reply = self._control(line)
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError as exc:
+                    log.warning("control socket: %s", exc)
+
+    def _control(self, line: bytes) -> dict[str, Any]:
+        """Answer one control request (:mod:`virtnet.vhost_user.control`)."""
+        try:
+            req = parse_request(line)
+            if isinstance(req, AddVm):
+                return {"ok": True, "name": self.add_vm(req.socket, vlans=req.vlans, tap=req.tap)}
+            self.remove_vm(req.name)
+            return {"ok": True}
+        except (PeerError, UsageError) as exc:
+            log.error("control request refused: %s", exc)
+            return {"ok": False, "error": str(exc)}
+
     def stop(self) -> None:
         self._stop = True
 
@@ -280,6 +381,7 @@ class Daemon:
             if sup is not None and not sup.closed:
                 sup.poll()
         self._serve_stats()
+        self._serve_control()
 
     def serve(self) -> None:
         while not self._stop:
@@ -297,12 +399,17 @@ class Daemon:
         if self._shared is not None:
             self._shared.close()
             self._shared = None
-        if self.stats_listener is not None:
-            self.stats_listener.close()
-            self.stats_listener = None
-            if self.stats_path:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.stats_path)
+        for attr, path in (
+            ("stats_listener", self.stats_path),
+            ("control_listener", self.control_path),
+        ):
+            sock = getattr(self, attr)
+            if sock is not None:
+                sock.close()
+                setattr(self, attr, None)
+                if path:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
 
 
 def snapshot(d: Daemon) -> dict[str, Any]:
@@ -358,6 +465,39 @@ def _switch_snapshot(sw: SwitchPort) -> dict[str, Any]:
     return counters
 
 
+def _listen(path: str, what: str, *, private: bool = False) -> socket.socket:
+    """A listening non-blocking Unix socket at ``path`` (a stale one replaced);
+    ``private``: mode 0600, only serve's own user may connect."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_mask = os.umask(0o077) if private else None
+    try:
+        s.bind(path)
+        if private:
+            os.chmod(path, 0o600)  # the umask already kept others out
+        s.listen(8)
+        s.setblocking(False)
+    except OSError as exc:
+        s.close()
+        raise UsageError(f"cannot listen on {what} {path}: {exc}") from exc
+    finally:
+        if old_mask is not None:
+            os.umask(old_mask)
+    return s
+
+
+def _read_line(conn: socket.socket, limit: int) -> bytes:
+    """Bytes up to the first newline (or the peer's EOF), at most ``limit`` + 1."""
+    buf = bytearray()
+    while b"\n" not in buf and len(buf) <= limit:
+        data = conn.recv(limit + 1 - len(buf))
+        if not data:
+            break
+        buf += data
+    return bytes(buf.split(b"\n", 1)[0])
+
+
 def _int_ranges(text: str) -> tuple[int, ...]:
     """``0,2-3`` -> (0, 2, 3); ValueError when it is not such a list."""
     out: list[int] = []
@@ -392,6 +532,12 @@ def _vlans_arg(text: str) -> tuple[str | None, frozenset[int]]:
             " (0: untagged), e.g. vm1.sock=0,100-102"
         )
     return (member if eq else None), vlans
+
+
+def _vlans_for(spec: Sequence[tuple[str | None, frozenset[int]]], name: str) -> frozenset[int]:
+    """The VLANs ``--vlans`` gives a VM added at run time: its named set, else the default."""
+    named = {who: ids for who, ids in spec}
+    return named.get(name) or named.get(None) or frozenset({0})
 
 
 def _vlan_plan(
@@ -461,6 +607,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--stats-socket", metavar="PATH", help="serve counters for virtnet stats")
     parser.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="let virtnet ctl add and remove VMs at run time (socket mode 0600)",
+    )
+    parser.add_argument(
         "--pin",
         type=_cpu_list,
         default=(),
@@ -506,6 +657,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         kick_defer_us=args.kick_defer_us,
         vlans=args.vlans,
+        control_socket=args.control_socket,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -215,21 +215,32 @@ class Server:
         while not self._closed:
             self.run_once(poll)
 
+    def remove(self, ep: Endpoint) -> None:
+        """Stop serving ``ep``: drop its connection (stops its rings), close and
+        unlink its listening socket, stop redialling."""
+        self._retire(ep)
+        with contextlib.suppress(ValueError):
+            self.endpoints.remove(ep)
+
     def close(self) -> None:
         """Close every connection and listener (and unlink listening sockets)."""
         self._closed = True
         for ep in self.endpoints:
-            if ep.connection is not None:
-                self._drop(ep.connection, None)
-            if ep.listener is not None:
-                self._sel.unregister(ep.listener)
-                ep.listener.close()
-                ep.listener = None
-                with contextlib.suppress(OSError):
-                    os.unlink(ep.path)
+            self._retire(ep)
         self._sel.close()
 
     # -- internals --------------------------------------------------------
+
+    def _retire(self, ep: Endpoint) -> None:
+        if ep.connection is not None:
+            self._drop(ep.connection, None)
+        ep.next_dial = float("inf")
+        if ep.listener is not None:
+            self._sel.unregister(ep.listener)
+            ep.listener.close()
+            ep.listener = None
+            with contextlib.suppress(OSError):
+                os.unlink(ep.path)
 
     def _open(self, ep: Endpoint, sock: socket.socket) -> None:
         sock.setblocking(False)

@@ -1,0 +1,175 @@
+"""``virtnet ctl``: add and remove VMs of a running ``virtnet serve``.
+
+serve listens on ``--control-socket PATH`` (created mode 0600: whoever may
+write it may plug VMs into serve's switch or taps).  One request per
+connection, one JSON object on one line, at most :data:`MAX_REQUEST_BYTES`;
+serve answers one JSON line and closes:
+
+* ``{"op": "add", "socket": PATH, "vlans": [IDS]?, "tap": IFNAME?}``: serve a
+  new VM on ``PATH`` exactly as a ``--socket`` given at start (listen, or dial
+  with ``--client``); ``vlans``: its switch VLANs (default: those of
+  ``--vlans`` without ``VM=``); ``tap``: its tap with ``--port tap:...``
+  (default: the ``%d`` template with the next index).  Answer
+  ``{"ok": true, "name": NAME}``, NAME being what ``virtnet stats`` shows.
+* ``{"op": "remove", "name": NAME}``: stop serving that VM: its connection is
+  closed (its workers stop), its socket file removed, its switch membership
+  or tap dropped.  The guest sees its link go down.
+* Failures: ``{"ok": false, "error": TEXT}``.
+
+Invariants: a request that is not such an object (too long, not JSON, unknown
+``op``, wrong types) raises :class:`~virtnet.errors.ProtocolError` while
+parsing (:func:`parse_request`) and is answered with the error; serve waits
+at most :data:`TIMEOUT_S` for a request, so a client that sends nothing
+delays serve's loop that long at most, once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from virtnet.errors import ProtocolError, UsageError
+from virtnet.ports.switch import VLAN_MAX
+
+__all__ = [
+    "DEFAULT_CONTROL_SOCKET",
+    "MAX_REQUEST_BYTES",
+    "TIMEOUT_S",
+    "AddVm",
+    "RemoveVm",
+    "add_arguments",
+    "parse_request",
+    "request",
+    "run",
+]
+
+DEFAULT_CONTROL_SOCKET = "/run/virtnet/control.sock"
+#: Longest request line accepted (a socket path is at most 108 bytes; 4094
+#: VLAN ids as JSON stay far below this too).
+MAX_REQUEST_BYTES = 64 * 1024
+#: Seconds either side waits for the other.
+TIMEOUT_S = 1.0
+#: Longest Unix socket path (``sizeof(sockaddr_un.sun_path) - 1``, Linux).
+MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True)
+class AddVm:
+    socket: str
+    vlans: frozenset[int] | None = None
+    tap: str | None = None
+
+
+@dataclass(frozen=True)
+class RemoveVm:
+    name: str
+
+
+def parse_request(line: bytes) -> AddVm | RemoveVm:
+    """One request line -> :class:`AddVm` or :class:`RemoveVm`; ProtocolError otherwise."""
+    if len(line) > MAX_REQUEST_BYTES:
+        raise ProtocolError(f"request longer than {MAX_REQUEST_BYTES} bytes")
+    try:
+        doc = json.loads(line)
+    except ValueError as exc:
+        raise ProtocolError(f"request is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("request is not a JSON object")
+    op = doc.get("op")
+    if op == "add":
+        extra = set(doc) - {"op", "socket", "vlans", "tap"}
+        path = doc.get("socket")
+        if not isinstance(path, str) or not 0 < len(path.encode()) <= MAX_SOCKET_PATH:
+            raise ProtocolError(f"'socket' must be a path of 1..{MAX_SOCKET_PATH} bytes")
+        vlans = doc.get("vlans")
+        if vlans is not None and (
+            not isinstance(vlans, list)
+            or not vlans
+            or not all(type(v) is int and 0 <= v <= VLAN_MAX for v in vlans)
+        ):
+            raise ProtocolError(f"'vlans' must be a non-empty list of VLAN ids 0..{VLAN_MAX}")
+        tap = doc.get("tap")
+        if tap is not None and (not isinstance(tap, str) or not tap):
+            raise ProtocolError("'tap' must be an interface name")
+        if extra:
+            raise ProtocolError(f"unknown fields {sorted(extra)}")
+        return AddVm(path, None if vlans is None else frozenset(vlans), tap)
+    if op == "remove":
+        name = doc.get("name")
+        if not isinstance(name, str) or not name or set(doc) != {"op", "name"}:
+            raise ProtocolError("'remove' takes exactly a VM 'name'")
+        return RemoveVm(name)
+    raise ProtocolError(f"unknown op {op!r} (add, remove)")
+
+
+def request(path: str, doc: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:
+    """Send one request to serve's control socket; its answer (UsageError when
+    serve cannot be reached or answers nonsense, or refuses the request)."""
+    line = json.dumps(doc).encode() + b"\n"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    chunks: list[bytes] = []
+    try:
+        s.connect(path)
+        s.sendall(line)
+        while not chunks or not chunks[-1].endswith(b"\n"):
+            data = s.recv(1 << 16)
+            if not data:
+                break
+            chunks.append(data)
+            if sum(map(len, chunks)) > MAX_REQUEST_BYTES:
+                break
+    except OSError as exc:
+        raise UsageError(f"cannot reach serve's control socket {path}: {exc}") from exc
+    finally:
+        s.close()
+    try:
+        reply = json.loads(b"".join(chunks))
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise UsageError(f"bad answer from {path}")
+    if not reply.get("ok"):
+        raise UsageError(str(reply.get("error", "refused")))
+    return reply
+
+
+def _ids(text: str) -> list[int]:
+    from virtnet.vhost_user.serve import _vlans_arg  # serve imports this module
+
+    who, vlans = _vlans_arg(text)
+    if who is not None:
+        raise argparse.ArgumentTypeError(f"give the VLAN ids only: {text!r}")
+    return sorted(vlans)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--control-socket",
+        default=DEFAULT_CONTROL_SOCKET,
+        metavar="PATH",
+        help=f"serve's --control-socket (default {DEFAULT_CONTROL_SOCKET})",
+    )
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = sub.add_parser("add", help="serve one more VM")
+    add.add_argument("--socket", required=True, metavar="PATH", help="its vhost-user socket")
+    add.add_argument("--vlans", type=_ids, metavar="IDS", help="its switch VLANs, e.g. 0,100-102")
+    add.add_argument("--tap", metavar="IFNAME", help="its tap (with --port tap:...)")
+    rm = sub.add_parser("remove", help="stop serving a VM")
+    rm.add_argument("name", help="the VM's name, as virtnet stats shows it")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "add":
+        doc: dict[str, Any] = {"op": "add", "socket": args.socket}
+        if args.vlans is not None:
+            doc["vlans"] = args.vlans
+        if args.tap is not None:
+            doc["tap"] = args.tap
+        print(request(args.control_socket, doc)["name"])
+    else:
+        request(args.control_socket, {"op": "remove", "name": args.name})
+    return 0

@@ -1,0 +1,155 @@
+"""``virtnet ctl`` against a running ``virtnet serve --control-socket``: VMs
+added and removed at run time, bad requests refused with the reason while
+serve goes on serving (our own vhost-user frontend plays the VMs)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from virtnet.errors import ProtocolError
+from virtnet.testing.guest import wait_for
+from virtnet.testing.procs import stop_process
+from virtnet.vhost_user.control import MAX_REQUEST_BYTES, AddVm, RemoveVm, parse_request
+from virtnet.vhost_user.frontend import BackendClosedError, VhostUserFrontend
+from virtnet.vhost_user.stats import fetch
+
+MAC_A = b"\x02\x00\x00\x00\x00\x0a"
+MAC_B = b"\x02\x00\x00\x00\x00\x0b"
+
+
+def test_parse_request() -> None:
+    assert parse_request(b'{"op": "add", "socket": "/run/b.sock"}') == AddVm("/run/b.sock")
+    assert parse_request(b'{"op": "add", "socket": "b", "vlans": [0, 7], "tap": "vn3"}') == AddVm(
+        "b", frozenset({0, 7}), "vn3"
+    )
+    assert parse_request(b'{"op": "remove", "name": "b.sock"}') == RemoveVm("b.sock")
+    bad = [
+        b"", b"[]", b"{", b'{"op": "list"}', b'{"op": "add"}', b'{"op": "add", "socket": ""}',
+        b'{"op": "add", "socket": "' + b"x" * 108 + b'"}',
+        b'{"op": "add", "socket": "b", "vlans": []}',
+        b'{"op": "add", "socket": "b", "vlans": [4095]}',
+        b'{"op": "add", "socket": "b", "vlans": [true]}',
+        b'{"op": "add", "socket": "b", "tap": 3}', b'{"op": "add", "socket": "b", "x": 1}',
+        b'{"op": "remove"}', b'{"op": "remove", "name": "b", "also": 1}',
+        b" " * (MAX_REQUEST_BYTES + 1),
+    ]  # fmt: skip
+    for line in bad:
+        with pytest.raises(ProtocolError):
+            parse_request(line)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(
+        st.sampled_from(["op", "socket", "vlans", "tap", "name", "x"]), kids, max_size=4),
+    max_leaves=8,
+).map(lambda d: json.dumps(d).encode())))  # fmt: skip
+def test_parse_request_raises_only_protocol_errors(line: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        parse_request(line)
+
+
+def _ctl(control: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "virtnet.cli", "ctl", "--control-socket", str(control), *args],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    """serve --port switch on a.sock with a control socket; (a.sock, stats, control)."""
+    a, stats, control, log = (tmp_path / n for n in ("a.sock", "stats", "control", "log"))
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(a), "--queues", "1",
+             "--port", "switch", "--vlans", "0,100", "--stats-socket", str(stats),
+             "--control-socket", str(control)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        assert wait_for(lambda: control.exists() or proc.poll() is not None, timeout=20)
+        assert proc.poll() is None, log.read_text()
+        yield a, stats, control
+    finally:
+        assert stop_process(proc, timeout=30) == 0, log.read_text()[-3000:]
+    assert not control.exists()
+
+
+def _gone(fe: VhostUserFrontend) -> bool:
+    """serve closed ``fe``'s connection."""
+    try:
+        fe.check_connection()
+    except BackendClosedError:
+        return True
+    return False
+
+
+def _broadcast(n: int) -> bytes:
+    return b"\xff" * 6 + MAC_A + b"\x08\x00" + n.to_bytes(4, "big") + bytes(42)
+
+
+def test_vms_added_and_removed_at_run_time(serve: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    a, stats, control = serve
+    assert stat.S_IMODE(control.stat().st_mode) == 0o600
+    b = tmp_path / "b.sock"
+    res = _ctl(control, "add", "--socket", str(b))
+    assert res.returncode == 0 and res.stdout.strip() == "b.sock", res
+    doc = fetch(str(stats))
+    assert [vm["name"] for vm in doc["vms"]] == ["a.sock", "b.sock"]
+    assert [vm["vlans"] for vm in doc["vms"]] == [[0, 100], [0, 100]]  # the --vlans default
+    with (
+        VhostUserFrontend(a, queue_pairs=1, mac=MAC_A) as fa,
+        VhostUserFrontend(b, queue_pairs=1, mac=MAC_B, auto_reconnect=False) as fb,
+    ):
+        assert fa.send([_broadcast(1)]) == 1
+        assert wait_for(lambda: fb.receive(timeout=0.1), timeout=5)
+        res = _ctl(control, "add", "--socket", str(b))
+        assert res.returncode == 2 and "already served" in res.stderr, res
+        res = _ctl(control, "remove", "b.sock")
+        assert res.returncode == 0, res
+        assert wait_for(partial(_gone, fb), timeout=5)
+        assert not b.exists()
+        assert [vm["name"] for vm in fetch(str(stats))["vms"]] == ["a.sock"]
+        assert fa.send([_broadcast(2)]) == 1  # A is still served
+        time.sleep(0.2)
+        assert fetch(str(stats))["vms"][0]["pairs"][0]["tx_packets"] == 2
+    res = _ctl(control, "remove", "b.sock")
+    assert res.returncode == 2 and "no VM called 'b.sock'" in res.stderr, res
+    res = _ctl(control, "add", "--socket", str(b), "--vlans", "7", "--tap", "vn0")
+    assert res.returncode == 2 and "a tap name needs --port tap" in res.stderr, res
+    res = _ctl(control, "add", "--socket", str(b), "--vlans", "7")
+    assert res.returncode == 0 and res.stdout.strip() == "b.sock", res
+    assert fetch(str(stats))["vms"][1]["vlans"] == [7]
+
+
+def test_bad_requests_are_answered_and_serve_goes_on(serve: tuple[Path, Path, Path]) -> None:
+    _, stats, control = serve
+    for line in (b"nonsense\n", b'{"op": "reboot"}\n', b"x" * (MAX_REQUEST_BYTES + 10), b""):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(control))
+            s.sendall(line)
+            s.shutdown(socket.SHUT_WR)
+            reply = json.loads(s.makefile("rb").readline())
+        assert reply["ok"] is False and reply["error"], (line[:20], reply)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # says nothing at all
+        s.connect(str(control))
+        time.sleep(1.5)
+    assert [vm["name"] for vm in fetch(str(stats))["vms"]] == ["a.sock"]
+    res = _ctl(control.with_name("nowhere"), "remove", "a.sock")
+    assert res.returncode == 2 and "cannot reach serve's control socket" in res.stderr, res
