@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import stat
 import subprocess
@@ -21,7 +22,9 @@ from hypothesis import strategies as st
 
 from virtnet.errors import ProtocolError
 from virtnet.testing.guest import wait_for
+from virtnet.testing.netns import NetNS
 from virtnet.testing.procs import stop_process
+from virtnet.testing.serve import start_serve
 from virtnet.vhost_user.control import MAX_REQUEST_BYTES, AddVm, RemoveVm, parse_request
 from virtnet.vhost_user.frontend import BackendClosedError, VhostUserFrontend
 from virtnet.vhost_user.stats import fetch
@@ -153,3 +156,38 @@ def test_bad_requests_are_answered_and_serve_goes_on(serve: tuple[Path, Path, Pa
     assert [vm["name"] for vm in fetch(str(stats))["vms"]] == ["a.sock"]
     res = _ctl(control.with_name("nowhere"), "remove", "a.sock")
     assert res.returncode == 2 and "cannot reach serve's control socket" in res.stderr, res
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespace, taps)")
+def test_tap_vms_added_and_removed(tmp_path: Path) -> None:
+    """``--port tap:vnc%d``: an added VM gets the next index (or the tap it
+    names); removing it closes its tap, which serve created and which goes."""
+    stats, control, log = tmp_path / "stats", tmp_path / "control", tmp_path / "log"
+    a, b, c = (tmp_path / f"{n}.sock" for n in "abc")
+    with NetNS() as ns:
+        serve = start_serve(
+            ns, ["--socket", str(a), "--port", "tap:vnc%d", "--queues", "1",
+                 "--control-socket", str(control)],
+            stats=stats, log=log,
+        )  # fmt: skip
+        try:
+            assert _ctl(control, "add", "--socket", str(b)).stdout.strip() == "b.sock"
+            assert _ctl(control, "add", "--socket", str(c), "--tap", "mine0").returncode == 0
+            res = _ctl(control, "add", "--socket", str(tmp_path / "d.sock"), "--tap", "mine0")
+            assert res.returncode == 2 and "tap mine0 already serves a VM" in res.stderr, res
+            res = _ctl(control, "add", "--socket", str(tmp_path / "e.sock"), "--vlans", "5")
+            assert res.returncode == 2 and "VLANs need --port switch" in res.stderr, res
+            with (
+                VhostUserFrontend(b, queue_pairs=1, mac=MAC_B, auto_reconnect=False) as fb,
+                VhostUserFrontend(c, queue_pairs=1, mac=MAC_A, auto_reconnect=False),
+            ):
+                assert wait_for(lambda: ns.has_link("vnc1") and ns.has_link("mine0"), timeout=10)
+                assert _ctl(control, "remove", "b.sock").returncode == 0
+                assert wait_for(partial(_gone, fb), timeout=5)
+                assert wait_for(lambda: not ns.has_link("vnc1"), timeout=10)
+                assert ns.has_link("mine0")
+            names = [vm["name"] for vm in fetch(str(stats))["vms"]]
+            assert names == ["a.sock", "c.sock"], names
+        finally:
+            assert stop_process(serve, timeout=30) == 0, log.read_text()[-3000:]
