@@ -18,9 +18,10 @@ serve answers one JSON line and closes:
 
 Invariants: a request that is not such an object (too long, not JSON, unknown
 ``op``, wrong types) raises :class:`~virtnet.errors.ProtocolError` while
-parsing (:func:`parse_request`) and is answered with the error; serve waits
-at most :data:`TIMEOUT_S` for a request, so a client that sends nothing
-delays serve's loop that long at most, once.
+parsing (:func:`parse_request`) and is answered with the error, changing
+nothing; serve takes one request per loop tick and waits at most
+:data:`TIMEOUT_S` for it, so a client that sends nothing delays serve's loop
+by that much at most.
 """
 
 from __future__ import annotations

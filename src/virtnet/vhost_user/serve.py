@@ -39,6 +39,11 @@ Invariants:
   ``--kick-defer-us`` (default :data:`~virtnet.vhost_user.worker.KICK_DEFER_US`,
   0: never) while bulk traffic flows, every 50 us otherwise, a few times
   before sleeping (:mod:`virtnet.vhost_user.worker`).
+* ``--control-socket`` (mode 0600): ``virtnet ctl`` adds and removes VMs at
+  run time (:mod:`virtnet.vhost_user.control`), one request per loop tick,
+  each waited for at most ``control.TIMEOUT_S``; a bad request is answered
+  with its error and changes nothing.
+* ``--vlans``: each switch member's 802.1Q VLANs (default untagged only).
 * The loop ticks every :data:`TICK_S` to reap and restart dead workers; a
   ring stop waits for its worker (bounded by the supervisor's timeouts), so
   control messages of other VMs may wait that long -- their data paths do not.
@@ -339,25 +344,26 @@ class Daemon:
                 conn.close()
 
     def _serve_control(self) -> None:
+        """One control request per tick: a client that says nothing holds the
+        loop for at most ``TIMEOUT_S``, and requests are rare."""
         s = self.control_listener
         if s is None:
             return
-        for _ in range(8):
+        try:
+            conn, _ = s.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("control socket: %s", exc)
+            return
+        with conn:
+            conn.settimeout(TIMEOUT_S)
             try:
-                conn, _ = s.accept()
-            except (BlockingIOError, InterruptedError):
-                return
+                line = _read_line(conn, MAX_REQUEST_BYTES)
+                reply = self._control(line)
+                conn.sendall(json.dumps(reply).encode() + b"\n")
             except OSError as exc:
                 log.warning("control socket: %s", exc)
-                return
-            with conn:
-                conn.settimeout(TIMEOUT_S)
-                try:
-                    line = _read_line(conn, MAX_REQUEST_BYTES)
-                    reply = self._control(line)
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
-                except OSError as exc:
-                    log.warning("control socket: %s", exc)
 
     def _control(self, line: bytes) -> dict[str, Any]:
         """Answer one control request (:mod:`virtnet.vhost_user.control`)."""
