@@ -191,3 +191,30 @@ def test_tap_vms_added_and_removed(tmp_path: Path) -> None:
             assert names == ["a.sock", "c.sock"], names
         finally:
             assert stop_process(serve, timeout=30) == 0, log.read_text()[-3000:]
+
+
+def test_client_mode_vm_added_dials_its_frontend(tmp_path: Path) -> None:
+    """serve --client: an added VM is dialled like a --socket given at start,
+    retrying until its frontend listens; a removed one is hung up on."""
+    stats, control, log = tmp_path / "stats", tmp_path / "control", tmp_path / "log"
+    a, b = tmp_path / "a.sock", tmp_path / "b.sock"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "virtnet.cli", "serve", "--client", "--socket", str(a),
+             "--port", "loopback", "--queues", "1", "--stats-socket", str(stats),
+             "--control-socket", str(control)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        assert wait_for(lambda: control.exists() or proc.poll() is not None, timeout=20)
+        assert _ctl(control, "add", "--socket", str(b)).stdout.strip() == "b.sock"
+        frame = MAC_B + MAC_A + b"\x08\x00" + bytes(50)
+        with VhostUserFrontend(
+            b, mode="listen", queue_pairs=1, mac=MAC_A, timeout=10.0, auto_reconnect=False
+        ) as fb:
+            assert fb.send([frame]) == 1
+            assert wait_for(lambda: fb.receive(timeout=0.1), timeout=5)  # looped back
+            assert _ctl(control, "remove", "b.sock").returncode == 0
+            assert wait_for(partial(_gone, fb), timeout=5)
+    finally:
+        assert stop_process(proc, timeout=30) == 0, log.read_text()[-3000:]
