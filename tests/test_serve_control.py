@@ -73,24 +73,35 @@ def _ctl(control: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
-    """serve --port switch on a.sock with a control socket; (a.sock, stats, control)."""
-    a, stats, control, log = (tmp_path / n for n in ("a.sock", "stats", "control", "log"))
+@contextlib.contextmanager
+def _serving(tmp_path: Path, *args: str) -> Iterator[tuple[Path, Path]]:
+    """``virtnet serve ARGS`` with a stats and a control socket in ``tmp_path``;
+    yields (stats, control) once it serves, and must stop cleanly."""
+    stats, control, log = tmp_path / "stats", tmp_path / "control", tmp_path / "log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(a), "--queues", "1",
-             "--port", "switch", "--vlans", "0,100", "--stats-socket", str(stats),
-             "--control-socket", str(control)],
+            [sys.executable, "-m", "virtnet.cli", "serve", "--queues", "1", *args,
+             "--stats-socket", str(stats), "--control-socket", str(control)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
     try:
         assert wait_for(lambda: control.exists() or proc.poll() is not None, timeout=20)
         assert proc.poll() is None, log.read_text()
-        yield a, stats, control
+        yield stats, control
     finally:
         assert stop_process(proc, timeout=30) == 0, log.read_text()[-3000:]
     assert not control.exists()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    """serve --port switch on a.sock with a control socket; (a.sock, stats, control)."""
+    a = tmp_path / "a.sock"
+    with _serving(tmp_path, "--socket", str(a), "--port", "switch", "--vlans", "0,100") as (
+        stats,
+        control,
+    ):
+        yield a, stats, control
 
 
 def _gone(fe: VhostUserFrontend) -> bool:
@@ -196,17 +207,8 @@ def test_tap_vms_added_and_removed(tmp_path: Path) -> None:
 def test_client_mode_vm_added_dials_its_frontend(tmp_path: Path) -> None:
     """serve --client: an added VM is dialled like a --socket given at start,
     retrying until its frontend listens; a removed one is hung up on."""
-    stats, control, log = tmp_path / "stats", tmp_path / "control", tmp_path / "log"
     a, b = tmp_path / "a.sock", tmp_path / "b.sock"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "virtnet.cli", "serve", "--client", "--socket", str(a),
-             "--port", "loopback", "--queues", "1", "--stats-socket", str(stats),
-             "--control-socket", str(control)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    try:
-        assert wait_for(lambda: control.exists() or proc.poll() is not None, timeout=20)
+    with _serving(tmp_path, "--client", "--socket", str(a), "--port", "loopback") as (_, control):
         assert _ctl(control, "add", "--socket", str(b)).stdout.strip() == "b.sock"
         frame = MAC_B + MAC_A + b"\x08\x00" + bytes(50)
         with VhostUserFrontend(
@@ -216,5 +218,3 @@ def test_client_mode_vm_added_dials_its_frontend(tmp_path: Path) -> None:
             assert wait_for(lambda: fb.receive(timeout=0.1), timeout=5)  # looped back
             assert _ctl(control, "remove", "b.sock").returncode == 0
             assert wait_for(partial(_gone, fb), timeout=5)
-    finally:
-        assert stop_process(proc, timeout=30) == 0, log.read_text()[-3000:]

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from virtnet.testing.guest import Guest, queue_deltas, vhost_user_netdev_args, wait_for
+from virtnet.testing.guest import Guest, vhost_user_netdev_args, wait_for
 from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import stop_process
-from virtnet.testing.serve import ServedGuest, start_tap_serve
+from virtnet.testing.serve import ServedGuest, iperf_until_every_queue_moved, start_tap_serve
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
 
@@ -53,18 +53,9 @@ def test_sixteen_pairs_all_carry_traffic(setup: ServedGuest) -> None:
     g.set_channels(QUEUES)
     assert wait_for(partial(ServedGuest.enabled_is, s, QUEUES), timeout=30), s.pairs()
     assert wait_for(lambda: g.ping(HOST_IP, count=1, timeout=4), timeout=30), g.console_tail()
-    before = g.ethtool_stats()
-    rx: dict[int, int] = {}
-    tx: dict[int, int] = {}
-    with s.ns.iperf3_server():
-        for _ in range(4):  # flows land on queues by hash: a few rounds cover all 16
-            for reverse in ("", " -R"):
-                out = g.iperf3(f"-c {HOST_IP} -P 32 -t 1 -i 0{reverse}")
-                assert "receiver" in out, out
-            after = g.ethtool_stats()
-            rx, tx = queue_deltas(before, after, "rx"), queue_deltas(before, after, "tx")
-            if all(rx.get(q, 0) > 0 and tx.get(q, 0) > 0 for q in range(QUEUES)):
-                break
+    rx, tx = iperf_until_every_queue_moved(
+        g, s.ns, HOST_IP, QUEUES, streams=(32, 32, 32, 32), seconds=1
+    )
     assert all(rx.get(q, 0) > 0 for q in range(QUEUES)), rx
     assert all(tx.get(q, 0) > 0 for q in range(QUEUES)), tx
     pairs = s.pairs()

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from virtnet.testing.guest import queue_deltas, wait_for
+from virtnet.testing.guest import wait_for
 from virtnet.testing.libvirt import Libvirtd, LibvirtGuest, skip_reason
 from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import stop_process
 from virtnet.testing.serve import (
     ServedGuest,
     check_serve_restart,
+    iperf_until_every_queue_moved,
     start_bridged_serve,
     start_tap_serve,
 )
@@ -128,18 +129,7 @@ def test_channels_ping_and_iperf3_on_every_queue(setup: Setup) -> None:
         assert g.channels().combined == n
         assert wait_for(partial(setup.enabled_is, n), timeout=10), setup.pairs()
         assert g.ping(HOST_IP, count=2), g.console_tail()
-    before = g.ethtool_stats()
-    rx: dict[int, int] = {}
-    tx: dict[int, int] = {}
-    with setup.ns.iperf3_server():
-        for streams in (4, 8, 8):
-            for reverse in ("", " -R"):
-                out = g.iperf3(f"-c {HOST_IP} -P {streams} -t 2 -i 0{reverse}")
-                assert "receiver" in out, out
-            after = g.ethtool_stats()
-            rx, tx = queue_deltas(before, after, "rx"), queue_deltas(before, after, "tx")
-            if all(rx.get(q, 0) > 0 and tx.get(q, 0) > 0 for q in range(QUEUES)):
-                break
+    rx, tx = iperf_until_every_queue_moved(g, setup.ns, HOST_IP, QUEUES)
     assert all(rx.get(q, 0) > 0 for q in range(QUEUES)), rx
     assert all(tx.get(q, 0) > 0 for q in range(QUEUES)), tx
     assert all(p["errors"] == 0 for p in setup.pairs())

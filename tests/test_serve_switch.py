@@ -78,6 +78,15 @@ def pair(
     assert serve.returncode == 0
 
 
+def _tcp_both_ways(ga: Guest, gb: Guest, target: str, *, flags: str = "", seconds: int = 2) -> None:
+    """iperf3 TCP, 2 streams, from ``ga`` to an iperf3 server in ``gb`` at
+    ``target`` and back (``-R``)."""
+    for reverse in ("", " -R"):
+        gb.run("iperf3 -s -D -1 >/dev/null 2>&1; sleep 0.5")
+        out = ga.iperf3(f"{flags} -c {target} -P 2 -t {seconds} -i 0{reverse}")
+        assert "receiver" in out, out
+
+
 def test_guests_ping_each_other(pair: tuple[Guest, Guest, Path]) -> None:
     ga, gb, _ = pair
     assert wait_for(lambda: ga.ping(IP_B, count=1, timeout=5), timeout=40), ga.console_tail()
@@ -103,12 +112,7 @@ def test_jumbo_frames_between_guests(pair: tuple[Guest, Guest, Path]) -> None:
 
 def test_guests_iperf3_both_ways(pair: tuple[Guest, Guest, Path]) -> None:
     ga, gb, stats = pair
-    gb.run("iperf3 -s -D -1 >/dev/null 2>&1; sleep 0.5")
-    out = ga.iperf3(f"-c {IP_B} -P 2 -t 3 -i 0")
-    assert "receiver" in out, out
-    gb.run("iperf3 -s -D -1 >/dev/null 2>&1; sleep 0.5")
-    out = ga.iperf3(f"-c {IP_B} -P 2 -t 3 -i 0 -R")
-    assert "receiver" in out, out
+    _tcp_both_ways(ga, gb, IP_B, seconds=3)
     doc = fetch(str(stats))
     for vm in doc["vms"]:
         assert vm["connected"]
@@ -138,12 +142,7 @@ def test_guests_over_ipv6(pair: tuple[Guest, Guest, Path]) -> None:
     assert addr_b in gb.run("ip -6 addr show dev eth0").output
     assert wait_for(lambda: ga.run(f"ping -6 -c 1 -W 2 {addr_b}%eth0", check=False).status == 0,
                     timeout=30), ga.run("ip -6 neigh", check=False).output  # fmt: skip
-    gb.run("iperf3 -s -D -1 >/dev/null 2>&1; sleep 0.5")
-    out = ga.iperf3(f"-6 -c {addr_b}%eth0 -P 2 -t 2 -i 0")
-    assert "receiver" in out, out
-    gb.run("iperf3 -s -D -1 >/dev/null 2>&1; sleep 0.5")
-    out = ga.iperf3(f"-6 -c {addr_b}%eth0 -P 2 -t 2 -i 0 -R")
-    assert "receiver" in out, out
+    _tcp_both_ways(ga, gb, f"{addr_b}%eth0", flags="-6")
 
 
 def test_guests_over_a_vlan_and_not_over_another(pair: tuple[Guest, Guest, Path]) -> None:
@@ -164,10 +163,7 @@ def test_guests_over_a_vlan_and_not_over_another(pair: tuple[Guest, Guest, Path]
     dropped = fetch(str(stats))["switch"]["dropped_vlan"]
     assert not ga.ping(f"10.77.{OTHER_VLAN}.3", count=2, timeout=5)
     assert fetch(str(stats))["switch"]["dropped_vlan"] >= dropped + 2
-    for reverse in ("", " -R"):
-        gb.run("iperf3 -s -D -1 >/dev/null 2>&1; sleep 0.5")
-        out = ga.iperf3(f"-c {peer} -P 2 -t 2 -i 0{reverse}")
-        assert "receiver" in out, out
+    _tcp_both_ways(ga, gb, peer)
 
 
 def test_a_guest_plugged_in_and_out_with_virtnet_ctl(

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from virtnet.testing.guest import Guest, wait_for
+from virtnet.testing.guest import Guest, queue_deltas, wait_for
 from virtnet.testing.netns import NetNS
 from virtnet.vhost_user.stats import fetch
 
@@ -136,3 +136,33 @@ def check_serve_restart(sg: ServedGuest, host_ip: str, *, pairs: int = 2) -> Non
         raise AssertionError(f"iperf3 after the restart:\n{out}")
     if not g.running:
         raise AssertionError("the guest stopped")
+
+
+def iperf_until_every_queue_moved(
+    g: Guest,
+    ns: NetNS,
+    server_ip: str,
+    queues: int,
+    *,
+    streams: Sequence[int] = (4, 8, 8),
+    seconds: int = 2,
+) -> tuple[dict[int, int], dict[int, int]]:
+    """iperf3 TCP from ``g`` to an iperf3 server in ``ns`` at ``server_ip``
+    and back, ``streams[i]`` streams in round ``i``, until every rx and tx
+    queue below ``queues`` moved packets (flows land on queues by hash, so a
+    few rounds may be needed); the guest's per-queue packet deltas (rx, tx).
+    AssertionError when an iperf3 run fails."""
+    before = g.ethtool_stats()
+    rx: dict[int, int] = {}
+    tx: dict[int, int] = {}
+    with ns.iperf3_server():
+        for n in streams:
+            for reverse in ("", " -R"):
+                out = g.iperf3(f"-c {server_ip} -P {n} -t {seconds} -i 0{reverse}")
+                if "receiver" not in out:
+                    raise AssertionError(f"iperf3 -P {n}{reverse} failed:\n{out}")
+            after = g.ethtool_stats()
+            rx, tx = queue_deltas(before, after, "rx"), queue_deltas(before, after, "tx")
+            if all(rx.get(q, 0) > 0 and tx.get(q, 0) > 0 for q in range(queues)):
+                break
+    return rx, tx

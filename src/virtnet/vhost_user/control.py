@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 from dataclasses import dataclass
 from typing import Any
 
 from virtnet.errors import ProtocolError, UsageError
 from virtnet.ports.switch import VLAN_MAX
+from virtnet.vhost_user.stats import ask
 
 __all__ = [
     "DEFAULT_CONTROL_SOCKET",
@@ -110,25 +110,10 @@ def request(path: str, doc: dict[str, Any], *, timeout: float = 30.0) -> dict[st
     """Send one request to serve's control socket; its answer (UsageError when
     serve cannot be reached or answers nonsense, or refuses the request)."""
     line = json.dumps(doc).encode() + b"\n"
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    chunks: list[bytes] = []
     try:
-        s.connect(path)
-        s.sendall(line)
-        while not chunks or not chunks[-1].endswith(b"\n"):
-            data = s.recv(1 << 16)
-            if not data:
-                break
-            chunks.append(data)
-            if sum(map(len, chunks)) > MAX_REQUEST_BYTES:
-                break
+        reply = json.loads(ask(path, line, limit=MAX_REQUEST_BYTES, timeout=timeout))
     except OSError as exc:
         raise UsageError(f"cannot reach serve's control socket {path}: {exc}") from exc
-    finally:
-        s.close()
-    try:
-        reply = json.loads(b"".join(chunks))
     except ValueError:
         reply = None
     if not isinstance(reply, dict):

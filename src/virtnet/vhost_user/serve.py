@@ -324,16 +324,9 @@ class Daemon:
         return snapshot(self)
 
     def _serve_stats(self) -> None:
-        s = self.stats_listener
-        if s is None:
-            return
         for _ in range(8):
-            try:
-                conn, _ = s.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("stats socket: %s", exc)
+            conn = _accept(self.stats_listener, "stats socket")
+            if conn is None:
                 return
             try:
                 conn.settimeout(1.0)
@@ -346,15 +339,8 @@ class Daemon:
     def _serve_control(self) -> None:
         """One control request per tick: a client that says nothing holds the
         loop for at most ``TIMEOUT_S``, and requests are rare."""
-        s = self.control_listener
-        if s is None:
-            return
-        try:
-            conn, _ = s.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            log.warning("control socket: %s", exc)
+        conn = _accept(self.control_listener, "control socket")
+        if conn is None:
             return
         with conn:
             conn.settimeout(TIMEOUT_S)
@@ -491,6 +477,20 @@ def _listen(path: str, what: str, *, private: bool = False) -> socket.socket:
         if old_mask is not None:
             os.umask(old_mask)
     return s
+
+
+def _accept(listener: socket.socket | None, what: str) -> socket.socket | None:
+    """A waiting client of ``listener``, or None (none waiting, or an error, logged)."""
+    if listener is None:
+        return None
+    try:
+        conn, _ = listener.accept()
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as exc:
+        log.warning("%s: %s", what, exc)
+        return None
+    return conn
 
 
 def _read_line(conn: socket.socket, limit: int) -> bytes:

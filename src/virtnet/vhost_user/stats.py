@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_STATS_SOCKET",
     "SWITCH_COLUMNS",
     "add_arguments",
+    "ask",
     "fetch",
     "render",
     "run",
@@ -81,28 +82,31 @@ def tap_drops_text(tap: Any) -> str:
     )
 
 
-def fetch(path: str) -> dict[str, Any]:
-    """One snapshot from the daemon's stats socket."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(TIMEOUT_S)
+def ask(path: str, request: bytes = b"", *, limit: int, timeout: float) -> bytes:
+    """Send ``request`` to serve's Unix socket ``path`` and read the answer
+    until serve closes: OSError when that fails, ValueError when the answer
+    is longer than ``limit`` bytes."""
     chunks: list[bytes] = []
     size = 0
-    try:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
         s.connect(path)
-        while True:
-            data = s.recv(1 << 16)
-            if not data:
-                break
+        if request:
+            s.sendall(request)
+        while data := s.recv(1 << 16):
             size += len(data)
-            if size > MAX_REPLY:
-                raise UsageError(f"stats reply from {path} larger than {MAX_REPLY} bytes")
+            if size > limit:
+                raise ValueError(f"answer from {path} longer than {limit} bytes")
             chunks.append(data)
+    return b"".join(chunks)
+
+
+def fetch(path: str) -> dict[str, Any]:
+    """One snapshot from the daemon's stats socket."""
+    try:
+        doc = json.loads(ask(path, limit=MAX_REPLY, timeout=TIMEOUT_S))
     except OSError as exc:
         raise UsageError(f"cannot read stats from {path}: {exc}") from exc
-    finally:
-        s.close()
-    try:
-        doc = json.loads(b"".join(chunks))
     except ValueError as exc:
         raise UsageError(f"bad stats reply from {path}: {exc}") from exc
     if not isinstance(doc, dict):
