@@ -6,8 +6,9 @@ only the socket path changed.  ``virtnet serve --port tap:IF --queues 4`` runs i
 network namespace holding the tap (10.78.0.1/24).  Checks: libvirt's own QEMU
 command line asks for 4 pairs with ``mq=on``; the guest's ``ethtool -L`` reaches
 serve; ping and iperf3 both ways on every queue; and serve killed and restarted
-while the guest runs (the README's ``<reconnect>``): traffic resumes, no reboot.
-And ``virsh migrate --live`` of that domain between two libvirt daemons, both
+while the guest runs (the README's ``<reconnect>``): traffic resumes, no reboot;
+the interface detached and attached again with ``virsh``.  And ``virsh migrate
+--live`` of that domain between two libvirt daemons, both
 guests on one serve.
 """
 
@@ -138,6 +139,39 @@ def test_channels_ping_and_iperf3_on_every_queue(setup: Setup) -> None:
 def test_serve_restart_resumes_traffic_under_libvirt(setup: Setup) -> None:
     """The snippet's ``<reconnect>``: QEMU (run by libvirt) dials serve again."""
     check_serve_restart(setup, HOST_IP, pairs=2)
+
+
+def test_interface_detached_and_attached_with_virsh(setup: Setup, tmp_path: Path) -> None:
+    """``virsh detach-device --live`` of the README's interface: the guest
+    loses eth0 and QEMU closes the vhost-user connection; ``virsh
+    attach-device --live`` of the same XML: libvirt plugs a new NIC on a new
+    connection to the same serve, 4 pairs, traffic flows (what OpenStack's
+    interface detach and attach do)."""
+    g = setup.guest
+    lv = setup.libvirtd
+    iface = tmp_path / "iface.xml"
+    iface.write_text(readme_libvirt_xml()[1].replace(README_SOCKET, str(setup.sock)))
+    connections = fetch(str(setup.stats))["vms"][0]["connections"]
+
+    def has_eth0() -> bool:
+        return g.run("test -e /sys/class/net/eth0", check=False).status == 0
+
+    lv.virsh("detach-device", g.name, str(iface), "--live")
+    assert wait_for(lambda: not has_eth0(), timeout=60), g.console_tail()
+    assert wait_for(lambda: not fetch(str(setup.stats))["vms"][0]["connected"], timeout=30)
+    assert "vhostuser" not in lv.virsh("domiflist", g.name)
+    lv.virsh("attach-device", g.name, str(iface), "--live")
+    assert wait_for(has_eth0, timeout=60), g.console_tail()
+    g.configure_ip(f"{GUEST_IP}/24")
+    assert g.channels().max_combined == QUEUES
+    g.set_channels(QUEUES)
+    assert wait_for(partial(setup.enabled_is, QUEUES), timeout=10), setup.pairs()
+    assert wait_for(lambda: g.ping(HOST_IP, count=1, timeout=4), timeout=30), g.console_tail()
+    with setup.ns.iperf3_server():
+        out = g.iperf3(f"-c {HOST_IP} -P 4 -t 2 -i 0 -R")
+        assert "receiver" in out, out
+    vm = fetch(str(setup.stats))["vms"][0]
+    assert vm["connected"] and vm["connections"] == connections + 1, vm
 
 
 def test_virsh_migrate_live_between_two_libvirt_daemons(

@@ -229,7 +229,8 @@ class LibvirtGuest(Guest):
         return self.libvirtd
 
     def domain_xml(self) -> str:
-        """The transient domain: TCG, direct kernel boot, console and agent serials."""
+        """The transient domain: TCG, direct kernel boot, console and agent
+        serials; ACPI on, as virt-install sets it (PCI hotplug needs it)."""
         kernel = self.kernel if self.kernel is not None else find_kernel()[0]
         assert self.initramfs is not None
         return f"""<domain type='qemu'>
@@ -243,6 +244,7 @@ class LibvirtGuest(Guest):
     <initrd>{escape(str(self.initramfs))}</initrd>
     <cmdline>{escape(self.kernel_cmdline())}</cmdline>
   </os>
+  <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
