@@ -74,9 +74,9 @@ def _ctl(control: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextlib.contextmanager
-def _serving(tmp_path: Path, *args: str) -> Iterator[tuple[Path, Path]]:
+def _serving(tmp_path: Path, *args: str) -> Iterator[tuple[Path, Path, int]]:
     """``virtnet serve ARGS`` with a stats and a control socket in ``tmp_path``;
-    yields (stats, control) once it serves, and must stop cleanly."""
+    yields (stats, control, its pid) once it serves, and must stop cleanly."""
     stats, control, log = tmp_path / "stats", tmp_path / "control", tmp_path / "log"
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -87,7 +87,7 @@ def _serving(tmp_path: Path, *args: str) -> Iterator[tuple[Path, Path]]:
     try:
         assert wait_for(lambda: control.exists() or proc.poll() is not None, timeout=20)
         assert proc.poll() is None, log.read_text()
-        yield stats, control
+        yield stats, control, proc.pid
     finally:
         assert stop_process(proc, timeout=30) == 0, log.read_text()[-3000:]
     assert not control.exists()
@@ -100,6 +100,7 @@ def serve(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
     with _serving(tmp_path, "--socket", str(a), "--port", "switch", "--vlans", "0,100") as (
         stats,
         control,
+        _,
     ):
         yield a, stats, control
 
@@ -208,7 +209,11 @@ def test_client_mode_vm_added_dials_its_frontend(tmp_path: Path) -> None:
     """serve --client: an added VM is dialled like a --socket given at start,
     retrying until its frontend listens; a removed one is hung up on."""
     a, b = tmp_path / "a.sock", tmp_path / "b.sock"
-    with _serving(tmp_path, "--client", "--socket", str(a), "--port", "loopback") as (_, control):
+    with _serving(tmp_path, "--client", "--socket", str(a), "--port", "loopback") as (
+        _,
+        control,
+        _pid,
+    ):
         assert _ctl(control, "add", "--socket", str(b)).stdout.strip() == "b.sock"
         frame = MAC_B + MAC_A + b"\x08\x00" + bytes(50)
         with VhostUserFrontend(
@@ -218,3 +223,44 @@ def test_client_mode_vm_added_dials_its_frontend(tmp_path: Path) -> None:
             assert wait_for(lambda: fb.receive(timeout=0.1), timeout=5)  # looped back
             assert _ctl(control, "remove", "b.sock").returncode == 0
             assert wait_for(partial(_gone, fb), timeout=5)
+
+
+def _fds_and_children(pid: int) -> tuple[int, set[int]]:
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children |= {int(c) for c in (task / "children").read_text().split()}
+    return len(list(Path(f"/proc/{pid}/fd").iterdir())), children
+
+
+def test_churn_leaks_no_fd_and_no_process(tmp_path: Path) -> None:
+    """VMs added and removed a dozen times -- never connected, removed while
+    their frontend is connected with 2 pairs running, or removed after it
+    left: serve ends with the fds and child processes it started with."""
+    a = tmp_path / "a.sock"
+    frame = b"\xff" * 6 + MAC_A + b"\x08\x00" + bytes(50)
+    with _serving(tmp_path, "--socket", str(a), "--port", "switch", "--queues", "2") as (
+        stats,
+        control,
+        pid,
+    ):
+        baseline = _fds_and_children(pid)
+        for i in range(12):
+            path = tmp_path / f"vm{i}.sock"
+            assert _ctl(control, "add", "--socket", str(path)).returncode == 0
+            if i % 3:
+                with VhostUserFrontend(path, queue_pairs=2, mac=MAC_A, auto_reconnect=False) as fe:
+                    assert fe.set_queue_pairs(2)
+                    assert fe.send([frame] * 8, pair=1) == 8
+                    assert wait_for(lambda: len(_fds_and_children(pid)[1]) >= 3, timeout=10)
+                    if i % 3 == 1:
+                        assert _ctl(control, "remove", f"vm{i}.sock").returncode == 0
+                        assert wait_for(partial(_gone, fe), timeout=5)
+                if i % 3 == 2:
+                    assert _ctl(control, "remove", f"vm{i}.sock").returncode == 0
+            else:
+                assert _ctl(control, "remove", f"vm{i}.sock").returncode == 0
+        assert wait_for(lambda: _fds_and_children(pid) == baseline, timeout=20), (
+            baseline,
+            _fds_and_children(pid),
+        )
+        assert [vm["name"] for vm in fetch(str(stats))["vms"]] == ["a.sock"]
