@@ -177,6 +177,43 @@ def test_vlan_isolation(sw: Switch) -> None:
     assert drain(b) == [] and len(drain(a)) == 1
 
 
+def test_port_security_stops_mac_spoofing(sw: Switch) -> None:
+    """a is locked to mac(1): its frames from any other MAC are dropped, and no
+    other VM may send from mac(1) -- so b cannot pull a's traffic to itself by
+    claiming a's MAC, while unlocked c still sends from any MAC it likes."""
+    a, b, c = (sw.open_queue(v, 0) for v in "abc")
+    send(a, frame(BCAST, mac(1)))
+    send(b, frame(mac(1), mac(1)))  # b taught the table a's MAC before the lock
+    pump(sw)
+    drain(a), drain(b), drain(c)
+    sw.set_macs("a", [mac(1)])  # the stale entry pointing at b goes
+    send(c, frame(mac(1), mac(3)))
+    pump(sw)
+    assert drain(b) == [] and len(drain(a)) == 1  # flooded, reaches a only among a, b
+    send(a, frame(BCAST, mac(9)))  # a spoofing
+    send(b, frame(BCAST, mac(1)))  # b claiming a's MAC
+    pump(sw)
+    assert drain(b) == [] and drain(c) == [] and drain(a) == []
+    assert sw.snapshot().dropped_spoofed == 2
+    send(a, frame(BCAST, mac(1)))
+    send(c, frame(BCAST, mac(7)))  # unlocked: any MAC
+    pump(sw)
+    assert len(drain(b)) == 2 and len(drain(c)) == 1 and len(drain(a)) == 1
+    send(c, frame(mac(1), mac(3)))  # unicast to a's MAC goes to a alone
+    pump(sw)
+    assert len(drain(a)) == 1 and drain(b) == []
+    with pytest.raises(UsageError, match="belongs to another VM"):
+        sw.set_macs("b", [mac(1)])
+    with pytest.raises(UsageError, match="unicast"):
+        sw.set_macs("b", [b"\x01" + bytes(5)])
+    sw.remove_vm("a")
+    sw.set_macs("b", [mac(1)])  # free again
+    sw.set_macs("b", None)
+    send(b, frame(BCAST, mac(5)))
+    pump(sw)
+    assert len(drain(c)) == 1
+
+
 def test_rx_follows_tx_and_hash_placement(sw: Switch) -> None:
     a = [sw.open_queue("a", p) for p in range(4)]
     b = sw.open_queue("b", 0)

@@ -38,6 +38,9 @@ def test_parse_request() -> None:
     assert parse_request(b'{"op": "add", "socket": "b", "vlans": [0, 7], "tap": "vn3"}') == AddVm(
         "b", frozenset({0, 7}), "vn3"
     )
+    assert parse_request(b'{"op": "add", "socket": "b", "macs": ["52:54:00:12:34:56"]}') == AddVm(
+        "b", macs=frozenset({bytes.fromhex("525400123456")})
+    )
     assert parse_request(b'{"op": "remove", "name": "b.sock"}') == RemoveVm("b.sock")
     bad = [
         b"", b"[]", b"{", b'{"op": "list"}', b'{"op": "add"}', b'{"op": "add", "socket": ""}',
@@ -46,6 +49,9 @@ def test_parse_request() -> None:
         b'{"op": "add", "socket": "b", "vlans": [4095]}',
         b'{"op": "add", "socket": "b", "vlans": [true]}',
         b'{"op": "add", "socket": "b", "tap": 3}', b'{"op": "add", "socket": "b", "x": 1}',
+        b'{"op": "add", "socket": "b", "macs": "52:54:00:12:34:56"}',
+        b'{"op": "add", "socket": "b", "macs": ["01:00:5e:00:00:01"]}',
+        b'{"op": "add", "socket": "b", "macs": ["nonsense"]}',
         b'{"op": "remove"}', b'{"op": "remove", "name": "b", "also": 1}',
         b" " * (MAX_REQUEST_BYTES + 1),
     ]  # fmt: skip
@@ -147,9 +153,15 @@ def test_vms_added_and_removed_at_run_time(serve: tuple[Path, Path, Path], tmp_p
     assert res.returncode == 2 and "no VM called 'b.sock'" in res.stderr, res
     res = _ctl(control, "add", "--socket", str(b), "--vlans", "7", "--tap", "vn0")
     assert res.returncode == 2 and "a tap name needs --port tap" in res.stderr, res
-    res = _ctl(control, "add", "--socket", str(b), "--vlans", "7")
+    res = _ctl(control, "add", "--socket", str(b), "--vlans", "7", "--mac", MAC_B.hex(":"))
     assert res.returncode == 0 and res.stdout.strip() == "b.sock", res
-    assert fetch(str(stats))["vms"][1]["vlans"] == [7]
+    vm = fetch(str(stats))["vms"][1]
+    assert vm["vlans"] == [7] and vm["macs"] == [MAC_B.hex(":")], vm
+    res = _ctl(control, "add", "--socket", str(tmp_path / "c.sock"), "--mac", MAC_B.hex(":"))
+    assert res.returncode == 2 and "belongs to another VM" in res.stderr, res
+    assert _ctl(control, "remove", "b.sock").returncode == 0  # frees B's MAC
+    res = _ctl(control, "add", "--socket", str(tmp_path / "c.sock"), "--mac", MAC_B.hex(":"))
+    assert res.returncode == 0, res
 
 
 def test_bad_requests_are_answered_and_serve_goes_on(serve: tuple[Path, Path, Path]) -> None:

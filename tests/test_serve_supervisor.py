@@ -27,7 +27,7 @@ from virtnet.errors import UsageError
 from virtnet.testing.guest import wait_for
 from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.frontend import VhostUserFrontend
-from virtnet.vhost_user.serve import Daemon, _vlan_plan, _vlans_arg
+from virtnet.vhost_user.serve import Daemon, _mac_arg, _vlan_plan, _vlans_arg
 from virtnet.vhost_user.stats import fetch, render
 
 pytestmark = pytest.mark.timeout(120)
@@ -304,6 +304,50 @@ def test_vlans_option_parsing_and_errors(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert res.returncode == 2 and "bad --vlans 'a=4095'" in res.stderr, res.stderr
+
+
+def test_mac_option_parsing_and_errors(tmp_path: Path) -> None:
+    assert _mac_arg("vm.sock=52:54:00:12:34:56,02:00:00:00:00:01") == (
+        "vm.sock",
+        frozenset({bytes.fromhex("525400123456"), bytes.fromhex("020000000001")}),
+    )
+    for bad in ("vm.sock", "=52:54:00:12:34:56", "vm=52:54:00:12:34", "vm=01:00:5e:00:00:01",
+                "vm=52-54-00-12-34-56", "vm=zz:54:00:12:34:56"):  # fmt: skip
+        with pytest.raises(argparse.ArgumentTypeError, match="bad --mac"):
+            _mac_arg(bad)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    mac1 = frozenset({bytes.fromhex("525400123456")})
+    with pytest.raises(UsageError, match="--mac needs --port switch"):
+        Daemon([a], port="null", macs=[("a", mac1)])
+    with pytest.raises(UsageError, match=r"no such VM.*a, b"):
+        Daemon([a, b], port="switch", macs=[("c", mac1)])
+    with pytest.raises(UsageError, match="given to two VMs"):
+        Daemon([a, b], port="switch", macs=[("a", mac1), ("b", mac1)])
+
+
+def test_mac_locks_stop_a_spoofing_vm(tmp_path: Path) -> None:
+    """``--mac b.sock=MAC_B``: B's frames from A's MAC are dropped as spoofed
+    (A does not get them), its own go through; stats show the lock."""
+    sock, stats, _ = _paths(tmp_path)
+    b_sock = tmp_path / "b.sock"
+    with (
+        _serving(tmp_path, "--socket", str(b_sock), "--port", "switch", "--queues", "1",
+                 "--mac", f"b.sock={MAC_B.hex(':')}"),
+        VhostUserFrontend(sock, queue_pairs=1, mac=MAC_A) as fa,
+        VhostUserFrontend(b_sock, queue_pairs=1, mac=MAC_B) as fb,
+    ):  # fmt: skip
+        assert fb.send([_tagged(None, MAC_A, 1), _tagged(None, MAC_B, 2)]) == 2
+        got: list[bytes] = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not got:
+            got += [f.data for f in fa.receive(timeout=0.2)]
+        time.sleep(0.3)
+        got += [f.data for f in fa.receive(timeout=0.2)]
+        assert got == [_tagged(None, MAC_B, 2)], got
+        doc = fetch(str(stats))
+        assert doc["switch"]["dropped_spoofed"] == 1, doc["switch"]
+        assert doc["vms"][1]["macs"] == [MAC_B.hex(":")] and "macs" not in doc["vms"][0]
+        assert "drop spoofed" in _stats_cli(stats)
 
 
 def _tagged(vlan: int | None, src: bytes, n: int) -> bytes:

@@ -3,8 +3,10 @@
 Both guests boot (QEMU 10, TCG) with 2-pair vhost-user NICs; the switch
 process of serve joins them.  They ping each other and run iperf3 TCP both
 ways (GSO super-frames cross the switch: both guests take TSO on rx), over
-IPv4 at MTU 9000 (``host_mtu``), link-local IPv6, and a VLAN both are members of (``--vlans``), and
-cannot reach each other over a VLAN they are not members of.
+IPv4 at MTU 9000 (``host_mtu``), link-local IPv6, and a VLAN both are members
+of (``--vlans``); they cannot reach each other over a VLAN they are not
+members of, nor by one taking the other's MAC (``--mac``).  A third guest is
+plugged in and out with ``virtnet ctl``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
 QUEUES = 2
 IP_A, IP_B = "10.77.1.2", "10.77.1.3"
+#: The guests' MACs, which serve locks them to (``--mac``).
+MAC_A, MAC_B = "52:54:00:77:01:02", "52:54:00:77:01:03"
 #: Both guests are members of VLAN 0 (untagged) and this one (``--vlans 0,VLAN``).
 VLAN, OTHER_VLAN = 100, 200
 #: Both NICs announce this MTU (``host_mtu``), so the guests use jumbo frames.
@@ -46,7 +50,7 @@ def pair(
         serve = subprocess.Popen(
             [sys.executable, "-m", "virtnet.cli", "-v", "serve", "--socket", str(a),
              "--socket", str(b), "--port", "switch", "--queues", str(QUEUES),
-             "--vlans", f"0,{VLAN}",
+             "--vlans", f"0,{VLAN}", "--mac", f"a.sock={MAC_A}", "--mac", f"b.sock={MAC_B}",
              "--stats-socket", str(stats), "--control-socket", str(_control(stats))],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
@@ -55,17 +59,13 @@ def pair(
         assert serve.poll() is None, log.read_text()
         with (
             Guest(
-                vhost_user_netdev_args(
-                    a, queues=QUEUES, mac="52:54:00:77:01:02", device_extra=f"host_mtu={MTU}"
-                ),
+                vhost_user_netdev_args(a, queues=QUEUES, mac=MAC_A, device_extra=f"host_mtu={MTU}"),
                 initramfs=guest_initramfs,
                 ip=f"{IP_A}/24",
                 smp=1,
             ) as ga,
             Guest(
-                vhost_user_netdev_args(
-                    b, queues=QUEUES, mac="52:54:00:77:01:03", device_extra=f"host_mtu={MTU}"
-                ),
+                vhost_user_netdev_args(b, queues=QUEUES, mac=MAC_B, device_extra=f"host_mtu={MTU}"),
                 initramfs=guest_initramfs,
                 ip=f"{IP_B}/24",
                 smp=1,
@@ -198,3 +198,20 @@ def test_a_guest_plugged_in_and_out_with_virtnet_ctl(
         assert [vm["name"] for vm in fetch(str(stats))["vms"]] == ["a.sock", "b.sock"]
         assert ctl("add", "--socket", str(c)) == "c.sock"
         assert wait_for(lambda: gc.ping(IP_A, count=1, timeout=5), timeout=40), gc.console_tail()
+
+
+def test_a_guest_cannot_take_anothers_mac(pair: tuple[Guest, Guest, Path]) -> None:
+    """``--mac``: B takes A's MAC (``ip link set eth0 address``, live, through
+    QEMU's control queue) and cannot reach anyone -- its frames are dropped as
+    spoofed -- until it takes its own back."""
+    _, gb, stats = pair
+    assert gb.ping(IP_A, count=1)
+    spoofed = fetch(str(stats))["switch"]["dropped_spoofed"]
+    gb.run("ip neigh flush dev eth0")
+    gb.run(f"ip link set eth0 address {MAC_A}")
+    try:
+        assert not gb.ping(IP_A, count=2, timeout=5)
+        assert fetch(str(stats))["switch"]["dropped_spoofed"] > spoofed
+    finally:
+        gb.run(f"ip link set eth0 address {MAC_B}")
+    assert wait_for(lambda: gb.ping(IP_A, count=1, timeout=5), timeout=30), gb.console_tail()

@@ -17,6 +17,13 @@ Invariants:
   frame tagged X is on VLAN X.  A VM is a member of a set of VLANs (default
   ``{0}``); a frame from a VM on a VLAN it is not a member of is dropped, and a
   frame on VLAN X reaches only members of X.  Tags are never added or removed.
+* Port security (``set_macs``): a VM given its MAC addresses may send only
+  from them, and no other member may send from them; any other frame is
+  dropped and counted (``dropped_spoofed``) before it is learnt, so one guest
+  cannot take another's traffic by claiming its MAC.  Unicast to a locked MAC
+  goes to its VM (on the VLANs it is a member of) without being learnt first,
+  so it is never flooded to the others.  A VM without locked MACs may use any
+  unicast source MAC it likes (learning bridge).
 * Forwarding: known unicast goes to the one VM that owns the destination;
   broadcast, multicast and unknown unicast are flooded to every other member
   VM of the VLAN.  A frame never goes back to the VM it came from.
@@ -145,6 +152,10 @@ def flow_id(frame: bytes | bytearray | memoryview, off: int = VNET_HDR_LEN) -> i
     return int.from_bytes(b"\x02" + a + b + bytes(frame[off + 12 : off + 14]), "big")
 
 
+def _mac_text(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
 def spread(fid: int) -> int:
     """A well-mixed 32-bit value of a flow id, for placing a flow on a pair."""
     h = hash(fid)  # ints hash deterministically (mod 2**61 - 1)
@@ -164,6 +175,7 @@ class SwitchStats:
     dropped_unknown_vm: int = 0  # destination VM/pair gone, or frame on an unknown socket
     dropped_bad_frame: int = 0  # too short, truncated, multicast source
     dropped_vlan: int = 0  # source VM not a member of the frame's VLAN
+    dropped_spoofed: int = 0  # source MAC not the VM's own, or another VM's (set_macs)
     dropped_offload: int = 0  # GSO/partial csum to a VM that cannot take it
     dropped_no_queue: int = 0  # destination VM has no active open pair
     mac_evictions: int = 0
@@ -198,11 +210,12 @@ def _needed_offloads(flags: int, gso_type: int) -> frozenset[Offload]:
 
 
 class _Vm:
-    __slots__ = ("active", "id", "ports", "rx_offloads", "rx_ports", "steering", "vlans")
+    __slots__ = ("active", "id", "macs", "ports", "rx_offloads", "rx_ports", "steering", "vlans")
 
     def __init__(self, vm_id: str) -> None:
         self.id = vm_id
         self.vlans: frozenset[int] = frozenset({0})
+        self.macs: frozenset[bytes] | None = None  # None: any source MAC
         self.active = 1
         self.ports: dict[int, _Port] = {}
         self.rx_offloads: frozenset[Offload] = frozenset(Offload)
@@ -258,6 +271,7 @@ class Switch:
         self._vms: dict[str, _Vm] = {}
         self._by_fd: dict[int, _Port] = {}
         self._macs: OrderedDict[tuple[int, bytes], tuple[_Vm, float]] = OrderedDict()
+        self._locked: dict[bytes, _Vm] = {}  # port security: MAC -> the VM it is locked to
         self._flows: OrderedDict[tuple[str, int], tuple[int, float]] = OrderedDict()
         self._buf = bytearray(_BUF_LEN)
         self._view = memoryview(self._buf)
@@ -333,6 +347,27 @@ class Switch:
             raise UsageError(f"bad VLAN set {sorted(vs)!r} (ids 0..{VLAN_MAX}, at least one)")
         self._vm(vm_id).vlans = vs
 
+    def set_macs(self, vm_id: str, macs: Iterable[bytes] | None) -> None:
+        """Lock the VM to these source MACs (None: unlock); see port security."""
+        vm = self._vm(vm_id)
+        new = None if macs is None else frozenset(macs)
+        if new is not None and (not new or any(len(m) != 6 or m[0] & 1 for m in new)):
+            raise UsageError(f"bad MAC set for {vm_id!r}: unicast 6-byte MACs, at least one")
+        taken = {m for m in new or () if self._locked.get(m, vm) is not vm}
+        if taken:
+            raise UsageError(f"MAC {', '.join(_mac_text(m) for m in sorted(taken))} belongs to"
+                             " another VM")  # fmt: skip
+        for m in vm.macs or ():
+            del self._locked[m]
+        vm.macs = new
+        for m in new or ():
+            self._locked[m] = vm
+        # Forget what the VM (or anyone) taught the table that the lock now forbids.
+        for k in [k for k, (v, _t) in self._macs.items()
+                  if (k[1] in self._locked and self._locked[k[1]] is not v)
+                  or (v.macs is not None and k[1] not in v.macs)]:  # fmt: skip
+            del self._macs[k]
+
     def set_steering(self, vm_id: str, steering: Steering | None) -> None:
         """Let the VM's own :class:`~virtnet.steering.Steering` choose its rx pair.
 
@@ -354,6 +389,8 @@ class Switch:
         vm = self._vms.pop(vm_id, None)
         if vm is None:
             return
+        for m in vm.macs or ():
+            del self._locked[m]
         for port in list(vm.ports.values()):
             self._close_port(port)
         for k in [k for k, (v, _t) in self._macs.items() if v is vm]:
@@ -484,8 +521,17 @@ class Switch:
             stats.dropped_vlan += 1
             src.rx_dropped += 1
             return
+        smac = bytes(buf[_E + 6 : _E + 12])
+        if self._locked:
+            owner = self._locked.get(smac)
+            if (owner is not None and owner is not svm) or (
+                svm.macs is not None and smac not in svm.macs
+            ):
+                stats.dropped_spoofed += 1
+                src.rx_dropped += 1
+                return
         macs = self._macs
-        key = (vlan, bytes(buf[_E + 6 : _E + 12]))
+        key = (vlan, smac)
         macs[key] = (svm, now)
         macs.move_to_end(key)
         if len(macs) > MAC_TABLE_SIZE:
@@ -505,7 +551,12 @@ class Switch:
                 stats.flow_evictions += 1
         need = _NO_OFFLOAD if not (buf[0] | buf[1]) else _needed_offloads(buf[0], buf[1])
         if not buf[_E] & 1:
-            ent = macs.get((vlan, bytes(buf[_E : _E + 6])))
+            dmac = bytes(buf[_E : _E + 6])
+            owner = self._locked.get(dmac) if self._locked else None
+            if owner is not None and vlan in owner.vlans:
+                ent: tuple[_Vm, float] | None = (owner, now)  # a locked MAC is always known
+            else:
+                ent = macs.get((vlan, dmac))
             if ent is not None and now - ent[1] <= MAC_AGING_S:
                 dvm = ent[0]
                 if dvm is svm:
@@ -641,6 +692,16 @@ class Switch:
             self.set_active_pairs(vm_id, msg["n"])
         elif op == "vlans":
             self.set_vlans(vm_id, msg["vlans"])
+        elif op == "macs":
+            macs = msg["macs"]
+            if macs is not None and not (
+                isinstance(macs, list) and all(isinstance(m, str) for m in macs)
+            ):
+                raise ProtocolError("'macs' must be a list of hex strings or null")
+            try:
+                self.set_macs(vm_id, None if macs is None else [bytes.fromhex(m) for m in macs])
+            except ValueError as exc:
+                raise ProtocolError(f"bad MAC in {macs!r}: {exc}") from None
         elif op == "offloads":
             self.set_rx_offloads(vm_id, (Offload(o) for o in msg["offloads"]))
         elif op == "remove":
@@ -743,6 +804,18 @@ class SwitchPort:
 
     def set_vlans(self, vm_id: str, vlans: Iterable[int]) -> None:
         self._send({"op": "vlans", "vm": vm_id, "vlans": sorted(vlans)})
+
+    def set_macs(self, vm_id: str, macs: Iterable[bytes] | None) -> None:
+        """Lock the VM to these source MACs (see :meth:`Switch.set_macs`); a MAC
+        another VM holds is refused by the switch process and counted as a
+        control error, so check first (serve does)."""
+        self._send(
+            {
+                "op": "macs",
+                "vm": vm_id,
+                "macs": None if macs is None else sorted(m.hex() for m in macs),
+            }
+        )
 
     def set_rx_offloads(self, vm_id: str, offloads: Iterable[Offload]) -> None:
         self._send({"op": "offloads", "vm": vm_id, "offloads": sorted(o.value for o in offloads)})

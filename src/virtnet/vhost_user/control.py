@@ -5,11 +5,13 @@ write it may plug VMs into serve's switch or taps).  One request per
 connection, one JSON object on one line, at most :data:`MAX_REQUEST_BYTES`;
 serve answers one JSON line and closes:
 
-* ``{"op": "add", "socket": PATH, "vlans": [IDS]?, "tap": IFNAME?}``: serve a
+* ``{"op": "add", "socket": PATH, "vlans": [IDS]?, "tap": IFNAME?, "macs":
+  ["52:54:00:12:34:56", ...]?}``: serve a
   new VM on ``PATH`` exactly as a ``--socket`` given at start (listen, or dial
   with ``--client``); ``vlans``: its switch VLANs (default: those of
   ``--vlans`` without ``VM=``); ``tap``: its tap with ``--port tap:...``
-  (default: the ``%d`` template with the next index).  Answer
+  (default: the ``%d`` template with the next index); ``macs``: lock it to
+  these source MACs on the switch, as ``--mac`` does.  Answer
   ``{"ok": true, "name": NAME}``, NAME being what ``virtnet stats`` shows.
 * ``{"op": "remove", "name": NAME}``: stop serving that VM: its connection is
   closed (its workers stop), its socket file removed, its switch membership
@@ -62,6 +64,7 @@ class AddVm:
     socket: str
     vlans: frozenset[int] | None = None
     tap: str | None = None
+    macs: frozenset[bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ def parse_request(line: bytes) -> AddVm | RemoveVm:
         raise ProtocolError("request is not a JSON object")
     op = doc.get("op")
     if op == "add":
-        extra = set(doc) - {"op", "socket", "vlans", "tap"}
+        extra = set(doc) - {"op", "socket", "vlans", "tap", "macs"}
         path = doc.get("socket")
         if not isinstance(path, str) or not 0 < len(path.encode()) <= MAX_SOCKET_PATH:
             raise ProtocolError(f"'socket' must be a path of 1..{MAX_SOCKET_PATH} bytes")
@@ -95,9 +98,19 @@ def parse_request(line: bytes) -> AddVm | RemoveVm:
         tap = doc.get("tap")
         if tap is not None and (not isinstance(tap, str) or not tap):
             raise ProtocolError("'tap' must be an interface name")
+        macs = doc.get("macs")
+        if macs is not None:
+            from virtnet.vhost_user.serve import parse_macs  # serve imports this module
+
+            if not isinstance(macs, list) or not all(isinstance(m, str) for m in macs):
+                raise ProtocolError("'macs' must be a list of MAC addresses")
+            try:
+                macs = parse_macs(",".join(macs))
+            except ValueError as exc:
+                raise ProtocolError(f"'macs': {exc}") from None
         if extra:
             raise ProtocolError(f"unknown fields {sorted(extra)}")
-        return AddVm(path, None if vlans is None else frozenset(vlans), tap)
+        return AddVm(path, None if vlans is None else frozenset(vlans), tap, macs)
     if op == "remove":
         name = doc.get("name")
         if not isinstance(name, str) or not name or set(doc) != {"op", "name"}:
@@ -144,6 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--socket", required=True, metavar="PATH", help="its vhost-user socket")
     add.add_argument("--vlans", type=_ids, metavar="IDS", help="its switch VLANs, e.g. 0,100-102")
     add.add_argument("--tap", metavar="IFNAME", help="its tap (with --port tap:...)")
+    add.add_argument("--mac", metavar="MAC[,MAC]", help="the source MACs it may use on the switch")
     rm = sub.add_parser("remove", help="stop serving a VM")
     rm.add_argument("name", help="the VM's name, as virtnet stats shows it")
 
@@ -155,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
             doc["vlans"] = args.vlans
         if args.tap is not None:
             doc["tap"] = args.tap
+        if args.mac is not None:
+            doc["macs"] = args.mac.split(",")
         print(request(args.control_socket, doc)["name"])
     else:
         request(args.control_socket, {"op": "remove", "name": args.name})

@@ -43,7 +43,8 @@ Invariants:
   run time (:mod:`virtnet.vhost_user.control`), one request per loop tick,
   each waited for at most ``control.TIMEOUT_S``; a bad request is answered
   with its error and changes nothing.
-* ``--vlans``: each switch member's 802.1Q VLANs (default untagged only).
+* ``--vlans``: each switch member's 802.1Q VLANs (default untagged only);
+  ``--mac``: the source MACs a VM is locked to on the switch (default: any).
 * The loop ticks every :data:`TICK_S` to reap and restart dead workers; a
   ring stop waits for its worker (bounded by the supervisor's timeouts), so
   control messages of other VMs may wait that long -- their data paths do not.
@@ -149,9 +150,11 @@ class Daemon:
         kick_defer_us: int = KICK_DEFER_US,
         vlans: Sequence[tuple[str | None, frozenset[int]]] = (),
         control_socket: str | None = None,
+        macs: Sequence[tuple[str, frozenset[bytes]]] = (),
     ) -> None:
         """``vlans``: the ``--vlans`` options (:func:`_vlans_arg`), switch only;
-        ``control_socket``: where ``virtnet ctl`` adds and removes VMs."""
+        ``control_socket``: where ``virtnet ctl`` adds and removes VMs;
+        ``macs``: the ``--mac`` options (:func:`_mac_arg`), switch only."""
         if not sockets:
             raise UsageError("at least one --socket is needed")
         if not 1 <= queues <= MAX_QUEUE_PAIRS:
@@ -183,6 +186,8 @@ class Daemon:
         #: Each switch member's VLANs, when --vlans set them.
         self.vlans: dict[str, frozenset[int]] = {}
         self._vlan_spec = tuple(vlans)
+        #: Switch members locked to their MACs (--mac).
+        self.macs: dict[str, frozenset[bytes]] = {}
         self._stop = False
         self.stats_path = stats_socket
         self.stats_listener: socket.socket | None = None
@@ -193,6 +198,13 @@ class Daemon:
                 self._add_vm(path, _tap_spec(port, i, len(sockets)))
             if vlans:
                 self._set_vlans(vlans)
+            for name, addrs in macs:
+                if not any(vm.name == name for vm in self.vms):
+                    raise UsageError(
+                        f"--mac {name}=...: no such VM (VMs are named by their socket's file"
+                        f" name: {', '.join(vm.name for vm in self.vms)})"
+                    )
+                self._lock_macs(name, addrs)
             if stats_socket:
                 self.stats_listener = _listen(stats_socket, "stats socket")
             if control_socket:
@@ -234,14 +246,34 @@ class Daemon:
         self.vms.append(vm)
         return vm
 
+    def _lock_macs(self, name: str, addrs: frozenset[bytes]) -> None:
+        """Port security on the switch: ``name`` sends from ``addrs`` only."""
+        sw = self._shared
+        if not isinstance(sw, SwitchPort):
+            raise UsageError("--mac needs --port switch (a tap's traffic is the host's to filter)")
+        if name in self.macs:
+            raise UsageError(f"--mac for {name} given twice")
+        taken = sorted(a for other in self.macs.values() for a in addrs & other)
+        if taken:
+            raise UsageError(f"MAC {_mac_text(taken[0])} given to two VMs")
+        sw.set_macs(name, addrs)
+        self.macs[name] = addrs
+        log.info("%s: may send from %s only", name, ", ".join(sorted(map(_mac_text, addrs))))
+
     def add_vm(
-        self, path: str, *, vlans: frozenset[int] | None = None, tap: str | None = None
+        self,
+        path: str,
+        *,
+        vlans: frozenset[int] | None = None,
+        tap: str | None = None,
+        macs: frozenset[bytes] | None = None,
     ) -> str:
         """Serve one more VM on ``path`` at run time (``virtnet ctl add``); its name.
 
         ``vlans``: its switch VLANs (default: the ``--vlans`` default, else
         untagged only); ``tap``: its tap with ``--port tap:...`` (default: the
-        port's ``%d`` template with the next index)."""
+        port's ``%d`` template with the next index); ``macs``: lock it to
+        these source MACs on the switch (``--mac``)."""
         if any(vm.path == path for vm in self.vms):
             raise UsageError(f"{path} is already served")
         is_tap = self.port_spec.startswith("tap:")
@@ -249,6 +281,12 @@ class Daemon:
             raise UsageError(f"a tap name needs --port tap:..., not --port {self.port_spec}")
         if vlans is not None and not isinstance(self._shared, SwitchPort):
             raise UsageError("VLANs need --port switch (a tap carries every VLAN)")
+        if macs is not None:
+            if not isinstance(self._shared, SwitchPort):
+                raise UsageError("MAC locks need --port switch")
+            taken = sorted(a for other in self.macs.values() for a in macs & other)
+            if taken:
+                raise UsageError(f"MAC {_mac_text(taken[0])} belongs to another VM")
         if is_tap and tap is None and not any(t in self.port_spec for t in ("%d", "{}")):
             raise UsageError(
                 f"--port {self.port_spec} names one tap, which a VM already has: give the"
@@ -263,6 +301,8 @@ class Daemon:
             ids = vlans if vlans is not None else _vlans_for(self._vlan_spec, vm.name)
             sw.set_vlans(vm.name, ids)
             self.vlans[vm.name] = ids
+        if macs is not None:
+            self._lock_macs(vm.name, macs)
         log.info(
             "%s: added (%s)%s", vm.name, path,
             f", VLANs {','.join(map(str, sorted(self.vlans[vm.name])))}"
@@ -290,6 +330,7 @@ class Daemon:
         else:
             vm.port.close()
         self.vlans.pop(vm.name, None)
+        self.macs.pop(vm.name, None)
         log.info("%s: removed", vm.name)
 
     def _set_vlans(self, spec: Sequence[tuple[str | None, frozenset[int]]]) -> None:
@@ -356,7 +397,8 @@ class Daemon:
         try:
             req = parse_request(line)
             if isinstance(req, AddVm):
-                return {"ok": True, "name": self.add_vm(req.socket, vlans=req.vlans, tap=req.tap)}
+                name = self.add_vm(req.socket, vlans=req.vlans, tap=req.tap, macs=req.macs)
+                return {"ok": True, "name": name}
             self.remove_vm(req.name)
             return {"ok": True}
         except (PeerError, UsageError) as exc:
@@ -433,6 +475,8 @@ def snapshot(d: Daemon) -> dict[str, Any]:
             vms[-1]["tap"] = _tap_snapshot(vm.port)
         if vm.name in d.vlans:
             vms[-1]["vlans"] = sorted(d.vlans[vm.name])
+        if vm.name in d.macs:
+            vms[-1]["macs"] = sorted(map(_mac_text, d.macs[vm.name]))
     doc: dict[str, Any] = {"time": time.time(), "queues": d.queues, "vms": vms}
     if isinstance(d._shared, SwitchPort):
         doc["switch"] = _switch_snapshot(d._shared)
@@ -540,6 +584,38 @@ def _vlans_arg(text: str) -> tuple[str | None, frozenset[int]]:
     return (member if eq else None), vlans
 
 
+def _mac_text(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def parse_macs(text: str) -> frozenset[bytes]:
+    """``52:54:00:12:34:56[,MAC...]`` -> the MACs; ValueError unless each is a
+    unicast MAC in colon notation."""
+    out = set()
+    for part in text.split(","):
+        octets = part.strip().split(":")
+        if len(octets) != 6 or not all(len(o) == 2 for o in octets):
+            raise ValueError(f"not a MAC address: {part!r}")
+        mac = bytes.fromhex("".join(octets))
+        if mac[0] & 1:
+            raise ValueError(f"{part} is a multicast address")
+        out.add(mac)
+    return frozenset(out)
+
+
+def _mac_arg(text: str) -> tuple[str, frozenset[bytes]]:
+    """``--mac VM=MAC[,MAC...]``."""
+    name, eq, addrs = text.partition("=")
+    try:
+        if not name or not eq:
+            raise ValueError("expected VM=MAC")
+        return name, parse_macs(addrs)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"bad --mac {text!r}: {exc} (e.g. vm1.sock=52:54:00:12:34:56)"
+        ) from None
+
+
 def _vlans_for(spec: Sequence[tuple[str | None, frozenset[int]]], name: str) -> frozenset[int]:
     """The VLANs ``--vlans`` gives a VM added at run time: its named set, else the default."""
     named = {who: ids for who, ids in spec}
@@ -643,6 +719,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " not named (default: 0 only). Frames are never tagged or untagged",
     )
     parser.add_argument(
+        "--mac",
+        type=_mac_arg,
+        action="append",
+        default=[],
+        metavar="VM=MAC[,MAC]",
+        help="--port switch: VM may send only from these MACs, and no other VM from them"
+        " (port security; default: a VM may use any MAC)",
+    )
+    parser.add_argument(
         "--no-offloads",
         dest="offloads",
         action="store_false",
@@ -664,6 +749,7 @@ def run(args: argparse.Namespace) -> int:
         kick_defer_us=args.kick_defer_us,
         vlans=args.vlans,
         control_socket=args.control_socket,
+        macs=args.mac,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -62,6 +62,7 @@ SWITCH_COLUMNS = {
     "dropped_unknown_vm": "drop no VM",
     "dropped_bad_frame": "drop bad",
     "dropped_vlan": "drop VLAN",
+    "dropped_spoofed": "drop spoofed",
     "dropped_offload": "drop offload",
     "dropped_no_queue": "drop no queue",
 }
@@ -133,6 +134,8 @@ def render(doc: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
             title += f"; {tap_drops_text(vm['tap'])}"
         if vm.get("vlans"):
             title += f"; VLANs {','.join(map(str, vm['vlans']))}"
+        if vm.get("macs"):
+            title += f"; sends from {','.join(vm['macs'])} only"
         t = Table(title=title, caption=vm.get("features") or None)
         t.add_column("pair", justify="right")
         t.add_column("on")
