@@ -145,8 +145,18 @@ def netdev_drops(ifname: str, text: str) -> tuple[int, int] | None:
 
 def _check_ifname(ifname: str) -> bytes:
     raw = ifname.encode()
-    if not raw or len(raw) >= IFNAMSIZ or b"/" in raw or b"\0" in raw or ifname.strip() != ifname:
-        raise UsageError(f"bad interface name {ifname!r} (1..{IFNAMSIZ - 1} bytes, no '/')")
+    # '%' would make the kernel pick the name itself (a "%d" template), ':'
+    # and whitespace it refuses (net/core/dev.c dev_valid_name).
+    if (
+        not raw
+        or len(raw) >= IFNAMSIZ
+        or any(c in raw for c in b"/:%\0")
+        or any(c.isspace() for c in ifname)
+    ):
+        raise UsageError(
+            f"bad interface name {ifname!r} (1..{IFNAMSIZ - 1} bytes, none of '/', ':', '%',"
+            " blanks)"
+        )
     return raw
 
 
