@@ -25,7 +25,7 @@ from virtnet.testing.guest import wait_for
 from virtnet.testing.netns import NetNS
 from virtnet.testing.procs import stop_process
 from virtnet.testing.serve import start_serve
-from virtnet.vhost_user.control import MAX_REQUEST_BYTES, AddVm, RemoveVm, parse_request
+from virtnet.vhost_user.control import MAX_REQUEST_BYTES, AddVm, RemoveVm, SetVm, parse_request
 from virtnet.vhost_user.frontend import BackendClosedError, VhostUserFrontend
 from virtnet.vhost_user.stats import fetch
 
@@ -42,6 +42,8 @@ def test_parse_request() -> None:
         "b", macs=frozenset({bytes.fromhex("525400123456")})
     )
     assert parse_request(b'{"op": "remove", "name": "b.sock"}') == RemoveVm("b.sock")
+    assert parse_request(b'{"op": "set", "name": "b", "vlans": [5]}') == SetVm("b", frozenset({5}))
+    assert parse_request(b'{"op": "set", "name": "b", "macs": null}') == SetVm("b", unlock=True)
     bad = [
         b"", b"[]", b"{", b'{"op": "list"}', b'{"op": "add"}', b'{"op": "add", "socket": ""}',
         b'{"op": "add", "socket": "' + b"x" * 108 + b'"}',
@@ -53,6 +55,8 @@ def test_parse_request() -> None:
         b'{"op": "add", "socket": "b", "macs": ["01:00:5e:00:00:01"]}',
         b'{"op": "add", "socket": "b", "macs": ["nonsense"]}',
         b'{"op": "remove"}', b'{"op": "remove", "name": "b", "also": 1}',
+        b'{"op": "set", "name": "b"}', b'{"op": "set", "vlans": [1]}',
+        b'{"op": "set", "name": "b", "tap": "x", "vlans": [1]}',
         b" " * (MAX_REQUEST_BYTES + 1),
     ]  # fmt: skip
     for line in bad:
@@ -162,6 +166,51 @@ def test_vms_added_and_removed_at_run_time(serve: tuple[Path, Path, Path], tmp_p
     assert _ctl(control, "remove", "b.sock").returncode == 0  # frees B's MAC
     res = _ctl(control, "add", "--socket", str(tmp_path / "c.sock"), "--mac", MAC_B.hex(":"))
     assert res.returncode == 0, res
+
+
+def test_vlans_and_mac_lock_changed_at_run_time(
+    serve: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """``virtnet ctl set``: B leaves VLAN 0 (A's untagged broadcast no longer
+    reaches it), then B is locked to its MAC (its frames from another MAC are
+    dropped), then unlocked again."""
+    a, stats, control = serve
+    b = tmp_path / "b.sock"
+    assert _ctl(control, "add", "--socket", str(b)).returncode == 0
+    other = b"\x02\x00\x00\x00\x00\x0c"
+
+    def b_hears_a(n: int) -> bool:
+        assert fa.send([_broadcast(n)]) == 1
+        time.sleep(0.3)
+        return bool(fb.receive(timeout=0.2))
+
+    def a_hears_b_from(src: bytes) -> bool:
+        assert fb.send([b"\xff" * 6 + src + b"\x08\x00" + bytes(46)]) == 1
+        time.sleep(0.3)
+        return bool(fa.receive(timeout=0.2))
+
+    with (
+        VhostUserFrontend(a, queue_pairs=1, mac=MAC_A) as fa,
+        VhostUserFrontend(b, queue_pairs=1, mac=MAC_B) as fb,
+    ):
+        assert wait_for(lambda: b_hears_a(1), timeout=5)
+        assert _ctl(control, "set", "b.sock", "--vlans", "100").returncode == 0
+        assert not b_hears_a(2)
+        assert fetch(str(stats))["vms"][1]["vlans"] == [100]
+        assert _ctl(control, "set", "b.sock", "--vlans", "0,100").returncode == 0
+        assert a_hears_b_from(other)
+        assert _ctl(control, "set", "b.sock", "--mac", MAC_B.hex(":")).returncode == 0
+        assert not a_hears_b_from(other) and a_hears_b_from(MAC_B)
+        assert fetch(str(stats))["vms"][1]["macs"] == [MAC_B.hex(":")]
+        res = _ctl(control, "set", "a.sock", "--mac", MAC_B.hex(":"))
+        assert res.returncode == 2 and "belongs to another VM" in res.stderr, res
+        assert _ctl(control, "set", "b.sock", "--no-mac").returncode == 0
+        assert a_hears_b_from(other)
+        assert "macs" not in fetch(str(stats))["vms"][1]
+    res = _ctl(control, "set", "b.sock")
+    assert res.returncode == 2 and "set what?" in res.stderr, res
+    res = _ctl(control, "set", "nope", "--vlans", "1")
+    assert res.returncode == 2 and "no VM called 'nope'" in res.stderr, res
 
 
 def test_bad_requests_are_answered_and_serve_goes_on(serve: tuple[Path, Path, Path]) -> None:

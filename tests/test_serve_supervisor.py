@@ -321,7 +321,7 @@ def test_mac_option_parsing_and_errors(tmp_path: Path) -> None:
         Daemon([a], port="null", macs=[("a", mac1)])
     with pytest.raises(UsageError, match=r"no such VM.*a, b"):
         Daemon([a, b], port="switch", macs=[("c", mac1)])
-    with pytest.raises(UsageError, match="given to two VMs"):
+    with pytest.raises(UsageError, match="belongs to another VM"):
         Daemon([a, b], port="switch", macs=[("a", mac1), ("b", mac1)])
 
 

@@ -16,6 +16,9 @@ serve answers one JSON line and closes:
 * ``{"op": "remove", "name": NAME}``: stop serving that VM: its connection is
   closed (its workers stop), its socket file removed, its switch membership
   or tap dropped.  The guest sees its link go down.
+* ``{"op": "set", "name": NAME, "vlans": [IDS]?, "macs": [MACS] | null?}``:
+  change a served VM's switch VLANs or MAC lock (``null``: unlock) while it
+  runs.  Answer ``{"ok": true}``.
 * Failures: ``{"ok": false, "error": TEXT}``.
 
 Invariants: a request that is not such an object (too long, not JSON, unknown
@@ -43,7 +46,10 @@ __all__ = [
     "TIMEOUT_S",
     "AddVm",
     "RemoveVm",
+    "SetVm",
     "add_arguments",
+    "mac_text",
+    "parse_macs",
     "parse_request",
     "request",
     "run",
@@ -72,8 +78,75 @@ class RemoveVm:
     name: str
 
 
-def parse_request(line: bytes) -> AddVm | RemoveVm:
-    """One request line -> :class:`AddVm` or :class:`RemoveVm`; ProtocolError otherwise."""
+@dataclass(frozen=True)
+class SetVm:
+    """Change a served VM's switch settings; None leaves one as it is."""
+
+    name: str
+    vlans: frozenset[int] | None = None
+    macs: frozenset[bytes] | None = None
+    unlock: bool = False  # drop its MAC lock ("macs": null)
+
+
+def mac_text(mac: bytes) -> str:
+    """``52:54:00:12:34:56``."""
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def parse_macs(text: str) -> frozenset[bytes]:
+    """``52:54:00:12:34:56[,MAC...]`` -> the MACs; ValueError unless each is a
+    unicast MAC in colon notation."""
+    out = set()
+    for part in text.split(","):
+        octets = part.strip().split(":")
+        if len(octets) != 6 or not all(len(o) == 2 for o in octets):
+            raise ValueError(f"not a MAC address: {part!r}")
+        mac = bytes.fromhex("".join(octets))
+        if mac[0] & 1:
+            raise ValueError(f"{part} is a multicast address")
+        out.add(mac)
+    return frozenset(out)
+
+
+def _fields(doc: dict[str, Any], allowed: set[str]) -> None:
+    extra = set(doc) - allowed
+    if extra:
+        raise ProtocolError(f"unknown fields {sorted(extra)}")
+
+
+def _vlans(doc: dict[str, Any]) -> frozenset[int] | None:
+    vlans = doc.get("vlans")
+    if vlans is not None and (
+        not isinstance(vlans, list)
+        or not vlans
+        or not all(type(v) is int and 0 <= v <= VLAN_MAX for v in vlans)
+    ):
+        raise ProtocolError(f"'vlans' must be a non-empty list of VLAN ids 0..{VLAN_MAX}")
+    return None if vlans is None else frozenset(vlans)
+
+
+def _macs(doc: dict[str, Any]) -> frozenset[bytes] | None:
+    macs = doc.get("macs")
+    if macs is None:
+        return None
+    if not isinstance(macs, list) or not all(isinstance(m, str) for m in macs):
+        raise ProtocolError("'macs' must be a list of MAC addresses")
+    try:
+        return parse_macs(",".join(macs))
+    except ValueError as exc:
+        raise ProtocolError(f"'macs': {exc}") from None
+
+
+def _name(doc: dict[str, Any]) -> str:
+    name = doc.get("name")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError("a VM 'name' is needed")
+    return name
+
+
+def parse_request(line: bytes) -> AddVm | RemoveVm | SetVm:
+    """One request line -> :class:`AddVm`, :class:`RemoveVm` or :class:`SetVm`;
+    ProtocolError otherwise."""
     if len(line) > MAX_REQUEST_BYTES:
         raise ProtocolError(f"request longer than {MAX_REQUEST_BYTES} bytes")
     try:
@@ -84,39 +157,27 @@ def parse_request(line: bytes) -> AddVm | RemoveVm:
         raise ProtocolError("request is not a JSON object")
     op = doc.get("op")
     if op == "add":
-        extra = set(doc) - {"op", "socket", "vlans", "tap", "macs"}
         path = doc.get("socket")
         if not isinstance(path, str) or not 0 < len(path.encode()) <= MAX_SOCKET_PATH:
             raise ProtocolError(f"'socket' must be a path of 1..{MAX_SOCKET_PATH} bytes")
-        vlans = doc.get("vlans")
-        if vlans is not None and (
-            not isinstance(vlans, list)
-            or not vlans
-            or not all(type(v) is int and 0 <= v <= VLAN_MAX for v in vlans)
-        ):
-            raise ProtocolError(f"'vlans' must be a non-empty list of VLAN ids 0..{VLAN_MAX}")
         tap = doc.get("tap")
         if tap is not None and (not isinstance(tap, str) or not tap):
             raise ProtocolError("'tap' must be an interface name")
-        macs = doc.get("macs")
-        if macs is not None:
-            from virtnet.vhost_user.serve import parse_macs  # serve imports this module
-
-            if not isinstance(macs, list) or not all(isinstance(m, str) for m in macs):
-                raise ProtocolError("'macs' must be a list of MAC addresses")
-            try:
-                macs = parse_macs(",".join(macs))
-            except ValueError as exc:
-                raise ProtocolError(f"'macs': {exc}") from None
-        if extra:
-            raise ProtocolError(f"unknown fields {sorted(extra)}")
-        return AddVm(path, None if vlans is None else frozenset(vlans), tap, macs)
+        vlans, macs = _vlans(doc), _macs(doc)
+        _fields(doc, {"op", "socket", "vlans", "tap", "macs"})
+        return AddVm(path, vlans, tap, macs)
     if op == "remove":
-        name = doc.get("name")
-        if not isinstance(name, str) or not name or set(doc) != {"op", "name"}:
-            raise ProtocolError("'remove' takes exactly a VM 'name'")
+        name = _name(doc)
+        _fields(doc, {"op", "name"})
         return RemoveVm(name)
-    raise ProtocolError(f"unknown op {op!r} (add, remove)")
+    if op == "set":
+        name, vlans, macs = _name(doc), _vlans(doc), _macs(doc)
+        _fields(doc, {"op", "name", "vlans", "macs"})
+        unlock = "macs" in doc and doc["macs"] is None
+        if vlans is None and macs is None and not unlock:
+            raise ProtocolError("'set' needs 'vlans' or 'macs' (null: no MAC lock)")
+        return SetVm(name, vlans, macs, unlock)
+    raise ProtocolError(f"unknown op {op!r} (add, remove, set)")
 
 
 def request(path: str, doc: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:
@@ -160,6 +221,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--mac", metavar="MAC[,MAC]", help="the source MACs it may use on the switch")
     rm = sub.add_parser("remove", help="stop serving a VM")
     rm.add_argument("name", help="the VM's name, as virtnet stats shows it")
+    st = sub.add_parser("set", help="change a VM's switch VLANs or MAC lock")
+    st.add_argument("name", help="the VM's name, as virtnet stats shows it")
+    st.add_argument("--vlans", type=_ids, metavar="IDS", help="its switch VLANs")
+    lock = st.add_mutually_exclusive_group()
+    lock.add_argument("--mac", metavar="MAC[,MAC]", help="lock it to these source MACs")
+    lock.add_argument("--no-mac", action="store_true", help="let it use any MAC")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -172,6 +239,17 @@ def run(args: argparse.Namespace) -> int:
         if args.mac is not None:
             doc["macs"] = args.mac.split(",")
         print(request(args.control_socket, doc)["name"])
-    else:
+    elif args.action == "remove":
         request(args.control_socket, {"op": "remove", "name": args.name})
+    else:
+        doc = {"op": "set", "name": args.name}
+        if args.vlans is not None:
+            doc["vlans"] = args.vlans
+        if args.mac is not None:
+            doc["macs"] = args.mac.split(",")
+        elif args.no_mac:
+            doc["macs"] = None
+        if len(doc) == 2:
+            raise UsageError("set what? --vlans, --mac or --no-mac")
+        request(args.control_socket, doc)
     return 0

@@ -81,7 +81,15 @@ from virtnet.ports.switch import VLAN_MAX, SwitchPort
 from virtnet.ports.tap import TapPort
 from virtnet.sdnotify import notify
 from virtnet.vhost_user.backend import LOG_ALL, MAX_QUEUE_PAIRS, Backend, BackendConfig
-from virtnet.vhost_user.control import MAX_REQUEST_BYTES, TIMEOUT_S, AddVm, parse_request
+from virtnet.vhost_user.control import (
+    MAX_REQUEST_BYTES,
+    TIMEOUT_S,
+    AddVm,
+    RemoveVm,
+    mac_text,
+    parse_macs,
+    parse_request,
+)
 from virtnet.vhost_user.server import Endpoint, Server
 from virtnet.vhost_user.supervisor import Supervisor, VmPort, feature_names
 from virtnet.vhost_user.worker import (
@@ -246,19 +254,47 @@ class Daemon:
         self.vms.append(vm)
         return vm
 
-    def _lock_macs(self, name: str, addrs: frozenset[bytes]) -> None:
-        """Port security on the switch: ``name`` sends from ``addrs`` only."""
+    def _lock_macs(
+        self, name: str, addrs: frozenset[bytes] | None, *, replace: bool = False
+    ) -> None:
+        """Port security on the switch: ``name`` sends from ``addrs`` only (None: any)."""
         sw = self._shared
         if not isinstance(sw, SwitchPort):
             raise UsageError("--mac needs --port switch (a tap's traffic is the host's to filter)")
-        if name in self.macs:
+        if name in self.macs and not replace:
             raise UsageError(f"--mac for {name} given twice")
-        taken = sorted(a for other in self.macs.values() for a in addrs & other)
+        others = {a for who, held in self.macs.items() if who != name for a in held}
+        taken = sorted(others & (addrs or frozenset()))
         if taken:
-            raise UsageError(f"MAC {_mac_text(taken[0])} given to two VMs")
+            raise UsageError(f"MAC {mac_text(taken[0])} belongs to another VM")
         sw.set_macs(name, addrs)
-        self.macs[name] = addrs
-        log.info("%s: may send from %s only", name, ", ".join(sorted(map(_mac_text, addrs))))
+        if addrs is None:
+            self.macs.pop(name, None)
+            log.info("%s: may send from any MAC", name)
+        else:
+            self.macs[name] = addrs
+            log.info("%s: may send from %s only", name, ", ".join(sorted(map(mac_text, addrs))))
+
+    def set_vm(
+        self,
+        name: str,
+        *,
+        vlans: frozenset[int] | None = None,
+        macs: frozenset[bytes] | None = None,
+        unlock: bool = False,
+    ) -> None:
+        """Change a served VM's switch VLANs and MAC lock (``virtnet ctl set``)."""
+        if not any(vm.name == name for vm in self.vms):
+            raise UsageError(f"no VM called {name!r} (see virtnet stats)")
+        sw = self._shared
+        if not isinstance(sw, SwitchPort):
+            raise UsageError("VLANs and MAC locks need --port switch")
+        if macs is not None or unlock:
+            self._lock_macs(name, macs, replace=True)
+        if vlans is not None:
+            sw.set_vlans(name, vlans)
+            self.vlans[name] = vlans
+            log.info("%s: VLANs %s", name, ",".join(map(str, sorted(vlans))))
 
     def add_vm(
         self,
@@ -286,7 +322,7 @@ class Daemon:
                 raise UsageError("MAC locks need --port switch")
             taken = sorted(a for other in self.macs.values() for a in macs & other)
             if taken:
-                raise UsageError(f"MAC {_mac_text(taken[0])} belongs to another VM")
+                raise UsageError(f"MAC {mac_text(taken[0])} belongs to another VM")
         if is_tap and tap is None and not any(t in self.port_spec for t in ("%d", "{}")):
             raise UsageError(
                 f"--port {self.port_spec} names one tap, which a VM already has: give the"
@@ -399,7 +435,10 @@ class Daemon:
             if isinstance(req, AddVm):
                 name = self.add_vm(req.socket, vlans=req.vlans, tap=req.tap, macs=req.macs)
                 return {"ok": True, "name": name}
-            self.remove_vm(req.name)
+            if isinstance(req, RemoveVm):
+                self.remove_vm(req.name)
+            else:
+                self.set_vm(req.name, vlans=req.vlans, macs=req.macs, unlock=req.unlock)
             return {"ok": True}
         except (PeerError, UsageError) as exc:
             log.error("control request refused: %s", exc)
@@ -476,7 +515,7 @@ def snapshot(d: Daemon) -> dict[str, Any]:
         if vm.name in d.vlans:
             vms[-1]["vlans"] = sorted(d.vlans[vm.name])
         if vm.name in d.macs:
-            vms[-1]["macs"] = sorted(map(_mac_text, d.macs[vm.name]))
+            vms[-1]["macs"] = sorted(map(mac_text, d.macs[vm.name]))
     doc: dict[str, Any] = {"time": time.time(), "queues": d.queues, "vms": vms}
     if isinstance(d._shared, SwitchPort):
         doc["switch"] = _switch_snapshot(d._shared)
@@ -582,25 +621,6 @@ def _vlans_arg(text: str) -> tuple[str | None, frozenset[int]]:
             " (0: untagged), e.g. vm1.sock=0,100-102"
         )
     return (member if eq else None), vlans
-
-
-def _mac_text(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
-
-
-def parse_macs(text: str) -> frozenset[bytes]:
-    """``52:54:00:12:34:56[,MAC...]`` -> the MACs; ValueError unless each is a
-    unicast MAC in colon notation."""
-    out = set()
-    for part in text.split(","):
-        octets = part.strip().split(":")
-        if len(octets) != 6 or not all(len(o) == 2 for o in octets):
-            raise ValueError(f"not a MAC address: {part!r}")
-        mac = bytes.fromhex("".join(octets))
-        if mac[0] & 1:
-            raise ValueError(f"{part} is a multicast address")
-        out.add(mac)
-    return frozenset(out)
 
 
 def _mac_arg(text: str) -> tuple[str, frozenset[bytes]]:
