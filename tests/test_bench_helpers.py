@@ -425,3 +425,12 @@ def test_autogroup_setting_is_put_back(
         assert now == "absent"
     with pytest.raises(RuntimeError, match="no autogroup"), baseline.autogroup("on"):
         pass
+
+
+def test_switch_forward_bench_runs(
+    bench_module: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/switch_forward.py forwards every frame of every round in both variants."""
+    assert bench_module("switch_forward").main(["--burst", "20", "--repeat", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "open" in out and "locked" in out and "locked / open" in out

@@ -1,0 +1,103 @@
+"""The switch's forwarding rate, with and without port security (``--mac``).
+
+An in-process :class:`~virtnet.ports.switch.Switch` joins VMs ``a`` and
+``b`` (one pair each, ``SOCK_SEQPACKET`` socketpairs, as serve's switch
+process has them).  Each round writes ``--burst`` 64-byte unicast frames
+a -> b (b's MAC learnt first), runs the switch until it has forwarded them
+all, and drains b; only the switch's part (``poll_once`` until idle) is
+timed.  Variants, alternated round by round in the same process:
+
+* ``open``: no MAC locks (a learning bridge);
+* ``locked``: ``set_macs`` on both VMs, so every frame's source is checked
+  against the locks and its destination found through them.
+
+Prints frames per second (median of ``--repeat`` rounds) for each and the
+ratio locked/open.  Run: ``python bench/switch_forward.py [--burst 200]
+[--repeat 30]``.  No root, no VM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import struct
+import sys
+import time
+from collections.abc import Sequence
+
+from virtnet.ports import VNET_HDR_LEN, SocketQueue
+from virtnet.ports.switch import Switch
+
+MAC_A = bytes.fromhex("525400000001")
+MAC_B = bytes.fromhex("525400000002")
+
+
+def unicast(dst: bytes, src: bytes, n: int) -> bytes:
+    """A 64-byte UDP frame (plus the virtio-net header), sequence ``n``."""
+    eth = dst + src + b"\x08\x00"
+    body = struct.pack("!I", n) + bytes(64 - len(eth) - 4)
+    return bytes(VNET_HDR_LEN) + eth + body
+
+
+def _drain(q: SocketQueue, buf: memoryview) -> int:
+    got = 0
+    while q.recv_into([buf[:VNET_HDR_LEN], buf[VNET_HDR_LEN:]]):
+        got += 1
+    return got
+
+
+def one_round(sw: Switch, a: SocketQueue, b: SocketQueue, frames: list[memoryview]) -> float:
+    """Frames per second through the switch for one burst a -> b."""
+    for f in frames:
+        if not a.send([f[:VNET_HDR_LEN], f[VNET_HDR_LEN:]]):
+            raise RuntimeError("the socket to the switch is full: lower --burst")
+    t0 = time.perf_counter()
+    while sw.poll_once(0):
+        pass
+    dt = time.perf_counter() - t0
+    got = _drain(b, memoryview(bytearray(2048)))
+    if got != len(frames):
+        raise RuntimeError(f"b received {got} of {len(frames)} frames")
+    return len(frames) / dt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--burst", type=int, default=200, help="frames per round (default 200)")
+    ap.add_argument("--repeat", type=int, default=30, help="rounds per variant (default 30)")
+    args = ap.parse_args(argv)
+    if args.burst < 1 or args.repeat < 1:
+        ap.error("--burst and --repeat must be positive")
+    frames = [memoryview(unicast(MAC_B, MAC_A, i)) for i in range(args.burst)]
+    rates: dict[str, list[float]] = {"open": [], "locked": []}
+    switches = {}
+    for variant in rates:
+        sw = Switch()
+        a, b = sw.open_queue("a", 0), sw.open_queue("b", 0)
+        if variant == "locked":
+            sw.set_macs("a", [MAC_A])
+            sw.set_macs("b", [MAC_B])
+        b.send([memoryview(unicast(MAC_A, MAC_B, 0))])  # the switch learns b's MAC
+        while sw.poll_once(0):
+            pass
+        _drain(a, memoryview(bytearray(2048)))
+        switches[variant] = (sw, a, b)
+    try:
+        for r in range(args.repeat):
+            for variant in rates if r % 2 == 0 else reversed(list(rates)):
+                sw, a, b = switches[variant]
+                rates[variant].append(one_round(sw, a, b, frames))
+    finally:
+        for sw, _, _ in switches.values():
+            sw.close()
+    med = {v: statistics.median(r) for v, r in rates.items()}
+    print(f"{args.repeat} rounds of {args.burst} 64-byte frames a -> b, medians:")
+    for v, m in med.items():
+        lo, hi = min(rates[v]), max(rates[v])
+        print(f"  {v:7s} {m / 1e3:8.1f} kframes/s  (rounds {lo / 1e3:.1f}-{hi / 1e3:.1f}k)")
+    print(f"  locked / open = {med['locked'] / med['open']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
