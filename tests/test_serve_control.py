@@ -325,3 +325,45 @@ def test_churn_leaks_no_fd_and_no_process(tmp_path: Path) -> None:
             _fds_and_children(pid),
         )
         assert [vm["name"] for vm in fetch(str(stats))["vms"]] == ["a.sock"]
+
+
+def test_state_file_brings_added_vms_back_after_a_restart(tmp_path: Path) -> None:
+    """``--state-file``: VMs added with ctl (and their later ``set``) are served
+    again by the next serve; removed ones are not.  A state file that is not
+    one is moved aside and serve starts without it; bad entries are dropped."""
+    a, b, c = (tmp_path / f"{n}.sock" for n in "abc")
+    state, log = tmp_path / "state.json", tmp_path / "log"
+    args = ("--socket", str(a), "--port", "switch", "--state-file", str(state))
+    with _serving(tmp_path, *args) as (_, control, _pid):
+        assert _ctl(control, "add", "--socket", str(b), "--vlans", "0,100").returncode == 0
+        assert _ctl(control, "add", "--socket", str(c)).returncode == 0
+        assert (
+            _ctl(control, "set", "b.sock", "--vlans", "100", "--mac", MAC_B.hex(":")).returncode
+            == 0
+        )
+        assert _ctl(control, "remove", "c.sock").returncode == 0
+        assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    with _serving(tmp_path, *args) as (stats, _, _pid):
+        vms = fetch(str(stats))["vms"]
+        assert [vm["name"] for vm in vms] == ["a.sock", "b.sock"], vms
+        assert vms[1]["vlans"] == [100] and vms[1]["macs"] == [MAC_B.hex(":")], vms[1]
+        with VhostUserFrontend(b, queue_pairs=1, mac=MAC_B):
+            pass  # b's socket is really served
+    state.write_text("{not json")
+    with _serving(tmp_path, *args) as (stats, _, _pid):
+        assert [vm["name"] for vm in fetch(str(stats))["vms"]] == ["a.sock"]
+    assert (tmp_path / "state.json.bad").read_text() == "{not json"
+    assert "moved to" in log.read_text()
+    entries = [
+        {"socket": str(b)},
+        {"socket": 5},
+        "x",
+        {"socket": str(a)},
+        {"socket": str(c), "x": 1},
+    ]
+    state.write_text(json.dumps({"version": 1, "vms": entries}))
+    with _serving(tmp_path, *args) as (stats, _, _pid):
+        assert [vm["name"] for vm in fetch(str(stats))["vms"]] == ["a.sock", "b.sock"]
+    text = log.read_text()
+    assert text.count("dropping") == 4 and "already served" in text, text
+    assert json.loads(state.read_text())["vms"] == [{"socket": str(b)}]

@@ -42,7 +42,10 @@ Invariants:
 * ``--control-socket`` (mode 0600): ``virtnet ctl`` adds and removes VMs at
   run time (:mod:`virtnet.vhost_user.control`), one request per loop tick,
   each waited for at most ``control.TIMEOUT_S``; a bad request is answered
-  with its error and changes nothing.
+  with its error and changes nothing.  With ``--state-file`` the VMs added
+  that way (with their later ``set``) are written there after every change
+  and served again when serve starts; VMs of the command line stay the
+  command line's.
 * ``--vlans``: each switch member's 802.1Q VLANs (default untagged only);
   ``--mac``: the source MACs a VM is locked to on the switch (default: any).
 * The loop ticks every :data:`TICK_S` to reap and restart dead workers; a
@@ -75,7 +78,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from virtnet.errors import PeerError, UsageError
+from virtnet.errors import PeerError, ProtocolError, UsageError
 from virtnet.ports.base import Port, make_port
 from virtnet.ports.switch import VLAN_MAX, SwitchPort
 from virtnet.ports.tap import TapPort
@@ -109,6 +112,10 @@ DEFAULT_QUEUES = 8
 TICK_S = 0.05
 #: Client-mode redial interval (seconds).
 RETRY_S = 0.5
+#: Largest --state-file read (bytes); a VM's entry is about 150.
+MAX_STATE_BYTES = 4 << 20
+#: The state file's format.
+STATE_VERSION = 1
 #: How long a stats request waits for the switch process's counters.
 SWITCH_STATS_TIMEOUT_S = 0.5
 
@@ -159,10 +166,13 @@ class Daemon:
         vlans: Sequence[tuple[str | None, frozenset[int]]] = (),
         control_socket: str | None = None,
         macs: Sequence[tuple[str, frozenset[bytes]]] = (),
+        state_file: str | None = None,
     ) -> None:
         """``vlans``: the ``--vlans`` options (:func:`_vlans_arg`), switch only;
         ``control_socket``: where ``virtnet ctl`` adds and removes VMs;
-        ``macs``: the ``--mac`` options (:func:`_mac_arg`), switch only."""
+        ``macs``: the ``--mac`` options (:func:`_mac_arg`), switch only;
+        ``state_file``: where the VMs ``virtnet ctl`` added are kept, to be
+        served again after a restart (:meth:`_restore_state`)."""
         if not sockets:
             raise UsageError("at least one --socket is needed")
         if not 1 <= queues <= MAX_QUEUE_PAIRS:
@@ -201,6 +211,9 @@ class Daemon:
         self.stats_listener: socket.socket | None = None
         self.control_path = control_socket
         self.control_listener: socket.socket | None = None
+        self.state_path = state_file
+        #: VMs added at run time, by name: their add request (what the state file keeps).
+        self.runtime: dict[str, dict[str, Any]] = {}
         try:
             for i, path in enumerate(sockets):
                 self._add_vm(path, _tap_spec(port, i, len(sockets)))
@@ -213,6 +226,8 @@ class Daemon:
                         f" name: {', '.join(vm.name for vm in self.vms)})"
                     )
                 self._lock_macs(name, addrs)
+            if state_file:
+                self._restore_state(state_file)
             if stats_socket:
                 self.stats_listener = _listen(stats_socket, "stats socket")
             if control_socket:
@@ -432,17 +447,96 @@ class Daemon:
         """Answer one control request (:mod:`virtnet.vhost_user.control`)."""
         try:
             req = parse_request(line)
+            reply: dict[str, Any] = {"ok": True}
             if isinstance(req, AddVm):
-                name = self.add_vm(req.socket, vlans=req.vlans, tap=req.tap, macs=req.macs)
-                return {"ok": True, "name": name}
-            if isinstance(req, RemoveVm):
+                reply["name"] = self._add_remembered(req)
+            elif isinstance(req, RemoveVm):
                 self.remove_vm(req.name)
+                self.runtime.pop(req.name, None)
             else:
                 self.set_vm(req.name, vlans=req.vlans, macs=req.macs, unlock=req.unlock)
-            return {"ok": True}
+                kept = self.runtime.get(req.name)
+                if kept is not None:
+                    if req.vlans is not None:
+                        kept["vlans"] = sorted(req.vlans)
+                    if req.macs is not None:
+                        kept["macs"] = sorted(map(mac_text, req.macs))
+                    elif req.unlock:
+                        kept.pop("macs", None)
         except (PeerError, UsageError) as exc:
             log.error("control request refused: %s", exc)
             return {"ok": False, "error": str(exc)}
+        self._save_state()
+        return reply
+
+    def _add_remembered(self, req: AddVm) -> str:
+        """Serve ``req``'s VM and remember its add request for the state file."""
+        name = self.add_vm(req.socket, vlans=req.vlans, tap=req.tap, macs=req.macs)
+        doc: dict[str, Any] = {"socket": req.socket}
+        if req.tap is not None:
+            doc["tap"] = req.tap
+        if req.vlans is not None:
+            doc["vlans"] = sorted(req.vlans)
+        if req.macs is not None:
+            doc["macs"] = sorted(map(mac_text, req.macs))
+        self.runtime[name] = doc
+        return name
+
+    def _save_state(self) -> None:
+        """Write the VMs added at run time to the state file (atomically, mode 0600)."""
+        path = self.state_path
+        if not path:
+            return
+        data = json.dumps({"version": STATE_VERSION, "vms": list(self.runtime.values())})
+        tmp = f"{path}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(data + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.error("cannot write the state file %s: %s", path, exc)
+
+    def _restore_state(self, path: str) -> None:
+        """Serve again the VMs a previous serve was told to add (``--state-file``).
+
+        The file is input like any other: one that cannot be read as such is
+        logged and moved aside to ``PATH.bad``, an entry that is not a valid
+        add request (the control socket's rules) or cannot be served now is
+        logged and dropped; serve starts either way."""
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_STATE_BYTES + 1)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise UsageError(f"cannot read the state file {path}: {exc}") from exc
+        try:
+            if len(raw) > MAX_STATE_BYTES:
+                raise ValueError(f"longer than {MAX_STATE_BYTES} bytes")
+            doc = json.loads(raw)
+            if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
+                raise ValueError(f"not a version-{STATE_VERSION} virtnet state file")
+            entries = doc.get("vms")
+            if not isinstance(entries, list):
+                raise ValueError("no 'vms' list")
+        except ValueError as exc:
+            log.error("state file %s: %s; moved to %s.bad, starting without it", path, exc, path)
+            with contextlib.suppress(OSError):
+                os.replace(path, f"{path}.bad")
+            return
+        for entry in entries:
+            try:
+                if not isinstance(entry, dict):
+                    raise ProtocolError("an entry is not a JSON object")
+                req = parse_request(json.dumps({**entry, "op": "add"}).encode())
+                assert isinstance(req, AddVm)
+                name = self._add_remembered(req)
+            except (PeerError, UsageError) as exc:
+                log.error("state file %s: dropping %.200r: %s", path, entry, exc)
+                continue
+            log.info("%s: served again from the state file", name)
+        self._save_state()
 
     def stop(self) -> None:
         self._stop = True
@@ -739,6 +833,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " not named (default: 0 only). Frames are never tagged or untagged",
     )
     parser.add_argument(
+        "--state-file",
+        metavar="PATH",
+        help="keep the VMs virtnet ctl adds here and serve them again after a restart",
+    )
+    parser.add_argument(
         "--mac",
         type=_mac_arg,
         action="append",
@@ -770,6 +869,7 @@ def run(args: argparse.Namespace) -> int:
         vlans=args.vlans,
         control_socket=args.control_socket,
         macs=args.mac,
+        state_file=args.state_file,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
