@@ -25,7 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("virtnet.demo", "driver and device on shared memory; no root, no VM"),
     "serve": ("virtnet.vhost_user.serve", "vhost-user backend for QEMU / DPDK guests"),
     "stats": ("virtnet.vhost_user.stats", "show live per-queue counters of a running serve"),
-    "ctl": ("virtnet.vhost_user.control", "add or remove VMs of a running serve"),
+    "ctl": ("virtnet.vhost_user.control", "add, remove or change VMs of a running serve"),
     "pktgen": ("virtnet.pktgen", "packet generator driving any vhost-user backend"),
     "rr": ("virtnet.rr", "request/response transactions per second across sessions"),
     "xenstored": ("virtnet.xen.xenstored", "XenStore daemon on a Unix socket"),

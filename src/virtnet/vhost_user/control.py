@@ -1,4 +1,4 @@
-"""``virtnet ctl``: add and remove VMs of a running ``virtnet serve``.
+"""``virtnet ctl``: add, remove and change VMs of a running ``virtnet serve``.
 
 serve listens on ``--control-socket PATH`` (created mode 0600: whoever may
 write it may plug VMs into serve's switch or taps).  One request per
@@ -6,12 +6,12 @@ connection, one JSON object on one line, at most :data:`MAX_REQUEST_BYTES`;
 serve answers one JSON line and closes:
 
 * ``{"op": "add", "socket": PATH, "vlans": [IDS]?, "tap": IFNAME?, "macs":
-  ["52:54:00:12:34:56", ...]?}``: serve a
-  new VM on ``PATH`` exactly as a ``--socket`` given at start (listen, or dial
-  with ``--client``); ``vlans``: its switch VLANs (default: those of
-  ``--vlans`` without ``VM=``); ``tap``: its tap with ``--port tap:...``
-  (default: the ``%d`` template with the next index); ``macs``: lock it to
-  these source MACs on the switch, as ``--mac`` does.  Answer
+  ["52:54:00:12:34:56", ...]?}``: serve a new VM on ``PATH`` exactly as a
+  ``--socket`` given at start (listen, or dial with ``--client``); ``vlans``:
+  its switch VLANs (default: those of ``--vlans`` without ``VM=``); ``tap``:
+  its tap with ``--port tap:...`` (default: the ``%d`` template with the next
+  index); ``macs``: lock it to these source MACs on the switch, as ``--mac``
+  does.  Answer
   ``{"ok": true, "name": NAME}``, NAME being what ``virtnet stats`` shows.
 * ``{"op": "remove", "name": NAME}``: stop serving that VM: its connection is
   closed (its workers stop), its socket file removed, its switch membership
