@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -212,8 +213,9 @@ class Daemon:
         self.control_path = control_socket
         self.control_listener: socket.socket | None = None
         self.state_path = state_file
-        #: VMs added at run time, by name: their add request (what the state file keeps).
-        self.runtime: dict[str, dict[str, Any]] = {}
+        #: VMs added at run time, by name: their add request as it stands after
+        #: later ``set`` requests (what the state file keeps).
+        self.runtime: dict[str, AddVm] = {}
         try:
             for i, path in enumerate(sockets):
                 self._add_vm(path, _tap_spec(port, i, len(sockets)))
@@ -278,10 +280,7 @@ class Daemon:
             raise UsageError("--mac needs --port switch (a tap's traffic is the host's to filter)")
         if name in self.macs and not replace:
             raise UsageError(f"--mac for {name} given twice")
-        others = {a for who, held in self.macs.items() if who != name for a in held}
-        taken = sorted(others & (addrs or frozenset()))
-        if taken:
-            raise UsageError(f"MAC {mac_text(taken[0])} belongs to another VM")
+        self._check_macs_free(addrs or frozenset(), name)
         sw.set_macs(name, addrs)
         if addrs is None:
             self.macs.pop(name, None)
@@ -289,6 +288,12 @@ class Daemon:
         else:
             self.macs[name] = addrs
             log.info("%s: may send from %s only", name, ", ".join(sorted(map(mac_text, addrs))))
+
+    def _check_macs_free(self, addrs: frozenset[bytes], name: str | None = None) -> None:
+        """UsageError when a VM other than ``name`` is locked to one of ``addrs``."""
+        taken = sorted(a for who, held in self.macs.items() if who != name for a in held & addrs)
+        if taken:
+            raise UsageError(f"MAC {mac_text(taken[0])} belongs to another VM")
 
     def set_vm(
         self,
@@ -335,9 +340,7 @@ class Daemon:
         if macs is not None:
             if not isinstance(self._shared, SwitchPort):
                 raise UsageError("MAC locks need --port switch")
-            taken = sorted(a for other in self.macs.values() for a in macs & other)
-            if taken:
-                raise UsageError(f"MAC {mac_text(taken[0])} belongs to another VM")
+            self._check_macs_free(macs)
         if is_tap and tap is None and not any(t in self.port_spec for t in ("%d", "{}")):
             raise UsageError(
                 f"--port {self.port_spec} names one tap, which a VM already has: give the"
@@ -457,12 +460,11 @@ class Daemon:
                 self.set_vm(req.name, vlans=req.vlans, macs=req.macs, unlock=req.unlock)
                 kept = self.runtime.get(req.name)
                 if kept is not None:
-                    if req.vlans is not None:
-                        kept["vlans"] = sorted(req.vlans)
-                    if req.macs is not None:
-                        kept["macs"] = sorted(map(mac_text, req.macs))
-                    elif req.unlock:
-                        kept.pop("macs", None)
+                    self.runtime[req.name] = dataclasses.replace(
+                        kept,
+                        vlans=kept.vlans if req.vlans is None else req.vlans,
+                        macs=None if req.unlock else req.macs or kept.macs,
+                    )
         except (PeerError, UsageError) as exc:
             log.error("control request refused: %s", exc)
             return {"ok": False, "error": str(exc)}
@@ -472,14 +474,7 @@ class Daemon:
     def _add_remembered(self, req: AddVm) -> str:
         """Serve ``req``'s VM and remember its add request for the state file."""
         name = self.add_vm(req.socket, vlans=req.vlans, tap=req.tap, macs=req.macs)
-        doc: dict[str, Any] = {"socket": req.socket}
-        if req.tap is not None:
-            doc["tap"] = req.tap
-        if req.vlans is not None:
-            doc["vlans"] = sorted(req.vlans)
-        if req.macs is not None:
-            doc["macs"] = sorted(map(mac_text, req.macs))
-        self.runtime[name] = doc
+        self.runtime[name] = req
         return name
 
     def _save_state(self) -> None:
@@ -487,7 +482,8 @@ class Daemon:
         path = self.state_path
         if not path:
             return
-        data = json.dumps({"version": STATE_VERSION, "vms": list(self.runtime.values())})
+        vms = [_add_doc(req) for req in self.runtime.values()]
+        data = json.dumps({"version": STATE_VERSION, "vms": vms})
         tmp = f"{path}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -566,17 +562,16 @@ class Daemon:
         if self._shared is not None:
             self._shared.close()
             self._shared = None
-        for attr, path in (
-            ("stats_listener", self.stats_path),
-            ("control_listener", self.control_path),
+        for sock, path in (
+            (self.stats_listener, self.stats_path),
+            (self.control_listener, self.control_path),
         ):
-            sock = getattr(self, attr)
             if sock is not None:
                 sock.close()
-                setattr(self, attr, None)
                 if path:
                     with contextlib.suppress(OSError):
                         os.unlink(path)
+        self.stats_listener = self.control_listener = None
 
 
 def snapshot(d: Daemon) -> dict[str, Any]:
@@ -632,6 +627,18 @@ def _switch_snapshot(sw: SwitchPort) -> dict[str, Any]:
     counters.pop("ports", None)
     counters["uplinks"] = [_tap_snapshot(t) for t in sw.uplinks]
     return counters
+
+
+def _add_doc(req: AddVm) -> dict[str, Any]:
+    """``req`` as the state file keeps it: the fields of a control ``add`` request."""
+    doc: dict[str, Any] = {"socket": req.socket}
+    if req.tap is not None:
+        doc["tap"] = req.tap
+    if req.vlans is not None:
+        doc["vlans"] = sorted(req.vlans)
+    if req.macs is not None:
+        doc["macs"] = sorted(map(mac_text, req.macs))
+    return doc
 
 
 def _listen(path: str, what: str, *, private: bool = False) -> socket.socket:
