@@ -168,6 +168,14 @@ def _ifindex(ifname: str) -> int | None:
         return None
 
 
+def _if_ioctl(request: int, arg: bytes) -> bytes:
+    """An interface ioctl (``struct ifreq`` in ``arg``) on a throw-away socket of
+    the current network namespace; its result, OSError when it fails."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        res: bytes = fcntl.ioctl(s, request, arg)
+        return res
+
+
 def tun_kind(ifname: str) -> str | None:
     """``"tap"``/``"tun"`` for a tun/tap interface, ``"other"`` for anything else,
     None if there is no such interface -- in the *current* network namespace.
@@ -179,10 +187,9 @@ def tun_kind(ifname: str) -> str | None:
         return None
     info = ctypes.create_string_buffer(_DRVINFO.size)
     _DRVINFO.pack_into(info, 0, ETHTOOL_GDRVINFO, b"", b"")
-    req = bytearray(_IFREQ_PTR.pack(_check_ifname(ifname), ctypes.addressof(info)))
+    req = _IFREQ_PTR.pack(_check_ifname(ifname), ctypes.addressof(info))
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            fcntl.ioctl(s, SIOCETHTOOL, req)
+        _if_ioctl(SIOCETHTOOL, req)
     except OSError:
         return "other"
     _cmd, driver, bus = _DRVINFO.unpack_from(info, 0)
@@ -295,32 +302,28 @@ class TapPort:
 
     def set_up(self, up: bool = True) -> None:
         """Set or clear IFF_UP on the interface."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                res = fcntl.ioctl(s, SIOCGIFFLAGS, _IFREQ.pack(self._raw, 0))
-                flags = _IFREQ.unpack(res)[1]
-                flags = flags | _IFF_UP if up else flags & ~_IFF_UP
-                fcntl.ioctl(s, SIOCSIFFLAGS, _IFREQ.pack(self._raw, flags))
-            except OSError as exc:
-                raise UsageError(f"cannot set {self.ifname!r} up={up}: {exc}") from exc
+        try:
+            flags = _IFREQ.unpack(_if_ioctl(SIOCGIFFLAGS, _IFREQ.pack(self._raw, 0)))[1]
+            flags = flags | _IFF_UP if up else flags & ~_IFF_UP
+            _if_ioctl(SIOCSIFFLAGS, _IFREQ.pack(self._raw, flags))
+        except OSError as exc:
+            raise UsageError(f"cannot set {self.ifname!r} up={up}: {exc}") from exc
 
     def mtu(self) -> int | None:
         """The interface's MTU; None when it is not there."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                res = fcntl.ioctl(s, SIOCGIFMTU, _IFREQ_INT.pack(self._raw, 0))
-            except OSError:
-                return None
+        try:
+            res = _if_ioctl(SIOCGIFMTU, _IFREQ_INT.pack(self._raw, 0))
+        except OSError:
+            return None
         mtu: int = _IFREQ_INT.unpack(res)[1]
         return mtu
 
     def set_mtu(self, mtu: int) -> None:
         """Set the interface's MTU (SIOCSIFMTU)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                fcntl.ioctl(s, SIOCSIFMTU, _IFREQ_INT.pack(self._raw, mtu))
-            except OSError as exc:
-                raise UsageError(f"cannot set the MTU of {self.ifname!r} to {mtu}: {exc}") from exc
+        try:
+            _if_ioctl(SIOCSIFMTU, _IFREQ_INT.pack(self._raw, mtu))
+        except OSError as exc:
+            raise UsageError(f"cannot set the MTU of {self.ifname!r} to {mtu}: {exc}") from exc
 
     # -- internals ----------------------------------------------------------
 
