@@ -26,10 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from virtnet.testing.guest import DEFAULT_MAC, Guest, vhost_user_netdev_args, wait_for
-from virtnet.testing.netns import NetNS, unique_name
-from virtnet.testing.procs import stop_process
-from virtnet.testing.serve import ServedGuest, start_tap_serve
+from virtnet.testing.guest import DEFAULT_MAC, Guest, wait_for
+from virtnet.testing.serve import ServedGuest, guest_on_created_tap
 from virtnet.vhost_user.stats import fetch
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
@@ -44,30 +42,18 @@ JUMBO_PING = MTU - 28
 
 @pytest.fixture(scope="module")
 def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedGuest]:
-    tmp = tmp_path_factory.mktemp("serve-jumbo")
-    tap = unique_name("vntap")
-    with NetNS() as ns:
-        # No tap yet: serve creates it and gives it the MTU QEMU announces.
-        sock, stats, log = tmp / "vm.sock", tmp / "stats.sock", tmp / "serve.log"
-        serve = start_tap_serve(ns, tap, sock, stats, log, queues=QUEUES)
-        s: ServedGuest | None = None
-        try:
-            with Guest(
-                vhost_user_netdev_args(
-                    sock, queues=QUEUES, reconnect_ms=500, device_extra=f"id=nic0,host_mtu={MTU}"
-                ),
-                initramfs=guest_initramfs,
-                ip=f"{GUEST_IP}/24",
-            ) as guest:
-                s = ServedGuest(guest, ns, tap, sock, stats, log, serve, QUEUES)
-                ns.wait_link(tap)
-                ns.set_address(tap, f"{HOST_IP}/24")
-                ns.ip("-6", "addr", "add", f"{HOST_IP6}/64", "dev", tap, "nodad")
-                _add_ipv6(guest)
-                yield s
-        finally:
-            stop_process(s.serve if s is not None else serve)
-            print(log.read_text()[-6000:])
+    # No tap yet: serve creates it and gives it the MTU QEMU announces.
+    with guest_on_created_tap(
+        tmp_path_factory.mktemp("serve-jumbo"),
+        guest_initramfs,
+        queues=QUEUES,
+        host_cidr=f"{HOST_IP}/24",
+        guest_cidr=f"{GUEST_IP}/24",
+        device_extra=f"id=nic0,host_mtu={MTU}",
+    ) as s:
+        s.ns.ip("-6", "addr", "add", f"{HOST_IP6}/64", "dev", s.tap, "nodad")
+        _add_ipv6(s.guest)
+        yield s
 
 
 def _add_ipv6(guest: Guest) -> None:

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from virtnet.testing.guest import Guest, vhost_user_netdev_args, wait_for
-from virtnet.testing.netns import NetNS, unique_name
-from virtnet.testing.procs import stop_process
-from virtnet.testing.serve import ServedGuest, iperf_until_every_queue_moved, start_tap_serve
+from virtnet.testing.guest import wait_for
+from virtnet.testing.serve import ServedGuest, guest_on_created_tap, iperf_until_every_queue_moved
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
 
@@ -27,23 +25,14 @@ HOST_IP, GUEST_IP = "10.79.0.1", "10.79.0.2"
 
 @pytest.fixture(scope="module")
 def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedGuest]:
-    tmp = tmp_path_factory.mktemp("serve-16")
-    tap = unique_name("vntap")
-    with NetNS() as ns:
-        sock, stats, log = tmp / "vm.sock", tmp / "stats.sock", tmp / "serve.log"
-        serve = start_tap_serve(ns, tap, sock, stats, log, queues=QUEUES)
-        try:
-            with Guest(
-                vhost_user_netdev_args(sock, queues=QUEUES, reconnect_ms=500),
-                initramfs=guest_initramfs,
-                ip=f"{GUEST_IP}/24",
-            ) as guest:
-                ns.wait_link(tap)
-                ns.set_address(tap, f"{HOST_IP}/24")
-                yield ServedGuest(guest, ns, tap, sock, stats, log, serve, QUEUES)
-        finally:
-            stop_process(serve)
-            print(log.read_text()[-4000:])
+    with guest_on_created_tap(
+        tmp_path_factory.mktemp("serve-16"),
+        guest_initramfs,
+        queues=QUEUES,
+        host_cidr=f"{HOST_IP}/24",
+        guest_cidr=f"{GUEST_IP}/24",
+    ) as s:
+        yield s
 
 
 def test_sixteen_pairs_all_carry_traffic(setup: ServedGuest) -> None:

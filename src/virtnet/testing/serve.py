@@ -3,15 +3,17 @@ and the checks the real-guest tests share."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from virtnet.testing.guest import Guest, queue_deltas, wait_for
-from virtnet.testing.netns import NetNS
+from virtnet.testing.guest import Guest, queue_deltas, vhost_user_netdev_args, wait_for
+from virtnet.testing.netns import NetNS, unique_name
+from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.stats import fetch
 
 #: How long serve may take to put up its stats socket.
@@ -111,6 +113,42 @@ class ServedGuest:
     def enabled_is(self, n: int) -> bool:
         """Exactly the first ``n`` pairs are enabled."""
         return [p["enabled"] for p in self.pairs()] == [1] * n + [0] * (self.queues - n)
+
+
+@contextlib.contextmanager
+def guest_on_created_tap(
+    workdir: Path,
+    initramfs: Path,
+    *,
+    queues: int,
+    host_cidr: str,
+    guest_cidr: str,
+    device_extra: str = "",
+) -> Iterator[ServedGuest]:
+    """A guest on ``virtnet serve --port tap:T`` in a fresh namespace, the tap
+    left for serve to create (as a user who names a tap that is not there):
+    once it exists it gets ``host_cidr``.  serve's files go in ``workdir``;
+    serve is stopped at the end and its log's tail printed."""
+    tap = unique_name("vntap")
+    with NetNS() as ns:
+        sock, stats, log = workdir / "vm.sock", workdir / "stats.sock", workdir / "serve.log"
+        serve = start_tap_serve(ns, tap, sock, stats, log, queues=queues)
+        s: ServedGuest | None = None
+        try:
+            with Guest(
+                vhost_user_netdev_args(
+                    sock, queues=queues, reconnect_ms=500, device_extra=device_extra
+                ),
+                initramfs=initramfs,
+                ip=guest_cidr,
+            ) as guest:
+                s = ServedGuest(guest, ns, tap, sock, stats, log, serve, queues)
+                ns.wait_link(tap)
+                ns.set_address(tap, host_cidr)
+                yield s
+        finally:
+            stop_process(s.serve if s is not None else serve)
+            print(log.read_text()[-6000:])
 
 
 def check_serve_restart(sg: ServedGuest, host_ip: str, *, pairs: int = 2) -> None:
