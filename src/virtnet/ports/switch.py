@@ -89,6 +89,7 @@ __all__ = [
     "SwitchPort",
     "SwitchStats",
     "flow_id",
+    "mac_text",
     "serve",
     "spread",
 ]
@@ -152,7 +153,8 @@ def flow_id(frame: bytes | bytearray | memoryview, off: int = VNET_HDR_LEN) -> i
     return int.from_bytes(b"\x02" + a + b + bytes(frame[off + 12 : off + 14]), "big")
 
 
-def _mac_text(mac: bytes) -> str:
+def mac_text(mac: bytes) -> str:
+    """``52:54:00:12:34:56``."""
     return ":".join(f"{b:02x}" for b in mac)
 
 
@@ -355,7 +357,7 @@ class Switch:
             raise UsageError(f"bad MAC set for {vm_id!r}: unicast 6-byte MACs, at least one")
         taken = {m for m in new or () if self._locked.get(m, vm) is not vm}
         if taken:
-            raise UsageError(f"MAC {', '.join(_mac_text(m) for m in sorted(taken))} belongs to"
+            raise UsageError(f"MAC {', '.join(mac_text(m) for m in sorted(taken))} belongs to"
                              " another VM")  # fmt: skip
         for m in vm.macs or ():
             del self._locked[m]

@@ -48,7 +48,6 @@ __all__ = [
     "RemoveVm",
     "SetVm",
     "add_arguments",
-    "mac_text",
     "parse_macs",
     "parse_request",
     "request",
@@ -86,11 +85,6 @@ class SetVm:
     vlans: frozenset[int] | None = None
     macs: frozenset[bytes] | None = None
     unlock: bool = False  # drop its MAC lock ("macs": null)
-
-
-def mac_text(mac: bytes) -> str:
-    """``52:54:00:12:34:56``."""
-    return ":".join(f"{b:02x}" for b in mac)
 
 
 def parse_macs(text: str) -> frozenset[bytes]:

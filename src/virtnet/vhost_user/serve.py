@@ -81,7 +81,7 @@ from typing import Any
 
 from virtnet.errors import PeerError, ProtocolError, UsageError
 from virtnet.ports.base import Port, make_port
-from virtnet.ports.switch import VLAN_MAX, SwitchPort
+from virtnet.ports.switch import VLAN_MAX, SwitchPort, mac_text
 from virtnet.ports.tap import TapPort
 from virtnet.sdnotify import notify
 from virtnet.vhost_user.backend import LOG_ALL, MAX_QUEUE_PAIRS, Backend, BackendConfig
@@ -90,7 +90,6 @@ from virtnet.vhost_user.control import (
     TIMEOUT_S,
     AddVm,
     RemoveVm,
-    mac_text,
     parse_macs,
     parse_request,
 )
