@@ -15,7 +15,9 @@ namespace and raises its MTU to the one QEMU announced.  Checks:
   rings, sees the connection close, keeps serving, and takes the new NIC on a
   new connection without being restarted;
 * the machine reset (a reboot): the same connection, the device negotiated
-  again by the rebooted kernel.
+  again by the rebooted kernel;
+* the tap deleted under the running guest: serve creates it again, with its
+  MAC and the guest's MTU, and the guest's pairs go on with it.
 """
 
 from __future__ import annotations
@@ -211,3 +213,33 @@ def test_guest_reboot(setup: ServedGuest) -> None:
     _tcp_both_ways(s, HOST_IP)
     assert _vm(s)["connections"] == connections  # a reset is not a reconnection
     _no_errors(s)
+
+
+def test_tap_deleted_under_the_running_guest(setup: ServedGuest) -> None:
+    """``ip link del`` of the tap serve created, while the guest runs: serve
+    creates it again with its MAC and the guest's MTU, the guest's pairs go on with it
+    (same connection, no reboot, no reconnection), and once the host has
+    configured it as before, jumbo pings and TCP cross both ways."""
+    s = setup
+    g = s.guest
+    g.set_channels(QUEUES)
+    assert wait_for(partial(ServedGuest.enabled_is, s, QUEUES), timeout=10), s.pairs()
+    connections = _vm(s)["connections"]
+    mac = s.ns.run(["cat", f"/sys/class/net/{s.tap}/address"]).stdout
+    s.ns.ip("link", "del", "dev", s.tap)
+    assert wait_for(lambda: "created again" in s.log.read_text(), timeout=20), s.log.read_text()
+    s.ns.wait_link(s.tap)
+    mtu = s.ns.run(["cat", f"/sys/class/net/{s.tap}/mtu"]).stdout.strip()
+    assert mtu == str(MTU)
+    # The same MAC: the guest's neighbour entry for the host stays right.
+    assert s.ns.run(["cat", f"/sys/class/net/{s.tap}/address"]).stdout == mac
+    s.ns.set_address(s.tap, f"{HOST_IP}/24")
+    assert wait_for(lambda: g.ping(HOST_IP, count=1, timeout=4), timeout=30), g.console_tail()
+    res = s.ns.run(
+        ["ping", "-M", "do", "-s", str(JUMBO_PING), "-c", "2", "-W", "5", GUEST_IP], check=False
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    _tcp_both_ways(s, HOST_IP)
+    vm = _vm(s)
+    assert vm["connections"] == connections, vm
+    assert vm["workers"] == list(range(QUEUES)), vm

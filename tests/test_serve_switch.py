@@ -6,11 +6,14 @@ ways (GSO super-frames cross the switch: both guests take TSO on rx), over
 IPv4 at MTU 9000 (``host_mtu``), link-local IPv6, and a VLAN both are members
 of (``--vlans``); they cannot reach each other over a VLAN they are not
 members of, nor by one taking the other's MAC (``--mac``).  A third guest is
-plugged in and out with ``virtnet ctl``.
+plugged in and out with ``virtnet ctl``.  The switch process is killed: serve
+starts it again and the guests talk on through it, still locked to their MACs.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -212,6 +215,35 @@ def test_a_guest_cannot_take_anothers_mac(pair: tuple[Guest, Guest, Path]) -> No
     try:
         assert not gb.ping(IP_A, count=2, timeout=5)
         assert fetch(str(stats))["switch"]["dropped_spoofed"] > spoofed
+    finally:
+        gb.run(f"ip link set eth0 address {MAC_B}")
+    assert wait_for(lambda: gb.ping(IP_A, count=1, timeout=5), timeout=30), gb.console_tail()
+
+
+def test_a_killed_switch_process_is_started_again(pair: tuple[Guest, Guest, Path]) -> None:
+    """SIGKILL of the switch process: serve starts a new one with the same
+    configuration and gives both guests' running pairs new queues on it; the
+    guests ping and run TCP both ways again on the same connections, and B
+    still cannot send from A's MAC."""
+    ga, gb, stats = pair
+    doc = fetch(str(stats))
+    old = doc["switch"]["pid"]
+    restarts = doc["switch"]["restarts"]
+    connections = [vm["connections"] for vm in doc["vms"]]
+    os.kill(old, signal.SIGKILL)
+    assert wait_for(lambda: fetch(str(stats))["switch"].get("restarts") == restarts + 1,
+                    timeout=20)  # fmt: skip
+    assert wait_for(lambda: ga.ping(IP_B, count=1, timeout=5), timeout=40), ga.console_tail()
+    assert gb.ping(IP_A, count=2)
+    _tcp_both_ways(ga, gb, IP_B)
+    doc = fetch(str(stats))
+    assert doc["switch"]["pid"] != old
+    assert [vm["connections"] for vm in doc["vms"]] == connections
+    gb.run("ip neigh flush dev eth0")
+    gb.run(f"ip link set eth0 address {MAC_A}")
+    try:
+        assert not gb.ping(IP_A, count=2, timeout=5)
+        assert fetch(str(stats))["switch"]["dropped_spoofed"] > 0
     finally:
         gb.run(f"ip link set eth0 address {MAC_B}")
     assert wait_for(lambda: gb.ping(IP_A, count=1, timeout=5), timeout=30), gb.console_tail()

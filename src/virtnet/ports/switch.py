@@ -41,7 +41,9 @@ Invariants:
   drop has a counter in :class:`SwitchStats`.
 * Control messages (process mode) come from the supervisor over one control
   socket; a malformed one is counted and ignored; the switch process stops
-  when the control socket closes.
+  when the control socket closes.  :class:`SwitchPort` keeps the last
+  configuration message of each kind per member, so that
+  :meth:`SwitchPort.restart` can give a new process the same configuration.
 """
 
 from __future__ import annotations
@@ -739,12 +741,21 @@ class SwitchPort:
     """
 
     def __init__(self) -> None:
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._ctl = mine
-        self._uplinks: list[TapPort] = []
+        self._uplinks: list[tuple[str, TapPort]] = []
+        #: The last configuration message of each kind per member, in the
+        #: order they were last sent: what a restarted switch process is told.
+        self._config: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
         self.exitcode: int | None = None
+        #: How often the switch process was started again (:meth:`restart`).
+        self.restarts = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._ctl = self._start()
+
+    def _start(self) -> socket.socket:
+        """Start a switch process; the supervisor's end of its control socket."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            self._proc = subprocess.Popen(
                 [
                     sys.executable,
                     "-c",
@@ -753,8 +764,41 @@ class SwitchPort:
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
             )
+        except BaseException:
+            mine.close()
+            raise
         finally:
             theirs.close()
+        return mine
+
+    @property
+    def pid(self) -> int | None:
+        """The switch process's pid (None once closed)."""
+        return None if self._proc is None else self._proc.pid
+
+    def restart(self) -> None:
+        """Start a new switch process in place of one that died and give it
+        this port's configuration and uplinks again.
+
+        The VMs' queues of the old process are dead: each VM's queues must be
+        opened again (:meth:`~virtnet.vhost_user.supervisor.Supervisor.reopen_port`).
+        The MAC and flow tables start empty, and the counters from zero.
+        """
+        old = self._proc
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.kill()
+            old.wait()
+            self.exitcode = old.returncode
+        self._ctl.close()
+        self._ctl = self._start()
+        self.restarts += 1
+        for member, tap in self._uplinks:
+            fd = tap.queue(0).fileno()
+            assert fd is not None
+            self._send({"op": "attach_tap", "vm": member}, fd)
+        for msg in self._config.values():
+            self._send(msg)
 
     def _send(self, msg: dict[str, Any], fd: int | None = None) -> None:
         data = json.dumps(msg).encode()
@@ -793,25 +837,38 @@ class SwitchPort:
         fd = q.fileno()
         assert fd is not None
         self._send({"op": "attach_tap", "vm": member}, fd)
-        self._uplinks.append(tap)
+        self._uplinks.append((member, tap))
         return tap
 
     @property
     def uplinks(self) -> tuple[TapPort, ...]:
         """The taps joined with :meth:`add_uplink`."""
-        return tuple(self._uplinks)
+        return tuple(tap for _, tap in self._uplinks)
+
+    def _configure(self, msg: dict[str, Any]) -> None:
+        """Send a configuration message and keep it for a restarted process."""
+        key = (str(msg["vm"]), str(msg["op"]))
+        self._config[key] = msg
+        self._config.move_to_end(key)
+        try:
+            self._send(msg)
+        except UsageError:
+            if self.running:
+                raise
+            # A dead switch process gets the message with the rest of the
+            # configuration when it is started again.
 
     def set_active_pairs(self, vm_id: str, n: int) -> None:
-        self._send({"op": "active", "vm": vm_id, "n": n})
+        self._configure({"op": "active", "vm": vm_id, "n": n})
 
     def set_vlans(self, vm_id: str, vlans: Iterable[int]) -> None:
-        self._send({"op": "vlans", "vm": vm_id, "vlans": sorted(vlans)})
+        self._configure({"op": "vlans", "vm": vm_id, "vlans": sorted(vlans)})
 
     def set_macs(self, vm_id: str, macs: Iterable[bytes] | None) -> None:
         """Lock the VM to these source MACs (see :meth:`Switch.set_macs`); a MAC
         another VM holds is refused by the switch process and counted as a
         control error, so check first (serve does)."""
-        self._send(
+        self._configure(
             {
                 "op": "macs",
                 "vm": vm_id,
@@ -820,10 +877,15 @@ class SwitchPort:
         )
 
     def set_rx_offloads(self, vm_id: str, offloads: Iterable[Offload]) -> None:
-        self._send({"op": "offloads", "vm": vm_id, "offloads": sorted(o.value for o in offloads)})
+        self._configure(
+            {"op": "offloads", "vm": vm_id, "offloads": sorted(o.value for o in offloads)}
+        )
 
     def remove_vm(self, vm_id: str) -> None:
-        self._send({"op": "remove", "vm": vm_id})
+        for key in [k for k in self._config if k[0] == vm_id]:
+            del self._config[key]
+        if self.running:
+            self._send({"op": "remove", "vm": vm_id})
 
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """The switch's :class:`SwitchStats` as a dict."""
@@ -852,12 +914,17 @@ class SwitchPort:
         """Whether the switch process is alive."""
         return self._proc is not None and self._proc.poll() is None
 
+    def poll_exitcode(self) -> int | None:
+        """The switch process's exit code (negative: the signal that killed
+        it); None while it runs or once closed."""
+        return None if self._proc is None else self._proc.poll()
+
     def close(self) -> None:
         """Stop the switch process (it also stops if this process dies)."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(UsageError):  # a switch process that died
             self._send({"op": "stop"})
         self._ctl.close()
         try:
@@ -866,5 +933,5 @@ class SwitchPort:
             proc.kill()
             proc.wait()
         self.exitcode = proc.returncode
-        for tap in self._uplinks:
+        for _, tap in self._uplinks:
             tap.close()

@@ -23,6 +23,11 @@ Invariants:
   (``VHOST_USER_NET_SET_MTU``, QEMU's ``host_mtu``) when that is larger, as
   libvirt sets a tap's MTU from ``<mtu>``; a tap that existed is left as its
   owner set it, and a smaller MTU there is logged as a warning.
+* A deleted interface leaves the queue fds dead (``TUNGETIFF``: EBADFD,
+  :meth:`TapPort.lost`); :meth:`TapPort.drop_queues` closes them so the next
+  queue opened attaches to (or creates) the interface of that name again.  A
+  tap serve creates again gets the MAC address the old one had, so hosts and
+  guests that cached it need not learn a new one.
 * Frames the kernel drops on the tap itself are counted by the kernel, not by
   a worker: to the guest when a queue's ring (``txqueuelen`` frames) is full
   because nothing reads it -- typically a guest that posts no rx buffers --
@@ -96,10 +101,15 @@ _IFF_UP = 0x1
 # SIOCGIFMTU / SIOCSIFMTU (include/uapi/linux/sockios.h).
 SIOCGIFMTU = 0x8921
 SIOCSIFMTU = 0x8922
+# SIOCGIFHWADDR / SIOCSIFHWADDR and ARPHRD_ETHER (include/uapi/linux/if_arp.h).
+SIOCGIFHWADDR = 0x8927
+SIOCSIFHWADDR = 0x8924
+_ARPHRD_ETHER = 1
 
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name + ifr_flags, 40 bytes
 _IFREQ_INT = struct.Struct("16si20x")  # struct ifreq: name + ifr_mtu
 _IFREQ_PTR = struct.Struct("16sP16x")  # struct ifreq: name + ifr_data pointer
+_IFREQ_HW = struct.Struct("16sH6s16x")  # struct ifreq: name + ifr_hwaddr (family, MAC)
 # include/uapi/linux/sockios.h SIOCETHTOOL; ethtool.h ETHTOOL_GDRVINFO and the
 # head of struct ethtool_drvinfo (cmd, driver[32], version[32], fw_version[32],
 # bus_info[32], ...; 196 bytes in all).
@@ -221,6 +231,7 @@ class TapPort:
         self._queues: dict[int, TapQueue] = {}
         self._offload_bits = 0
         self.created = False
+        self._hwaddr: bytes | None = None  # the interface's MAC, last seen
 
     # -- Port ---------------------------------------------------------------
 
@@ -235,6 +246,11 @@ class TapPort:
         if pair in self._queues:
             raise UsageError(f"queue pair {pair} of tap {self.ifname!r} is already open")
         fd = self._open_fd()
+        if not self._queues:
+            if self.created and self._hwaddr is not None:
+                self._set_hwaddr(self._hwaddr)  # a tap serve creates again keeps its MAC
+            else:
+                self._hwaddr = self.hwaddr()
         q = TapQueue(fd, pair)
         self._queues[pair] = q
         self._vm_id = vm_id
@@ -249,6 +265,43 @@ class TapPort:
         for q in self._queues.values():
             q.close()
         self._queues.clear()
+
+    def drop_queues(self) -> None:
+        """Close every queue (the interface is gone); the next :meth:`open_queue`
+        attaches to the interface by that name again, or creates it."""
+        self.close()
+        self.created = False
+
+    def lost(self) -> bool:
+        """Whether the interface these queues belong to was deleted: an
+        attached queue's fd then answers ``TUNGETIFF`` with EBADFD (it still
+        works when the interface moved to another network namespace).  A
+        port with no attached queue cannot tell: False."""
+        q = next((q for q in self._queues.values() if q.attached), None)
+        fd = None if q is None else q.fileno()
+        if fd is None:
+            return False
+        try:
+            fcntl.ioctl(fd, TUNGETIFF, _IFREQ.pack(b"", 0))
+        except OSError as exc:
+            return exc.errno == errno.EBADFD
+        self._hwaddr = self.hwaddr() or self._hwaddr
+        return False
+
+    def hwaddr(self) -> bytes | None:
+        """The interface's MAC address; None when it is not there."""
+        try:
+            res = _if_ioctl(SIOCGIFHWADDR, _IFREQ_HW.pack(self._raw, 0, b""))
+        except OSError:
+            return None
+        mac: bytes = _IFREQ_HW.unpack(res)[2]
+        return mac
+
+    def _set_hwaddr(self, mac: bytes) -> None:
+        try:
+            _if_ioctl(SIOCSIFHWADDR, _IFREQ_HW.pack(self._raw, _ARPHRD_ETHER, mac))
+        except OSError:
+            self._hwaddr = self.hwaddr()  # the new random one, then
 
     # -- tap control (supervisor side) -------------------------------------
 

@@ -25,8 +25,9 @@ Metrics (labels ``vm`` -- the socket's name -- and ``pair``):
   (``direction`` ``in``/``out``), ``virtnet_switch_flooded_total``,
   ``virtnet_switch_filtered_total``, ``virtnet_switch_dropped_total``
   (``reason``: full, unknown_vm, bad_frame, vlan, spoofed, offload, no_queue),
-  ``virtnet_switch_evictions_total`` (``table`` mac/flow) and
-  ``virtnet_switch_control_errors_total``.
+  ``virtnet_switch_evictions_total`` (``table`` mac/flow),
+  ``virtnet_switch_control_errors_total`` and ``virtnet_switch_restarts_total``
+  (the other switch counters start from zero after a restart).
 
 Invariant: the snapshot is checked before anything is reported (a mapping
 with a ``vms`` list of at most :data:`MAX_VMS` uniquely named VMs, each with at most
@@ -226,8 +227,12 @@ def _switch_families(sw: Any, taps: CounterMetricFamily) -> list[Metric]:
         raise SnapshotError("'switch' is not an object")
     up = GaugeMetricFamily("virtnet_switch_up", "1 when the switch process answered.")
     up.add_metric([], 0 if "error" in sw else 1)
+    restarts = CounterMetricFamily(
+        "virtnet_switch_restarts", "Times serve started the switch process again after it died."
+    )
+    restarts.add_metric([], _count(sw, "restarts"))
     if "error" in sw:
-        return [up]
+        return [up, restarts]
     frames = CounterMetricFamily(
         "virtnet_switch_frames", "Frames into / out of the switch.", labels=["direction"]
     )
@@ -258,7 +263,7 @@ def _switch_families(sw: Any, taps: CounterMetricFamily) -> list[Metric]:
         raise SnapshotError("switch 'uplinks' is not a list")
     for tap in uplinks:
         _add_tap(taps, "uplink", tap)
-    return [up, frames, flooded, filtered, dropped, evictions, ctl]
+    return [up, restarts, frames, flooded, filtered, dropped, evictions, ctl]
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -48,6 +48,14 @@ Invariants:
   command line's.
 * ``--vlans``: each switch member's 802.1Q VLANs (default untagged only);
   ``--mac``: the source MACs a VM is locked to on the switch (default: any).
+* A switch process that dies is started again at once with the switch's
+  configuration (VLANs, MAC locks, offloads, uplinks), and every VM's running
+  pairs go on with new queues on it; after :data:`SWITCH_MAX_RESTARTS` deaths
+  within :data:`SWITCH_RESTART_WINDOW_S` serve stops with exit status 1.  A
+  VM's tap that is deleted under it (checked every :data:`PORT_CHECK_S`) is
+  created again (with its MAC) if serve had created it, else waited for; the VM's pairs then
+  go on with new queues on it, without the VM reconnecting.  Frames sent in
+  between are counted as tx drops.
 * The loop ticks every :data:`TICK_S` to reap and restart dead workers; a
   ring stop waits for its worker (bounded by the supervisor's timeouts), so
   control messages of other VMs may wait that long -- their data paths do not.
@@ -82,7 +90,7 @@ from typing import Any
 from virtnet.errors import PeerError, ProtocolError, UsageError
 from virtnet.ports.base import Port, make_port
 from virtnet.ports.switch import VLAN_MAX, SwitchPort, mac_text
-from virtnet.ports.tap import TapPort
+from virtnet.ports.tap import TapPort, tun_kind
 from virtnet.sdnotify import notify
 from virtnet.vhost_user.backend import LOG_ALL, MAX_QUEUE_PAIRS, Backend, BackendConfig
 from virtnet.vhost_user.control import (
@@ -118,6 +126,13 @@ MAX_STATE_BYTES = 4 << 20
 STATE_VERSION = 1
 #: How long a stats request waits for the switch process's counters.
 SWITCH_STATS_TIMEOUT_S = 0.5
+#: Seconds between checks that each VM's tap still exists.
+PORT_CHECK_S = 1.0
+#: The switch process is started again after it dies, at most this many times
+#: within SWITCH_RESTART_WINDOW_S; after that serve stops with exit status 1
+#: (a service manager's Restart= then takes over).
+SWITCH_MAX_RESTARTS = 5
+SWITCH_RESTART_WINDOW_S = 60.0
 
 
 @dataclass
@@ -207,6 +222,13 @@ class Daemon:
         #: Switch members locked to their MACs (--mac).
         self.macs: dict[str, frozenset[bytes]] = {}
         self._stop = False
+        #: serve's exit status: 1 once it gave up on a switch process that keeps dying.
+        self.status = 0
+        self._switch_deaths: list[float] = []
+        self._next_port_check = 0.0
+        #: VMs whose tap is gone, waiting for it to exist again: whether serve
+        #: had created it (and so creates it again).
+        self._lost_taps: dict[str, bool] = {}
         self.stats_path = stats_socket
         self.stats_listener: socket.socket | None = None
         self.control_path = control_socket
@@ -538,6 +560,11 @@ class Daemon:
 
     def run_once(self, timeout: float = TICK_S) -> None:
         self.server.run_once(timeout)
+        self._check_switch()
+        now = time.monotonic()
+        if now >= self._next_port_check:
+            self._next_port_check = now + PORT_CHECK_S
+            self._check_taps()
         for vm in self.vms:
             sup = vm.supervisor
             if sup is not None and not sup.closed:
@@ -548,6 +575,91 @@ class Daemon:
     def serve(self) -> None:
         while not self._stop:
             self.run_once()
+
+    def _check_switch(self) -> None:
+        """Start the switch process again if it died, and give every VM new
+        queues on it; give up (stop serve, status 1) when it keeps dying."""
+        sw = self._shared
+        if not isinstance(sw, SwitchPort) or sw.running or self._stop:
+            return
+        pid = sw.pid
+        code = sw.poll_exitcode()
+        now = time.monotonic()
+        self._switch_deaths = [
+            t for t in self._switch_deaths if now - t < SWITCH_RESTART_WINDOW_S
+        ] + [now]
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        if len(self._switch_deaths) > SWITCH_MAX_RESTARTS:
+            log.error(
+                "switch process %s died (%s), %d times in %.0f s: giving up, stopping serve",
+                pid, how, len(self._switch_deaths), SWITCH_RESTART_WINDOW_S,
+            )  # fmt: skip
+            self.status = 1
+            self._stop = True
+            return
+        log.error("switch process %s died (%s); starting it again", pid, how)
+        try:
+            sw.restart()
+        except (OSError, UsageError) as exc:
+            log.error("cannot start the switch process again: %s; stopping serve", exc)
+            self.status = 1
+            self._stop = True
+            return
+        for vm in self.vms:
+            self._reopen(vm)
+        log.info(
+            "switch process %s serves %d VM(s) again (restart %d)", sw.pid, len(self.vms),
+            sw.restarts,
+        )  # fmt: skip
+
+    def _reopen(self, vm: _Vm) -> None:
+        """New port queues for ``vm``: its running pairs restart on them; a VM
+        not connected opens them when it connects."""
+        sup = vm.supervisor
+        if sup is not None and not sup.closed:
+            sup.reopen_port()
+        else:
+            vm.vmport.drop_queues()
+
+    def _check_taps(self) -> None:
+        """A VM's tap that was deleted: serve creates it again if serve had
+        created it, else waits for its owner to; then the VM's running pairs
+        go on with new queues on it.  A VM not connected gets its tap when it
+        connects, as at start."""
+        for vm in self.vms:
+            tap = vm.port
+            if not isinstance(tap, TapPort):
+                continue
+            sup = vm.supervisor
+            connected = sup is not None and not sup.closed
+            if vm.name not in self._lost_taps:
+                if not vm.vmport.port_lost():
+                    continue
+                self._lost_taps[vm.name] = tap.created
+                log.error(
+                    "%s: tap %s is gone (deleted?); %s", vm.name, tap.ifname,
+                    "it is opened again when the VM connects" if not connected
+                    else "creating it again" if tap.created
+                    else "the VM's pairs go on when it exists again",
+                )  # fmt: skip
+            created = self._lost_taps[vm.name]
+            kind = tun_kind(tap.ifname)
+            if connected and (kind not in (None, "tap") or (kind is None and not created)):
+                continue  # not (yet) a tap serve may take
+            try:
+                self._reopen(vm)
+            except UsageError as exc:
+                log.error("%s: tap %s: %s", vm.name, tap.ifname, exc)
+                continue
+            del self._lost_taps[vm.name]
+            if connected:
+                log.info(
+                    "%s: tap %s %s; pairs %s run on it", vm.name, tap.ifname,
+                    "created again (its MAC, the guest's MTU; down, without addresses: configure it"
+                    " as before)"
+                    if kind is None else "is back",
+                    ",".join(map(str, sorted(vm.vmport.queues))) or "(none yet)",
+                )  # fmt: skip
 
     def close(self) -> None:
         """Close connections (stopping every worker), ports and the stats socket."""
@@ -617,14 +729,17 @@ def _tap_snapshot(tap: TapPort) -> dict[str, Any]:
 
 def _switch_snapshot(sw: SwitchPort) -> dict[str, Any]:
     """The switch process's counters (without its per-port ones, which the
-    workers' pairs already show) and its uplink taps; ``error`` when the
-    switch did not answer."""
+    workers' pairs already show), its uplink taps and how often it was
+    started again; ``error`` when the switch did not answer."""
     try:
         counters = sw.stats(timeout=SWITCH_STATS_TIMEOUT_S)
     except UsageError as exc:
         counters = {"error": str(exc)}
     counters.pop("ports", None)
     counters["uplinks"] = [_tap_snapshot(t) for t in sw.uplinks]
+    # A restarted switch process counts from zero again.
+    counters["restarts"] = sw.restarts
+    counters["pid"] = sw.pid
     return counters
 
 
@@ -896,4 +1011,4 @@ def run(args: argparse.Namespace) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     log.info("stopped")
-    return 0
+    return d.status

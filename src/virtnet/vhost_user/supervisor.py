@@ -143,6 +143,7 @@ class VmPort:
         #: The MTU the VM's NIC announced (NET_SET_MTU), None until it does.
         self.guest_mtu: int | None = None
         self._mtu_done: int | None = None  # the guest MTU the tap was last checked for
+        self._attach_failed = False  # a tap queue could not be attached: the tap is gone
 
     def slot(self, pair: int) -> memoryview:
         return self.slots[pair * NFIELDS : (pair + 1) * NFIELDS]
@@ -225,6 +226,9 @@ class VmPort:
             set_queue_enabled(pair, on)
         except UsageError as exc:
             log.error("%s: %s", self.vm_id, exc)
+            # Attaching fails only when the interface is gone (TUNSETQUEUE:
+            # EINVAL on a queue of a deleted tap); serve opens it again.
+            self._attach_failed = self._attach_failed or on
 
     def set_features(self, features: int) -> None:
         """Tell the port which offloads the guest takes on rx."""
@@ -256,6 +260,29 @@ class VmPort:
             row["restarts"] = self.restarts[p]
             out.append(row)
         return out
+
+    def drop_queues(self) -> None:
+        """Close every port queue (their host side is gone: a switch process
+        that died, a tap that was deleted); the next :meth:`queue_fd` of each
+        pair opens a new one."""
+        for q in self.queues.values():
+            with contextlib.suppress(OSError):
+                q.close()
+        self.queues.clear()
+        forget = getattr(self.port, "drop_queues", None)
+        if forget is not None:
+            forget()
+        self._mtu_done = None
+        self._attach_failed = False
+
+    def port_lost(self) -> bool:
+        """Whether the host side of this VM's queues is gone (a tap that was
+        deleted: its queues answer EBADFD, or one could not be attached again);
+        the switch process's death is the daemon's to see."""
+        if not self.queues:
+            return False
+        lost = getattr(self.port, "lost", None)
+        return self._attach_failed or (lost is not None and bool(lost()))
 
     def close(self) -> None:
         for q in self.queues.values():
@@ -680,6 +707,17 @@ class Supervisor:
                 continue
             log.info("%s: ring %d resumes from used index %d", self.name, index, used)
             r.next_avail = used
+
+    def reopen_port(self) -> None:
+        """Give the running pairs new port queues: stop their workers (which
+        report where their rings stand), open the queues again, start them."""
+        running = self._stop_all()
+        self.vm.drop_queues()
+        # A pair given up on (its queue could not be opened while the port
+        # was gone, or its worker kept dying) gets another chance.
+        retry = self.given_up.copy()
+        self.given_up.clear()
+        self._start_all(sorted(set(running) | retry))
 
     def poll(self) -> None:
         """Reap worker processes that died; restart their pairs (rate-limited)."""

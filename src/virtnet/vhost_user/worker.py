@@ -1059,11 +1059,16 @@ class Worker:
         return True
 
     def _port_gone(self) -> None:
-        """The host side hung up (switch process gone): stop polling it, keep tx counted."""
+        """The host side hung up (switch process or tap gone): stop polling it,
+        keep tx counted; serve gives the pair a new queue (a new worker)."""
         fd = self.port_fd
         if fd is None:
             return
-        log.error("%s: port queue fd hung up; no more rx on this pair", self.name)
+        log.error(
+            "%s: port queue fd hung up (switch process or tap gone); tx is dropped and"
+            " rx stops until serve opens the port again",
+            self.name,
+        )
         self._error(self.spec.rx.index)
         with contextlib.suppress(OSError):
             self.ep.unregister(fd)
