@@ -176,6 +176,8 @@ _SWITCH = {
     "flow_evictions": 2,
     "control_errors": 0,
     "uplinks": [{"name": "up0", "dropped": {"to_guest": 4, "from_guest": 0}}],
+    "restarts": 1,
+    "pid": 4242,
 }
 
 
@@ -197,10 +199,16 @@ def test_the_drops_no_worker_sees_tap_and_switch() -> None:
     assert got[("virtnet_switch_dropped_total", (("reason", "full"),))] == 3
     assert got[("virtnet_switch_dropped_total", (("reason", "bad_frame"),))] == 1
     assert got[("virtnet_switch_evictions_total", (("table", "flow"),))] == 2
-    # A switch that did not answer: down, and none of its counters.
-    doc["switch"] = {"error": "switch process did not answer: timed out", "uplinks": []}
+    assert got[("virtnet_switch_restarts_total", ())] == 1
+    # A switch that did not answer: down, and none of its counters but restarts.
+    doc["switch"] = {
+        "error": "switch process did not answer: timed out",
+        "uplinks": [],
+        "restarts": 2,
+    }
     got = scrape(doc)
     assert got[("virtnet_switch_up", ())] == 0
+    assert got[("virtnet_switch_restarts_total", ())] == 2
     assert not any(name.startswith("virtnet_switch_frames") for name, _ in got)
 
 
