@@ -212,7 +212,10 @@ def test_a_deleted_tap_comes_back_under_a_running_vm(tmp_path: Path, owner: str)
             _up(ifname)
             wait_for(
                 "the VM's pairs to run on it",
-                lambda: "run on it" in (tmp_path / f"serve-tap:{ifname}.log").read_text(),
+                lambda: (
+                    "traffic goes on through it"
+                    in (tmp_path / f"serve-tap:{ifname}.log").read_text()
+                ),
             )
             _both_ways(fe, ifname)
             vm = fetch(str(stats))["vms"][0]
@@ -245,6 +248,34 @@ def test_a_restarted_switch_process_keeps_its_uplink(tmp_path: Path) -> None:
             os.kill(old, signal.SIGKILL)
             wait_for("a new switch process", lambda: switch_doc(stats).get("restarts") == 1)
             _both_ways(fe, ifname)
+    finally:
+        if link_exists(ifname):
+            delete_link(ifname)
+
+
+def test_a_deleted_uplink_is_created_again(tmp_path: Path) -> None:
+    """``--port switch:uplink=IF`` with serve creating IF: ``ip link del IF``
+    under a running VM; serve creates it again (its MAC, up) and hands the
+    switch the new queue, and traffic crosses it both ways again."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (tap devices)")
+    ifname = unique_name("vnup")
+    try:
+        with (
+            fs.serve(tmp_path, f"switch:uplink={ifname}", queues=2) as (sock,),
+            VhostUserFrontend(sock, queue_pairs=2) as fe,
+        ):
+            assert fe.set_queue_pairs(2)
+            _both_ways(fe, ifname)
+            mac = Path(f"/sys/class/net/{ifname}/address").read_text()
+            delete_link(ifname)
+            log = tmp_path / f"serve-switch:uplink={ifname}.log"
+            wait_for("serve to create it again", lambda: "created again" in log.read_text())
+            assert Path(f"/sys/class/net/{ifname}/address").read_text() == mac
+            _both_ways(fe, ifname)
+        assert f"uplink:{ifname}: tap {ifname} is gone (deleted?); creating it again" in (
+            log.read_text()
+        )
     finally:
         if link_exists(ifname):
             delete_link(ifname)

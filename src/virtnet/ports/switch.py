@@ -305,8 +305,13 @@ class Switch:
 
         This is the uplink to the host: frames for MACs behind the tap go to
         it, floods reach it, and what the host sends comes in like any VM's
-        frames.  The switch owns ``fd``.
+        frames.  The switch owns ``fd``; one given again for ``name`` replaces
+        the old one (the tap was deleted and is back).
         """
+        vm = self._vms.get(name)
+        old = None if vm is None else vm.ports.get(0)
+        if old is not None and old.sock is None:
+            self._close_port(old)
         self._attach(name, 0, None, fd)
 
     def _attach(self, vm_id: str, pair: int, sock: socket.socket | None, fd: int) -> None:
@@ -839,6 +844,16 @@ class SwitchPort:
         self._send({"op": "attach_tap", "vm": member}, fd)
         self._uplinks.append((member, tap))
         return tap
+
+    def reopen_uplink(self, tap: TapPort) -> None:
+        """Give the switch a new queue of uplink ``tap`` after the interface
+        was deleted: it is opened (created again, with its MAC, if this port
+        had created it) and brought up, and replaces the dead one."""
+        member = next(m for m, t in self._uplinks if t is tap)
+        tap.drop_queues()
+        fd = tap.open_queue(member, 0).fileno()
+        assert fd is not None
+        self._send({"op": "attach_tap", "vm": member}, fd)
 
     @property
     def uplinks(self) -> tuple[TapPort, ...]:

@@ -50,12 +50,13 @@ Invariants:
   ``--mac``: the source MACs a VM is locked to on the switch (default: any).
 * A switch process that dies is started again at once with the switch's
   configuration (VLANs, MAC locks, offloads, uplinks), and every VM's running
-  pairs go on with new queues on it; after :data:`SWITCH_MAX_RESTARTS` deaths
-  within :data:`SWITCH_RESTART_WINDOW_S` serve stops with exit status 1.  A
-  VM's tap that is deleted under it (checked every :data:`PORT_CHECK_S`) is
-  created again (with its MAC) if serve had created it, else waited for; the VM's pairs then
-  go on with new queues on it, without the VM reconnecting.  Frames sent in
-  between are counted as tx drops.
+  pairs go on with new queues on it; when it dies more than
+  :data:`SWITCH_MAX_RESTARTS` times within :data:`SWITCH_RESTART_WINDOW_S`
+  serve stops with exit status 1.  A VM's tap or a switch uplink deleted
+  under serve (checked every :data:`PORT_CHECK_S`) is created again (with its
+  MAC) if serve had created it, else waited for; the traffic then goes on
+  through it, without the VM reconnecting.  Frames a VM sends in between are
+  counted as tx drops.
 * The loop ticks every :data:`TICK_S` to reap and restart dead workers; a
   ring stop waits for its worker (bounded by the supervisor's timeouts), so
   control messages of other VMs may wait that long -- their data paths do not.
@@ -82,8 +83,9 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -622,44 +624,58 @@ class Daemon:
             vm.vmport.drop_queues()
 
     def _check_taps(self) -> None:
-        """A VM's tap that was deleted: serve creates it again if serve had
-        created it, else waits for its owner to; then the VM's running pairs
-        go on with new queues on it.  A VM not connected gets its tap when it
-        connects, as at start."""
+        """A tap that was deleted under serve -- a VM's, or a switch uplink --
+        is created again if serve had created it, else waited for; then the
+        VM's running pairs (the switch) go on with new queues on it.  A VM
+        not connected gets its tap when it connects, as at start."""
         for vm in self.vms:
-            tap = vm.port
-            if not isinstance(tap, TapPort):
-                continue
-            sup = vm.supervisor
-            connected = sup is not None and not sup.closed
-            if vm.name not in self._lost_taps:
-                if not vm.vmport.port_lost():
-                    continue
-                self._lost_taps[vm.name] = tap.created
-                log.error(
-                    "%s: tap %s is gone (deleted?); %s", vm.name, tap.ifname,
-                    "it is opened again when the VM connects" if not connected
-                    else "creating it again" if tap.created
-                    else "the VM's pairs go on when it exists again",
-                )  # fmt: skip
-            created = self._lost_taps[vm.name]
-            kind = tun_kind(tap.ifname)
-            if connected and (kind not in (None, "tap") or (kind is None and not created)):
-                continue  # not (yet) a tap serve may take
-            try:
-                self._reopen(vm)
-            except UsageError as exc:
-                log.error("%s: tap %s: %s", vm.name, tap.ifname, exc)
-                continue
-            del self._lost_taps[vm.name]
-            if connected:
-                log.info(
-                    "%s: tap %s %s; pairs %s run on it", vm.name, tap.ifname,
-                    "created again (its MAC, the guest's MTU; down, without addresses: configure it"
-                    " as before)"
-                    if kind is None else "is back",
-                    ",".join(map(str, sorted(vm.vmport.queues))) or "(none yet)",
-                )  # fmt: skip
+            if isinstance(vm.port, TapPort):
+                sup = vm.supervisor
+                connected = sup is not None and not sup.closed
+                self._check_tap(
+                    vm.name, vm.port, vm.vmport.port_lost, partial(self._reopen, vm), connected
+                )
+        sw = self._shared
+        if isinstance(sw, SwitchPort):
+            for tap in sw.uplinks:
+                self._check_tap(
+                    f"uplink:{tap.ifname}", tap, tap.lost, partial(sw.reopen_uplink, tap), True
+                )
+
+    def _check_tap(
+        self,
+        name: str,
+        tap: TapPort,
+        lost: Callable[[], bool],
+        reopen: Callable[[], None],
+        connected: bool,
+    ) -> None:
+        if name not in self._lost_taps:
+            if not lost():
+                return
+            self._lost_taps[name] = tap.created
+            log.error(
+                "%s: tap %s is gone (deleted?); %s", name, tap.ifname,
+                "it is opened again when the VM connects" if not connected
+                else "creating it again" if tap.created
+                else "waiting for it to exist again",
+            )  # fmt: skip
+        created = self._lost_taps[name]
+        kind = tun_kind(tap.ifname)
+        if connected and (kind not in (None, "tap") or (kind is None and not created)):
+            return  # not (yet) a tap serve may take
+        try:
+            reopen()
+        except UsageError as exc:
+            log.error("%s: tap %s: %s", name, tap.ifname, exc)
+            return
+        del self._lost_taps[name]
+        if connected:
+            log.info(
+                "%s: tap %s %s; traffic goes on through it", name, tap.ifname,
+                "created again (its MAC, the guest's MTU; down, without addresses: configure"
+                " it as before)" if kind is None else "is back",
+            )  # fmt: skip
 
     def close(self) -> None:
         """Close connections (stopping every worker), ports and the stats socket."""
