@@ -1060,3 +1060,75 @@ def test_worker_group_serves_every_pair_under_random_interleavings(netns: str) -
         return examples
 
     assert in_netns(netns, body) >= 40
+
+
+def test_lost_sees_a_deleted_tap_but_not_one_moved_to_another_namespace(netns: str) -> None:
+    """``TapPort.lost``: the queue fds, not the name, say whether the tap is
+    gone -- moved to another namespace it still carries frames."""
+    other = f"{netns}-b"
+    _ip("netns", "add", other)
+
+    def body() -> tuple[bool, bool, bool, bool]:
+        tap = TapPort("vt0")
+        try:
+            tap.open_queue("vm", 0)
+            alive = tap.lost()
+            _ip("link", "set", "dev", "vt0", "netns", other)
+            moved = tap.lost()
+            _ip("-n", other, "link", "del", "vt0")
+            deleted = tap.lost()
+            tap.drop_queues()  # closes the dead queue; the next one creates vt0 again
+            tap.open_queue("vm", 0)
+            again = tap.lost()
+            return alive, moved, deleted, again
+        finally:
+            tap.close()
+
+    try:
+        assert in_netns(netns, body) == (False, False, True, False)
+    finally:
+        subprocess.run(["ip", "netns", "del", other], check=False, capture_output=True, timeout=10)
+
+
+def test_a_tap_created_again_keeps_its_mac(netns: str) -> None:
+    def body() -> tuple[bytes | None, bytes | None]:
+        tap = TapPort("vt0")
+        try:
+            tap.open_queue("vm", 0)
+            before = tap.hwaddr()
+            _ip("link", "del", "vt0")
+            tap.drop_queues()
+            tap.open_queue("vm", 0)
+            return before, tap.hwaddr()
+        finally:
+            tap.close()
+
+    before, after = in_netns(netns, body)
+    assert before is not None and len(before) == 6 and after == before
+
+
+def test_a_switch_takes_a_new_queue_of_its_uplink(netns: str) -> None:
+    """``attach_tap`` of a member again replaces its tap queue (the uplink was
+    deleted and is back): no 'already attached', and frames flow through it."""
+
+    def body() -> bytes:
+        tap = TapPort("vt0", up=True)
+        sw = Switch()
+        try:
+            fd0 = tap.open_queue("uplink", 0).fileno()
+            fd1 = tap.open_queue("uplink", 1).fileno()
+            assert fd0 is not None and fd1 is not None
+            sw.attach_tap("uplink", os.dup(fd0))
+            sw.attach_tap("uplink", os.dup(fd1))
+            _ip("addr", "add", "10.77.0.1/24", "dev", "vt0")
+            q = sw.open_queue("vm", 0)
+            try:
+                return _arp_via(q, lambda: sw.poll_once(0.01))
+            finally:
+                q.close()
+        finally:
+            sw.close()
+            tap.close()
+
+    frame = in_netns(netns, body)[VNET_HDR_LEN:]
+    assert frame[:6] == GUEST and frame[28:32] == socket.inet_aton("10.77.0.1")
