@@ -57,8 +57,6 @@ import select
 import signal
 import socket
 import stat
-import subprocess
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -66,6 +64,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from virtnet.errors import ProtocolError, UsageError
+from virtnet.forking import fork_child
 from virtnet.ports.base import (
     MAX_FRAME_LEN,
     VNET_HDR_LEN,
@@ -724,6 +723,11 @@ class Switch:
             raise ProtocolError(f"unknown control op {op!r}")
 
 
+def _serve_child(control_fd: int) -> int:
+    serve(control_fd)
+    return 0
+
+
 def serve(control_fd: int) -> None:
     """Entry point of the switch process: run a switch controlled through ``control_fd``."""
     # Ctrl-C goes to the whole process group; the switch stops when its
@@ -753,33 +757,68 @@ class SwitchPort:
         self.exitcode: int | None = None
         #: How often the switch process was started again (:meth:`restart`).
         self.restarts = 0
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._pid: int | None = None
+        self._returncode: int | None = None
         self._ctl = self._start()
 
     def _start(self) -> socket.socket:
-        """Start a switch process; the supervisor's end of its control socket."""
+        """Fork a switch process; the supervisor's end of its control socket."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fd = theirs.fileno()
         try:
-            self._proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    f"from virtnet.ports.switch import serve; serve({theirs.fileno()})",
-                ],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
+            self._pid = fork_child(functools.partial(_serve_child, fd), {fd}, "switch process")
         except BaseException:
             mine.close()
             raise
         finally:
             theirs.close()
+        self._returncode = None
         return mine
+
+    def _reap(self, *, block: bool) -> int | None:
+        """The switch process's exit code once it ended (negative: the signal
+        that killed it), reaping it; None while it runs."""
+        if self._pid is None or self._returncode is not None:
+            return self._returncode
+        try:
+            pid, status = os.waitpid(self._pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:  # reaped by someone else: gone, status unknown
+            self._returncode = -signal.SIGKILL
+            return self._returncode
+        if pid == 0:
+            return None
+        self._returncode = os.waitstatus_to_exitcode(status)
+        return self._returncode
+
+    def _end(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the switch process to exit, then SIGKILL it."""
+        deadline = time.monotonic() + timeout
+        while self._reap(block=False) is None:
+            if time.monotonic() >= deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._pid or 0, signal.SIGKILL)
+                self._reap(block=True)
+                break
+            time.sleep(0.01)
+        self.exitcode = self._returncode
+
+    @property
+    def control(self) -> socket.socket:
+        """This end of the switch process's control socket: readable when an
+        answer nobody waits for came (:meth:`drain_replies`) or the process died."""
+        return self._ctl
+
+    def drain_replies(self) -> None:
+        """Read and drop what the switch process sent unasked: answers to a
+        stats call that gave up waiting, errors about bad control messages."""
+        with contextlib.suppress(OSError):
+            while self._ctl.recv(1 << 20, socket.MSG_DONTWAIT):
+                pass
 
     @property
     def pid(self) -> int | None:
         """The switch process's pid (None once closed)."""
-        return None if self._proc is None else self._proc.pid
+        return self._pid
 
     def restart(self) -> None:
         """Start a new switch process in place of one that died and give it
@@ -789,12 +828,7 @@ class SwitchPort:
         opened again (:meth:`~virtnet.vhost_user.supervisor.Supervisor.reopen_port`).
         The MAC and flow tables start empty, and the counters from zero.
         """
-        old = self._proc
-        if old is not None:
-            with contextlib.suppress(OSError):
-                old.kill()
-            old.wait()
-            self.exitcode = old.returncode
+        self._end(0.0)
         self._ctl.close()
         self._ctl = self._start()
         self.restarts += 1
@@ -906,9 +940,7 @@ class SwitchPort:
         """The switch's :class:`SwitchStats` as a dict."""
         # A reply that came after an earlier call gave up waiting is stale:
         # drop it, or every later call would be one answer behind.
-        with contextlib.suppress(OSError):
-            while self._ctl.recv(1 << 20, socket.MSG_DONTWAIT):
-                pass
+        self.drain_replies()
         self._send({"op": "stats"})
         self._ctl.settimeout(timeout)
         try:
@@ -927,26 +959,21 @@ class SwitchPort:
     @property
     def running(self) -> bool:
         """Whether the switch process is alive."""
-        return self._proc is not None and self._proc.poll() is None
+        return self._pid is not None and self._reap(block=False) is None
 
     def poll_exitcode(self) -> int | None:
         """The switch process's exit code (negative: the signal that killed
         it); None while it runs or once closed."""
-        return None if self._proc is None else self._proc.poll()
+        return None if self._pid is None else self._reap(block=False)
 
     def close(self) -> None:
         """Stop the switch process (it also stops if this process dies)."""
-        proc, self._proc = self._proc, None
-        if proc is None:
+        if self._pid is None:
             return
         with contextlib.suppress(UsageError):  # a switch process that died
             self._send({"op": "stop"})
         self._ctl.close()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        self.exitcode = proc.returncode
+        self._end(5.0)
+        self._pid = None
         for _, tap in self._uplinks:
             tap.close()

@@ -251,6 +251,9 @@ class Daemon:
                         f" name: {', '.join(vm.name for vm in self.vms)})"
                     )
                 self._lock_macs(name, addrs)
+            if isinstance(self._shared, SwitchPort):
+                # Its death wakes the loop at once instead of at the next tick.
+                self.server.watch(self._shared.control, self._shared.drain_replies)
             if state_file:
                 self._restore_state(state_file)
             if stats_socket:
@@ -598,10 +601,13 @@ class Daemon:
             )  # fmt: skip
             self.status = 1
             self._stop = True
+            self.server.unwatch(sw.control)
             return
         log.error("switch process %s died (%s); starting it again", pid, how)
+        self.server.unwatch(sw.control)
         try:
             sw.restart()
+            self.server.watch(sw.control, sw.drain_replies)
         except (OSError, UsageError) as exc:
             log.error("cannot start the switch process again: %s; stopping serve", exc)
             self.status = 1

@@ -206,10 +206,23 @@ class Server:
                     self._guarded(target, self._serve)
             elif isinstance(target, Endpoint):
                 self._accept(target)
+            elif callable(target):
+                target()
         now = self._clock()
         for ep in self.endpoints:
             if ep.mode == "connect" and ep.connection is None and ep.next_dial <= now:
                 self._dial(ep)
+
+    def watch(self, sock: socket.socket, on_ready: Callable[[], None]) -> None:
+        """Call ``on_ready`` from the loop whenever ``sock`` is readable (an fd
+        of the owner's that must not wait for the next tick); it must read
+        what made it readable, or the loop spins."""
+        self._sel.register(sock, selectors.EVENT_READ, on_ready)
+
+    def unwatch(self, sock: socket.socket) -> None:
+        """Stop watching ``sock`` (before closing it)."""
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(sock)
 
     def serve_forever(self, *, poll: float = 1.0) -> None:
         while not self._closed:

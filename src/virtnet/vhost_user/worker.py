@@ -103,14 +103,11 @@ from __future__ import annotations
 
 import array
 import contextlib
-import ctypes
 import errno
-import functools
 import logging
 import mmap
 import os
 import select
-import signal
 import socket
 import struct
 import time
@@ -119,6 +116,7 @@ from dataclasses import dataclass
 
 from virtnet.dirty_log import DirtyLog
 from virtnet.errors import PeerError
+from virtnet.forking import fork_child
 from virtnet.memory import GuestMemory, MemoryRegion
 from virtnet.net import NetFeature
 from virtnet.ports.base import MAX_FRAME_LEN, VNET_HDR_LEN, PortQueue, attach_queue
@@ -242,7 +240,6 @@ _LOG_MSG = struct.Struct("=cBBQ")
 _EPOLLIN = select.EPOLLIN
 _EPOLLHUP = select.EPOLLHUP
 _EPOLLERR = select.EPOLLERR
-_PR_SET_PDEATHSIG = 1
 _FD_SETSIZE = 1024  # select(2)
 _GUEST_GSO = int(NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6 | NetFeature.GUEST_UFO)
 
@@ -1377,46 +1374,12 @@ def wait_readable(fd: int, seconds: float) -> None:
         time.sleep(seconds)
 
 
-@functools.cache
-def _prctl() -> Callable[..., int] | None:
-    """libc's prctl, looked up once in the supervisor (a worker inherits it
-    through fork instead of loading libc again on its start-up path)."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def _die_with_parent() -> None:
-    prctl = _prctl()
-    if prctl is not None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-def close_other_fds(keep: set[int]) -> None:
-    """Close every fd of this process except ``keep`` (and 0, 1, 2)."""
-    keep = keep | {0, 1, 2}
-    lo = 0
-    for fd in sorted(keep):
-        if fd > lo:
-            os.closerange(lo, fd)
-        lo = fd + 1
-    os.closerange(lo, 1 << 20)
-
-
 def worker_main(
     specs: Sequence[WorkerSpec], ctl_fds: Sequence[int], counters: Sequence[memoryview | None]
 ) -> int:
-    """Entry point inside a forked worker process serving ``specs`` (pairs of
-    one VM, sharing one memory table); returns the exit status."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    _die_with_parent()
-    keep = set(ctl_fds)
-    for spec in specs:
-        keep |= spec.fds()
-    close_other_fds(keep)
+    """Entry point inside a worker process serving ``specs`` (pairs of one VM,
+    sharing one memory table), forked by :func:`spawn_workers` with only the
+    specs' fds and ``ctl_fds`` left open; returns the exit status."""
     first = specs[0]
     label = f"{first.vm} pair{'s' if len(specs) > 1 else ''} {','.join(str(s.pair) for s in specs)}"
     if first.cpu is not None:
@@ -1478,25 +1441,21 @@ def spawn_workers(
     if not specs or len(specs) != len(counters):
         raise ValueError("spawn_workers: one counter slot per spec, at least one spec")
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in specs]
-    _prctl()  # resolved here, inherited by the child
+    ctl_fds = [theirs.fileno() for _, theirs in pairs]
+    keep = set(ctl_fds)
+    for spec in specs:
+        keep |= spec.fds()
     try:
-        pid = os.fork()
+        pid = fork_child(
+            lambda: worker_main(specs, ctl_fds, counters),
+            keep,
+            f"{specs[0].vm} pair {specs[0].pair}: worker",
+        )
     except BaseException:
         for mine, theirs in pairs:
             mine.close()
             theirs.close()
         raise
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            code = worker_main(specs, [theirs.fileno() for _, theirs in pairs], counters)
-        except BaseException:
-            with contextlib.suppress(BaseException):
-                log.exception("%s pair %d: worker crashed", specs[0].vm, specs[0].pair)
-        finally:
-            with contextlib.suppress(BaseException):
-                logging.shutdown()
-            os._exit(code)
     for _, theirs in pairs:
         theirs.close()
     return pid, [mine for mine, _ in pairs]
