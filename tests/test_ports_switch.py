@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import json
+import os
 import select
 import socket
 import struct
@@ -498,3 +499,30 @@ def test_vm_steering_object(sw: Switch, clock: Clock) -> None:
     send(b, new)
     pump(sw)
     assert [len(drain(q)) for q in a] == [int(p == want) for p in range(4)]
+
+
+def test_the_switch_process_keeps_only_its_control_socket() -> None:
+    """The switch is a fork of its parent: of the parent's fds it keeps only
+    0, 1, 2 and its control socket (a VM connection left open in it would
+    keep QEMU from seeing serve close it); it adds its own epoll."""
+    extra = [socket.socketpair() for _ in range(3)]  # fds the child must not keep
+    inherited = {os.readlink(f"/proc/self/fd/{s.fileno()}") for pair in extra for s in pair}
+    port = SwitchPort()
+    try:
+        pid = port.pid
+        assert pid is not None
+
+        def links() -> list[str]:
+            fds = sorted(int(f) for f in os.listdir(f"/proc/{pid}/fd") if int(f) > 2)
+            return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]
+
+        # Right after the fork the child still has them all: wait for it to close them.
+        wait_for(lambda: len(links()) == 2, timeout=5)
+        got = links()
+        assert not inherited & set(got), got
+        assert sorted(link.split(":")[0] for link in got) == ["anon_inode", "socket"], got
+    finally:
+        port.close()
+        for a, b in extra:
+            a.close()
+            b.close()

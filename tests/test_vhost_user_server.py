@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -382,3 +383,24 @@ def test_frontend_that_never_reads_stalls_only_itself(server: Server, tmp_path: 
     assert hog_ep.connection is None
     good.close()
     pump(server)
+
+
+def test_a_watched_socket_wakes_the_loop_at_once(server: Server) -> None:
+    """``watch``: readiness of an owner's socket ends the wait early and calls
+    its callback, which reads it; after ``unwatch`` it no longer does."""
+    mine, theirs = socket.socketpair()
+    calls: list[bytes] = []
+    try:
+        server.watch(mine, lambda: calls.append(mine.recv(64)))
+        theirs.send(b"x")
+        t0 = time.monotonic()
+        server.run_once(5.0)
+        assert calls == [b"x"] and time.monotonic() - t0 < 1.0
+        server.unwatch(mine)
+        theirs.send(b"y")
+        server.run_once(0.05)
+        assert calls == [b"x"]
+    finally:
+        server.unwatch(mine)
+        mine.close()
+        theirs.close()
