@@ -504,7 +504,8 @@ class Daemon:
         return name
 
     def _save_state(self) -> None:
-        """Write the VMs added at run time to the state file (atomically, mode 0600)."""
+        """Write the VMs added at run time to the state file (atomically, mode 0600:
+        a new file, synced, then renamed over the old one)."""
         path = self.state_path
         if not path:
             return
@@ -515,6 +516,8 @@ class Daemon:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(data + "\n")
+                f.flush()
+                os.fsync(f.fileno())  # on disk before it replaces the old one
             os.replace(tmp, path)
         except OSError as exc:
             log.error("cannot write the state file %s: %s", path, exc)
