@@ -9,12 +9,18 @@ serve; ping and iperf3 both ways on every queue; and serve killed and restarted
 while the guest runs (the README's ``<reconnect>``): traffic resumes, no reboot;
 the interface detached and attached again with ``virsh``.  And ``virsh migrate
 --live`` of that domain between two libvirt daemons, both
-guests on one serve.
+guests on one serve.  And QEMU run as ``libvirt-qemu``, as distributions run it,
+connecting to a socket serve gave that group (``--socket-group``).
 """
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +48,8 @@ README_SOCKET = "/run/vm1.sock"
 QUEUES = 4
 HOST_IP = "10.78.0.1"
 GUEST_IP = "10.78.0.2"
+#: The user and group a distribution's libvirt runs QEMU as (Debian's default).
+QEMU_USER = "libvirt-qemu"
 
 
 def readme_libvirt_xml() -> tuple[str, str]:
@@ -231,3 +239,55 @@ def test_virsh_migrate_live_between_two_libvirt_daemons(
         finally:
             stop_process(serve)
             print(log.read_text()[-6000:])
+
+
+def test_qemu_not_running_as_root_connects_with_socket_group(
+    guest_initramfs: Path,
+) -> None:
+    """Distributions run libvirt's QEMU as an unprivileged user (Debian:
+    ``libvirt-qemu``), which cannot connect to a socket root created with the
+    default umask.  ``serve --socket-group libvirt-qemu`` gives the socket to
+    that group (mode 0660): the README's domain boots, QEMU -- running as
+    ``libvirt-qemu`` -- negotiates 4 pairs, and the guest reaches the host."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        pwd.getpwnam(QEMU_USER)
+        grp.getgrnam(QEMU_USER)
+    except KeyError:
+        pytest.skip(f"no {QEMU_USER} user and group (libvirt-daemon-system not installed)")
+    # The socket's directory must be open to QEMU's user: not under pytest's
+    # 0700 temporary root.
+    sockdir = Path(tempfile.mkdtemp(prefix="vnsock-"))
+    os.chmod(sockdir, 0o755)
+    tap = unique_name("vntap")
+    try:
+        with NetNS() as ns:
+            ns.create_tap(tap)
+            ns.set_address(tap, f"{HOST_IP}/24")
+            sock, stats, log = sockdir / "vm.sock", sockdir / "stats.sock", sockdir / "serve.log"
+            serve = start_tap_serve(
+                ns, tap, sock, stats, log, queues=QUEUES, args=("--socket-group", QEMU_USER)
+            )
+            try:
+                st = os.stat(sock)
+                assert (st.st_mode & 0o777, st.st_gid) == (0o660, grp.getgrnam(QEMU_USER).gr_gid)
+                with (
+                    Libvirtd(qemu_user=QEMU_USER) as lv,
+                    readme_guest(lv, sock, guest_initramfs) as guest,
+                ):
+                    pid = guest.qemu_pid
+                    assert pid is not None
+                    assert pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name == QEMU_USER
+                    assert wait_for(lambda: guest.ping(HOST_IP, count=1, timeout=5), timeout=60), (
+                        guest.console_tail()
+                    )
+                    guest.set_channels(QUEUES)
+                    doc = fetch(str(stats))
+                    assert doc["vms"][0]["connected"], doc
+            finally:
+                stop_process(serve)
+                print(log.read_text()[-3000:])
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)

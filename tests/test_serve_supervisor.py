@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import grp
 import os
 import signal
 import struct
@@ -277,6 +278,39 @@ def test_usage_errors(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert res.returncode == 2 and "template" in res.stderr
+
+
+def test_socket_group_and_mode(tmp_path: Path) -> None:
+    """``--socket-group``/``--socket-mode``: the VM sockets serve listens on
+    (at start and added with ``ctl``) get them, so a QEMU running as that
+    group (libvirt's, not root) can connect; errors are usage errors."""
+    group = grp.getgrgid(os.getgid() if os.getuid() else 100).gr_name  # root: any group
+    gid = grp.getgrnam(group).gr_gid
+    d = Daemon([str(tmp_path / "a.sock")], port="null", socket_group=group,
+               control_socket=str(tmp_path / "ctl.sock"))  # fmt: skip
+    try:
+        d.add_vm(str(tmp_path / "b.sock"))
+        for name in ("a.sock", "b.sock"):
+            st = os.stat(tmp_path / name)
+            assert (st.st_mode & 0o777, st.st_gid) == (0o660, gid), name
+    finally:
+        d.close()
+    d = Daemon([str(tmp_path / "c.sock")], port="null", socket_mode=0o666)
+    try:
+        assert os.stat(tmp_path / "c.sock").st_mode & 0o777 == 0o666
+    finally:
+        d.close()
+    with pytest.raises(UsageError, match="no group 'no-such-group-vn'"):
+        Daemon([str(tmp_path / "d.sock")], port="null", socket_group="no-such-group-vn")
+    with pytest.raises(UsageError, match="with --client QEMU owns the socket"):
+        Daemon([str(tmp_path / "d.sock")], port="null", client=True, socket_mode=0o660)
+    assert not (tmp_path / "d.sock").exists()
+    res = subprocess.run(
+        [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(tmp_path / "e.sock"),
+         "--socket-mode", "0968"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert res.returncode == 2 and "not an octal mode: '0968'" in res.stderr, res.stderr
 
 
 def test_vlans_option_parsing_and_errors(tmp_path: Path) -> None:

@@ -51,6 +51,19 @@ namespaces = [ ]
 stdio_handler = "file"
 """
 
+
+def qemu_conf(user: str | None = None) -> str:
+    """:data:`QEMU_CONF`, or with QEMU run as ``user`` (and a group of that
+    name) and libvirt giving it the files it needs (``dynamic_ownership``)."""
+    if user is None:
+        return QEMU_CONF
+    return (
+        QEMU_CONF.replace('user = "root"', f"user = {json.dumps(user)}")
+        .replace('group = "root"', f"group = {json.dumps(user)}")
+        .replace("dynamic_ownership = 0", "dynamic_ownership = 1")
+    )
+
+
 #: State directories libvirtd (and the QEMU it starts) write; tmpfs in its namespace.
 STATE_DIRS = ("/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt")
 
@@ -90,7 +103,11 @@ def _start_script(conf: Path, daemon_conf: Path, pid_file: Path) -> str:
 class Libvirtd:
     """A private libvirtd for the lifetime of the context (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, qemu_user: str | None = None) -> None:
+        """``qemu_user``: run QEMU as this user and its group, with libvirt's
+        dynamic ownership, as a distribution's libvirt does (Debian:
+        ``libvirt-qemu``); default root (see the module docstring)."""
+        self.qemu_user = qemu_user
         self.workdir = Path(tempfile.mkdtemp(prefix="vnlibvirt-"))
         self.sock_dir = self.workdir / "sock"
         self.log = self.workdir / "libvirtd.log"
@@ -117,7 +134,7 @@ class Libvirtd:
         """Start the daemon; wait until ``virsh`` reaches it."""
         self.sock_dir.mkdir()
         conf = self.workdir / "qemu.conf"
-        conf.write_text(QEMU_CONF)
+        conf.write_text(qemu_conf(self.qemu_user))
         daemon_conf = self.workdir / "libvirtd.conf"
         daemon_conf.write_text(
             f'unix_sock_dir = "{self.sock_dir}"\n'
@@ -260,10 +277,24 @@ class LibvirtGuest(Guest):
 </domain>
 """
 
+    def _share_files(self) -> None:
+        """QEMU not running as root must reach its console and agent socket
+        (libvirt gives it the files, not the way to them) and read the
+        initramfs, which may sit in root's home: open the work directory and
+        put a copy of the initramfs there."""
+        os.chmod(self.workdir, 0o755)
+        assert self.initramfs is not None
+        copy = self.workdir / self.initramfs.name
+        if self.initramfs != copy:
+            shutil.copyfile(self.initramfs, copy)
+            self.initramfs = copy
+
     def _launch(self) -> None:
         xml = self.workdir / "domain.xml"
         src = self.migrate_from
         if src is None:
+            if self._daemon().qemu_user is not None:
+                self._share_files()
             xml.write_text(self.domain_xml())
             self._daemon().virsh("create", str(xml))
             self._domain_up = True

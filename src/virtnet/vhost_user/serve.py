@@ -77,6 +77,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import grp
 import json
 import logging
 import os
@@ -184,12 +185,16 @@ class Daemon:
         control_socket: str | None = None,
         macs: Sequence[tuple[str, frozenset[bytes]]] = (),
         state_file: str | None = None,
+        socket_group: str | None = None,
+        socket_mode: int | None = None,
     ) -> None:
         """``vlans``: the ``--vlans`` options (:func:`_vlans_arg`), switch only;
         ``control_socket``: where ``virtnet ctl`` adds and removes VMs;
         ``macs``: the ``--mac`` options (:func:`_mac_arg`), switch only;
         ``state_file``: where the VMs ``virtnet ctl`` added are kept, to be
-        served again after a restart (:meth:`_restore_state`)."""
+        served again after a restart (:meth:`_restore_state`);
+        ``socket_group``, ``socket_mode``: ownership and mode of the VM sockets
+        serve listens on, so that a QEMU not running as root can connect."""
         if not sockets:
             raise UsageError("at least one --socket is needed")
         if not 1 <= queues <= MAX_QUEUE_PAIRS:
@@ -200,6 +205,12 @@ class Daemon:
             raise UsageError("--workers must be >= 0 (0: one process per queue pair)")
         if not 0 <= kick_defer_us <= MAX_KICK_DEFER_US:
             raise UsageError(f"--kick-defer-us must be 0..{MAX_KICK_DEFER_US}")
+        if client and (socket_group is not None or socket_mode is not None):
+            raise UsageError(
+                "--socket-group and --socket-mode set the sockets serve listens on; with"
+                " --client QEMU owns the socket"
+            )
+        self._socket_gid, self._socket_mode = _socket_perms(socket_group, socket_mode)
         self.workers = workers
         self.kick_defer_us = kick_defer_us
         if len(set(sockets)) != len(sockets):
@@ -289,6 +300,7 @@ class Daemon:
                     vm.endpoint = self.server.add_listener(path, factory, name=name)
                 except OSError as exc:
                     raise UsageError(f"cannot listen on {path}: {exc}") from exc
+                self._set_socket_perms(path, vm.endpoint)
         except BaseException:
             vm.vmport.close()
             if p is not self._shared:
@@ -296,6 +308,24 @@ class Daemon:
             raise
         self.vms.append(vm)
         return vm
+
+    def _set_socket_perms(self, path: str, endpoint: Endpoint) -> None:
+        """``--socket-group`` / ``--socket-mode`` on a VM socket serve listens on."""
+        if self._socket_gid == -1 and self._socket_mode is None:
+            return
+        try:
+            if self._socket_gid != -1:
+                os.chown(path, -1, self._socket_gid)
+            if self._socket_mode is not None:
+                os.chmod(path, self._socket_mode)
+        except OSError as exc:
+            self.server.remove(endpoint)
+            raise UsageError(
+                f"cannot set the group or mode of {path}: {exc} (changing the group needs root"
+                " or membership of it)"
+            ) from exc
+        st = os.stat(path)
+        log.info("%s: mode %04o, group %s", path, st.st_mode & 0o777, _group_name(st.st_gid))
 
     def _lock_macs(
         self, name: str, addrs: frozenset[bytes] | None, *, replace: bool = False
@@ -827,6 +857,42 @@ def _read_line(conn: socket.socket, limit: int) -> bytes:
     return bytes(buf.split(b"\n", 1)[0])
 
 
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _socket_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode {text} is not 0..0777")
+    return mode
+
+
+def _socket_perms(group: str | None, mode: int | None) -> tuple[int, int | None]:
+    """(gid or -1, mode or None) for the VM sockets: ``--socket-group`` /
+    ``--socket-mode``, 0660 when only the group is given."""
+    gid = -1
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            try:
+                gid = grp.getgrgid(int(group)).gr_gid
+            except (KeyError, ValueError):
+                raise UsageError(f"--socket-group: no group {group!r} on this host") from None
+        if mode is None:
+            mode = 0o660
+    if mode is not None and not 0 <= mode <= 0o777:
+        raise UsageError(f"--socket-mode {mode:o} is not 0..0777")
+    return gid, mode
+
+
 def _int_ranges(text: str) -> tuple[int, ...]:
     """``0,2-3`` -> (0, 2, 3); ValueError when it is not such a list."""
     out: list[int] = []
@@ -934,6 +1000,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="connect to the frontend's listening socket (QEMU server=on); default: listen",
     )
     parser.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="give the VM sockets serve listens on to GROUP, mode 0660 unless --socket-mode:"
+        " the group QEMU runs as when it is not root (libvirt's qemu.conf 'group';"
+        " Debian: libvirt-qemu, Fedora: qemu)",
+    )
+    parser.add_argument(
+        "--socket-mode",
+        type=_socket_mode,
+        metavar="MODE",
+        help="octal mode of the VM sockets serve listens on (QEMU needs write permission);"
+        " default: as the umask leaves it, or 0660 with --socket-group",
+    )
+    parser.add_argument(
         "--poll-us", type=int, default=0, help="busy-poll this long before sleeping"
     )
     parser.add_argument(
@@ -1016,6 +1096,8 @@ def run(args: argparse.Namespace) -> int:
         control_socket=args.control_socket,
         macs=args.mac,
         state_file=args.state_file,
+        socket_group=args.socket_group,
+        socket_mode=args.socket_mode,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
