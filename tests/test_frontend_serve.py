@@ -3,7 +3,8 @@
 * ``loopback``: every frame comes back on the pair it was sent on.
 * ``null``: frames are consumed, nothing comes back.
 * ``switch``: two VMs (two sockets of one daemon) reach each other by MAC.
-* ``tap:IF``: frames reach the kernel interface and come back from it (root).
+* ``tap:IF``: frames reach the kernel interface and come back from it (root);
+  also with serve run as ``nobody`` on a tap that user owns (no root needed).
 
 Also: ``virtnet stats --prometheus`` scraping serve; a queue-count change
 under load, and a restart of the daemon (the frontend reconnects and its rings
@@ -13,11 +14,14 @@ resume at the used index).
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -28,6 +32,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import virtnet
 from virtnet.demo import PAYLOAD_OFF, build_frame
 from virtnet.pktgen import PairCounters, PktgenResult, run_pktgen
 from virtnet.rr import run_rr
@@ -406,3 +411,67 @@ def test_tap_port_both_directions(tmp_path: Path) -> None:
             assert all(fr in got for fr in frames)
     finally:
         delete_link(ifname)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
+)
+def test_tap_port_served_by_an_unprivileged_user(tmp_path: Path) -> None:
+    """serve needs no root for a tap that exists and belongs to its user
+    (``ip tuntap add ... user nobody``): run as ``nobody`` it attaches its
+    queues, sets the offloads, and frames cross both ways."""
+    ifname = f"vnnp{os.getpid() % 100000}"
+    pkg = Path(tempfile.mkdtemp(prefix="vnpkg-"))  # the code, where nobody can read it
+    shutil.copytree(Path(virtnet.__file__).parent, pkg / "virtnet")
+    os.chmod(pkg, 0o755)
+    work = Path(tempfile.mkdtemp(prefix="vnnobody-"))
+    os.chmod(work, 0o777)
+    nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    env = dict(os.environ, PYTHONPATH=str(pkg))
+    probe = subprocess.run([*nobody, sys.executable, "-c", "import virtnet"], env=env,
+                           capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip(f"nobody cannot run {sys.executable}: {probe.stderr[-300:]}")
+    subprocess.run(["ip", "tuntap", "add", "dev", ifname, "mode", "tap", "multi_queue",
+                    "vnet_hdr", "user", "nobody"], check=True, timeout=30)  # fmt: skip
+    sock = work / "vm.sock"
+    log = (tmp_path / "serve.log").open("ab")
+    proc = subprocess.Popen(
+        [*nobody, sys.executable, "-m", "virtnet.cli", "serve", "--port", f"tap:{ifname}",
+         "--queues", "2", "--socket", str(sock)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        subprocess.run(["ip", "link", "set", "dev", ifname, "up"], check=True, timeout=30)
+        end = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < end, (
+                tmp_path / "serve.log"
+            ).read_text()
+            time.sleep(0.05)
+        assert os.stat(sock).st_uid == pwd.getpwnam("nobody").pw_uid
+        with VhostUserFrontend(sock, queue_pairs=2) as fe:
+            assert fe.set_queue_pairs(2)
+            rx = Path(f"/sys/class/net/{ifname}/statistics/rx_packets")
+            rx0 = int(rx.read_text())
+            assert fe.send([_to(b"\xff" * 6, DEFAULT_MAC, f) for f in range(10)]) == 10
+            end = time.monotonic() + 5
+            while int(rx.read_text()) < rx0 + 10 and time.monotonic() < end:
+                time.sleep(0.02)
+            assert int(rx.read_text()) >= rx0 + 10
+            frames = [_to(DEFAULT_MAC, MAC_B, f) for f in range(10)]
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+                raw.bind((ifname, 0))
+                for fr in frames:
+                    raw.send(fr)
+            got = [d for _, d in collect(fe, 10)]
+            assert all(fr in got for fr in frames)
+    finally:
+        stop_process(proc)
+        log.close()
+        delete_link(ifname)
+        shutil.rmtree(pkg, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    text = (tmp_path / "serve.log").read_text()
+    assert "ERROR" not in text, text
