@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -279,3 +280,53 @@ def test_a_deleted_uplink_is_created_again(tmp_path: Path) -> None:
     finally:
         if link_exists(ifname):
             delete_link(ifname)
+
+
+def _fds_and_children(pid: int) -> tuple[int, int]:
+    """serve's open fds and child processes (zombies included: one not reaped counts)."""
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children |= {int(c) for c in (task / "children").read_text().split()}
+    return len(list(Path(f"/proc/{pid}/fd").iterdir())), len(children)
+
+
+def _restarted(stats: Path, n: int) -> bool:
+    return switch_doc(stats).get("restarts") == n
+
+
+def test_switch_restarts_leak_no_fd_and_no_process(tmp_path: Path) -> None:
+    """Four switch processes killed in a row under a connected 2-pair VM:
+    serve ends with as many fds and live children as before (the old switch
+    and workers reaped, their sockets closed), and the VM's frames go on."""
+    stats = tmp_path / "stats.sock"
+    args = [sys.executable, "-m", "virtnet.cli", "serve", "--port", "switch", "--queues", "2",
+            "--socket", str(tmp_path / "a.sock"), "--socket", str(tmp_path / "b.sock"),
+            "--stats-socket", str(stats)]  # fmt: skip
+    with (tmp_path / "serve.log").open("ab") as log:
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    try:
+        wait_for(
+            "serve",
+            lambda: all((tmp_path / n).exists() for n in ("a.sock", "b.sock", "stats.sock")),
+        )
+        with (
+            VhostUserFrontend(tmp_path / "a.sock", queue_pairs=2, mac=MAC_A) as a,
+            VhostUserFrontend(tmp_path / "b.sock", queue_pairs=2, mac=MAC_B) as b,
+        ):
+            assert a.set_queue_pairs(2) and b.set_queue_pairs(2)
+            wait_for("4 workers and the switch", lambda: _fds_and_children(proc.pid)[1] == 5)
+            baseline = _fds_and_children(proc.pid)
+            for i in range(1, 5):
+                old = switch_doc(stats)["pid"]
+                assert isinstance(old, int)
+                os.kill(old, signal.SIGKILL)
+                wait_for(f"restart {i}", partial(_restarted, stats, i))
+            wait_for(
+                "the fds and children of before",
+                lambda: _fds_and_children(proc.pid) == baseline,
+            )
+            wait_for("frames from b to a", partial(unicast_arrives, b, a, MAC_B, MAC_A))
+    finally:
+        stop_process(proc)
