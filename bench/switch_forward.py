@@ -9,10 +9,12 @@ timed.  Variants, alternated round by round in the same process:
 
 * ``open``: no MAC locks (a learning bridge);
 * ``locked``: ``set_macs`` on both VMs, so every frame's source is checked
-  against the locks and its destination found through them.
+  against the locks and its destination found through them;
+* ``guarded``: ``locked`` plus ``set_ips`` on both (IP source guard), so
+  every frame's IPv4 source is checked too.
 
 Prints frames per second (median of ``--repeat`` rounds) for each and the
-ratio locked/open.  Run: ``python bench/switch_forward.py [--burst 200]
+ratios locked/open and guarded/open.  Run: ``python bench/switch_forward.py [--burst 200]
 [--repeat 30]``.  No root, no VM.
 """
 
@@ -32,11 +34,16 @@ MAC_A = bytes.fromhex("525400000001")
 MAC_B = bytes.fromhex("525400000002")
 
 
-def unicast(dst: bytes, src: bytes, n: int) -> bytes:
-    """A 64-byte UDP frame (plus the virtio-net header), sequence ``n``."""
+IP_A, IP_B = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+
+
+def unicast(dst: bytes, src: bytes, n: int, ip_src: bytes = IP_A) -> bytes:
+    """A 64-byte IPv4/UDP frame (plus the virtio-net header), sequence ``n``."""
     eth = dst + src + b"\x08\x00"
-    body = struct.pack("!I", n) + bytes(64 - len(eth) - 4)
-    return bytes(VNET_HDR_LEN) + eth + body
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 46, 0, 0, 64, 17, 0, ip_src, IP_B)
+    udp = struct.pack("!HHHHI", 1000, 2000, 26, 0, n)
+    body = ip + udp
+    return bytes(VNET_HDR_LEN) + eth + body + bytes(64 - len(eth) - len(body))
 
 
 def _drain(q: SocketQueue, buf: memoryview) -> int:
@@ -69,15 +76,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.burst < 1 or args.repeat < 1:
         ap.error("--burst and --repeat must be positive")
     frames = [memoryview(unicast(MAC_B, MAC_A, i)) for i in range(args.burst)]
-    rates: dict[str, list[float]] = {"open": [], "locked": []}
+    rates: dict[str, list[float]] = {"open": [], "locked": [], "guarded": []}
     switches = {}
     for variant in rates:
         sw = Switch()
         a, b = sw.open_queue("a", 0), sw.open_queue("b", 0)
-        if variant == "locked":
+        if variant in ("locked", "guarded"):
             sw.set_macs("a", [MAC_A])
             sw.set_macs("b", [MAC_B])
-        b.send([memoryview(unicast(MAC_A, MAC_B, 0))])  # the switch learns b's MAC
+        if variant == "guarded":
+            sw.set_ips("a", [IP_A])
+            sw.set_ips("b", [IP_B])
+        b.send([memoryview(unicast(MAC_A, MAC_B, 0, IP_B))])  # the switch learns b's MAC
         while sw.poll_once(0):
             pass
         _drain(a, memoryview(bytearray(2048)))
@@ -96,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lo, hi = min(rates[v]), max(rates[v])
         print(f"  {v:7s} {m / 1e3:8.1f} kframes/s  (rounds {lo / 1e3:.1f}-{hi / 1e3:.1f}k)")
     print(f"  locked / open = {med['locked'] / med['open']:.3f}")
+    print(f"  guarded / open = {med['guarded'] / med['open']:.3f}")
     return 0
 
 

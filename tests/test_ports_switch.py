@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import ipaddress
 import json
 import os
 import select
@@ -526,3 +527,86 @@ def test_the_switch_process_keeps_only_its_control_socket() -> None:
         for a, b in extra:
             a.close()
             b.close()
+
+
+def _eth(src: bytes, ethertype: int, body: bytes, *, vlan: int | None = None) -> bytes:
+    tag = b"" if vlan is None else struct.pack("!HH", 0x8100, vlan)
+    return bytes(VNET_HDR_LEN) + BCAST + src + tag + struct.pack("!H", ethertype) + body
+
+
+def _ipv4(src: str, *, proto: int = 17, sport: int = 1000, dport: int = 2000) -> bytes:
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, proto, 0,
+                     ipaddress.ip_address(src).packed, bytes([10, 0, 0, 1]))  # fmt: skip
+    return ip + struct.pack("!HHHH", sport, dport, 8, 0)
+
+
+def _ip(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+def _arp(spa: str) -> bytes:
+    return struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac(1), _ip(spa), bytes(6),
+                       _ip("10.0.0.1"))  # fmt: skip
+
+
+def _ipv6(src: str) -> bytes:
+    return struct.pack("!IHBB16s16s", 0x60000000, 0, 59, 64, _ip(src), _ip("ff02::1"))
+
+
+def test_ip_source_guard(sw: Switch) -> None:
+    """a may send IPv4/ARP only from 10.0.0.5 and IPv6 only from fd00::5 or a
+    link-local address; the unspecified address only where DHCP, ARP probes
+    and DAD need it; tagged frames are checked the same; other EtherTypes and
+    an unguarded VM pass; everything else is dropped as spoofed."""
+    a, b = (sw.open_queue(v, 0) for v in "ab")
+    sw.set_vlans("a", [0, 100])
+    sw.set_vlans("b", [0, 100])
+    sw.set_ips(
+        "a", [ipaddress.ip_address("10.0.0.5").packed, ipaddress.ip_address("fd00::5").packed]
+    )
+    allowed = [
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.5")),
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.5"), vlan=100),
+        _eth(mac(1), 0x0800, _ipv4("0.0.0.0", sport=68, dport=67)),  # DHCP discover
+        _eth(mac(1), 0x0806, _arp("10.0.0.5")),
+        _eth(mac(1), 0x0806, _arp("0.0.0.0")),  # ARP probe
+        _eth(mac(1), 0x86DD, _ipv6("fd00::5")),
+        _eth(mac(1), 0x86DD, _ipv6("fe80::5054:ff:fe00:1")),
+        _eth(mac(1), 0x86DD, _ipv6("::")),  # DAD
+        _eth(mac(1), 0x88B5, bytes(46)),  # not IP
+    ]
+    refused = [
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.6")),
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.6"), vlan=100),
+        _eth(mac(1), 0x0800, _ipv4("0.0.0.0", sport=1000, dport=67)),
+        _eth(mac(1), 0x0800, _ipv4("0.0.0.0", proto=6, sport=68, dport=67)),
+        _eth(mac(1), 0x0806, _arp("10.0.0.9")),
+        _eth(mac(1), 0x86DD, _ipv6("fd00::6")),
+        _eth(mac(1), 0x86DD, _ipv6("2001:db8::5")),
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.5")[:12]),  # too short to show its source
+    ]
+    for f in allowed + refused:
+        assert send(a, f)
+        pump(sw)
+    got = drain(b)
+    assert got == allowed
+    assert sw.snapshot().dropped_spoofed == len(refused)
+    assert send(b, _eth(mac(2), 0x0800, _ipv4("10.0.0.6")))  # b is not guarded
+    pump(sw)
+    assert len(drain(a)) == 1
+    sw.set_ips("a", None)
+    assert send(a, refused[0])
+    pump(sw)
+    assert drain(b) == [refused[0]]
+    with pytest.raises(UsageError, match="IPv4 or IPv6"):
+        sw.set_ips("a", [b"\x01\x02"])
+
+
+@given(st.binary(min_size=0, max_size=120), st.integers(0, 130))
+@settings(max_examples=300, deadline=None)
+def test_ip_source_guard_takes_any_bytes(data: bytes, n: int) -> None:
+    """Whatever a guest sends, the check answers True or False within the frame."""
+    buf = bytearray(2048)
+    buf[: len(data)] = data
+    v4, v6 = frozenset({0, 0x0A000005}), frozenset({bytes(16)})
+    assert sw_mod._ip_source_ok(buf, min(n, len(data)), 12, v4, v6) in (True, False)

@@ -5,10 +5,12 @@ serve goes on serving (our own vhost-user frontend plays the VMs)."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -44,6 +46,10 @@ def test_parse_request() -> None:
     assert parse_request(b'{"op": "remove", "name": "b.sock"}') == RemoveVm("b.sock")
     assert parse_request(b'{"op": "set", "name": "b", "vlans": [5]}') == SetVm("b", frozenset({5}))
     assert parse_request(b'{"op": "set", "name": "b", "macs": null}') == SetVm("b", unlock=True)
+    assert parse_request(b'{"op": "add", "socket": "b", "ips": ["10.0.0.5", "fd00::5"]}') == AddVm(
+        "b", ips=frozenset({bytes([10, 0, 0, 5]), bytes.fromhex("fd00" + "00" * 13 + "05")})
+    )
+    assert parse_request(b'{"op": "set", "name": "b", "ips": null}') == SetVm("b", unlock_ips=True)
     bad = [
         b"", b"[]", b"{", b'{"op": "list"}', b'{"op": "add"}', b'{"op": "add", "socket": ""}',
         b'{"op": "add", "socket": "' + b"x" * 108 + b'"}',
@@ -54,6 +60,11 @@ def test_parse_request() -> None:
         b'{"op": "add", "socket": "b", "macs": "52:54:00:12:34:56"}',
         b'{"op": "add", "socket": "b", "macs": ["01:00:5e:00:00:01"]}',
         b'{"op": "add", "socket": "b", "macs": ["nonsense"]}',
+        b'{"op": "add", "socket": "b", "ips": []}',
+        b'{"op": "add", "socket": "b", "ips": "10.0.0.5"}',
+        b'{"op": "add", "socket": "b", "ips": ["10.0.0.256"]}',
+        b'{"op": "add", "socket": "b", "ips": ["224.0.0.1"]}',
+        b'{"op": "add", "socket": "b", "ips": ["0.0.0.0"]}',
         b'{"op": "remove"}', b'{"op": "remove", "name": "b", "also": 1}',
         b'{"op": "set", "name": "b"}', b'{"op": "set", "vlans": [1]}',
         b'{"op": "set", "name": "b", "tap": "x", "vlans": [1]}',
@@ -68,7 +79,7 @@ def test_parse_request() -> None:
 @given(st.one_of(st.binary(max_size=200), st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=8),
     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(
-        st.sampled_from(["op", "socket", "vlans", "tap", "name", "x"]), kids, max_size=4),
+        st.sampled_from(["op", "socket", "vlans", "tap", "name", "ips", "x"]), kids, max_size=4),
     max_leaves=8,
 ).map(lambda d: json.dumps(d).encode())))  # fmt: skip
 def test_parse_request_raises_only_protocol_errors(line: bytes) -> None:
@@ -173,7 +184,7 @@ def test_vlans_and_mac_lock_changed_at_run_time(
 ) -> None:
     """``virtnet ctl set``: B leaves VLAN 0 (A's untagged broadcast no longer
     reaches it), then B is locked to its MAC (its frames from another MAC are
-    dropped), then unlocked again."""
+    dropped), then unlocked again; the same with its IPv4 source address."""
     a, stats, control = serve
     b = tmp_path / "b.sock"
     assert _ctl(control, "add", "--socket", str(b)).returncode == 0
@@ -186,6 +197,13 @@ def test_vlans_and_mac_lock_changed_at_run_time(
 
     def a_hears_b_from(src: bytes) -> bool:
         assert fb.send([b"\xff" * 6 + src + b"\x08\x00" + bytes(46)]) == 1
+        time.sleep(0.3)
+        return bool(fa.receive(timeout=0.2))
+
+    def a_hears_b_ip(src: str) -> bool:
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20, 0, 0, 64, 253, 0,
+                         ipaddress.ip_address(src).packed, bytes([10, 0, 0, 1]))  # fmt: skip
+        assert fb.send([b"\xff" * 6 + MAC_B + b"\x08\x00" + ip + bytes(26)]) == 1
         time.sleep(0.3)
         return bool(fa.receive(timeout=0.2))
 
@@ -207,6 +225,16 @@ def test_vlans_and_mac_lock_changed_at_run_time(
         assert _ctl(control, "set", "b.sock", "--no-mac").returncode == 0
         assert a_hears_b_from(other)
         assert "macs" not in fetch(str(stats))["vms"][1]
+        # IP source guard: B may send IPv4 from 10.0.0.2 only.
+        assert a_hears_b_ip("10.0.0.9")
+        assert _ctl(control, "set", "b.sock", "--ip", "10.0.0.2").returncode == 0
+        assert not a_hears_b_ip("10.0.0.9") and a_hears_b_ip("10.0.0.2")
+        assert fetch(str(stats))["vms"][1]["ips"] == ["10.0.0.2"]
+        res = _ctl(control, "set", "a.sock", "--ip", "10.0.0.2")
+        assert res.returncode == 2 and "belongs to another VM" in res.stderr, res
+        assert _ctl(control, "set", "b.sock", "--no-ip").returncode == 0
+        assert a_hears_b_ip("10.0.0.9")
+        assert "ips" not in fetch(str(stats))["vms"][1]
     res = _ctl(control, "set", "b.sock")
     assert res.returncode == 2 and "set what?" in res.stderr, res
     res = _ctl(control, "set", "nope", "--vlans", "1")
@@ -341,12 +369,14 @@ def test_state_file_brings_added_vms_back_after_a_restart(tmp_path: Path) -> Non
             _ctl(control, "set", "b.sock", "--vlans", "100", "--mac", MAC_B.hex(":")).returncode
             == 0
         )
+        assert _ctl(control, "set", "b.sock", "--ip", "10.0.0.2,fd00::2").returncode == 0
         assert _ctl(control, "remove", "c.sock").returncode == 0
         assert stat.S_IMODE(state.stat().st_mode) == 0o600
     with _serving(tmp_path, *args) as (stats, _, _pid):
         vms = fetch(str(stats))["vms"]
         assert [vm["name"] for vm in vms] == ["a.sock", "b.sock"], vms
         assert vms[1]["vlans"] == [100] and vms[1]["macs"] == [MAC_B.hex(":")], vms[1]
+        assert vms[1]["ips"] == ["10.0.0.2", "fd00::2"], vms[1]
         with VhostUserFrontend(b, queue_pairs=1, mac=MAC_B):
             pass  # b's socket is really served
     state.write_text("{not json")

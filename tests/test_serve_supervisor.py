@@ -28,7 +28,7 @@ from virtnet.errors import UsageError
 from virtnet.testing.guest import wait_for
 from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.frontend import VhostUserFrontend
-from virtnet.vhost_user.serve import Daemon, _mac_arg, _vlan_plan, _vlans_arg
+from virtnet.vhost_user.serve import Daemon, _ip_arg, _mac_arg, _vlan_plan, _vlans_arg
 from virtnet.vhost_user.stats import fetch, render
 
 pytestmark = pytest.mark.timeout(120)
@@ -357,6 +357,30 @@ def test_mac_option_parsing_and_errors(tmp_path: Path) -> None:
         Daemon([a, b], port="switch", macs=[("c", mac1)])
     with pytest.raises(UsageError, match="belongs to another VM"):
         Daemon([a, b], port="switch", macs=[("a", mac1), ("b", mac1)])
+
+
+def test_ip_option_parsing_and_errors(tmp_path: Path) -> None:
+    assert _ip_arg("vm.sock=10.0.0.5,fd00::5") == (
+        "vm.sock",
+        frozenset({bytes([10, 0, 0, 5]), bytes.fromhex("fd00" + "00" * 13 + "05")}),
+    )
+    for bad in ("vm.sock", "=10.0.0.5", "vm=10.0.0", "vm=224.0.0.1", "vm=::", "vm=ff02::1",
+                "vm=255.255.255.255", "vm=10.0.0.5/24"):  # fmt: skip
+        with pytest.raises(argparse.ArgumentTypeError, match="bad --ip"):
+            _ip_arg(bad)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    ip1 = frozenset({bytes([10, 0, 0, 5])})
+    with pytest.raises(UsageError, match="--ip needs --port switch"):
+        Daemon([a], port="null", ips=[("a", ip1)])
+    with pytest.raises(UsageError, match=r"no such VM.*a, b"):
+        Daemon([a, b], port="switch", ips=[("c", ip1)])
+    with pytest.raises(UsageError, match="belongs to another VM"):
+        Daemon([a, b], port="switch", ips=[("a", ip1), ("b", ip1)])
+    d = Daemon([a, b], port="switch", ips=[("a", ip1 | {bytes.fromhex("fd00" + "00" * 14)})])
+    try:
+        assert d.snapshot()["vms"][0]["ips"] == ["10.0.0.5", "fd00::"]
+    finally:
+        d.close()
 
 
 def test_mac_locks_stop_a_spoofing_vm(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ process of serve joins them.  They ping each other and run iperf3 TCP both
 ways (GSO super-frames cross the switch: both guests take TSO on rx), over
 IPv4 at MTU 9000 (``host_mtu``), link-local IPv6, and a VLAN both are members
 of (``--vlans``); they cannot reach each other over a VLAN they are not
-members of, nor by one taking the other's MAC (``--mac``).  A third guest is
+members of, nor by one taking the other's MAC (``--mac``) or sending from an
+IP address not its own (``--ip``).  A third guest is
 plugged in and out with ``virtnet ctl``.  The switch process is killed: serve
 starts it again and the guests talk on through it, still locked to their MACs.
 """
@@ -38,6 +39,11 @@ VLAN, OTHER_VLAN = 100, 200
 MTU = 9000
 
 
+def _ips(last: int) -> str:
+    """A guest's addresses, which serve holds it to (``--ip``): untagged and on both VLANs."""
+    return ",".join(f"10.77.{net}.{last}" for net in (1, VLAN, OTHER_VLAN))
+
+
 def _control(stats: Path) -> Path:
     """serve's control socket, next to its stats socket."""
     return stats.with_name("control.sock")
@@ -54,6 +60,7 @@ def pair(
             [sys.executable, "-m", "virtnet.cli", "-v", "serve", "--socket", str(a),
              "--socket", str(b), "--port", "switch", "--queues", str(QUEUES),
              "--vlans", f"0,{VLAN}", "--mac", f"a.sock={MAC_A}", "--mac", f"b.sock={MAC_B}",
+             "--ip", f"a.sock={_ips(2)}", "--ip", f"b.sock={_ips(3)}",
              "--stats-socket", str(stats), "--control-socket", str(_control(stats))],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
@@ -247,3 +254,21 @@ def test_a_killed_switch_process_is_started_again(pair: tuple[Guest, Guest, Path
     finally:
         gb.run(f"ip link set eth0 address {MAC_B}")
     assert wait_for(lambda: gb.ping(IP_A, count=1, timeout=5), timeout=30), gb.console_tail()
+
+
+def test_a_guest_cannot_send_from_an_ip_not_its_own(pair: tuple[Guest, Guest, Path]) -> None:
+    """``--ip``: B adds an address serve does not hold it to; pinging A from
+    it fails -- its ARP and IPv4 are dropped as spoofed -- while its own
+    address still works."""
+    _, gb, stats = pair
+    assert gb.ping(IP_A, count=1)
+    spoofed = fetch(str(stats))["switch"]["dropped_spoofed"]
+    gb.run("ip addr add 10.77.1.9/24 dev eth0")
+    try:
+        out = gb.run(f"ping -c 2 -W 3 -I 10.77.1.9 {IP_A}", check=False)
+        assert out.status != 0, out.output
+        assert fetch(str(stats))["switch"]["dropped_spoofed"] > spoofed
+        assert gb.ping(IP_A, count=1)
+    finally:
+        gb.run("ip addr del 10.77.1.9/24 dev eth0")
+    assert fetch(str(stats))["vms"][1]["ips"] == _ips(3).split(",")

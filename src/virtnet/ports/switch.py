@@ -24,6 +24,11 @@ Invariants:
   goes to its VM (on the VLANs it is a member of) without being learnt first,
   so it is never flooded to the others.  A VM without locked MACs may use any
   unicast source MAC it likes (learning bridge).
+* IP source guard (``set_ips``): a VM given its IP addresses may send IPv4
+  and ARP only from them, and IPv6 only from them or link-local addresses
+  (the unspecified address where DHCP, ARP probes and DAD need it); other
+  frames of those protocols are dropped and counted as spoofed.  Other
+  EtherTypes are not checked.
 * Forwarding: known unicast goes to the one VM that owns the destination;
   broadcast, multicast and unknown unicast are flooded to every other member
   VM of the VLAN.  A frame never goes back to the VM it came from.
@@ -57,6 +62,7 @@ import select
 import signal
 import socket
 import stat
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -212,13 +218,69 @@ def _needed_offloads(flags: int, gso_type: int) -> frozenset[Offload]:
     return frozenset(need)
 
 
+_ETH_IPV4, _ETH_ARP, _ETH_IPV6 = 0x0800, 0x0806, 0x86DD
+_IPV6_ANY = bytes(16)
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_PORTS = struct.Struct("!HH")
+_UDP = 17
+_DHCP_CLIENT, _DHCP_SERVER = 68, 67
+
+
+def _ip_source_ok(
+    buf: bytearray, n: int, off: int, v4: frozenset[int], v6: frozenset[bytes]
+) -> bool:
+    """IP source guard: whether the frame in ``buf[:n]``, its EtherType at
+    ``off``, claims only addresses of ``v4`` (IPv4, as integers) and ``v6``
+    (IPv6, packed) as its sender.
+
+    IPv4 source and ARP sender address must be in ``v4``; an IPv6 source in
+    ``v6``, unless link-local (fe80::/10, which every IPv6 host makes for
+    itself).  The unspecified address is allowed where a host must use it: a
+    DHCP client's UDP 68 -> 67 (RFC 2131), an ARP probe (RFC 5227) and
+    duplicate address detection (RFC 4862).  Other EtherTypes are not IP and
+    pass; a frame too short for its IP or ARP header does not.
+    """
+    if n < off + 2:
+        return False
+    et = _U16.unpack_from(buf, off)[0]
+    p = off + 2
+    if et == _ETH_IPV4:
+        if n < p + 20:
+            return False
+        src = _U32.unpack_from(buf, p + 12)[0]
+        if src in v4:
+            return True
+        if src or buf[p + 9] != _UDP:
+            return False
+        u = p + (buf[p] & 0x0F) * 4
+        return n >= u + 4 and _PORTS.unpack_from(buf, u) == (_DHCP_CLIENT, _DHCP_SERVER)
+    if et == _ETH_ARP:
+        if n < p + 28:
+            return False
+        spa = _U32.unpack_from(buf, p + 14)[0]
+        return spa in v4 or not spa
+    if et == _ETH_IPV6:
+        if n < p + 40:
+            return False
+        src6 = bytes(buf[p + 8 : p + 24])
+        return src6 in v6 or src6 == _IPV6_ANY or (src6[0] == 0xFE and src6[1] & 0xC0 == 0x80)
+    return True
+
+
 class _Vm:
-    __slots__ = ("active", "id", "macs", "ports", "rx_offloads", "rx_ports", "steering", "vlans")
+    __slots__ = (
+        "active", "id", "ips", "ips4", "ips6", "macs", "ports", "rx_offloads", "rx_ports",
+        "steering", "vlans",
+    )  # fmt: skip
 
     def __init__(self, vm_id: str) -> None:
         self.id = vm_id
         self.vlans: frozenset[int] = frozenset({0})
         self.macs: frozenset[bytes] | None = None  # None: any source MAC
+        self.ips: frozenset[bytes] | None = None  # None: any source IP (4- or 16-byte)
+        self.ips4: frozenset[int] = frozenset()  # the IPv4 ones as integers
+        self.ips6: frozenset[bytes] = frozenset()
         self.active = 1
         self.ports: dict[int, _Port] = {}
         self.rx_offloads: frozenset[Offload] = frozenset(Offload)
@@ -376,6 +438,17 @@ class Switch:
                   or (v.macs is not None and k[1] not in v.macs)]:  # fmt: skip
             del self._macs[k]
 
+    def set_ips(self, vm_id: str, ips: Iterable[bytes] | None) -> None:
+        """Lock the VM to these source IP addresses (4-byte IPv4, 16-byte IPv6;
+        None: unlock); see IP source guard."""
+        vm = self._vm(vm_id)
+        new = None if ips is None else frozenset(ips)
+        if new is not None and (not new or any(len(a) not in (4, 16) for a in new)):
+            raise UsageError(f"bad IP set for {vm_id!r}: IPv4 or IPv6 addresses, at least one")
+        vm.ips = new
+        vm.ips4 = frozenset(int.from_bytes(a, "big") for a in new or () if len(a) == 4)
+        vm.ips6 = frozenset(a for a in new or () if len(a) == 16)
+
     def set_steering(self, vm_id: str, steering: Steering | None) -> None:
         """Let the VM's own :class:`~virtnet.steering.Steering` choose its rx pair.
 
@@ -518,7 +591,9 @@ class Switch:
             src.rx_dropped += 1
             return
         vlan = 0
+        et_off = _E + 12  # the EtherType
         if buf[_E + 12] == 0x81 and buf[_E + 13] == 0x00:
+            et_off = _E + 16
             if n < _MIN_FRAME + 4:
                 stats.dropped_bad_frame += 1
                 src.rx_dropped += 1
@@ -538,6 +613,10 @@ class Switch:
                 stats.dropped_spoofed += 1
                 src.rx_dropped += 1
                 return
+        if svm.ips is not None and not _ip_source_ok(buf, n, et_off, svm.ips4, svm.ips6):
+            stats.dropped_spoofed += 1
+            src.rx_dropped += 1
+            return
         macs = self._macs
         key = (vlan, smac)
         macs[key] = (svm, now)
@@ -710,6 +789,16 @@ class Switch:
                 self.set_macs(vm_id, None if macs is None else [bytes.fromhex(m) for m in macs])
             except ValueError as exc:
                 raise ProtocolError(f"bad MAC in {macs!r}: {exc}") from None
+        elif op == "ips":
+            ips = msg["ips"]
+            if ips is not None and not (
+                isinstance(ips, list) and all(isinstance(a, str) for a in ips)
+            ):
+                raise ProtocolError("'ips' must be a list of hex strings or null")
+            try:
+                self.set_ips(vm_id, None if ips is None else [bytes.fromhex(a) for a in ips])
+            except ValueError as exc:
+                raise ProtocolError(f"bad address in {ips!r}: {exc}") from None
         elif op == "offloads":
             self.set_rx_offloads(vm_id, (Offload(o) for o in msg["offloads"]))
         elif op == "remove":
@@ -923,6 +1012,12 @@ class SwitchPort:
                 "vm": vm_id,
                 "macs": None if macs is None else sorted(m.hex() for m in macs),
             }
+        )
+
+    def set_ips(self, vm_id: str, ips: Iterable[bytes] | None) -> None:
+        """IP source guard for the VM (see :meth:`Switch.set_ips`)."""
+        self._configure(
+            {"op": "ips", "vm": vm_id, "ips": None if ips is None else sorted(a.hex() for a in ips)}
         )
 
     def set_rx_offloads(self, vm_id: str, offloads: Iterable[Offload]) -> None:

@@ -6,19 +6,20 @@ connection, one JSON object on one line, at most :data:`MAX_REQUEST_BYTES`;
 serve answers one JSON line and closes:
 
 * ``{"op": "add", "socket": PATH, "vlans": [IDS]?, "tap": IFNAME?, "macs":
-  ["52:54:00:12:34:56", ...]?}``: serve a new VM on ``PATH`` exactly as a
-  ``--socket`` given at start (listen, or dial with ``--client``); ``vlans``:
-  its switch VLANs (default: those of ``--vlans`` without ``VM=``); ``tap``:
-  its tap with ``--port tap:...`` (default: the ``%d`` template with the next
-  index); ``macs``: lock it to these source MACs on the switch, as ``--mac``
-  does.  Answer
-  ``{"ok": true, "name": NAME}``, NAME being what ``virtnet stats`` shows.
+  ["52:54:00:12:34:56", ...]?, "ips": ["10.0.0.5", "fd00::5", ...]?}``: serve
+  a new VM on ``PATH`` exactly as a ``--socket`` given at start (listen, or
+  dial with ``--client``); ``vlans``: its switch VLANs (default: those of
+  ``--vlans`` without ``VM=``); ``tap``: its tap with ``--port tap:...``
+  (default: the ``%d`` template with the next index); ``macs``: lock it to
+  these source MACs on the switch, as ``--mac`` does; ``ips``: to these
+  source IP addresses, as ``--ip`` does.  Answer ``{"ok": true, "name":
+  NAME}``, NAME being what ``virtnet stats`` shows.
 * ``{"op": "remove", "name": NAME}``: stop serving that VM: its connection is
   closed (its workers stop), its socket file removed, its switch membership
   or tap dropped.  The guest sees its link go down.
-* ``{"op": "set", "name": NAME, "vlans": [IDS]?, "macs": [MACS] | null?}``:
-  change a served VM's switch VLANs or MAC lock (``null``: unlock) while it
-  runs.  Answer ``{"ok": true}``.
+* ``{"op": "set", "name": NAME, "vlans": [IDS]?, "macs": [MACS] | null?,
+  "ips": [ADDRS] | null?}``: change a served VM's switch VLANs, MAC lock or
+  IP source guard (``null``: unlock) while it runs.  Answer ``{"ok": true}``.
 * Failures: ``{"ok": false, "error": TEXT}``.
 
 Invariants: a request that is not such an object (too long, not JSON, unknown
@@ -32,6 +33,7 @@ by that much at most.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +50,7 @@ __all__ = [
     "RemoveVm",
     "SetVm",
     "add_arguments",
+    "parse_ips",
     "parse_macs",
     "parse_request",
     "request",
@@ -70,6 +73,7 @@ class AddVm:
     vlans: frozenset[int] | None = None
     tap: str | None = None
     macs: frozenset[bytes] | None = None
+    ips: frozenset[bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ class SetVm:
     vlans: frozenset[int] | None = None
     macs: frozenset[bytes] | None = None
     unlock: bool = False  # drop its MAC lock ("macs": null)
+    ips: frozenset[bytes] | None = None
+    unlock_ips: bool = False  # drop its IP source guard ("ips": null)
 
 
 def parse_macs(text: str) -> frozenset[bytes]:
@@ -99,6 +105,18 @@ def parse_macs(text: str) -> frozenset[bytes]:
         if mac[0] & 1:
             raise ValueError(f"{part} is a multicast address")
         out.add(mac)
+    return frozenset(out)
+
+
+def parse_ips(text: str) -> frozenset[bytes]:
+    """``10.0.0.5,fd00::5`` -> the packed addresses (4 or 16 bytes); ValueError
+    unless each is an IPv4 or IPv6 address a host may have as its own."""
+    out = set()
+    for part in text.split(","):
+        addr = ipaddress.ip_address(part.strip())
+        if addr.is_multicast or addr.is_unspecified or str(addr) == "255.255.255.255":
+            raise ValueError(f"{part.strip()} cannot be a host's own address")
+        out.add(addr.packed)
     return frozenset(out)
 
 
@@ -131,6 +149,18 @@ def _macs(doc: dict[str, Any]) -> frozenset[bytes] | None:
         raise ProtocolError(f"'macs': {exc}") from None
 
 
+def _ips(doc: dict[str, Any]) -> frozenset[bytes] | None:
+    ips = doc.get("ips")
+    if ips is None:
+        return None
+    if not isinstance(ips, list) or not ips or not all(isinstance(a, str) for a in ips):
+        raise ProtocolError("'ips' must be a non-empty list of IP addresses")
+    try:
+        return parse_ips(",".join(ips))
+    except ValueError as exc:
+        raise ProtocolError(f"'ips': {exc}") from None
+
+
 def _name(doc: dict[str, Any]) -> str:
     name = doc.get("name")
     if not isinstance(name, str) or not name:
@@ -157,20 +187,23 @@ def parse_request(line: bytes) -> AddVm | RemoveVm | SetVm:
         tap = doc.get("tap")
         if tap is not None and (not isinstance(tap, str) or not tap):
             raise ProtocolError("'tap' must be an interface name")
-        vlans, macs = _vlans(doc), _macs(doc)
-        _fields(doc, {"op", "socket", "vlans", "tap", "macs"})
-        return AddVm(path, vlans, tap, macs)
+        vlans, macs, ips = _vlans(doc), _macs(doc), _ips(doc)
+        _fields(doc, {"op", "socket", "vlans", "tap", "macs", "ips"})
+        return AddVm(path, vlans, tap, macs, ips)
     if op == "remove":
         name = _name(doc)
         _fields(doc, {"op", "name"})
         return RemoveVm(name)
     if op == "set":
-        name, vlans, macs = _name(doc), _vlans(doc), _macs(doc)
-        _fields(doc, {"op", "name", "vlans", "macs"})
+        name, vlans, macs, ips = _name(doc), _vlans(doc), _macs(doc), _ips(doc)
+        _fields(doc, {"op", "name", "vlans", "macs", "ips"})
         unlock = "macs" in doc and doc["macs"] is None
-        if vlans is None and macs is None and not unlock:
-            raise ProtocolError("'set' needs 'vlans' or 'macs' (null: no MAC lock)")
-        return SetVm(name, vlans, macs, unlock)
+        unlock_ips = "ips" in doc and doc["ips"] is None
+        if vlans is None and macs is None and ips is None and not (unlock or unlock_ips):
+            raise ProtocolError(
+                "'set' needs 'vlans', 'macs' or 'ips' (null: no MAC lock, no IP guard)"
+            )
+        return SetVm(name, vlans, macs, unlock, ips, unlock_ips)
     raise ProtocolError(f"unknown op {op!r} (add, remove, set)")
 
 
@@ -213,14 +246,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--vlans", type=_ids, metavar="IDS", help="its switch VLANs, e.g. 0,100-102")
     add.add_argument("--tap", metavar="IFNAME", help="its tap (with --port tap:...)")
     add.add_argument("--mac", metavar="MAC[,MAC]", help="the source MACs it may use on the switch")
+    add.add_argument("--ip", metavar="ADDR[,ADDR]", help="the source IPs it may use on the switch")
     rm = sub.add_parser("remove", help="stop serving a VM")
     rm.add_argument("name", help="the VM's name, as virtnet stats shows it")
-    st = sub.add_parser("set", help="change a VM's switch VLANs or MAC lock")
+    st = sub.add_parser("set", help="change a VM's switch VLANs, MAC lock or IP guard")
     st.add_argument("name", help="the VM's name, as virtnet stats shows it")
     st.add_argument("--vlans", type=_ids, metavar="IDS", help="its switch VLANs")
     lock = st.add_mutually_exclusive_group()
     lock.add_argument("--mac", metavar="MAC[,MAC]", help="lock it to these source MACs")
     lock.add_argument("--no-mac", action="store_true", help="let it use any MAC")
+    guard = st.add_mutually_exclusive_group()
+    guard.add_argument("--ip", metavar="ADDR[,ADDR]", help="lock it to these source IPs")
+    guard.add_argument("--no-ip", action="store_true", help="let it use any IP")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -232,6 +269,8 @@ def run(args: argparse.Namespace) -> int:
             doc["tap"] = args.tap
         if args.mac is not None:
             doc["macs"] = args.mac.split(",")
+        if args.ip is not None:
+            doc["ips"] = args.ip.split(",")
         print(request(args.control_socket, doc)["name"])
     elif args.action == "remove":
         request(args.control_socket, {"op": "remove", "name": args.name})
@@ -243,7 +282,11 @@ def run(args: argparse.Namespace) -> int:
             doc["macs"] = args.mac.split(",")
         elif args.no_mac:
             doc["macs"] = None
+        if args.ip is not None:
+            doc["ips"] = args.ip.split(",")
+        elif args.no_ip:
+            doc["ips"] = None
         if len(doc) == 2:
-            raise UsageError("set what? --vlans, --mac or --no-mac")
+            raise UsageError("set what? --vlans, --mac, --no-mac, --ip or --no-ip")
         request(args.control_socket, doc)
     return 0

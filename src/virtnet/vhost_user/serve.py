@@ -78,6 +78,7 @@ import argparse
 import contextlib
 import dataclasses
 import grp
+import ipaddress
 import json
 import logging
 import os
@@ -101,6 +102,7 @@ from virtnet.vhost_user.control import (
     TIMEOUT_S,
     AddVm,
     RemoveVm,
+    parse_ips,
     parse_macs,
     parse_request,
 )
@@ -186,11 +188,13 @@ class Daemon:
         macs: Sequence[tuple[str, frozenset[bytes]]] = (),
         state_file: str | None = None,
         socket_group: str | None = None,
+        ips: Sequence[tuple[str, frozenset[bytes]]] = (),
         socket_mode: int | None = None,
     ) -> None:
         """``vlans``: the ``--vlans`` options (:func:`_vlans_arg`), switch only;
         ``control_socket``: where ``virtnet ctl`` adds and removes VMs;
         ``macs``: the ``--mac`` options (:func:`_mac_arg`), switch only;
+        ``ips``: the ``--ip`` options (:func:`_ip_arg`), switch only;
         ``state_file``: where the VMs ``virtnet ctl`` added are kept, to be
         served again after a restart (:meth:`_restore_state`);
         ``socket_group``, ``socket_mode``: ownership and mode of the VM sockets
@@ -234,6 +238,8 @@ class Daemon:
         self._vlan_spec = tuple(vlans)
         #: Switch members locked to their MACs (--mac).
         self.macs: dict[str, frozenset[bytes]] = {}
+        #: Switch members held to their source IPs (--ip).
+        self.ips: dict[str, frozenset[bytes]] = {}
         self._stop = False
         #: serve's exit status: 1 once it gave up on a switch process that keeps dying.
         self.status = 0
@@ -262,6 +268,13 @@ class Daemon:
                         f" name: {', '.join(vm.name for vm in self.vms)})"
                     )
                 self._lock_macs(name, addrs)
+            for name, addrs in ips:
+                if not any(vm.name == name for vm in self.vms):
+                    raise UsageError(
+                        f"--ip {name}=...: no such VM (VMs are named by their socket's file"
+                        f" name: {', '.join(vm.name for vm in self.vms)})"
+                    )
+                self._lock_ips(name, addrs)
             if isinstance(self._shared, SwitchPort):
                 # Its death wakes the loop at once instead of at the next tick.
                 self.server.watch(self._shared.control, self._shared.drain_replies)
@@ -345,6 +358,30 @@ class Daemon:
             self.macs[name] = addrs
             log.info("%s: may send from %s only", name, ", ".join(sorted(map(mac_text, addrs))))
 
+    def _lock_ips(
+        self, name: str, addrs: frozenset[bytes] | None, *, replace: bool = False
+    ) -> None:
+        """IP source guard on the switch: ``name`` sends from ``addrs`` only (None: any)."""
+        sw = self._shared
+        if not isinstance(sw, SwitchPort):
+            raise UsageError("--ip needs --port switch (a tap's traffic is the host's to filter)")
+        if name in self.ips and not replace:
+            raise UsageError(f"--ip for {name} given twice")
+        self._check_ips_free(addrs or frozenset(), name)
+        sw.set_ips(name, addrs)
+        if addrs is None:
+            self.ips.pop(name, None)
+            log.info("%s: may send from any IP address", name)
+        else:
+            self.ips[name] = addrs
+            log.info("%s: may send from IP %s only", name, ", ".join(_ip_texts(addrs)))
+
+    def _check_ips_free(self, addrs: frozenset[bytes], name: str | None = None) -> None:
+        """UsageError when a VM other than ``name`` holds one of ``addrs``."""
+        taken = sorted(a for who, held in self.ips.items() if who != name for a in held & addrs)
+        if taken:
+            raise UsageError(f"IP {_ip_texts(frozenset(taken[:1]))[0]} belongs to another VM")
+
     def _check_macs_free(self, addrs: frozenset[bytes], name: str | None = None) -> None:
         """UsageError when a VM other than ``name`` is locked to one of ``addrs``."""
         taken = sorted(a for who, held in self.macs.items() if who != name for a in held & addrs)
@@ -358,6 +395,8 @@ class Daemon:
         vlans: frozenset[int] | None = None,
         macs: frozenset[bytes] | None = None,
         unlock: bool = False,
+        ips: frozenset[bytes] | None = None,
+        unlock_ips: bool = False,
     ) -> None:
         """Change a served VM's switch VLANs and MAC lock (``virtnet ctl set``)."""
         if not any(vm.name == name for vm in self.vms):
@@ -367,6 +406,8 @@ class Daemon:
             raise UsageError("VLANs and MAC locks need --port switch")
         if macs is not None or unlock:
             self._lock_macs(name, macs, replace=True)
+        if ips is not None or unlock_ips:
+            self._lock_ips(name, ips, replace=True)
         if vlans is not None:
             sw.set_vlans(name, vlans)
             self.vlans[name] = vlans
@@ -379,13 +420,15 @@ class Daemon:
         vlans: frozenset[int] | None = None,
         tap: str | None = None,
         macs: frozenset[bytes] | None = None,
+        ips: frozenset[bytes] | None = None,
     ) -> str:
         """Serve one more VM on ``path`` at run time (``virtnet ctl add``); its name.
 
         ``vlans``: its switch VLANs (default: the ``--vlans`` default, else
         untagged only); ``tap``: its tap with ``--port tap:...`` (default: the
         port's ``%d`` template with the next index); ``macs``: lock it to
-        these source MACs on the switch (``--mac``)."""
+        these source MACs on the switch (``--mac``); ``ips``: to these source
+        IP addresses (``--ip``)."""
         if any(vm.path == path for vm in self.vms):
             raise UsageError(f"{path} is already served")
         is_tap = self.port_spec.startswith("tap:")
@@ -397,6 +440,10 @@ class Daemon:
             if not isinstance(self._shared, SwitchPort):
                 raise UsageError("MAC locks need --port switch")
             self._check_macs_free(macs)
+        if ips is not None:
+            if not isinstance(self._shared, SwitchPort):
+                raise UsageError("IP guards need --port switch")
+            self._check_ips_free(ips)
         if is_tap and tap is None and not any(t in self.port_spec for t in ("%d", "{}")):
             raise UsageError(
                 f"--port {self.port_spec} names one tap, which a VM already has: give the"
@@ -413,6 +460,8 @@ class Daemon:
             self.vlans[vm.name] = ids
         if macs is not None:
             self._lock_macs(vm.name, macs)
+        if ips is not None:
+            self._lock_ips(vm.name, ips)
         log.info(
             "%s: added (%s)%s", vm.name, path,
             f", VLANs {','.join(map(str, sorted(self.vlans[vm.name])))}"
@@ -441,6 +490,7 @@ class Daemon:
             vm.port.close()
         self.vlans.pop(vm.name, None)
         self.macs.pop(vm.name, None)
+        self.ips.pop(vm.name, None)
         log.info("%s: removed", vm.name)
 
     def _set_vlans(self, spec: Sequence[tuple[str | None, frozenset[int]]]) -> None:
@@ -513,13 +563,17 @@ class Daemon:
                 self.remove_vm(req.name)
                 self.runtime.pop(req.name, None)
             else:
-                self.set_vm(req.name, vlans=req.vlans, macs=req.macs, unlock=req.unlock)
+                self.set_vm(
+                    req.name, vlans=req.vlans, macs=req.macs, unlock=req.unlock,
+                    ips=req.ips, unlock_ips=req.unlock_ips,
+                )  # fmt: skip
                 kept = self.runtime.get(req.name)
                 if kept is not None:
                     self.runtime[req.name] = dataclasses.replace(
                         kept,
                         vlans=kept.vlans if req.vlans is None else req.vlans,
                         macs=None if req.unlock else req.macs or kept.macs,
+                        ips=None if req.unlock_ips else req.ips or kept.ips,
                     )
         except (PeerError, UsageError) as exc:
             log.error("control request refused: %s", exc)
@@ -529,7 +583,7 @@ class Daemon:
 
     def _add_remembered(self, req: AddVm) -> str:
         """Serve ``req``'s VM and remember its add request for the state file."""
-        name = self.add_vm(req.socket, vlans=req.vlans, tap=req.tap, macs=req.macs)
+        name = self.add_vm(req.socket, vlans=req.vlans, tap=req.tap, macs=req.macs, ips=req.ips)
         self.runtime[name] = req
         return name
 
@@ -771,6 +825,8 @@ def snapshot(d: Daemon) -> dict[str, Any]:
             vms[-1]["vlans"] = sorted(d.vlans[vm.name])
         if vm.name in d.macs:
             vms[-1]["macs"] = sorted(map(mac_text, d.macs[vm.name]))
+        if vm.name in d.ips:
+            vms[-1]["ips"] = _ip_texts(d.ips[vm.name])
     doc: dict[str, Any] = {"time": time.time(), "queues": d.queues, "vms": vms}
     if isinstance(d._shared, SwitchPort):
         doc["switch"] = _switch_snapshot(d._shared)
@@ -807,6 +863,8 @@ def _add_doc(req: AddVm) -> dict[str, Any]:
         doc["vlans"] = sorted(req.vlans)
     if req.macs is not None:
         doc["macs"] = sorted(map(mac_text, req.macs))
+    if req.ips is not None:
+        doc["ips"] = _ip_texts(req.ips)
     return doc
 
 
@@ -927,6 +985,24 @@ def _vlans_arg(text: str) -> tuple[str | None, frozenset[int]]:
             " (0: untagged), e.g. vm1.sock=0,100-102"
         )
     return (member if eq else None), vlans
+
+
+def _ip_texts(addrs: frozenset[bytes]) -> list[str]:
+    """Packed addresses as text, IPv4 first, each family in order."""
+    return [str(ipaddress.ip_address(a)) for a in sorted(addrs, key=lambda a: (len(a), a))]
+
+
+def _ip_arg(text: str) -> tuple[str, frozenset[bytes]]:
+    """``--ip VM=ADDR[,ADDR...]``."""
+    name, eq, addrs = text.partition("=")
+    try:
+        if not name or not eq:
+            raise ValueError("expected VM=ADDR")
+        return name, parse_ips(addrs)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"bad --ip {text!r}: {exc} (e.g. vm1.sock=10.0.0.5,fd00::5)"
+        ) from None
 
 
 def _mac_arg(text: str) -> tuple[str, frozenset[bytes]]:
@@ -1073,6 +1149,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " (port security; default: a VM may use any MAC)",
     )
     parser.add_argument(
+        "--ip",
+        type=_ip_arg,
+        action="append",
+        default=[],
+        metavar="VM=ADDR[,ADDR]",
+        help="--port switch: VM may send IPv4, ARP and IPv6 only from these addresses"
+        " (IPv6 link-local too; IP source guard; default: any)",
+    )
+    parser.add_argument(
         "--no-offloads",
         dest="offloads",
         action="store_false",
@@ -1097,6 +1182,7 @@ def run(args: argparse.Namespace) -> int:
         macs=args.mac,
         state_file=args.state_file,
         socket_group=args.socket_group,
+        ips=args.ip,
         socket_mode=args.socket_mode,
     )
 

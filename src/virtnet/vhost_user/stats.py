@@ -136,6 +136,8 @@ def render(doc: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
             title += f"; VLANs {','.join(map(str, vm['vlans']))}"
         if vm.get("macs"):
             title += f"; sends from {','.join(vm['macs'])} only"
+        if vm.get("ips"):
+            title += f"; IPs {','.join(vm['ips'])} only"
         t = Table(title=title, caption=vm.get("features") or None)
         t.add_column("pair", justify="right")
         t.add_column("on")
