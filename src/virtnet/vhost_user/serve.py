@@ -403,7 +403,7 @@ class Daemon:
             raise UsageError(f"no VM called {name!r} (see virtnet stats)")
         sw = self._shared
         if not isinstance(sw, SwitchPort):
-            raise UsageError("VLANs and MAC locks need --port switch")
+            raise UsageError("VLANs, MAC locks and IP guards need --port switch")
         if macs is not None or unlock:
             self._lock_macs(name, macs, replace=True)
         if ips is not None or unlock_ips:
