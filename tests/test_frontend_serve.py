@@ -278,6 +278,25 @@ def _to(dst: bytes, src: bytes, flow: int) -> bytes:
     return dst + src + f[12:]
 
 
+def tap_both_ways(fe: VhostUserFrontend, ifname: str, n: int = 10) -> None:
+    """Frames ``fe`` sends arrive on tap ``ifname`` (its rx counter), and
+    frames sent out of the tap reach ``fe``."""
+    rx = Path(f"/sys/class/net/{ifname}/statistics/rx_packets")
+    rx0 = int(rx.read_text())
+    assert fe.send([_to(b"\xff" * 6, DEFAULT_MAC, f) for f in range(n)]) == n
+    end = time.monotonic() + 5
+    while int(rx.read_text()) < rx0 + n and time.monotonic() < end:
+        time.sleep(0.02)
+    assert int(rx.read_text()) >= rx0 + n
+    frames = [_to(DEFAULT_MAC, MAC_B, f) for f in range(n)]
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+        raw.bind((ifname, 0))
+        for fr in frames:
+            raw.send(fr)
+    got = [d for _, d in collect(fe, n)]
+    assert all(fr in got for fr in frames)
+
+
 def test_switch_connects_two_vms(tmp_path: Path) -> None:
     with (
         serve(tmp_path, "switch", vms=2, queues=2) as (sa, sb),
@@ -384,31 +403,12 @@ def test_tap_port_both_directions(tmp_path: Path) -> None:
     create_tap(ifname)
     try:
         subprocess.run(["ip", "link", "set", "dev", ifname, "up"], check=True)
-        stats = Path(f"/sys/class/net/{ifname}/statistics")
-
-        def counter(name: str) -> int:
-            return int((stats / name).read_text())
-
         with (
             serve(tmp_path, f"tap:{ifname}", queues=2) as (sock,),
             VhostUserFrontend(sock, queue_pairs=2) as fe,
         ):
             assert fe.set_queue_pairs(2)
-            # Guest -> host: frames the frontend sends arrive on the tap (its rx side).
-            rx0 = counter("rx_packets")
-            assert fe.send([build_frame(f, 0) for f in range(20)]) == 20
-            end = time.monotonic() + 5
-            while counter("rx_packets") < rx0 + 20 and time.monotonic() < end:
-                time.sleep(0.02)
-            assert counter("rx_packets") >= rx0 + 20
-            # Host -> guest: frames sent out of the tap reach the frontend.
-            frames = [_to(DEFAULT_MAC, MAC_B, f) for f in range(10)]
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
-                raw.bind((ifname, 0))
-                for fr in frames:
-                    raw.send(fr)
-            got = [d for _, d in collect(fe, 10)]
-            assert all(fr in got for fr in frames)
+            tap_both_ways(fe, ifname, 20)
     finally:
         delete_link(ifname)
 
@@ -453,20 +453,7 @@ def test_tap_port_served_by_an_unprivileged_user(tmp_path: Path) -> None:
         assert os.stat(sock).st_uid == pwd.getpwnam("nobody").pw_uid
         with VhostUserFrontend(sock, queue_pairs=2) as fe:
             assert fe.set_queue_pairs(2)
-            rx = Path(f"/sys/class/net/{ifname}/statistics/rx_packets")
-            rx0 = int(rx.read_text())
-            assert fe.send([_to(b"\xff" * 6, DEFAULT_MAC, f) for f in range(10)]) == 10
-            end = time.monotonic() + 5
-            while int(rx.read_text()) < rx0 + 10 and time.monotonic() < end:
-                time.sleep(0.02)
-            assert int(rx.read_text()) >= rx0 + 10
-            frames = [_to(DEFAULT_MAC, MAC_B, f) for f in range(10)]
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
-                raw.bind((ifname, 0))
-                for fr in frames:
-                    raw.send(fr)
-            got = [d for _, d in collect(fe, 10)]
-            assert all(fr in got for fr in frames)
+            tap_both_ways(fe, ifname)
     finally:
         stop_process(proc)
         log.close()

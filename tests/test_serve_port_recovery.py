@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -149,24 +148,6 @@ def test_a_switch_process_that_keeps_dying_stops_serve(tmp_path: Path) -> None:
     assert not sock.exists()
 
 
-def _tap_counter(ifname: str, name: str) -> int:
-    return int(Path(f"/sys/class/net/{ifname}/statistics/{name}").read_text())
-
-
-def _both_ways(fe: VhostUserFrontend, ifname: str) -> None:
-    """Frames from the frontend reach the tap, and frames sent out of the tap reach it."""
-    rx0 = _tap_counter(ifname, "rx_packets")
-    assert fe.send([fs._to(BROADCAST, DEFAULT_MAC, f) for f in range(10)]) == 10
-    wait_for("frames on the tap", lambda: _tap_counter(ifname, "rx_packets") >= rx0 + 10, 5.0)
-    frames = [fs._to(DEFAULT_MAC, MAC_B, f) for f in range(10)]
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
-        raw.bind((ifname, 0))
-        for fr in frames:
-            raw.send(fr)
-    got = [d for _, d in fs.collect(fe, 10)]
-    assert all(fr in got for fr in frames)
-
-
 def _up(ifname: str) -> None:
     subprocess.run(["ip", "link", "set", "dev", ifname, "up"], check=True)
 
@@ -187,7 +168,7 @@ def test_a_deleted_tap_comes_back_under_a_running_vm(tmp_path: Path, owner: str)
             assert fe.set_queue_pairs(2)
             wait_for("the tap", lambda: link_exists(ifname))
             _up(ifname)
-            _both_ways(fe, ifname)
+            fs.tap_both_ways(fe, ifname)
             workers = fetch(str(stats))["vms"][0]["workers"]
             assert workers == [0, 1]
 
@@ -218,7 +199,7 @@ def test_a_deleted_tap_comes_back_under_a_running_vm(tmp_path: Path, owner: str)
                     in (tmp_path / f"serve-tap:{ifname}.log").read_text()
                 ),
             )
-            _both_ways(fe, ifname)
+            fs.tap_both_ways(fe, ifname)
             vm = fetch(str(stats))["vms"][0]
             assert vm["connections"] == 1 and vm["workers"] == [0, 1], vm
         text = (tmp_path / f"serve-tap:{ifname}.log").read_text()
@@ -243,12 +224,12 @@ def test_a_restarted_switch_process_keeps_its_uplink(tmp_path: Path) -> None:
             VhostUserFrontend(sock, queue_pairs=2) as fe,
         ):
             assert fe.set_queue_pairs(2)
-            _both_ways(fe, ifname)
+            fs.tap_both_ways(fe, ifname)
             old = switch_doc(stats)["pid"]
             assert isinstance(old, int)
             os.kill(old, signal.SIGKILL)
             wait_for("a new switch process", lambda: switch_doc(stats).get("restarts") == 1)
-            _both_ways(fe, ifname)
+            fs.tap_both_ways(fe, ifname)
     finally:
         if link_exists(ifname):
             delete_link(ifname)
@@ -267,13 +248,13 @@ def test_a_deleted_uplink_is_created_again(tmp_path: Path) -> None:
             VhostUserFrontend(sock, queue_pairs=2) as fe,
         ):
             assert fe.set_queue_pairs(2)
-            _both_ways(fe, ifname)
+            fs.tap_both_ways(fe, ifname)
             mac = Path(f"/sys/class/net/{ifname}/address").read_text()
             delete_link(ifname)
             log = tmp_path / f"serve-switch:uplink={ifname}.log"
             wait_for("serve to create it again", lambda: "created again" in log.read_text())
             assert Path(f"/sys/class/net/{ifname}/address").read_text() == mac
-            _both_ways(fe, ifname)
+            fs.tap_both_ways(fe, ifname)
         assert f"uplink:{ifname}: tap {ifname} is gone (deleted?); creating it again" in (
             log.read_text()
         )
