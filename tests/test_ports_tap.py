@@ -470,15 +470,21 @@ def _arp_via(q: Any, poll: Callable[[], object]) -> bytes:
     raise AssertionError("no ARP reply through the switch")
 
 
-def test_switch_uplink_in_process(netns: str) -> None:
+@pytest.mark.parametrize("replaced", [False, True])
+def test_switch_uplink_in_process(netns: str, replaced: bool) -> None:
+    """A tap queue as the switch's uplink: a VM's ARP request reaches the host
+    and its reply comes back.  ``replaced``: ``attach_tap`` of the member
+    again with another queue replaces the first (the uplink was deleted and is
+    back) instead of failing as 'already attached'."""
+
     def body() -> bytes:
         tap = TapPort("vt0", up=True)
         sw = Switch()
         try:
-            tq = tap.open_queue("uplink", 0)
-            fd = tq.fileno()
-            assert isinstance(tq, TapQueue) and fd is not None
-            sw.attach_tap("uplink", os.dup(fd))
+            for pair in (0, 1) if replaced else (0,):
+                fd = tap.open_queue("uplink", pair).fileno()
+                assert fd is not None
+                sw.attach_tap("uplink", os.dup(fd))
             _ip("addr", "add", "10.77.0.1/24", "dev", "vt0")
             q = sw.open_queue("vm", 0)
             try:
@@ -1105,30 +1111,3 @@ def test_a_tap_created_again_keeps_its_mac(netns: str) -> None:
 
     before, after = in_netns(netns, body)
     assert before is not None and len(before) == 6 and after == before
-
-
-def test_a_switch_takes_a_new_queue_of_its_uplink(netns: str) -> None:
-    """``attach_tap`` of a member again replaces its tap queue (the uplink was
-    deleted and is back): no 'already attached', and frames flow through it."""
-
-    def body() -> bytes:
-        tap = TapPort("vt0", up=True)
-        sw = Switch()
-        try:
-            fd0 = tap.open_queue("uplink", 0).fileno()
-            fd1 = tap.open_queue("uplink", 1).fileno()
-            assert fd0 is not None and fd1 is not None
-            sw.attach_tap("uplink", os.dup(fd0))
-            sw.attach_tap("uplink", os.dup(fd1))
-            _ip("addr", "add", "10.77.0.1/24", "dev", "vt0")
-            q = sw.open_queue("vm", 0)
-            try:
-                return _arp_via(q, lambda: sw.poll_once(0.01))
-            finally:
-                q.close()
-        finally:
-            sw.close()
-            tap.close()
-
-    frame = in_netns(netns, body)[VNET_HDR_LEN:]
-    assert frame[:6] == GUEST and frame[28:32] == socket.inet_aton("10.77.0.1")
