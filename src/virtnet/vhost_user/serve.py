@@ -188,8 +188,8 @@ class Daemon:
         macs: Sequence[tuple[str, frozenset[bytes]]] = (),
         state_file: str | None = None,
         socket_group: str | None = None,
-        ips: Sequence[tuple[str, frozenset[bytes]]] = (),
         socket_mode: int | None = None,
+        ips: Sequence[tuple[str, frozenset[bytes]]] = (),
     ) -> None:
         """``vlans``: the ``--vlans`` options (:func:`_vlans_arg`), switch only;
         ``control_socket``: where ``virtnet ctl`` adds and removes VMs;
@@ -491,6 +491,7 @@ class Daemon:
         self.vlans.pop(vm.name, None)
         self.macs.pop(vm.name, None)
         self.ips.pop(vm.name, None)
+        self._lost_taps.pop(vm.name, None)
         log.info("%s: removed", vm.name)
 
     def _set_vlans(self, spec: Sequence[tuple[str | None, frozenset[int]]]) -> None:
