@@ -553,11 +553,19 @@ def _ipv6(src: str) -> bytes:
     return struct.pack("!IHBB16s16s", 0x60000000, 0, 59, 64, _ip(src), _ip("ff02::1"))
 
 
+def _na(src: str, target: str) -> bytes:
+    """An IPv6 neighbour advertisement from ``src`` claiming ``target``."""
+    icmp = struct.pack("!BBHI16s", 136, 0, 0, 0x20000000, _ip(target))
+    return struct.pack("!IHBB16s16s", 0x60000000, len(icmp), 58, 255, _ip(src),
+                       _ip("ff02::1")) + icmp  # fmt: skip
+
+
 def test_ip_source_guard(sw: Switch) -> None:
-    """a may send IPv4/ARP only from 10.0.0.5 and IPv6 only from fd00::5 or a
-    link-local address; the unspecified address only where DHCP, ARP probes
-    and DAD need it; tagged frames are checked the same; other EtherTypes and
-    an unguarded VM pass; everything else is dropped as spoofed."""
+    """a may send IPv4/ARP only from 10.0.0.5 and IPv6 (and neighbour
+    advertisements for) only fd00::5 or a link-local address; the unspecified
+    address only where DHCP, ARP probes and DAD need it; tagged frames are
+    checked the same; other EtherTypes and an unguarded VM pass; everything
+    else is dropped as spoofed."""
     a, b = (sw.open_queue(v, 0) for v in "ab")
     sw.set_vlans("a", [0, 100])
     sw.set_vlans("b", [0, 100])
@@ -573,6 +581,8 @@ def test_ip_source_guard(sw: Switch) -> None:
         _eth(mac(1), 0x86DD, _ipv6("fd00::5")),
         _eth(mac(1), 0x86DD, _ipv6("fe80::5054:ff:fe00:1")),
         _eth(mac(1), 0x86DD, _ipv6("::")),  # DAD
+        _eth(mac(1), 0x86DD, _na("fe80::1", "fd00::5")),
+        _eth(mac(1), 0x86DD, _na("fe80::1", "fe80::1")),
         _eth(mac(1), 0x88B5, bytes(46)),  # not IP
     ]
     refused = [
@@ -583,6 +593,8 @@ def test_ip_source_guard(sw: Switch) -> None:
         _eth(mac(1), 0x0806, _arp("10.0.0.9")),
         _eth(mac(1), 0x86DD, _ipv6("fd00::6")),
         _eth(mac(1), 0x86DD, _ipv6("2001:db8::5")),
+        _eth(mac(1), 0x86DD, _na("fe80::1", "fd00::6")),  # claims b's address
+        _eth(mac(1), 0x86DD, _na("fe80::1", "fd00::5")[:50]),  # cut before its target
         _eth(mac(1), 0x0800, _ipv4("10.0.0.5")[:12]),  # too short to show its source
     ]
     for f in allowed + refused:

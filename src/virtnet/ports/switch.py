@@ -25,8 +25,9 @@ Invariants:
   so it is never flooded to the others.  A VM without locked MACs may use any
   unicast source MAC it likes (learning bridge).
 * IP source guard (``set_ips``): a VM given its IP addresses may send IPv4
-  and ARP only from them, and IPv6 only from them or link-local addresses
-  (the unspecified address where DHCP, ARP probes and DAD need it); other
+  and ARP only from them, and IPv6 (and neighbour advertisements for) only
+  them or link-local addresses (the unspecified address where DHCP, ARP
+  probes and DAD need it); other
   frames of those protocols are dropped and counted as spoofed.  Other
   EtherTypes are not checked.
 * Forwarding: known unicast goes to the one VM that owns the destination;
@@ -220,6 +221,8 @@ def _needed_offloads(flags: int, gso_type: int) -> frozenset[Offload]:
 
 _ETH_IPV4, _ETH_ARP, _ETH_IPV6 = 0x0800, 0x0806, 0x86DD
 _IPV6_ANY = bytes(16)
+_ICMPV6 = 58
+_ND_NA = 136  # ICMPv6 neighbour advertisement
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _PORTS = struct.Struct("!HH")
@@ -236,9 +239,10 @@ def _ip_source_ok(
 
     IPv4 source and ARP sender address must be in ``v4``; an IPv6 source in
     ``v6``, unless link-local (fe80::/10, which every IPv6 host makes for
-    itself).  The unspecified address is allowed where a host must use it: a
-    DHCP client's UDP 68 -> 67 (RFC 2131), an ARP probe (RFC 5227) and
-    duplicate address detection (RFC 4862).  Other EtherTypes are not IP and
+    itself), and so must the target a neighbour advertisement claims.  The
+    unspecified address is allowed where a host must use it: a DHCP client's
+    UDP 68 -> 67 (RFC 2131), an ARP probe (RFC 5227) and duplicate address
+    detection (RFC 4862).  Other EtherTypes are not IP and
     pass; a frame too short for its IP or ARP header does not.
     """
     if n < off + 2:
@@ -264,8 +268,22 @@ def _ip_source_ok(
         if n < p + 40:
             return False
         src6 = bytes(buf[p + 8 : p + 24])
-        return src6 in v6 or src6 == _IPV6_ANY or (src6[0] == 0xFE and src6[1] & 0xC0 == 0x80)
+        if not (src6 in v6 or src6 == _IPV6_ANY or _link_local(src6)):
+            return False
+        if buf[p + 6] == _ICMPV6 and n > p + 40 and buf[p + 40] == _ND_NA:
+            # A neighbour advertisement claims its target address (RFC 4861
+            # section 4.4): IPv6's ARP reply, so held to the same addresses.
+            if n < p + 64:
+                return False
+            target = bytes(buf[p + 48 : p + 64])
+            return target in v6 or _link_local(target)
+        return True
     return True
+
+
+def _link_local(addr: bytes) -> bool:
+    """fe80::/10."""
+    return addr[0] == 0xFE and addr[1] & 0xC0 == 0x80
 
 
 class _Vm:
