@@ -622,3 +622,33 @@ def test_ip_source_guard_takes_any_bytes(data: bytes, n: int) -> None:
     buf[: len(data)] = data
     v4, v6 = frozenset({0, 0x0A000005}), frozenset({bytes(16)})
     assert sw_mod._ip_source_ok(buf, min(n, len(data)), 12, v4, v6) in (True, False)
+
+
+def test_rate_policing(sw: Switch, clock: Clock) -> None:
+    """``set_rate``: a VM held to 1 Mbit/s (125,000 bytes/s, a bucket of
+    ``rate_burst`` bytes) gets a full bucket through at once, then only what
+    the clock refills; the rest is dropped and counted; unset, anything goes."""
+    a, b = (sw.open_queue(v, 0) for v in "ab")
+    sw.set_rate("a", 1_000_000)
+    burst = sw_mod.rate_burst(1_000_000)
+    assert burst == sw_mod.MIN_BURST_BYTES  # 1 Mbit/s: the two-GSO-frame floor
+    size = 1000
+    f = frame(BCAST, mac(1), payload=bytes(size - 42))  # 1000 bytes after the vnet header
+    assert len(f) - VNET_HDR_LEN == size
+
+    def burst_through(count: int) -> int:
+        for _ in range(count):
+            assert send(a, f)
+            pump(sw)
+        return len(drain(b))
+
+    fits = burst // size
+    assert burst_through(fits + 20) == fits
+    assert sw.snapshot().dropped_rate == 20
+    clock.t += 0.1  # 12,500 bytes refilled: 12 more frames
+    assert burst_through(20) == 12
+    sw.set_rate("a", None)
+    assert burst_through(50) == 50
+    for bad in (0, sw_mod.MIN_RATE_BPS - 1, sw_mod.MAX_RATE_BPS + 1):
+        with pytest.raises(UsageError, match="out of range"):
+            sw.set_rate("a", bad)

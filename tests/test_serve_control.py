@@ -27,7 +27,14 @@ from virtnet.testing.guest import wait_for
 from virtnet.testing.netns import NetNS
 from virtnet.testing.procs import stop_process
 from virtnet.testing.serve import start_serve
-from virtnet.vhost_user.control import MAX_REQUEST_BYTES, AddVm, RemoveVm, SetVm, parse_request
+from virtnet.vhost_user.control import (
+    MAX_REQUEST_BYTES,
+    AddVm,
+    RemoveVm,
+    SetVm,
+    parse_rate,
+    parse_request,
+)
 from virtnet.vhost_user.frontend import BackendClosedError, VhostUserFrontend
 from virtnet.vhost_user.stats import fetch
 
@@ -50,6 +57,15 @@ def test_parse_request() -> None:
         "b", ips=frozenset({bytes([10, 0, 0, 5]), bytes.fromhex("fd00" + "00" * 13 + "05")})
     )
     assert parse_request(b'{"op": "set", "name": "b", "ips": null}') == SetVm("b", unlock_ips=True)
+    assert parse_request(b'{"op": "set", "name": "b", "rate": 100000000}') == SetVm(
+        "b", rate=100_000_000
+    )
+    assert parse_request(b'{"op": "set", "name": "b", "rate": null}') == SetVm("b", unlimit=True)
+    assert parse_rate("100M") == parse_rate("0.1G") == 100_000_000
+    assert parse_rate("64k") == 64_000 and parse_rate("2000000") == 2_000_000
+    for text in ("fast", "1T", "63k", "500G", "", "M"):
+        with pytest.raises(ValueError):
+            parse_rate(text)
     bad = [
         b"", b"[]", b"{", b'{"op": "list"}', b'{"op": "add"}', b'{"op": "add", "socket": ""}',
         b'{"op": "add", "socket": "' + b"x" * 108 + b'"}',
@@ -65,6 +81,8 @@ def test_parse_request() -> None:
         b'{"op": "add", "socket": "b", "ips": ["10.0.0.256"]}',
         b'{"op": "add", "socket": "b", "ips": ["224.0.0.1"]}',
         b'{"op": "add", "socket": "b", "ips": ["0.0.0.0"]}',
+        b'{"op": "add", "socket": "b", "rate": "100M"}',
+        b'{"op": "add", "socket": "b", "rate": 1000}', b'{"op": "set", "name": "b", "rate": true}',
         b'{"op": "remove"}', b'{"op": "remove", "name": "b", "also": 1}',
         b'{"op": "set", "name": "b"}', b'{"op": "set", "vlans": [1]}',
         b'{"op": "set", "name": "b", "tap": "x", "vlans": [1]}',
@@ -235,6 +253,16 @@ def test_vlans_and_mac_lock_changed_at_run_time(
         assert _ctl(control, "set", "b.sock", "--no-ip").returncode == 0
         assert a_hears_b_ip("10.0.0.9")
         assert "ips" not in fetch(str(stats))["vms"][1]
+        # Policing: held to the lowest rate, B's burst beyond its bucket is dropped.
+        assert _ctl(control, "set", "b.sock", "--rate", "64k").returncode == 0
+        assert fetch(str(stats))["vms"][1]["rate_bps"] == 64_000
+        big = b"\xff" * 6 + MAC_B + b"\x08\x00" + bytes(1486)
+        for _ in range(4):  # 4 x 64 frames of 1500 bytes: 384 KB against a 128-KiB bucket
+            fb.send([big] * 64)
+            time.sleep(0.05)
+        assert wait_for(lambda: fetch(str(stats))["switch"]["dropped_rate"] > 0, timeout=5)
+        assert _ctl(control, "set", "b.sock", "--no-rate").returncode == 0
+        assert "rate_bps" not in fetch(str(stats))["vms"][1]
     res = _ctl(control, "set", "b.sock")
     assert res.returncode == 2 and "set what?" in res.stderr, res
     res = _ctl(control, "set", "nope", "--vlans", "1")
@@ -370,6 +398,7 @@ def test_state_file_brings_added_vms_back_after_a_restart(tmp_path: Path) -> Non
             == 0
         )
         assert _ctl(control, "set", "b.sock", "--ip", "10.0.0.2,fd00::2").returncode == 0
+        assert _ctl(control, "set", "b.sock", "--rate", "1.5G").returncode == 0
         assert _ctl(control, "remove", "c.sock").returncode == 0
         assert stat.S_IMODE(state.stat().st_mode) == 0o600
     with _serving(tmp_path, *args) as (stats, _, _pid):
@@ -377,6 +406,7 @@ def test_state_file_brings_added_vms_back_after_a_restart(tmp_path: Path) -> Non
         assert [vm["name"] for vm in vms] == ["a.sock", "b.sock"], vms
         assert vms[1]["vlans"] == [100] and vms[1]["macs"] == [MAC_B.hex(":")], vms[1]
         assert vms[1]["ips"] == ["10.0.0.2", "fd00::2"], vms[1]
+        assert vms[1]["rate_bps"] == 1_500_000_000, vms[1]
         with VhostUserFrontend(b, queue_pairs=1, mac=MAC_B):
             pass  # b's socket is really served
     state.write_text("{not json")

@@ -28,7 +28,14 @@ from virtnet.errors import UsageError
 from virtnet.testing.guest import wait_for
 from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.frontend import VhostUserFrontend
-from virtnet.vhost_user.serve import Daemon, _ip_arg, _mac_arg, _vlan_plan, _vlans_arg
+from virtnet.vhost_user.serve import (
+    Daemon,
+    _ip_arg,
+    _mac_arg,
+    _rate_vm_arg,
+    _vlan_plan,
+    _vlans_arg,
+)
 from virtnet.vhost_user.stats import fetch, render
 
 pytestmark = pytest.mark.timeout(120)
@@ -379,6 +386,24 @@ def test_ip_option_parsing_and_errors(tmp_path: Path) -> None:
     d = Daemon([a, b], port="switch", ips=[("a", ip1 | {bytes.fromhex("fd00" + "00" * 14)})])
     try:
         assert d.snapshot()["vms"][0]["ips"] == ["10.0.0.5", "fd00::"]
+    finally:
+        d.close()
+
+
+def test_rate_option_parsing_and_errors(tmp_path: Path) -> None:
+    assert _rate_vm_arg("vm.sock=100M") == ("vm.sock", 100_000_000)
+    for bad in ("vm.sock", "=100M", "vm=fast", "vm=1k", "vm=1T"):
+        with pytest.raises(argparse.ArgumentTypeError, match="bad --rate"):
+            _rate_vm_arg(bad)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    with pytest.raises(UsageError, match="--rate needs --port switch"):
+        Daemon([a], port="null", rates=[("a", 10**8)])
+    with pytest.raises(UsageError, match=r"no such VM.*a, b"):
+        Daemon([a, b], port="switch", rates=[("c", 10**8)])
+    d = Daemon([a, b], port="switch", rates=[("b", 2 * 10**9)])
+    try:
+        assert "rate_bps" not in d.snapshot()["vms"][0]
+        assert d.snapshot()["vms"][1]["rate_bps"] == 2 * 10**9
     finally:
         d.close()
 

@@ -6,9 +6,10 @@ ways (GSO super-frames cross the switch: both guests take TSO on rx), over
 IPv4 at MTU 9000 (``host_mtu``), link-local IPv6, and a VLAN both are members
 of (``--vlans``); they cannot reach each other over a VLAN they are not
 members of, nor by one taking the other's MAC (``--mac``) or sending from an
-IP address not its own (``--ip``).  A third guest is
-plugged in and out with ``virtnet ctl``.  The switch process is killed: serve
-starts it again and the guests talk on through it, still locked to their MACs.
+IP address not its own (``--ip``), and one is held to a rate (``--rate``).
+A third guest is plugged in and out with ``virtnet ctl``.  The switch process
+is killed: serve starts it again and the guests talk on through it, still
+locked to their MACs.
 """
 
 from __future__ import annotations
@@ -272,3 +273,34 @@ def test_a_guest_cannot_send_from_an_ip_not_its_own(pair: tuple[Guest, Guest, Pa
     finally:
         gb.run("ip addr del 10.77.1.9/24 dev eth0")
     assert fetch(str(stats))["vms"][1]["ips"] == _ips(3).split(",")
+
+
+def test_a_guest_held_to_a_rate(pair: tuple[Guest, Guest, Path]) -> None:
+    """``virtnet ctl set a.sock --rate 40M`` while the guests run: A's TCP to
+    B settles near 40 Mbit/s (the switch drops what is over and counts it),
+    B's to A is not held; ``--no-rate`` lifts it."""
+    ga, gb, stats = pair
+    control = _control(stats)
+
+    def ctl(*args: str) -> None:
+        subprocess.run([sys.executable, "-m", "virtnet.cli", "ctl", "--control-socket",
+                        str(control), *args], check=True, timeout=30)  # fmt: skip
+
+    def mbits(reverse: str) -> float:
+        gb.run("iperf3 -s -D -1 >/dev/null 2>&1; sleep 0.5")
+        out = ga.iperf3(f"-c {IP_B} -t 4 -i 0 -f m{reverse}")
+        line = next(x for x in out.splitlines() if x.rstrip().endswith("receiver"))
+        return float(line.split("Mbits/sec")[0].split()[-1])
+
+    ctl("set", "a.sock", "--rate", "40M")
+    try:
+        assert fetch(str(stats))["vms"][0]["rate_bps"] == 40_000_000
+        held = mbits("")
+        assert 10 < held < 48, held
+        assert fetch(str(stats))["switch"]["dropped_rate"] > 0
+        free = mbits(" -R")
+        print(f"A held to 40 Mbit/s: {held:.1f} Mbit/s; B, not held: {free:.1f} Mbit/s")
+        assert free > 60  # what B sends is not held
+    finally:
+        ctl("set", "a.sock", "--no-rate")
+    assert "rate_bps" not in fetch(str(stats))["vms"][0]

@@ -12,14 +12,16 @@ serve answers one JSON line and closes:
   ``--vlans`` without ``VM=``); ``tap``: its tap with ``--port tap:...``
   (default: the ``%d`` template with the next index); ``macs``: lock it to
   these source MACs on the switch, as ``--mac`` does; ``ips``: to these
-  source IP addresses, as ``--ip`` does.  Answer ``{"ok": true, "name":
-  NAME}``, NAME being what ``virtnet stats`` shows.
+  source IP addresses, as ``--ip`` does; ``rate``: police what it sends to
+  this many bit/s, as ``--rate`` does.  Answer ``{"ok": true, "name": NAME}``,
+  NAME being what ``virtnet stats`` shows.
 * ``{"op": "remove", "name": NAME}``: stop serving that VM: its connection is
   closed (its workers stop), its socket file removed, its switch membership
   or tap dropped.  The guest sees its link go down.
 * ``{"op": "set", "name": NAME, "vlans": [IDS]?, "macs": [MACS] | null?,
-  "ips": [ADDRS] | null?}``: change a served VM's switch VLANs, MAC lock or
-  IP source guard (``null``: unlock) while it runs.  Answer ``{"ok": true}``.
+  "ips": [ADDRS] | null?, "rate": BPS | null?}``: change a served VM's switch
+  VLANs, MAC lock, IP source guard or rate (``null``: none) while it runs.
+  Answer ``{"ok": true}``.
 * Failures: ``{"ok": false, "error": TEXT}``.
 
 Invariants: a request that is not such an object (too long, not JSON, unknown
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtnet.errors import ProtocolError, UsageError
-from virtnet.ports.switch import VLAN_MAX
+from virtnet.ports.switch import MAX_RATE_BPS, MIN_RATE_BPS, VLAN_MAX
 from virtnet.vhost_user.stats import ask
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "add_arguments",
     "parse_ips",
     "parse_macs",
+    "parse_rate",
     "parse_request",
     "request",
     "run",
@@ -74,6 +77,7 @@ class AddVm:
     tap: str | None = None
     macs: frozenset[bytes] | None = None
     ips: frozenset[bytes] | None = None
+    rate: int | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ class SetVm:
     unlock: bool = False  # drop its MAC lock ("macs": null)
     ips: frozenset[bytes] | None = None
     unlock_ips: bool = False  # drop its IP source guard ("ips": null)
+    rate: int | None = None
+    unlimit: bool = False  # drop its rate ("rate": null)
 
 
 def parse_macs(text: str) -> frozenset[bytes]:
@@ -161,6 +167,32 @@ def _ips(doc: dict[str, Any]) -> frozenset[bytes] | None:
         raise ProtocolError(f"'ips': {exc}") from None
 
 
+def parse_rate(text: str) -> int:
+    """``100M``, ``1.5G``, ``64k``, ``2000000`` (bit/s) -> bit/s; ValueError
+    unless within the switch's range."""
+    t = text.strip()
+    scale = {"k": 10**3, "K": 10**3, "m": 10**6, "M": 10**6, "g": 10**9, "G": 10**9}
+    mult = scale.get(t[-1:], 1)
+    if mult != 1:
+        t = t[:-1]
+    try:
+        bps = int(float(t) * mult)
+    except ValueError:
+        raise ValueError(f"not a rate: {text!r} (e.g. 100M, 1.5G, 500k)") from None
+    if not MIN_RATE_BPS <= bps <= MAX_RATE_BPS:
+        raise ValueError(f"rate {text} out of range {MIN_RATE_BPS}..{MAX_RATE_BPS} bit/s")
+    return bps
+
+
+def _rate(doc: dict[str, Any]) -> int | None:
+    rate = doc.get("rate")
+    if rate is None:
+        return None
+    if type(rate) is not int or not MIN_RATE_BPS <= rate <= MAX_RATE_BPS:
+        raise ProtocolError(f"'rate' must be {MIN_RATE_BPS}..{MAX_RATE_BPS} bit/s")
+    return rate
+
+
 def _name(doc: dict[str, Any]) -> str:
     name = doc.get("name")
     if not isinstance(name, str) or not name:
@@ -187,23 +219,26 @@ def parse_request(line: bytes) -> AddVm | RemoveVm | SetVm:
         tap = doc.get("tap")
         if tap is not None and (not isinstance(tap, str) or not tap):
             raise ProtocolError("'tap' must be an interface name")
-        vlans, macs, ips = _vlans(doc), _macs(doc), _ips(doc)
-        _fields(doc, {"op", "socket", "vlans", "tap", "macs", "ips"})
-        return AddVm(path, vlans, tap, macs, ips)
+        vlans, macs, ips, rate = _vlans(doc), _macs(doc), _ips(doc), _rate(doc)
+        _fields(doc, {"op", "socket", "vlans", "tap", "macs", "ips", "rate"})
+        return AddVm(path, vlans, tap, macs, ips, rate)
     if op == "remove":
         name = _name(doc)
         _fields(doc, {"op", "name"})
         return RemoveVm(name)
     if op == "set":
         name, vlans, macs, ips = _name(doc), _vlans(doc), _macs(doc), _ips(doc)
-        _fields(doc, {"op", "name", "vlans", "macs", "ips"})
+        rate = _rate(doc)
+        _fields(doc, {"op", "name", "vlans", "macs", "ips", "rate"})
         unlock = "macs" in doc and doc["macs"] is None
         unlock_ips = "ips" in doc and doc["ips"] is None
-        if vlans is None and macs is None and ips is None and not (unlock or unlock_ips):
+        unlimit = "rate" in doc and doc["rate"] is None
+        if (vlans, macs, ips, rate) == (None,) * 4 and not (unlock or unlock_ips or unlimit):
             raise ProtocolError(
-                "'set' needs 'vlans', 'macs' or 'ips' (null: no MAC lock, no IP guard)"
+                "'set' needs 'vlans', 'macs', 'ips' or 'rate' (null: no MAC lock, no IP"
+                " guard, no rate)"
             )
-        return SetVm(name, vlans, macs, unlock, ips, unlock_ips)
+        return SetVm(name, vlans, macs, unlock, ips, unlock_ips, rate, unlimit)
     raise ProtocolError(f"unknown op {op!r} (add, remove, set)")
 
 
@@ -222,6 +257,13 @@ def request(path: str, doc: dict[str, Any], *, timeout: float = 30.0) -> dict[st
     if not reply.get("ok"):
         raise UsageError(str(reply.get("error", "refused")))
     return reply
+
+
+def _rate_arg(text: str) -> int:
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _ids(text: str) -> list[int]:
@@ -247,6 +289,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--tap", metavar="IFNAME", help="its tap (with --port tap:...)")
     add.add_argument("--mac", metavar="MAC[,MAC]", help="the source MACs it may use on the switch")
     add.add_argument("--ip", metavar="ADDR[,ADDR]", help="the source IPs it may use on the switch")
+    add.add_argument("--rate", type=_rate_arg, metavar="RATE", help="police what it sends (100M)")
     rm = sub.add_parser("remove", help="stop serving a VM")
     rm.add_argument("name", help="the VM's name, as virtnet stats shows it")
     st = sub.add_parser("set", help="change a VM's switch VLANs, MAC lock or IP guard")
@@ -258,6 +301,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     guard = st.add_mutually_exclusive_group()
     guard.add_argument("--ip", metavar="ADDR[,ADDR]", help="lock it to these source IPs")
     guard.add_argument("--no-ip", action="store_true", help="let it use any IP")
+    limit = st.add_mutually_exclusive_group()
+    limit.add_argument("--rate", type=_rate_arg, metavar="RATE", help="police what it sends")
+    limit.add_argument("--no-rate", action="store_true", help="no limit")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -271,6 +317,8 @@ def run(args: argparse.Namespace) -> int:
             doc["macs"] = args.mac.split(",")
         if args.ip is not None:
             doc["ips"] = args.ip.split(",")
+        if args.rate is not None:
+            doc["rate"] = args.rate
         print(request(args.control_socket, doc)["name"])
     elif args.action == "remove":
         request(args.control_socket, {"op": "remove", "name": args.name})
@@ -286,7 +334,13 @@ def run(args: argparse.Namespace) -> int:
             doc["ips"] = args.ip.split(",")
         elif args.no_ip:
             doc["ips"] = None
+        if args.rate is not None:
+            doc["rate"] = args.rate
+        elif args.no_rate:
+            doc["rate"] = None
         if len(doc) == 2:
-            raise UsageError("set what? --vlans, --mac, --no-mac, --ip or --no-ip")
+            raise UsageError(
+                "set what? --vlans, --mac, --no-mac, --ip, --no-ip, --rate or --no-rate"
+            )
         request(args.control_socket, doc)
     return 0

@@ -104,6 +104,7 @@ from virtnet.vhost_user.control import (
     RemoveVm,
     parse_ips,
     parse_macs,
+    parse_rate,
     parse_request,
 )
 from virtnet.vhost_user.server import Endpoint, Server
@@ -190,11 +191,13 @@ class Daemon:
         socket_group: str | None = None,
         socket_mode: int | None = None,
         ips: Sequence[tuple[str, frozenset[bytes]]] = (),
+        rates: Sequence[tuple[str, int]] = (),
     ) -> None:
         """``vlans``: the ``--vlans`` options (:func:`_vlans_arg`), switch only;
         ``control_socket``: where ``virtnet ctl`` adds and removes VMs;
         ``macs``: the ``--mac`` options (:func:`_mac_arg`), switch only;
         ``ips``: the ``--ip`` options (:func:`_ip_arg`), switch only;
+        ``rates``: the ``--rate`` options (:func:`_rate_vm_arg`), switch only;
         ``state_file``: where the VMs ``virtnet ctl`` added are kept, to be
         served again after a restart (:meth:`_restore_state`);
         ``socket_group``, ``socket_mode``: ownership and mode of the VM sockets
@@ -240,6 +243,8 @@ class Daemon:
         self.macs: dict[str, frozenset[bytes]] = {}
         #: Switch members held to their source IPs (--ip).
         self.ips: dict[str, frozenset[bytes]] = {}
+        #: Switch members policed to a rate, bit/s (--rate).
+        self.rates: dict[str, int] = {}
         self._stop = False
         #: serve's exit status: 1 once it gave up on a switch process that keeps dying.
         self.status = 0
@@ -275,6 +280,13 @@ class Daemon:
                         f" name: {', '.join(vm.name for vm in self.vms)})"
                     )
                 self._lock_ips(name, addrs)
+            for name, bps in rates:
+                if not any(vm.name == name for vm in self.vms):
+                    raise UsageError(
+                        f"--rate {name}=...: no such VM (VMs are named by their socket's file"
+                        f" name: {', '.join(vm.name for vm in self.vms)})"
+                    )
+                self._set_rate(name, bps)
             if isinstance(self._shared, SwitchPort):
                 # Its death wakes the loop at once instead of at the next tick.
                 self.server.watch(self._shared.control, self._shared.drain_replies)
@@ -376,6 +388,19 @@ class Daemon:
             self.ips[name] = addrs
             log.info("%s: may send from IP %s only", name, ", ".join(_ip_texts(addrs)))
 
+    def _set_rate(self, name: str, bps: int | None) -> None:
+        """Police what ``name`` sends on the switch to ``bps`` bit/s (None: no limit)."""
+        sw = self._shared
+        if not isinstance(sw, SwitchPort):
+            raise UsageError("--rate needs --port switch (police a tap with tc)")
+        sw.set_rate(name, bps)
+        if bps is None:
+            self.rates.pop(name, None)
+            log.info("%s: no rate limit", name)
+        else:
+            self.rates[name] = bps
+            log.info("%s: sends at most %s", name, rate_text(bps))
+
     def _check_ips_free(self, addrs: frozenset[bytes], name: str | None = None) -> None:
         """UsageError when a VM other than ``name`` holds one of ``addrs``."""
         taken = sorted(a for who, held in self.ips.items() if who != name for a in held & addrs)
@@ -397,17 +422,21 @@ class Daemon:
         unlock: bool = False,
         ips: frozenset[bytes] | None = None,
         unlock_ips: bool = False,
+        rate: int | None = None,
+        unlimit: bool = False,
     ) -> None:
         """Change a served VM's switch VLANs and MAC lock (``virtnet ctl set``)."""
         if not any(vm.name == name for vm in self.vms):
             raise UsageError(f"no VM called {name!r} (see virtnet stats)")
         sw = self._shared
         if not isinstance(sw, SwitchPort):
-            raise UsageError("VLANs, MAC locks and IP guards need --port switch")
+            raise UsageError("VLANs, MAC locks, IP guards and rates need --port switch")
         if macs is not None or unlock:
             self._lock_macs(name, macs, replace=True)
         if ips is not None or unlock_ips:
             self._lock_ips(name, ips, replace=True)
+        if rate is not None or unlimit:
+            self._set_rate(name, rate)
         if vlans is not None:
             sw.set_vlans(name, vlans)
             self.vlans[name] = vlans
@@ -421,6 +450,7 @@ class Daemon:
         tap: str | None = None,
         macs: frozenset[bytes] | None = None,
         ips: frozenset[bytes] | None = None,
+        rate: int | None = None,
     ) -> str:
         """Serve one more VM on ``path`` at run time (``virtnet ctl add``); its name.
 
@@ -428,7 +458,7 @@ class Daemon:
         untagged only); ``tap``: its tap with ``--port tap:...`` (default: the
         port's ``%d`` template with the next index); ``macs``: lock it to
         these source MACs on the switch (``--mac``); ``ips``: to these source
-        IP addresses (``--ip``)."""
+        IP addresses (``--ip``); ``rate``: police what it sends (``--rate``)."""
         if any(vm.path == path for vm in self.vms):
             raise UsageError(f"{path} is already served")
         is_tap = self.port_spec.startswith("tap:")
@@ -444,6 +474,8 @@ class Daemon:
             if not isinstance(self._shared, SwitchPort):
                 raise UsageError("IP guards need --port switch")
             self._check_ips_free(ips)
+        if rate is not None and not isinstance(self._shared, SwitchPort):
+            raise UsageError("rates need --port switch (police a tap with tc)")
         if is_tap and tap is None and not any(t in self.port_spec for t in ("%d", "{}")):
             raise UsageError(
                 f"--port {self.port_spec} names one tap, which a VM already has: give the"
@@ -462,6 +494,8 @@ class Daemon:
             self._lock_macs(vm.name, macs)
         if ips is not None:
             self._lock_ips(vm.name, ips)
+        if rate is not None:
+            self._set_rate(vm.name, rate)
         log.info(
             "%s: added (%s)%s", vm.name, path,
             f", VLANs {','.join(map(str, sorted(self.vlans[vm.name])))}"
@@ -491,6 +525,7 @@ class Daemon:
         self.vlans.pop(vm.name, None)
         self.macs.pop(vm.name, None)
         self.ips.pop(vm.name, None)
+        self.rates.pop(vm.name, None)
         self._lost_taps.pop(vm.name, None)
         log.info("%s: removed", vm.name)
 
@@ -566,7 +601,7 @@ class Daemon:
             else:
                 self.set_vm(
                     req.name, vlans=req.vlans, macs=req.macs, unlock=req.unlock,
-                    ips=req.ips, unlock_ips=req.unlock_ips,
+                    ips=req.ips, unlock_ips=req.unlock_ips, rate=req.rate, unlimit=req.unlimit,
                 )  # fmt: skip
                 kept = self.runtime.get(req.name)
                 if kept is not None:
@@ -575,6 +610,7 @@ class Daemon:
                         vlans=kept.vlans if req.vlans is None else req.vlans,
                         macs=None if req.unlock else req.macs or kept.macs,
                         ips=None if req.unlock_ips else req.ips or kept.ips,
+                        rate=None if req.unlimit else req.rate or kept.rate,
                     )
         except (PeerError, UsageError) as exc:
             log.error("control request refused: %s", exc)
@@ -584,7 +620,9 @@ class Daemon:
 
     def _add_remembered(self, req: AddVm) -> str:
         """Serve ``req``'s VM and remember its add request for the state file."""
-        name = self.add_vm(req.socket, vlans=req.vlans, tap=req.tap, macs=req.macs, ips=req.ips)
+        name = self.add_vm(
+            req.socket, vlans=req.vlans, tap=req.tap, macs=req.macs, ips=req.ips, rate=req.rate
+        )
         self.runtime[name] = req
         return name
 
@@ -828,6 +866,8 @@ def snapshot(d: Daemon) -> dict[str, Any]:
             vms[-1]["macs"] = sorted(map(mac_text, d.macs[vm.name]))
         if vm.name in d.ips:
             vms[-1]["ips"] = _ip_texts(d.ips[vm.name])
+        if vm.name in d.rates:
+            vms[-1]["rate_bps"] = d.rates[vm.name]
     doc: dict[str, Any] = {"time": time.time(), "queues": d.queues, "vms": vms}
     if isinstance(d._shared, SwitchPort):
         doc["switch"] = _switch_snapshot(d._shared)
@@ -866,6 +906,8 @@ def _add_doc(req: AddVm) -> dict[str, Any]:
         doc["macs"] = sorted(map(mac_text, req.macs))
     if req.ips is not None:
         doc["ips"] = _ip_texts(req.ips)
+    if req.rate is not None:
+        doc["rate"] = req.rate
     return doc
 
 
@@ -991,6 +1033,27 @@ def _vlans_arg(text: str) -> tuple[str | None, frozenset[int]]:
 def _ip_texts(addrs: frozenset[bytes]) -> list[str]:
     """Packed addresses as text, IPv4 first, each family in order."""
     return [str(ipaddress.ip_address(a)) for a in sorted(addrs, key=lambda a: (len(a), a))]
+
+
+def rate_text(bps: int) -> str:
+    """``100 Mbit/s`` and the like."""
+    for unit, scale in (("Gbit/s", 10**9), ("Mbit/s", 10**6), ("kbit/s", 10**3)):
+        if bps >= scale:
+            return f"{bps / scale:g} {unit}"
+    return f"{bps} bit/s"
+
+
+def _rate_vm_arg(text: str) -> tuple[str, int]:
+    """``--rate VM=RATE``."""
+    name, eq, rate = text.partition("=")
+    try:
+        if not name or not eq:
+            raise ValueError("expected VM=RATE")
+        return name, parse_rate(rate)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"bad --rate {text!r}: {exc} (e.g. vm1.sock=100M)"
+        ) from None
 
 
 def _ip_arg(text: str) -> tuple[str, frozenset[bytes]]:
@@ -1159,6 +1222,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " (IPv6 link-local too; IP source guard; default: any)",
     )
     parser.add_argument(
+        "--rate",
+        type=_rate_vm_arg,
+        action="append",
+        default=[],
+        metavar="VM=RATE",
+        help="--port switch: police what VM sends to RATE bit/s (e.g. 100M, 1.5G; frames"
+        " over it are dropped and counted, TCP backs off to it; default: no limit)",
+    )
+    parser.add_argument(
         "--no-offloads",
         dest="offloads",
         action="store_false",
@@ -1184,6 +1256,7 @@ def run(args: argparse.Namespace) -> int:
         state_file=args.state_file,
         socket_group=args.socket_group,
         ips=args.ip,
+        rates=args.rate,
         socket_mode=args.socket_mode,
     )
 

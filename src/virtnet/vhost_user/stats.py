@@ -65,6 +65,7 @@ SWITCH_COLUMNS = {
     "dropped_spoofed": "drop spoofed",
     "dropped_offload": "drop offload",
     "dropped_no_queue": "drop no queue",
+    "dropped_rate": "drop rate",
 }
 
 
@@ -138,6 +139,8 @@ def render(doc: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
             title += f"; sends from {','.join(vm['macs'])} only"
         if vm.get("ips"):
             title += f"; IPs {','.join(vm['ips'])} only"
+        if vm.get("rate_bps"):
+            title += f"; at most {vm['rate_bps'] / 1e6:g} Mbit/s"
         t = Table(title=title, caption=vm.get("features") or None)
         t.add_column("pair", justify="right")
         t.add_column("on")
