@@ -27,9 +27,8 @@ Invariants:
 * IP source guard (``set_ips``): a VM given its IP addresses may send IPv4
   and ARP only from them, and IPv6 (and neighbour advertisements for) only
   them or link-local addresses (the unspecified address where DHCP, ARP
-  probes and DAD need it); other
-  frames of those protocols are dropped and counted as spoofed.  Other
-  EtherTypes are not checked.
+  probes and DAD need it); other frames of those protocols are dropped and
+  counted as spoofed.  Other EtherTypes are not checked.
 * Policing (``set_rate``): what a VM sends is held to its rate by a token
   bucket (:func:`rate_burst` bytes); a frame over it is dropped and counted
   (``dropped_rate``) before anything else is looked at.
@@ -260,8 +259,8 @@ def _ip_source_ok(
     itself), and so must the target a neighbour advertisement claims.  The
     unspecified address is allowed where a host must use it: a DHCP client's
     UDP 68 -> 67 (RFC 2131), an ARP probe (RFC 5227) and duplicate address
-    detection (RFC 4862).  Other EtherTypes are not IP and
-    pass; a frame too short for its IP or ARP header does not.
+    detection (RFC 4862).  Other EtherTypes are not IP and pass; a frame too
+    short for its IP or ARP header does not.
     """
     if n < off + 2:
         return False
