@@ -89,7 +89,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from virtnet.errors import PeerError, ProtocolError, UsageError
 from virtnet.ports.base import Port, make_port
@@ -1043,43 +1043,36 @@ def rate_text(bps: int) -> str:
     return f"{bps} bit/s"
 
 
-def _rate_vm_arg(text: str) -> tuple[str, int]:
-    """``--rate VM=RATE``."""
-    name, eq, rate = text.partition("=")
+_T = TypeVar("_T")
+
+
+def _per_vm(text: str, option: str, parse: Callable[[str], _T], example: str) -> tuple[str, _T]:
+    """``--OPTION VM=VALUE``: (VM, ``parse(VALUE)``); ArgumentTypeError naming
+    the option and an example (``VM=VALUE``) when either part is wrong."""
+    name, eq, value = text.partition("=")
     try:
         if not name or not eq:
-            raise ValueError("expected VM=RATE")
-        return name, parse_rate(rate)
+            raise ValueError("expected VM=" + example.partition("=")[2])
+        return name, parse(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(
-            f"bad --rate {text!r}: {exc} (e.g. vm1.sock=100M)"
+            f"bad --{option} {text!r}: {exc} (e.g. {example})"
         ) from None
+
+
+def _rate_vm_arg(text: str) -> tuple[str, int]:
+    """``--rate VM=RATE``."""
+    return _per_vm(text, "rate", parse_rate, "vm1.sock=100M")
 
 
 def _ip_arg(text: str) -> tuple[str, frozenset[bytes]]:
     """``--ip VM=ADDR[,ADDR...]``."""
-    name, eq, addrs = text.partition("=")
-    try:
-        if not name or not eq:
-            raise ValueError("expected VM=ADDR")
-        return name, parse_ips(addrs)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            f"bad --ip {text!r}: {exc} (e.g. vm1.sock=10.0.0.5,fd00::5)"
-        ) from None
+    return _per_vm(text, "ip", parse_ips, "vm1.sock=10.0.0.5,fd00::5")
 
 
 def _mac_arg(text: str) -> tuple[str, frozenset[bytes]]:
     """``--mac VM=MAC[,MAC...]``."""
-    name, eq, addrs = text.partition("=")
-    try:
-        if not name or not eq:
-            raise ValueError("expected VM=MAC")
-        return name, parse_macs(addrs)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            f"bad --mac {text!r}: {exc} (e.g. vm1.sock=52:54:00:12:34:56)"
-        ) from None
+    return _per_vm(text, "mac", parse_macs, "vm1.sock=52:54:00:12:34:56")
 
 
 def _vlans_for(spec: Sequence[tuple[str | None, frozenset[int]]], name: str) -> frozenset[int]:
