@@ -267,25 +267,13 @@ class Daemon:
             if vlans:
                 self._set_vlans(vlans)
             for name, addrs in macs:
-                if not any(vm.name == name for vm in self.vms):
-                    raise UsageError(
-                        f"--mac {name}=...: no such VM (VMs are named by their socket's file"
-                        f" name: {', '.join(vm.name for vm in self.vms)})"
-                    )
+                self._require_vm("--mac", name)
                 self._lock_macs(name, addrs)
             for name, addrs in ips:
-                if not any(vm.name == name for vm in self.vms):
-                    raise UsageError(
-                        f"--ip {name}=...: no such VM (VMs are named by their socket's file"
-                        f" name: {', '.join(vm.name for vm in self.vms)})"
-                    )
+                self._require_vm("--ip", name)
                 self._lock_ips(name, addrs)
             for name, bps in rates:
-                if not any(vm.name == name for vm in self.vms):
-                    raise UsageError(
-                        f"--rate {name}=...: no such VM (VMs are named by their socket's file"
-                        f" name: {', '.join(vm.name for vm in self.vms)})"
-                    )
+                self._require_vm("--rate", name)
                 self._set_rate(name, bps)
             if isinstance(self._shared, SwitchPort):
                 # Its death wakes the loop at once instead of at the next tick.
@@ -352,6 +340,14 @@ class Daemon:
         st = os.stat(path)
         log.info("%s: mode %04o, group %s", path, st.st_mode & 0o777, _group_name(st.st_gid))
 
+    def _require_vm(self, option: str, name: str) -> None:
+        """UsageError unless a VM of the command line is called ``name``."""
+        if not any(vm.name == name for vm in self.vms):
+            raise UsageError(
+                f"{option} {name}=...: no such VM (VMs are named by their socket's file"
+                f" name: {', '.join(vm.name for vm in self.vms)})"
+            )
+
     def _lock_macs(
         self, name: str, addrs: frozenset[bytes] | None, *, replace: bool = False
     ) -> None:
@@ -361,7 +357,7 @@ class Daemon:
             raise UsageError("--mac needs --port switch (a tap's traffic is the host's to filter)")
         if name in self.macs and not replace:
             raise UsageError(f"--mac for {name} given twice")
-        self._check_macs_free(addrs or frozenset(), name)
+        self._check_free(self.macs, addrs or frozenset(), name, _mac_owned)
         sw.set_macs(name, addrs)
         if addrs is None:
             self.macs.pop(name, None)
@@ -379,7 +375,7 @@ class Daemon:
             raise UsageError("--ip needs --port switch (a tap's traffic is the host's to filter)")
         if name in self.ips and not replace:
             raise UsageError(f"--ip for {name} given twice")
-        self._check_ips_free(addrs or frozenset(), name)
+        self._check_free(self.ips, addrs or frozenset(), name, _ip_owned)
         sw.set_ips(name, addrs)
         if addrs is None:
             self.ips.pop(name, None)
@@ -401,17 +397,18 @@ class Daemon:
             self.rates[name] = bps
             log.info("%s: sends at most %s", name, rate_text(bps))
 
-    def _check_ips_free(self, addrs: frozenset[bytes], name: str | None = None) -> None:
-        """UsageError when a VM other than ``name`` holds one of ``addrs``."""
-        taken = sorted(a for who, held in self.ips.items() if who != name for a in held & addrs)
+    @staticmethod
+    def _check_free(
+        held: dict[str, frozenset[bytes]],
+        addrs: frozenset[bytes],
+        name: str | None,
+        text: Callable[[bytes], str],
+    ) -> None:
+        """UsageError when a VM other than ``name`` holds one of ``addrs`` in
+        ``held`` (the MAC locks or the IP guards); ``text`` names the address."""
+        taken = sorted(a for who, mine in held.items() if who != name for a in mine & addrs)
         if taken:
-            raise UsageError(f"IP {_ip_texts(frozenset(taken[:1]))[0]} belongs to another VM")
-
-    def _check_macs_free(self, addrs: frozenset[bytes], name: str | None = None) -> None:
-        """UsageError when a VM other than ``name`` is locked to one of ``addrs``."""
-        taken = sorted(a for who, held in self.macs.items() if who != name for a in held & addrs)
-        if taken:
-            raise UsageError(f"MAC {mac_text(taken[0])} belongs to another VM")
+            raise UsageError(f"{text(taken[0])} belongs to another VM")
 
     def set_vm(
         self,
@@ -469,11 +466,11 @@ class Daemon:
         if macs is not None:
             if not isinstance(self._shared, SwitchPort):
                 raise UsageError("MAC locks need --port switch")
-            self._check_macs_free(macs)
+            self._check_free(self.macs, macs, None, _mac_owned)
         if ips is not None:
             if not isinstance(self._shared, SwitchPort):
                 raise UsageError("IP guards need --port switch")
-            self._check_ips_free(ips)
+            self._check_free(self.ips, ips, None, _ip_owned)
         if rate is not None and not isinstance(self._shared, SwitchPort):
             raise UsageError("rates need --port switch (police a tap with tc)")
         if is_tap and tap is None and not any(t in self.port_spec for t in ("%d", "{}")):
@@ -1028,6 +1025,14 @@ def _vlans_arg(text: str) -> tuple[str | None, frozenset[int]]:
             " (0: untagged), e.g. vm1.sock=0,100-102"
         )
     return (member if eq else None), vlans
+
+
+def _mac_owned(mac: bytes) -> str:
+    return f"MAC {mac_text(mac)}"
+
+
+def _ip_owned(addr: bytes) -> str:
+    return f"IP {ipaddress.ip_address(addr)}"
 
 
 def _ip_texts(addrs: frozenset[bytes]) -> list[str]:
