@@ -846,25 +846,9 @@ class Switch:
         elif op == "vlans":
             self.set_vlans(vm_id, msg["vlans"])
         elif op == "macs":
-            macs = msg["macs"]
-            if macs is not None and not (
-                isinstance(macs, list) and all(isinstance(m, str) for m in macs)
-            ):
-                raise ProtocolError("'macs' must be a list of hex strings or null")
-            try:
-                self.set_macs(vm_id, None if macs is None else [bytes.fromhex(m) for m in macs])
-            except ValueError as exc:
-                raise ProtocolError(f"bad MAC in {macs!r}: {exc}") from None
+            self.set_macs(vm_id, _hex_list(msg, "macs", "MAC"))
         elif op == "ips":
-            ips = msg["ips"]
-            if ips is not None and not (
-                isinstance(ips, list) and all(isinstance(a, str) for a in ips)
-            ):
-                raise ProtocolError("'ips' must be a list of hex strings or null")
-            try:
-                self.set_ips(vm_id, None if ips is None else [bytes.fromhex(a) for a in ips])
-            except ValueError as exc:
-                raise ProtocolError(f"bad address in {ips!r}: {exc}") from None
+            self.set_ips(vm_id, _hex_list(msg, "ips", "address"))
         elif op == "rate":
             self.set_rate(vm_id, msg["bps"])
         elif op == "offloads":
@@ -878,6 +862,20 @@ class Switch:
             self.stopped = True
         else:
             raise ProtocolError(f"unknown control op {op!r}")
+
+
+def _hex_list(msg: dict[str, Any], key: str, what: str) -> list[bytes] | None:
+    """A control message's list of hex strings (MACs, IP addresses) as bytes,
+    or None for null; ProtocolError for anything else."""
+    items = msg[key]
+    if items is None:
+        return None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ProtocolError(f"'{key}' must be a list of hex strings or null")
+    try:
+        return [bytes.fromhex(i) for i in items]
+    except ValueError as exc:
+        raise ProtocolError(f"bad {what} in {items!r}: {exc}") from None
 
 
 def _serve_child(control_fd: int) -> int:
