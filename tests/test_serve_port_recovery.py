@@ -18,7 +18,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -210,14 +211,13 @@ def test_a_deleted_tap_comes_back_under_a_running_vm(tmp_path: Path, owner: str)
             delete_link(ifname)
 
 
-def test_a_restarted_switch_process_keeps_its_uplink(tmp_path: Path) -> None:
-    """``--port switch:uplink=IF``: after the switch process is killed, the
-    new one has the uplink tap again (serve still holds its queue fd), so a
-    VM's broadcast reaches the host and the host's frames reach the VM."""
+@contextmanager
+def _on_uplink(tmp_path: Path) -> Iterator[tuple[VhostUserFrontend, str]]:
+    """serve with ``--port switch:uplink=IF`` (serve creates IF) and a 2-pair
+    VM whose frames cross the uplink both ways; IF deleted at the end."""
     if os.geteuid() != 0:
         pytest.skip("needs root (tap devices)")
     ifname = unique_name("vnup")
-    stats = tmp_path / "stats.sock"
     try:
         with (
             fs.serve(tmp_path, f"switch:uplink={ifname}", queues=2) as (sock,),
@@ -225,42 +225,39 @@ def test_a_restarted_switch_process_keeps_its_uplink(tmp_path: Path) -> None:
         ):
             assert fe.set_queue_pairs(2)
             fs.tap_both_ways(fe, ifname)
-            old = switch_doc(stats)["pid"]
-            assert isinstance(old, int)
-            os.kill(old, signal.SIGKILL)
-            wait_for("a new switch process", lambda: switch_doc(stats).get("restarts") == 1)
-            fs.tap_both_ways(fe, ifname)
+            yield fe, ifname
     finally:
         if link_exists(ifname):
             delete_link(ifname)
+
+
+def test_a_restarted_switch_process_keeps_its_uplink(tmp_path: Path) -> None:
+    """``--port switch:uplink=IF``: after the switch process is killed, the
+    new one has the uplink tap again (serve still holds its queue fd), so a
+    VM's broadcast reaches the host and the host's frames reach the VM."""
+    stats = tmp_path / "stats.sock"
+    with _on_uplink(tmp_path) as (fe, ifname):
+        old = switch_doc(stats)["pid"]
+        assert isinstance(old, int)
+        os.kill(old, signal.SIGKILL)
+        wait_for("a new switch process", lambda: switch_doc(stats).get("restarts") == 1)
+        fs.tap_both_ways(fe, ifname)
 
 
 def test_a_deleted_uplink_is_created_again(tmp_path: Path) -> None:
     """``--port switch:uplink=IF`` with serve creating IF: ``ip link del IF``
     under a running VM; serve creates it again (its MAC, up) and hands the
     switch the new queue, and traffic crosses it both ways again."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (tap devices)")
-    ifname = unique_name("vnup")
-    try:
-        with (
-            fs.serve(tmp_path, f"switch:uplink={ifname}", queues=2) as (sock,),
-            VhostUserFrontend(sock, queue_pairs=2) as fe,
-        ):
-            assert fe.set_queue_pairs(2)
-            fs.tap_both_ways(fe, ifname)
-            mac = Path(f"/sys/class/net/{ifname}/address").read_text()
-            delete_link(ifname)
-            log = tmp_path / f"serve-switch:uplink={ifname}.log"
-            wait_for("serve to create it again", lambda: "created again" in log.read_text())
-            assert Path(f"/sys/class/net/{ifname}/address").read_text() == mac
-            fs.tap_both_ways(fe, ifname)
-        assert f"uplink:{ifname}: tap {ifname} is gone (deleted?); creating it again" in (
-            log.read_text()
-        )
-    finally:
-        if link_exists(ifname):
-            delete_link(ifname)
+    with _on_uplink(tmp_path) as (fe, ifname):
+        mac = Path(f"/sys/class/net/{ifname}/address").read_text()
+        delete_link(ifname)
+        log = tmp_path / f"serve-switch:uplink={ifname}.log"
+        wait_for("serve to create it again", lambda: "created again" in log.read_text())
+        assert Path(f"/sys/class/net/{ifname}/address").read_text() == mac
+        fs.tap_both_ways(fe, ifname)
+    assert f"uplink:{ifname}: tap {ifname} is gone (deleted?); creating it again" in (
+        log.read_text()
+    )
 
 
 def _fds_and_children(pid: int) -> tuple[int, int]:
