@@ -108,6 +108,7 @@ from virtnet.vhost_user.control import (
     parse_request,
 )
 from virtnet.vhost_user.server import Endpoint, Server
+from virtnet.vhost_user.stats import rate_text
 from virtnet.vhost_user.supervisor import Supervisor, VmPort, feature_names
 from virtnet.vhost_user.worker import (
     KICK_DEFER_ROUNDS,
@@ -1038,14 +1039,6 @@ def _ip_owned(addr: bytes) -> str:
 def _ip_texts(addrs: frozenset[bytes]) -> list[str]:
     """Packed addresses as text, IPv4 first, each family in order."""
     return [str(ipaddress.ip_address(a)) for a in sorted(addrs, key=lambda a: (len(a), a))]
-
-
-def rate_text(bps: int) -> str:
-    """``100 Mbit/s`` and the like."""
-    for unit, scale in (("Gbit/s", 10**9), ("Mbit/s", 10**6), ("kbit/s", 10**3)):
-        if bps >= scale:
-            return f"{bps / scale:g} {unit}"
-    return f"{bps} bit/s"
 
 
 _T = TypeVar("_T")

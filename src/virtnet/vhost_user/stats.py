@@ -27,6 +27,7 @@ __all__ = [
     "add_arguments",
     "ask",
     "fetch",
+    "rate_text",
     "render",
     "run",
     "tap_drops_text",
@@ -67,6 +68,14 @@ SWITCH_COLUMNS = {
     "dropped_no_queue": "drop no queue",
     "dropped_rate": "drop rate",
 }
+
+
+def rate_text(bps: int) -> str:
+    """``100 Mbit/s`` and the like (serve's log, the stats title)."""
+    for unit, scale in (("Gbit/s", 10**9), ("Mbit/s", 10**6), ("kbit/s", 10**3)):
+        if bps >= scale:
+            return f"{bps / scale:g} {unit}"
+    return f"{bps} bit/s"
 
 
 def tap_drops_text(tap: Any) -> str:
@@ -140,7 +149,7 @@ def render(doc: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
         if vm.get("ips"):
             title += f"; IPs {','.join(vm['ips'])} only"
         if vm.get("rate_bps"):
-            title += f"; at most {vm['rate_bps'] / 1e6:g} Mbit/s"
+            title += f"; at most {rate_text(vm['rate_bps'])}"
         t = Table(title=title, caption=vm.get("features") or None)
         t.add_column("pair", justify="right")
         t.add_column("on")
