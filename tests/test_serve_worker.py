@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from virtnet.memory import GuestMemory, MemoryRegion
 from virtnet.net import NetFeature
+from virtnet.packed import FRESH_BASE, PackedDriverQueue, decode_base
 from virtnet.vhost_user.backend import RingConfig
 from virtnet.vhost_user.supervisor import Supervisor
 from virtnet.vhost_user.worker import (
@@ -31,6 +32,7 @@ from virtnet.vhost_user.worker import (
     KICK_DEFER_ROUNDS,
     KICK_DEFER_SHORT_US,
     NFIELDS,
+    POS_FIELDS,
     RX_BATCH,
     RX_PUBLISH_BYTES,
     TX_SIGNAL_CHAINS,
@@ -41,7 +43,7 @@ from virtnet.vhost_user.worker import (
     WorkerSpec,
     spawn_worker,
 )
-from virtnet.virtq import DriverQueue, split_ring_layout
+from virtnet.virtq import DriverQueue, RingLayout, split_ring_layout
 
 MEM = 4 << 20
 QSIZE = 256
@@ -66,11 +68,14 @@ class Rig:
     counters: memoryview
     pid: int = 0
     ctl: object = None
+    packed: bool = False
 
     def spec(self, port: str = "loopback", rx_avail: int = 0, tx_avail: int = 0) -> WorkerSpec:
-        lay = split_ring_layout(QSIZE)
+        lay = packed_layout() if self.packed else split_ring_layout(QSIZE)
         rings = []
-        for i, base, avail in ((0, RX_RING, rx_avail), (1, TX_RING, tx_avail)):
+        fresh = FRESH_BASE if self.packed else 0
+        for i, base, asked in ((0, RX_RING, rx_avail), (1, TX_RING, tx_avail)):
+            avail = asked or fresh
             rings.append(
                 RingSpec(
                     index=i,
@@ -87,7 +92,7 @@ class Rig:
         return WorkerSpec(
             vm="test",
             pair=0,
-            features=FEATURES,
+            features=FEATURES | (int(NetFeature.RING_PACKED) if self.packed else 0),
             regions=(RegionSpec(0, MEM, 0x7F0000000000, 0, self.memfd),),
             rx=rings[0],
             tx=rings[1],
@@ -99,7 +104,19 @@ class Rig:
         return int(self.counters[FIELDS.index(name)])
 
 
-def _queue(mem: GuestMemory, base: int) -> DriverQueue:
+def packed_layout() -> RingLayout:
+    """A packed ring in the split ring's slot: descriptors, then the driver
+    and device event areas (SET_VRING_ADDR's avail and used)."""
+    return RingLayout(QSIZE, 0, 16 * QSIZE, 16 * QSIZE + 4, 16 * QSIZE + 8)
+
+
+def _queue(mem: GuestMemory, base: int, packed: bool = False) -> DriverQueue:
+    if packed:
+        lay = packed_layout()
+        q: object = PackedDriverQueue(
+            mem, QSIZE, base + lay.desc, base + lay.avail, base + lay.used, event_idx=True
+        )
+        return q  # type: ignore[return-value]  # the same driver interface
     lay = split_ring_layout(QSIZE)
     return DriverQueue(
         mem, QSIZE, base + lay.desc, base + lay.avail, base + lay.used, event_idx=True
@@ -108,6 +125,19 @@ def _queue(mem: GuestMemory, base: int) -> DriverQueue:
 
 @pytest.fixture
 def rig() -> Iterator[Rig]:
+    with _make_rig(packed=False) as r:
+        yield r
+
+
+@pytest.fixture
+def prig() -> Iterator[Rig]:
+    """A rig whose rings are packed (VIRTIO_F_RING_PACKED)."""
+    with _make_rig(packed=True) as r:
+        yield r
+
+
+@contextlib.contextmanager
+def _make_rig(packed: bool) -> Iterator[Rig]:
     import mmap
 
     fd = os.memfd_create("guest", 0)
@@ -118,12 +148,13 @@ def rig() -> Iterator[Rig]:
     r = Rig(
         mem,
         fd,
-        _queue(mem, RX_RING),
-        _queue(mem, TX_RING),
+        _queue(mem, RX_RING, packed),
+        _queue(mem, TX_RING, packed),
         (efd[0], efd[1]),
         (efd[2], efd[3]),
         (efd[4], efd[5]),
         memoryview(shm).cast("Q"),
+        packed=packed,
     )
     try:
         yield r
@@ -355,6 +386,99 @@ def test_null_port_counts_and_drops(rig: Rig) -> None:
     assert len(_wait_used(rig.tx, 50)) == 50
     _stop(rig)
     assert rig.counter("tx_packets") == 50 and rig.counter("tx_bytes") == 50 * 64
+
+
+def test_packed_rings_loop_back_over_several_laps(prig: Rig) -> None:
+    """Packed rings: frames come back intact over three laps of both rings,
+    and the stop reports 32-bit bases whose used and avail halves agree."""
+    n = 0
+    for lap in range(3):
+        _post_rx(prig, 200, start=200 * (lap % 2))
+        if lap == 0:
+            _start(prig, prig.spec())
+        frames = [_frame(n + i) for i in range(200)]
+        _send(prig, frames, slot0=0x200000 + 0x80000 * (lap % 2))
+        assert len(_wait_used(prig.tx, 200)) == 200
+        used = _wait_used(prig.rx, 200)
+        assert len(used) == 200
+        for k, (addr, length) in enumerate(used):
+            assert isinstance(addr, int) and length == 12 + 64
+            data = prig.mem.read(addr, length)
+            assert struct.unpack_from("<H", data, 10)[0] == 1
+            assert data[12:18] == frames[k][18:24] and data[24:] == frames[k][24:]
+        n += 200
+    rx, tx = _stop(prig)
+    # 600 slots on a 256-slot ring: position 88 on the third lap (wrap counter 1).
+    assert decode_base(rx, QSIZE) == decode_base(tx, QSIZE) == (88, 1, 88, 1)
+    assert prig.counter("tx_packets") == 600 == prig.counter("rx_packets")
+
+
+def test_packed_restart_continues_from_reported_bases(prig: Rig) -> None:
+    _post_rx(prig, 250)
+    _start(prig, prig.spec())
+    _send(prig, [_frame(i) for i in range(200)])
+    assert len(_wait_used(prig.rx, 200)) == 200
+    assert len(_wait_used(prig.tx, 200)) == 200  # the slots are free again
+    rx, tx = _stop(prig)
+    _start(prig, prig.spec(rx_avail=rx, tx_avail=tx))
+    _post_rx(prig, 100, start=250)
+    _send(prig, [_frame(i) for i in range(200, 300)], slot0=0x300000)
+    used = _wait_used(prig.rx, 100)
+    assert len(used) == 100
+    assert prig.mem.read(used[-1][0], 76)[26:30] == struct.pack(">I", 299)  # type: ignore[arg-type]
+    rx, tx = _stop(prig)
+    assert decode_base(tx, QSIZE) == (44, 0, 44, 0)  # 300 slots: second lap
+
+
+def test_packed_mergeable_frame_spans_chains(prig: Rig) -> None:
+    _post_rx(prig, 64, size=1024)
+    _start(prig, prig.spec())
+    _send(prig, [_frame(7, size=1514)])
+    used = _wait_used(prig.rx, 2)
+    assert [n for _, n in used] == [1024, 12 + 1514 - 1024]
+    first = used[0][0]
+    assert isinstance(first, int)
+    assert struct.unpack_from("<H", prig.mem.read(first, 12), 10)[0] == 2
+    assert _stop(prig) == (2 | 1 << 15 | 2 << 16 | 1 << 31, 1 | 1 << 15 | 1 << 16 | 1 << 31)
+
+
+def test_packed_chain_round_the_ring_breaks_only_that_ring(prig: Rig) -> None:
+    _post_rx(prig, 64)
+    _start(prig, prig.spec())
+    lay = packed_layout()
+    for slot in range(QSIZE):  # every slot available, every one saying NEXT
+        struct.pack_into("<QIHH", prig.mem.view(TX_RING + lay.desc + 16 * slot, 16), 0,
+                         0x200000, 64, 0, 1 << 7 | 1)  # fmt: skip
+    os.eventfd_write(prig.kicks[1], 1)
+    r, _, _ = select.select([prig.err[1]], [], [], 5)
+    assert r, "err eventfd of the tx ring was not signalled"
+    assert prig.counter("tx_errors") == 1 and prig.counter("rx_errors") == 0
+    rx, _tx = _stop(prig)
+    assert rx == FRESH_BASE  # the rx reserve was given back
+
+
+def test_packed_worker_killed_resumes_from_its_published_position(prig: Rig) -> None:
+    """A packed ring's used position is not in guest memory: the worker
+    stores it in its counter slot, and a worker started from there after a
+    SIGKILL goes on without losing or repeating a buffer."""
+    _post_rx(prig, 120)
+    _start(prig, prig.spec())
+    _send(prig, [_frame(i) for i in range(100)])
+    assert len(_wait_used(prig.rx, 100)) == 100
+    os.kill(prig.pid, 9)
+    os.waitpid(prig.pid, 0)
+    prig.pid = 0
+    words = [int(prig.counters[i]) for i in POS_FIELDS]
+    assert all(w >> 32 for w in words)
+    rx, tx = (w & 0xFFFFFFFF for w in words)
+    assert decode_base(rx, QSIZE)[2:] == (100, 1) and decode_base(tx, QSIZE)[2:] == (100, 1)
+    _start(prig, prig.spec(rx_avail=rx, tx_avail=tx))
+    _send(prig, [_frame(i) for i in range(100, 110)], slot0=0x300000)
+    used = _wait_used(prig.rx, 10)  # the 20 buffers the dead worker had popped are popped again
+    assert [prig.mem.read(a, 76)[26:30] for a, _ in used] == [  # type: ignore[arg-type]
+        struct.pack(">I", i) for i in range(100, 110)
+    ]
+    _stop(prig)
 
 
 def test_call_fd_swap_while_running(rig: Rig) -> None:

@@ -149,7 +149,10 @@ def negotiate(be: Backend, *, protocol: bool = True, features: int | None = None
         be.handle(msg(R.SET_PROTOCOL_FEATURES, U64(pf)))
     be.handle(msg(R.SET_OWNER))
     if features is None:
-        features = offered if protocol else offered & ~(1 << F_PROTOCOL_FEATURES)
+        # Split rings unless a test asks for packed ones.
+        features = offered & ~NetFeature.RING_PACKED
+        if not protocol:
+            features &= ~(1 << F_PROTOCOL_FEATURES)
     be.handle(msg(R.SET_FEATURES, U64(features)))
 
 
@@ -541,6 +544,41 @@ def test_rejections(messages: list[tuple[Request, Body]], match: str) -> None:
             if request is R.SET_LOG_BASE:
                 fds = (ev(),)
             be.handle(parse_message(encode_request(request, body), fds))
+    be.close()
+
+
+def test_packed_rings_take_any_size_a_u32_base_and_event_areas() -> None:
+    """VIRTIO_F_RING_PACKED: SET_VRING_NUM takes sizes that are not powers
+    of 2, SET/GET_VRING_BASE carry 32 bits, and SET_VRING_ADDR's avail and
+    used are 4-byte event areas (checked as such)."""
+    rec = Recorder()
+    be = Backend(rec, BackendConfig(max_queue_pairs=1))
+    offered = reply_u64(be.handle(msg(R.GET_FEATURES)))
+    assert offered & NetFeature.RING_PACKED
+    negotiate(be, features=offered)
+    set_table(be)
+    be.handle(msg(R.SET_VRING_NUM, VringState(0, 100)))
+    be.handle(msg(R.SET_VRING_BASE, VringState(0, 0x80008000)))
+    base = UVA + 0x1000
+    # Event areas right at the end of memory: 4 bytes fit, a split used ring would not.
+    be.handle(
+        msg(R.SET_VRING_ADDR, VringAddr(0, 0, base, UVA + MEM_SIZE - 4, UVA + MEM_SIZE - 8, 0))
+    )
+    be.handle(msg(R.SET_VRING_KICK, VringFd(0, False), (ev(),)))
+    cfg = rec.started[0]
+    assert (cfg.size, cfg.last_avail_idx) == (100, 0x80008000)
+    assert (cfg.avail_addr, cfg.used_addr) == (GPA + MEM_SIZE - 8, GPA + MEM_SIZE - 4)
+    rec.last_avail[0] = 0x00050005  # both positions 5, both wrap counters 0
+    reply = be.handle(msg(R.GET_VRING_BASE, VringState(0, 0)))
+    assert reply is not None and reply[-4:] == (0x00050005).to_bytes(4, "little")
+    with pytest.raises(ProtocolError, match="not 4-aligned"):
+        be.handle(msg(R.SET_VRING_ADDR, VringAddr(0, 0, base, UVA + 0x3002, UVA + 0x3010, 0)))
+        be.handle(msg(R.SET_VRING_KICK, VringFd(0, False), (ev(),)))
+    be.close()
+    be = Backend(rec, BackendConfig(max_queue_pairs=1))
+    negotiate(be, features=offered)
+    with pytest.raises(ProtocolError, match="packed size 40000"):
+        be.handle(msg(R.SET_VRING_NUM, VringState(0, 40000)))
     be.close()
 
 

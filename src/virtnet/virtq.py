@@ -288,6 +288,10 @@ class DeviceQueue:
                 self._log_chain(dirty, head, length)
         self._log_used_ring(dirty)
 
+    def base(self) -> int:
+        """Where the ring stands, as vhost-user GET_VRING_BASE reports it."""
+        return self.last_avail_idx
+
     # -- available side ---------------------------------------------------
     def avail_idx(self) -> int:
         """The driver's current available index."""

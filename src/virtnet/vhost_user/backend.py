@@ -28,6 +28,11 @@ queue support", "Memory access", "REPLY_ACK"):
   ``vhost_user_backend_init``).  We therefore answer ``max_queue_pairs``.
   The control queue is handled inside QEMU and never reaches the backend,
   so ring indexes run from 0 to ``2 * max_queue_pairs - 1``.
+* Packed rings (VIRTIO_F_RING_PACKED): SET_VRING_ADDR's avail and used
+  addresses are the driver and device event suppression areas, SET_VRING_NUM
+  takes any size up to 32768, and the ring base of SET/GET_VRING_BASE is 32
+  bits (vhost-user.rst "Vring descriptor indices for packed virtqueues";
+  :func:`virtnet.packed.decode_base`).
 
 Invariants:
 
@@ -58,6 +63,7 @@ from virtnet.dirty_log import MAX_LOG_BYTES
 from virtnet.errors import GuestMemoryError, ProtocolError
 from virtnet.memory import MAX_REGIONS, GuestMemory, MemoryRegion
 from virtnet.net import MAX_MTU, MIN_MTU, VHOST_F_LOG_ALL, NetFeature
+from virtnet.packed import EVENT_ALIGN, EVENT_SIZE, PACKED_DESC_ALIGN
 from virtnet.vhost_user.codec import (
     F_PROTOCOL_FEATURES,
     MAX_RINGS,
@@ -119,6 +125,9 @@ DEFAULT_FEATURES = (
         # QEMU answers the guest's announce on the control queue (its own);
         # after a migration the guest then sends gratuitous ARPs itself.
         | NetFeature.GUEST_ANNOUNCE
+        # Packed virtqueues (virtio 1.3 2.8, virtnet.packed); QEMU passes the
+        # bit on with -device virtio-net-pci,packed=on, DPDK with packed_vq=1.
+        | NetFeature.RING_PACKED
     )
     | (1 << F_PROTOCOL_FEATURES)
     | LOG_ALL
@@ -456,6 +465,11 @@ class Backend:
             features=self.features,
         )
 
+    @property
+    def packed(self) -> bool:
+        """Whether the rings are packed (VIRTIO_F_RING_PACKED negotiated)."""
+        return bool(self.features & NetFeature.RING_PACKED)
+
     def has_protocol_feature(self, feature: ProtocolFeature) -> bool:
         return bool(self.protocol_features & feature.mask)
 
@@ -517,8 +531,8 @@ class Backend:
         r.started = False
         last = self.events.on_ring_stop(r.index)
         if last is not None:
-            if not 0 <= last <= 0xFFFF:
-                raise ValueError(f"on_ring_stop returned {last}, not a u16")
+            if not 0 <= last <= (0xFFFFFFFF if self.packed else 0xFFFF):
+                raise ValueError(f"on_ring_stop returned {last}, not a ring base")
             r.base = last
 
     def _drop_ring_fds(self, r: _Ring) -> None:
@@ -530,11 +544,20 @@ class Backend:
         """Ring part addresses as GPAs, through ``table`` (default: the current one)."""
         assert r.addr is not None
         n = r.size
-        parts = (
-            ("descriptor table", r.addr.desc, DESC_SIZE * n, DESC_ALIGN),
-            ("available ring", r.addr.avail, 6 + 2 * n, AVAIL_ALIGN),
-            ("used ring", r.addr.used, 6 + 8 * n, USED_ALIGN),
-        )
+        if self.packed:
+            # 2.8.10/2.8.14: the descriptor ring, then the driver and device
+            # event suppression areas (SET_VRING_ADDR's avail and used).
+            parts = (
+                ("descriptor ring", r.addr.desc, DESC_SIZE * n, PACKED_DESC_ALIGN),
+                ("driver event area", r.addr.avail, EVENT_SIZE, EVENT_ALIGN),
+                ("device event area", r.addr.used, EVENT_SIZE, EVENT_ALIGN),
+            )
+        else:
+            parts = (
+                ("descriptor table", r.addr.desc, DESC_SIZE * n, DESC_ALIGN),
+                ("available ring", r.addr.avail, 6 + 2 * n, AVAIL_ALIGN),
+                ("used ring", r.addr.used, 6 + 8 * n, USED_ALIGN),
+            )
         out: list[int] = []
         for name, uva, length, align in parts:
             try:
@@ -757,7 +780,11 @@ class Backend:
         assert isinstance(msg.body, VringState)
         r = self._ring(msg.request, msg.body.index)
         n = msg.body.num
-        if not 1 <= n <= MAX_VRING_SIZE or n & (n - 1):
+        if self.packed:
+            # 2.8: a packed ring may have any size up to 32768.
+            if not 1 <= n <= MAX_VRING_SIZE:
+                raise ProtocolError(f"SET_VRING_NUM: packed size {n} is not in 1..{MAX_VRING_SIZE}")
+        elif not 1 <= n <= MAX_VRING_SIZE or n & (n - 1):
             raise ProtocolError(
                 f"SET_VRING_NUM: size {n} is not a power of 2 in 1..{MAX_VRING_SIZE}"
             )
@@ -796,9 +823,12 @@ class Backend:
     def _set_vring_base(self, msg: Message, kept: list[int]) -> bytes | bool:
         assert isinstance(msg.body, VringState)
         r = self._ring(msg.request, msg.body.index)
-        if msg.body.num > 0xFFFF:
+        if msg.body.num > 0xFFFF and not self.packed:
+            # Split rings: bits 16-31 are reserved (vhost-user.rst "A vring
+            # descriptor index for split virtqueues").  A packed ring's base
+            # is checked against its size when the ring starts.
             raise ProtocolError(
-                f"SET_VRING_BASE: base {msg.body.num} is not a u16 (packed rings not offered)"
+                f"SET_VRING_BASE: base 0x{msg.body.num:x} of a split ring is not a u16"
             )
         if r.started:
             raise ProtocolError(f"SET_VRING_BASE: ring {r.index} is started")

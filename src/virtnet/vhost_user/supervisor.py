@@ -58,6 +58,7 @@ from virtnet.vhost_user.worker import (
     KICK_DEFER_US,
     MAX_KICK_DEFER_US,
     NFIELDS,
+    POS_FIELDS,
     Ctl,
     LogSpec,
     RegionSpec,
@@ -699,6 +700,14 @@ class Supervisor:
         for index in (2 * pair, 2 * pair + 1):
             r = self.rings[index]
             if r.config is None or backend is None:
+                continue
+            if r.config.features & NetFeature.RING_PACKED:
+                # The worker stored its used position after every push.
+                word = self.vm.slot(pair)[POS_FIELDS[index & 1]]
+                if word >> 32:
+                    r.next_avail = word & 0xFFFFFFFF
+                    log.info("%s: ring %d resumes from its used position (base 0x%08x)",
+                             self.name, index, r.next_avail)  # fmt: skip
                 continue
             try:
                 used = int(backend.memory.view(r.config.used_addr + 2, 2).cast("H")[0])

@@ -82,6 +82,13 @@ Invariants:
   always equals the used index: at stop the reserve is given back
   (``unpop``) and the reported next-avail index equals the used index, and a
   crashed worker can be restarted from the used index in guest memory.
+* Packed rings (``VIRTIO_F_RING_PACKED``, :mod:`virtnet.packed`) are served
+  by the same loop through :class:`~virtnet.packed.PackedDeviceQueue`; their
+  next-avail report is the 32-bit packed base (both positions and wrap
+  counters).  A packed ring keeps its used position nowhere the supervisor
+  could read it in guest memory, so after each push the worker stores it in
+  its counter slot (:data:`POS_FIELDS`): a crashed worker's packed rings
+  restart from there.
 * Guest input is untrusted: a :class:`~virtnet.errors.PeerError` from a ring
   (loops, bad indexes, addresses outside guest memory -- all checked by
   ``DeviceQueue``) marks that ring broken (logged, counted in ``errors``,
@@ -119,9 +126,13 @@ from virtnet.errors import PeerError
 from virtnet.forking import fork_child
 from virtnet.memory import GuestMemory, MemoryRegion
 from virtnet.net import NetFeature
+from virtnet.packed import PackedDeviceQueue
 from virtnet.ports.base import MAX_FRAME_LEN, VNET_HDR_LEN, PortQueue, attach_queue
 from virtnet.vhost_user.backend import RegionInfo
 from virtnet.virtq import Chain, DeviceQueue
+
+#: The device side of a split or a packed ring: the worker uses either alike.
+AnyQueue = DeviceQueue | PackedDeviceQueue
 
 __all__ = [
     "FIELDS",
@@ -132,6 +143,7 @@ __all__ = [
     "KICK_DEFER_US",
     "MAX_KICK_DEFER_US",
     "NFIELDS",
+    "POS_FIELDS",
     "RX_BATCH",
     "RX_PUBLISH_BYTES",
     "TX_BATCH",
@@ -230,11 +242,14 @@ FIELDS = (
     "rx_errors",
     "tx_errors",
 )
-NFIELDS = 16
+#: Slot words after the counters (never folded into totals): a packed ring's
+#: used position as ``1 << 32 | base`` (0: not known), rx then tx.
+POS_FIELDS = (16, 17)
+NFIELDS = 18
 _F = {name: i for i, name in enumerate(FIELDS)}
 
 _EVENTFD_ONE = struct.pack("=Q", 1)
-_STOP_REPLY = struct.Struct("=cHH")
+_STOP_REPLY = struct.Struct("=cII")
 _CALL_MSG = struct.Struct("=cBB")
 _LOG_MSG = struct.Struct("=cBBQ")
 _EPOLLIN = select.EPOLLIN
@@ -316,8 +331,9 @@ class WorkerSpec:
 class Ctl:
     """Control messages between supervisor and worker (one SEQPACKET record each).
 
-    * ``S`` stop: the worker answers ``S`` + rx and tx next-avail indexes (u16
-      each), then exits without touching guest memory again.
+    * ``S`` stop: the worker answers ``S`` + rx and tx next-avail indexes (u32
+      each: a split ring's u16 index, a packed ring's base), then exits
+      without touching guest memory again.
     * ``D`` disable: like ``S``, but first the tx chains the guest has made
       available are consumed and discarded (a disabled ring "must discard
       tx", vhost-user.rst "Ring states"), pushed used and signalled.
@@ -378,8 +394,9 @@ class Worker:
         # tap: tx writes inlined (see _tap_tx); other fd ports use send().
         self.tap_fd = self.port.fileno() if spec.port_kind == "tap" else None
         self.port_readable = True
-        self.rxq: DeviceQueue | None = None
-        self.txq: DeviceQueue | None = None
+        self.packed = bool(feats & NetFeature.RING_PACKED)
+        self.rxq: AnyQueue | None = None
+        self.txq: AnyQueue | None = None
         self.call = {spec.rx.index: spec.rx.call_fd, spec.tx.index: spec.tx.call_fd}
         self.err = {spec.rx.index: spec.rx.err_fd, spec.tx.index: spec.tx.err_fd}
         # rx reserve: chains popped and not yet used, their buffers, capacity.
@@ -444,7 +461,9 @@ class Worker:
 
     # -- set-up -----------------------------------------------------------
 
-    def _queue(self, ring: RingSpec) -> DeviceQueue | None:
+    def _queue(self, ring: RingSpec) -> AnyQueue | None:
+        if self.packed:
+            return self._packed_queue(ring)
         try:
             used_idx = _read_used_idx(self.mem, ring.used_addr)
             q = DeviceQueue(
@@ -467,6 +486,27 @@ class Worker:
                 f" avail {ring.last_avail_idx}",
             )
             return None
+        return q
+
+    def _packed_queue(self, ring: RingSpec) -> PackedDeviceQueue | None:
+        """A packed ring: ``desc``/``avail``/``used`` addresses are its
+        descriptor ring, driver area and device area (vhost-user
+        SET_VRING_ADDR), ``last_avail_idx`` its 32-bit base."""
+        try:
+            q = PackedDeviceQueue(
+                self.mem,
+                ring.size,
+                ring.desc_addr,
+                ring.avail_addr,
+                ring.used_addr,
+                event_idx=self.event_idx,
+                base=ring.last_avail_idx,
+            )
+        except PeerError as exc:
+            self._broken(ring.index, f"cannot start: {exc}")
+            return None
+        q.position = (self.counters, POS_FIELDS[ring.index & 1])
+        q.publish_position()
         return q
 
     def _error(self, index: int | None) -> None:
@@ -583,7 +623,7 @@ class Worker:
         port.tx_packets += sent
         port.tx_bytes += nbytes - VNET_HDR_LEN * sent
 
-    def _refill(self, q: DeviceQueue) -> bool:
+    def _refill(self, q: AnyQueue) -> bool:
         """Pop rx chains until the reserve covers one maximal frame; False if short."""
         if not self.mergeable:
             return bool(self.reserve) or self._reserve(q.pop(RX_REFILL))
@@ -640,7 +680,7 @@ class Worker:
                 self._signal(self.spec.rx.index)
         return frames
 
-    def _rx_publish(self, q: DeviceQueue, used: list[tuple[int, int]]) -> None:
+    def _rx_publish(self, q: AnyQueue, used: list[tuple[int, int]]) -> None:
         """Publish the frames received so far in this batch (large frames)."""
         self.rx_unpublished = 0
         q.push(used)
@@ -648,7 +688,7 @@ class Worker:
         if q.should_notify():
             self._signal(self.spec.rx.index)
 
-    def _rx_tap_small(self, q: DeviceQueue, used: list[tuple[int, int]]) -> int:
+    def _rx_tap_small(self, q: AnyQueue, used: list[tuple[int, int]]) -> int:
         """The common case of a tap and mergeable buffers: frames that fit the
         first chain of the reserve, a chain of one buffer (how Linux posts
         them), each read with one ``readv`` of that buffer and the bounce
@@ -761,7 +801,7 @@ class Worker:
                 port.rx_bytes += nbytes - hdr_len * frames
         return frames
 
-    def _rx_frames(self, q: DeviceQueue, used: list[tuple[int, int]], limit: int) -> int:
+    def _rx_frames(self, q: AnyQueue, used: list[tuple[int, int]], limit: int) -> int:
         """Receive up to ``limit`` frames through the port's ``recv_into``."""
         recv = self.port.recv_into
         has_frame = self._has_frame
@@ -992,13 +1032,15 @@ class Worker:
             self.reserve.clear()
             self.rx_bufs.clear()
             self.rx_cap = 0
-            rx = self.rxq.last_avail_idx
+            rx = self.rxq.base()
         else:
             rx = self._fallback(spec.rx)
-        tx = self.txq.last_avail_idx if self.txq is not None else self._fallback(spec.tx)
+        tx = self.txq.base() if self.txq is not None else self._fallback(spec.tx)
         return rx, tx
 
     def _fallback(self, ring: RingSpec) -> int:
+        if self.packed:
+            return ring.last_avail_idx
         try:
             return _read_used_idx(self.mem, ring.used_addr)
         except PeerError:

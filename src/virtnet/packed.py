@@ -1,0 +1,612 @@
+"""Packed virtqueues (virtio 1.3, 2.8 "Packed Virtqueues"), device side and driver side.
+
+Negotiated with ``VIRTIO_F_RING_PACKED`` (bit 34).  One ring of 16-byte
+descriptors ``(addr u64, len u32, id u16, flags u16)`` carries both directions:
+the driver makes a descriptor available by writing its flags with AVAIL equal
+to its wrap counter and USED the opposite; the device writes a used descriptor
+(buffer id, written length) into the next slot of *its* position with AVAIL and
+USED both equal to its wrap counter.  Two 4-byte event suppression structures
+(``off_wrap u16, flags u16``; 2.8.14) replace the split ring's flags and event
+indexes: the driver area says when the driver wants interrupts, the device area
+when the device wants kicks.
+
+Sans-I/O like :mod:`virtnet.virtq`, and :class:`PackedDeviceQueue` offers the
+same interface as :class:`~virtnet.virtq.DeviceQueue` (``pop``, ``unpop``,
+``push``, ``push_heads``, ``push_one``, ``should_notify``, ``enable_notify``,
+``base``), so the vhost-user worker serves either kind of ring.
+
+Invariants kept on the device side:
+
+* Nothing is read past a descriptor whose flags do not say available; a chain
+  (descriptors linked by NEXT, 2.8.6) spans at most ``size`` slots, so a chain
+  that runs round the whole ring raises :class:`VirtqueueError` instead of
+  being followed; an indirect table (2.8.7) holds at most
+  :data:`~virtnet.virtq.MAX_QUEUE_SIZE` entries, has a non-zero length that is
+  a multiple of 16, and its descriptor carries no NEXT.
+* Device-writable buffers never precede readable ones, and a chain describes
+  at most :data:`~virtnet.virtq.MAX_CHAIN_BYTES`.
+* Every buffer is a view from :meth:`GuestMemory.view`: nothing outside guest
+  memory is touched.
+* A used descriptor is written id and length first, flags last, and the
+  device's position then moves on by the number of slots the buffer took
+  (2.8.21.3: one for an indirect buffer), which is what drivers expect (Linux's
+  ``virtqueue_get_buf_ctx_packed`` steps by the chain's descriptor count).
+
+Positions: ``avail``/``used`` are slot indexes in ``[0, size)`` with a wrap
+counter each, both 1 on a fresh ring (2.8.1).  The vhost-user "ring base" of a
+packed ring (vhost-user.rst, "Vring descriptor indices for packed
+virtqueues") packs them into 32 bits: avail index in bits 0-14, its wrap
+counter in bit 15, used index in bits 16-30, its wrap counter in bit 31.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Sequence
+
+from virtnet.dirty_log import DirtyLog
+from virtnet.errors import VirtqueueError
+from virtnet.memory import GuestMemory
+from virtnet.virtq import (
+    DESC_SIZE,
+    MAX_CHAIN_BYTES,
+    MAX_QUEUE_SIZE,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    Chain,
+    _full_barrier,
+    vring_need_event,
+)
+
+__all__ = [
+    "EVENT_DESC",
+    "EVENT_DISABLE",
+    "EVENT_ENABLE",
+    "FRESH_BASE",
+    "VIRTQ_DESC_F_AVAIL",
+    "VIRTQ_DESC_F_USED",
+    "PackedDeviceQueue",
+    "PackedDriverQueue",
+    "decode_base",
+    "encode_base",
+]
+
+#: 2.8.1 descriptor flags: bit 7 AVAIL, bit 15 USED.
+VIRTQ_DESC_F_AVAIL = 1 << 7
+VIRTQ_DESC_F_USED = 1 << 15
+#: 2.8.14 event suppression ``flags``: RING_EVENT_FLAGS_ENABLE/DISABLE/DESC.
+EVENT_ENABLE = 0
+EVENT_DISABLE = 1
+EVENT_DESC = 2
+#: 2.8.1: alignment of the descriptor ring and of each event suppression area.
+PACKED_DESC_ALIGN = 16
+EVENT_ALIGN = 4
+#: Bytes of one event suppression structure.
+EVENT_SIZE = 4
+#: The base of a ring never used: both positions 0, both wrap counters 1.
+FRESH_BASE = 1 << 15 | 1 << 31
+
+_DESC = struct.Struct("<QIHH")
+_desc_unpack = _DESC.unpack_from
+_desc_pack = _DESC.pack_into
+_IDLEN = struct.Struct("<IH")  # len u32, id u16 at offset 8 of a descriptor
+_idlen_pack = _IDLEN.pack_into
+_BOTH = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+#: Buffer ids are u16: a table of 2**16 entries needs no range check.
+_IDS = 1 << 16
+
+
+def check_packed_size(size: int) -> None:
+    """2.8: a packed ring has 1..32768 entries, any number (not only powers of 2)."""
+    if not 0 < size <= MAX_QUEUE_SIZE:
+        raise VirtqueueError(f"packed queue size {size} is not in 1..{MAX_QUEUE_SIZE}")
+
+
+def encode_base(avail: int, avail_wrap: int, used: int, used_wrap: int) -> int:
+    """The 32-bit vhost-user ring base of a packed ring."""
+    return avail | avail_wrap << 15 | used << 16 | used_wrap << 31
+
+
+def decode_base(base: int, size: int) -> tuple[int, int, int, int]:
+    """``(avail, avail_wrap, used, used_wrap)`` from a vhost-user ring base.
+
+    A base with nothing in bits 16-31 names the avail position only (DPDK's
+    virtio-user sends ``1 << 15`` for a fresh ring, and DPDK's vhost library
+    reads no more than that): the used position is then the same.
+    """
+    if not 0 <= base <= 0xFFFFFFFF:
+        raise VirtqueueError(f"packed ring base 0x{base:x} is not a u32")
+    avail, avail_wrap = base & 0x7FFF, base >> 15 & 1
+    if base >> 16:
+        used, used_wrap = base >> 16 & 0x7FFF, base >> 31
+    else:
+        used, used_wrap = avail, avail_wrap
+    if avail >= size or used >= size:
+        raise VirtqueueError(f"packed ring base 0x{base:08x}: an index is not below size {size}")
+    return avail, avail_wrap, used, used_wrap
+
+
+def _views(
+    mem: GuestMemory, size: int, desc_addr: int, driver_addr: int, device_addr: int
+) -> tuple[memoryview, memoryview, memoryview]:
+    check_packed_size(size)
+    if desc_addr % PACKED_DESC_ALIGN or driver_addr % EVENT_ALIGN or device_addr % EVENT_ALIGN:
+        raise VirtqueueError(
+            f"misaligned packed ring: desc 0x{desc_addr:x} driver 0x{driver_addr:x}"
+            f" device 0x{device_addr:x}"
+        )
+    try:
+        desc = mem.view(desc_addr, size * DESC_SIZE)
+        driver = mem.view(driver_addr, EVENT_SIZE).cast("H")
+        device = mem.view(device_addr, EVENT_SIZE).cast("H")
+    except VirtqueueError:
+        raise
+    except Exception as exc:  # GuestMemoryError
+        raise VirtqueueError(f"packed ring outside guest memory: {exc}") from exc
+    return desc, driver, device
+
+
+class PackedDeviceQueue:
+    """The device's side of one packed virtqueue."""
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_addr: int,
+        driver_addr: int,
+        device_addr: int,
+        *,
+        event_idx: bool = False,
+        base: int = FRESH_BASE,
+    ) -> None:
+        self.mem = mem
+        self.desc, self.driver_event, self.device_event = _views(
+            mem, size, desc_addr, driver_addr, device_addr
+        )
+        self.flags = self.desc.cast("H")  # a slot's flags: flags[8 * slot + 7]
+        self.size = size
+        self.desc_addr = desc_addr
+        self.device_addr = device_addr
+        self.event_idx = event_idx
+        self.avail_idx, self.avail_wrap, self.used_idx, self.used_wrap = decode_base(base, size)
+        self._signalled_used = self.used_idx
+        self._pushed = False  # used descriptors written since the last should_notify
+        self.notify_enabled = True
+        # Slots taken by the buffer of each id (written at pop, read at push).
+        self._slots = [1] * _IDS
+        # Where each chain popped and not yet given back started (for unpop):
+        # at most ``size`` buffers are in flight.
+        self._starts: deque[int] = deque(maxlen=size)
+        #: Where push stores ``1 << 32 | used_base()`` (a shared counter
+        #: slot word: the supervisor restarts a crashed worker from it).
+        self.position: tuple[memoryview, int] | None = None
+        self.dirty: DirtyLog | None = None
+        # While logging: each id's device-writable buffers (gpa, len).
+        self._writable: dict[int, list[tuple[int, int]]] = {}
+
+    # -- state ------------------------------------------------------------
+    @property
+    def last_avail_idx(self) -> int:
+        """The avail position and wrap counter as the low half of :meth:`base`."""
+        return self.avail_idx | self.avail_wrap << 15
+
+    def base(self) -> int:
+        """Where the ring stands, as vhost-user GET_VRING_BASE reports it."""
+        return encode_base(self.avail_idx, self.avail_wrap, self.used_idx, self.used_wrap)
+
+    def used_base(self) -> int:
+        """The base to resume from when the chains in flight are to be popped again."""
+        return encode_base(self.used_idx, self.used_wrap, self.used_idx, self.used_wrap)
+
+    def set_dirty_log(self, log: DirtyLog | None, used_log_addr: int | None = None) -> None:
+        """Mark every page this queue writes in ``log``: the buffers' written
+        bytes and the ring slots and device area written.  (The ring's own
+        GPAs are marked, so ``used_log_addr`` only says whether to log.)"""
+        del used_log_addr
+        self.dirty = log
+        if log is None:
+            self._writable.clear()
+
+    # -- available side ---------------------------------------------------
+    def _is_avail(self, slot: int, wrap: int) -> bool:
+        f = self.flags[8 * slot + 7]
+        return bool(f & VIRTQ_DESC_F_AVAIL) == bool(wrap) and bool(f & VIRTQ_DESC_F_USED) != bool(
+            wrap
+        )
+
+    def has_available(self) -> bool:
+        return self._is_avail(self.avail_idx, self.avail_wrap)
+
+    def pending(self) -> int:
+        """Slots made available from the device's position on (a scan)."""
+        n = 0
+        slot, wrap = self.avail_idx, self.avail_wrap
+        while n < self.size and self._is_avail(slot, wrap):
+            n += 1
+            slot += 1
+            if slot == self.size:
+                slot = 0
+                wrap ^= 1
+        return n
+
+    def pop(self, max_chains: int) -> list[Chain]:
+        """Pop up to ``max_chains`` available buffers (a batch)."""
+        out_chains: list[Chain] = []
+        size = self.size
+        desc = self.desc
+        flags = self.flags
+        slots = self._slots
+        starts = self._starts
+        slot = self.avail_idx
+        wrap = self.avail_wrap
+        avail_bits = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
+        view = self.mem.view
+        empty: tuple[memoryview, ...] = ()
+        try:
+            while len(out_chains) < max_chains:
+                f = flags[8 * slot + 7] & _BOTH
+                if f != avail_bits:
+                    break
+                start = slot | wrap << 15
+                addr, length, bid, f = _desc_unpack(desc, slot * DESC_SIZE)
+                if not f & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
+                    if length > MAX_CHAIN_BYTES:
+                        raise VirtqueueError(f"descriptor length {length} exceeds the cap")
+                    if not length:
+                        ch = Chain(bid, empty, empty, 0, 0)
+                    elif f & VIRTQ_DESC_F_WRITE:
+                        ch = Chain(bid, empty, (view(addr, length),), 0, length)
+                        if self.dirty is not None:
+                            self._writable[bid] = [(addr, length)]
+                    else:
+                        ch = Chain(bid, (view(addr, length),), empty, length, 0)
+                    n = 1
+                else:
+                    ch, n, bid = self._walk(slot, addr, length, bid, f)
+                slots[bid] = n
+                starts.append(start)
+                out_chains.append(ch)
+                slot += n
+                if slot >= size:
+                    slot -= size
+                    wrap ^= 1
+                    avail_bits = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
+        except VirtqueueError:
+            raise
+        except Exception as exc:  # GuestMemoryError from view()
+            raise VirtqueueError(f"descriptor outside guest memory: {exc}") from exc
+        finally:
+            # What was popped before an error stays popped (in flight).
+            self.avail_idx = slot
+            self.avail_wrap = wrap
+        return out_chains
+
+    def _walk(self, slot: int, addr: int, length: int, bid: int, f: int) -> tuple[Chain, int, int]:
+        """A buffer of several descriptors, or an indirect one: its chain, the
+        slots it takes and its id (2.8.6: the id of the last descriptor)."""
+        size = self.size
+        view = self.mem.view
+        out: list[memoryview] = []
+        in_: list[memoryview] = []
+        out_len = in_len = 0
+        writable: list[tuple[int, int]] = []
+        if f & VIRTQ_DESC_F_INDIRECT:
+            if f & VIRTQ_DESC_F_NEXT:
+                raise VirtqueueError(f"slot {slot}: INDIRECT together with NEXT")
+            if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
+                raise VirtqueueError(f"slot {slot}: bad indirect table length {length}")
+            table = view(addr, length)
+            # 2.8.7: entries follow one another; only WRITE counts in their flags.
+            entries = [_desc_unpack(table, k * DESC_SIZE) for k in range(length // DESC_SIZE)]
+            n = 1
+        else:
+            entries = [(addr, length, bid, f)]
+            n = 1
+            s = slot
+            while f & VIRTQ_DESC_F_NEXT:
+                if n >= size:
+                    raise VirtqueueError(f"slot {slot}: chain runs round the whole ring")
+                s = s + 1 if s + 1 < size else 0
+                addr, length, bid, f = _desc_unpack(self.desc, s * DESC_SIZE)
+                if f & VIRTQ_DESC_F_INDIRECT:
+                    raise VirtqueueError(f"slot {slot}: indirect descriptor inside a chain")
+                entries.append((addr, length, bid, f))
+                n += 1
+        for addr, length, _id, ef in entries:
+            if not length:
+                continue
+            if ef & VIRTQ_DESC_F_WRITE:
+                in_.append(view(addr, length))
+                in_len += length
+                writable.append((addr, length))
+            else:
+                if in_:
+                    raise VirtqueueError(f"slot {slot}: readable descriptor after writable")
+                out.append(view(addr, length))
+                out_len += length
+            if out_len + in_len > MAX_CHAIN_BYTES:
+                raise VirtqueueError(f"slot {slot}: total length exceeds {MAX_CHAIN_BYTES}")
+        if self.dirty is not None and writable:
+            self._writable[bid] = writable
+        return Chain(bid, out, in_, out_len, in_len), n, bid
+
+    def unpop(self, count: int) -> None:
+        """Give back the last ``count`` popped buffers."""
+        if count <= 0:
+            return
+        if count > len(self._starts):
+            raise ValueError(f"unpop({count}): only {len(self._starts)} popped")
+        start = self._starts[-count]
+        for _ in range(count):
+            self._starts.pop()
+        self.avail_idx = start & 0x7FFF
+        self.avail_wrap = start >> 15
+
+    # -- used side --------------------------------------------------------
+    def push(self, used: Sequence[tuple[int, int]]) -> None:
+        """Return buffers as ``(id, written_len)``, in order, one slot each."""
+        if not used:
+            return
+        desc = self.desc
+        flags = self.flags
+        slots = self._slots
+        size = self.size
+        starts = self._starts
+        idx = self.used_idx
+        wrap = self.used_wrap
+        mark = _BOTH if wrap else 0
+        dirty = self.dirty
+        for bid, length in used:
+            _idlen_pack(desc, idx * DESC_SIZE + 8, length, bid)
+            flags[8 * idx + 7] = mark | VIRTQ_DESC_F_WRITE if length else mark
+            if dirty is not None:
+                self._log(dirty, idx, bid, length)
+            if starts:
+                starts.popleft()
+            idx += slots[bid]
+            if idx >= size:
+                idx -= size
+                wrap ^= 1
+                mark = _BOTH if wrap else 0
+        self.used_idx = idx
+        self.used_wrap = wrap
+        self._pushed = True
+        if self.position is not None:
+            self.publish_position()
+
+    def publish_position(self) -> None:
+        """Store the used position where :attr:`position` says."""
+        if self.position is not None:
+            words, i = self.position
+            words[i] = 1 << 32 | self.used_base()
+
+    def push_heads(self, heads: Sequence[int], length: int = 0) -> None:
+        """Return buffers that all wrote ``length`` bytes (transmit: 0)."""
+        self.push([(h, length) for h in heads])
+
+    def push_one(self, head: int, length: int) -> None:
+        self.push(((head, length),))
+
+    def _log(self, dirty: DirtyLog, slot: int, bid: int, length: int) -> None:
+        dirty.mark(self.desc_addr + slot * DESC_SIZE, DESC_SIZE)
+        left = length
+        for gpa, n in self._writable.pop(bid, ()):
+            if left <= 0:
+                break
+            dirty.mark(gpa, min(n, left))
+            left -= n
+
+    def should_notify(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last decision."""
+        if not self._pushed:
+            return False
+        self._pushed = False
+        new = self.used_idx
+        old = self._signalled_used
+        self._signalled_used = new
+        _full_barrier()
+        ev = self.driver_event
+        mode = ev[1]
+        if mode != EVENT_DESC or not self.event_idx:
+            return mode != EVENT_DISABLE
+        off_wrap = ev[0]
+        off = off_wrap & 0x7FFF
+        size = self.size
+        if new <= old:
+            old -= size  # the position wrapped since the last decision
+        if off_wrap >> 15 != self.used_wrap:
+            off -= size
+        return vring_need_event(off & 0xFFFF, new, old & 0xFFFF)
+
+    def enable_notify(self, on: bool) -> bool:
+        """Ask the driver for (or release it from) kicks; True when buffers
+        are already available after enabling (the caller must not sleep)."""
+        self.notify_enabled = on
+        self.device_event[1] = EVENT_ENABLE if on else EVENT_DISABLE
+        if self.dirty is not None:
+            self.dirty.mark(self.device_addr, EVENT_SIZE)
+        if not on:
+            return False
+        _full_barrier()
+        return self.has_available()
+
+
+class PackedDriverQueue:
+    """The driver's side of one packed virtqueue (what Linux's virtio_ring does)."""
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_addr: int,
+        driver_addr: int,
+        device_addr: int,
+        *,
+        event_idx: bool = False,
+    ) -> None:
+        self.mem = mem
+        self.desc, self.driver_event, self.device_event = _views(
+            mem, size, desc_addr, driver_addr, device_addr
+        )
+        self.flags = self.desc.cast("H")
+        self.size = size
+        self.event_idx = event_idx
+        self.desc[:] = bytes(size * DESC_SIZE)
+        self.driver_event[0] = self.driver_event[1] = 0
+        self.device_event[0] = self.device_event[1] = 0
+        self.avail_idx, self.avail_wrap = 0, 1
+        self.used_idx, self.used_wrap = 0, 1
+        self._free_ids = list(range(size - 1, -1, -1))
+        self._tokens: list[object | None] = [None] * size
+        self._ndesc = [0] * size
+        self.num_free = size
+        self._pending_head: tuple[int, int] | None = None  # (slot, flags) not yet published
+        self._kick_from = (0, 1)
+
+    def _avail_flags(self, wrap: int) -> int:
+        return VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
+
+    def add(
+        self,
+        out: Sequence[tuple[int, int]],
+        in_: Sequence[tuple[int, int]],
+        token: object,
+    ) -> int | None:
+        """Queue a buffer of readable ``out`` then writable ``in_`` parts; its
+        id, or None when not enough slots are free.  Visible to the device
+        after :meth:`publish` (or :meth:`kick_needed`)."""
+        bufs = (*out, *in_)
+        n = len(bufs)
+        if n == 0:
+            raise ValueError("a buffer needs at least one part")
+        if n > self.num_free or not self._free_ids:
+            return None
+        self.publish()
+        bid = self._free_ids.pop()
+        head = (self.avail_idx, 0)  # (slot, flags) of the first descriptor
+        slot, wrap = self.avail_idx, self.avail_wrap
+        for k, (addr, length) in enumerate(bufs):
+            f = self._avail_flags(wrap)
+            if k >= len(out):
+                f |= VIRTQ_DESC_F_WRITE
+            if k < n - 1:
+                f |= VIRTQ_DESC_F_NEXT
+            if k == 0:
+                _desc_pack(self.desc, slot * DESC_SIZE, addr, length, bid, 0)
+                head = (slot, f)
+            else:
+                _desc_pack(self.desc, slot * DESC_SIZE, addr, length, bid, f)
+            slot += 1
+            if slot == self.size:
+                slot = 0
+                wrap ^= 1
+        self._pending_head = head
+        self.avail_idx, self.avail_wrap = slot, wrap
+        self._tokens[bid] = token
+        self._ndesc[bid] = n
+        self.num_free -= n
+        return bid
+
+    def add_indirect(
+        self,
+        table_addr: int,
+        out: Sequence[tuple[int, int]],
+        in_: Sequence[tuple[int, int]],
+        token: object,
+    ) -> int | None:
+        """Queue a buffer through an indirect table the caller placed at ``table_addr``."""
+        bufs = (*out, *in_)
+        table = self.mem.view(table_addr, len(bufs) * DESC_SIZE)
+        for k, (addr, length) in enumerate(bufs):
+            f = VIRTQ_DESC_F_WRITE if k >= len(out) else 0
+            _desc_pack(table, k * DESC_SIZE, addr, length, 0, f)
+        if not self.num_free or not self._free_ids:
+            return None
+        self.publish()
+        bid = self._free_ids.pop()
+        slot = self.avail_idx
+        f = self._avail_flags(self.avail_wrap) | VIRTQ_DESC_F_INDIRECT
+        _desc_pack(self.desc, slot * DESC_SIZE, table_addr, len(bufs) * DESC_SIZE, bid, 0)
+        self._pending_head = (slot, f)
+        slot += 1
+        if slot == self.size:
+            slot = 0
+            self.avail_wrap ^= 1
+        self.avail_idx = slot
+        self._tokens[bid] = token
+        self._ndesc[bid] = 1
+        self.num_free -= 1
+        return bid
+
+    def publish(self) -> None:
+        """Make the last added buffer visible: its first flags are written last."""
+        if self._pending_head is not None:
+            slot, f = self._pending_head
+            self._pending_head = None
+            self.flags[8 * slot + 7] = f
+
+    def kick_needed(self) -> bool:
+        """Publish, then whether the device wants a notification for this batch."""
+        self.publish()
+        new = (self.avail_idx, self.avail_wrap)
+        old = self._kick_from
+        if new == old:
+            return False
+        self._kick_from = new
+        _full_barrier()
+        ev = self.device_event
+        mode = ev[1]
+        if mode != EVENT_DESC:
+            return mode != EVENT_DISABLE
+        off_wrap = ev[0]
+        off = off_wrap & 0x7FFF
+        n_new, o = new[0], old[0]
+        if n_new <= o:
+            o -= self.size
+        if off_wrap >> 15 != new[1]:
+            off -= self.size
+        return vring_need_event(off & 0xFFFF, n_new, o & 0xFFFF)
+
+    def _used_ready(self) -> bool:
+        f = self.flags[8 * self.used_idx + 7]
+        want = _BOTH if self.used_wrap else 0
+        return f & _BOTH == want
+
+    def used_pending(self) -> int:
+        return 1 if self._used_ready() else 0
+
+    def get_used(self, max_items: int = MAX_QUEUE_SIZE) -> list[tuple[object, int]]:
+        """Reclaim used buffers: ``(token, written_len)`` in the order the device used them."""
+        res: list[tuple[object, int]] = []
+        while len(res) < max_items and self._used_ready():
+            _addr, length, bid, _f = _desc_unpack(self.desc, self.used_idx * DESC_SIZE)
+            if bid >= self.size or self._tokens[bid] is None:
+                raise VirtqueueError(f"device returned id {bid} that is not in flight")
+            res.append((self._tokens[bid], length))
+            self._tokens[bid] = None
+            n = self._ndesc[bid]
+            self.num_free += n
+            self._free_ids.append(bid)
+            self.used_idx += n
+            if self.used_idx >= self.size:
+                self.used_idx -= self.size
+                self.used_wrap ^= 1
+        return res
+
+    def enable_interrupts(self, on: bool) -> bool:
+        """Ask the device for interrupts (or not).  True if used buffers are already pending."""
+        if on and self.event_idx:
+            self.driver_event[0] = self.used_idx | self.used_wrap << 15
+            self.driver_event[1] = EVENT_DESC
+        else:
+            self.driver_event[1] = EVENT_ENABLE if on else EVENT_DISABLE
+        if not on:
+            return False
+        _full_barrier()
+        return self._used_ready()
+
+    def in_flight(self) -> int:
+        return sum(1 for t in self._tokens if t is not None)
