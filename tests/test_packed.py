@@ -24,6 +24,8 @@ from virtnet.packed import (
     PackedDriverQueue,
     decode_base,
     encode_base,
+    is_position,
+    ring_position,
 )
 from virtnet.virtq import MAX_CHAIN_BYTES, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT
 
@@ -334,3 +336,50 @@ def test_used_descriptor_flags_follow_the_device_wrap_counter() -> None:
     # Slot 0 was used on lap 2 (wrap 0): AVAIL and USED both clear.
     flags = RAW.unpack_from(mem.view(DESC, 16))[3]
     assert flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) == 0
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    size=st.integers(1, 9),
+    steps=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), min_size=1, max_size=12),
+)
+def test_ring_position_reads_the_used_position_off_the_ring(
+    size: int, steps: list[tuple[int, int]]
+) -> None:
+    """Whatever the driver has made available and the device has used (one
+    slot per buffer), the ring shows where the device stands."""
+    _mem, drv, dev = make(size)
+    assert ring_position(dev.desc, size) == (0, 1)  # fresh (zeroed) ring
+    assert is_position(dev.desc, size, 0, 1)
+    k = 0
+    for add, use in steps:
+        for _ in range(add):
+            if drv.add([(buf(k), 8)], [], k) is None:
+                break
+            k += 1
+        drv.publish()
+        dev.push([(c.head, 0) for c in dev.pop(use)])
+        drv.get_used()
+        # In flight (popped, not used) counts as available on the ring.
+        pos = ring_position(dev.desc, size)
+        assert pos == (dev.used_idx, dev.used_wrap), (pos, dev.base())
+        assert is_position(dev.desc, size, *pos)
+        others = [(s, w) for s in range(size) for w in (0, 1) if (s, w) != pos]
+        assert not any(is_position(dev.desc, size, s, w) for s, w in others)
+
+
+def test_ring_position_sees_past_chains_because_their_tails_are_marked() -> None:
+    """A used chain's later slots are marked used, so the ring shows the
+    device's position; without that mark the tail looks available."""
+    _mem, drv, dev = make(size=6)
+    drv.add([(buf(0), 8), (buf(1), 8)], [], "two slots")
+    drv.add([(buf(2), 8)], [], "one")
+    drv.publish()
+    a, _b = dev.pop(2)
+    dev.push([(a.head, 0)])  # slots 0-1 used, slot 2 in flight
+    assert ring_position(dev.desc, 6) == (2, 1)
+    assert not is_position(dev.desc, 6, 1, 1)
+    assert drv.get_used() == [("two slots", 0)]
+    dev.flags[8 * 1 + 7] = VIRTQ_DESC_F_AVAIL  # as a device that does not mark them
+    assert ring_position(dev.desc, 6) == (1, 1)  # the tail misleads: hence the marks
+    assert not is_position(dev.desc, 6, 2, 1)

@@ -104,11 +104,16 @@ def _pairs(stats: Path) -> list[dict[str, int]]:
     return pairs
 
 
+@pytest.mark.parametrize("ring", ["split", "packed"])
 def test_testpmd_io_forwarding_on_two_queues_then_one(
-    serve_loopback: tuple[Path, Path, Path],
+    serve_loopback: tuple[Path, Path, Path], ring: str
 ) -> None:
+    """``packed``: virtio-user's ``packed_vq=1`` negotiates VIRTIO_F_RING_PACKED."""
     sock, stats, tmp = serve_loopback
-    pmd = PmdProcess(tmp, f"net_virtio_user0,path={sock},queues=2,cq=1", "--rxq=2", "--txq=2")
+    vdev = f"net_virtio_user0,path={sock},queues=2,cq=1" + (
+        ",packed_vq=1" if ring == "packed" else ""
+    )
+    pmd = PmdProcess(tmp, vdev, "--rxq=2", "--txq=2")
     try:
         assert wait_for(lambda: "testpmd>" in pmd.output(), timeout=30), pmd.output()
         pmd.cmd("set fwd io")
@@ -141,6 +146,8 @@ def test_testpmd_io_forwarding_on_two_queues_then_one(
         pmd.close()
     log = (tmp / "serve.log").read_text()
     assert "negotiated features" in log and "ring 3 disabled" in log
+    assert ("RING_PACKED" in log) is (ring == "packed")
+    assert "broken" not in log and "ERROR" not in log, log[-3000:]
 
 
 def test_client_mode_dials_testpmd_server(tmp_path: Path) -> None:

@@ -71,6 +71,8 @@ __all__ = [
     "PackedDriverQueue",
     "decode_base",
     "encode_base",
+    "is_position",
+    "ring_position",
 ]
 
 #: 2.8.1 descriptor flags: bit 7 AVAIL, bit 15 USED.
@@ -126,6 +128,70 @@ def decode_base(base: int, size: int) -> tuple[int, int, int, int]:
     if avail >= size or used >= size:
         raise VirtqueueError(f"packed ring base 0x{base:08x}: an index is not below size {size}")
     return avail, avail_wrap, used, used_wrap
+
+
+def _slot_state(flags: memoryview, slot: int) -> tuple[bool, int]:
+    """``(available, wrap)`` of a slot as its flags say."""
+    f = flags[8 * slot + 7]
+    a = int(bool(f & VIRTQ_DESC_F_AVAIL))
+    return a != int(bool(f & VIRTQ_DESC_F_USED)), a
+
+
+def is_position(desc: memoryview, size: int, slot: int, wrap: int) -> bool:
+    """Whether the device's used position may be ``(slot, wrap)`` as the ring
+    shows it: the slot holds a buffer made available on lap ``wrap`` or one
+    used on the lap before, and the slot before it one used on this lap or one
+    made available on the next (on slot 0: the lap before, or this one)."""
+    flags = desc.cast("H")
+    here = _slot_state(flags, slot)
+    if here not in ((True, wrap), (False, wrap ^ 1)):
+        return False
+    before = _slot_state(flags, slot - 1 if slot else size - 1)
+    if slot:
+        return before in ((False, wrap), (True, wrap ^ 1))
+    return before in ((False, wrap ^ 1), (True, wrap))
+
+
+def ring_position(desc: memoryview, size: int) -> tuple[int, int] | None:
+    """The device's used position ``(slot, wrap)`` as the descriptor ring shows
+    it, or None when the ring does not say unambiguously.
+
+    Slots from the used position up to the driver's next avail position hold
+    available descriptors (AVAIL != USED), the others used ones (AVAIL ==
+    USED); the wrap bits flip where a lap began.  So the position is the one
+    place where a used slot is followed by an available one; on a ring that
+    is all used (or all available) it is where the wrap bit changes, or slot
+    0 when it never does.  This holds while every buffer takes one slot
+    (Linux and DPDK put several parts behind one indirect descriptor) or the
+    device marks a chain's later slots used too (:class:`PackedDeviceQueue`
+    does); otherwise those slots keep their available flags, which can make
+    more than one such place (None) or put the place at a chain's tail.
+
+    QEMU needs this: it keeps no state of a packed ring across a backend
+    restart (for a split ring it reads the used index from guest memory) and
+    sends a stale or fresh base when the backend comes back.
+    """
+    flags = desc.cast("H")
+    bits = [flags[8 * i + 7] for i in range(size)]
+    avail = [bool(f & VIRTQ_DESC_F_AVAIL) != bool(f & VIRTQ_DESC_F_USED) for f in bits]
+    wrap = [int(bool(f & VIRTQ_DESC_F_AVAIL)) for f in bits]
+    starts = [i for i in range(size) if avail[i] and not avail[i - 1]]
+    if len(starts) > 1:
+        return None
+    if starts:
+        slot = starts[0]
+        if sum(1 for i in range(size) if not avail[i] and avail[i - 1]) != 1:
+            return None
+        return slot, wrap[slot]
+    # All slots alike: where the wrap bit changes (at most once), else slot 0.
+    changes = [i for i in range(1, size) if wrap[i] != wrap[i - 1]]
+    if len(changes) > 1:
+        return None
+    if avail[0]:
+        # All available (the ring is full): slots [P, size) are of the used lap.
+        return (changes[0], wrap[changes[0]]) if changes else (0, wrap[0])
+    # All used: slots [0, P) were used in the current lap, [P, size) in the last.
+    return (changes[0], wrap[0]) if changes else (0, wrap[0] ^ 1)
 
 
 def _views(
@@ -200,6 +266,14 @@ class PackedDeviceQueue:
     def used_base(self) -> int:
         """The base to resume from when the chains in flight are to be popped again."""
         return encode_base(self.used_idx, self.used_wrap, self.used_idx, self.used_wrap)
+
+    def restart_at(self, slot: int, wrap: int) -> None:
+        """Take ``(slot, wrap)`` as both positions (nothing in flight)."""
+        if not 0 <= slot < self.size or wrap not in (0, 1):
+            raise VirtqueueError(f"position ({slot}, {wrap}) is not on a ring of {self.size}")
+        self.avail_idx = self.used_idx = self._signalled_used = slot
+        self.avail_wrap = self.used_wrap = wrap
+        self._starts.clear()
 
     def set_dirty_log(self, log: DirtyLog | None, used_log_addr: int | None = None) -> None:
         """Mark every page this queue writes in ``log``: the buffers' written
@@ -360,13 +434,16 @@ class PackedDeviceQueue:
         mark = _BOTH if wrap else 0
         dirty = self.dirty
         for bid, length in used:
+            n = slots[bid]
+            if n > 1:
+                self._mark_tail(idx, wrap, n)
             _idlen_pack(desc, idx * DESC_SIZE + 8, length, bid)
             flags[8 * idx + 7] = mark | VIRTQ_DESC_F_WRITE if length else mark
             if dirty is not None:
                 self._log(dirty, idx, bid, length)
             if starts:
                 starts.popleft()
-            idx += slots[bid]
+            idx += n
             if idx >= size:
                 idx -= size
                 wrap ^= 1
@@ -382,6 +459,23 @@ class PackedDeviceQueue:
         if self.position is not None:
             words, i = self.position
             words[i] = 1 << 32 | self.used_base()
+
+    def _mark_tail(self, head: int, wrap: int, n: int) -> None:
+        """Mark the later slots of a buffer of ``n`` slots used too, before its
+        used descriptor is written.  Drivers never read them (they step over
+        them by the buffer's slot count), but then every slot the device is
+        done with says so, and :func:`ring_position` can read the device's
+        position off the ring after a restart."""
+        flags = self.flags
+        for j in range(1, n):
+            s = head + j
+            w = wrap
+            if s >= self.size:
+                s -= self.size
+                w ^= 1
+            flags[8 * s + 7] = _BOTH if w else 0
+            if self.dirty is not None:
+                self.dirty.mark(self.desc_addr + s * DESC_SIZE, DESC_SIZE)
 
     def push_heads(self, heads: Sequence[int], length: int = 0) -> None:
         """Return buffers that all wrote ``length`` bytes (transmit: 0)."""

@@ -126,7 +126,7 @@ from virtnet.errors import PeerError
 from virtnet.forking import fork_child
 from virtnet.memory import GuestMemory, MemoryRegion
 from virtnet.net import NetFeature
-from virtnet.packed import PackedDeviceQueue
+from virtnet.packed import PackedDeviceQueue, is_position, ring_position
 from virtnet.ports.base import MAX_FRAME_LEN, VNET_HDR_LEN, PortQueue, attach_queue
 from virtnet.vhost_user.backend import RegionInfo
 from virtnet.virtq import Chain, DeviceQueue
@@ -505,6 +505,19 @@ class Worker:
         except PeerError as exc:
             self._broken(ring.index, f"cannot start: {exc}")
             return None
+        if not is_position(q.desc, q.size, q.used_idx, q.used_wrap):
+            # QEMU keeps no packed ring state across a backend restart and
+            # sends an old base: the ring itself says where the device stood.
+            seen = ring_position(q.desc, q.size)
+            if seen is None:
+                log.warning("%s: ring %d: base 0x%08x does not match the ring, which does"
+                            " not show where it stands; starting at the base",
+                            self.name, ring.index, ring.last_avail_idx)  # fmt: skip
+            else:
+                log.warning("%s: ring %d: base 0x%08x does not match the ring, which was"
+                            " used up to slot %d (wrap %d); resuming there",
+                            self.name, ring.index, ring.last_avail_idx, *seen)  # fmt: skip
+                q.restart_at(*seen)
         q.position = (self.counters, POS_FIELDS[ring.index & 1])
         q.publish_position()
         return q
