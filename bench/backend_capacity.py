@@ -30,8 +30,12 @@ For each: packets/s, Gbit/s of frame bytes, the ratio virtnet/DPDK and the
 backend's CPU seconds per million packets (virtnet: serve and its workers;
 DPDK: the vhost testpmd, which spins a core whatever the load).
 
+``--rings packed`` (or ``split packed``) has the peer negotiate packed
+virtqueues (``packed_vq=1``) with either backend.
+
 Usage: ``python bench/backend_capacity.py [--seconds S] [--queues 1 2]
-[--sizes 64 1518] [--modes txonly pingpong] [--poll-us U] [--json FILE]``
+[--sizes 64 1518] [--modes txonly pingpong] [--rings split packed]
+[--poll-us U] [--json FILE]``
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class Figure:
     gbps: float
     cpu_s_per_mpkt: float
     backend_cpu_share: float
+    ring: str = "split"
 
 
 def _wait(path: Path, timeout: float = 20.0) -> None:
@@ -108,6 +113,7 @@ def one(
     seconds: float,
     tmp: Path,
     poll_us: int,
+    ring: str = "split",
 ) -> Figure:
     peer_lcores = "0-1"  # main lcore 0, forwarding on 1
     fwd = "io" if mode == "pingpong" else "txonly"
@@ -171,6 +177,7 @@ def one(
                 lcores=peer_lcores,
                 main_lcore=0,
                 extra_app=[f"--txpkts={size}"],
+                packed=ring == "packed",
             )
         )
         if mode == "pingpong":
@@ -200,6 +207,7 @@ def one(
         gbps=nbytes * 8 / dt / 1e9,
         cpu_s_per_mpkt=cpu_s / (pkts / 1e6) if pkts else float("inf"),
         backend_cpu_share=cpu_s / dt,
+        ring=ring,
     )
 
 
@@ -216,6 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--backends", nargs="+", default=["virtnet", "virtnet-poll", "dpdk"])
     ap.add_argument("--poll-us", type=int, default=1000, help="for virtnet-poll")
+    ap.add_argument(
+        "--rings",
+        nargs="+",
+        default=["split"],
+        choices=["split", "packed"],
+        help="virtqueue layout the peer negotiates (packed: virtio-user packed_vq=1)",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     reason = skip_reason()
@@ -225,12 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="vncap-") as d:
         tmp = Path(d)
-        for mode in args.modes:
+        for mode, ring in ((m, r) for m in args.modes for r in args.rings):
             for q in args.queues:
                 for size in args.sizes:
                     row = {}
                     for backend in args.backends:
-                        f = one(backend, mode, q, size, args.seconds, tmp, args.poll_us)
+                        f = one(backend, mode, q, size, args.seconds, tmp, args.poll_us, ring)
                         figures.append(f)
                         row[backend] = f
                     p = row.get("dpdk")
@@ -241,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ]
                     for f in row.values():
                         print(
-                            f"{f.mode:8} q={f.queues} {f.size:5}B {f.backend:8}"
+                            f"{f.mode:8} {f.ring:6} q={f.queues} {f.size:5}B {f.backend:8}"
                             f" {f.pps / 1e6:7.3f} Mpps {f.gbps:7.3f} Gbit/s"
                             f" {f.cpu_s_per_mpkt:7.3f} CPU-s/Mpkt"
                             f" (backend CPU {f.backend_cpu_share:4.2f})",

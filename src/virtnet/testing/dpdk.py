@@ -222,10 +222,14 @@ class TestPmd:
         queues: int = 1,
         server: bool = False,
         fwd: str = "txonly",
+        packed: bool = False,
         **kw: object,
     ) -> TestPmd:
-        """testpmd with one ``net_virtio_user`` port (DPDK's own frontend) on ``sock``."""
+        """testpmd with one ``net_virtio_user`` port (DPDK's own frontend) on
+        ``sock``; ``packed``: packed virtqueues (``packed_vq=1``)."""
         vdev = f"net_virtio_user0,path={sock},queues={queues}" + (",server=1" if server else "")
+        if packed:
+            vdev += ",packed_vq=1"
         return cls([vdev], rxq=queues, txq=queues, fwd=fwd, **kw)  # type: ignore[arg-type]
 
     # -- life cycle -------------------------------------------------------
