@@ -42,7 +42,6 @@ counter in bit 15, used index in bits 16-30, its wrap counter in bit 31.
 from __future__ import annotations
 
 import struct
-from collections import deque
 from collections.abc import Sequence
 
 from virtnet.dirty_log import DirtyLog
@@ -243,9 +242,12 @@ class PackedDeviceQueue:
         self.notify_enabled = True
         # Slots taken by the buffer of each id (written at pop, read at push).
         self._slots = [1] * _IDS
-        # Where each chain popped and not yet given back started (for unpop):
-        # at most ``size`` buffers are in flight.
-        self._starts: deque[int] = deque(maxlen=size)
+        # Buffers popped and not yet pushed, and the slots they take (unpop).
+        self._in_flight = 0
+        self._in_flight_slots = 0
+        # One reusable Chain per id for single-descriptor buffers (as the
+        # split queue keeps one per head): an id is in flight once at a time.
+        self._pool: dict[int, Chain] = {}
         #: Where push stores ``1 << 32 | used_base()`` (a shared counter
         #: slot word: the supervisor restarts a crashed worker from it).
         self.position: tuple[memoryview, int] | None = None
@@ -273,7 +275,7 @@ class PackedDeviceQueue:
             raise VirtqueueError(f"position ({slot}, {wrap}) is not on a ring of {self.size}")
         self.avail_idx = self.used_idx = self._signalled_used = slot
         self.avail_wrap = self.used_wrap = wrap
-        self._starts.clear()
+        self._in_flight = self._in_flight_slots = 0
 
     def set_dirty_log(self, log: DirtyLog | None, used_log_addr: int | None = None) -> None:
         """Mark every page this queue writes in ``log``: the buffers' written
@@ -309,40 +311,67 @@ class PackedDeviceQueue:
     def pop(self, max_chains: int) -> list[Chain]:
         """Pop up to ``max_chains`` available buffers (a batch)."""
         out_chains: list[Chain] = []
+        append = out_chains.append
         size = self.size
         desc = self.desc
         flags = self.flags
         slots = self._slots
-        starts = self._starts
+        pool = self._pool
         slot = self.avail_idx
         wrap = self.avail_wrap
         avail_bits = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
         view = self.mem.view
+        # Inline translation for buffers inside the first region (the whole
+        # memory in most guests), as the split queue does.
+        regions = self.mem.regions
+        if regions:
+            base = regions[0].guest_addr
+            end = base + regions[0].size
+            rbuf = regions[0].buf
+        else:
+            base = end = 0
+            rbuf = memoryview(b"")
         empty: tuple[memoryview, ...] = ()
+        taken = 0
         try:
             while len(out_chains) < max_chains:
-                f = flags[8 * slot + 7] & _BOTH
-                if f != avail_bits:
+                # The flags first (the driver writes them last), then the rest.
+                if flags[8 * slot + 7] & _BOTH != avail_bits:
                     break
-                start = slot | wrap << 15
                 addr, length, bid, f = _desc_unpack(desc, slot * DESC_SIZE)
                 if not f & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
                     if length > MAX_CHAIN_BYTES:
                         raise VirtqueueError(f"descriptor length {length} exceeds the cap")
+                    ch = pool.get(bid)
+                    if ch is None:
+                        ch = pool[bid] = Chain(bid, empty, empty, 0, 0)
                     if not length:
-                        ch = Chain(bid, empty, empty, 0, 0)
-                    elif f & VIRTQ_DESC_F_WRITE:
-                        ch = Chain(bid, empty, (view(addr, length),), 0, length)
-                        if self.dirty is not None:
-                            self._writable[bid] = [(addr, length)]
+                        ch.out = ch.in_ = empty
+                        ch.out_len = ch.in_len = 0
                     else:
-                        ch = Chain(bid, (view(addr, length),), empty, length, 0)
+                        if base <= addr and addr + length <= end:
+                            off = addr - base
+                            v = rbuf[off : off + length]
+                        else:
+                            v = view(addr, length)
+                        if f & VIRTQ_DESC_F_WRITE:
+                            ch.out = empty
+                            ch.in_ = (v,)
+                            ch.out_len = 0
+                            ch.in_len = length
+                            if self.dirty is not None:
+                                self._writable[bid] = [(addr, length)]
+                        else:
+                            ch.out = (v,)
+                            ch.in_ = empty
+                            ch.out_len = length
+                            ch.in_len = 0
                     n = 1
                 else:
                     ch, n, bid = self._walk(slot, addr, length, bid, f)
                 slots[bid] = n
-                starts.append(start)
-                out_chains.append(ch)
+                taken += n
+                append(ch)
                 slot += n
                 if slot >= size:
                     slot -= size
@@ -356,6 +385,8 @@ class PackedDeviceQueue:
             # What was popped before an error stays popped (in flight).
             self.avail_idx = slot
             self.avail_wrap = wrap
+            self._in_flight += len(out_chains)
+            self._in_flight_slots += taken
         return out_chains
 
     def _walk(self, slot: int, addr: int, length: int, bid: int, f: int) -> tuple[Chain, int, int]:
@@ -408,16 +439,26 @@ class PackedDeviceQueue:
         return Chain(bid, out, in_, out_len, in_len), n, bid
 
     def unpop(self, count: int) -> None:
-        """Give back the last ``count`` popped buffers."""
+        """Give back the last ``count`` popped buffers: all of those in flight,
+        or any number while each takes one slot (what the worker needs: it
+        gives back its whole rx reserve)."""
         if count <= 0:
             return
-        if count > len(self._starts):
-            raise ValueError(f"unpop({count}): only {len(self._starts)} popped")
-        start = self._starts[-count]
-        for _ in range(count):
-            self._starts.pop()
-        self.avail_idx = start & 0x7FFF
-        self.avail_wrap = start >> 15
+        if count > self._in_flight:
+            raise ValueError(f"unpop({count}): only {self._in_flight} in flight")
+        if count == self._in_flight:
+            back = self._in_flight_slots
+        elif self._in_flight_slots == self._in_flight:
+            back = count
+        else:
+            raise ValueError(f"unpop({count}) of {self._in_flight}: buffers of several slots")
+        self._in_flight -= count
+        self._in_flight_slots -= back
+        slot = self.avail_idx - back
+        if slot < 0:
+            slot += self.size
+            self.avail_wrap ^= 1
+        self.avail_idx = slot
 
     # -- used side --------------------------------------------------------
     def push(self, used: Sequence[tuple[int, int]]) -> None:
@@ -428,11 +469,11 @@ class PackedDeviceQueue:
         flags = self.flags
         slots = self._slots
         size = self.size
-        starts = self._starts
         idx = self.used_idx
         wrap = self.used_wrap
         mark = _BOTH if wrap else 0
         dirty = self.dirty
+        back = 0
         for bid, length in used:
             n = slots[bid]
             if n > 1:
@@ -441,8 +482,7 @@ class PackedDeviceQueue:
             flags[8 * idx + 7] = mark | VIRTQ_DESC_F_WRITE if length else mark
             if dirty is not None:
                 self._log(dirty, idx, bid, length)
-            if starts:
-                starts.popleft()
+            back += n
             idx += n
             if idx >= size:
                 idx -= size
@@ -451,6 +491,8 @@ class PackedDeviceQueue:
         self.used_idx = idx
         self.used_wrap = wrap
         self._pushed = True
+        self._in_flight = max(0, self._in_flight - len(used))
+        self._in_flight_slots = max(0, self._in_flight_slots - back)
         if self.position is not None:
             self.publish_position()
 
