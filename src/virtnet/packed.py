@@ -42,7 +42,8 @@ counter in bit 15, used index in bits 16-30, its wrap counter in bit 31.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from itertools import repeat
 
 from virtnet.dirty_log import DirtyLog
 from virtnet.errors import VirtqueueError
@@ -231,7 +232,8 @@ class PackedDeviceQueue:
         self.desc, self.driver_event, self.device_event = _views(
             mem, size, desc_addr, driver_addr, device_addr
         )
-        self.flags = self.desc.cast("H")  # a slot's flags: flags[8 * slot + 7]
+        self.flags = self.desc.cast("H")  # a slot's flags: flags[8 * slot + 7], id: [8 * slot + 6]
+        self.words = self.desc.cast("I")  # a slot's len: words[4 * slot + 2]
         self.size = size
         self.desc_addr = desc_addr
         self.device_addr = device_addr
@@ -247,7 +249,9 @@ class PackedDeviceQueue:
         self._in_flight_slots = 0
         # One reusable Chain per id for single-descriptor buffers (as the
         # split queue keeps one per head): an id is in flight once at a time.
-        self._pool: dict[int, Chain] = {}
+        # Drivers number their buffers below the ring size; others go in a dict.
+        self._pool = [Chain(i, (), (), 0, 0) for i in range(size)]
+        self._pool_high: dict[int, Chain] = {}
         #: Where push stores ``1 << 32 | used_base()`` (a shared counter
         #: slot word: the supervisor restarts a crashed worker from it).
         self.position: tuple[memoryview, int] | None = None
@@ -342,9 +346,7 @@ class PackedDeviceQueue:
                 if not f & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
                     if length > MAX_CHAIN_BYTES:
                         raise VirtqueueError(f"descriptor length {length} exceeds the cap")
-                    ch = pool.get(bid)
-                    if ch is None:
-                        ch = pool[bid] = Chain(bid, empty, empty, 0, 0)
+                    ch = pool[bid] if bid < size else self._chain_high(bid)
                     if not length:
                         ch.out = ch.in_ = empty
                         ch.out_len = ch.in_len = 0
@@ -388,6 +390,12 @@ class PackedDeviceQueue:
             self._in_flight += len(out_chains)
             self._in_flight_slots += taken
         return out_chains
+
+    def _chain_high(self, bid: int) -> Chain:
+        ch = self._pool_high.get(bid)
+        if ch is None:
+            ch = self._pool_high[bid] = Chain(bid, (), (), 0, 0)
+        return ch
 
     def _walk(self, slot: int, addr: int, length: int, bid: int, f: int) -> tuple[Chain, int, int]:
         """A buffer of several descriptors, or an indirect one: its chain, the
@@ -461,11 +469,9 @@ class PackedDeviceQueue:
         self.avail_idx = slot
 
     # -- used side --------------------------------------------------------
-    def push(self, used: Sequence[tuple[int, int]]) -> None:
-        """Return buffers as ``(id, written_len)``, in order, one slot each."""
-        if not used:
-            return
-        desc = self.desc
+    def push(self, used: Iterable[tuple[int, int]]) -> None:
+        """Return buffers as ``(id, written_len)``, in pop order."""
+        words = self.words
         flags = self.flags
         slots = self._slots
         size = self.size
@@ -473,25 +479,34 @@ class PackedDeviceQueue:
         wrap = self.used_wrap
         mark = _BOTH if wrap else 0
         dirty = self.dirty
-        back = 0
+        count = 0
         for bid, length in used:
             n = slots[bid]
             if n > 1:
                 self._mark_tail(idx, wrap, n)
-            _idlen_pack(desc, idx * DESC_SIZE + 8, length, bid)
+            words[4 * idx + 2] = length
+            flags[8 * idx + 6] = bid
             flags[8 * idx + 7] = mark | VIRTQ_DESC_F_WRITE if length else mark
             if dirty is not None:
                 self._log(dirty, idx, bid, length)
-            back += n
+            count += 1
             idx += n
             if idx >= size:
                 idx -= size
                 wrap ^= 1
                 mark = _BOTH if wrap else 0
+        self._pushed_to(idx, wrap, count)
+
+    def _pushed_to(self, idx: int, wrap: int, count: int) -> None:
+        """``count`` buffers were pushed: the device is at ``(idx, wrap)``."""
+        if not count:
+            return
+        # The slots they took: at most the whole ring, once round.
+        back = idx - self.used_idx + (self.size if wrap != self.used_wrap else 0)
         self.used_idx = idx
         self.used_wrap = wrap
         self._pushed = True
-        self._in_flight = max(0, self._in_flight - len(used))
+        self._in_flight = max(0, self._in_flight - count)
         self._in_flight_slots = max(0, self._in_flight_slots - back)
         if self.position is not None:
             self.publish_position()
@@ -521,7 +536,30 @@ class PackedDeviceQueue:
 
     def push_heads(self, heads: Sequence[int], length: int = 0) -> None:
         """Return buffers that all wrote ``length`` bytes (transmit: 0)."""
-        self.push([(h, length) for h in heads])
+        if self.dirty is not None or length:
+            self.push(zip(heads, repeat(length)))
+            return
+        # Transmit: nothing written, nothing to log.
+        words = self.words
+        flags = self.flags
+        slots = self._slots
+        size = self.size
+        idx = self.used_idx
+        wrap = self.used_wrap
+        mark = _BOTH if wrap else 0
+        for bid in heads:
+            n = slots[bid]
+            if n > 1:
+                self._mark_tail(idx, wrap, n)
+            words[4 * idx + 2] = 0
+            flags[8 * idx + 6] = bid
+            flags[8 * idx + 7] = mark
+            idx += n
+            if idx >= size:
+                idx -= size
+                wrap ^= 1
+                mark = _BOTH if wrap else 0
+        self._pushed_to(idx, wrap, len(heads))
 
     def push_one(self, head: int, length: int) -> None:
         self.push(((head, length),))
