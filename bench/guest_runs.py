@@ -12,7 +12,8 @@ in a fresh namespace at 10.77.0.1/24), two backends in the same run:
 
 Run as root: ``python bench/guest_runs.py [--queues 4|1,2,4] [--workers 0|0,1,2]
 [--duration 5] [--streams 4] [--repeat N] [--poll-us U] [--no-guest-pin]
-[--vcpus 2] [--autogroup keep|on|off] [--json FILE]``.  ``--workers`` is serve's
+[--vcpus 2] [--autogroup keep|on|off] [--packed] [--json FILE]``.  ``--packed`` gives the
+NIC packed virtqueues on both backends.  ``--workers`` is serve's
 (0: one worker process per pair); a list measures each value against the same peer boots.
 The guest's interrupts and iperf3 are pinned apart by default, the same for
 both backends (see :mod:`guest_tap_baseline`).
@@ -40,6 +41,7 @@ from guest_tap_baseline import (
     add_run_arguments,
     autogroup,
     can_boot,
+    device_extra,
     int_list_arg,
     measure_guest_network,
     run_options,
@@ -104,6 +106,7 @@ def virtnet_run(
     udp_rates: Sequence[int] = DEFAULT_UDP_RATES,
     vcpus: int = 2,
     kick_defer_us: int | None = None,
+    packed: bool = False,
 ) -> GuestNetFigures:
     """The guest on virtnet serve --port tap (tap and serve inside a namespace)."""
     tap = unique_name("vntap")
@@ -120,9 +123,10 @@ def virtnet_run(
             + (f" --poll-us {poll_us}" if poll_us else "")
             + (f" --workers {workers}" if workers else "")
             + (f" --kick-defer-us {kick_defer_us}" if kick_defer_us is not None else "")
+            + (" (packed rings)" if packed else "")
         )
         return measure_guest_network(
-            vhost_user_netdev_args(serve.socket, queues=queues),
+            vhost_user_netdev_args(serve.socket, queues=queues, device_extra=device_extra(packed)),
             ns=ns,
             queues=queues,
             label=label,

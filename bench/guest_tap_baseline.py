@@ -379,8 +379,10 @@ def tap_baseline(
     pin_guest: bool = True,
     udp_rates: Sequence[int] = DEFAULT_UDP_RATES,
     vcpus: int = 2,
+    packed: bool = False,
 ) -> GuestNetFigures:
-    """The peer figure: QEMU's own multiqueue tap backend, ``vhost=off``."""
+    """The peer figure: QEMU's own multiqueue tap backend, ``vhost=off``
+    (``packed``: the NIC's virtqueues packed, ``packed=on``)."""
     tap = unique_name("vntap")
     with NetNS() as ns:
 
@@ -389,10 +391,10 @@ def tap_baseline(
             ns.set_address(tap, f"{HOST_IP}/24")
 
         return measure_guest_network(
-            tap_netdev_args(tap, queues=queues),
+            tap_netdev_args(tap, queues=queues, device_extra=device_extra(packed)),
             ns=ns,
             queues=queues,
-            label="qemu tap,vhost=off",
+            label="qemu tap,vhost=off" + (" (packed rings)" if packed else ""),
             after_boot=plug,
             duration=duration,
             streams=streams,
@@ -463,7 +465,17 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="offered loads (pps) of the 64-byte UDP host->guest ladder, comma-separated;"
         " '' skips it (default: 20000,35000,50000,65000,80000,100000)",
     )
+    parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="give the NIC packed virtqueues (-device virtio-net-pci,packed=on) on every backend",
+    )
     add_autogroup_argument(parser)
+
+
+def device_extra(packed: bool) -> str:
+    """The virtio-net-pci options of a run: ``packed=on`` for packed virtqueues."""
+    return "packed=on" if packed else ""
 
 
 def add_autogroup_argument(parser: argparse.ArgumentParser) -> None:
@@ -486,6 +498,7 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
         "pin_guest": not args.no_guest_pin,
         "udp_rates": args.udp_rates,
         "vcpus": args.vcpus,
+        "packed": args.packed,
     }
 
 

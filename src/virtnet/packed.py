@@ -154,7 +154,8 @@ def is_position(desc: memoryview, size: int, slot: int, wrap: int) -> bool:
 
 def ring_position(desc: memoryview, size: int) -> tuple[int, int] | None:
     """The device's used position ``(slot, wrap)`` as the descriptor ring shows
-    it, or None when the ring does not say unambiguously.
+    it, or None when the ring does not say unambiguously (or says a place
+    :func:`is_position` would not accept).
 
     Slots from the used position up to the driver's next avail position hold
     available descriptors (AVAIL != USED), the others used ones (AVAIL ==
@@ -171,6 +172,14 @@ def ring_position(desc: memoryview, size: int) -> tuple[int, int] | None:
     restart (for a split ring it reads the used index from guest memory) and
     sends a stale or fresh base when the backend comes back.
     """
+    pos = _position_guess(desc, size)
+    if pos is None or not is_position(desc, size, *pos):
+        return None
+    return pos
+
+
+def _position_guess(desc: memoryview, size: int) -> tuple[int, int] | None:
+    """The one place the ring shows (see :func:`ring_position`), unchecked."""
     flags = desc.cast("H")
     bits = [flags[8 * i + 7] for i in range(size)]
     avail = [bool(f & VIRTQ_DESC_F_AVAIL) != bool(f & VIRTQ_DESC_F_USED) for f in bits]
