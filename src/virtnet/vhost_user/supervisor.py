@@ -581,12 +581,12 @@ class Supervisor:
         for spec, ctl in zip(specs, ctls, strict=True):
             self.workers[spec.pair] = _Proc(pid, ctl)
             log.info(
-                "%s: pair %d worker %d started (rx avail %d, tx avail %d)",
+                "%s: pair %d worker %d started (rx %s, tx %s)",
                 self.name,
                 spec.pair,
                 pid,
-                spec.rx.last_avail_idx,
-                spec.tx.last_avail_idx,
+                self._base_text(spec.rx.last_avail_idx),
+                self._base_text(spec.tx.last_avail_idx),
             )
         self._check_cpus()
 
@@ -652,8 +652,8 @@ class Supervisor:
             self.rings[2 * pair + 1].next_avail = tx
             if not self._shares_process(proc):
                 self._reap(proc, EXIT_TIMEOUT)
-            log.info("%s: pair %d worker %d stopped (rx avail %d, tx avail %d)",
-                     self.name, pair, proc.pid, rx, tx)  # fmt: skip
+            log.info("%s: pair %d worker %d stopped (rx %s, tx %s)", self.name, pair,
+                     proc.pid, self._base_text(rx), self._base_text(tx))  # fmt: skip
         else:
             # Killed with the other pairs it served (if any): poll() finds
             # those dead and restarts them.
@@ -661,6 +661,13 @@ class Supervisor:
             self._resume_from_used(pair)
         proc.ctl.close()
         self.vm.fold(pair)
+
+    def _base_text(self, base: int) -> str:
+        """A ring base for the log: ``avail 17``; packed rings ``avail 17/1 used 17/1``
+        (slot/wrap counter)."""
+        if not self.features & NetFeature.RING_PACKED:
+            return f"avail {base}"
+        return f"avail {base & 0x7FFF}/{base >> 15 & 1} used {base >> 16 & 0x7FFF}/{base >> 31}"
 
     def _shares_process(self, proc: _Proc) -> bool:
         """Whether another pair is still served by ``proc``'s process."""
