@@ -26,6 +26,7 @@ from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import stop_process
 from virtnet.testing.serve import (
     ServedGuest,
+    check_driver_reload,
     check_serve_restart,
     iperf_until_every_queue_moved,
     start_tap_serve,
@@ -110,21 +111,7 @@ def test_worker_killed_resumes_from_its_published_position(setup: ServedGuest) -
 def test_driver_reload_starts_fresh_packed_rings(setup: ServedGuest) -> None:
     """rmmod/insmod virtio_net: QEMU stops every ring, resets the device and
     starts new packed rings at the fresh base; traffic resumes."""
-    g = setup.guest
-    g.run(
-        "m=$(grep -x 'virtio_net.ko.*' /etc/virtnet/modules) && rmmod virtio_net"
-        " && insmod /lib/modules/$m"
-        f" && sleep 1 && ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up",
-        timeout=60,
-    )
-    assert wait_for(lambda: g.ping(HOST_IP, count=1, timeout=4), timeout=40), setup.log.read_text()[
-        -3000:
-    ]
-    g.set_channels(QUEUES)
-    with setup.ns.iperf3_server():
-        out = g.iperf3(f"-c {HOST_IP} -P 4 -t 2 -i 0 -R")
-        assert "receiver" in out, out
-    assert all(p["errors"] == 0 for p in setup.pairs())
+    check_driver_reload(setup, HOST_IP, f"{GUEST_IP}/24")
 
 
 def test_serve_restart_resumes_traffic(setup: ServedGuest) -> None:

@@ -24,7 +24,12 @@ import pytest
 from virtnet.testing.guest import Guest, queue_deltas, vhost_user_netdev_args, wait_for
 from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import stop_process
-from virtnet.testing.serve import ServedGuest, check_serve_restart, start_tap_serve
+from virtnet.testing.serve import (
+    ServedGuest,
+    check_driver_reload,
+    check_serve_restart,
+    start_tap_serve,
+)
 from virtnet.vhost_user.stats import fetch
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
@@ -197,21 +202,7 @@ def test_memory_hotplug_remaps_running_workers(setup: ServedGuest) -> None:
 def test_driver_reload_restarts_rings(setup: ServedGuest) -> None:
     """rmmod/insmod virtio_net in the guest: QEMU stops every ring (GET_VRING_BASE),
     resets the device and starts fresh rings at index 0; traffic resumes."""
-    g = setup.guest
-    g.run(
-        "m=$(grep -x 'virtio_net.ko.*' /etc/virtnet/modules) && rmmod virtio_net"
-        " && insmod /lib/modules/$m"
-        f" && sleep 1 && ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up",
-        timeout=60,
-    )
-    assert wait_for(lambda: g.ping(HOST_IP, count=1, timeout=4), timeout=40), setup.log.read_text()[
-        -3000:
-    ]
-    g.set_channels(QUEUES)
-    with setup.ns.iperf3_server():
-        out = g.iperf3(f"-c {HOST_IP} -P 4 -t 2 -i 0 -R")
-        assert "receiver" in out, out
-    assert all(p["errors"] == 0 for p in setup.pairs())
+    check_driver_reload(setup, HOST_IP, f"{GUEST_IP}/24")
 
 
 def test_channel_changes_under_traffic(setup: ServedGuest) -> None:

@@ -57,6 +57,7 @@ from virtnet.virtq import (
     VIRTQ_DESC_F_WRITE,
     Chain,
     _full_barrier,
+    first_region,
     vring_need_event,
 )
 
@@ -336,14 +337,7 @@ class PackedDeviceQueue:
         view = self.mem.view
         # Inline translation for buffers inside the first region (the whole
         # memory in most guests), as the split queue does.
-        regions = self.mem.regions
-        if regions:
-            base = regions[0].guest_addr
-            end = base + regions[0].size
-            rbuf = regions[0].buf
-        else:
-            base = end = 0
-            rbuf = memoryview(b"")
+        base, end, rbuf = first_region(self.mem)
         empty: tuple[memoryview, ...] = ()
         taken = 0
         try:

@@ -142,6 +142,17 @@ def _full_barrier() -> None:
     _FENCE.release()
 
 
+def first_region(mem: GuestMemory) -> tuple[int, int, memoryview]:
+    """``(start, end, buffer)`` of guest memory's first region, for a pop's
+    inline translation of the buffers inside it (``(0, 0, empty)`` without
+    regions: every buffer then goes through the checked ``GuestMemory.view``)."""
+    regions = mem.regions
+    if not regions:
+        return 0, 0, memoryview(b"")
+    start = regions[0].guest_addr
+    return start, start + regions[0].size, regions[0].buf
+
+
 class Chain:
     """A descriptor chain popped by the device: readable buffers, then writable ones.
 
@@ -325,14 +336,7 @@ class DeviceQueue:
         # Inline translation for the most common case: a buffer inside the
         # first region (the whole memory in most guests); others go through
         # the checked GuestMemory.view().
-        regions = self.mem.regions
-        if regions:
-            base = regions[0].guest_addr
-            end = base + regions[0].size
-            rbuf = regions[0].buf
-        else:
-            base = end = 0
-            rbuf = memoryview(b"")
+        base, end, rbuf = first_region(self.mem)
         out_chains: list[Chain] = []
         append = out_chains.append
         idx = self.last_avail_idx
