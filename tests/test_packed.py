@@ -243,6 +243,25 @@ def test_kick_suppression() -> None:
     assert drv.kick_needed() is False  # nothing new
 
 
+def test_kick_suppression_by_descriptor_event() -> None:
+    """EVENT_IDX: the device asks for a kick when its next slot is made
+    available; the driver's later additions in the burst do not kick, across
+    wraps too."""
+    _mem, drv, dev = make(size=3, event_idx=True)
+    for lap in range(4):
+        assert dev.enable_notify(True) is False
+        assert dev.device_event[1] == EVENT_DESC
+        drv.add([(buf(0), 4)], [], "first")
+        assert drv.kick_needed() is True, lap
+        drv.add([(buf(1), 4)], [], "second")
+        assert drv.kick_needed() is False, lap
+        dev.enable_notify(False)
+        chains = dev.pop(4)
+        assert len(chains) == 2
+        dev.push([(c.head, 0) for c in chains])
+        assert [t for t, _ in drv.get_used()] == ["first", "second"]
+
+
 def raw(mem: GuestMemory, slot: int, addr: int, length: int, bid: int, flags: int) -> None:
     RAW.pack_into(mem.view(DESC + 16 * slot, 16), 0, addr, length, bid, flags)
 

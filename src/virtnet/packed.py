@@ -602,7 +602,15 @@ class PackedDeviceQueue:
         """Ask the driver for (or release it from) kicks; True when buffers
         are already available after enabling (the caller must not sleep)."""
         self.notify_enabled = on
-        self.device_event[1] = EVENT_ENABLE if on else EVENT_DISABLE
+        ev = self.device_event
+        if on and self.event_idx:
+            # 2.8.10: a kick only when the driver makes the slot we look at
+            # next available (as the split ring's avail_event): one kick per
+            # burst, not one per buffer it adds.
+            ev[0] = self.avail_idx | self.avail_wrap << 15
+            ev[1] = EVENT_DESC
+        else:
+            ev[1] = EVENT_ENABLE if on else EVENT_DISABLE
         if self.dirty is not None:
             self.dirty.mark(self.device_addr, EVENT_SIZE)
         if not on:
