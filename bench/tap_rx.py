@@ -12,7 +12,7 @@ reads a tap pays: a bare ``os.readv`` loop, one frame per syscall, no ring
 timed.
 
 Run (root: it creates a tap): ``python bench/tap_rx.py [--frames 15000]
-[--repeat 5] [--size 64]``.  No VM.
+[--repeat 5] [--size 64] [--rings split packed]``.  No VM.
 """
 
 from __future__ import annotations
@@ -109,6 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=15000, help="frames per timed drain")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--size", type=int, default=64, help="frame size, 60..1514 bytes")
+    ap.add_argument(
+        "--rings",
+        nargs="+",
+        default=["split"],
+        choices=["split", "packed"],
+        help="the worker's virtqueue layout; several: each measured in every round",
+    )
     args = ap.parse_args(argv)
     if args.frames < 1 or args.repeat < 1:
         ap.error("--frames and --repeat must be >= 1")
@@ -119,29 +126,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     frame = build_frame(0, 0, args.size)
     bare: list[float] = []
-    ours: list[float] = []
+    ours: dict[str, list[float]] = {ring: [] for ring in args.rings}
     with tap_with_sender(args.frames) as (queue, fd, sender):
-        h = WorkerHarness(queue, gso=True, mtu=1500)
+        harness = {
+            ring: WorkerHarness(queue, gso=True, mtu=1500, packed=ring == "packed")
+            for ring in args.rings
+        }
         try:
-            for slot in range(QSIZE):
-                h.post(slot, (BUF_LEN,))
-            h.rx.publish()
+            for h in harness.values():
+                for slot in range(QSIZE):
+                    h.post(slot, (BUF_LEN,))
+                h.rx.publish()
             for r in range(args.repeat):
                 bare.append(bare_readv(fd, sender, frame, args.frames))
-                ours.append(worker_drain(h, sender, frame, args.frames))
-                print(
-                    f"round {r}: bare readv {bare[-1] * 1e6:.2f} us/frame, "
-                    f"worker rx_batch {ours[-1] * 1e6:.2f} us/frame",
-                    flush=True,
-                )
+                line = f"round {r}: bare readv {bare[-1] * 1e6:.2f} us/frame"
+                for ring, h in harness.items():
+                    ours[ring].append(worker_drain(h, sender, frame, args.frames))
+                    line += f", worker rx_batch ({ring}) {ours[ring][-1] * 1e6:.2f} us/frame"
+                print(line, flush=True)
         finally:
-            h.close()
-    b, o = statistics.median(bare), statistics.median(ours)
-    print(
-        f"median of {args.repeat} x {args.frames} frames of {args.size} B: bare readv "
-        f"{b * 1e6:.2f} us, worker {o * 1e6:.2f} us per frame; the worker's own share "
-        f"{max(0.0, o - b) * 1e6:.2f} us ({o / b:.2f}x the floor)"
-    )
+            for h in harness.values():
+                h.close()
+    b = statistics.median(bare)
+    for ring, figures in ours.items():
+        o = statistics.median(figures)
+        print(
+            f"median of {args.repeat} x {args.frames} frames of {args.size} B, {ring} rings:"
+            f" bare readv {b * 1e6:.2f} us, worker {o * 1e6:.2f} us per frame; the worker's"
+            f" own share {max(0.0, o - b) * 1e6:.2f} us ({o / b:.2f}x the floor)"
+        )
     return 0
 
 

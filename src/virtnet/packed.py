@@ -252,7 +252,8 @@ class PackedDeviceQueue:
         self._signalled_used = self.used_idx
         self._pushed = False  # used descriptors written since the last should_notify
         self.notify_enabled = True
-        # Slots taken by the buffer of each id (written at pop, read at push).
+        # Slots taken by the buffer of each id: 1 unless a chain of several
+        # is in flight under that id (set at pop, back to 1 at push).
         self._slots = [1] * _IDS
         # Buffers popped and not yet pushed, and the slots they take (unpop).
         self._in_flight = 0
@@ -329,7 +330,6 @@ class PackedDeviceQueue:
         size = self.size
         desc = self.desc
         flags = self.flags
-        slots = self._slots
         pool = self._pool
         slot = self.avail_idx
         wrap = self.avail_wrap
@@ -339,7 +339,6 @@ class PackedDeviceQueue:
         # memory in most guests), as the split queue does.
         base, end, rbuf = first_region(self.mem)
         empty: tuple[memoryview, ...] = ()
-        taken = 0
         try:
             while len(out_chains) < max_chains:
                 # The flags first (the driver writes them last), then the rest.
@@ -374,8 +373,7 @@ class PackedDeviceQueue:
                     n = 1
                 else:
                     ch, n, bid = self._walk(slot, addr, length, bid, f)
-                slots[bid] = n
-                taken += n
+                    self._slots[bid] = n  # back to 1 when it is pushed
                 append(ch)
                 slot += n
                 if slot >= size:
@@ -387,7 +385,9 @@ class PackedDeviceQueue:
         except Exception as exc:  # GuestMemoryError from view()
             raise VirtqueueError(f"descriptor outside guest memory: {exc}") from exc
         finally:
-            # What was popped before an error stays popped (in flight).
+            # What was popped before an error stays popped (in flight); the
+            # slots it took: at most the whole ring, once round.
+            taken = slot - self.avail_idx + (size if wrap != self.avail_wrap else 0)
             self.avail_idx = slot
             self.avail_wrap = wrap
             self._in_flight += len(out_chains)
@@ -476,6 +476,34 @@ class PackedDeviceQueue:
         """Return buffers as ``(id, written_len)``, in pop order."""
         words = self.words
         flags = self.flags
+        size = self.size
+        idx = self.used_idx
+        wrap = self.used_wrap
+        mark = _BOTH if wrap else 0
+        dirty = self.dirty
+        count = 0
+        if self._in_flight_slots != self._in_flight:
+            # Some buffer in flight takes several slots (a chain).
+            self._push_chains(used)
+            return
+        for bid, length in used:
+            words[4 * idx + 2] = length
+            flags[8 * idx + 6] = bid
+            flags[8 * idx + 7] = mark | VIRTQ_DESC_F_WRITE if length else mark
+            if dirty is not None:
+                self._log(dirty, idx, bid, length)
+            count += 1
+            idx += 1
+            if idx == size:
+                idx = 0
+                wrap ^= 1
+                mark = _BOTH if wrap else 0
+        self._pushed_to(idx, wrap, count)
+
+    def _push_chains(self, used: Iterable[tuple[int, int]]) -> None:
+        """:meth:`push` when buffers of several slots may be among ``used``."""
+        words = self.words
+        flags = self.flags
         slots = self._slots
         size = self.size
         idx = self.used_idx
@@ -487,6 +515,7 @@ class PackedDeviceQueue:
             n = slots[bid]
             if n > 1:
                 self._mark_tail(idx, wrap, n)
+                slots[bid] = 1
             words[4 * idx + 2] = length
             flags[8 * idx + 6] = bid
             flags[8 * idx + 7] = mark | VIRTQ_DESC_F_WRITE if length else mark
@@ -511,8 +540,11 @@ class PackedDeviceQueue:
         self._pushed = True
         self._in_flight = max(0, self._in_flight - count)
         self._in_flight_slots = max(0, self._in_flight_slots - back)
-        if self.position is not None:
-            self.publish_position()
+        position = self.position
+        if position is not None:
+            # publish_position, inline (once per push): used_base() | 1 << 32.
+            pos = idx | wrap << 15
+            position[0][position[1]] = 1 << 32 | pos << 16 | pos
 
     def publish_position(self) -> None:
         """Store the used position where :attr:`position` says."""
@@ -539,27 +571,23 @@ class PackedDeviceQueue:
 
     def push_heads(self, heads: Sequence[int], length: int = 0) -> None:
         """Return buffers that all wrote ``length`` bytes (transmit: 0)."""
-        if self.dirty is not None or length:
+        if self.dirty is not None or length or self._in_flight_slots != self._in_flight:
             self.push(zip(heads, repeat(length)))
             return
-        # Transmit: nothing written, nothing to log.
+        # Transmit of one-slot buffers: nothing written, nothing to log.
         words = self.words
         flags = self.flags
-        slots = self._slots
         size = self.size
         idx = self.used_idx
         wrap = self.used_wrap
         mark = _BOTH if wrap else 0
         for bid in heads:
-            n = slots[bid]
-            if n > 1:
-                self._mark_tail(idx, wrap, n)
             words[4 * idx + 2] = 0
             flags[8 * idx + 6] = bid
             flags[8 * idx + 7] = mark
-            idx += n
-            if idx >= size:
-                idx -= size
+            idx += 1
+            if idx == size:
+                idx = 0
                 wrap ^= 1
                 mark = _BOTH if wrap else 0
         self._pushed_to(idx, wrap, len(heads))

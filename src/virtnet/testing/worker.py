@@ -17,10 +17,11 @@ import subprocess
 
 from virtnet.memory import GuestMemory, MemoryRegion
 from virtnet.net import NetFeature
+from virtnet.packed import FRESH_BASE, PackedDriverQueue
 from virtnet.ports.base import PortQueue
 from virtnet.ports.tap import TapPort
 from virtnet.vhost_user.worker import RegionSpec, RingSpec, Worker, WorkerSpec
-from virtnet.virtq import DriverQueue, split_ring_layout
+from virtnet.virtq import DriverQueue, RingLayout, split_ring_layout
 
 QSIZE = 256
 MEM_SIZE = 8 << 20
@@ -53,7 +54,9 @@ class WorkerHarness:
 
     ``gso``: the guest takes checksum-offloaded TSO frames (a 64 KiB receive
     reserve); ``eventfds``: real kick and call eventfds (:attr:`efds`: kick rx,
-    kick tx, call rx, call tx), else none and the worker polls.
+    kick tx, call rx, call tx), else none and the worker polls; ``packed``:
+    packed virtqueues (VIRTIO_F_RING_PACKED; the driver side is then a
+    :class:`~virtnet.packed.PackedDriverQueue`, with the same interface).
     """
 
     def __init__(
@@ -64,25 +67,33 @@ class WorkerHarness:
         mtu: int,
         eventfds: bool = False,
         port_kind: str = "tap",
+        packed: bool = False,
     ) -> None:
         self.memfd = os.memfd_create("guest", 0)
         os.ftruncate(self.memfd, MEM_SIZE)
         self.mem = GuestMemory(
             [MemoryRegion.from_fd(self.memfd, guest_addr=0, size=MEM_SIZE, user_addr=USER_ADDR)]
         )
-        lay = split_ring_layout(QSIZE)
+        lay = (
+            RingLayout(QSIZE, 0, 16 * QSIZE, 16 * QSIZE + 4, 16 * QSIZE + 8)
+            if packed
+            else split_ring_layout(QSIZE)
+        )
+        queue = PackedDriverQueue if packed else DriverQueue
         self.rx, self.tx = (
-            DriverQueue(self.mem, QSIZE, b + lay.desc, b + lay.avail, b + lay.used, event_idx=True)
+            queue(self.mem, QSIZE, b + lay.desc, b + lay.avail, b + lay.used, event_idx=True)
             for b in (RX_RING, TX_RING)
         )
         feats = NetFeature.VERSION_1 | NetFeature.MRG_RXBUF | NetFeature.EVENT_IDX
+        if packed:
+            feats |= NetFeature.RING_PACKED
         if gso:
             feats |= NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6
         self.efds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(4)] if eventfds else []
         fds: list[int | None] = [*self.efds] if eventfds else [None] * 4
         rings = [
-            RingSpec(i, QSIZE, b + lay.desc, b + lay.avail, b + lay.used, 0,
-                     fds[i], fds[2 + i], None)
+            RingSpec(i, QSIZE, b + lay.desc, b + lay.avail, b + lay.used,
+                     FRESH_BASE if packed else 0, fds[i], fds[2 + i], None)
             for i, b in ((0, RX_RING), (1, TX_RING))
         ]  # fmt: skip
         regions = (RegionSpec(0, MEM_SIZE, USER_ADDR, 0, os.dup(self.memfd)),)  # the worker's

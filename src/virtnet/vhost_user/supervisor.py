@@ -163,12 +163,15 @@ class VmPort:
         return None if fd is None else os.dup(fd)
 
     def fold(self, pair: int) -> None:
-        """A worker of ``pair`` ended: add its counters to the base, clear the slot."""
+        """A worker of ``pair`` ended: add its counters to the base, clear the
+        slot (its ring positions too: they were the ended worker's)."""
         s = self.slot(pair)
         b = self.base[pair]
         for i, name in enumerate(FIELDS):
             if name not in ("pid", "broken"):
                 b[i] += s[i]
+            s[i] = 0
+        for i in POS_FIELDS:
             s[i] = 0
 
     def set_enabled(self, pair: int, on: bool) -> None:
