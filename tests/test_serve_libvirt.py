@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from virtnet.net import NetFeature
 from virtnet.testing.guest import wait_for
 from virtnet.testing.libvirt import Libvirtd, LibvirtGuest, skip_reason
 from virtnet.testing.netns import NetNS, unique_name
@@ -66,12 +67,21 @@ def readme_libvirt_xml() -> tuple[str, str]:
     return mem.group(0), iface.group(0)
 
 
-def readme_guest(lv: Libvirtd, sock: Path, initramfs: Path) -> LibvirtGuest:
-    """The test guest as the README's libvirt XML makes it, on serve's ``sock``."""
+def readme_guest(
+    lv: Libvirtd, sock: Path, initramfs: Path, *, packed: bool = False
+) -> LibvirtGuest:
+    """The test guest as the README's libvirt XML makes it, on serve's ``sock``
+    (``packed``: with ``packed='on'`` in its ``<driver>``, as the README says
+    to give the NIC packed virtqueues)."""
     mem, iface = readme_libvirt_xml()
+    iface = iface.replace(README_SOCKET, str(sock))
+    if packed:
+        iface = iface.replace(
+            f"<driver queues='{QUEUES}'/>", f"<driver queues='{QUEUES}' packed='on'/>"
+        )
     return LibvirtGuest(
         libvirtd=lv,
-        devices_xml=iface.replace(README_SOCKET, str(sock)),
+        devices_xml=iface,
         memory_backing_xml=mem,
         initramfs=initramfs,
         ip=f"{GUEST_IP}/24",
@@ -248,7 +258,9 @@ def test_qemu_not_running_as_root_connects_with_socket_group(
     ``libvirt-qemu``), which cannot connect to a socket root created with the
     default umask.  ``serve --socket-group libvirt-qemu`` gives the socket to
     that group (mode 0660): the README's domain boots, QEMU -- running as
-    ``libvirt-qemu`` -- negotiates 4 pairs, and the guest reaches the host."""
+    ``libvirt-qemu`` -- negotiates 4 pairs, and the guest reaches the host.
+    This domain also has ``packed='on'`` (the README's way to packed
+    virtqueues under libvirt): the guest's driver runs packed rings."""
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
@@ -275,7 +287,7 @@ def test_qemu_not_running_as_root_connects_with_socket_group(
                 assert (st.st_mode & 0o777, st.st_gid) == (0o660, grp.getgrnam(QEMU_USER).gr_gid)
                 with (
                     Libvirtd(qemu_user=QEMU_USER) as lv,
-                    readme_guest(lv, sock, guest_initramfs) as guest,
+                    readme_guest(lv, sock, guest_initramfs, packed=True) as guest,
                 ):
                     pid = guest.qemu_pid
                     assert pid is not None
@@ -286,6 +298,9 @@ def test_qemu_not_running_as_root_connects_with_socket_group(
                     guest.set_channels(QUEUES)
                     doc = fetch(str(stats))
                     assert doc["vms"][0]["connected"], doc
+                    bits = guest.run("cat /sys/class/net/eth0/device/features").output.strip()
+                    assert bits[NetFeature.RING_PACKED.bit_length() - 1] == "1", bits
+                    assert "RING_PACKED" in log.read_text()
             finally:
                 stop_process(serve)
                 print(log.read_text()[-3000:])
