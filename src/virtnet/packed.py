@@ -294,8 +294,10 @@ class PackedDeviceQueue:
 
     def set_dirty_log(self, log: DirtyLog | None, used_log_addr: int | None = None) -> None:
         """Mark every page this queue writes in ``log``: the buffers' written
-        bytes and the ring slots and device area written.  (The ring's own
-        GPAs are marked, so ``used_log_addr`` only says whether to log.)"""
+        bytes, and the ring slots and device area written, at their own
+        guest-physical addresses whether or not ``used_log_addr`` (the split
+        ring's VHOST_VRING_F_LOG address) is given: a packed ring has no used
+        ring to log elsewhere.  ``None`` stops logging."""
         del used_log_addr
         self.dirty = log
         if log is None:
@@ -303,10 +305,9 @@ class PackedDeviceQueue:
 
     # -- available side ---------------------------------------------------
     def _is_avail(self, slot: int, wrap: int) -> bool:
-        f = self.flags[8 * slot + 7]
-        return bool(f & VIRTQ_DESC_F_AVAIL) == bool(wrap) and bool(f & VIRTQ_DESC_F_USED) != bool(
-            wrap
-        )
+        """2.8.1: available on lap ``wrap``: AVAIL equal to it, USED not."""
+        want = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
+        return self.flags[8 * slot + 7] & _BOTH == want
 
     def has_available(self) -> bool:
         return self._is_avail(self.avail_idx, self.avail_wrap)
@@ -690,7 +691,8 @@ class PackedDriverQueue:
     ) -> int | None:
         """Queue a buffer of readable ``out`` then writable ``in_`` parts; its
         id, or None when not enough slots are free.  Visible to the device
-        after :meth:`publish` (or :meth:`kick_needed`)."""
+        after :meth:`publish`, :meth:`kick_needed` or the next add (the
+        first descriptor's flags are written last)."""
         bufs = (*out, *in_)
         n = len(bufs)
         if n == 0:
