@@ -9,8 +9,45 @@ atheris (libFuzzer flags such as ``-max_total_time=N`` and a corpus dir).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+
+from virtnet.memory import GuestMemory, MemoryRegion
+from virtnet.virtq import Chain
+
+#: Bytes around a target's guest memory that must never change, and their value.
+GUARD = 256
+GUARD_BYTE = b"\xee"
+
+
+class GuardedMemory:
+    """Guest memory of ``size`` bytes holding ``body`` (cut or zero-padded),
+    a window of a bigger buffer whose :data:`GUARD` bytes either side must
+    stay as they were: a write outside guest memory shows in :meth:`intact`."""
+
+    def __init__(self, body: bytes, size: int) -> None:
+        self.size = size
+        self.backing = (
+            bytearray(GUARD_BYTE * GUARD) + bytearray(size) + bytearray(GUARD_BYTE * GUARD)
+        )
+        self.backing[GUARD : GUARD + min(len(body), size)] = body[:size]
+        self.region = MemoryRegion(0, size, 0x10000, memoryview(self.backing)[GUARD : GUARD + size])
+        self.mem = GuestMemory([self.region])
+
+    def use(self, chains: Iterable[Chain]) -> None:
+        """What a device does with popped chains: every buffer must be a view
+        of guest memory; the first writable one gets a byte."""
+        for ch in chains:
+            for b in (*ch.out, *ch.in_):
+                assert b.obj is self.region.buf.obj, "view outside guest memory"
+            if ch.in_:
+                ch.in_[0][:1] = b"\x01"
+
+    def intact(self) -> bool:
+        return (
+            self.backing[:GUARD] == GUARD_BYTE * GUARD
+            and self.backing[-GUARD:] == GUARD_BYTE * GUARD
+        )
 
 
 def corpus_files(paths: Sequence[str]) -> Iterator[Path]:
