@@ -131,6 +131,12 @@ def decode_base(base: int, size: int) -> tuple[int, int, int, int]:
     return avail, avail_wrap, used, used_wrap
 
 
+def _avail_bits(wrap: int) -> int:
+    """2.8.1: the AVAIL/USED bits of a slot made available on lap ``wrap``
+    (AVAIL equal to the wrap counter, USED not)."""
+    return VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
+
+
 def _slot_state(flags: memoryview, slot: int) -> tuple[bool, int]:
     """``(available, wrap)`` of a slot as its flags say."""
     f = flags[8 * slot + 7]
@@ -182,9 +188,7 @@ def ring_position(desc: memoryview, size: int) -> tuple[int, int] | None:
 def _position_guess(desc: memoryview, size: int) -> tuple[int, int] | None:
     """The one place the ring shows (see :func:`ring_position`), unchecked."""
     flags = desc.cast("H")
-    bits = [flags[8 * i + 7] for i in range(size)]
-    avail = [bool(f & VIRTQ_DESC_F_AVAIL) != bool(f & VIRTQ_DESC_F_USED) for f in bits]
-    wrap = [int(bool(f & VIRTQ_DESC_F_AVAIL)) for f in bits]
+    avail, wrap = zip(*(_slot_state(flags, i) for i in range(size)), strict=True)
     starts = [i for i in range(size) if avail[i] and not avail[i - 1]]
     if len(starts) > 1:
         return None
@@ -305,9 +309,7 @@ class PackedDeviceQueue:
 
     # -- available side ---------------------------------------------------
     def _is_avail(self, slot: int, wrap: int) -> bool:
-        """2.8.1: available on lap ``wrap``: AVAIL equal to it, USED not."""
-        want = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
-        return self.flags[8 * slot + 7] & _BOTH == want
+        return self.flags[8 * slot + 7] & _BOTH == _avail_bits(wrap)
 
     def has_available(self) -> bool:
         return self._is_avail(self.avail_idx, self.avail_wrap)
@@ -334,7 +336,7 @@ class PackedDeviceQueue:
         pool = self._pool
         slot = self.avail_idx
         wrap = self.avail_wrap
-        avail_bits = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
+        avail_bits = _avail_bits(wrap)
         view = self.mem.view
         # Inline translation for buffers inside the first region (the whole
         # memory in most guests), as the split queue does.
@@ -380,7 +382,7 @@ class PackedDeviceQueue:
                 if slot >= size:
                     slot -= size
                     wrap ^= 1
-                    avail_bits = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
+                    avail_bits = _avail_bits(wrap)
         except VirtqueueError:
             raise
         except Exception as exc:  # GuestMemoryError from view()
@@ -475,6 +477,10 @@ class PackedDeviceQueue:
     # -- used side --------------------------------------------------------
     def push(self, used: Iterable[tuple[int, int]]) -> None:
         """Return buffers as ``(id, written_len)``, in pop order."""
+        if self._in_flight_slots != self._in_flight:
+            # Some buffer in flight takes several slots (a chain).
+            self._push_chains(used)
+            return
         words = self.words
         flags = self.flags
         size = self.size
@@ -483,10 +489,6 @@ class PackedDeviceQueue:
         mark = _BOTH if wrap else 0
         dirty = self.dirty
         count = 0
-        if self._in_flight_slots != self._in_flight:
-            # Some buffer in flight takes several slots (a chain).
-            self._push_chains(used)
-            return
         for bid, length in used:
             words[4 * idx + 2] = length
             flags[8 * idx + 6] = bid
@@ -541,11 +543,7 @@ class PackedDeviceQueue:
         self._pushed = True
         self._in_flight = max(0, self._in_flight - count)
         self._in_flight_slots = max(0, self._in_flight_slots - back)
-        position = self.position
-        if position is not None:
-            # publish_position, inline (once per push): used_base() | 1 << 32.
-            pos = idx | wrap << 15
-            position[0][position[1]] = 1 << 32 | pos << 16 | pos
+        self.publish_position()
 
     def publish_position(self) -> None:
         """Store the used position where :attr:`position` says."""
@@ -680,9 +678,6 @@ class PackedDriverQueue:
         self._pending_head: tuple[int, int] | None = None  # (slot, flags) not yet published
         self._kick_from = (0, 1)
 
-    def _avail_flags(self, wrap: int) -> int:
-        return VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
-
     def add(
         self,
         out: Sequence[tuple[int, int]],
@@ -704,7 +699,7 @@ class PackedDriverQueue:
         head = (self.avail_idx, 0)  # (slot, flags) of the first descriptor
         slot, wrap = self.avail_idx, self.avail_wrap
         for k, (addr, length) in enumerate(bufs):
-            f = self._avail_flags(wrap)
+            f = _avail_bits(wrap)
             if k >= len(out):
                 f |= VIRTQ_DESC_F_WRITE
             if k < n - 1:
@@ -743,7 +738,7 @@ class PackedDriverQueue:
         self.publish()
         bid = self._free_ids.pop()
         slot = self.avail_idx
-        f = self._avail_flags(self.avail_wrap) | VIRTQ_DESC_F_INDIRECT
+        f = _avail_bits(self.avail_wrap) | VIRTQ_DESC_F_INDIRECT
         _desc_pack(self.desc, slot * DESC_SIZE, table_addr, len(bufs) * DESC_SIZE, bid, 0)
         self._pending_head = (slot, f)
         slot += 1
