@@ -21,15 +21,13 @@ from pathlib import Path
 import pytest
 
 from virtnet.net import NetFeature
-from virtnet.testing.guest import Guest, vhost_user_netdev_args, wait_for
-from virtnet.testing.netns import NetNS, unique_name
-from virtnet.testing.procs import stop_process
+from virtnet.testing.guest import wait_for
 from virtnet.testing.serve import (
     ServedGuest,
     check_driver_reload,
     check_serve_restart,
+    guest_on_tap,
     iperf_until_every_queue_moved,
-    start_tap_serve,
 )
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
@@ -42,27 +40,15 @@ PACKED_BIT = NetFeature.RING_PACKED.bit_length() - 1  # 34
 
 @pytest.fixture(scope="module")
 def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedGuest]:
-    tmp = tmp_path_factory.mktemp("serve-packed")
-    tap = unique_name("vntap")
-    with NetNS() as ns:
-        ns.create_tap(tap)
-        ns.set_address(tap, f"{HOST_IP}/24")
-        sock, stats, log = tmp / "vm.sock", tmp / "stats.sock", tmp / "serve.log"
-        serve = start_tap_serve(ns, tap, sock, stats, log, queues=QUEUES)
-        s: ServedGuest | None = None
-        try:
-            with Guest(
-                vhost_user_netdev_args(
-                    sock, queues=QUEUES, reconnect_ms=500, device_extra="packed=on"
-                ),
-                initramfs=guest_initramfs,
-                ip=f"{GUEST_IP}/24",
-            ) as guest:
-                s = ServedGuest(guest, ns, tap, sock, stats, log, serve, QUEUES)
-                yield s
-        finally:
-            stop_process(s.serve if s is not None else serve)
-            print(log.read_text()[-6000:])
+    with guest_on_tap(
+        tmp_path_factory.mktemp("serve-packed"),
+        guest_initramfs,
+        queues=QUEUES,
+        host_cidr=f"{HOST_IP}/24",
+        guest_cidr=f"{GUEST_IP}/24",
+        device_extra="packed=on",
+    ) as s:
+        yield s
 
 
 def test_packed_rings_are_negotiated_on_both_sides(setup: ServedGuest) -> None:

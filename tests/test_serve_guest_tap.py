@@ -28,6 +28,7 @@ from virtnet.testing.serve import (
     ServedGuest,
     check_driver_reload,
     check_serve_restart,
+    guest_on_tap,
     start_tap_serve,
 )
 from virtnet.vhost_user.stats import fetch
@@ -47,28 +48,17 @@ def _start_serve(
 
 @pytest.fixture(scope="module")
 def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedGuest]:
-    tmp = tmp_path_factory.mktemp("serve-tap")
-    tap = unique_name("vntap")
-    with NetNS() as ns:
-        ns.create_tap(tap)
-        ns.set_address(tap, f"{HOST_IP}/24")
-        sock, stats, log = tmp / "vm.sock", tmp / "stats.sock", tmp / "serve.log"
-        serve = _start_serve(ns, tap, sock, stats, log)
-        s: ServedGuest | None = None
-        try:
-            with Guest(
-                vhost_user_netdev_args(sock, queues=QUEUES, reconnect_ms=500),
-                initramfs=guest_initramfs,
-                ip=f"{GUEST_IP}/24",
-                # room for a hot-plugged DIMM (memory table change at run time)
-                extra_args=["-m", "512M,slots=2,maxmem=1G"],
-                cmdline_extra="memhp_default_state=online",
-            ) as guest:
-                s = ServedGuest(guest, ns, tap, sock, stats, log, serve, QUEUES)
-                yield s
-        finally:
-            stop_process(s.serve if s is not None else serve)
-            print(log.read_text()[-6000:])
+    with guest_on_tap(
+        tmp_path_factory.mktemp("serve-tap"),
+        guest_initramfs,
+        queues=QUEUES,
+        host_cidr=f"{HOST_IP}/24",
+        guest_cidr=f"{GUEST_IP}/24",
+        # room for a hot-plugged DIMM (memory table change at run time)
+        extra_args=["-m", "512M,slots=2,maxmem=1G"],
+        cmdline_extra="memhp_default_state=online",
+    ) as s:
+        yield s
 
 
 def _iperf_both_ways(s: ServedGuest, *, streams: int, seconds: int) -> None:

@@ -129,8 +129,43 @@ def guest_on_created_tap(
     left for serve to create (as a user who names a tap that is not there):
     once it exists it gets ``host_cidr``.  serve's files go in ``workdir``;
     serve is stopped at the end and its log's tail printed."""
+    with guest_on_tap(
+        workdir,
+        initramfs,
+        queues=queues,
+        host_cidr=host_cidr,
+        guest_cidr=guest_cidr,
+        device_extra=device_extra,
+        serve_creates_tap=True,
+    ) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def guest_on_tap(
+    workdir: Path,
+    initramfs: Path,
+    *,
+    queues: int,
+    host_cidr: str,
+    guest_cidr: str,
+    device_extra: str = "",
+    serve_creates_tap: bool = False,
+    extra_args: Sequence[str] = (),
+    cmdline_extra: str = "",
+) -> Iterator[ServedGuest]:
+    """A guest on ``virtnet serve --port tap:T`` in a fresh namespace.  The
+    tap is persistent and has ``host_cidr`` before serve starts (it then
+    outlives a serve that is killed), unless ``serve_creates_tap``: then
+    serve creates it and it gets ``host_cidr`` once it exists.
+    ``device_extra``, ``extra_args`` and ``cmdline_extra`` go to the guest's
+    NIC, QEMU and the kernel.  serve's files go in ``workdir``; serve is
+    stopped at the end and its log's tail printed."""
     tap = unique_name("vntap")
     with NetNS() as ns:
+        if not serve_creates_tap:
+            ns.create_tap(tap)
+            ns.set_address(tap, host_cidr)
         sock, stats, log = workdir / "vm.sock", workdir / "stats.sock", workdir / "serve.log"
         serve = start_tap_serve(ns, tap, sock, stats, log, queues=queues)
         s: ServedGuest | None = None
@@ -141,10 +176,13 @@ def guest_on_created_tap(
                 ),
                 initramfs=initramfs,
                 ip=guest_cidr,
+                extra_args=extra_args,
+                cmdline_extra=cmdline_extra,
             ) as guest:
                 s = ServedGuest(guest, ns, tap, sock, stats, log, serve, queues)
-                ns.wait_link(tap)
-                ns.set_address(tap, host_cidr)
+                if serve_creates_tap:
+                    ns.wait_link(tap)
+                    ns.set_address(tap, host_cidr)
                 yield s
         finally:
             stop_process(s.serve if s is not None else serve)
