@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from virtnet.testing.guest import DEFAULT_MAC, Guest, wait_for
-from virtnet.testing.serve import ServedGuest, guest_on_created_tap
+from virtnet.testing.serve import ServedGuest, guest_on_tap
 from virtnet.vhost_user.stats import fetch
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
@@ -45,13 +45,14 @@ JUMBO_PING = MTU - 28
 @pytest.fixture(scope="module")
 def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedGuest]:
     # No tap yet: serve creates it and gives it the MTU QEMU announces.
-    with guest_on_created_tap(
+    with guest_on_tap(
         tmp_path_factory.mktemp("serve-jumbo"),
         guest_initramfs,
         queues=QUEUES,
         host_cidr=f"{HOST_IP}/24",
         guest_cidr=f"{GUEST_IP}/24",
         device_extra=f"id=nic0,host_mtu={MTU}",
+        serve_creates_tap=True,
     ) as s:
         s.ns.ip("-6", "addr", "add", f"{HOST_IP6}/64", "dev", s.tap, "nodad")
         _add_ipv6(s.guest)

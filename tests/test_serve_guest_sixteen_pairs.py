@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from virtnet.testing.guest import wait_for
-from virtnet.testing.serve import ServedGuest, guest_on_created_tap, iperf_until_every_queue_moved
+from virtnet.testing.serve import ServedGuest, guest_on_tap, iperf_until_every_queue_moved
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
 
@@ -25,12 +25,13 @@ HOST_IP, GUEST_IP = "10.79.0.1", "10.79.0.2"
 
 @pytest.fixture(scope="module")
 def setup(guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedGuest]:
-    with guest_on_created_tap(
+    with guest_on_tap(
         tmp_path_factory.mktemp("serve-16"),
         guest_initramfs,
         queues=QUEUES,
         host_cidr=f"{HOST_IP}/24",
         guest_cidr=f"{GUEST_IP}/24",
+        serve_creates_tap=True,
     ) as s:
         yield s
 

@@ -267,6 +267,17 @@ def test_more_worker_processes_than_cpus_is_warned_once(tmp_path: Path, workers:
     assert text.count(warned) == (1 if workers == "0" else 0), text[-3000:]
 
 
+def _serve_usage_error(*args: str) -> str:
+    """``virtnet serve ARGS`` run as a user would: it must stop with a usage
+    error (status 2) before serving anything; its stderr."""
+    res = subprocess.run(
+        [sys.executable, "-m", "virtnet.cli", "serve", *args],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    return res.stderr
+
+
 def test_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="template"):
         Daemon([str(tmp_path / "a"), str(tmp_path / "b")], port="tap:vnx0")
@@ -279,12 +290,10 @@ def test_usage_errors(tmp_path: Path) -> None:
     for bad in (-1, 1001):
         with pytest.raises(UsageError, match=r"--kick-defer-us must be 0\.\.1000"):
             Daemon([str(tmp_path / "a")], port="null", kick_defer_us=bad)
-    res = subprocess.run(
-        [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(tmp_path / "a"),
-         "--socket", str(tmp_path / "b"), "--port", "tap:vnx0"],
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
-    assert res.returncode == 2 and "template" in res.stderr
+    err = _serve_usage_error(
+        "--socket", str(tmp_path / "a"), "--socket", str(tmp_path / "b"), "--port", "tap:vnx0"
+    )
+    assert "template" in err
 
 
 def test_socket_group_and_mode(tmp_path: Path) -> None:
@@ -312,12 +321,8 @@ def test_socket_group_and_mode(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="with --client QEMU owns the socket"):
         Daemon([str(tmp_path / "d.sock")], port="null", client=True, socket_mode=0o660)
     assert not (tmp_path / "d.sock").exists()
-    res = subprocess.run(
-        [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(tmp_path / "e.sock"),
-         "--socket-mode", "0968"],
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
-    assert res.returncode == 2 and "not an octal mode: '0968'" in res.stderr, res.stderr
+    err = _serve_usage_error("--socket", str(tmp_path / "e.sock"), "--socket-mode", "0968")
+    assert "not an octal mode: '0968'" in err, err
 
 
 def test_vlans_option_parsing_and_errors(tmp_path: Path) -> None:
@@ -339,12 +344,8 @@ def test_vlans_option_parsing_and_errors(tmp_path: Path) -> None:
         _vlan_plan([(None, frozenset({1})), (None, frozenset({2}))], members)
     with pytest.raises(UsageError, match="--vlans needs --port switch"):
         Daemon([str(tmp_path / "a")], port="null", vlans=[(None, frozenset({0}))])
-    res = subprocess.run(
-        [sys.executable, "-m", "virtnet.cli", "serve", "--socket", str(tmp_path / "a"),
-         "--vlans", "a=4095"],
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
-    assert res.returncode == 2 and "bad --vlans 'a=4095'" in res.stderr, res.stderr
+    err = _serve_usage_error("--socket", str(tmp_path / "a"), "--vlans", "a=4095")
+    assert "bad --vlans 'a=4095'" in err, err
 
 
 def test_mac_option_parsing_and_errors(tmp_path: Path) -> None:

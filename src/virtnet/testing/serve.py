@@ -116,32 +116,6 @@ class ServedGuest:
 
 
 @contextlib.contextmanager
-def guest_on_created_tap(
-    workdir: Path,
-    initramfs: Path,
-    *,
-    queues: int,
-    host_cidr: str,
-    guest_cidr: str,
-    device_extra: str = "",
-) -> Iterator[ServedGuest]:
-    """A guest on ``virtnet serve --port tap:T`` in a fresh namespace, the tap
-    left for serve to create (as a user who names a tap that is not there):
-    once it exists it gets ``host_cidr``.  serve's files go in ``workdir``;
-    serve is stopped at the end and its log's tail printed."""
-    with guest_on_tap(
-        workdir,
-        initramfs,
-        queues=queues,
-        host_cidr=host_cidr,
-        guest_cidr=guest_cidr,
-        device_extra=device_extra,
-        serve_creates_tap=True,
-    ) as s:
-        yield s
-
-
-@contextlib.contextmanager
 def guest_on_tap(
     workdir: Path,
     initramfs: Path,
