@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from virtnet.errors import GuestMemoryError, PeerError
 from virtnet.memory import MAX_ADDRESS, GuestMemory, MemoryRegion
+from virtnet.testing import hugepages
 
 
 def two_regions() -> GuestMemory:
@@ -100,6 +102,40 @@ def test_fd_region_shared_mapping() -> None:
         mem.close()
     finally:
         os.close(fd)
+
+
+@pytest.mark.skipif(hugepages.skip_reason(4) is not None, reason=str(hugepages.skip_reason(4)))
+def test_fd_region_on_huge_pages_at_an_unaligned_offset() -> None:
+    """A hugetlbfs file maps only at huge-page offsets; QEMU's region above the
+    VGA hole starts 0xc0000 into the RAM block.  The mapping starts at the huge
+    page below and the region is the exact slice of it."""
+    with hugepages.reserved(4):
+        fd = os.memfd_create("virtnet-test", os.MFD_HUGETLB)
+        try:
+            os.ftruncate(fd, 4 * hugepages.HUGEPAGE_SIZE)
+            # hugetlbfs has no write(2): the other side of the file is a mapping too.
+            whole = mmap.mmap(fd, 4 * hugepages.HUGEPAGE_SIZE)
+            whole[-4:] = b"last"
+            size = 3 * hugepages.HUGEPAGE_SIZE - 0xC0000
+            r = MemoryRegion.from_fd(
+                fd,
+                guest_addr=0xC0000,
+                size=size,
+                user_addr=0x7F00_000C_0000,
+                mmap_offset=hugepages.HUGEPAGE_SIZE + 0xC0000,
+            )
+            mem = GuestMemory([r])
+            assert mem.read(0xC0000, 4) == b"\0" * 4
+            mem.write(0xC0000, b"guest")
+            at = hugepages.HUGEPAGE_SIZE + 0xC0000
+            assert whole[at : at + 5] == b"guest"
+            assert mem.read(0xC0000 + size - 4, 4) == b"last"
+            with pytest.raises(GuestMemoryError):
+                mem.view(0xC0000 + size - 2, 4)
+            mem.close()
+            whole.close()
+        finally:
+            os.close(fd)
 
 
 def test_fd_region_bad_fd_is_peer_error() -> None:

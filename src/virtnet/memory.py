@@ -23,6 +23,7 @@ import bisect
 import contextlib
 import itertools
 import mmap
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from virtnet.errors import GuestMemoryError
 
 __all__ = [
     "MAX_ADDRESS",
+    "MAX_PAGE_SIZE",
     "MAX_REGIONS",
     "GuestMemory",
     "MemoryRegion",
@@ -44,6 +46,11 @@ MAX_ADDRESS = (1 << 64) - 1
 #: backend advertise more via GET_MAX_MEM_SLOTS.  We advertise and accept 509,
 #: QEMU's own cap for vhost-user (hw/virtio/vhost-user.c, VHOST_USER_MAX_RAM_SLOTS).
 MAX_REGIONS = 509
+
+#: Largest page a guest memory file may have: x86-64's 1-GiB huge pages (a
+#: hugetlbfs mount's ``pagesize=1G``); the mapping of a region starts at most
+#: this far before it.
+MAX_PAGE_SIZE = 1 << 30
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,12 +102,12 @@ class MemoryRegion:
         """
         if size <= 0 or mmap_offset < 0:
             raise GuestMemoryError(f"bad region: size={size} mmap_offset={mmap_offset}")
-        if mmap_offset % mmap.ALLOCATIONGRANULARITY:
-            # mmap(2) needs a page-aligned offset: map from the page boundary
-            # and slice, so an unaligned offset still works.
-            base = mmap_offset - mmap_offset % mmap.ALLOCATIONGRANULARITY
-        else:
-            base = mmap_offset
+        # mmap(2) needs an offset aligned to the file's page: 4 KiB for a memfd
+        # or tmpfs file, the huge page for hugetlbfs (2 MiB or 1 GiB; EINVAL
+        # otherwise).  QEMU's regions start at any 4-KiB offset into the RAM
+        # block's file (the one above the VGA hole at 0xc0000), so map from the
+        # aligned offset below and slice.
+        base = mmap_offset - mmap_offset % _mmap_alignment(fd)
         skip = mmap_offset - base
         try:
             m = mmap.mmap(
@@ -123,6 +130,20 @@ class MemoryRegion:
             # rather than crash; it is unreachable from the table now.
             with contextlib.suppress(BufferError):
                 self._mmap.close()
+
+
+def _mmap_alignment(fd: int) -> int:
+    """What a mapping's offset into ``fd`` must be a multiple of: the page
+    size, or the file's block size when that is a larger power of 2 up to
+    :data:`MAX_PAGE_SIZE` (``st_blksize`` is the huge page size on hugetlbfs;
+    DPDK's vhost library aligns its mappings to it too)."""
+    try:
+        blksize = os.fstat(fd).st_blksize
+    except OSError as exc:
+        raise GuestMemoryError(f"cannot stat guest memory fd {fd}: {exc}") from exc
+    if mmap.ALLOCATIONGRANULARITY < blksize <= MAX_PAGE_SIZE and blksize.bit_count() == 1:
+        return blksize
+    return mmap.ALLOCATIONGRANULARITY
 
 
 def _check_disjoint(regions: tuple[MemoryRegion, ...]) -> None:
