@@ -15,11 +15,12 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from virtnet.testing import hugepages
 from virtnet.testing.guest import wait_for
 from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.stats import fetch
@@ -27,6 +28,15 @@ from virtnet.vhost_user.stats import fetch
 pytestmark = [pytest.mark.dpdk, pytest.mark.timeout(180)]
 
 TESTPMD = shutil.which("dpdk-testpmd")
+#: testpmd's memory: anonymous (``--no-huge`` then needs ``-m``); or 2-MiB
+#: huge pages from a hugetlbfs mount, one file per memory segment list (the
+#: vhost-user memory table takes at most 8 regions).
+NO_HUGE = ("--no-huge", "-m", "512")
+HUGE_PAGES = 300
+
+
+def on_huge_pages(mount: Path) -> tuple[str, ...]:
+    return ("--huge-dir", str(mount), "--single-file-segments", "-m", "512")
 
 
 def _pmd(name: str) -> str | None:
@@ -50,16 +60,16 @@ def _serve(tmp: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
 class PmdProcess:
     """dpdk-testpmd in interactive mode, driven through stdin."""
 
-    def __init__(self, tmp: Path, vdev: str, *extra: str) -> None:
+    def __init__(self, tmp: Path, vdev: str, *extra: str, memory: Sequence[str] = NO_HUGE) -> None:
         virtio, ring = _pmd("librte_net_virtio"), _pmd("librte_mempool_ring")
         if TESTPMD is None or virtio is None or ring is None:
             pytest.skip("dpdk-testpmd with the virtio and mempool_ring PMDs is not installed")
         self.log_path = tmp / "testpmd.log"
         self.log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [TESTPMD, "-l", "0-1", "--no-huge", "--no-pci", "-m", "512",
-             "--file-prefix", f"vnts{os.getpid()}", "-d", virtio, "-d", ring,
-             "--vdev", vdev, "--", "-i", "--nb-cores=1", "--total-num-mbufs=16384", *extra],
+            [TESTPMD, "-l", "0-1", *memory, "--no-pci", "--file-prefix", f"vnts{os.getpid()}",
+             "-d", virtio, "-d", ring, "--vdev", vdev,
+             "--", "-i", "--nb-cores=1", "--total-num-mbufs=16384", *extra],
             stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
@@ -109,11 +119,52 @@ def test_testpmd_io_forwarding_on_two_queues_then_one(
     serve_loopback: tuple[Path, Path, Path], ring: str
 ) -> None:
     """``packed``: virtio-user's ``packed_vq=1`` negotiates VIRTIO_F_RING_PACKED."""
-    sock, stats, tmp = serve_loopback
+    io_forwarding_on_two_queues_then_one(*serve_loopback, ring=ring)
+
+
+@pytest.mark.root
+def test_testpmd_on_huge_pages(tmp_path: Path) -> None:
+    """testpmd's memory on 2-MiB huge pages, as DPDK is deployed: serve maps
+    the regions of a hugetlbfs file (offsets and sizes in whole huge pages)."""
+    reason = hugepages.skip_reason(HUGE_PAGES)
+    if reason is not None:
+        pytest.skip(reason)
+    proc, sock, stats = _serve(tmp_path, "--port", "loopback", "--queues", "2")
+    try:
+        with hugepages.reserved(HUGE_PAGES), hugepages.hugetlbfs_mount() as mount:
+
+            def workers_map_huge_pages() -> None:
+                for p in _pairs(stats):
+                    maps = Path(f"/proc/{p['pid']}/maps").read_text()
+                    assert str(mount) in maps, maps
+
+            io_forwarding_on_two_queues_then_one(
+                sock,
+                stats,
+                tmp_path,
+                ring="split",
+                memory=on_huge_pages(mount),
+                while_two=workers_map_huge_pages,
+            )
+    finally:
+        assert stop_process(proc) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def io_forwarding_on_two_queues_then_one(
+    sock: Path,
+    stats: Path,
+    tmp: Path,
+    *,
+    ring: str,
+    memory: Sequence[str] = NO_HUGE,
+    while_two: Callable[[], None] | None = None,
+) -> None:
+    """testpmd io-forwards on 2 queue pairs against ``serve --port loopback``
+    (``while_two`` runs then), then on 1 after a run-time queue count change."""
     vdev = f"net_virtio_user0,path={sock},queues=2,cq=1" + (
         ",packed_vq=1" if ring == "packed" else ""
     )
-    pmd = PmdProcess(tmp, vdev, "--rxq=2", "--txq=2")
+    pmd = PmdProcess(tmp, vdev, "--rxq=2", "--txq=2", memory=memory)
     try:
         assert wait_for(lambda: "testpmd>" in pmd.output(), timeout=30), pmd.output()
         pmd.cmd("set fwd io")
@@ -125,6 +176,8 @@ def test_testpmd_io_forwarding_on_two_queues_then_one(
             assert b[p]["enabled"] == 1
             assert b[p]["rx_packets"] > a[p]["rx_packets"] > 0, (p, a, b)
             assert b[p]["tx_packets"] > a[p]["tx_packets"] > 0, (p, a, b)
+        if while_two is not None:
+            while_two()
         # Queue count change at run time.
         pmd.cmd("stop", 0.5)
         pmd.cmd("port stop 0", 1.0)
