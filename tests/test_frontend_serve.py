@@ -13,6 +13,7 @@ resume at the used index).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -172,6 +173,47 @@ def test_dirty_log_marks_every_page_the_workers_write(
 def _worker_pid(stats: Path) -> int:
     pid: int = fetch(str(stats))["vms"][0]["pairs"][0]["pid"]
     return pid
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets ``pid`` has open (``/proc/PID/fd``)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(int(link[8:-1]))
+    return inodes
+
+
+def _peer_inode(inode: int) -> int:
+    """The inode of the other end of the connected Unix socket ``inode`` (``ss -x``:
+    netid state recv-q send-q local-address local-inode peer-address peer-inode)."""
+    out = subprocess.run(["ss", "-xH"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 8 and f[7] == str(inode):
+            return int(f[5])
+    raise AssertionError(f"no socket connected to inode {inode} in:\n{out}")
+
+
+def test_workers_hold_the_connection_so_a_killed_serve_closes_it_after_them(
+    tmp_path: Path,
+) -> None:
+    """Every worker keeps serve's end of the frontend connection open: if serve
+    is killed, the frontend sees the close only when no worker can move a
+    ring any more (QEMU then takes the used indexes as the rings' bases)."""
+    with (
+        serve(tmp_path, "loopback", queues=2, extra=("--workers", "0")) as (sock,),
+        VhostUserFrontend(sock, queue_pairs=2) as fe,
+    ):
+        assert fe.set_queue_pairs(2)
+        pairs = fetch(str(tmp_path / "stats.sock"))["vms"][0]["pairs"]
+        assert all(p["pid"] for p in pairs), pairs
+        assert fe._chan is not None
+        theirs = _peer_inode(os.fstat(fe._chan.sock.fileno()).st_ino)
+        for p in pairs:
+            assert theirs in _socket_inodes(p["pid"]), p
 
 
 def test_a_worker_that_ignores_a_log_address_is_restarted_with_it(tmp_path: Path) -> None:

@@ -356,6 +356,25 @@ def test_restart_continues_from_reported_indexes(rig: Rig) -> None:
     assert _stop(rig) == (50, 50)
 
 
+def test_restart_from_a_base_behind_the_used_index_resumes_at_it(rig: Rig) -> None:
+    """QEMU, whose backend died without answering GET_VRING_BASE, sends a base
+    older than the ring's used index: the worker resumes at the used index
+    (nothing before it is left to serve) instead of giving the ring up."""
+    _post_rx(rig, 200)
+    _start(rig, rig.spec())
+    _send(rig, [_frame(i) for i in range(30)])
+    rx_used = _wait_used(rig.rx, 30)
+    assert len(rx_used) == 30
+    assert _stop(rig) == (30, 30)
+    _start(rig, rig.spec(rx_avail=12, tx_avail=30))
+    _send(rig, [_frame(i) for i in range(30, 50)], slot0=0x300000)
+    used = _wait_used(rig.rx, 20)
+    assert _stop(rig) == (50, 50)
+    # Buffers 30-49 took the frames: none of 12-29 was filled a second time.
+    assert [addr for addr, _ in used] == [BUFS + k * BUF_SIZE for k in range(30, 50)]
+    assert rig.counter("errors") == 0
+
+
 def test_descriptor_loop_breaks_only_that_ring(rig: Rig) -> None:
     _post_rx(rig, 64)
     _start(rig, rig.spec())
@@ -611,7 +630,7 @@ def test_hung_worker_is_killed_on_stop_and_ring_resumes_from_used(
     vm = VmPort("vm", LoopbackPort(), 1)
     sup = Supervisor(vm)
     # The supervisor reads used indexes through its backend's memory map.
-    sup.backend = cast(Backend, types.SimpleNamespace(memory=rig.mem))
+    sup.backend = cast(Backend, types.SimpleNamespace(memory=rig.mem, connection_fd=None))
     try:
         _supervise(sup, rig, enabled=True)
         pid = sup.workers[0].pid

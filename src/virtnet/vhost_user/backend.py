@@ -439,6 +439,12 @@ class Backend:
         self._mapped: dict[tuple[int, int, int], MemoryRegion] = {}
         self.rings = [_Ring(i) for i in range(self.config.max_rings)]
         self.closed = False
+        #: The frontend connection's socket fd (set by the server; borrowed).
+        #: The owner keeps it open in its worker processes, so that if serve
+        #: itself is killed the frontend sees the connection close only once
+        #: no worker can touch a ring any more: QEMU then reads the used
+        #: indexes as the rings' bases, and they must not move after that.
+        self.connection_fd: int | None = None
 
     # -- queries ----------------------------------------------------------
 

@@ -262,6 +262,7 @@ class Server:
         except Exception:
             sock.close()
             raise
+        backend.connection_fd = sock.fileno()
         conn = Connection(ep, sock, backend)
         ep.connection = conn
         ep.connections += 1

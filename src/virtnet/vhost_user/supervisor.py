@@ -577,7 +577,11 @@ class Supervisor:
         for spec in specs:
             self.vm.fold(spec.pair)
         try:
-            pid, ctls = spawn_workers(specs, [self.vm.slot(spec.pair) for spec in specs])
+            pid, ctls = spawn_workers(
+                specs,
+                [self.vm.slot(spec.pair) for spec in specs],
+                hold=self.backend.connection_fd if self.backend is not None else None,
+            )
         finally:
             for spec in specs:
                 _close(spec.port_fd)

@@ -97,6 +97,12 @@ Invariants:
 * After the stop request is answered the worker touches no guest memory: it
   exits at once.  It also exits when its control socket closes (supervisor
   gone) and dies with its parent (``PR_SET_PDEATHSIG``).
+* A worker holds the frontend's connection open (never reading it): when
+  serve is killed, QEMU sees the connection close only after the last worker
+  has died, so the used indexes it then takes as the rings' bases (it cannot
+  ask GET_VRING_BASE of a dead backend) do not move on behind its back.  A
+  worker that starts from a base behind the ring's used index all the same
+  resumes at the used index.
 * Counters are published into a shared ``u64`` slot (:data:`FIELDS`) after
   every batch.  Per packet the worker allocates only the used-entry tuple
   and what ``os.readv``/``os.writev`` need; rings, indexes and notification
@@ -466,6 +472,15 @@ class Worker:
             return self._packed_queue(ring)
         try:
             used_idx = _read_used_idx(self.mem, ring.used_addr)
+            start = ring.last_avail_idx
+            if 0 < (used_idx - start) & 0xFFFF <= ring.size:
+                # The used index is ahead of the base: a backend that stopped
+                # without answering GET_VRING_BASE (killed) used buffers past
+                # the position QEMU took for it.  Nothing before the used
+                # index is left to serve; resume there, as QEMU itself does.
+                log.warning("%s: ring %d: base %d is behind the used index %d; resuming there",
+                            self.name, ring.index, start, used_idx)  # fmt: skip
+                start = used_idx
             q = DeviceQueue(
                 self.mem,
                 ring.size,
@@ -473,13 +488,13 @@ class Worker:
                 ring.avail_addr,
                 ring.used_addr,
                 event_idx=self.event_idx,
-                last_avail_idx=ring.last_avail_idx,
+                last_avail_idx=start,
                 used_idx=used_idx,
             )
         except PeerError as exc:
             self._broken(ring.index, f"cannot start: {exc}")
             return None
-        if (ring.last_avail_idx - used_idx) & 0xFFFF > ring.size:
+        if (start - used_idx) & 0xFFFF > ring.size:
             self._broken(
                 ring.index,
                 f"used index {used_idx} is more than the ring size behind"
@@ -1484,20 +1499,27 @@ def spawn_worker(spec: WorkerSpec, counters: memoryview | None = None) -> tuple[
 
 
 def spawn_workers(
-    specs: Sequence[WorkerSpec], counters: Sequence[memoryview | None]
+    specs: Sequence[WorkerSpec],
+    counters: Sequence[memoryview | None],
+    *,
+    hold: int | None = None,
 ) -> tuple[int, list[socket.socket]]:
     """Fork one worker process serving the pairs in ``specs``; returns (pid,
     the supervisor ends of one control socket per pair, in ``specs`` order).
 
     The specs share one memory table (the same region fds).  The child keeps
-    only the fds named in ``specs`` (its own copies after the fork) and its
-    control sockets; the caller still owns (and should close) its copies.
+    only the fds named in ``specs`` (its own copies after the fork), its
+    control sockets and ``hold`` (the frontend's connection: never used, only
+    kept open until the child exits); the caller still owns (and should
+    close) its copies.
     """
     if not specs or len(specs) != len(counters):
         raise ValueError("spawn_workers: one counter slot per spec, at least one spec")
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in specs]
     ctl_fds = [theirs.fileno() for _, theirs in pairs]
     keep = set(ctl_fds)
+    if hold is not None:
+        keep.add(hold)
     for spec in specs:
         keep |= spec.fds()
     try:
