@@ -106,9 +106,10 @@ def test_fd_region_shared_mapping() -> None:
 
 @pytest.mark.skipif(hugepages.skip_reason(4) is not None, reason=str(hugepages.skip_reason(4)))
 def test_fd_region_on_huge_pages_at_an_unaligned_offset() -> None:
-    """A hugetlbfs file maps only at huge-page offsets; QEMU's region above the
-    VGA hole starts 0xc0000 into the RAM block.  The mapping starts at the huge
-    page below and the region is the exact slice of it."""
+    """A hugetlbfs file maps only at huge-page offsets; a region may start
+    anywhere in it (0xc0000: where QEMU's region above the VGA hole starts in
+    4-KiB memory).  The mapping starts at the huge page below and the region is
+    the exact slice of it."""
     with hugepages.reserved(4):
         fd = os.memfd_create("virtnet-test", os.MFD_HUGETLB)
         try:

@@ -104,9 +104,9 @@ class MemoryRegion:
             raise GuestMemoryError(f"bad region: size={size} mmap_offset={mmap_offset}")
         # mmap(2) needs an offset aligned to the file's page: 4 KiB for a memfd
         # or tmpfs file, the huge page for hugetlbfs (2 MiB or 1 GiB; EINVAL
-        # otherwise).  QEMU's regions start at any 4-KiB offset into the RAM
-        # block's file (the one above the VGA hole at 0xc0000), so map from the
-        # aligned offset below and slice.
+        # otherwise).  A region may start anywhere in its file (QEMU's above
+        # the VGA hole starts 0xc0000 in; QEMU aligns regions on huge pages
+        # itself, a frontend need not), so map from the page below and slice.
         base = mmap_offset - mmap_offset % _mmap_alignment(fd)
         skip = mmap_offset - base
         try:

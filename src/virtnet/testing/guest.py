@@ -585,6 +585,11 @@ class Guest:
 
     netdev_args: Sequence[str] = ()
     memory_mb: int = 512
+    #: Guest RAM's ``-object``, with ``id=mem``, ``size`` and ``share=on`` added:
+    #: ``memory-backend-memfd`` (default), ``memory-backend-memfd,hugetlb=on``,
+    #: ``memory-backend-file,mem-path=/dev/hugepages`` (hugetlbfs, as libvirt's
+    #: ``<hugepages/>`` and OVS-DPDK set-ups have it).
+    memory_backend: str = "memory-backend-memfd"
     smp: int = 2
     ip: str | None = None
     kernel: Path | None = None
@@ -654,7 +659,7 @@ class Guest:
             "-m", f"{self.memory_mb}M",
             "-smp", str(self.smp),
             "-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
-            "-object", f"memory-backend-memfd,id=mem,size={self.memory_mb}M,share=on",
+            "-object", f"{self.memory_backend},id=mem,size={self.memory_mb}M,share=on",
             "-numa", "node,memdev=mem",
             "-kernel", str(kernel),
             "-initrd", str(self.initramfs),
@@ -768,8 +773,25 @@ class Guest:
         except OSError:
             return ""
 
+    def _qmp_probe(self) -> str:
+        """Whether QEMU's monitor answers (a guest that stopped answering its
+        agent is hung itself when it does, QEMU's main loop is stuck when not)."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(3.0)
+                sock.connect(str(self.qmp_socket))
+                reader = sock.makefile("rb")
+                reader.readline()
+                sock.sendall(b'{"execute": "qmp_capabilities"}\n{"execute": "query-status"}\n')
+                replies = [reader.readline() for _ in range(2)]
+            return replies[-1].decode(errors="replace").strip()
+        except OSError as exc:
+            return f"no answer: {exc!r}"
+
     def _error(self, what: str) -> GuestError:
         status = "running" if self.running else self._exit_status()
+        if self.running and what.startswith("timed out"):
+            status += f"; QMP query-status: {self._qmp_probe()}"
         return GuestError(
             f"{what} [QEMU {status}]\n--- console tail ---\n{self.console_tail()}\n"
             f"--- QEMU output ---\n{self._qemu_output()}\n--- agent buffer tail ---\n"
