@@ -395,6 +395,29 @@ def test_descriptor_loop_breaks_only_that_ring(rig: Rig) -> None:
     assert rx == 0
 
 
+def test_broken_rx_ring_with_frames_waiting_still_answers_its_supervisor(rig: Rig) -> None:
+    """Frames wait on the port for an rx ring that is broken: the worker must
+    neither spin on them nor stop reading its control socket (a call-fd swap
+    and the stop are answered at once)."""
+    import socket
+
+    spec = rig.spec()
+    _start(rig, dataclasses.replace(spec, rx=dataclasses.replace(spec.rx, desc_addr=4 * MEM)))
+    _send(rig, [_frame(i) for i in range(10)])  # looped back towards the broken rx ring
+    assert len(_wait_used(rig.tx, 10)) == 10
+    ctl = rig.ctl
+    assert isinstance(ctl, socket.socket)
+    ctl.settimeout(2)
+    call = os.eventfd(0)
+    try:
+        socket.send_fds(ctl, [Ctl.CALL_MSG.pack(Ctl.CALL, 0, 1)], [call])
+        assert ctl.recv(16) == Ctl.CALL_ACK
+    finally:
+        os.close(call)
+    assert _stop(rig) == (0, 10)
+    assert rig.counter("rx_errors") == 1
+
+
 def test_out_of_range_buffer_is_refused(rig: Rig) -> None:
     _start(rig, rig.spec())
     rig.tx.add([(MEM - 10, 64)], [], "bad")

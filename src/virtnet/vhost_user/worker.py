@@ -955,7 +955,10 @@ class Worker:
                 return
 
     def _has_frame(self) -> bool:
-        """Whether a frame may be waiting on the port (no syscall)."""
+        """Whether a frame may be waiting on the port for the rx ring (no
+        syscall); never while the rx ring is broken: nothing will take it."""
+        if self.rxq is None:
+            return False
         if self.port_fd is not None:
             return self.port_readable
         pending = self._pending
@@ -1195,11 +1198,16 @@ class Worker:
             self.deferred = 0  # awake and busy: deferral rounds count idle looks only
             self.batches += 1
             self.publish()
-        if self._port_polled == self.rx_stalled:
+        if self._port_polled != self._port_wanted():
             # Stalled: the port's readiness would wake the loop for nothing
-            # (rx is retried every pass until the guest posts buffers).
-            self._set_port_polled(not self.rx_stalled)
+            # (rx is retried every pass until the guest posts buffers); nor
+            # is the port of a broken rx ring read again.
+            self._set_port_polled(self._port_wanted())
         return did
+
+    def _port_wanted(self) -> bool:
+        """Whether the loop should wake for the port: rx is served and not stalled."""
+        return self.rxq is not None and not self.rx_stalled
 
     def handle(self, events: list[tuple[int, int]]) -> None:
         """Handle ``events`` while awake; sets :attr:`done` when a control
@@ -1245,7 +1253,7 @@ class Worker:
         self.defer_ok = False
         self.deferred = 0
         self.flush_tx_signal()
-        self._set_port_polled(not self.rx_stalled)
+        self._set_port_polled(self._port_wanted())
         if self._notify(True) or (not self.rx_stalled and self._has_frame()):
             self._notify(False)
             return True
@@ -1260,7 +1268,7 @@ class Worker:
         self.disarm()
         self.handle(events)
         if not self.done:
-            self._set_port_polled(not self.rx_stalled)
+            self._set_port_polled(self._port_wanted())
 
     def pending_work(self) -> bool:
         """Busy-poll check without a syscall on the rings: tx available or a
