@@ -1130,16 +1130,17 @@ class Worker:
 
     def _port_gone(self) -> None:
         """The host side hung up (switch process or tap gone): stop polling it,
-        keep tx counted; serve gives the pair a new queue (a new worker)."""
+        keep tx counted; serve gives the pair a new queue (a new worker).  Not a
+        ring error (those are the guest's): serve logs the port's loss and
+        counts its recovery (the switch's restarts)."""
         fd = self.port_fd
         if fd is None:
             return
-        log.error(
+        log.warning(
             "%s: port queue fd hung up (switch process or tap gone); tx is dropped and"
             " rx stops until serve opens the port again",
             self.name,
         )
-        self._error(self.spec.rx.index)
         with contextlib.suppress(OSError):
             self.ep.unregister(fd)
         self.port_fd = None
