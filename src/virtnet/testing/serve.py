@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from virtnet.testing.guest import Guest, queue_deltas, vhost_user_netdev_args, wait_for
@@ -93,11 +93,20 @@ class ServedGuest:
     log: Path
     serve: subprocess.Popen[str]
     queues: int
+    #: serve's options beyond socket, port and queues (kept for a restart).
+    serve_args: Sequence[str] = field(default=(), kw_only=True)
 
     def start_serve(self, *args: str) -> None:
-        """Start serve again (after :meth:`kill_serve`) with the same socket and tap."""
+        """Start serve again (after :meth:`kill_serve`) with the same socket,
+        tap and options, and ``args``."""
         self.serve = start_tap_serve(
-            self.ns, self.tap, self.sock, self.stats, self.log, queues=self.queues, args=args
+            self.ns,
+            self.tap,
+            self.sock,
+            self.stats,
+            self.log,
+            queues=self.queues,
+            args=(*self.serve_args, *args),
         )
 
     def kill_serve(self) -> None:
@@ -127,13 +136,14 @@ def guest_on_tap(
     serve_creates_tap: bool = False,
     extra_args: Sequence[str] = (),
     cmdline_extra: str = "",
+    serve_args: Sequence[str] = (),
 ) -> Iterator[ServedGuest]:
     """A guest on ``virtnet serve --port tap:T`` in a fresh namespace.  The
     tap is persistent and has ``host_cidr`` before serve starts (it then
     outlives a serve that is killed), unless ``serve_creates_tap``: then
     serve creates it and it gets ``host_cidr`` once it exists.
     ``device_extra``, ``extra_args`` and ``cmdline_extra`` go to the guest's
-    NIC, QEMU and the kernel.  serve's files go in ``workdir``; serve is
+    NIC, QEMU and the kernel, ``serve_args`` to serve.  serve's files go in ``workdir``; serve is
     stopped at the end and its log's tail printed."""
     tap = unique_name("vntap")
     with NetNS() as ns:
@@ -141,7 +151,7 @@ def guest_on_tap(
             ns.create_tap(tap)
             ns.set_address(tap, host_cidr)
         sock, stats, log = workdir / "vm.sock", workdir / "stats.sock", workdir / "serve.log"
-        serve = start_tap_serve(ns, tap, sock, stats, log, queues=queues)
+        serve = start_tap_serve(ns, tap, sock, stats, log, queues=queues, args=serve_args)
         s: ServedGuest | None = None
         try:
             with Guest(
@@ -153,7 +163,9 @@ def guest_on_tap(
                 extra_args=extra_args,
                 cmdline_extra=cmdline_extra,
             ) as guest:
-                s = ServedGuest(guest, ns, tap, sock, stats, log, serve, queues)
+                s = ServedGuest(
+                    guest, ns, tap, sock, stats, log, serve, queues, serve_args=serve_args
+                )
                 if serve_creates_tap:
                     ns.wait_link(tap)
                     ns.set_address(tap, host_cidr)
