@@ -54,7 +54,7 @@ import pytest
 from virtnet.testing.guest import Guest, vhost_user_netdev_args, wait_for
 from virtnet.testing.netns import NetNS
 from virtnet.testing.procs import stop_process
-from virtnet.testing.serve import guest_on_tap, start_serve
+from virtnet.testing.serve import first_enabled, guest_on_tap, reload_virtio_net, start_serve
 from virtnet.vhost_user.stats import fetch
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(900)]
@@ -159,14 +159,8 @@ class Churn:
         return "restart serve"
 
     def reload_driver_op(self, m: Member) -> str:
-        g = m.guest
-        g.run(
-            "m=$(grep -x 'virtio_net.ko.*' /etc/virtnet/modules) && rmmod virtio_net"
-            " && insmod /lib/modules/$m"
-            f" && sleep 1 && ip addr add {m.cidr} dev eth0 && ip link set eth0 up",
-            timeout=60,
-        )
-        m.channels = g.channels().combined
+        reload_virtio_net(m.guest, m.cidr)
+        m.channels = m.guest.channels().combined
         return f"vm {m.vm}: reload driver ({m.channels} channels)"
 
     def kill_switch_op(self, m: Member) -> str:
@@ -269,8 +263,7 @@ class Churn:
 
     def enabled_as_used(self, m: Member) -> bool:
         """serve enables exactly the pairs the guest uses."""
-        want = [1] * m.channels + [0] * (QUEUES - m.channels)
-        return [p["enabled"] for p in self.pairs(m)] == want
+        return first_enabled(self.pairs(m), m.channels)
 
     def run(self, steps: int) -> None:
         self.check()

@@ -7,7 +7,7 @@ import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,7 +121,23 @@ class ServedGuest:
 
     def enabled_is(self, n: int) -> bool:
         """Exactly the first ``n`` pairs are enabled."""
-        return [p["enabled"] for p in self.pairs()] == [1] * n + [0] * (self.queues - n)
+        return first_enabled(self.pairs(), n)
+
+
+def first_enabled(pairs: Sequence[Mapping[str, int]], n: int) -> bool:
+    """Exactly the first ``n`` of serve's ``pairs`` (one VM's stats rows) are enabled."""
+    return [p["enabled"] for p in pairs] == [1] * n + [0] * (len(pairs) - n)
+
+
+def reload_virtio_net(g: Guest, cidr: str) -> None:
+    """rmmod/insmod the guest's virtio_net (a device reset: QEMU stops every
+    ring and starts fresh ones), then give eth0 ``cidr`` again and bring it up."""
+    g.run(
+        "m=$(grep -x 'virtio_net.ko.*' /etc/virtnet/modules) && rmmod virtio_net"
+        " && insmod /lib/modules/$m"
+        f" && sleep 1 && ip addr add {cidr} dev eth0 && ip link set eth0 up",
+        timeout=60,
+    )
 
 
 @contextlib.contextmanager
@@ -207,12 +223,7 @@ def check_driver_reload(sg: ServedGuest, host_ip: str, guest_cidr: str) -> None:
     pair is enabled again and iperf3 into the guest runs with no error
     counted.  AssertionError says which step failed."""
     g = sg.guest
-    g.run(
-        "m=$(grep -x 'virtio_net.ko.*' /etc/virtnet/modules) && rmmod virtio_net"
-        " && insmod /lib/modules/$m"
-        f" && sleep 1 && ip addr add {guest_cidr} dev eth0 && ip link set eth0 up",
-        timeout=60,
-    )
+    reload_virtio_net(g, guest_cidr)
     if not wait_for(lambda: g.ping(host_ip, count=1, timeout=4), timeout=40):
         raise AssertionError(f"no ping after the reload\n{sg.log.read_text()[-3000:]}")
     g.set_channels(sg.queues)

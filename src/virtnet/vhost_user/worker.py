@@ -1199,11 +1199,12 @@ class Worker:
             self.deferred = 0  # awake and busy: deferral rounds count idle looks only
             self.batches += 1
             self.publish()
-        if self._port_polled != self._port_wanted():
+        want = self._port_wanted()
+        if self._port_polled != want:
             # Stalled: the port's readiness would wake the loop for nothing
             # (rx is retried every pass until the guest posts buffers); nor
             # is the port of a broken rx ring read again.
-            self._set_port_polled(self._port_wanted())
+            self._set_port_polled(want)
         return did
 
     def _port_wanted(self) -> bool:
