@@ -18,7 +18,9 @@ change is measured against the installed code and QEMU in the same run.
 
 ``--autogroup on|off`` sets the kernel's autogroup scheduling for the run
 (``guest_tap_baseline.AUTOGROUP``: it decides this figure) and puts the old
-value back afterwards.
+value back afterwards.  ``--cgroups libvirt`` puts QEMU, serve and the
+flooding iperf3 in the cpu cgroups a libvirt + systemd host gives them
+(``cpu_cgroups``); autogroup then no longer applies to them.
 
 A flood with fewer than :data:`FEW_FRAMES_PER_IRQ` NIC frames per receive
 interrupt is counted apart: the guest then drains the ring faster than it
@@ -27,7 +29,7 @@ minority of floods fall into on either backend.
 
 Run as root: ``python bench/guest_flood.py [--repeat 6] [--floods 3]
 [--duration 4] [--streams 4] [--vcpus 2] [--tree NAME=SRC ...] [--no-qemu]
-[--autogroup keep|on|off] [--json FILE]``.
+[--autogroup keep|on|off] [--cgroups host|libvirt] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cpu_cgroups import Placement, add_cgroups_argument, cgroups
 from guest_cpu import booted_on
 from guest_tap_baseline import (
     Flood,
@@ -56,6 +59,7 @@ from guest_tap_baseline import (
 )
 
 from virtnet.testing.netns import NetNS, unique_name
+from virtnet.testing.procs import tree_pids
 
 #: Below this many NIC frames per receive interrupt a flood is "interrupt-bound".
 #: Session 17's 399 floods on a 2-CPU host: 362 took 200-3,100 frames per
@@ -147,9 +151,11 @@ def boot_and_flood(
     streams: int,
     vcpus: int,
     queues: int,
+    placement: Placement,
 ) -> list[Flood]:
     """One boot on ``backend`` (``qemu``, or virtnet serve from ``src``, None
-    for the installed tree), ``floods`` floods."""
+    for the installed tree), ``floods`` floods, QEMU, serve and the sender
+    placed in ``placement``'s cgroups."""
     kind = PEER if backend == PEER else "virtnet"
     tap = unique_name("vntap")
     with (
@@ -157,10 +163,13 @@ def boot_and_flood(
         tempfile.TemporaryDirectory(prefix="vnflood-") as d,
         NetNS() as ns,
         booted_on(kind, ns, Path(d), vcpus=vcpus, queues=queues, tap=tap) as (guest, serve),
-        ns.iperf3_server(),
+        ns.iperf3_server() as sender,
     ):
         prefix = pin_guest_placement(guest, vcpus)
         pid = serve.proc.pid if serve is not None else None
+        placement.place("vm", [guest.qemu_pid] if guest.qemu_pid is not None else [])
+        placement.place("backend", tree_pids(pid) if pid is not None else [])
+        placement.place("sender", [sender.proc.pid])
         return [
             udp_flood(
                 guest,
@@ -220,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--no-qemu", action="store_true", help="leave out QEMU's tap")
     add_autogroup_argument(ap)
+    add_cgroups_argument(ap)
     ap.add_argument("--json", type=Path, help="also write every flood here")
     args = ap.parse_args(argv)
     if min(args.repeat, args.floods, args.duration, args.streams, args.queues) < 1:
@@ -233,21 +243,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_qemu:
         backends.append((PEER, None))
     results: dict[str, list[Flood]] = {name: [] for name, _ in backends}
-    with autogroup(args.autogroup) as grouping:
-        print(f"autogroup scheduling: {grouping}", flush=True)
+    with autogroup(args.autogroup) as grouping, cgroups(args.cgroups) as placement:
+        print(f"autogroup scheduling: {grouping}; cgroups: {placement.name}", flush=True)
         for boot in range(args.repeat):
             order = backends if boot % 2 == 0 else backends[::-1]
             for name, src in order:
                 got = boot_and_flood(
                     name, src, floods=args.floods, seconds=args.duration,
                     streams=args.streams, vcpus=args.vcpus, queues=args.queues,
+                    placement=placement,
                 )  # fmt: skip
                 results[name].extend(got)
                 print(_line(name, boot, got), flush=True)
     summaries = [summarize(name, floods) for name, floods in results.items()]
     print(
         f"\n{args.repeat} boots x {args.floods} floods of {args.duration} s per backend, "
-        f"{args.vcpus} vCPUs, {args.queues} pair(s), autogroup {grouping}; interrupt-bound: "
+        f"{args.vcpus} vCPUs, {args.queues} pair(s), autogroup {grouping}, cgroups "
+        f"{args.cgroups}; interrupt-bound: "
         f"fewer than {FEW_FRAMES_PER_IRQ} NIC frames per interrupt"
     )
     print(table(summaries))

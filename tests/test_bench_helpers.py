@@ -427,6 +427,41 @@ def test_autogroup_setting_is_put_back(
         pass
 
 
+@pytest.mark.root
+def test_libvirt_cgroups_hold_the_placed_processes_and_go_afterwards(
+    bench_module: Callable[[str], ModuleType],
+) -> None:
+    """--cgroups libvirt: a process placed as the backend runs in
+    system.slice/virtnet.service (every thread of it), the groups the run
+    made are gone afterwards and the process is back in the root; host
+    places nothing."""
+    mod = bench_module("cpu_cgroups")
+    if os.geteuid() != 0:
+        pytest.skip("making cgroups needs root")
+    root, _v2 = mod.cpu_hierarchy()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    def group() -> str:
+        lines = Path(f"/proc/{child.pid}/cgroup").read_text().splitlines()
+        return next(ln.split(":")[2] for ln in lines if "cpu" in ln.split(":")[1].split(",")
+                    or ln.startswith("0::"))  # fmt: skip
+
+    try:
+        with mod.cgroups("host") as placement:
+            placement.place("backend", [child.pid])
+            assert group() == "/"
+        with mod.cgroups("libvirt") as placement:
+            placement.place("backend", [child.pid])
+            assert group() == "/system.slice/virtnet.service"
+            assert (root / "machine.slice" / "machine-qemu-vnbench.scope").is_dir()
+            placement.place("sender", [2**22 + 1])  # no such process: nothing to move
+        assert group() == "/"
+        assert not (root / "system.slice" / "virtnet.service").exists()
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_switch_forward_bench_runs(
     bench_module: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
 ) -> None:
