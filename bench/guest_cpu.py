@@ -240,16 +240,19 @@ def booted_on(
     kick_defer_us: int | None = None,
     poll_us: int = 0,
     tap: str | None = None,
+    serve_args: Sequence[str] = (),
 ) -> Iterator[tuple[Guest, Serve | None]]:
     """The bench guest booted on ``backend`` in ``ns``: ``virtnet`` (serve on a
-    tap in ``ns``, its files in ``workdir``) or ``qemu`` (QEMU's own tap, moved
-    into ``ns``); yields the guest and the serve (None for QEMU's tap).
-    ``tap``: the tap's name (default: a fresh one)."""
+    tap in ``ns``, its files in ``workdir``, ``serve_args`` added to its
+    options) or ``qemu`` (QEMU's own tap, moved into ``ns``); yields the guest
+    and the serve (None for QEMU's tap).  ``tap``: the tap's name (default: a
+    fresh one)."""
     tap = tap or unique_name("vntap")
     if backend == "virtnet":
         with serve_on_tap(
-            ns, tap, workdir, queues=queues, kick_defer_us=kick_defer_us, poll_us=poll_us
-        ) as serve:
+            ns, tap, workdir, queues=queues, kick_defer_us=kick_defer_us, poll_us=poll_us,
+            extra=serve_args,
+        ) as serve:  # fmt: skip
             netdev = vhost_user_netdev_args(serve.socket, queues=queues, device_extra=device_extra)
             with _booted(netdev, vcpus=vcpus, queues=queues, after_boot=lambda: None) as g:
                 yield g, serve

@@ -14,7 +14,9 @@ Backends: ``virtnet`` (``virtnet serve --port tap`` from the installed tree),
 ``qemu`` (QEMU's own ``-netdev tap,vhost=off``, the peer), and any number of
 ``--tree NAME=SRC``: virtnet serve run from another source tree (``SRC`` is
 the ``src`` directory of, say, a git worktree holding a change to try), so a
-change is measured against the installed code and QEMU in the same run.
+change is measured against the installed code and QEMU in the same run; and
+of ``--variant NAME=OPTIONS``: the installed serve with more options (say
+``pin1="--pin 1"``).
 
 ``--autogroup on|off`` sets the kernel's autogroup scheduling for the run
 (``guest_tap_baseline.AUTOGROUP``: it decides this figure) and puts the old
@@ -28,7 +30,8 @@ fills and takes an interrupt (and a wake-up) per batch, a slower mode that a
 minority of floods fall into on either backend.
 
 Run as root: ``python bench/guest_flood.py [--repeat 6] [--floods 3]
-[--duration 4] [--streams 4] [--vcpus 2] [--tree NAME=SRC ...] [--no-qemu]
+[--duration 4] [--streams 4] [--vcpus 2] [--tree NAME=SRC ...]
+[--variant NAME=OPTIONS ...] [--no-qemu]
 [--autogroup keep|on|off] [--cgroups host|libvirt] [--json FILE]``.
 """
 
@@ -38,6 +41,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -142,9 +146,32 @@ def python_path(src: Path | None) -> Iterator[None]:
             os.environ["PYTHONPATH"] = old
 
 
+@dataclass(frozen=True)
+class Backend:
+    """What one column of the run boots on: ``qemu``, or virtnet serve from
+    ``src`` (None: the installed tree) with ``serve_args`` added."""
+
+    name: str
+    src: Path | None = None
+    serve_args: tuple[str, ...] = ()
+
+
+def variant_arg(text: str) -> Backend:
+    """``--variant NAME=OPTIONS``: the installed serve with OPTIONS (shell words)."""
+    name, sep, options = text.partition("=")
+    if not sep or not name or not options.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=OPTIONS, got {text!r}")
+    if name in ("virtnet", PEER):
+        raise argparse.ArgumentTypeError(f"{name!r} names a built-in backend")
+    try:
+        words = shlex.split(options)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{name}: {e}") from None
+    return Backend(name, serve_args=tuple(words))
+
+
 def boot_and_flood(
-    backend: str,
-    src: Path | None,
+    backend: Backend,
     *,
     floods: int,
     seconds: int,
@@ -153,18 +180,20 @@ def boot_and_flood(
     queues: int,
     placement: Placement,
 ) -> list[Flood]:
-    """One boot on ``backend`` (``qemu``, or virtnet serve from ``src``, None
-    for the installed tree), ``floods`` floods, QEMU, serve and the sender
+    """One boot on ``backend``, ``floods`` floods, QEMU, serve and the sender
     placed in ``placement``'s cgroups."""
-    kind = PEER if backend == PEER else "virtnet"
+    kind = PEER if backend.name == PEER else "virtnet"
     tap = unique_name("vntap")
     with (
-        python_path(src),
+        python_path(backend.src),
         tempfile.TemporaryDirectory(prefix="vnflood-") as d,
         NetNS() as ns,
-        booted_on(kind, ns, Path(d), vcpus=vcpus, queues=queues, tap=tap) as (guest, serve),
+        booted_on(
+            kind, ns, Path(d), vcpus=vcpus, queues=queues, tap=tap,
+            serve_args=backend.serve_args,
+        ) as (guest, serve),
         ns.iperf3_server() as sender,
-    ):
+    ):  # fmt: skip
         prefix = pin_guest_placement(guest, vcpus)
         pid = serve.proc.pid if serve is not None else None
         placement.place("vm", [guest.qemu_pid] if guest.qemu_pid is not None else [])
@@ -227,6 +256,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME=SRC",
         help="also run virtnet serve from the source tree SRC, named NAME (repeatable)",
     )
+    ap.add_argument(
+        "--variant",
+        type=variant_arg,
+        action="append",
+        default=[],
+        metavar="NAME=OPTIONS",
+        help='also run the installed serve with more OPTIONS, named NAME (e.g. pin1="--pin 1";'
+        " repeatable)",
+    )
     ap.add_argument("--no-qemu", action="store_true", help="leave out QEMU's tap")
     add_autogroup_argument(ap)
     add_cgroups_argument(ap)
@@ -234,27 +272,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if min(args.repeat, args.floods, args.duration, args.streams, args.queues) < 1:
         ap.error("--repeat, --floods, --duration, --streams and --queues must be positive")
-    names = [n for n, _ in args.tree]
+    backends = [
+        Backend("virtnet"),
+        *(Backend(name, src) for name, src in args.tree),
+        *args.variant,
+        *([] if args.no_qemu else [Backend(PEER)]),
+    ]
+    names = [b.name for b in backends]
     if len(set(names)) != len(names):
-        ap.error("two --tree options share a name")
+        ap.error("two --tree or --variant options share a name")
     if not can_boot():
         return 2
-    backends: list[tuple[str, Path | None]] = [("virtnet", None), *args.tree]
-    if not args.no_qemu:
-        backends.append((PEER, None))
-    results: dict[str, list[Flood]] = {name: [] for name, _ in backends}
+    results: dict[str, list[Flood]] = {name: [] for name in names}
     with autogroup(args.autogroup) as grouping, cgroups(args.cgroups) as placement:
         print(f"autogroup scheduling: {grouping}; cgroups: {placement.name}", flush=True)
         for boot in range(args.repeat):
             order = backends if boot % 2 == 0 else backends[::-1]
-            for name, src in order:
+            for backend in order:
                 got = boot_and_flood(
-                    name, src, floods=args.floods, seconds=args.duration,
+                    backend, floods=args.floods, seconds=args.duration,
                     streams=args.streams, vcpus=args.vcpus, queues=args.queues,
                     placement=placement,
                 )  # fmt: skip
-                results[name].extend(got)
-                print(_line(name, boot, got), flush=True)
+                results[backend.name].extend(got)
+                print(_line(backend.name, boot, got), flush=True)
     summaries = [summarize(name, floods) for name, floods in results.items()]
     print(
         f"\n{args.repeat} boots x {args.floods} floods of {args.duration} s per backend, "

@@ -74,10 +74,11 @@ def serve_on_tap(
     poll_us: int = 0,
     workers: int = 0,
     kick_defer_us: int | None = None,
+    extra: Sequence[str] = (),
 ) -> Iterator[Serve]:
     """A persistent multiqueue tap ``tap`` at 10.77.0.1/24 in ``ns`` and ``virtnet
     serve --port tap:TAP`` inside ``ns`` (socket, stats socket and log in
-    ``workdir``), stopped on exit."""
+    ``workdir``; ``extra``: more serve options), stopped on exit."""
     sock, stats, log = workdir / "vm.sock", workdir / "stats.sock", workdir / "serve.log"
     ns.create_tap(tap)
     ns.set_address(tap, f"{HOST_IP}/24")
@@ -86,7 +87,8 @@ def serve_on_tap(
         ns,
         ["--socket", str(sock), "--port", f"tap:{tap}", "--queues", str(queues),
          "--poll-us", str(poll_us), "--workers", str(workers),
-         *([] if kick_defer_us is None else ["--kick-defer-us", str(kick_defer_us)])],
+         *([] if kick_defer_us is None else ["--kick-defer-us", str(kick_defer_us)]),
+         *extra],
         stats=stats, log=log, verbose=False,
     )  # fmt: skip
     try:

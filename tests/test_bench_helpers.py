@@ -387,6 +387,20 @@ def test_guest_flood_tree_option_needs_a_virtnet_source_tree(
             flood.tree_arg(bad)
 
 
+def test_guest_flood_variant_option_splits_the_serve_options(
+    bench_module: Callable[[str], ModuleType],
+) -> None:
+    """--variant NAME=OPTIONS: the installed tree, OPTIONS split as a shell
+    would; a built-in name, an empty part or unbalanced quotes are refused."""
+    flood = bench_module("guest_flood")
+    got = flood.variant_arg("pin1=--pin 1 --poll-us '50'")
+    assert got == flood.Backend("pin1", None, ("--pin", "1", "--poll-us", "50"))
+    for bad in ("pin1", "=--pin 1", "pin1=", "pin1= ", "qemu=--pin 1", "virtnet=--pin 1",
+                "pin1=--pin '1"):  # fmt: skip
+        with pytest.raises(argparse.ArgumentTypeError):
+            flood.variant_arg(bad)
+
+
 def test_guest_flood_python_path_is_restored(
     bench_module: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch
 ) -> None:
