@@ -118,13 +118,20 @@ def summarize(backend: str, floods: Sequence[Flood]) -> Summary:
     )
 
 
-def tree_arg(text: str) -> tuple[str, Path]:
-    """``--tree NAME=SRC``: SRC must hold the ``virtnet`` package."""
-    name, sep, src = text.partition("=")
-    if not sep or not name or not src:
-        raise argparse.ArgumentTypeError(f"expected NAME=SRC, got {text!r}")
+def named_arg(text: str, form: str) -> tuple[str, str]:
+    """``NAME=VALUE`` of a ``--tree`` or ``--variant`` option (``form`` names
+    the value in the error): both parts given, NAME not a built-in backend's."""
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME={form}, got {text!r}")
     if name in ("virtnet", PEER):
         raise argparse.ArgumentTypeError(f"{name!r} names a built-in backend")
+    return name, value
+
+
+def tree_arg(text: str) -> tuple[str, Path]:
+    """``--tree NAME=SRC``: SRC must hold the ``virtnet`` package."""
+    name, src = named_arg(text, "SRC")
     path = Path(src).resolve()
     if not (path / "virtnet" / "__init__.py").is_file():
         raise argparse.ArgumentTypeError(f"{path} holds no virtnet package (give its src/)")
@@ -158,11 +165,7 @@ class Backend:
 
 def variant_arg(text: str) -> Backend:
     """``--variant NAME=OPTIONS``: the installed serve with OPTIONS (shell words)."""
-    name, sep, options = text.partition("=")
-    if not sep or not name or not options.strip():
-        raise argparse.ArgumentTypeError(f"expected NAME=OPTIONS, got {text!r}")
-    if name in ("virtnet", PEER):
-        raise argparse.ArgumentTypeError(f"{name!r} names a built-in backend")
+    name, options = named_arg(text, "OPTIONS")
     try:
         words = shlex.split(options)
     except ValueError as e:

@@ -446,19 +446,21 @@ def test_libvirt_cgroups_hold_the_placed_processes_and_go_afterwards(
     bench_module: Callable[[str], ModuleType],
 ) -> None:
     """--cgroups libvirt: a process placed as the backend runs in
-    system.slice/virtnet.service (every thread of it), the groups the run
-    made are gone afterwards and the process is back in the root; host
-    places nothing."""
+    system.slice/virtnet.service, the groups the run made are gone afterwards
+    and the process is back in the root; host places nothing."""
     mod = bench_module("cpu_cgroups")
     if os.geteuid() != 0:
         pytest.skip("making cgroups needs root")
-    root, _v2 = mod.cpu_hierarchy()
+    root, v2 = mod.cpu_hierarchy()
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
     def group() -> str:
-        lines = Path(f"/proc/{child.pid}/cgroup").read_text().splitlines()
-        return next(ln.split(":")[2] for ln in lines if "cpu" in ln.split(":")[1].split(",")
-                    or ln.startswith("0::"))  # fmt: skip
+        """The child's group in the cpu controller's hierarchy (v2: the one line "0::")."""
+        for line in Path(f"/proc/{child.pid}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if (controllers == "") if v2 else ("cpu" in controllers.split(",")):
+                return path
+        raise AssertionError("no cpu controller line in /proc/PID/cgroup")
 
     try:
         with mod.cgroups("host") as placement:
