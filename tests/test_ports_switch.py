@@ -9,7 +9,7 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -614,6 +614,137 @@ def test_ip_source_guard(sw: Switch) -> None:
         sw.set_ips("a", [b"\x01\x02"])
 
 
+def _ipv6_ext(src: str, proto: int, body: bytes, exts: Sequence[tuple[int, bytes]] = ()) -> bytes:
+    """An IPv6 packet from ``src`` carrying ``body`` of protocol ``proto``
+    behind the extension headers ``exts``, each (its type, its bytes after
+    the next-header byte)."""
+    chain = b""
+    kinds = [k for k, _ in exts] + [proto]
+    for (_, rest), nxt in zip(exts, kinds[1:], strict=True):
+        chain += bytes([nxt]) + rest
+    payload = chain + body
+    return struct.pack("!IHBB16s16s", 0x60000000, len(payload), kinds[0], 255, _ip(src),
+                       _ip("ff02::1")) + payload  # fmt: skip
+
+
+_DEST_OPTS = (60, bytes([0]) + bytes([1, 4]) + bytes(4))  # 8 bytes: PadN
+_HOP_BY_HOP = (0, bytes([0]) + bytes([1, 4]) + bytes(4))
+_FIRST_FRAGMENT = (44, struct.pack("!BHI", 0, 0x0001, 7))  # offset 0, more fragments
+_LATER_FRAGMENT = (44, struct.pack("!BHI", 0, 0x00B8, 7))  # offset 23 (x 8 bytes)
+
+
+def _icmp6(kind: int, target: str = "::") -> bytes:
+    return struct.pack("!BBHI16s", kind, 0, 0, 0x20000000, _ip(target))
+
+
+def test_ip_source_guard_follows_ipv6_extension_headers(sw: Switch) -> None:
+    """A neighbour advertisement is checked behind hop-by-hop, destination
+    options and fragment headers (a guest's stack takes it there too); a
+    header chain longer than MAX_IPV6_EXT_HEADERS or cut by the frame, and a
+    second VLAN tag inside the first, are refused; a later fragment carries
+    no NA header and passes."""
+    a, b = (sw.open_queue(v, 0) for v in "ab")
+    sw.set_vlans("a", [0, 100])
+    sw.set_vlans("b", [0, 100])
+    sw.set_ips("a", [_ip("fd00::5")])
+    too_many = [_DEST_OPTS] * (sw_mod.MAX_IPV6_EXT_HEADERS + 1)
+    allowed = [
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::1", 58, _icmp6(136, "fd00::5"), [_DEST_OPTS])),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::1", 58, _icmp6(135, "fd00::6"), [_HOP_BY_HOP])),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fd00::5", 58, bytes(24), [_LATER_FRAGMENT])),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fd00::5", 17, bytes(8), [_DEST_OPTS] * 6)),
+    ]
+    refused = [
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::1", 58, _icmp6(136, "fd00::6"), [_DEST_OPTS])),
+        _eth(
+            mac(1),
+            0x86DD,
+            _ipv6_ext("fe80::1", 58, _icmp6(136, "fd00::6"), [_HOP_BY_HOP, _DEST_OPTS]),
+        ),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::1", 58, _icmp6(136, "fd00::6"), [_FIRST_FRAGMENT])),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fd00::5", 17, bytes(8), too_many)),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fd00::5", 17, bytes(8), [_DEST_OPTS])[:46]),
+        _eth(mac(1), 0x8100, struct.pack("!H", 0x0800) + _ipv4("10.9.9.9"), vlan=100),
+        _eth(mac(1), 0x88A8, struct.pack("!HH", 100, 0x0800) + _ipv4("10.9.9.9")),
+    ]
+    for f in allowed + refused:
+        assert send(a, f)
+        pump(sw)
+    assert drain(b) == allowed
+    assert sw.snapshot().dropped_spoofed == len(refused)
+
+
+def test_dhcp_and_router_guards(sw: Switch) -> None:
+    """``set_guards``: a VM with the DHCP guard may not send DHCP (from UDP
+    67) or DHCPv6 (from 547) server messages, one with the router guard no
+    ICMP or ICMPv6 router advertisement or redirect, behind extension headers
+    and in first fragments too; clients' messages, other traffic, later
+    fragments, unguarded VMs and each guard's own traffic for the other
+    pass; every refused frame is counted."""
+    a, b = (sw.open_queue(v, 0) for v in "ab")
+    sw.set_vlans("a", [0, 100])
+    sw.set_vlans("b", [0, 100])
+    sw.set_guards("a", ["dhcp", "router"])
+    dhcp_server = [
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.5", sport=67, dport=68)),
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.5", sport=67, dport=67)),  # relay agent
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.5", sport=67, dport=68), vlan=100),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::5", 17, struct.pack("!HHHH", 547, 546, 8, 0))),
+        _eth(
+            mac(1),
+            0x86DD,
+            _ipv6_ext(
+                "fe80::5", 17, struct.pack("!HHHH", 547, 546, 8, 0), [_HOP_BY_HOP, _FIRST_FRAGMENT]
+            ),
+        ),
+    ]
+    router = [
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::5", 58, _icmp6(134))),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::5", 58, _icmp6(137))),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::5", 58, _icmp6(134), [_DEST_OPTS])),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::5", 58, _icmp6(134), [_FIRST_FRAGMENT])),
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.5", proto=1, sport=0x0500)),  # ICMP redirect
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.5", proto=1, sport=0x0900)),  # router advert
+    ]
+    unclear = [
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::5", 17, bytes(8), [_DEST_OPTS] * 9)),
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.5", sport=67, dport=68)[:22]),  # ports cut off
+        _eth(mac(1), 0x8100, struct.pack("!H", 0x0800) + _ipv4("10.0.0.5", sport=67), vlan=100),
+    ]
+    clients = [
+        _eth(mac(1), 0x0800, _ipv4("0.0.0.0", sport=68, dport=67)),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::5", 17, struct.pack("!HHHH", 546, 547, 8, 0))),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::5", 58, _icmp6(133))),  # router solicitation
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::5", 58, _icmp6(136, "fe80::5"))),
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.5", proto=1, sport=0x0800)),  # echo request
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.5", proto=6, sport=67, dport=68)),  # TCP
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::5", 58, _icmp6(134), [_LATER_FRAGMENT])),
+        _eth(mac(1), 0x0806, _arp("10.0.0.5")),
+    ]
+    for f in dhcp_server + router + unclear + clients:
+        assert send(a, f)
+        pump(sw)
+    assert drain(b) == clients
+    assert sw.snapshot().dropped_guard == len(dhcp_server + router + unclear)
+    assert sw.snapshot().dropped_spoofed == 0
+    for f in dhcp_server + router:  # b is not guarded
+        assert send(b, f)
+        pump(sw)
+    assert len(drain(a)) == len(dhcp_server + router)
+    sw.set_guards("a", ["dhcp"])
+    for f in router + dhcp_server[:1]:
+        assert send(a, f)
+        pump(sw)
+    assert drain(b) == router
+    sw.set_guards("a", [])
+    for f in dhcp_server:
+        assert send(a, f)
+        pump(sw)
+    assert drain(b) == dhcp_server
+    with pytest.raises(UsageError, match="dhcp, router"):
+        sw.set_guards("a", ["dhcp", "nat"])
+
+
 @given(st.binary(min_size=0, max_size=120), st.integers(0, 130))
 @settings(max_examples=300, deadline=None)
 def test_ip_source_guard_takes_any_bytes(data: bytes, n: int) -> None:
@@ -622,6 +753,20 @@ def test_ip_source_guard_takes_any_bytes(data: bytes, n: int) -> None:
     buf[: len(data)] = data
     v4, v6 = frozenset({0, 0x0A000005}), frozenset({bytes(16)})
     assert sw_mod._ip_source_ok(buf, min(n, len(data)), 12, v4, v6) in (True, False)
+
+
+@given(st.binary(min_size=0, max_size=160), st.integers(0, 170), st.integers(12, 16))
+@settings(max_examples=300, deadline=None)
+def test_guards_take_any_bytes(data: bytes, n: int, off: int) -> None:
+    """Whatever a guest sends, the guards answer True or False within the frame."""
+    buf = bytearray(2048)
+    buf[: len(data)] = data
+    every = frozenset(sw_mod.Guard)
+    assert sw_mod._guards_ok(buf, min(n, len(data)), off, every) in (True, False)
+    assert sw_mod._ip_source_ok(buf, min(n, len(data)), off, frozenset(), frozenset()) in (
+        True,
+        False,
+    )
 
 
 def test_rate_policing(sw: Switch, clock: Clock) -> None:

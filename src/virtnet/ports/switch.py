@@ -28,7 +28,13 @@ Invariants:
   and ARP only from them, and IPv6 (and neighbour advertisements for) only
   them or link-local addresses (the unspecified address where DHCP, ARP
   probes and DAD need it); other frames of those protocols are dropped and
-  counted as spoofed.  Other EtherTypes are not checked.
+  counted as spoofed.  Neighbour advertisements are found behind any IPv6
+  extension headers; a header chain that cannot be followed, and a second
+  VLAN tag, are refused.  Other EtherTypes are not checked.
+* DHCP and router guards (``set_guards``): a guarded VM may not send DHCP or
+  DHCPv6 server or relay messages, or ICMP/ICMPv6 router advertisements and
+  redirects (:class:`Guard`), so that it cannot make itself another VM's
+  gateway; they are dropped and counted (``dropped_guard``).
 * Policing (``set_rate``): what a VM sends is held to its rate by a token
   bucket (:func:`rate_burst` bytes); a frame over it is dropped and counted
   (``dropped_rate``) before anything else is looked at.
@@ -70,6 +76,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from virtnet.errors import ProtocolError, UsageError
@@ -93,8 +100,10 @@ __all__ = [
     "FLOW_TABLE_SIZE",
     "MAC_AGING_S",
     "MAC_TABLE_SIZE",
+    "MAX_IPV6_EXT_HEADERS",
     "MAX_PAIRS_PER_VM",
     "MAX_VMS",
+    "Guard",
     "Switch",
     "SwitchPort",
     "SwitchStats",
@@ -205,6 +214,7 @@ class SwitchStats:
     dropped_offload: int = 0  # GSO/partial csum to a VM that cannot take it
     dropped_no_queue: int = 0  # destination VM has no active open pair
     dropped_rate: int = 0  # source VM over its rate (set_rate)
+    dropped_guard: int = 0  # a DHCP server or router message from a guarded VM (set_guards)
     mac_evictions: int = 0
     flow_evictions: int = 0
     control_errors: int = 0
@@ -237,14 +247,69 @@ def _needed_offloads(flags: int, gso_type: int) -> frozenset[Offload]:
 
 
 _ETH_IPV4, _ETH_ARP, _ETH_IPV6 = 0x0800, 0x0806, 0x86DD
+#: VLAN tag EtherTypes (802.1Q, 802.1ad, the older 0x9100): a second tag
+#: inside the one the switch reads hides the frame from the guards.
+_ETH_TAGS = frozenset({0x8100, 0x88A8, 0x9100})
 _IPV6_ANY = bytes(16)
-_ICMPV6 = 58
+_ICMP, _UDP, _ICMPV6 = 1, 17, 58
 _ND_NA = 136  # ICMPv6 neighbour advertisement
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _PORTS = struct.Struct("!HH")
-_UDP = 17
 _DHCP_CLIENT, _DHCP_SERVER = 68, 67
+#: Where DHCPv6 servers and relay agents send from (RFC 8415 section 7.2).
+_DHCP6_SERVER = 547
+#: What the router guard refuses: ICMP redirect and router advertisement
+#: (RFC 792, RFC 1256); ICMPv6 router advertisement and redirect (RFC 4861).
+_ICMP_ROUTER = frozenset({5, 9})
+_ICMPV6_ROUTER = frozenset({134, 137})
+# IPv6 extension headers (RFC 8200 section 4; AH: RFC 4302).
+_IPV6_HBH, _IPV6_ROUTING, _IPV6_FRAGMENT, _IPV6_AH, _IPV6_DEST = 0, 43, 44, 51, 60
+_IPV6_OPTS = frozenset({_IPV6_HBH, _IPV6_ROUTING, _IPV6_DEST})
+#: Extension headers the guards follow to an IPv6 packet's upper-layer header.
+#: RFC 8200 section 4.1 has each kind at most once (destination options
+#: twice), six at most; a longer chain, or one cut short by the frame, is
+#: refused, as RFC 7113 section 3 has an RA guard do.
+MAX_IPV6_EXT_HEADERS = 8
+#: A non-first fragment: no upper-layer header in this packet.
+_NOT_FIRST = -1
+
+
+class Guard(StrEnum):
+    """What a guarded VM may not be (``set_guards``): Hyper-V's DHCP guard
+    and router guard, RFC 7610's DHCPv6-Shield and RFC 6105's RA-Guard."""
+
+    #: DHCP (UDP from port 67) and DHCPv6 (from port 547) server and relay messages.
+    DHCP = "dhcp"
+    #: Router advertisements and redirects, ICMP and ICMPv6.
+    ROUTER = "router"
+
+
+def _ipv6_upper(buf: bytearray, n: int, p: int) -> tuple[int, int] | None:
+    """The upper-layer protocol of the IPv6 packet at ``buf[p:n]`` and the
+    offset of its header, past any extension headers; ``(44, _NOT_FIRST)``
+    for a fragment other than the first; None when the chain runs past the
+    frame or past :data:`MAX_IPV6_EXT_HEADERS` headers."""
+    nh = buf[p + 6]
+    q = p + 40
+    for _ in range(MAX_IPV6_EXT_HEADERS):
+        if nh in _IPV6_OPTS:
+            if n < q + 2:
+                return None
+            nh, q = buf[q], q + (buf[q + 1] + 1) * 8
+        elif nh == _IPV6_FRAGMENT:
+            if n < q + 8:
+                return None
+            if _U16.unpack_from(buf, q + 2)[0] & 0xFFF8:
+                return _IPV6_FRAGMENT, _NOT_FIRST
+            nh, q = buf[q], q + 8
+        elif nh == _IPV6_AH:
+            if n < q + 2:
+                return None
+            nh, q = buf[q], q + (buf[q + 1] + 2) * 4
+        else:
+            return (nh, q) if q <= n else None
+    return None
 
 
 def _ip_source_ok(
@@ -256,11 +321,13 @@ def _ip_source_ok(
 
     IPv4 source and ARP sender address must be in ``v4``; an IPv6 source in
     ``v6``, unless link-local (fe80::/10, which every IPv6 host makes for
-    itself), and so must the target a neighbour advertisement claims.  The
-    unspecified address is allowed where a host must use it: a DHCP client's
-    UDP 68 -> 67 (RFC 2131), an ARP probe (RFC 5227) and duplicate address
-    detection (RFC 4862).  Other EtherTypes are not IP and pass; a frame too
-    short for its IP or ARP header does not.
+    itself), and so must the target a neighbour advertisement claims, behind
+    whatever extension headers.  The unspecified address is allowed where a
+    host must use it: a DHCP client's UDP 68 -> 67 (RFC 2131), an ARP probe
+    (RFC 5227) and duplicate address detection (RFC 4862).  Other EtherTypes
+    are not IP and pass, except a second VLAN tag, which hides what is
+    inside; a frame too short for its IP or ARP header, or an IPv6 header
+    chain :func:`_ipv6_upper` cannot follow, does not.
     """
     if n < off + 2:
         return False
@@ -287,14 +354,59 @@ def _ip_source_ok(
         src6 = bytes(buf[p + 8 : p + 24])
         if not (src6 in v6 or src6 == _IPV6_ANY or _link_local(src6)):
             return False
-        if buf[p + 6] == _ICMPV6 and n > p + 40 and buf[p + 40] == _ND_NA:
+        up = _ipv6_upper(buf, n, p)
+        if up is None:
+            return False
+        nh, u = up
+        if nh == _ICMPV6 and n > u >= 0 and buf[u] == _ND_NA:
             # A neighbour advertisement claims its target address (RFC 4861
             # section 4.4): IPv6's ARP reply, so held to the same addresses.
-            if n < p + 64:
+            if n < u + 24:
                 return False
-            target = bytes(buf[p + 48 : p + 64])
+            target = bytes(buf[u + 8 : u + 24])
             return target in v6 or _link_local(target)
         return True
+    return et not in _ETH_TAGS
+
+
+def _guards_ok(buf: bytearray, n: int, off: int, guards: frozenset[Guard]) -> bool:
+    """DHCP and router guards: whether the frame in ``buf[:n]``, its
+    EtherType at ``off``, is none of the server messages ``guards`` refuse.
+
+    Only a packet's first fragment shows its UDP or ICMP header, so only it
+    is checked (a later one cannot be reassembled without it).  A first
+    fragment too short for that header, an IPv6 header chain
+    :func:`_ipv6_upper` cannot follow, or a second VLAN tag is refused."""
+    if n < off + 2:
+        return False
+    et = _U16.unpack_from(buf, off)[0]
+    p = off + 2
+    if et == _ETH_IPV4:
+        if n < p + 20:
+            return False
+        if _U16.unpack_from(buf, p + 6)[0] & 0x1FFF:
+            return True  # not the first fragment
+        proto = buf[p + 9]
+        u = p + (buf[p] & 0x0F) * 4
+        server, router = _DHCP_SERVER, _ICMP_ROUTER
+        icmp = _ICMP
+    elif et == _ETH_IPV6:
+        if n < p + 40:
+            return False
+        up = _ipv6_upper(buf, n, p)
+        if up is None:
+            return False
+        proto, u = up
+        if u == _NOT_FIRST:
+            return True
+        server, router = _DHCP6_SERVER, _ICMPV6_ROUTER
+        icmp = _ICMPV6
+    else:
+        return et not in _ETH_TAGS
+    if proto == _UDP and Guard.DHCP in guards:
+        return n >= u + 4 and _U16.unpack_from(buf, u)[0] != server
+    if proto == icmp and Guard.ROUTER in guards:
+        return n > u and buf[u] not in router
     return True
 
 
@@ -305,7 +417,8 @@ def _link_local(addr: bytes) -> bool:
 
 class _Vm:
     __slots__ = (
-        "active", "burst", "id", "ips", "ips4", "ips6", "macs", "ports", "rate", "rx_offloads",
+        "active", "burst", "guards", "id", "ips", "ips4", "ips6", "macs", "ports", "rate",
+        "rx_offloads",
         "rx_ports", "stamp", "steering", "tokens", "vlans",
     )  # fmt: skip
 
@@ -316,6 +429,7 @@ class _Vm:
         self.ips: frozenset[bytes] | None = None  # None: any source IP (4- or 16-byte)
         self.ips4: frozenset[int] = frozenset()  # the IPv4 ones as integers
         self.ips6: frozenset[bytes] = frozenset()
+        self.guards: frozenset[Guard] = frozenset()  # what it may not send (set_guards)
         # Policing of what the VM sends (set_rate): a token bucket in bytes.
         self.rate = 0.0  # bytes per second; 0: not policed
         self.burst = 0.0
@@ -488,6 +602,18 @@ class Switch:
         vm.ips = new
         vm.ips4 = frozenset(int.from_bytes(a, "big") for a in new or () if len(a) == 4)
         vm.ips6 = frozenset(a for a in new or () if len(a) == 16)
+
+    def set_guards(self, vm_id: str, guards: Iterable[str]) -> None:
+        """What the VM may not send (:class:`Guard` values; empty: anything):
+        DHCP and DHCPv6 server messages, router advertisements and redirects.
+        Such a frame is dropped and counted (``dropped_guard``)."""
+        try:
+            new = frozenset(Guard(g) for g in guards)
+        except ValueError:
+            raise UsageError(
+                f"bad guards for {vm_id!r}: {', '.join(g.value for g in Guard)}"
+            ) from None
+        self._vm(vm_id).guards = new
 
     def set_rate(self, vm_id: str, bits_per_s: int | None) -> None:
         """Police what the VM sends to ``bits_per_s`` (None: no limit): a token
@@ -683,6 +809,10 @@ class Switch:
             stats.dropped_spoofed += 1
             src.rx_dropped += 1
             return
+        if svm.guards and not _guards_ok(buf, n, et_off, svm.guards):
+            stats.dropped_guard += 1
+            src.rx_dropped += 1
+            return
         macs = self._macs
         key = (vlan, smac)
         macs[key] = (svm, now)
@@ -851,6 +981,11 @@ class Switch:
             self.set_ips(vm_id, _hex_list(msg, "ips", "address"))
         elif op == "rate":
             self.set_rate(vm_id, msg["bps"])
+        elif op == "guards":
+            guards = msg["guards"]
+            if not isinstance(guards, list) or not all(isinstance(g, str) for g in guards):
+                raise ProtocolError("'guards' must be a list of strings")
+            self.set_guards(vm_id, guards)
         elif op == "offloads":
             self.set_rx_offloads(vm_id, (Offload(o) for o in msg["offloads"]))
         elif op == "remove":
@@ -1085,6 +1220,10 @@ class SwitchPort:
         self._configure(
             {"op": "ips", "vm": vm_id, "ips": None if ips is None else sorted(a.hex() for a in ips)}
         )
+
+    def set_guards(self, vm_id: str, guards: Iterable[str]) -> None:
+        """DHCP and router guards for the VM (see :meth:`Switch.set_guards`)."""
+        self._configure({"op": "guards", "vm": vm_id, "guards": sorted(guards)})
 
     def set_rate(self, vm_id: str, bits_per_s: int | None) -> None:
         """Police what the VM sends (see :meth:`Switch.set_rate`)."""
