@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtnet.errors import ProtocolError
+from virtnet.ports.switch import Guard
 from virtnet.testing.guest import wait_for
 from virtnet.testing.netns import NetNS
 from virtnet.testing.procs import stop_process
@@ -61,6 +62,12 @@ def test_parse_request() -> None:
         "b", rate=100_000_000
     )
     assert parse_request(b'{"op": "set", "name": "b", "rate": null}') == SetVm("b", unlimit=True)
+    assert parse_request(b'{"op": "add", "socket": "b", "guards": ["router", "dhcp"]}') == AddVm(
+        "b", guards=frozenset({Guard.DHCP, Guard.ROUTER})
+    )
+    assert parse_request(b'{"op": "set", "name": "b", "guards": []}') == SetVm(
+        "b", guards=frozenset()
+    )
     assert parse_rate("100M") == parse_rate("0.1G") == 100_000_000
     assert parse_rate("64k") == 64_000 and parse_rate("2000000") == 2_000_000
     for text in ("fast", "1T", "63k", "500G", "", "M"):
@@ -83,6 +90,10 @@ def test_parse_request() -> None:
         b'{"op": "add", "socket": "b", "ips": ["0.0.0.0"]}',
         b'{"op": "add", "socket": "b", "rate": "100M"}',
         b'{"op": "add", "socket": "b", "rate": 1000}', b'{"op": "set", "name": "b", "rate": true}',
+        b'{"op": "add", "socket": "b", "guards": "dhcp"}',
+        b'{"op": "add", "socket": "b", "guards": ["nat"]}',
+        b'{"op": "set", "name": "b", "guards": null}',
+        b'{"op": "set", "name": "b", "guards": [""]}',
         b'{"op": "remove"}', b'{"op": "remove", "name": "b", "also": 1}',
         b'{"op": "set", "name": "b"}', b'{"op": "set", "vlans": [1]}',
         b'{"op": "set", "name": "b", "tap": "x", "vlans": [1]}',
@@ -97,7 +108,8 @@ def test_parse_request() -> None:
 @given(st.one_of(st.binary(max_size=200), st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=8),
     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(
-        st.sampled_from(["op", "socket", "vlans", "tap", "name", "ips", "x"]), kids, max_size=4),
+        st.sampled_from(["op", "socket", "vlans", "tap", "name", "ips", "guards", "x"]), kids,
+        max_size=4),
     max_leaves=8,
 ).map(lambda d: json.dumps(d).encode())))  # fmt: skip
 def test_parse_request_raises_only_protocol_errors(line: bytes) -> None:
@@ -225,6 +237,13 @@ def test_vlans_and_mac_lock_changed_at_run_time(
         time.sleep(0.3)
         return bool(fa.receive(timeout=0.2))
 
+    def a_hears_b_udp(sport: int, dport: int) -> bool:
+        ip = struct.pack("!BBHHHBBH4s4sHHHH", 0x45, 0, 28, 0, 0, 64, 17, 0, bytes(4),
+                         b"\xff" * 4, sport, dport, 8, 0)  # fmt: skip
+        assert fb.send([b"\xff" * 6 + MAC_B + b"\x08\x00" + ip + bytes(18)]) == 1
+        time.sleep(0.3)
+        return bool(fa.receive(timeout=0.2))
+
     with (
         VhostUserFrontend(a, queue_pairs=1, mac=MAC_A) as fa,
         VhostUserFrontend(b, queue_pairs=1, mac=MAC_B) as fb,
@@ -263,6 +282,18 @@ def test_vlans_and_mac_lock_changed_at_run_time(
         assert wait_for(lambda: fetch(str(stats))["switch"]["dropped_rate"] > 0, timeout=5)
         assert _ctl(control, "set", "b.sock", "--no-rate").returncode == 0
         assert "rate_bps" not in fetch(str(stats))["vms"][1]
+        # Guards: B's DHCP server reply (UDP 67 -> 68) is dropped, its DHCP
+        # client request is not; --no-guard lets the reply through again.
+        assert a_hears_b_udp(67, 68)
+        assert _ctl(control, "set", "b.sock", "--guard", "dhcp,router").returncode == 0
+        assert fetch(str(stats))["vms"][1]["guards"] == ["dhcp", "router"]
+        assert not a_hears_b_udp(67, 68) and a_hears_b_udp(68, 67)
+        assert fetch(str(stats))["switch"]["dropped_guard"] == 1
+        res = _ctl(control, "set", "b.sock", "--guard", "nat")
+        assert res.returncode == 2 and "no guard 'nat'" in res.stderr, res
+        assert _ctl(control, "set", "b.sock", "--no-guard").returncode == 0
+        assert a_hears_b_udp(67, 68)
+        assert "guards" not in fetch(str(stats))["vms"][1]
     res = _ctl(control, "set", "b.sock")
     assert res.returncode == 2 and "set what?" in res.stderr, res
     res = _ctl(control, "set", "nope", "--vlans", "1")
@@ -390,8 +421,10 @@ def test_state_file_brings_added_vms_back_after_a_restart(tmp_path: Path) -> Non
     a, b, c = (tmp_path / f"{n}.sock" for n in "abc")
     state, log = tmp_path / "state.json", tmp_path / "log"
     args = ("--socket", str(a), "--port", "switch", "--state-file", str(state))
-    with _serving(tmp_path, *args) as (_, control, _pid):
-        assert _ctl(control, "add", "--socket", str(b), "--vlans", "0,100").returncode == 0
+    with _serving(tmp_path, *args) as (stats, control, _pid):
+        res = _ctl(control, "add", "--socket", str(b), "--vlans", "0,100", "--guard", "dhcp")
+        assert res.returncode == 0, res
+        assert fetch(str(stats))["vms"][1]["guards"] == ["dhcp"]
         assert _ctl(control, "add", "--socket", str(c)).returncode == 0
         assert (
             _ctl(control, "set", "b.sock", "--vlans", "100", "--mac", MAC_B.hex(":")).returncode
@@ -399,6 +432,7 @@ def test_state_file_brings_added_vms_back_after_a_restart(tmp_path: Path) -> Non
         )
         assert _ctl(control, "set", "b.sock", "--ip", "10.0.0.2,fd00::2").returncode == 0
         assert _ctl(control, "set", "b.sock", "--rate", "1.5G").returncode == 0
+        assert _ctl(control, "set", "b.sock", "--guard", "router").returncode == 0
         assert _ctl(control, "remove", "c.sock").returncode == 0
         assert stat.S_IMODE(state.stat().st_mode) == 0o600
     with _serving(tmp_path, *args) as (stats, _, _pid):
@@ -407,6 +441,7 @@ def test_state_file_brings_added_vms_back_after_a_restart(tmp_path: Path) -> Non
         assert vms[1]["vlans"] == [100] and vms[1]["macs"] == [MAC_B.hex(":")], vms[1]
         assert vms[1]["ips"] == ["10.0.0.2", "fd00::2"], vms[1]
         assert vms[1]["rate_bps"] == 1_500_000_000, vms[1]
+        assert vms[1]["guards"] == ["router"], vms[1]
         with VhostUserFrontend(b, queue_pairs=1, mac=MAC_B):
             pass  # b's socket is really served
     state.write_text("{not json")

@@ -7,6 +7,8 @@ IPv4 at MTU 9000 (``host_mtu``), link-local IPv6, and a VLAN both are members
 of (``--vlans``); they cannot reach each other over a VLAN they are not
 members of, nor by one taking the other's MAC (``--mac``) or sending from an
 IP address not its own (``--ip``), and one is held to a rate (``--rate``).
+One may not be a DHCP server (``--guard``): the other's DHCP client gets a
+lease from it only once ``virtnet ctl`` lifts the guard.
 A third guest is plugged in and out with ``virtnet ctl``.  The switch process
 is killed: serve starts it again and the guests talk on through it, still
 locked to their MACs.
@@ -62,6 +64,7 @@ def pair(
              "--socket", str(b), "--port", "switch", "--queues", str(QUEUES),
              "--vlans", f"0,{VLAN}", "--mac", f"a.sock={MAC_A}", "--mac", f"b.sock={MAC_B}",
              "--ip", f"a.sock={_ips(2)}", "--ip", f"b.sock={_ips(3)}",
+             "--guard", "a.sock=dhcp,router",
              "--stats-socket", str(stats), "--control-socket", str(_control(stats))],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
@@ -87,6 +90,12 @@ def pair(
         stop_process(serve, timeout=20)
         print(log.read_text()[-5000:])
     assert serve.returncode == 0
+
+
+def _ctl(stats: Path, *args: str) -> None:
+    """``virtnet ctl ARGS`` against the serve of ``stats``."""
+    subprocess.run([sys.executable, "-m", "virtnet.cli", "ctl", "--control-socket",
+                    str(_control(stats)), *args], check=True, timeout=30)  # fmt: skip
 
 
 def _tcp_both_ways(ga: Guest, gb: Guest, target: str, *, flags: str = "", seconds: int = 2) -> None:
@@ -280,11 +289,7 @@ def test_a_guest_held_to_a_rate(pair: tuple[Guest, Guest, Path]) -> None:
     B settles near 40 Mbit/s (the switch drops what is over and counts it),
     B's to A is not held; ``--no-rate`` lifts it."""
     ga, gb, stats = pair
-    control = _control(stats)
-
-    def ctl(*args: str) -> None:
-        subprocess.run([sys.executable, "-m", "virtnet.cli", "ctl", "--control-socket",
-                        str(control), *args], check=True, timeout=30)  # fmt: skip
+    ctl = partial(_ctl, stats)
 
     def mbits(reverse: str) -> float:
         gb.run("iperf3 -s -D -1 >/dev/null 2>&1; sleep 0.5")
@@ -304,3 +309,36 @@ def test_a_guest_held_to_a_rate(pair: tuple[Guest, Guest, Path]) -> None:
     finally:
         ctl("set", "a.sock", "--no-rate")
     assert "rate_bps" not in fetch(str(stats))["vms"][0]
+
+
+#: busybox udhcpd's configuration in guest A: a pool on the guests' subnet.
+_UDHCPD_CONF = (
+    "start 10.77.1.100\\nend 10.77.1.110\\ninterface eth0\\nlease_file /tmp/udhcpd.leases\\n"
+)
+#: B asks for a lease and exits, 3 tries a second apart, leaving its address as it is.
+_UDHCPC = "udhcpc -i eth0 -n -q -t 3 -T 1 -s /bin/true"
+
+
+def test_a_guarded_guest_cannot_be_a_dhcp_server(pair: tuple[Guest, Guest, Path]) -> None:
+    """``--guard a.sock=dhcp,router``: A runs busybox's DHCP server; B's DHCP
+    client gets no lease -- A's offers are dropped and counted -- until
+    ``virtnet ctl set a.sock --no-guard``, and then it does (through B's own
+    IP source guard, which lets a DHCP client send from 0.0.0.0)."""
+    ga, gb, stats = pair
+    ga.run(f"touch /tmp/udhcpd.leases; printf '{_UDHCPD_CONF}' > /tmp/udhcpd.conf; "
+           "udhcpd /tmp/udhcpd.conf")  # fmt: skip
+    try:
+        guarded = fetch(str(stats))["switch"]["dropped_guard"]
+        out = gb.run(_UDHCPC, check=False, timeout=30)
+        assert out.status != 0, out.output
+        assert fetch(str(stats))["switch"]["dropped_guard"] > guarded
+        _ctl(stats, "set", "a.sock", "--no-guard")
+        try:
+            assert "guards" not in fetch(str(stats))["vms"][0]
+            out = gb.run(_UDHCPC, check=False, timeout=30)
+            assert out.status == 0 and f"obtained from {IP_A}" in out.output, out.output
+        finally:
+            _ctl(stats, "set", "a.sock", "--guard", "dhcp,router")
+        assert fetch(str(stats))["vms"][0]["guards"] == ["dhcp", "router"]
+    finally:
+        ga.run("killall udhcpd", check=False)

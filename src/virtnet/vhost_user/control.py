@@ -13,14 +13,16 @@ serve answers one JSON line and closes:
   (default: the ``%d`` template with the next index); ``macs``: lock it to
   these source MACs on the switch, as ``--mac`` does; ``ips``: to these
   source IP addresses, as ``--ip`` does; ``rate``: police what it sends to
-  this many bit/s, as ``--rate`` does.  Answer ``{"ok": true, "name": NAME}``,
+  this many bit/s, as ``--rate`` does; ``guards``: ``["dhcp", "router"]`` or
+  either, the servers it may not be, as ``--guard`` does.  Answer ``{"ok": true, "name": NAME}``,
   NAME being what ``virtnet stats`` shows.
 * ``{"op": "remove", "name": NAME}``: stop serving that VM: its connection is
   closed (its workers stop), its socket file removed, its switch membership
   or tap dropped.  The guest sees its link go down.
 * ``{"op": "set", "name": NAME, "vlans": [IDS]?, "macs": [MACS] | null?,
-  "ips": [ADDRS] | null?, "rate": BPS | null?}``: change a served VM's switch
-  VLANs, MAC lock, IP source guard or rate (``null``: none) while it runs.
+  "ips": [ADDRS] | null?, "rate": BPS | null?, "guards": [GUARDS]?}``: change
+  a served VM's switch VLANs, MAC lock, IP source guard, rate (``null``: none)
+  or DHCP and router guards (``[]``: none) while it runs.
   Answer ``{"ok": true}``.
 * Failures: ``{"ok": false, "error": TEXT}``.
 
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtnet.errors import ProtocolError, UsageError
-from virtnet.ports.switch import MAX_RATE_BPS, MIN_RATE_BPS, VLAN_MAX
+from virtnet.ports.switch import MAX_RATE_BPS, MIN_RATE_BPS, VLAN_MAX, Guard
 from virtnet.vhost_user.stats import ask
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "RemoveVm",
     "SetVm",
     "add_arguments",
+    "parse_guards",
     "parse_ips",
     "parse_macs",
     "parse_rate",
@@ -78,6 +81,7 @@ class AddVm:
     macs: frozenset[bytes] | None = None
     ips: frozenset[bytes] | None = None
     rate: int | None = None
+    guards: frozenset[Guard] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class SetVm:
     unlock_ips: bool = False  # drop its IP source guard ("ips": null)
     rate: int | None = None
     unlimit: bool = False  # drop its rate ("rate": null)
+    guards: frozenset[Guard] | None = None  # empty: none
 
 
 def parse_macs(text: str) -> frozenset[bytes]:
@@ -124,6 +129,35 @@ def parse_ips(text: str) -> frozenset[bytes]:
             raise ValueError(f"{part.strip()} cannot be a host's own address")
         out.add(addr.packed)
     return frozenset(out)
+
+
+def parse_guards(text: str) -> frozenset[Guard]:
+    """``dhcp,router`` -> those :class:`~virtnet.ports.switch.Guard` values
+    (``none`` or nothing: no guard); ValueError for any other word."""
+    out = set()
+    for part in text.split(","):
+        word = part.strip()
+        if word in ("", "none"):
+            continue
+        try:
+            out.add(Guard(word))
+        except ValueError:
+            raise ValueError(
+                f"no guard {word!r} (guards: {', '.join(g.value for g in Guard)})"
+            ) from None
+    return frozenset(out)
+
+
+def _guards(doc: dict[str, Any]) -> frozenset[Guard] | None:
+    guards = doc.get("guards")
+    if guards is None:
+        return None
+    if not isinstance(guards, list) or not all(isinstance(g, str) and g for g in guards):
+        raise ProtocolError("'guards' must be a list of guard names")
+    try:
+        return parse_guards(",".join(guards))
+    except ValueError as exc:
+        raise ProtocolError(f"'guards': {exc}") from None
 
 
 def _fields(doc: dict[str, Any], allowed: set[str]) -> None:
@@ -220,25 +254,28 @@ def parse_request(line: bytes) -> AddVm | RemoveVm | SetVm:
         if tap is not None and (not isinstance(tap, str) or not tap):
             raise ProtocolError("'tap' must be an interface name")
         vlans, macs, ips, rate = _vlans(doc), _macs(doc), _ips(doc), _rate(doc)
-        _fields(doc, {"op", "socket", "vlans", "tap", "macs", "ips", "rate"})
-        return AddVm(path, vlans, tap, macs, ips, rate)
+        guards = _guards(doc)
+        _fields(doc, {"op", "socket", "vlans", "tap", "macs", "ips", "rate", "guards"})
+        return AddVm(path, vlans, tap, macs, ips, rate, guards)
     if op == "remove":
         name = _name(doc)
         _fields(doc, {"op", "name"})
         return RemoveVm(name)
     if op == "set":
         name, vlans, macs, ips = _name(doc), _vlans(doc), _macs(doc), _ips(doc)
-        rate = _rate(doc)
-        _fields(doc, {"op", "name", "vlans", "macs", "ips", "rate"})
+        rate, guards = _rate(doc), _guards(doc)
+        _fields(doc, {"op", "name", "vlans", "macs", "ips", "rate", "guards"})
         unlock = "macs" in doc and doc["macs"] is None
         unlock_ips = "ips" in doc and doc["ips"] is None
         unlimit = "rate" in doc and doc["rate"] is None
-        if (vlans, macs, ips, rate) == (None,) * 4 and not (unlock or unlock_ips or unlimit):
+        if (vlans, macs, ips, rate, guards) == (None,) * 5 and not (
+            unlock or unlock_ips or unlimit
+        ):
             raise ProtocolError(
-                "'set' needs 'vlans', 'macs', 'ips' or 'rate' (null: no MAC lock, no IP"
-                " guard, no rate)"
+                "'set' needs 'vlans', 'macs', 'ips', 'rate' or 'guards' (null: no MAC lock, no"
+                " IP guard, no rate; []: no guards)"
             )
-        return SetVm(name, vlans, macs, unlock, ips, unlock_ips, rate, unlimit)
+        return SetVm(name, vlans, macs, unlock, ips, unlock_ips, rate, unlimit, guards)
     raise ProtocolError(f"unknown op {op!r} (add, remove, set)")
 
 
@@ -262,6 +299,13 @@ def request(path: str, doc: dict[str, Any], *, timeout: float = 30.0) -> dict[st
 def _rate_arg(text: str) -> int:
     try:
         return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _guards_arg(text: str) -> list[str]:
+    try:
+        return sorted(parse_guards(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -290,9 +334,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--mac", metavar="MAC[,MAC]", help="the source MACs it may use on the switch")
     add.add_argument("--ip", metavar="ADDR[,ADDR]", help="the source IPs it may use on the switch")
     add.add_argument("--rate", type=_rate_arg, metavar="RATE", help="police what it sends (100M)")
+    add.add_argument(
+        "--guard", type=_guards_arg, metavar="GUARDS", help="servers it may not be: dhcp,router"
+    )
     rm = sub.add_parser("remove", help="stop serving a VM")
     rm.add_argument("name", help="the VM's name, as virtnet stats shows it")
-    st = sub.add_parser("set", help="change a VM's switch VLANs, MAC lock or IP guard")
+    st = sub.add_parser("set", help="change a VM's switch VLANs, MAC lock, guards or rate")
     st.add_argument("name", help="the VM's name, as virtnet stats shows it")
     st.add_argument("--vlans", type=_ids, metavar="IDS", help="its switch VLANs")
     lock = st.add_mutually_exclusive_group()
@@ -304,6 +351,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limit = st.add_mutually_exclusive_group()
     limit.add_argument("--rate", type=_rate_arg, metavar="RATE", help="police what it sends")
     limit.add_argument("--no-rate", action="store_true", help="no limit")
+    guards = st.add_mutually_exclusive_group()
+    guards.add_argument(
+        "--guard", type=_guards_arg, metavar="GUARDS", help="servers it may not be: dhcp,router"
+    )
+    guards.add_argument("--no-guard", action="store_true", help="it may be any server")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -319,6 +371,8 @@ def run(args: argparse.Namespace) -> int:
             doc["ips"] = args.ip.split(",")
         if args.rate is not None:
             doc["rate"] = args.rate
+        if args.guard is not None:
+            doc["guards"] = args.guard
         print(request(args.control_socket, doc)["name"])
     elif args.action == "remove":
         request(args.control_socket, {"op": "remove", "name": args.name})
@@ -338,9 +392,12 @@ def run(args: argparse.Namespace) -> int:
             doc["rate"] = args.rate
         elif args.no_rate:
             doc["rate"] = None
+        if args.guard is not None or args.no_guard:
+            doc["guards"] = args.guard or []
         if len(doc) == 2:
             raise UsageError(
-                "set what? --vlans, --mac, --no-mac, --ip, --no-ip, --rate or --no-rate"
+                "set what? --vlans, --mac, --no-mac, --ip, --no-ip, --rate, --no-rate, --guard"
+                " or --no-guard"
             )
         request(args.control_socket, doc)
     return 0

@@ -24,7 +24,8 @@ Metrics (labels ``vm`` -- the socket's name -- and ``pair``):
   switch port, ``virtnet_switch_up``, ``virtnet_switch_frames_total``
   (``direction`` ``in``/``out``), ``virtnet_switch_flooded_total``,
   ``virtnet_switch_filtered_total``, ``virtnet_switch_dropped_total``
-  (``reason``: full, unknown_vm, bad_frame, vlan, spoofed, offload, no_queue),
+  (``reason``: full, unknown_vm, bad_frame, vlan, spoofed, offload, no_queue,
+  rate, guard),
   ``virtnet_switch_evictions_total`` (``table`` mac/flow),
   ``virtnet_switch_control_errors_total`` and ``virtnet_switch_restarts_total``
   (the other switch counters start from zero after a restart).

@@ -93,7 +93,7 @@ from typing import Any, TypeVar
 
 from virtnet.errors import PeerError, ProtocolError, UsageError
 from virtnet.ports.base import Port, make_port
-from virtnet.ports.switch import VLAN_MAX, SwitchPort, mac_text
+from virtnet.ports.switch import VLAN_MAX, Guard, SwitchPort, mac_text
 from virtnet.ports.tap import TapPort, tun_kind
 from virtnet.sdnotify import notify
 from virtnet.vhost_user.backend import LOG_ALL, MAX_QUEUE_PAIRS, Backend, BackendConfig
@@ -102,6 +102,7 @@ from virtnet.vhost_user.control import (
     TIMEOUT_S,
     AddVm,
     RemoveVm,
+    parse_guards,
     parse_ips,
     parse_macs,
     parse_rate,
@@ -193,12 +194,14 @@ class Daemon:
         socket_mode: int | None = None,
         ips: Sequence[tuple[str, frozenset[bytes]]] = (),
         rates: Sequence[tuple[str, int]] = (),
+        guards: Sequence[tuple[str, frozenset[Guard]]] = (),
     ) -> None:
         """``vlans``: the ``--vlans`` options (:func:`_vlans_arg`), switch only;
         ``control_socket``: where ``virtnet ctl`` adds and removes VMs;
         ``macs``: the ``--mac`` options (:func:`_mac_arg`), switch only;
         ``ips``: the ``--ip`` options (:func:`_ip_arg`), switch only;
         ``rates``: the ``--rate`` options (:func:`_rate_vm_arg`), switch only;
+        ``guards``: the ``--guard`` options (:func:`_guard_arg`), switch only;
         ``state_file``: where the VMs ``virtnet ctl`` added are kept, to be
         served again after a restart (:meth:`_restore_state`);
         ``socket_group``, ``socket_mode``: ownership and mode of the VM sockets
@@ -246,6 +249,8 @@ class Daemon:
         self.ips: dict[str, frozenset[bytes]] = {}
         #: Switch members policed to a rate, bit/s (--rate).
         self.rates: dict[str, int] = {}
+        #: Switch members kept from being DHCP servers or routers (--guard).
+        self.guards: dict[str, frozenset[Guard]] = {}
         self._stop = False
         #: serve's exit status: 1 once it gave up on a switch process that keeps dying.
         self.status = 0
@@ -276,6 +281,11 @@ class Daemon:
             for name, bps in rates:
                 self._require_vm("--rate", name)
                 self._set_rate(name, bps)
+            for name, gs in guards:
+                self._require_vm("--guard", name)
+                if name in self.guards:
+                    raise UsageError(f"--guard for {name} given twice")
+                self._set_guards(name, gs)
             if isinstance(self._shared, SwitchPort):
                 # Its death wakes the loop at once instead of at the next tick.
                 self.server.watch(self._shared.control, self._shared.drain_replies)
@@ -398,6 +408,21 @@ class Daemon:
             self.rates[name] = bps
             log.info("%s: sends at most %s", name, rate_text(bps))
 
+    def _set_guards(self, name: str, guards: frozenset[Guard]) -> None:
+        """Keep ``name`` from sending DHCP server or router messages (empty: let it)."""
+        sw = self._shared
+        if not isinstance(sw, SwitchPort):
+            raise UsageError(
+                "--guard needs --port switch (a tap's traffic is the host's to filter)"
+            )
+        sw.set_guards(name, guards)
+        if not guards:
+            self.guards.pop(name, None)
+            log.info("%s: may be a DHCP server and a router", name)
+        else:
+            self.guards[name] = guards
+            log.info("%s: guarded (%s)", name, _guard_text(guards))
+
     @staticmethod
     def _check_free(
         held: dict[str, frozenset[bytes]],
@@ -422,19 +447,23 @@ class Daemon:
         unlock_ips: bool = False,
         rate: int | None = None,
         unlimit: bool = False,
+        guards: frozenset[Guard] | None = None,
     ) -> None:
-        """Change a served VM's switch VLANs and MAC lock (``virtnet ctl set``)."""
+        """Change a served VM's switch settings (``virtnet ctl set``); None and
+        False leave one as it is."""
         if not any(vm.name == name for vm in self.vms):
             raise UsageError(f"no VM called {name!r} (see virtnet stats)")
         sw = self._shared
         if not isinstance(sw, SwitchPort):
-            raise UsageError("VLANs, MAC locks, IP guards and rates need --port switch")
+            raise UsageError("VLANs, MAC locks, IP guards, rates and guards need --port switch")
         if macs is not None or unlock:
             self._lock_macs(name, macs, replace=True)
         if ips is not None or unlock_ips:
             self._lock_ips(name, ips, replace=True)
         if rate is not None or unlimit:
             self._set_rate(name, rate)
+        if guards is not None:
+            self._set_guards(name, guards)
         if vlans is not None:
             sw.set_vlans(name, vlans)
             self.vlans[name] = vlans
@@ -449,6 +478,7 @@ class Daemon:
         macs: frozenset[bytes] | None = None,
         ips: frozenset[bytes] | None = None,
         rate: int | None = None,
+        guards: frozenset[Guard] | None = None,
     ) -> str:
         """Serve one more VM on ``path`` at run time (``virtnet ctl add``); its name.
 
@@ -456,7 +486,8 @@ class Daemon:
         untagged only); ``tap``: its tap with ``--port tap:...`` (default: the
         port's ``%d`` template with the next index); ``macs``: lock it to
         these source MACs on the switch (``--mac``); ``ips``: to these source
-        IP addresses (``--ip``); ``rate``: police what it sends (``--rate``)."""
+        IP addresses (``--ip``); ``rate``: police what it sends (``--rate``);
+        ``guards``: the servers it may not be (``--guard``)."""
         if any(vm.path == path for vm in self.vms):
             raise UsageError(f"{path} is already served")
         is_tap = self.port_spec.startswith("tap:")
@@ -474,6 +505,8 @@ class Daemon:
             self._check_free(self.ips, ips, None, _ip_owned)
         if rate is not None and not isinstance(self._shared, SwitchPort):
             raise UsageError("rates need --port switch (police a tap with tc)")
+        if guards and not isinstance(self._shared, SwitchPort):
+            raise UsageError("guards need --port switch")
         if is_tap and tap is None and not any(t in self.port_spec for t in ("%d", "{}")):
             raise UsageError(
                 f"--port {self.port_spec} names one tap, which a VM already has: give the"
@@ -494,6 +527,8 @@ class Daemon:
             self._lock_ips(vm.name, ips)
         if rate is not None:
             self._set_rate(vm.name, rate)
+        if guards:
+            self._set_guards(vm.name, guards)
         log.info(
             "%s: added (%s)%s", vm.name, path,
             f", VLANs {','.join(map(str, sorted(self.vlans[vm.name])))}"
@@ -524,6 +559,7 @@ class Daemon:
         self.macs.pop(vm.name, None)
         self.ips.pop(vm.name, None)
         self.rates.pop(vm.name, None)
+        self.guards.pop(vm.name, None)
         self._lost_taps.pop(vm.name, None)
         log.info("%s: removed", vm.name)
 
@@ -600,6 +636,7 @@ class Daemon:
                 self.set_vm(
                     req.name, vlans=req.vlans, macs=req.macs, unlock=req.unlock,
                     ips=req.ips, unlock_ips=req.unlock_ips, rate=req.rate, unlimit=req.unlimit,
+                    guards=req.guards,
                 )  # fmt: skip
                 kept = self.runtime.get(req.name)
                 if kept is not None:
@@ -609,6 +646,7 @@ class Daemon:
                         macs=None if req.unlock else req.macs or kept.macs,
                         ips=None if req.unlock_ips else req.ips or kept.ips,
                         rate=None if req.unlimit else req.rate or kept.rate,
+                        guards=kept.guards if req.guards is None else req.guards or None,
                     )
         except (PeerError, UsageError) as exc:
             log.error("control request refused: %s", exc)
@@ -619,8 +657,9 @@ class Daemon:
     def _add_remembered(self, req: AddVm) -> str:
         """Serve ``req``'s VM and remember its add request for the state file."""
         name = self.add_vm(
-            req.socket, vlans=req.vlans, tap=req.tap, macs=req.macs, ips=req.ips, rate=req.rate
-        )
+            req.socket, vlans=req.vlans, tap=req.tap, macs=req.macs, ips=req.ips, rate=req.rate,
+            guards=req.guards,
+        )  # fmt: skip
         self.runtime[name] = req
         return name
 
@@ -866,6 +905,8 @@ def snapshot(d: Daemon) -> dict[str, Any]:
             vms[-1]["ips"] = _ip_texts(d.ips[vm.name])
         if vm.name in d.rates:
             vms[-1]["rate_bps"] = d.rates[vm.name]
+        if vm.name in d.guards:
+            vms[-1]["guards"] = sorted(d.guards[vm.name])
     doc: dict[str, Any] = {"time": time.time(), "queues": d.queues, "vms": vms}
     if isinstance(d._shared, SwitchPort):
         doc["switch"] = _switch_snapshot(d._shared)
@@ -906,6 +947,8 @@ def _add_doc(req: AddVm) -> dict[str, Any]:
         doc["ips"] = _ip_texts(req.ips)
     if req.rate is not None:
         doc["rate"] = req.rate
+    if req.guards:
+        doc["guards"] = sorted(req.guards)
     return doc
 
 
@@ -1061,6 +1104,16 @@ def _per_vm(text: str, option: str, parse: Callable[[str], _T], example: str) ->
 def _rate_vm_arg(text: str) -> tuple[str, int]:
     """``--rate VM=RATE``."""
     return _per_vm(text, "rate", parse_rate, "vm1.sock=100M")
+
+
+def _guard_text(guards: frozenset[Guard]) -> str:
+    """``DHCP, router`` guard names for the log."""
+    return ", ".join({"dhcp": "no DHCP server", "router": "no router"}[g] for g in sorted(guards))
+
+
+def _guard_arg(text: str) -> tuple[str, frozenset[Guard]]:
+    """``--guard VM=GUARD[,GUARD]``."""
+    return _per_vm(text, "guard", parse_guards, "vm1.sock=dhcp,router")
 
 
 def _ip_arg(text: str) -> tuple[str, frozenset[bytes]]:
@@ -1222,6 +1275,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " over it are dropped and counted, TCP backs off to it; default: no limit)",
     )
     parser.add_argument(
+        "--guard",
+        type=_guard_arg,
+        action="append",
+        default=[],
+        metavar="VM=GUARDS",
+        help="--port switch: what VM may not be: 'dhcp' (no DHCP or DHCPv6 server or relay"
+        " messages), 'router' (no router advertisements or redirects), or both, e.g."
+        " vm1.sock=dhcp,router; refused frames are dropped and counted (default: none)",
+    )
+    parser.add_argument(
         "--no-offloads",
         dest="offloads",
         action="store_false",
@@ -1248,6 +1311,7 @@ def run(args: argparse.Namespace) -> int:
         socket_group=args.socket_group,
         ips=args.ip,
         rates=args.rate,
+        guards=args.guard,
         socket_mode=args.socket_mode,
     )
 

@@ -67,6 +67,7 @@ SWITCH_COLUMNS = {
     "dropped_offload": "drop offload",
     "dropped_no_queue": "drop no queue",
     "dropped_rate": "drop rate",
+    "dropped_guard": "drop guard",
 }
 
 
@@ -150,6 +151,8 @@ def render(doc: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
             title += f"; IPs {','.join(vm['ips'])} only"
         if vm.get("rate_bps"):
             title += f"; at most {rate_text(vm['rate_bps'])}"
+        if vm.get("guards"):
+            title += f"; guards {','.join(vm['guards'])}"
         t = Table(title=title, caption=vm.get("features") or None)
         t.add_column("pair", justify="right")
         t.add_column("on")
