@@ -11,10 +11,12 @@ timed.  Variants, alternated round by round in the same process:
 * ``locked``: ``set_macs`` on both VMs, so every frame's source is checked
   against the locks and its destination found through them;
 * ``guarded``: ``locked`` plus ``set_ips`` on both (IP source guard), so
-  every frame's IPv4 source is checked too.
+  every frame's IPv4 source is checked too;
+* ``shielded``: ``guarded`` plus ``set_guards`` (DHCP and router guards) on
+  both, so every frame's UDP source port is checked as well.
 
 Prints frames per second (median of ``--repeat`` rounds) for each and the
-ratios locked/open and guarded/open.  Run: ``python bench/switch_forward.py [--burst 200]
+ratios against open.  Run: ``python bench/switch_forward.py [--burst 200]
 [--repeat 30]``.  No root, no VM.
 """
 
@@ -35,6 +37,8 @@ MAC_B = bytes.fromhex("525400000002")
 
 
 IP_A, IP_B = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+#: Each variant checks what the one before it does, and more.
+VARIANTS = ("open", "locked", "guarded", "shielded")
 
 
 def unicast(dst: bytes, src: bytes, n: int, ip_src: bytes = IP_A) -> bytes:
@@ -74,14 +78,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=30, help="rounds per variant (default 30)")
     ap.add_argument(
         "--variants",
-        default="open,locked,guarded",
-        help="comma-separated, of open, locked, guarded (default all; 'open' alone also runs"
+        default=",".join(VARIANTS),
+        help=f"comma-separated, of {', '.join(VARIANTS)} (default all; 'open' alone also runs"
         " against an older tree through PYTHONPATH)",
     )
     args = ap.parse_args(argv)
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not chosen or any(v not in ("open", "locked", "guarded") for v in chosen):
-        ap.error(f"--variants: open, locked and/or guarded, not {args.variants!r}")
+    if not chosen or any(v not in VARIANTS for v in chosen):
+        ap.error(f"--variants: some of {', '.join(VARIANTS)}, not {args.variants!r}")
     if args.burst < 1 or args.repeat < 1:
         ap.error("--burst and --repeat must be positive")
     frames = [memoryview(unicast(MAC_B, MAC_A, i)) for i in range(args.burst)]
@@ -90,12 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for variant in rates:
         sw = Switch()
         a, b = sw.open_queue("a", 0), sw.open_queue("b", 0)
-        if variant in ("locked", "guarded"):
+        level = VARIANTS.index(variant)
+        if level >= VARIANTS.index("locked"):
             sw.set_macs("a", [MAC_A])
             sw.set_macs("b", [MAC_B])
-        if variant == "guarded":
+        if level >= VARIANTS.index("guarded"):
             sw.set_ips("a", [IP_A])
             sw.set_ips("b", [IP_B])
+        if level >= VARIANTS.index("shielded"):
+            sw.set_guards("a", ["dhcp", "router"])
+            sw.set_guards("b", ["dhcp", "router"])
         b.send([memoryview(unicast(MAC_A, MAC_B, 0, IP_B))])  # the switch learns b's MAC
         while sw.poll_once(0):
             pass
@@ -114,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for v, m in med.items():
         lo, hi = min(rates[v]), max(rates[v])
         print(f"  {v:7s} {m / 1e3:8.1f} kframes/s  (rounds {lo / 1e3:.1f}-{hi / 1e3:.1f}k)")
-    for v in ("locked", "guarded"):
+    for v in VARIANTS[1:]:
         if v in med and "open" in med:
             print(f"  {v} / open = {med[v] / med['open']:.3f}")
     return 0

@@ -369,9 +369,15 @@ def _ip_source_ok(
     return et not in _ETH_TAGS
 
 
-def _guards_ok(buf: bytearray, n: int, off: int, guards: frozenset[Guard]) -> bool:
+#: Guard bits (``_Vm.guard_bits``): an int is tested faster per frame than an enum set.
+_GUARD_DHCP, _GUARD_ROUTER = 1, 2
+_GUARD_BITS = {Guard.DHCP: _GUARD_DHCP, Guard.ROUTER: _GUARD_ROUTER}
+
+
+def _guards_ok(buf: bytearray, n: int, off: int, guards: int) -> bool:
     """DHCP and router guards: whether the frame in ``buf[:n]``, its
-    EtherType at ``off``, is none of the server messages ``guards`` refuse.
+    EtherType at ``off``, is none of the server messages ``guards`` (a sum of
+    ``_GUARD_*`` bits) refuse.
 
     Only a packet's first fragment shows its UDP or ICMP header, so only it
     is checked (a later one cannot be reassembled without it).  A first
@@ -379,18 +385,24 @@ def _guards_ok(buf: bytearray, n: int, off: int, guards: frozenset[Guard]) -> bo
     :func:`_ipv6_upper` cannot follow, or a second VLAN tag is refused."""
     if n < off + 2:
         return False
-    et = _U16.unpack_from(buf, off)[0]
+    et = buf[off] << 8 | buf[off + 1]
     p = off + 2
     if et == _ETH_IPV4:
         if n < p + 20:
             return False
-        if _U16.unpack_from(buf, p + 6)[0] & 0x1FFF:
+        if buf[p + 6] & 0x1F or buf[p + 7]:
             return True  # not the first fragment
         proto = buf[p + 9]
-        u = p + (buf[p] & 0x0F) * 4
-        server, router = _DHCP_SERVER, _ICMP_ROUTER
-        icmp = _ICMP
-    elif et == _ETH_IPV6:
+        if proto == _UDP:
+            if not guards & _GUARD_DHCP:
+                return True
+            u = p + (buf[p] & 0x0F) * 4
+            return n >= u + 4 and (buf[u] << 8 | buf[u + 1]) != _DHCP_SERVER
+        if proto == _ICMP and guards & _GUARD_ROUTER:
+            u = p + (buf[p] & 0x0F) * 4
+            return n > u and buf[u] not in _ICMP_ROUTER
+        return True
+    if et == _ETH_IPV6:
         if n < p + 40:
             return False
         up = _ipv6_upper(buf, n, p)
@@ -399,15 +411,12 @@ def _guards_ok(buf: bytearray, n: int, off: int, guards: frozenset[Guard]) -> bo
         proto, u = up
         if u == _NOT_FIRST:
             return True
-        server, router = _DHCP6_SERVER, _ICMPV6_ROUTER
-        icmp = _ICMPV6
-    else:
-        return et not in _ETH_TAGS
-    if proto == _UDP and Guard.DHCP in guards:
-        return n >= u + 4 and _U16.unpack_from(buf, u)[0] != server
-    if proto == icmp and Guard.ROUTER in guards:
-        return n > u and buf[u] not in router
-    return True
+        if proto == _UDP and guards & _GUARD_DHCP:
+            return n >= u + 4 and (buf[u] << 8 | buf[u + 1]) != _DHCP6_SERVER
+        if proto == _ICMPV6 and guards & _GUARD_ROUTER:
+            return n > u and buf[u] not in _ICMPV6_ROUTER
+        return True
+    return et not in _ETH_TAGS
 
 
 def _link_local(addr: bytes) -> bool:
@@ -417,9 +426,8 @@ def _link_local(addr: bytes) -> bool:
 
 class _Vm:
     __slots__ = (
-        "active", "burst", "guards", "id", "ips", "ips4", "ips6", "macs", "ports", "rate",
-        "rx_offloads",
-        "rx_ports", "stamp", "steering", "tokens", "vlans",
+        "active", "burst", "guard_bits", "guards", "id", "ips", "ips4", "ips6", "macs", "ports",
+        "rate", "rx_offloads", "rx_ports", "stamp", "steering", "tokens", "vlans",
     )  # fmt: skip
 
     def __init__(self, vm_id: str) -> None:
@@ -430,6 +438,7 @@ class _Vm:
         self.ips4: frozenset[int] = frozenset()  # the IPv4 ones as integers
         self.ips6: frozenset[bytes] = frozenset()
         self.guards: frozenset[Guard] = frozenset()  # what it may not send (set_guards)
+        self.guard_bits = 0  # the same as _GUARD_* bits
         # Policing of what the VM sends (set_rate): a token bucket in bytes.
         self.rate = 0.0  # bytes per second; 0: not policed
         self.burst = 0.0
@@ -613,7 +622,9 @@ class Switch:
             raise UsageError(
                 f"bad guards for {vm_id!r}: {', '.join(g.value for g in Guard)}"
             ) from None
-        self._vm(vm_id).guards = new
+        vm = self._vm(vm_id)
+        vm.guards = new
+        vm.guard_bits = sum(_GUARD_BITS[g] for g in new)
 
     def set_rate(self, vm_id: str, bits_per_s: int | None) -> None:
         """Police what the VM sends to ``bits_per_s`` (None: no limit): a token
@@ -809,7 +820,7 @@ class Switch:
             stats.dropped_spoofed += 1
             src.rx_dropped += 1
             return
-        if svm.guards and not _guards_ok(buf, n, et_off, svm.guards):
+        if svm.guard_bits and not _guards_ok(buf, n, et_off, svm.guard_bits):
             stats.dropped_guard += 1
             src.rx_dropped += 1
             return
