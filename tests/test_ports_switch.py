@@ -674,6 +674,51 @@ def test_ip_source_guard_follows_ipv6_extension_headers(sw: Switch) -> None:
     assert sw.snapshot().dropped_spoofed == len(refused)
 
 
+def test_link_local_addresses_go_to_their_first_user(sw: Switch, clock: Clock) -> None:
+    """SAVI-FCFS for link-local IPv6: a guarded VM may not send from, nor
+    claim in a neighbour advertisement, a link-local address another member
+    used first (a router's, r, unguarded); a trusted member takes back what
+    a guarded one claimed; another VLAN is another link; bindings lapse after
+    LL_AGING_S unused and go with their member; a guarded VM holds at most
+    LL_PER_VM of them."""
+    queues = {v: sw.open_queue(v, 0) for v in "acr"}
+    for v in "acr":
+        sw.set_vlans(v, [0, 100])
+    sw.set_ips("a", [_ip("fd00::5")])
+    sw.set_ips("c", [_ip("fd00::7")])
+
+    def passes(who: str, body: bytes, vlan: int | None = None) -> bool:
+        """Whether ``who``'s IPv6 ``body`` gets through (is not dropped as spoofed)."""
+        before = sw.snapshot().dropped_spoofed
+        assert send(queues[who], _eth(mac(1 + "acr".index(who)), 0x86DD, body, vlan=vlan))
+        pump(sw)
+        for q in queues.values():
+            drain(q)
+        return sw.snapshot().dropped_spoofed == before
+
+    assert passes("r", _ipv6("fe80::1"))  # the router's address is r's
+    assert not passes("a", _ipv6("fe80::1"))
+    assert not passes("a", _na("fe80::a", "fe80::1"))
+    assert passes("a", _ipv6("fe80::a"))
+    assert not passes("c", _na("fe80::c", "fe80::a"))  # a's now
+    assert not passes("c", _ipv6("fe80::a"))
+    assert passes("c", _na("fe80::c", "fe80::c"))
+    assert passes("c", _ipv6("fe80::a"), vlan=100)  # another link
+    clock.t += sw_mod.LL_AGING_S + 1
+    pump(sw)
+    assert passes("c", _ipv6("fe80::a"))  # a's binding lapsed
+    assert not passes("a", _ipv6("fe80::a"))
+    assert passes("r", _ipv6("fe80::a"))  # a trusted member takes it back
+    assert not passes("c", _ipv6("fe80::a"))
+    sw.remove_vm("r")
+    assert passes("a", _ipv6("fe80::1"))
+    held = len([k for k in sw._lls if sw._lls[k][0].id == "a"])
+    for i in range(sw_mod.LL_PER_VM - held):
+        assert passes("a", _ipv6(f"fe80::a:{i}"))
+    assert not passes("a", _ipv6("fe80::a:ffff"))
+    assert passes("a", _ipv6("fe80::a:0"))  # one it holds
+
+
 def test_dhcp_and_router_guards(sw: Switch) -> None:
     """``set_guards``: a VM with the DHCP guard may not send DHCP (from UDP
     67) or DHCPv6 (from 547) server messages, one with the router guard no

@@ -6,7 +6,8 @@ ways (GSO super-frames cross the switch: both guests take TSO on rx), over
 IPv4 at MTU 9000 (``host_mtu``), link-local IPv6, and a VLAN both are members
 of (``--vlans``); they cannot reach each other over a VLAN they are not
 members of, nor by one taking the other's MAC (``--mac``) or sending from an
-IP address not its own (``--ip``), and one is held to a rate (``--rate``).
+IP address not its own (``--ip``) or from the other's link-local IPv6
+address, and one is held to a rate (``--rate``).
 One may not be a DHCP server (``--guard``): the other's DHCP client gets a
 lease from it only once ``virtnet ctl`` lifts the guard.
 A third guest is plugged in and out with ``virtnet ctl``.  The switch process
@@ -282,6 +283,28 @@ def test_a_guest_cannot_send_from_an_ip_not_its_own(pair: tuple[Guest, Guest, Pa
     finally:
         gb.run("ip addr del 10.77.1.9/24 dev eth0")
     assert fetch(str(stats))["vms"][1]["ips"] == _ips(3).split(",")
+
+
+def test_a_guest_cannot_take_anothers_link_local_address(pair: tuple[Guest, Guest, Path]) -> None:
+    """``--ip`` and link-local IPv6, first come first served: B gives itself
+    A's link-local address too (A used it first) and its pings from it are
+    dropped as spoofed; from its own link-local address A answers it."""
+    _, gb, stats = pair
+    addr_a, addr_b = "fe80::5054:ff:fe77:102", "fe80::5054:ff:fe77:103"  # EUI-64 of the MACs
+    dad = "/proc/sys/net/ipv6/conf/eth0/accept_dad"  # busybox ip has no nodad
+    assert wait_for(lambda: gb.run(f"ping -6 -c 1 -W 2 {addr_a}%eth0", check=False).status == 0,
+                    timeout=30), gb.run("ip -6 addr", check=False).output  # fmt: skip
+    spoofed = fetch(str(stats))["switch"]["dropped_spoofed"]
+    gb.run(f"echo 0 > {dad}; ip -6 addr add {addr_a}/64 dev eth0; echo 1 > {dad}")
+    try:
+        out = gb.run(f"ping -6 -c 2 -W 2 -I {addr_a}%eth0 ff02::1%eth0", check=False)
+        assert fetch(str(stats))["switch"]["dropped_spoofed"] > spoofed, (
+            out.output + gb.run("ip -6 addr; ip -6 route show table all", check=False).output
+        )
+    finally:
+        gb.run(f"ip -6 addr del {addr_a}/64 dev eth0")
+    ping = f"ping -6 -c 1 -W 2 -I {addr_b}%eth0 {addr_a}%eth0"
+    assert wait_for(lambda: gb.run(ping, check=False).status == 0, timeout=20)
 
 
 def test_a_guest_held_to_a_rate(pair: tuple[Guest, Guest, Path]) -> None:

@@ -30,7 +30,12 @@ Invariants:
   probes and DAD need it); other frames of those protocols are dropped and
   counted as spoofed.  Neighbour advertisements are found behind any IPv6
   extension headers; a header chain that cannot be followed, and a second
-  VLAN tag, are refused.  Other EtherTypes are not checked.
+  VLAN tag, are refused.  Other EtherTypes are not checked.  A link-local
+  address is bound, per VLAN, to the member that used it first (SAVI-FCFS,
+  RFC 6620; at most :data:`LL_TABLE_SIZE` bindings, each lapsing after
+  :data:`LL_AGING_S` unused): a guarded VM may not use one bound to another
+  member, nor hold more than :data:`LL_PER_VM`; a member without addresses
+  (trusted) takes over any binding it uses.
 * DHCP and router guards (``set_guards``): a guarded VM may not send DHCP or
   DHCPv6 server or relay messages, or ICMP/ICMPv6 router advertisements and
   redirects (:class:`Guard`), so that it cannot make itself another VM's
@@ -98,6 +103,9 @@ if TYPE_CHECKING:
 __all__ = [
     "FLOW_AGING_S",
     "FLOW_TABLE_SIZE",
+    "LL_AGING_S",
+    "LL_PER_VM",
+    "LL_TABLE_SIZE",
     "MAC_AGING_S",
     "MAC_TABLE_SIZE",
     "MAX_IPV6_EXT_HEADERS",
@@ -119,6 +127,14 @@ __all__ = [
 MAC_TABLE_SIZE = 4096
 # 802.1D-2004 section 7.9.2 recommends an ageing time of 300 s.
 MAC_AGING_S = 300.0
+# Link-local IPv6 addresses, per VLAN, bound to the member that used one first
+# (SAVI-FCFS, RFC 6620), so that a VM held to its addresses (set_ips) cannot
+# claim another member's -- a router's among them.  Bounded like the MAC table,
+# lapsing after as long unused; a guarded VM may hold LL_PER_VM of them (a
+# host makes one per interface, and VLAN sub-interfaces are other links).
+LL_TABLE_SIZE = 16384
+LL_AGING_S = MAC_AGING_S
+LL_PER_VM = 16
 # Remembered (VM, flow) -> last tx pair entries for rx-follows-tx.
 FLOW_TABLE_SIZE = 16384
 # A flow not sent on for this long is placed by hash again.
@@ -313,7 +329,12 @@ def _ipv6_upper(buf: bytearray, n: int, p: int) -> tuple[int, int] | None:
 
 
 def _ip_source_ok(
-    buf: bytearray, n: int, off: int, v4: frozenset[int], v6: frozenset[bytes]
+    buf: bytearray,
+    n: int,
+    off: int,
+    v4: frozenset[int],
+    v6: frozenset[bytes],
+    link_locals: list[bytes] | None = None,
 ) -> bool:
     """IP source guard: whether the frame in ``buf[:n]``, its EtherType at
     ``off``, claims only addresses of ``v4`` (IPv4, as integers) and ``v6``
@@ -322,12 +343,15 @@ def _ip_source_ok(
     IPv4 source and ARP sender address must be in ``v4``; an IPv6 source in
     ``v6``, unless link-local (fe80::/10, which every IPv6 host makes for
     itself), and so must the target a neighbour advertisement claims, behind
-    whatever extension headers.  The unspecified address is allowed where a
-    host must use it: a DHCP client's UDP 68 -> 67 (RFC 2131), an ARP probe
-    (RFC 5227) and duplicate address detection (RFC 4862).  Other EtherTypes
-    are not IP and pass, except a second VLAN tag, which hides what is
-    inside; a frame too short for its IP or ARP header, or an IPv6 header
-    chain :func:`_ipv6_upper` cannot follow, does not.
+    whatever extension headers.  The link-local addresses the frame claims
+    so are appended to ``link_locals`` (when given), for the caller to hold
+    to their first user (:meth:`Switch._claim_link_locals`).  The
+    unspecified address is allowed where a host must use it: a DHCP client's
+    UDP 68 -> 67 (RFC 2131), an ARP probe (RFC 5227) and duplicate address
+    detection (RFC 4862).  Other EtherTypes are not IP and pass, except a
+    second VLAN tag, which hides what is inside; a frame too short for its IP
+    or ARP header, or an IPv6 header chain :func:`_ipv6_upper` cannot follow,
+    does not.
     """
     if n < off + 2:
         return False
@@ -352,7 +376,12 @@ def _ip_source_ok(
         if n < p + 40:
             return False
         src6 = bytes(buf[p + 8 : p + 24])
-        if not (src6 in v6 or src6 == _IPV6_ANY or _link_local(src6)):
+        if src6 in v6 or src6 == _IPV6_ANY:
+            pass
+        elif _link_local(src6):
+            if link_locals is not None:
+                link_locals.append(src6)
+        else:
             return False
         up = _ipv6_upper(buf, n, p)
         if up is None:
@@ -364,7 +393,12 @@ def _ip_source_ok(
             if n < u + 24:
                 return False
             target = bytes(buf[u + 8 : u + 24])
-            return target in v6 or _link_local(target)
+            if target in v6:
+                return True
+            if not _link_local(target):
+                return False
+            if link_locals is not None:
+                link_locals.append(target)
         return True
     return et not in _ETH_TAGS
 
@@ -426,8 +460,8 @@ def _link_local(addr: bytes) -> bool:
 
 class _Vm:
     __slots__ = (
-        "active", "burst", "guard_bits", "guards", "id", "ips", "ips4", "ips6", "macs", "ports",
-        "rate", "rx_offloads", "rx_ports", "stamp", "steering", "tokens", "vlans",
+        "active", "burst", "guard_bits", "guards", "id", "ips", "ips4", "ips6", "link_locals",
+        "macs", "ports", "rate", "rx_offloads", "rx_ports", "stamp", "steering", "tokens", "vlans",
     )  # fmt: skip
 
     def __init__(self, vm_id: str) -> None:
@@ -439,6 +473,7 @@ class _Vm:
         self.ips6: frozenset[bytes] = frozenset()
         self.guards: frozenset[Guard] = frozenset()  # what it may not send (set_guards)
         self.guard_bits = 0  # the same as _GUARD_* bits
+        self.link_locals: set[tuple[int, bytes]] = set()  # (VLAN, address) bound to it
         # Policing of what the VM sends (set_rate): a token bucket in bytes.
         self.rate = 0.0  # bytes per second; 0: not policed
         self.burst = 0.0
@@ -501,6 +536,9 @@ class Switch:
         self._macs: OrderedDict[tuple[int, bytes], tuple[_Vm, float]] = OrderedDict()
         self._locked: dict[bytes, _Vm] = {}  # port security: MAC -> the VM it is locked to
         self._flows: OrderedDict[tuple[str, int], tuple[int, float]] = OrderedDict()
+        # (VLAN, link-local IPv6 address) -> the member bound to it, when last used.
+        self._lls: OrderedDict[tuple[int, bytes], tuple[_Vm, float]] = OrderedDict()
+        self._claims: list[bytes] = []  # a guarded frame's link-local claims
         self._buf = bytearray(_BUF_LEN)
         self._view = memoryview(self._buf)
         self._ctl: socket.socket | None = None
@@ -671,6 +709,8 @@ class Switch:
             del self._macs[k]
         for fk in [fk for fk in self._flows if fk[0] == vm_id]:
             del self._flows[fk]
+        for key in vm.link_locals:
+            del self._lls[key]
 
     def add_control(self, sock: socket.socket) -> None:
         """Accept control messages (see :class:`SwitchPort`) on ``sock``."""
@@ -816,10 +856,26 @@ class Switch:
                 stats.dropped_spoofed += 1
                 src.rx_dropped += 1
                 return
-        if svm.ips is not None and not _ip_source_ok(buf, n, et_off, svm.ips4, svm.ips6):
-            stats.dropped_spoofed += 1
-            src.rx_dropped += 1
-            return
+        if svm.ips is not None:
+            claims = self._claims
+            if not _ip_source_ok(buf, n, et_off, svm.ips4, svm.ips6, claims) or (
+                claims and not self._claim_link_locals(svm, vlan, claims, now)
+            ):
+                claims.clear()
+                stats.dropped_spoofed += 1
+                src.rx_dropped += 1
+                return
+            claims.clear()
+        elif (
+            buf[et_off] == 0x86
+            and buf[et_off + 1] == 0xDD
+            and n >= et_off + 42
+            and buf[et_off + 10] == 0xFE
+            and buf[et_off + 11] & 0xC0 == 0x80
+        ):
+            # A member not held to its addresses (trusted) uses a link-local
+            # source: it is that member's, whoever claimed it before.
+            self._bind_link_local(svm, (vlan, bytes(buf[et_off + 10 : et_off + 26])), now)
         if svm.guard_bits and not _guards_ok(buf, n, et_off, svm.guard_bits):
             stats.dropped_guard += 1
             src.rx_dropped += 1
@@ -907,6 +963,46 @@ class Switch:
         port.tx_packets += 1
         port.tx_bytes += len(view) - VNET_HDR_LEN
 
+    def _claim_link_locals(self, vm: _Vm, vlan: int, addrs: list[bytes], now: float) -> bool:
+        """First come, first served (RFC 6620) for a guarded VM: whether
+        ``vm`` may use the link-local ``addrs`` on ``vlan``; each is then bound
+        to it.  No when another member holds one (used within
+        :data:`LL_AGING_S`), or when ``vm`` would hold more than
+        :data:`LL_PER_VM`."""
+        lls = self._lls
+        for addr in addrs:
+            ent = lls.get((vlan, addr))
+            if ent is not None and ent[0] is not vm and now - ent[1] <= LL_AGING_S:
+                return False
+        new = {(vlan, a) for a in addrs} - vm.link_locals
+        if len(vm.link_locals) + len(new) > LL_PER_VM:
+            self._expire_link_locals(vm, now)
+            if len(vm.link_locals) + len(new) > LL_PER_VM:
+                return False
+        for addr in addrs:
+            self._bind_link_local(vm, (vlan, addr), now)
+        return True
+
+    def _bind_link_local(self, vm: _Vm, key: tuple[int, bytes], now: float) -> None:
+        """Bind ``key`` (VLAN, link-local address) to ``vm``, used ``now``."""
+        lls = self._lls
+        ent = lls.get(key)
+        if ent is not None and ent[0] is not vm:
+            ent[0].link_locals.discard(key)
+        lls[key] = (vm, now)
+        lls.move_to_end(key)
+        vm.link_locals.add(key)
+        if len(lls) > LL_TABLE_SIZE:
+            old, (owner, _t) = lls.popitem(last=False)
+            owner.link_locals.discard(old)
+
+    def _expire_link_locals(self, vm: _Vm, now: float) -> None:
+        """Let go of ``vm``'s link-local bindings unused for LL_AGING_S."""
+        lls = self._lls
+        for key in [k for k in vm.link_locals if now - lls[k][1] > LL_AGING_S]:
+            del lls[key]
+            vm.link_locals.discard(key)
+
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + SWEEP_INTERVAL_S
         macs = self._macs
@@ -921,6 +1017,13 @@ class Switch:
             if now - t <= FLOW_AGING_S:
                 break
             del flows[fk]
+        lls = self._lls
+        while lls:
+            key, (owner, t) = next(iter(lls.items()))
+            if now - t <= LL_AGING_S:
+                break
+            del lls[key]
+            owner.link_locals.discard(key)
 
     # -- control channel (process mode) ---------------------------------------
 
