@@ -560,60 +560,6 @@ def _na(src: str, target: str) -> bytes:
                        _ip("ff02::1")) + icmp  # fmt: skip
 
 
-def test_ip_source_guard(sw: Switch) -> None:
-    """a may send IPv4/ARP only from 10.0.0.5 and IPv6 (and neighbour
-    advertisements for) only fd00::5 or a link-local address; the unspecified
-    address only where DHCP, ARP probes and DAD need it; tagged frames are
-    checked the same; other EtherTypes and an unguarded VM pass; everything
-    else is dropped as spoofed."""
-    a, b = (sw.open_queue(v, 0) for v in "ab")
-    sw.set_vlans("a", [0, 100])
-    sw.set_vlans("b", [0, 100])
-    sw.set_ips(
-        "a", [ipaddress.ip_address("10.0.0.5").packed, ipaddress.ip_address("fd00::5").packed]
-    )
-    allowed = [
-        _eth(mac(1), 0x0800, _ipv4("10.0.0.5")),
-        _eth(mac(1), 0x0800, _ipv4("10.0.0.5"), vlan=100),
-        _eth(mac(1), 0x0800, _ipv4("0.0.0.0", sport=68, dport=67)),  # DHCP discover
-        _eth(mac(1), 0x0806, _arp("10.0.0.5")),
-        _eth(mac(1), 0x0806, _arp("0.0.0.0")),  # ARP probe
-        _eth(mac(1), 0x86DD, _ipv6("fd00::5")),
-        _eth(mac(1), 0x86DD, _ipv6("fe80::5054:ff:fe00:1")),
-        _eth(mac(1), 0x86DD, _ipv6("::")),  # DAD
-        _eth(mac(1), 0x86DD, _na("fe80::1", "fd00::5")),
-        _eth(mac(1), 0x86DD, _na("fe80::1", "fe80::1")),
-        _eth(mac(1), 0x88B5, bytes(46)),  # not IP
-    ]
-    refused = [
-        _eth(mac(1), 0x0800, _ipv4("10.0.0.6")),
-        _eth(mac(1), 0x0800, _ipv4("10.0.0.6"), vlan=100),
-        _eth(mac(1), 0x0800, _ipv4("0.0.0.0", sport=1000, dport=67)),
-        _eth(mac(1), 0x0800, _ipv4("0.0.0.0", proto=6, sport=68, dport=67)),
-        _eth(mac(1), 0x0806, _arp("10.0.0.9")),
-        _eth(mac(1), 0x86DD, _ipv6("fd00::6")),
-        _eth(mac(1), 0x86DD, _ipv6("2001:db8::5")),
-        _eth(mac(1), 0x86DD, _na("fe80::1", "fd00::6")),  # claims b's address
-        _eth(mac(1), 0x86DD, _na("fe80::1", "fd00::5")[:50]),  # cut before its target
-        _eth(mac(1), 0x0800, _ipv4("10.0.0.5")[:12]),  # too short to show its source
-    ]
-    for f in allowed + refused:
-        assert send(a, f)
-        pump(sw)
-    got = drain(b)
-    assert got == allowed
-    assert sw.snapshot().dropped_spoofed == len(refused)
-    assert send(b, _eth(mac(2), 0x0800, _ipv4("10.0.0.6")))  # b is not guarded
-    pump(sw)
-    assert len(drain(a)) == 1
-    sw.set_ips("a", None)
-    assert send(a, refused[0])
-    pump(sw)
-    assert drain(b) == [refused[0]]
-    with pytest.raises(UsageError, match="IPv4 or IPv6"):
-        sw.set_ips("a", [b"\x01\x02"])
-
-
 def _ipv6_ext(src: str, proto: int, body: bytes, exts: Sequence[tuple[int, bytes]] = ()) -> bytes:
     """An IPv6 packet from ``src`` carrying ``body`` of protocol ``proto``
     behind the extension headers ``exts``, each (its type, its bytes after
@@ -635,6 +581,63 @@ _LATER_FRAGMENT = (44, struct.pack("!BHI", 0, 0x00B8, 7))  # offset 23 (x 8 byte
 
 def _icmp6(kind: int, target: str = "::") -> bytes:
     return struct.pack("!BBHI16s", kind, 0, 0, 0x20000000, _ip(target))
+
+
+def test_ip_source_guard(sw: Switch) -> None:
+    """a may send IPv4/ARP only from 10.0.0.5 and IPv6 (and neighbour
+    advertisements for) only fd00::5 or a link-local address; the unspecified
+    address only where DHCP, ARP probes and DAD need it; tagged frames are
+    checked the same; other EtherTypes and an unguarded VM pass; everything
+    else is dropped as spoofed."""
+    a, b = (sw.open_queue(v, 0) for v in "ab")
+    sw.set_vlans("a", [0, 100])
+    sw.set_vlans("b", [0, 100])
+    sw.set_ips(
+        "a", [ipaddress.ip_address("10.0.0.5").packed, ipaddress.ip_address("fd00::5").packed]
+    )
+    allowed = [
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.5")),
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.5"), vlan=100),
+        _eth(mac(1), 0x0800, _ipv4("0.0.0.0", sport=68, dport=67)),  # DHCP discover
+        _eth(mac(1), 0x0806, _arp("10.0.0.5")),
+        _eth(mac(1), 0x0806, _arp("0.0.0.0")),  # ARP probe
+        _eth(mac(1), 0x86DD, _ipv6("fd00::5")),
+        _eth(mac(1), 0x86DD, _ipv6("fe80::5054:ff:fe00:1")),
+        _eth(mac(1), 0x86DD, _ipv6_ext("::", 58, _icmp6(135, "fd00::5"))),  # DAD
+        _eth(mac(1), 0x86DD, _ipv6_ext("::", 58, _icmp6(143), [_HOP_BY_HOP])),  # MLDv2 report
+        _eth(mac(1), 0x86DD, _na("fe80::1", "fd00::5")),
+        _eth(mac(1), 0x86DD, _na("fe80::1", "fe80::1")),
+        _eth(mac(1), 0x88B5, bytes(46)),  # not IP
+    ]
+    refused = [
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.6")),
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.6"), vlan=100),
+        _eth(mac(1), 0x0800, _ipv4("0.0.0.0", sport=1000, dport=67)),
+        _eth(mac(1), 0x0800, _ipv4("0.0.0.0", proto=6, sport=68, dport=67)),
+        _eth(mac(1), 0x0806, _arp("10.0.0.9")),
+        _eth(mac(1), 0x86DD, _ipv6("fd00::6")),
+        _eth(mac(1), 0x86DD, _ipv6("2001:db8::5")),
+        _eth(mac(1), 0x86DD, _ipv6("::")),  # nothing but ND and MLD comes from ::
+        _eth(mac(1), 0x86DD, _ipv6_ext("::", 58, _icmp6(128))),  # an echo request
+        _eth(mac(1), 0x86DD, _na("fe80::1", "fd00::6")),  # claims b's address
+        _eth(mac(1), 0x86DD, _na("fe80::1", "fd00::5")[:50]),  # cut before its target
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.5")[:12]),  # too short to show its source
+    ]
+    for f in allowed + refused:
+        assert send(a, f)
+        pump(sw)
+    got = drain(b)
+    assert got == allowed
+    assert sw.snapshot().dropped_spoofed == len(refused)
+    assert send(b, _eth(mac(2), 0x0800, _ipv4("10.0.0.6")))  # b is not guarded
+    pump(sw)
+    assert len(drain(a)) == 1
+    sw.set_ips("a", None)
+    assert send(a, refused[0])
+    pump(sw)
+    assert drain(b) == [refused[0]]
+    with pytest.raises(UsageError, match="IPv4 or IPv6"):
+        sw.set_ips("a", [b"\x01\x02"])
 
 
 def test_ip_source_guard_follows_ipv6_extension_headers(sw: Switch) -> None:
@@ -733,6 +736,8 @@ def test_dhcp_and_router_guards(sw: Switch) -> None:
     dhcp_server = [
         _eth(mac(1), 0x0800, _ipv4("10.0.0.5", sport=67, dport=68)),
         _eth(mac(1), 0x0800, _ipv4("10.0.0.5", sport=67, dport=67)),  # relay agent
+        _eth(mac(1), 0x0800, _ipv4("10.0.0.5", sport=1067, dport=68)),  # to a client
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::5", 17, struct.pack("!HHHH", 1547, 546, 8, 0))),
         _eth(mac(1), 0x0800, _ipv4("10.0.0.5", sport=67, dport=68), vlan=100),
         _eth(mac(1), 0x86DD, _ipv6_ext("fe80::5", 17, struct.pack("!HHHH", 547, 546, 8, 0))),
         _eth(

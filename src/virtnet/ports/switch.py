@@ -269,12 +269,18 @@ _ETH_TAGS = frozenset({0x8100, 0x88A8, 0x9100})
 _IPV6_ANY = bytes(16)
 _ICMP, _UDP, _ICMPV6 = 1, 17, 58
 _ND_NA = 136  # ICMPv6 neighbour advertisement
+#: What a host sends from the unspecified address ::, before it has one:
+#: router solicitations (RFC 4861 section 4.1), neighbour solicitations of
+#: duplicate address detection (RFC 4862 section 5.4.2), MLD reports (RFC 2710
+#: section 3, RFC 3810 section 5.2.13).
+_FROM_UNSPECIFIED = frozenset({133, 135, 131, 143})
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _PORTS = struct.Struct("!HH")
 _DHCP_CLIENT, _DHCP_SERVER = 68, 67
-#: Where DHCPv6 servers and relay agents send from (RFC 8415 section 7.2).
-_DHCP6_SERVER = 547
+#: DHCPv6's client and server ports (RFC 8415 section 7.2): servers and relay
+#: agents send from 547, and only they send to 546.
+_DHCP6_CLIENT, _DHCP6_SERVER = 546, 547
 #: What the router guard refuses: ICMP redirect and router advertisement
 #: (RFC 792, RFC 1256); ICMPv6 router advertisement and redirect (RFC 4861).
 _ICMP_ROUTER = frozenset({5, 9})
@@ -295,7 +301,8 @@ class Guard(StrEnum):
     """What a guarded VM may not be (``set_guards``): Hyper-V's DHCP guard
     and router guard, RFC 7610's DHCPv6-Shield and RFC 6105's RA-Guard."""
 
-    #: DHCP (UDP from port 67) and DHCPv6 (from port 547) server and relay messages.
+    #: DHCP and DHCPv6 server and relay messages: UDP from port 67 or 547, or to a
+    #: client's port 68 or 546 (a client may not look at the source port).
     DHCP = "dhcp"
     #: Router advertisements and redirects, ICMP and ICMPv6.
     ROUTER = "router"
@@ -343,15 +350,16 @@ def _ip_source_ok(
     IPv4 source and ARP sender address must be in ``v4``; an IPv6 source in
     ``v6``, unless link-local (fe80::/10, which every IPv6 host makes for
     itself), and so must the target a neighbour advertisement claims, behind
-    whatever extension headers.  The link-local addresses the frame claims
+    whatever extension headers; from the unspecified address only the ICMPv6
+    messages a host sends before it has an address.  The link-local addresses the frame claims
     so are appended to ``link_locals`` (when given), for the caller to hold
     to their first user (:meth:`Switch._claim_link_locals`).  The
     unspecified address is allowed where a host must use it: a DHCP client's
-    UDP 68 -> 67 (RFC 2131), an ARP probe (RFC 5227) and duplicate address
-    detection (RFC 4862).  Other EtherTypes are not IP and pass, except a
-    second VLAN tag, which hides what is inside; a frame too short for its IP
-    or ARP header, or an IPv6 header chain :func:`_ipv6_upper` cannot follow,
-    does not.
+    UDP 68 -> 67 (RFC 2131), an ARP probe (RFC 5227), duplicate address
+    detection (RFC 4862), router solicitations and MLD reports.  Other
+    EtherTypes are not IP and pass, except a second VLAN tag, which hides what
+    is inside; a frame too short for its IP or ARP header, or an IPv6 header
+    chain :func:`_ipv6_upper` cannot follow, does not.
     """
     if n < off + 2:
         return False
@@ -387,6 +395,8 @@ def _ip_source_ok(
         if up is None:
             return False
         nh, u = up
+        if src6 == _IPV6_ANY:
+            return nh == _ICMPV6 and n > u >= 0 and buf[u] in _FROM_UNSPECIFIED
         if nh == _ICMPV6 and n > u >= 0 and buf[u] == _ND_NA:
             # A neighbour advertisement claims its target address (RFC 4861
             # section 4.4): IPv6's ARP reply, so held to the same addresses.
@@ -431,7 +441,11 @@ def _guards_ok(buf: bytearray, n: int, off: int, guards: int) -> bool:
             if not guards & _GUARD_DHCP:
                 return True
             u = p + (buf[p] & 0x0F) * 4
-            return n >= u + 4 and (buf[u] << 8 | buf[u + 1]) != _DHCP_SERVER
+            return (
+                n >= u + 4
+                and (buf[u] << 8 | buf[u + 1]) != _DHCP_SERVER
+                and (buf[u + 2] << 8 | buf[u + 3]) != _DHCP_CLIENT
+            )
         if proto == _ICMP and guards & _GUARD_ROUTER:
             u = p + (buf[p] & 0x0F) * 4
             return n > u and buf[u] not in _ICMP_ROUTER
@@ -446,7 +460,11 @@ def _guards_ok(buf: bytearray, n: int, off: int, guards: int) -> bool:
         if u == _NOT_FIRST:
             return True
         if proto == _UDP and guards & _GUARD_DHCP:
-            return n >= u + 4 and (buf[u] << 8 | buf[u + 1]) != _DHCP6_SERVER
+            return (
+                n >= u + 4
+                and (buf[u] << 8 | buf[u + 1]) != _DHCP6_SERVER
+                and (buf[u + 2] << 8 | buf[u + 3]) != _DHCP6_CLIENT
+            )
         if proto == _ICMPV6 and guards & _GUARD_ROUTER:
             return n > u and buf[u] not in _ICMPV6_ROUTER
         return True
