@@ -174,6 +174,7 @@ _SWITCH = {
     "dropped_no_queue": 0,
     "mac_evictions": 0,
     "flow_evictions": 2,
+    "macs_unlearnt": 7,
     "control_errors": 0,
     "uplinks": [{"name": "up0", "dropped": {"to_guest": 4, "from_guest": 0}}],
     "restarts": 1,
@@ -199,6 +200,7 @@ def test_the_drops_no_worker_sees_tap_and_switch() -> None:
     assert got[("virtnet_switch_dropped_total", (("reason", "full"),))] == 3
     assert got[("virtnet_switch_dropped_total", (("reason", "bad_frame"),))] == 1
     assert got[("virtnet_switch_evictions_total", (("table", "flow"),))] == 2
+    assert got[("virtnet_switch_macs_unlearnt_total", ())] == 7
     assert got[("virtnet_switch_restarts_total", ())] == 1
     # A switch that did not answer: down, and none of its counters but restarts.
     doc["switch"] = {
@@ -248,7 +250,7 @@ def test_stats_table_shows_tap_and_switch_drops() -> None:
     text = " ".join(console.export_text().split())
     assert "tap vn0: the kernel dropped 31337 frames to the guest, 2 from it" in text
     assert "tap vn1: not found in this network namespace" in text
-    assert "drop full" in text and "flow evictions 2" in text
+    assert "drop full" in text and "flow evictions 2" in text and "macs unlearnt 7" in text
     assert "tap up0: the kernel dropped 4 frames to the guest" in text
 
 

@@ -285,6 +285,49 @@ def test_bounded_tables(sw: Switch, monkeypatch: pytest.MonkeyPatch) -> None:
     assert st.mac_evictions == 12 and st.flow_evictions == 12
 
 
+def test_no_vm_can_flush_the_mac_table(
+    sw: Switch, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MAC flooding: a guest spraying source MACs teaches the table at most
+    MACS_PER_VM of them, so b's entry stays and c's unicast to b is not
+    flooded to the sprayer; the rest are counted; a MAC that moves to
+    another VM, and entries that age out, leave room to learn again."""
+    monkeypatch.setattr(sw_mod, "MAC_TABLE_SIZE", 8)
+    monkeypatch.setattr(sw_mod, "MACS_PER_VM", 4)
+    a, b, c = (sw.open_queue(v, 0) for v in "abc")
+    assert send(b, frame(BCAST, mac(2)))
+    for i in range(20):
+        assert send(a, frame(BCAST, mac(100 + i), sport=i))
+        pump(sw)
+    for q in (a, b, c):
+        drain(q)
+    assert sw.mac_table_len() == 5
+    st = sw.snapshot()
+    assert st.macs_unlearnt == 16 and st.mac_evictions == 0
+    to_b = frame(mac(2), mac(3))
+    assert send(c, to_b)
+    pump(sw)
+    assert drain(b) == [to_b] and drain(a) == []
+    assert send(c, frame(BCAST, mac(100)))  # one of a's MACs moves to c
+    pump(sw)
+    for q in (a, b, c):
+        drain(q)
+    assert send(a, frame(BCAST, mac(150)))
+    pump(sw)
+    for q in (b, c):
+        drain(q)
+    to_a = frame(mac(150), mac(3))
+    assert send(c, to_a)
+    pump(sw)
+    assert drain(a) == [to_a] and drain(b) == []  # a learnt mac(150): not flooded
+    clock.t += sw_mod.MAC_AGING_S + 1
+    pump(sw)
+    assert sw.mac_table_len() == 0
+    assert send(a, frame(BCAST, mac(151)))
+    pump(sw)
+    assert sw.snapshot().macs_unlearnt == 16
+
+
 def test_full_queue_counts_drops(sw: Switch) -> None:
     a, b = sw.open_queue("a", 0), sw.open_queue("b", 0)
     f = frame(BCAST, mac(1), payload=bytes(1400))

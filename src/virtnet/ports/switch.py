@@ -12,7 +12,9 @@ Invariants:
 
 * Learning: the source MAC of every good frame is learnt as (VLAN, MAC) -> VM.
   The MAC table holds at most :data:`MAC_TABLE_SIZE` entries (least recently
-  seen evicted first) and forgets an entry after :data:`MAC_AGING_S`.
+  seen evicted first) and forgets an entry after :data:`MAC_AGING_S`; at most
+  :data:`MACS_PER_VM` of them point to one VM (its further MACs are not learnt
+  and counted, ``macs_unlearnt``), so that no VM can flush the others' out.
 * VLANs (802.1Q, TPID 0x8100): an untagged frame is on VLAN 0 (native); a
   frame tagged X is on VLAN X.  A VM is a member of a set of VLANs (default
   ``{0}``); a frame from a VM on a VLAN it is not a member of is dropped, and a
@@ -106,6 +108,7 @@ __all__ = [
     "LL_AGING_S",
     "LL_PER_VM",
     "LL_TABLE_SIZE",
+    "MACS_PER_VM",
     "MAC_AGING_S",
     "MAC_TABLE_SIZE",
     "MAX_IPV6_EXT_HEADERS",
@@ -124,7 +127,13 @@ __all__ = [
 
 # Learnt (VLAN, MAC) -> VM entries (an 802.1D filtering database; bounded so a
 # guest spraying source MACs cannot grow it).
-MAC_TABLE_SIZE = 4096
+MAC_TABLE_SIZE = 16384
+# Source MACs one VM may teach the table (Linux's bridge has the same per-port
+# limit since 6.7, "max_learned"; switches call it port security's maximum):
+# past it, a VM's new MACs are not learnt -- frames to them are flooded -- so a
+# guest spraying source MACs cannot push the other VMs' out of the table and
+# have their traffic flooded to it (MAC flooding).
+MACS_PER_VM = 256
 # 802.1D-2004 section 7.9.2 recommends an ageing time of 300 s.
 MAC_AGING_S = 300.0
 # Link-local IPv6 addresses, per VLAN, bound to the member that used one first
@@ -232,6 +241,7 @@ class SwitchStats:
     dropped_rate: int = 0  # source VM over its rate (set_rate)
     dropped_guard: int = 0  # a DHCP server or router message from a guarded VM (set_guards)
     mac_evictions: int = 0
+    macs_unlearnt: int = 0  # new source MACs of a VM that has taught MACS_PER_VM
     flow_evictions: int = 0
     control_errors: int = 0
     ports: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -478,8 +488,9 @@ def _link_local(addr: bytes) -> bool:
 
 class _Vm:
     __slots__ = (
-        "active", "burst", "guard_bits", "guards", "id", "ips", "ips4", "ips6", "link_locals",
-        "macs", "ports", "rate", "rx_offloads", "rx_ports", "stamp", "steering", "tokens", "vlans",
+        "active", "burst", "guard_bits", "guards", "id", "ips", "ips4", "ips6", "learnt",
+        "link_locals", "macs", "ports", "rate", "rx_offloads", "rx_ports", "stamp", "steering",
+        "tokens", "vlans",
     )  # fmt: skip
 
     def __init__(self, vm_id: str) -> None:
@@ -492,6 +503,7 @@ class _Vm:
         self.guards: frozenset[Guard] = frozenset()  # what it may not send (set_guards)
         self.guard_bits = 0  # the same as _GUARD_* bits
         self.link_locals: set[tuple[int, bytes]] = set()  # (VLAN, address) bound to it
+        self.learnt = 0  # MAC table entries that point to it
         # Policing of what the VM sends (set_rate): a token bucket in bytes.
         self.rate = 0.0  # bytes per second; 0: not policed
         self.burst = 0.0
@@ -655,7 +667,7 @@ class Switch:
         for k in [k for k, (v, _t) in self._macs.items()
                   if (k[1] in self._locked and self._locked[k[1]] is not v)
                   or (v.macs is not None and k[1] not in v.macs)]:  # fmt: skip
-            del self._macs[k]
+            self._macs.pop(k)[0].learnt -= 1
 
     def set_ips(self, vm_id: str, ips: Iterable[bytes] | None) -> None:
         """Lock the VM to these source IP addresses (4-byte IPv4, 16-byte IPv6;
@@ -900,11 +912,12 @@ class Switch:
             return
         macs = self._macs
         key = (vlan, smac)
-        macs[key] = (svm, now)
-        macs.move_to_end(key)
-        if len(macs) > MAC_TABLE_SIZE:
-            macs.popitem(last=False)
-            stats.mac_evictions += 1
+        had = macs.get(key)
+        if had is not None and had[0] is svm:
+            macs[key] = (svm, now)
+            macs.move_to_end(key)
+        else:
+            self._learn(svm, key, had, now)
         view = self._view[:n]
         fid = flow_id(view)
         if svm.steering is not None:
@@ -981,6 +994,25 @@ class Switch:
         port.tx_packets += 1
         port.tx_bytes += len(view) - VNET_HDR_LEN
 
+    def _learn(
+        self, vm: _Vm, key: tuple[int, bytes], ent: tuple[_Vm, float] | None, now: float
+    ) -> None:
+        """Learn that (VLAN, MAC) ``key`` is behind ``vm`` (``ent``: where the
+        table had it), unless ``vm`` already taught the table MACS_PER_VM MACs."""
+        if vm.learnt >= MACS_PER_VM:
+            self.stats.macs_unlearnt += 1
+            return
+        macs = self._macs
+        if ent is not None:
+            ent[0].learnt -= 1  # the MAC moved
+            del macs[key]
+        macs[key] = (vm, now)
+        vm.learnt += 1
+        if len(macs) > MAC_TABLE_SIZE:
+            _k, (owner, _t) = macs.popitem(last=False)
+            owner.learnt -= 1
+            self.stats.mac_evictions += 1
+
     def _claim_link_locals(self, vm: _Vm, vlan: int, addrs: list[bytes], now: float) -> bool:
         """First come, first served (RFC 6620) for a guarded VM: whether
         ``vm`` may use the link-local ``addrs`` on ``vlan``; each is then bound
@@ -1025,10 +1057,11 @@ class Switch:
         self._next_sweep = now + SWEEP_INTERVAL_S
         macs = self._macs
         while macs:
-            k, (_vm, t) = next(iter(macs.items()))
+            k, (owner, t) = next(iter(macs.items()))
             if now - t <= MAC_AGING_S:
                 break
             del macs[k]
+            owner.learnt -= 1
         flows = self._flows
         while flows:
             fk, (_p, t) = next(iter(flows.items()))

@@ -27,6 +27,7 @@ Metrics (labels ``vm`` -- the socket's name -- and ``pair``):
   (``reason``: full, unknown_vm, bad_frame, vlan, spoofed, offload, no_queue,
   rate, guard),
   ``virtnet_switch_evictions_total`` (``table`` mac/flow),
+  ``virtnet_switch_macs_unlearnt_total``,
   ``virtnet_switch_control_errors_total`` and ``virtnet_switch_restarts_total``
   (the other switch counters start from zero after a restart).
 
@@ -255,6 +256,11 @@ def _switch_families(sw: Any, taps: CounterMetricFamily) -> list[Metric]:
     )
     evictions.add_metric(["mac"], _count(sw, "mac_evictions"))
     evictions.add_metric(["flow"], _count(sw, "flow_evictions"))
+    unlearnt = CounterMetricFamily(
+        "virtnet_switch_macs_unlearnt",
+        "Source MACs not learnt: their VM already taught the table its share.",
+    )
+    unlearnt.add_metric([], _count(sw, "macs_unlearnt"))
     ctl = CounterMetricFamily(
         "virtnet_switch_control_errors", "Bad control messages the switch refused."
     )
@@ -264,7 +270,7 @@ def _switch_families(sw: Any, taps: CounterMetricFamily) -> list[Metric]:
         raise SnapshotError("switch 'uplinks' is not a list")
     for tap in uplinks:
         _add_tap(taps, "uplink", tap)
-    return [up, restarts, frames, flooded, filtered, dropped, evictions, ctl]
+    return [up, restarts, frames, flooded, filtered, dropped, evictions, unlearnt, ctl]
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -189,7 +189,13 @@ def _switch_table(sw: dict[str, Any]) -> Any:
         return Table(title=f"switch: {sw['error']}")
     notes = [
         f"{key.replace('_', ' ')} {sw[key]}"
-        for key in ("restarts", "mac_evictions", "flow_evictions", "control_errors")
+        for key in (
+            "restarts",
+            "mac_evictions",
+            "flow_evictions",
+            "macs_unlearnt",
+            "control_errors",
+        )
         if sw.get(key)
     ]
     notes += [tap_drops_text(up) for up in sw.get("uplinks") or []]
