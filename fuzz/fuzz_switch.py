@@ -1,0 +1,194 @@
+"""Fuzz target: the switch's forwarding path under frames from hostile guests.
+
+Three VMs (a, b, c) join an in-process :class:`~virtnet.ports.switch.Switch`;
+the input's first byte picks what is checked on b and c (MAC lock, IP source
+guard, DHCP and router guards, VLANs, a rate), then comes a list of frames,
+each ``who u8`` (the sending VM, and how far the clock moves first) + ``len
+u8`` + that many bytes (the 12-byte virtio-net header and the frame; a length
+of 255 takes the rest of the input).  The tables are made small (8 MACs, 3 per
+VM, 6 link-local bindings, 2 per VM) so that eviction, ageing and the per-VM
+limits are reached.
+
+Checks (anything else is a failure): nothing raises; every frame written is
+counted in; what the VMs receive is what the switch counts out; each MAC
+table entry is counted to the VM it points to, and no VM has more than its
+share; each link-local binding is in its owner's set and back.
+
+Run with atheris: ``python fuzz/fuzz_switch.py fuzz/corpus/switch -max_total_time=60``.
+Replay the corpus without atheris (CI): ``python fuzz/fuzz_switch.py --corpus-only
+fuzz/corpus/switch``.  ``--make-corpus DIR`` writes the seed files.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+import sys
+from collections import Counter
+from collections.abc import Iterator
+
+from virtnet.ports import VNET_HDR_LEN, SocketQueue
+from virtnet.ports import switch as sw_mod
+from virtnet.ports.base import MAX_FRAME_LEN
+from virtnet.ports.switch import Switch
+
+sw_mod.MAC_TABLE_SIZE = 8
+sw_mod.MACS_PER_VM = 3
+sw_mod.LL_TABLE_SIZE = 6
+sw_mod.LL_PER_VM = 2
+
+_REST = 255
+_VMS = "abc"
+MACS = {v: bytes.fromhex(f"5254000000{i + 1:02x}") for i, v in enumerate(_VMS)}
+_IPS = {
+    "b": [ipaddress.ip_address(a).packed for a in ("10.0.0.2", "fd00::2")],
+    "c": [ipaddress.ip_address(a).packed for a in ("10.0.0.3", "fd00::3")],
+}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _records(body: bytes) -> Iterator[tuple[int, bytes]]:
+    i = 0
+    while i + 1 < len(body):
+        who, n = body[i], body[i + 1]
+        i += 2
+        if n == _REST:
+            yield who, body[i:]
+            return
+        yield who, body[i : i + n]
+        i += n
+
+
+def _configure(sw: Switch, bits: int) -> None:
+    if bits & 0x20:
+        for v in _VMS:
+            sw.set_vlans(v, [0, 100])
+    if bits & 0x01:
+        sw.set_macs("b", [MACS["b"]])
+    if bits & 0x02:
+        sw.set_ips("b", _IPS["b"])
+    guards = [g for bit, g in ((0x04, "dhcp"), (0x08, "router")) if bits & bit]
+    sw.set_guards("b", guards)
+    if bits & 0x10:
+        sw.set_ips("c", _IPS["c"])
+        sw.set_guards("c", ["dhcp", "router"])
+    if bits & 0x40:
+        sw.set_rate("b", sw_mod.MIN_RATE_BPS)
+
+
+def _drain(q: SocketQueue, buf: memoryview) -> int:
+    got = 0
+    while q.recv_into([buf[:VNET_HDR_LEN], buf[VNET_HDR_LEN:]]):
+        got += 1
+    return got
+
+
+def _check_tables(sw: Switch) -> None:
+    owners = Counter(id(vm) for vm, _t in sw._macs.values())
+    for vm in sw._vms.values():
+        assert vm.learnt == owners[id(vm)], f"{vm.id}: learnt {vm.learnt}, owns {owners[id(vm)]}"
+        assert vm.learnt <= sw_mod.MACS_PER_VM
+        for key in vm.link_locals:
+            assert sw._lls[key][0] is vm, f"{vm.id}: binding {key} not its own"
+    for key, (vm, _t) in sw._lls.items():
+        assert key in vm.link_locals, f"{key} missing from {vm.id}'s set"
+        assert sw._vms.get(vm.id) is vm, f"{key} bound to a removed VM"
+    assert len(sw._macs) <= sw_mod.MAC_TABLE_SIZE
+    assert len(sw._lls) <= sw_mod.LL_TABLE_SIZE
+
+
+def test_one_input(data: bytes) -> None:
+    if not data:
+        return
+    clock = _Clock()
+    sw = Switch(clock=clock)
+    queues = {v: sw.open_queue(v, 0) for v in _VMS}
+    buf = memoryview(bytearray(VNET_HDR_LEN + MAX_FRAME_LEN + 64))
+    try:
+        _configure(sw, data[0])
+        sent = received = 0
+        for who, frame in _records(data[1:]):
+            clock.t += (who >> 2) * 7.0
+            if not frame:
+                continue
+            # A write shorter than the header still reaches the switch (which
+            # counts and drops it); the sender counts it a drop too.
+            ok = queues[_VMS[who % 3]].send([memoryview(bytearray(frame))])
+            assert ok == (len(frame) >= VNET_HDR_LEN)
+            sent += 1
+            while sw.poll_once(0):
+                pass
+            received += sum(_drain(q, buf) for q in queues.values())
+            _check_tables(sw)
+        stats = sw.snapshot()
+        assert stats.frames_in == sent, (stats.frames_in, sent)
+        assert stats.frames_out == received, (stats.frames_out, received)
+        sw.remove_vm("a")
+        _check_tables(sw)
+    finally:
+        sw.close()
+        for q in queues.values():
+            q.close()
+
+
+def _eth(src: str, dst: bytes, ethertype: int, body: bytes) -> bytes:
+    return bytes(VNET_HDR_LEN) + dst + MACS[src] + struct.pack("!H", ethertype) + body
+
+
+def _ipv6(src: str, nh: int, payload: bytes) -> bytes:
+    return struct.pack("!IHBB16s16s", 0x60000000, len(payload), nh, 255,
+                       ipaddress.ip_address(src).packed,
+                       ipaddress.ip_address("ff02::1").packed) + payload  # fmt: skip
+
+
+def _ipv4(src: str, proto: int, sport: int, dport: int) -> bytes:
+    return struct.pack("!BBHHHBBH4s4sHHHH", 0x45, 0, 28, 0, 0, 64, proto, 0,
+                       ipaddress.ip_address(src).packed, b"\xff" * 4,
+                       sport, dport, 8, 0)  # fmt: skip
+
+
+def _rec(who: int, frame: bytes) -> bytes:
+    return bytes([who, len(frame)]) + frame if len(frame) < _REST else bytes([who, _REST]) + frame
+
+
+def _seeds() -> dict[str, bytes]:
+    bcast = b"\xff" * 6
+    na = struct.pack("!BBHI16s", 136, 0, 0, 0x20000000, ipaddress.ip_address("fe80::a").packed)
+    ra = struct.pack("!BBHI", 134, 0, 0, 0) + bytes(8)
+    dest_opts = bytes([58, 0, 1, 4]) + bytes(4)
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, MACS["b"],
+                      bytes([10, 0, 0, 3]), bytes(6), bytes([10, 0, 0, 1]))  # fmt: skip
+    spray = b"".join(
+        _rec(
+            1, bytes(VNET_HDR_LEN) + bcast + bytes([0x52, 0, 0, 0, 9, i]) + b"\x88\xb5" + bytes(46)
+        )
+        for i in range(12)
+    )
+    return {
+        "dhcp_offer": bytes([0x0F])
+        + _rec(1, _eth("b", bcast, 0x0800, _ipv4("10.0.0.2", 17, 67, 68)))
+        + _rec(2, _eth("c", bcast, 0x0800, _ipv4("0.0.0.0", 17, 68, 67))),
+        "ra_behind_dest_opts": bytes([0x0B])
+        + _rec(1, _eth("b", bcast, 0x86DD, _ipv6("fe80::b", 60, dest_opts + ra))),
+        "na_link_local_race": bytes([0x12])
+        + _rec(0, _eth("a", bcast, 0x86DD, _ipv6("fe80::a", 58, na)))
+        + _rec(2, _eth("c", bcast, 0x86DD, _ipv6("fe80::c", 58, na)))
+        + _rec(1 | 0x80, _eth("b", bcast, 0x86DD, _ipv6("fe80::b", 58, na))),
+        "arp_spoof_tagged": bytes([0x23])
+        + _rec(1, _eth("b", bcast, 0x0806, arp))
+        + _rec(1, _eth("b", bcast, 0x8100, struct.pack("!HH", 100, 0x0806) + arp)),
+        "mac_spray": bytes([0x40]) + spray + _rec(2, _eth("c", MACS["a"], 0x0800, bytes(30))),
+    }
+
+
+if __name__ == "__main__":
+    import harness  # fuzz/harness.py: this script's directory is on sys.path
+
+    sys.exit(harness.main("fuzz_switch", test_one_input, _seeds))
