@@ -683,6 +683,51 @@ def test_ip_source_guard(sw: Switch) -> None:
         sw.set_ips("a", [b"\x01\x02"])
 
 
+def _lla(kind: int, addr: bytes) -> bytes:
+    """A source (1) or target (2) link-layer address option."""
+    return bytes([kind, 1]) + addr
+
+
+def test_port_security_looks_inside_arp_and_neighbour_discovery(sw: Switch) -> None:
+    """a, locked to mac(1), may name only mac(1) as an ARP sender and in the
+    link-layer address options of neighbour discovery (behind extension
+    headers too); a malformed option list is refused; other traffic and an
+    unlocked VM pass."""
+    a, b = sw.open_queue("a", 0), sw.open_queue("b", 0)
+    sw.set_macs("a", [mac(1)])
+    other = mac(9)
+    arp_other = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, other, _ip("10.0.0.5"),
+                            bytes(6), _ip("10.0.0.1"))  # fmt: skip
+    na, ns = _icmp6(136, "fe80::1"), _icmp6(135, "fe80::2")
+    rs = struct.pack("!BBHI", 133, 0, 0, 0)
+    allowed = [
+        _eth(mac(1), 0x0806, _arp("10.0.0.5")),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::1", 58, na + _lla(2, mac(1)))),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::1", 58, ns + _lla(1, mac(1)))),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::1", 58, rs)),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::1", 58, ns + bytes([14, 1]) + other)),  # a nonce
+        _eth(mac(1), 0x86DD, _ipv6_ext("fd00::1", 17, struct.pack("!HHHH", 1, 2, 8, 0))),
+    ]
+    refused = [
+        _eth(mac(1), 0x0806, arp_other),
+        _eth(mac(1), 0x0806, _arp("10.0.0.5")[:12]),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::1", 58, na + _lla(2, other))),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::1", 58, ns + _lla(1, other))),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::1", 58, rs + _lla(1, mac(1)) + _lla(1, other))),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::1", 58, na + _lla(2, other), [_DEST_OPTS])),
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::1", 58, na + bytes([2, 0]) + mac(1))),  # length 0
+        _eth(mac(1), 0x86DD, _ipv6_ext("fe80::1", 58, na + _lla(2, mac(1)))[:-2]),  # cut short
+    ]
+    for f in allowed + refused:
+        assert send(a, f)
+        pump(sw)
+    assert drain(b) == allowed
+    assert sw.snapshot().dropped_spoofed == len(refused)
+    assert send(b, _eth(mac(2), 0x0806, arp_other))  # b is not locked
+    pump(sw)
+    assert len(drain(a)) == 1
+
+
 def test_ip_source_guard_follows_ipv6_extension_headers(sw: Switch) -> None:
     """A neighbour advertisement is checked behind hop-by-hop, destination
     options and fragment headers (a guest's stack takes it there too); a

@@ -24,8 +24,10 @@ Invariants:
   dropped and counted (``dropped_spoofed``) before it is learnt, so one guest
   cannot take another's traffic by claiming its MAC.  Unicast to a locked MAC
   goes to its VM (on the VLANs it is a member of) without being learnt first,
-  so it is never flooded to the others.  A VM without locked MACs may use any
-  unicast source MAC it likes (learning bridge).
+  so it is never flooded to the others.  The MAC an ARP packet names as its
+  sender and the link-layer address options of IPv6 neighbour discovery must
+  be the VM's too.  A VM without locked MACs may use any unicast source MAC
+  it likes (learning bridge).
 * IP source guard (``set_ips``): a VM given its IP addresses may send IPv4
   and ARP only from them, and IPv6 (and neighbour advertisements for) only
   them or link-local addresses (the unspecified address where DHCP, ARP
@@ -112,6 +114,7 @@ __all__ = [
     "MAC_AGING_S",
     "MAC_TABLE_SIZE",
     "MAX_IPV6_EXT_HEADERS",
+    "MAX_ND_OPTIONS",
     "MAX_PAIRS_PER_VM",
     "MAX_VMS",
     "Guard",
@@ -426,6 +429,63 @@ def _ip_source_ok(
 #: Guard bits (``_Vm.guard_bits``): an int is tested faster per frame than an enum set.
 _GUARD_DHCP, _GUARD_ROUTER = 1, 2
 _GUARD_BITS = {Guard.DHCP: _GUARD_DHCP, Guard.ROUTER: _GUARD_ROUTER}
+
+
+#: IPv6 neighbour discovery messages that carry link-layer address options, and
+#: where their options start (RFC 4861 section 4): router solicitation and
+#: advertisement, neighbour solicitation and advertisement, redirect.
+_ND_OPTIONS_AT = {133: 8, 134: 16, 135: 24, 136: 24, 137: 40}
+#: Source and target link-layer address options (RFC 4861 section 4.6.1).
+_ND_LLAO = frozenset({1, 2})
+#: Options one ND message may carry before the lock refuses it (each is at
+#: least 8 bytes, so a 1500-byte frame holds fewer than 190).
+MAX_ND_OPTIONS = 64
+
+
+_LLADDR_ET_LOW = frozenset({_ETH_ARP & 0xFF, _ETH_IPV6 & 0xFF})
+
+
+def _lladdr_ok(buf: bytearray, n: int, off: int, macs: frozenset[bytes]) -> bool:
+    """Port security inside the frame: whether the MAC an ARP packet gives as
+    its sender, and the link-layer addresses an IPv6 neighbour discovery
+    message carries in its options, are among ``macs`` (libvirt's
+    ``no-arp-mac-spoofing``, for ND too): else a VM locked to its MAC could
+    have the others send what is meant for its addresses to another's MAC.
+    A frame too short for what it claims to be is refused."""
+    if n < off + 2:
+        return False
+    et = buf[off] << 8 | buf[off + 1]
+    p = off + 2
+    if et == _ETH_ARP:
+        return n >= p + 14 and bytes(buf[p + 8 : p + 14]) in macs
+    if et != _ETH_IPV6 or n < p + 40:
+        return True  # a short IPv6 frame is the IP guard's to refuse
+    nh = buf[p + 6]
+    if nh != _ICMPV6 and nh not in _IPV6_OPTS and nh not in (_IPV6_FRAGMENT, _IPV6_AH):
+        return True  # TCP, UDP and the like: no ND, and no header walk
+    up = _ipv6_upper(buf, n, p)
+    if up is None:
+        return False
+    nh, u = up
+    if nh != _ICMPV6 or u < 0 or n <= u:
+        return True
+    at = _ND_OPTIONS_AT.get(buf[u])
+    if at is None:
+        return True
+    end = p + 40 + (buf[p + 4] << 8 | buf[p + 5])  # the payload length, not the frame's
+    if end > n:
+        return False
+    q = u + at
+    for _ in range(MAX_ND_OPTIONS):
+        if q + 2 > end:
+            return q >= end
+        size = buf[q + 1] * 8
+        if not size or q + size > end:
+            return False  # a zero-length option is invalid (RFC 4861 section 4.6)
+        if buf[q] in _ND_LLAO and (size < 8 or bytes(buf[q + 2 : q + 8]) not in macs):
+            return False
+        q += size
+    return False
 
 
 def _guards_ok(buf: bytearray, n: int, off: int, guards: int) -> bool:
@@ -881,7 +941,16 @@ class Switch:
         if self._locked:
             owner = self._locked.get(smac)
             if (owner is not None and owner is not svm) or (
-                svm.macs is not None and smac not in svm.macs
+                svm.macs is not None
+                and (
+                    smac not in svm.macs
+                    # ARP (0x0806) and IPv6 (0x86DD) name MACs inside: a look at
+                    # the EtherType's low byte spares every other frame a call.
+                    or (
+                        buf[et_off + 1] in _LLADDR_ET_LOW
+                        and not _lladdr_ok(buf, n, et_off, svm.macs)
+                    )
+                )
             ):
                 stats.dropped_spoofed += 1
                 src.rx_dropped += 1
