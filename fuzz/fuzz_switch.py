@@ -2,17 +2,18 @@
 
 Three VMs (a, b, c) join an in-process :class:`~virtnet.ports.switch.Switch`;
 the input's first byte picks what is checked on b and c (MAC lock, IP source
-guard, DHCP and router guards, VLANs, a rate), then comes a list of frames,
-each ``who u8`` (the sending VM, and how far the clock moves first) + ``len
-u8`` + that many bytes (the 12-byte virtio-net header and the frame; a length
-of 255 takes the rest of the input).  The tables are made small (8 MACs, 3 per
-VM, 6 link-local bindings, 2 per VM) so that eviction, ageing and the per-VM
-limits are reached.
+guard with or without DHCP snooping, DHCP and router guards, VLANs, a rate),
+then comes a list of frames, each ``who u8`` (the sending VM, and how far the
+clock moves first) + ``len u8`` + that many bytes (the 12-byte virtio-net
+header and the frame; a length of 255 takes the rest of the input).  The tables
+are made small (8 MACs, 3 per VM, 6 link-local bindings, 2 per VM) so that
+eviction, ageing and the per-VM limits are reached.
 
 Checks (anything else is a failure): nothing raises; every frame written is
 counted in; what the VMs receive is what the switch counts out; each MAC
 table entry is counted to the VM it points to, and no VM has more than its
-share; each link-local binding is in its owner's set and back.
+share; each link-local binding is in its owner's set and back; a VM's
+leases are among its addresses, and only a learning VM has any.
 
 Run with atheris: ``python fuzz/fuzz_switch.py fuzz/corpus/switch -max_total_time=60``.
 Replay the corpus without atheris (CI): ``python fuzz/fuzz_switch.py --corpus-only
@@ -73,7 +74,7 @@ def _configure(sw: Switch, bits: int) -> None:
     if bits & 0x01:
         sw.set_macs("b", [MACS["b"]])
     if bits & 0x02:
-        sw.set_ips("b", _IPS["b"])
+        sw.set_ips("b", _IPS["b"] + ([sw_mod.DHCP_LEARNING] if bits & 0x80 else []))
     guards = [g for bit, g in ((0x04, "dhcp"), (0x08, "router")) if bits & bit]
     sw.set_guards("b", guards)
     if bits & 0x10:
@@ -100,6 +101,9 @@ def _check_tables(sw: Switch) -> None:
     for key, (vm, _t) in sw._lls.items():
         assert key in vm.link_locals, f"{key} missing from {vm.id}'s set"
         assert sw._vms.get(vm.id) is vm, f"{key} bound to a removed VM"
+    for vm in sw._vms.values():
+        assert len(vm.leases) <= sw_mod.LEASES_PER_VM
+        assert vm.ips4 >= vm.leases.keys() and (vm.dhcp or not vm.leases)
     assert len(sw._macs) <= sw_mod.MAC_TABLE_SIZE
     assert len(sw._lls) <= sw_mod.LL_TABLE_SIZE
 
@@ -154,6 +158,16 @@ def _ipv4(src: str, proto: int, sport: int, dport: int) -> bytes:
                        sport, dport, 8, 0)  # fmt: skip
 
 
+def _dhcp_ack(client: bytes, addr: str, lease: int) -> bytes:
+    bootp = struct.pack("!BBBBIHHIIII16s64s128sI", 2, 1, 6, 0, 1, 0, 0, 0,
+                        int(ipaddress.ip_address(addr)), 0, 0, client.ljust(16, b"\0"), b"", b"",
+                        0x63825363)  # fmt: skip
+    opts = bytes([53, 1, 5, 51, 4]) + struct.pack("!I", lease) + bytes([255])
+    udp = struct.pack("!HHHH", 67, 68, 8 + len(bootp) + len(opts), 0) + bootp + opts
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                       bytes([10, 0, 0, 1]), b"\xff" * 4) + udp  # fmt: skip
+
+
 def _rec(who: int, frame: bytes) -> bytes:
     return bytes([who, len(frame)]) + frame if len(frame) < _REST else bytes([who, _REST]) + frame
 
@@ -185,6 +199,10 @@ def _seeds() -> dict[str, bytes]:
         + _rec(1, _eth("b", bcast, 0x0806, arp))
         + _rec(1, _eth("b", bcast, 0x8100, struct.pack("!HH", 100, 0x0806) + arp)),
         "mac_spray": bytes([0x40]) + spray + _rec(2, _eth("c", MACS["a"], 0x0800, bytes(30))),
+        "dhcp_snooping": bytes([0x83])
+        + _rec(0, _eth("a", bcast, 0x0800, _dhcp_ack(MACS["b"], "10.0.0.9", 60)))
+        + _rec(1, _eth("b", bcast, 0x0800, _ipv4("10.0.0.9", 17, 1, 2)))
+        + _rec(0x80 | 1, _eth("b", bcast, 0x0800, _ipv4("10.0.0.9", 17, 1, 2))),
     }
 
 

@@ -810,6 +810,101 @@ def test_link_local_addresses_go_to_their_first_user(sw: Switch, clock: Clock) -
     assert passes("a", _ipv6("fe80::a:0"))  # one it holds
 
 
+def _dhcp(kind: int, client: bytes, addr: str, lease: int, *, src: str = "10.0.0.1") -> bytes:
+    """A DHCP message of type ``kind`` (5: ACK) from a server to ``client``,
+    leasing ``addr`` for ``lease`` seconds, as IPv4/UDP 67 -> 68."""
+    bootp = struct.pack(
+        "!BBBBIHHIIII16s64s128sI",
+        2,
+        1,
+        6,
+        0,
+        0x1234,
+        0,
+        0,
+        0,
+        int(ipaddress.ip_address(addr)),
+        0,
+        0,
+        client.ljust(16, b"\0"),
+        b"",
+        b"",
+        0x63825363,
+    )
+    opts = bytes([53, 1, kind, 51, 4]) + struct.pack("!I", lease) + bytes([255])
+    udp = struct.pack("!HHHH", 67, 68, 8 + len(bootp) + len(opts), 0) + bootp + opts
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, _ip(src),
+                     b"\xff" * 4)  # fmt: skip
+    return ip + udp
+
+
+def test_dhcp_snooping_lets_a_vm_send_from_its_lease(sw: Switch, clock: Clock) -> None:
+    """``set_ips(vm, [DHCP_LEARNING])``: b may send from an IPv4 address only
+    once a trusted server (r: neither IP-guarded nor DHCP-guarded) acked it
+    to b's MAC, and only until the lease ends; acks from an IP-guarded VM,
+    from b itself, of another type, or for an address another VM holds do
+    not count; a VM holds at most LEASES_PER_VM leases."""
+    b, c, r = (sw.open_queue(v, 0) for v in "bcr")
+    sw.set_macs("b", [mac(2)])
+    sw.set_ips("b", [sw_mod.DHCP_LEARNING, _ip("fd00::2")])
+    sw.set_ips("c", [_ip("10.0.0.7")])
+
+    def b_sends_from(addr: str) -> bool:
+        before = sw.snapshot().dropped_spoofed
+        assert send(b, _eth(mac(2), 0x0800, _ipv4(addr)))
+        pump(sw)
+        for q in (b, c, r):
+            drain(q)
+        return sw.snapshot().dropped_spoofed == before
+
+    def ack(q: SocketQueue, src: bytes, addr: str, lease: int = 100, kind: int = 5) -> None:
+        assert send(q, _eth(src, 0x0800, _dhcp(kind, mac(2), addr, lease)))
+        pump(sw)
+        for q2 in (b, c, r):
+            drain(q2)
+
+    assert b_sends_from("0.0.0.0") is False  # not a DHCP client's 68 -> 67
+    assert not b_sends_from("10.0.0.50")
+    ack(c, mac(3), "10.0.0.50")  # c is held to its addresses: not trusted
+    ack(r, mac(4), "10.0.0.50", kind=2)  # an offer, not an ack
+    assert not b_sends_from("10.0.0.50")
+    ack(r, mac(4), "10.0.0.50")
+    assert b_sends_from("10.0.0.50") and not b_sends_from("10.0.0.51")
+    assert sw.snapshot().leases_learnt == 1
+    ack(r, mac(4), "10.0.0.7")  # c's address
+    assert sw.snapshot().leases_refused == 1 and not b_sends_from("10.0.0.7")
+    clock.t += 101
+    pump(sw)
+    assert not b_sends_from("10.0.0.50")  # the lease ended
+    ack(r, mac(4), "10.0.0.60", lease=0xFFFFFFFF)
+    clock.t += sw_mod.LEASE_MAX_S - 1
+    pump(sw)
+    assert b_sends_from("10.0.0.60")
+    clock.t += 2
+    pump(sw)
+    assert not b_sends_from("10.0.0.60")  # "infinite" leases end too
+    for i in range(sw_mod.LEASES_PER_VM + 1):
+        ack(r, mac(4), f"10.0.1.{i + 1}")
+    assert sw.snapshot().leases_refused == 2
+    assert b_sends_from("10.0.1.1") and not b_sends_from(f"10.0.1.{sw_mod.LEASES_PER_VM + 1}")
+    sw.set_ips("b", [_ip("fd00::2")])  # no more learning: the leases go
+    assert not b_sends_from("10.0.1.1")
+
+
+@given(st.binary(max_size=400), st.integers(0, 420))
+@settings(max_examples=300, deadline=None)
+def test_dhcp_ack_takes_any_bytes(data: bytes, n: int) -> None:
+    """Whatever a server sends, ``dhcp_ack`` answers None or a lease within the frame."""
+    buf = bytearray(2048)
+    buf[: len(data)] = data
+    got = sw_mod.dhcp_ack(buf, min(n, len(data)), 0)
+    assert got is None or (len(got[0]) == 6 and 0 < got[1] < 0xE0000000 and got[2] >= 0)
+    good = _dhcp(5, mac(2), "10.0.0.9", 60)[20:]
+    buf[: len(good)] = good
+    assert sw_mod.dhcp_ack(buf, len(good), 0) == (mac(2), 0x0A000009, 60)
+    assert sw_mod.dhcp_ack(buf, len(good) - 10, 0) is None
+
+
 def test_dhcp_and_router_guards(sw: Switch) -> None:
     """``set_guards``: a VM with the DHCP guard may not send DHCP (from UDP
     67) or DHCPv6 (from 547) server messages, one with the router guard no

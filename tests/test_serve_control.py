@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtnet.errors import ProtocolError
-from virtnet.ports.switch import Guard
+from virtnet.ports.switch import DHCP_LEARNING, Guard
 from virtnet.testing.guest import wait_for
 from virtnet.testing.netns import NetNS
 from virtnet.testing.procs import stop_process
@@ -58,6 +58,9 @@ def test_parse_request() -> None:
         "b", ips=frozenset({bytes([10, 0, 0, 5]), bytes.fromhex("fd00" + "00" * 13 + "05")})
     )
     assert parse_request(b'{"op": "set", "name": "b", "ips": null}') == SetVm("b", unlock_ips=True)
+    assert parse_request(b'{"op": "set", "name": "b", "ips": ["dhcp"]}') == SetVm(
+        "b", ips=frozenset({DHCP_LEARNING})
+    )
     assert parse_request(b'{"op": "set", "name": "b", "rate": 100000000}') == SetVm(
         "b", rate=100_000_000
     )

@@ -64,7 +64,7 @@ def pair(
             [sys.executable, "-m", "virtnet.cli", "-v", "serve", "--socket", str(a),
              "--socket", str(b), "--port", "switch", "--queues", str(QUEUES),
              "--vlans", f"0,{VLAN}", "--mac", f"a.sock={MAC_A}", "--mac", f"b.sock={MAC_B}",
-             "--ip", f"a.sock={_ips(2)}", "--ip", f"b.sock={_ips(3)}",
+             "--ip", f"a.sock={_ips(2)}", "--ip", f"b.sock={_ips(3)},dhcp",
              "--guard", "a.sock=dhcp,router",
              "--stats-socket", str(stats), "--control-socket", str(_control(stats))],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -282,7 +282,7 @@ def test_a_guest_cannot_send_from_an_ip_not_its_own(pair: tuple[Guest, Guest, Pa
         assert gb.ping(IP_A, count=1)
     finally:
         gb.run("ip addr del 10.77.1.9/24 dev eth0")
-    assert fetch(str(stats))["vms"][1]["ips"] == _ips(3).split(",")
+    assert fetch(str(stats))["vms"][1]["ips"] == [*_ips(3).split(","), "dhcp"]
 
 
 def test_a_guest_cannot_take_anothers_link_local_address(pair: tuple[Guest, Guest, Path]) -> None:
@@ -365,3 +365,31 @@ def test_a_guarded_guest_cannot_be_a_dhcp_server(pair: tuple[Guest, Guest, Path]
         assert fetch(str(stats))["vms"][0]["guards"] == ["dhcp", "router"]
     finally:
         ga.run("killall udhcpd", check=False)
+
+
+def test_a_guest_may_send_from_the_address_dhcp_leased_it(pair: tuple[Guest, Guest, Path]) -> None:
+    """``--ip b.sock=...,dhcp``: once A is a trusted DHCP server (``virtnet
+    ctl set a.sock --no-ip --no-guard``) and leases B an address, B may send
+    from it -- the switch snooped the ack -- but still not from one it was
+    not leased."""
+    ga, gb, stats = pair
+    ga.run(f"rm -f /tmp/udhcpd.leases; touch /tmp/udhcpd.leases; "
+           f"printf '{_UDHCPD_CONF}' > /tmp/udhcpd.conf; udhcpd /tmp/udhcpd.conf")  # fmt: skip
+    _ctl(stats, "set", "a.sock", "--no-ip", "--no-guard")
+    try:
+        out = gb.run(_UDHCPC, check=False, timeout=30)
+        assert out.status == 0, out.output
+        leased = out.output.split("lease of ")[1].split()[0]
+        assert fetch(str(stats))["switch"]["leases_learnt"] >= 1
+        other = "10.77.1.120" if leased != "10.77.1.120" else "10.77.1.121"
+        for addr, allowed in ((leased, True), (other, False)):
+            gb.run(f"ip addr add {addr}/24 dev eth0")
+            try:
+                out = gb.run(f"ping -c 2 -W 3 -I {addr} {IP_A}", check=False)
+                assert (out.status == 0) is allowed, (addr, out.output)
+            finally:
+                gb.run(f"ip addr del {addr}/24 dev eth0")
+    finally:
+        ga.run("killall udhcpd", check=False)
+        _ctl(stats, "set", "a.sock", "--ip", _ips(2), "--guard", "dhcp,router")
+    assert fetch(str(stats))["vms"][0]["ips"] == _ips(2).split(",")

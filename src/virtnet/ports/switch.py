@@ -105,14 +105,18 @@ if TYPE_CHECKING:
     from virtnet.steering import Steering
 
 __all__ = [
+    "DHCP_LEARNING",
     "FLOW_AGING_S",
     "FLOW_TABLE_SIZE",
+    "LEASES_PER_VM",
+    "LEASE_MAX_S",
     "LL_AGING_S",
     "LL_PER_VM",
     "LL_TABLE_SIZE",
     "MACS_PER_VM",
     "MAC_AGING_S",
     "MAC_TABLE_SIZE",
+    "MAX_DHCP_OPTIONS",
     "MAX_IPV6_EXT_HEADERS",
     "MAX_ND_OPTIONS",
     "MAX_PAIRS_PER_VM",
@@ -121,6 +125,7 @@ __all__ = [
     "Switch",
     "SwitchPort",
     "SwitchStats",
+    "dhcp_ack",
     "flow_id",
     "mac_text",
     "rate_burst",
@@ -147,6 +152,12 @@ MAC_AGING_S = 300.0
 LL_TABLE_SIZE = 16384
 LL_AGING_S = MAC_AGING_S
 LL_PER_VM = 16
+# DHCP snooping (set_ips with DHCP_LEARNING): the IPv4 leases a trusted DHCP
+# server acknowledges to a VM are added to the addresses it may send from, each
+# until its lease ends, at most LEASE_MAX_S (a longer or infinite lease is
+# taken as this long; the client renews at half of it), LEASES_PER_VM at once.
+LEASE_MAX_S = 7 * 86400
+LEASES_PER_VM = 8
 # Remembered (VM, flow) -> last tx pair entries for rx-follows-tx.
 FLOW_TABLE_SIZE = 16384
 # A flow not sent on for this long is placed by hash again.
@@ -245,6 +256,8 @@ class SwitchStats:
     dropped_guard: int = 0  # a DHCP server or router message from a guarded VM (set_guards)
     mac_evictions: int = 0
     macs_unlearnt: int = 0  # new source MACs of a VM that has taught MACS_PER_VM
+    leases_learnt: int = 0  # DHCPACKs that let a VM send from its lease (set_ips)
+    leases_refused: int = 0  # ... for an address another VM holds, or past LEASES_PER_VM
     flow_evictions: int = 0
     control_errors: int = 0
     ports: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -308,6 +321,51 @@ _IPV6_OPTS = frozenset({_IPV6_HBH, _IPV6_ROUTING, _IPV6_DEST})
 MAX_IPV6_EXT_HEADERS = 8
 #: A non-first fragment: no upper-layer header in this packet.
 _NOT_FIRST = -1
+#: In an IP set (``set_ips``): the VM may also send from the IPv4 addresses a
+#: trusted DHCP server leases to it (libvirt's ``CTRL_IP_LEARNING=dhcp``).
+DHCP_LEARNING = b""
+# BOOTP/DHCP (RFC 2131 section 2, RFC 2132): offsets in the UDP payload, the
+# magic cookie, and the options read.
+_BOOTP_YIADDR, _BOOTP_CHADDR, _BOOTP_COOKIE, _BOOTP_OPTIONS = 16, 28, 236, 240
+_DHCP_COOKIE = 0x63825363
+_DHCP_OPT_PAD, _DHCP_OPT_END, _DHCP_OPT_LEASE, _DHCP_OPT_TYPE = 0, 255, 51, 53
+_DHCPACK = 5
+#: Options read in one DHCP message before giving up on it (each takes at least
+#: a byte; a 1500-byte frame holds fewer than 1260 of them).
+MAX_DHCP_OPTIONS = 255
+
+
+def dhcp_ack(buf: bytearray, n: int, u: int) -> tuple[bytes, int, int] | None:
+    """The (client MAC, leased IPv4 address, lease seconds) of the DHCPACK
+    whose UDP header is at ``buf[u:n]``, or None when it is not a well-formed
+    one (BOOTREPLY over Ethernet, the magic cookie, message type ACK, a lease
+    time, a unicast address)."""
+    b = u + 8
+    if n < b + _BOOTP_OPTIONS or buf[b] != 2 or buf[b + 1] != 1 or buf[b + 2] != 6:
+        return None
+    if _U32.unpack_from(buf, b + _BOOTP_COOKIE)[0] != _DHCP_COOKIE:
+        return None
+    kind = lease = -1
+    q = b + _BOOTP_OPTIONS
+    for _ in range(MAX_DHCP_OPTIONS):
+        if q >= n or buf[q] == _DHCP_OPT_END:
+            break
+        code = buf[q]
+        if code == _DHCP_OPT_PAD:
+            q += 1
+            continue
+        if q + 2 > n or q + 2 + buf[q + 1] > n:
+            return None
+        size = buf[q + 1]
+        if code == _DHCP_OPT_TYPE and size == 1:
+            kind = buf[q + 2]
+        elif code == _DHCP_OPT_LEASE and size == 4:
+            lease = _U32.unpack_from(buf, q + 2)[0]
+        q += 2 + size
+    addr = _U32.unpack_from(buf, b + _BOOTP_YIADDR)[0]
+    if kind != _DHCPACK or lease < 0 or not addr or addr >> 28 >= 0xE:
+        return None  # 0.0.0.0, multicast and class E are no host's lease
+    return bytes(buf[b + _BOOTP_CHADDR : b + _BOOTP_CHADDR + 6]), addr, lease
 
 
 class Guard(StrEnum):
@@ -548,9 +606,9 @@ def _link_local(addr: bytes) -> bool:
 
 class _Vm:
     __slots__ = (
-        "active", "burst", "guard_bits", "guards", "id", "ips", "ips4", "ips6", "learnt",
-        "link_locals", "macs", "ports", "rate", "rx_offloads", "rx_ports", "stamp", "steering",
-        "tokens", "vlans",
+        "active", "burst", "dhcp", "guard_bits", "guards", "id", "ips", "ips4", "ips6", "learnt",
+        "leases", "link_locals", "macs", "ports", "rate", "rx_offloads", "rx_ports", "stamp",
+        "steering", "tokens", "vlans",
     )  # fmt: skip
 
     def __init__(self, vm_id: str) -> None:
@@ -560,6 +618,8 @@ class _Vm:
         self.ips: frozenset[bytes] | None = None  # None: any source IP (4- or 16-byte)
         self.ips4: frozenset[int] = frozenset()  # the IPv4 ones as integers
         self.ips6: frozenset[bytes] = frozenset()
+        self.dhcp = False  # its IPv4 leases count too (DHCP_LEARNING in its set)
+        self.leases: dict[int, float] = {}  # leased IPv4 address -> when the lease ends
         self.guards: frozenset[Guard] = frozenset()  # what it may not send (set_guards)
         self.guard_bits = 0  # the same as _GUARD_* bits
         self.link_locals: set[tuple[int, bytes]] = set()  # (VLAN, address) bound to it
@@ -574,6 +634,11 @@ class _Vm:
         self.rx_offloads: frozenset[Offload] = frozenset(Offload)
         self.rx_ports: list[_Port] = []  # open ports of active pairs, by pair
         self.steering: Steering | None = None
+
+    def refresh_ips4(self) -> None:
+        """``ips4``: the static IPv4 addresses and the leased ones."""
+        static = (int.from_bytes(a, "big") for a in self.ips or () if len(a) == 4)
+        self.ips4 = frozenset((*static, *self.leases))
 
     def refresh(self) -> None:
         self.rx_ports = sorted(
@@ -629,6 +694,7 @@ class Switch:
         # (VLAN, link-local IPv6 address) -> the member bound to it, when last used.
         self._lls: OrderedDict[tuple[int, bytes], tuple[_Vm, float]] = OrderedDict()
         self._claims: list[bytes] = []  # a guarded frame's link-local claims
+        self._learners = 0  # VMs whose DHCP leases count (DHCP snooping on when > 0)
         self._buf = bytearray(_BUF_LEN)
         self._view = memoryview(self._buf)
         self._ctl: socket.socket | None = None
@@ -734,11 +800,17 @@ class Switch:
         None: unlock); see IP source guard."""
         vm = self._vm(vm_id)
         new = None if ips is None else frozenset(ips)
-        if new is not None and (not new or any(len(a) not in (4, 16) for a in new)):
-            raise UsageError(f"bad IP set for {vm_id!r}: IPv4 or IPv6 addresses, at least one")
+        if new is not None and (not new or any(len(a) not in (0, 4, 16) for a in new)):
+            raise UsageError(
+                f"bad IP set for {vm_id!r}: IPv4 or IPv6 addresses or DHCP_LEARNING, at least one"
+            )
         vm.ips = new
-        vm.ips4 = frozenset(int.from_bytes(a, "big") for a in new or () if len(a) == 4)
         vm.ips6 = frozenset(a for a in new or () if len(a) == 16)
+        vm.dhcp = new is not None and DHCP_LEARNING in new
+        if not vm.dhcp:
+            vm.leases.clear()
+        vm.refresh_ips4()
+        self._learners = sum(v.dhcp for v in self._vms.values())
 
     def set_guards(self, vm_id: str, guards: Iterable[str]) -> None:
         """What the VM may not send (:class:`Guard` values; empty: anything):
@@ -801,6 +873,7 @@ class Switch:
             del self._flows[fk]
         for key in vm.link_locals:
             del self._lls[key]
+        self._learners = sum(v.dhcp for v in self._vms.values())
 
     def add_control(self, sock: socket.socket) -> None:
         """Accept control messages (see :class:`SwitchPort`) on ``sock``."""
@@ -979,6 +1052,8 @@ class Switch:
             stats.dropped_guard += 1
             src.rx_dropped += 1
             return
+        if self._learners and svm.ips is None and not svm.guard_bits & _GUARD_DHCP:
+            self._snoop_dhcp(buf, n, et_off, vlan, now)
         macs = self._macs
         key = (vlan, smac)
         had = macs.get(key)
@@ -1082,6 +1157,36 @@ class Switch:
             owner.learnt -= 1
             self.stats.mac_evictions += 1
 
+    def _snoop_dhcp(self, buf: bytearray, n: int, off: int, vlan: int, now: float) -> None:
+        """DHCP snooping: a DHCPACK from a trusted server (a member under
+        neither the IP source guard nor the DHCP guard) lets the VM it names
+        by MAC send from the leased address, if that VM learns from DHCP."""
+        if buf[off] != 0x08 or buf[off + 1] != 0x00 or n < off + 22:
+            return
+        p = off + 2
+        if buf[p + 9] != _UDP or buf[p + 6] & 0x1F or buf[p + 7]:
+            return
+        u = p + (buf[p] & 0x0F) * 4
+        if n < u + 4 or (buf[u] << 8 | buf[u + 1]) != _DHCP_SERVER:
+            return
+        ack = dhcp_ack(buf, n, u)
+        if ack is None:
+            return
+        chaddr, addr, seconds = ack
+        vm = self._locked.get(chaddr)
+        if vm is None:
+            ent = self._macs.get((vlan, chaddr))
+            vm = ent[0] if ent is not None else None
+        if vm is None or not vm.dhcp or vlan not in vm.vlans:
+            return
+        taken = any(addr in v.ips4 for v in self._vms.values() if v is not vm and v.ips is not None)
+        if taken or (addr not in vm.leases and len(vm.leases) >= LEASES_PER_VM):
+            self.stats.leases_refused += 1
+            return
+        vm.leases[addr] = now + min(seconds, LEASE_MAX_S)
+        vm.refresh_ips4()
+        self.stats.leases_learnt += 1
+
     def _claim_link_locals(self, vm: _Vm, vlan: int, addrs: list[bytes], now: float) -> bool:
         """First come, first served (RFC 6620) for a guarded VM: whether
         ``vm`` may use the link-local ``addrs`` on ``vlan``; each is then bound
@@ -1124,6 +1229,13 @@ class Switch:
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + SWEEP_INTERVAL_S
+        if self._learners:
+            for vm in self._vms.values():
+                ended = [a for a, end in vm.leases.items() if end <= now]
+                if ended:
+                    for a in ended:
+                        del vm.leases[a]
+                    vm.refresh_ips4()
         macs = self._macs
         while macs:
             k, (owner, t) = next(iter(macs.items()))

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtnet.errors import ProtocolError, UsageError
-from virtnet.ports.switch import MAX_RATE_BPS, MIN_RATE_BPS, VLAN_MAX, Guard
+from virtnet.ports.switch import DHCP_LEARNING, MAX_RATE_BPS, MIN_RATE_BPS, VLAN_MAX, Guard
 from virtnet.vhost_user.stats import ask
 
 __all__ = [
@@ -120,10 +120,15 @@ def parse_macs(text: str) -> frozenset[bytes]:
 
 
 def parse_ips(text: str) -> frozenset[bytes]:
-    """``10.0.0.5,fd00::5`` -> the packed addresses (4 or 16 bytes); ValueError
-    unless each is an IPv4 or IPv6 address a host may have as its own."""
+    """``10.0.0.5,fd00::5,dhcp`` -> the packed addresses (4 or 16 bytes), and
+    :data:`~virtnet.ports.switch.DHCP_LEARNING` for ``dhcp`` (the leases a
+    trusted DHCP server gives count too); ValueError unless each is that or an
+    IPv4 or IPv6 address a host may have as its own."""
     out = set()
     for part in text.split(","):
+        if part.strip() == "dhcp":
+            out.add(DHCP_LEARNING)
+            continue
         addr = ipaddress.ip_address(part.strip())
         if addr.is_multicast or addr.is_unspecified or str(addr) == "255.255.255.255":
             raise ValueError(f"{part.strip()} cannot be a host's own address")
@@ -332,7 +337,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--vlans", type=_ids, metavar="IDS", help="its switch VLANs, e.g. 0,100-102")
     add.add_argument("--tap", metavar="IFNAME", help="its tap (with --port tap:...)")
     add.add_argument("--mac", metavar="MAC[,MAC]", help="the source MACs it may use on the switch")
-    add.add_argument("--ip", metavar="ADDR[,ADDR]", help="the source IPs it may use on the switch")
+    add.add_argument(
+        "--ip", metavar="ADDR[,ADDR]", help="the source IPs it may use on the switch (dhcp: leases)"
+    )
     add.add_argument("--rate", type=_rate_arg, metavar="RATE", help="police what it sends (100M)")
     add.add_argument(
         "--guard", type=_guards_arg, metavar="GUARDS", help="servers it may not be: dhcp,router"
@@ -346,7 +353,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lock.add_argument("--mac", metavar="MAC[,MAC]", help="lock it to these source MACs")
     lock.add_argument("--no-mac", action="store_true", help="let it use any MAC")
     guard = st.add_mutually_exclusive_group()
-    guard.add_argument("--ip", metavar="ADDR[,ADDR]", help="lock it to these source IPs")
+    guard.add_argument(
+        "--ip", metavar="ADDR[,ADDR]", help="lock it to these source IPs (dhcp: and its leases)"
+    )
     guard.add_argument("--no-ip", action="store_true", help="let it use any IP")
     limit = st.add_mutually_exclusive_group()
     limit.add_argument("--rate", type=_rate_arg, metavar="RATE", help="police what it sends")

@@ -27,7 +27,8 @@ Metrics (labels ``vm`` -- the socket's name -- and ``pair``):
   (``reason``: full, unknown_vm, bad_frame, vlan, spoofed, offload, no_queue,
   rate, guard),
   ``virtnet_switch_evictions_total`` (``table`` mac/flow),
-  ``virtnet_switch_macs_unlearnt_total``,
+  ``virtnet_switch_macs_unlearnt_total``, ``virtnet_switch_dhcp_leases_total``
+  (``result`` learnt/refused),
   ``virtnet_switch_control_errors_total`` and ``virtnet_switch_restarts_total``
   (the other switch counters start from zero after a restart).
 
@@ -261,6 +262,13 @@ def _switch_families(sw: Any, taps: CounterMetricFamily) -> list[Metric]:
         "Source MACs not learnt: their VM already taught the table its share.",
     )
     unlearnt.add_metric([], _count(sw, "macs_unlearnt"))
+    leases = CounterMetricFamily(
+        "virtnet_switch_dhcp_leases",
+        "DHCPACKs snooped for VMs that learn their addresses from DHCP.",
+        labels=["result"],
+    )
+    leases.add_metric(["learnt"], _count(sw, "leases_learnt"))
+    leases.add_metric(["refused"], _count(sw, "leases_refused"))
     ctl = CounterMetricFamily(
         "virtnet_switch_control_errors", "Bad control messages the switch refused."
     )
@@ -270,7 +278,7 @@ def _switch_families(sw: Any, taps: CounterMetricFamily) -> list[Metric]:
         raise SnapshotError("switch 'uplinks' is not a list")
     for tap in uplinks:
         _add_tap(taps, "uplink", tap)
-    return [up, restarts, frames, flooded, filtered, dropped, evictions, unlearnt, ctl]
+    return [up, restarts, frames, flooded, filtered, dropped, evictions, unlearnt, leases, ctl]
 
 
 def parse_listen(text: str) -> tuple[str, int]:

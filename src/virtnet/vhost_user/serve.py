@@ -93,7 +93,7 @@ from typing import Any, TypeVar
 
 from virtnet.errors import PeerError, ProtocolError, UsageError
 from virtnet.ports.base import Port, make_port
-from virtnet.ports.switch import VLAN_MAX, Guard, SwitchPort, mac_text
+from virtnet.ports.switch import DHCP_LEARNING, VLAN_MAX, Guard, SwitchPort, mac_text
 from virtnet.ports.tap import TapPort, tun_kind
 from virtnet.sdnotify import notify
 from virtnet.vhost_user.backend import LOG_ALL, MAX_QUEUE_PAIRS, Backend, BackendConfig
@@ -432,7 +432,8 @@ class Daemon:
     ) -> None:
         """UsageError when a VM other than ``name`` holds one of ``addrs`` in
         ``held`` (the MAC locks or the IP guards); ``text`` names the address."""
-        taken = sorted(a for who, mine in held.items() if who != name for a in mine & addrs)
+        claimed = addrs - {DHCP_LEARNING}  # every VM may learn its leases
+        taken = sorted(a for who, mine in held.items() if who != name for a in mine & claimed)
         if taken:
             raise UsageError(f"{text(taken[0])} belongs to another VM")
 
@@ -1080,8 +1081,12 @@ def _ip_owned(addr: bytes) -> str:
 
 
 def _ip_texts(addrs: frozenset[bytes]) -> list[str]:
-    """Packed addresses as text, IPv4 first, each family in order."""
-    return [str(ipaddress.ip_address(a)) for a in sorted(addrs, key=lambda a: (len(a), a))]
+    """Packed addresses as text, IPv4 first, each family in order; ``dhcp`` last."""
+    texts = [
+        str(ipaddress.ip_address(a))
+        for a in sorted(addrs - {DHCP_LEARNING}, key=lambda a: (len(a), a))
+    ]
+    return [*texts, "dhcp"] if DHCP_LEARNING in addrs else texts
 
 
 _T = TypeVar("_T")
@@ -1118,7 +1123,7 @@ def _guard_arg(text: str) -> tuple[str, frozenset[Guard]]:
 
 def _ip_arg(text: str) -> tuple[str, frozenset[bytes]]:
     """``--ip VM=ADDR[,ADDR...]``."""
-    return _per_vm(text, "ip", parse_ips, "vm1.sock=10.0.0.5,fd00::5")
+    return _per_vm(text, "ip", parse_ips, "vm1.sock=10.0.0.5,fd00::5 or vm1.sock=dhcp")
 
 
 def _mac_arg(text: str) -> tuple[str, frozenset[bytes]]:
@@ -1263,7 +1268,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="VM=ADDR[,ADDR]",
         help="--port switch: VM may send IPv4, ARP and IPv6 only from these addresses"
-        " (IPv6 link-local too; IP source guard; default: any)",
+        " (IPv6 link-local too; IP source guard; default: any); 'dhcp' among them adds the"
+        " IPv4 leases a trusted DHCP server (uplink, or a VM with neither --ip nor --guard"
+        " dhcp) gives it, e.g. vm1.sock=dhcp or vm1.sock=fd00::5,dhcp",
     )
     parser.add_argument(
         "--rate",

@@ -194,6 +194,8 @@ def _switch_table(sw: dict[str, Any]) -> Any:
             "mac_evictions",
             "flow_evictions",
             "macs_unlearnt",
+            "leases_learnt",
+            "leases_refused",
             "control_errors",
         )
         if sw.get(key)
