@@ -421,13 +421,13 @@ def _ip_source_ok(
     IPv4 source and ARP sender address must be in ``v4``; an IPv6 source in
     ``v6``, unless link-local (fe80::/10, which every IPv6 host makes for
     itself), and so must the target a neighbour advertisement claims, behind
-    whatever extension headers; from the unspecified address only the ICMPv6
-    messages a host sends before it has an address.  The link-local addresses the frame claims
-    so are appended to ``link_locals`` (when given), for the caller to hold
-    to their first user (:meth:`Switch._claim_link_locals`).  The
-    unspecified address is allowed where a host must use it: a DHCP client's
-    UDP 68 -> 67 (RFC 2131), an ARP probe (RFC 5227), duplicate address
-    detection (RFC 4862), router solicitations and MLD reports.  Other
+    whatever extension headers.  The link-local addresses the frame claims so
+    are appended to ``link_locals`` (when given), for the caller to hold to
+    their first user (:meth:`Switch._claim_link_locals`).  The unspecified
+    address is allowed where a host must use it, before it has an address: a
+    DHCP client's UDP 68 -> 67 (RFC 2131), an ARP probe (RFC 5227), and
+    duplicate address detection's neighbour solicitations, router
+    solicitations and MLD reports (:data:`_FROM_UNSPECIFIED`).  Other
     EtherTypes are not IP and pass, except a second VLAN tag, which hides what
     is inside; a frame too short for its IP or ARP header, or an IPv6 header
     chain :func:`_ipv6_upper` cannot follow, does not.
