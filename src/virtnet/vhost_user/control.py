@@ -6,7 +6,8 @@ connection, one JSON object on one line, at most :data:`MAX_REQUEST_BYTES`;
 serve answers one JSON line and closes:
 
 * ``{"op": "add", "socket": PATH, "vlans": [IDS]?, "tap": IFNAME?, "macs":
-  ["52:54:00:12:34:56", ...]?, "ips": ["10.0.0.5", "fd00::5", ...]?}``: serve
+  ["52:54:00:12:34:56", ...]?, "ips": ["10.0.0.5", "fd00::5", ...]?, "rate":
+  BPS?, "guards": ["dhcp", "router"]?}``: serve
   a new VM on ``PATH`` exactly as a ``--socket`` given at start (listen, or
   dial with ``--client``); ``vlans``: its switch VLANs (default: those of
   ``--vlans`` without ``VM=``); ``tap``: its tap with ``--port tap:...``
@@ -14,8 +15,9 @@ serve answers one JSON line and closes:
   these source MACs on the switch, as ``--mac`` does; ``ips``: to these
   source IP addresses, as ``--ip`` does; ``rate``: police what it sends to
   this many bit/s, as ``--rate`` does; ``guards``: ``["dhcp", "router"]`` or
-  either, the servers it may not be, as ``--guard`` does.  Answer ``{"ok": true, "name": NAME}``,
-  NAME being what ``virtnet stats`` shows.
+  either, the servers it may not be, as ``--guard`` does (an ``ips`` entry
+  ``"dhcp"``: its DHCP leases count too).  Answer ``{"ok": true, "name":
+  NAME}``, NAME being what ``virtnet stats`` shows.
 * ``{"op": "remove", "name": NAME}``: stop serving that VM: its connection is
   closed (its workers stop), its socket file removed, its switch membership
   or tap dropped.  The guest sees its link go down.

@@ -456,7 +456,10 @@ class Daemon:
             raise UsageError(f"no VM called {name!r} (see virtnet stats)")
         sw = self._shared
         if not isinstance(sw, SwitchPort):
-            raise UsageError("VLANs, MAC locks, IP guards, rates and guards need --port switch")
+            raise UsageError(
+                "VLANs, MAC locks, IP source guards, rates and DHCP/router guards need"
+                " --port switch"
+            )
         if macs is not None or unlock:
             self._lock_macs(name, macs, replace=True)
         if ips is not None or unlock_ips:
@@ -1112,7 +1115,7 @@ def _rate_vm_arg(text: str) -> tuple[str, int]:
 
 
 def _guard_text(guards: frozenset[Guard]) -> str:
-    """``DHCP, router`` guard names for the log."""
+    """The guards in words, for the log."""
     return ", ".join({"dhcp": "no DHCP server", "router": "no router"}[g] for g in sorted(guards))
 
 
