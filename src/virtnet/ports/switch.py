@@ -146,11 +146,13 @@ MACS_PER_VM = 256
 MAC_AGING_S = 300.0
 # Link-local IPv6 addresses, per VLAN, bound to the member that used one first
 # (SAVI-FCFS, RFC 6620), so that a VM held to its addresses (set_ips) cannot
-# claim another member's -- a router's among them.  Bounded like the MAC table,
-# lapsing after as long unused; a guarded VM may hold LL_PER_VM of them (a
-# host makes one per interface, and VLAN sub-interfaces are other links).
+# claim another member's -- a router's among them.  Bounded like the MAC table;
+# a binding lapses after LL_AGING_S unused, the longest a router may stay
+# silent between its advertisements (MaxRtrAdvInterval's upper bound, RFC 4861
+# section 6.2.1), so a quiet router keeps its address.  A guarded VM may hold
+# LL_PER_VM of them (a host makes one per interface; VLANs are other links).
 LL_TABLE_SIZE = 16384
-LL_AGING_S = MAC_AGING_S
+LL_AGING_S = 1800.0
 LL_PER_VM = 16
 # DHCP snooping (set_ips with DHCP_LEARNING): the IPv4 leases a trusted DHCP
 # server acknowledges to a VM are added to the addresses it may send from, each
