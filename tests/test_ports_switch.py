@@ -870,7 +870,7 @@ def test_dhcp_snooping_lets_a_vm_send_from_its_lease(sw: Switch, clock: Clock) -
     assert not b_sends_from("10.0.0.50")
     ack(r, mac(4), "10.0.0.50")
     assert b_sends_from("10.0.0.50") and not b_sends_from("10.0.0.51")
-    assert sw.snapshot().leases_learnt == 1
+    assert sw.snapshot().leases_learnt == 1 and sw.snapshot().leases == {"b": ["10.0.0.50"]}
     ack(r, mac(4), "10.0.0.7")  # c's address
     assert sw.snapshot().leases_refused == 1 and not b_sends_from("10.0.0.7")
     clock.t += 101

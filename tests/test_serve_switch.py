@@ -380,7 +380,9 @@ def test_a_guest_may_send_from_the_address_dhcp_leased_it(pair: tuple[Guest, Gue
         out = gb.run(_UDHCPC, check=False, timeout=30)
         assert out.status == 0, out.output
         leased = out.output.split("lease of ")[1].split()[0]
-        assert fetch(str(stats))["switch"]["leases_learnt"] >= 1
+        doc = fetch(str(stats))
+        assert doc["switch"]["leases_learnt"] >= 1
+        assert doc["vms"][1]["leases"] == [leased], doc["vms"][1]
         other = "10.77.1.120" if leased != "10.77.1.120" else "10.77.1.121"
         for addr, allowed in ((leased, True), (other, False)):
             gb.run(f"ip addr add {addr}/24 dev eth0")

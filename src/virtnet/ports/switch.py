@@ -263,6 +263,7 @@ class SwitchStats:
     flow_evictions: int = 0
     control_errors: int = 0
     ports: dict[str, dict[str, int]] = field(default_factory=dict)
+    leases: dict[str, list[str]] = field(default_factory=dict)  # VM -> its DHCP leases
 
 
 _NO_OFFLOAD: frozenset[Offload] = frozenset()
@@ -884,11 +885,17 @@ class Switch:
         self._ep.register(sock.fileno(), select.EPOLLIN)
 
     def snapshot(self) -> SwitchStats:
-        """Counters, with per-port counters under ``ports['vm/pair']``."""
+        """Counters, with per-port counters under ``ports['vm/pair']`` and each
+        VM's DHCP leases (dotted quads) under ``leases['vm']``."""
         self.stats.ports = {
             f"{vm.id}/{p}": port.counters()
             for vm in self._vms.values()
             for p, port in vm.ports.items()
+        }
+        self.stats.leases = {
+            vm.id: [socket.inet_ntoa(a.to_bytes(4, "big")) for a in sorted(vm.leases)]
+            for vm in self._vms.values()
+            if vm.leases
         }
         return self.stats
 

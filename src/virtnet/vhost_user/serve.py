@@ -914,6 +914,11 @@ def snapshot(d: Daemon) -> dict[str, Any]:
     doc: dict[str, Any] = {"time": time.time(), "queues": d.queues, "vms": vms}
     if isinstance(d._shared, SwitchPort):
         doc["switch"] = _switch_snapshot(d._shared)
+        leases = doc["switch"].pop("leases", None)
+        if isinstance(leases, dict):
+            for entry in vms:
+                if leases.get(entry["name"]):
+                    entry["leases"] = leases[entry["name"]]
     return doc
 
 

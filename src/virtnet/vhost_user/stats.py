@@ -153,6 +153,8 @@ def render(doc: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
             title += f"; at most {rate_text(vm['rate_bps'])}"
         if vm.get("guards"):
             title += f"; guards {','.join(vm['guards'])}"
+        if vm.get("leases"):
+            title += f"; DHCP leases {','.join(vm['leases'])}"
         t = Table(title=title, caption=vm.get("features") or None)
         t.add_column("pair", justify="right")
         t.add_column("on")
