@@ -37,6 +37,7 @@ import virtnet
 from virtnet.demo import PAYLOAD_OFF, build_frame
 from virtnet.pktgen import PairCounters, PktgenResult, run_pktgen
 from virtnet.rr import run_rr
+from virtnet.testing.guest import wait_for
 from virtnet.testing.netns import create_tap, delete_link
 from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.codec import ProtocolFeature, Request
@@ -208,8 +209,15 @@ def test_workers_hold_the_connection_so_a_killed_serve_closes_it_after_them(
         VhostUserFrontend(sock, queue_pairs=2) as fe,
     ):
         assert fe.set_queue_pairs(2)
-        pairs = fetch(str(tmp_path / "stats.sock"))["vms"][0]["pairs"]
-        assert all(p["pid"] for p in pairs), pairs
+
+        def pairs_now() -> list[dict[str, int]]:
+            pairs: list[dict[str, int]] = fetch(str(tmp_path / "stats.sock"))["vms"][0]["pairs"]
+            return pairs
+
+        # A worker's pid reaches the stats once it has started, a moment after
+        # its pair was enabled.
+        assert wait_for(lambda: all(p["pid"] for p in pairs_now()), timeout=10), pairs_now()
+        pairs = pairs_now()
         assert fe._chan is not None
         theirs = _peer_inode(os.fstat(fe._chan.sock.fileno()).st_ino)
         for p in pairs:
