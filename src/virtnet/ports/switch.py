@@ -609,7 +609,7 @@ def _link_local(addr: bytes) -> bool:
 
 class _Vm:
     __slots__ = (
-        "active", "burst", "dhcp", "guard_bits", "guards", "id", "ips", "ips4", "ips6", "learnt",
+        "active", "burst", "dhcp", "guard_bits", "id", "ips", "ips4", "ips6", "learnt",
         "leases", "link_locals", "macs", "ports", "rate", "rx_offloads", "rx_ports", "stamp",
         "steering", "tokens", "vlans",
     )  # fmt: skip
@@ -623,8 +623,7 @@ class _Vm:
         self.ips6: frozenset[bytes] = frozenset()
         self.dhcp = False  # its IPv4 leases count too (DHCP_LEARNING in its set)
         self.leases: dict[int, float] = {}  # leased IPv4 address -> when the lease ends
-        self.guards: frozenset[Guard] = frozenset()  # what it may not send (set_guards)
-        self.guard_bits = 0  # the same as _GUARD_* bits
+        self.guard_bits = 0  # what it may not send (set_guards), as _GUARD_* bits
         self.link_locals: set[tuple[int, bytes]] = set()  # (VLAN, address) bound to it
         self.learnt = 0  # MAC table entries that point to it
         # Policing of what the VM sends (set_rate): a token bucket in bytes.
@@ -813,6 +812,11 @@ class Switch:
         if not vm.dhcp:
             vm.leases.clear()
         vm.refresh_ips4()
+        self._count_learners()
+
+    def _count_learners(self) -> None:
+        """``_learners``: how many VMs learn addresses from DHCP (snooping is
+        off, and costs a frame nothing, while there are none)."""
         self._learners = sum(v.dhcp for v in self._vms.values())
 
     def set_guards(self, vm_id: str, guards: Iterable[str]) -> None:
@@ -825,9 +829,7 @@ class Switch:
             raise UsageError(
                 f"bad guards for {vm_id!r}: {', '.join(g.value for g in Guard)}"
             ) from None
-        vm = self._vm(vm_id)
-        vm.guards = new
-        vm.guard_bits = sum(_GUARD_BITS[g] for g in new)
+        self._vm(vm_id).guard_bits = sum(_GUARD_BITS[g] for g in new)
 
     def set_rate(self, vm_id: str, bits_per_s: int | None) -> None:
         """Police what the VM sends to ``bits_per_s`` (None: no limit): a token
@@ -876,7 +878,7 @@ class Switch:
             del self._flows[fk]
         for key in vm.link_locals:
             del self._lls[key]
-        self._learners = sum(v.dhcp for v in self._vms.values())
+        self._count_learners()
 
     def add_control(self, sock: socket.socket) -> None:
         """Accept control messages (see :class:`SwitchPort`) on ``sock``."""
