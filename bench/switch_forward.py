@@ -15,9 +15,12 @@ timed.  Variants, alternated round by round in the same process:
 * ``shielded``: ``guarded`` plus ``set_guards`` (DHCP and router guards) on
   both, so every frame's UDP source port is checked as well.
 
+``--ipv6`` sends IPv6/UDP frames instead (fd00::1 -> fd00::2), whose
+header the checks of ``locked``, ``guarded`` and ``shielded`` all read.
+
 Prints frames per second (median of ``--repeat`` rounds) for each and the
 ratios against open.  Run: ``python bench/switch_forward.py [--burst 200]
-[--repeat 30]``.  No root, no VM.
+[--repeat 30] [--ipv6]``.  No root, no VM.
 """
 
 from __future__ import annotations
@@ -37,15 +40,22 @@ MAC_B = bytes.fromhex("525400000002")
 
 
 IP_A, IP_B = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+IP6_A, IP6_B = bytes.fromhex("fd00" + "00" * 13 + "01"), bytes.fromhex("fd00" + "00" * 13 + "02")
 #: Each variant checks what the one before it does, and more.
 VARIANTS = ("open", "locked", "guarded", "shielded")
 
 
 def unicast(dst: bytes, src: bytes, n: int, ip_src: bytes = IP_A) -> bytes:
-    """A 64-byte IPv4/UDP frame (plus the virtio-net header), sequence ``n``."""
-    eth = dst + src + b"\x08\x00"
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 46, 0, 0, 64, 17, 0, ip_src, IP_B)
-    udp = struct.pack("!HHHHI", 1000, 2000, 26, 0, n)
+    """A 64-byte IPv4/UDP frame (plus the virtio-net header), sequence ``n``;
+    IPv6/UDP when ``ip_src`` is an IPv6 address."""
+    if len(ip_src) == 16:
+        eth = dst + src + b"\x86\xdd"
+        ip = struct.pack("!IHBB16s16s", 6 << 28, 10, 17, 64, ip_src, IP6_B)
+        udp = struct.pack("!HHH", 1000, 2000, 10) + n.to_bytes(4, "big")[:2]
+    else:
+        eth = dst + src + b"\x08\x00"
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 46, 0, 0, 64, 17, 0, ip_src, IP_B)
+        udp = struct.pack("!HHHHI", 1000, 2000, 26, 0, n)
     body = ip + udp
     return bytes(VNET_HDR_LEN) + eth + body + bytes(64 - len(eth) - len(body))
 
@@ -82,13 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"comma-separated, of {', '.join(VARIANTS)} (default all; 'open' alone also runs"
         " against an older tree through PYTHONPATH)",
     )
+    ap.add_argument("--ipv6", action="store_true", help="IPv6/UDP frames instead of IPv4")
     args = ap.parse_args(argv)
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not chosen or any(v not in VARIANTS for v in chosen):
         ap.error(f"--variants: some of {', '.join(VARIANTS)}, not {args.variants!r}")
     if args.burst < 1 or args.repeat < 1:
         ap.error("--burst and --repeat must be positive")
-    frames = [memoryview(unicast(MAC_B, MAC_A, i)) for i in range(args.burst)]
+    ip_a, ip_b = (IP6_A, IP6_B) if args.ipv6 else (IP_A, IP_B)
+    frames = [memoryview(unicast(MAC_B, MAC_A, i, ip_a)) for i in range(args.burst)]
     rates: dict[str, list[float]] = {v: [] for v in chosen}
     switches = {}
     for variant in rates:
@@ -99,12 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             sw.set_macs("a", [MAC_A])
             sw.set_macs("b", [MAC_B])
         if level >= VARIANTS.index("guarded"):
-            sw.set_ips("a", [IP_A])
-            sw.set_ips("b", [IP_B])
+            sw.set_ips("a", [ip_a])
+            sw.set_ips("b", [ip_b])
         if level >= VARIANTS.index("shielded"):
             sw.set_guards("a", ["dhcp", "router"])
             sw.set_guards("b", ["dhcp", "router"])
-        b.send([memoryview(unicast(MAC_A, MAC_B, 0, IP_B))])  # the switch learns b's MAC
+        b.send([memoryview(unicast(MAC_A, MAC_B, 0, ip_b))])  # the switch learns b's MAC
         while sw.poll_once(0):
             pass
         _drain(a, memoryview(bytearray(2048)))
@@ -118,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sw, _, _ in switches.values():
             sw.close()
     med = {v: statistics.median(r) for v, r in rates.items()}
-    print(f"{args.repeat} rounds of {args.burst} 64-byte frames a -> b, medians:")
+    family = "IPv6" if args.ipv6 else "IPv4"
+    print(f"{args.repeat} rounds of {args.burst} 64-byte {family} frames a -> b, medians:")
     for v, m in med.items():
         lo, hi = min(rates[v]), max(rates[v])
         print(f"  {v:7s} {m / 1e3:8.1f} kframes/s  (rounds {lo / 1e3:.1f}-{hi / 1e3:.1f}k)")

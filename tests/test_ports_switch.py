@@ -652,6 +652,9 @@ def test_ip_source_guard(sw: Switch) -> None:
         _eth(mac(1), 0x86DD, _na("fe80::1", "fe80::1")),
         _eth(mac(1), 0x88B5, bytes(46)),  # not IP
     ]
+    # A later fragment from 0.0.0.0 whose data looks like UDP 68 -> 67: no DHCP client.
+    dhcp = _ipv4("0.0.0.0", sport=68, dport=67)
+    later_fragment = dhcp[:6] + b"\x00\x10" + dhcp[8:]
     refused = [
         _eth(mac(1), 0x0800, _ipv4("10.0.0.6")),
         _eth(mac(1), 0x0800, _ipv4("10.0.0.6"), vlan=100),
@@ -665,6 +668,8 @@ def test_ip_source_guard(sw: Switch) -> None:
         _eth(mac(1), 0x86DD, _na("fe80::1", "fd00::6")),  # claims b's address
         _eth(mac(1), 0x86DD, _na("fe80::1", "fd00::5")[:50]),  # cut before its target
         _eth(mac(1), 0x0800, _ipv4("10.0.0.5")[:12]),  # too short to show its source
+        _eth(mac(1), 0x0800, b"\x44" + _ipv4("10.0.0.5")[1:]),  # header length 16: no IPv4
+        _eth(mac(1), 0x0800, later_fragment),
     ]
     for f in allowed + refused:
         assert send(a, f)
@@ -985,7 +990,8 @@ def test_ip_source_guard_takes_any_bytes(data: bytes, n: int) -> None:
     buf = bytearray(2048)
     buf[: len(data)] = data
     v4, v6 = frozenset({0, 0x0A000005}), frozenset({bytes(16)})
-    assert sw_mod._ip_source_ok(buf, min(n, len(data)), 12, v4, v6) in (True, False)
+    l3 = sw_mod._l3(buf, min(n, len(data)), 12)
+    assert sw_mod._ip_source_ok(buf, min(n, len(data)), l3, v4, v6) in (True, False)
 
 
 _ETHERTYPES = st.sampled_from([0x0800, 0x86DD, 0x0806, 0x8100, 0x88A8, 0x88B5])
@@ -1034,11 +1040,13 @@ def test_guards_take_any_bytes(data: bytes, n: int, off: int) -> None:
     buf = bytearray(2048)
     buf[: len(data)] = data
     every = sw_mod._GUARD_DHCP | sw_mod._GUARD_ROUTER
-    assert sw_mod._guards_ok(buf, min(n, len(data)), off, every) in (True, False)
-    assert sw_mod._ip_source_ok(buf, min(n, len(data)), off, frozenset(), frozenset()) in (
-        True,
-        False,
-    )
+    n = min(n, len(data))
+    l3 = sw_mod._l3(buf, n, off)
+    _et, p, _proto, u = l3
+    assert u == sw_mod._MALFORMED or (p <= n and u <= n)  # the headers lie within the frame
+    assert sw_mod._guards_ok(buf, n, l3, every) in (True, False)
+    assert sw_mod._ip_source_ok(buf, n, l3, frozenset(), frozenset()) in (True, False)
+    assert sw_mod._lladdr_ok(buf, n, l3, frozenset({bytes(6)})) in (True, False)
 
 
 def test_rate_policing(sw: Switch, clock: Clock) -> None:

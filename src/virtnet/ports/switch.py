@@ -317,6 +317,7 @@ _ICMPV6_ROUTER = frozenset({134, 137})
 # IPv6 extension headers (RFC 8200 section 4; AH: RFC 4302).
 _IPV6_HBH, _IPV6_ROUTING, _IPV6_FRAGMENT, _IPV6_AH, _IPV6_DEST = 0, 43, 44, 51, 60
 _IPV6_OPTS = frozenset({_IPV6_HBH, _IPV6_ROUTING, _IPV6_DEST})
+_IPV6_EXT = _IPV6_OPTS | {_IPV6_FRAGMENT, _IPV6_AH}
 #: Extension headers the guards follow to an IPv6 packet's upper-layer header.
 #: RFC 8200 section 4.1 has each kind at most once (destination options
 #: twice), six at most; a longer chain, or one cut short by the frame, is
@@ -409,17 +410,62 @@ def _ipv6_upper(buf: bytearray, n: int, p: int) -> tuple[int, int] | None:
     return None
 
 
+#: :func:`_l3`'s upper-layer offset for a frame too short for the IPv4, IPv6
+#: or ARP header its EtherType names (or an IPv4 header length under 20), or
+#: an IPv6 header chain :func:`_ipv6_upper` cannot follow.
+_MALFORMED = -2
+
+#: What :func:`_l3` makes of a frame: (EtherType, offset of the header it
+#: names, upper-layer protocol, offset of the upper-layer header).
+L3 = tuple[int, int, int, int]
+
+
+def _l3(buf: bytearray, n: int, off: int) -> L3:
+    """The frame in ``buf[:n]``, its EtherType at ``off``, parsed once for
+    every check the switch holds a VM to (:func:`_lladdr_ok`,
+    :func:`_ip_source_ok`, :func:`_guards_ok`, DHCP snooping).
+
+    IPv4: the protocol and its header's offset, :data:`_NOT_FIRST` for a
+    fragment other than the first.  IPv6: the same past any extension
+    headers (:func:`_ipv6_upper`).  ARP and other EtherTypes: protocol 0 and
+    the offset of the header after the EtherType.  :data:`_MALFORMED` in
+    place of the offset for a frame the checks must refuse."""
+    p = off + 2
+    if n < p:
+        return -1, p, 0, _MALFORMED
+    et = buf[off] << 8 | buf[off + 1]
+    if et == _ETH_IPV4:
+        ihl = (buf[p] & 0x0F) * 4 if n >= p + 20 else 0
+        if ihl < 20 or n < p + ihl:
+            return et, p, 0, _MALFORMED
+        if buf[p + 6] & 0x1F or buf[p + 7]:
+            return et, p, buf[p + 9], _NOT_FIRST
+        return et, p, buf[p + 9], p + ihl
+    if et == _ETH_IPV6:
+        if n < p + 40:
+            return et, p, 0, _MALFORMED
+        if buf[p + 6] not in _IPV6_EXT:
+            return et, p, buf[p + 6], p + 40  # no extension header (TCP, UDP, ICMPv6...)
+        up = _ipv6_upper(buf, n, p)
+        if up is None:
+            return et, p, 0, _MALFORMED
+        return et, p, up[0], up[1]
+    if et == _ETH_ARP and n < p + 28:
+        return et, p, 0, _MALFORMED
+    return et, p, 0, p
+
+
 def _ip_source_ok(
     buf: bytearray,
     n: int,
-    off: int,
+    l3: L3,
     v4: frozenset[int],
     v6: frozenset[bytes],
     link_locals: list[bytes] | None = None,
 ) -> bool:
-    """IP source guard: whether the frame in ``buf[:n]``, its EtherType at
-    ``off``, claims only addresses of ``v4`` (IPv4, as integers) and ``v6``
-    (IPv6, packed) as its sender.
+    """IP source guard: whether the frame in ``buf[:n]`` (parsed as ``l3``)
+    claims only addresses of ``v4`` (IPv4, as integers) and ``v6`` (IPv6,
+    packed) as its sender.
 
     IPv4 source and ARP sender address must be in ``v4``; an IPv6 source in
     ``v6``, unless link-local (fe80::/10, which every IPv6 host makes for
@@ -432,31 +478,22 @@ def _ip_source_ok(
     duplicate address detection's neighbour solicitations, router
     solicitations and MLD reports (:data:`_FROM_UNSPECIFIED`).  Other
     EtherTypes are not IP and pass, except a second VLAN tag, which hides what
-    is inside; a frame too short for its IP or ARP header, or an IPv6 header
-    chain :func:`_ipv6_upper` cannot follow, does not.
+    is inside; a :data:`_MALFORMED` frame does not.
     """
-    if n < off + 2:
+    et, p, nh, u = l3
+    if u == _MALFORMED:
         return False
-    et = _U16.unpack_from(buf, off)[0]
-    p = off + 2
     if et == _ETH_IPV4:
-        if n < p + 20:
-            return False
         src = _U32.unpack_from(buf, p + 12)[0]
         if src in v4:
             return True
-        if src or buf[p + 9] != _UDP:
+        if src or nh != _UDP or u < 0:
             return False
-        u = p + (buf[p] & 0x0F) * 4
         return n >= u + 4 and _PORTS.unpack_from(buf, u) == (_DHCP_CLIENT, _DHCP_SERVER)
     if et == _ETH_ARP:
-        if n < p + 28:
-            return False
         spa = _U32.unpack_from(buf, p + 14)[0]
         return spa in v4 or not spa
     if et == _ETH_IPV6:
-        if n < p + 40:
-            return False
         src6 = bytes(buf[p + 8 : p + 24])
         if src6 in v6 or src6 == _IPV6_ANY:
             pass
@@ -465,10 +502,6 @@ def _ip_source_ok(
                 link_locals.append(src6)
         else:
             return False
-        up = _ipv6_upper(buf, n, p)
-        if up is None:
-            return False
-        nh, u = up
         if src6 == _IPV6_ANY:
             return nh == _ICMPV6 and n > u >= 0 and buf[u] in _FROM_UNSPECIFIED
         if nh == _ICMPV6 and n > u >= 0 and buf[u] == _ND_NA:
@@ -506,29 +539,19 @@ MAX_ND_OPTIONS = 64
 _LLADDR_ET_LOW = frozenset({_ETH_ARP & 0xFF, _ETH_IPV6 & 0xFF})
 
 
-def _lladdr_ok(buf: bytearray, n: int, off: int, macs: frozenset[bytes]) -> bool:
+def _lladdr_ok(buf: bytearray, n: int, l3: L3, macs: frozenset[bytes]) -> bool:
     """Port security inside the frame: whether the MAC an ARP packet gives as
     its sender, and the link-layer addresses an IPv6 neighbour discovery
     message carries in its options, are among ``macs`` (libvirt's
     ``no-arp-mac-spoofing``, for ND too): else a VM locked to its MAC could
     have the others send what is meant for its addresses to another's MAC.
-    A frame too short for what it claims to be is refused."""
-    if n < off + 2:
+    A :data:`_MALFORMED` frame (``l3``: :func:`_l3`) is refused."""
+    et, p, nh, u = l3
+    if u == _MALFORMED:
         return False
-    et = buf[off] << 8 | buf[off + 1]
-    p = off + 2
     if et == _ETH_ARP:
-        return n >= p + 14 and bytes(buf[p + 8 : p + 14]) in macs
-    if et != _ETH_IPV6 or n < p + 40:
-        return True  # a short IPv6 frame is the IP guard's to refuse
-    nh = buf[p + 6]
-    if nh != _ICMPV6 and nh not in _IPV6_OPTS and nh not in (_IPV6_FRAGMENT, _IPV6_AH):
-        return True  # TCP, UDP and the like: no ND, and no header walk
-    up = _ipv6_upper(buf, n, p)
-    if up is None:
-        return False
-    nh, u = up
-    if nh != _ICMPV6 or u < 0 or n <= u:
+        return bytes(buf[p + 8 : p + 14]) in macs
+    if et != _ETH_IPV6 or nh != _ICMPV6 or u < 0 or n <= u:
         return True
     at = _ND_OPTIONS_AT.get(buf[u])
     if at is None:
@@ -549,55 +572,30 @@ def _lladdr_ok(buf: bytearray, n: int, off: int, macs: frozenset[bytes]) -> bool
     return False
 
 
-def _guards_ok(buf: bytearray, n: int, off: int, guards: int) -> bool:
-    """DHCP and router guards: whether the frame in ``buf[:n]``, its
-    EtherType at ``off``, is none of the server messages ``guards`` (a sum of
-    ``_GUARD_*`` bits) refuse.
+def _guards_ok(buf: bytearray, n: int, l3: L3, guards: int) -> bool:
+    """DHCP and router guards: whether the frame in ``buf[:n]`` (parsed as
+    ``l3``) is none of the server messages ``guards`` (a sum of ``_GUARD_*``
+    bits) refuse.
 
     Only a packet's first fragment shows its UDP or ICMP header, so only it
     is checked (a later one cannot be reassembled without it).  A first
-    fragment too short for that header, an IPv6 header chain
-    :func:`_ipv6_upper` cannot follow, or a second VLAN tag is refused."""
-    if n < off + 2:
+    fragment too short for that header, a :data:`_MALFORMED` frame, or a
+    second VLAN tag is refused."""
+    et, _p, proto, u = l3
+    if u == _MALFORMED:
         return False
-    et = buf[off] << 8 | buf[off + 1]
-    p = off + 2
-    if et == _ETH_IPV4:
-        if n < p + 20:
-            return False
-        if buf[p + 6] & 0x1F or buf[p + 7]:
-            return True  # not the first fragment
-        proto = buf[p + 9]
-        if proto == _UDP:
-            if not guards & _GUARD_DHCP:
-                return True
-            u = p + (buf[p] & 0x0F) * 4
-            return (
-                n >= u + 4
-                and (buf[u] << 8 | buf[u + 1]) != _DHCP_SERVER
-                and (buf[u + 2] << 8 | buf[u + 3]) != _DHCP_CLIENT
-            )
-        if proto == _ICMP and guards & _GUARD_ROUTER:
-            u = p + (buf[p] & 0x0F) * 4
-            return n > u and buf[u] not in _ICMP_ROUTER
-        return True
-    if et == _ETH_IPV6:
-        if n < p + 40:
-            return False
-        up = _ipv6_upper(buf, n, p)
-        if up is None:
-            return False
-        proto, u = up
+    if et in (_ETH_IPV4, _ETH_IPV6):
         if u == _NOT_FIRST:
             return True
+        v6 = et == _ETH_IPV6
         if proto == _UDP and guards & _GUARD_DHCP:
             return (
                 n >= u + 4
-                and (buf[u] << 8 | buf[u + 1]) != _DHCP6_SERVER
-                and (buf[u + 2] << 8 | buf[u + 3]) != _DHCP6_CLIENT
+                and (buf[u] << 8 | buf[u + 1]) != (_DHCP6_SERVER if v6 else _DHCP_SERVER)
+                and (buf[u + 2] << 8 | buf[u + 3]) != (_DHCP6_CLIENT if v6 else _DHCP_CLIENT)
             )
-        if proto == _ICMPV6 and guards & _GUARD_ROUTER:
-            return n > u and buf[u] not in _ICMPV6_ROUTER
+        if proto == (_ICMPV6 if v6 else _ICMP) and guards & _GUARD_ROUTER:
+            return n > u and buf[u] not in (_ICMPV6_ROUTER if v6 else _ICMP_ROUTER)
         return True
     return et not in _ETH_TAGS
 
@@ -1022,6 +1020,7 @@ class Switch:
             src.rx_dropped += 1
             return
         smac = bytes(buf[_E + 6 : _E + 12])
+        l3: L3 | None = None  # the frame parsed (_l3) when a check first needs it
         if self._locked:
             owner = self._locked.get(smac)
             if (owner is not None and owner is not svm) or (
@@ -1032,7 +1031,7 @@ class Switch:
                     # the EtherType's low byte spares every other frame a call.
                     or (
                         buf[et_off + 1] in _LLADDR_ET_LOW
-                        and not _lladdr_ok(buf, n, et_off, svm.macs)
+                        and not _lladdr_ok(buf, n, l3 := _l3(buf, n, et_off), svm.macs)
                     )
                 )
             ):
@@ -1041,7 +1040,9 @@ class Switch:
                 return
         if svm.ips is not None:
             claims = self._claims
-            if not _ip_source_ok(buf, n, et_off, svm.ips4, svm.ips6, claims) or (
+            if l3 is None:
+                l3 = _l3(buf, n, et_off)
+            if not _ip_source_ok(buf, n, l3, svm.ips4, svm.ips6, claims) or (
                 claims and not self._claim_link_locals(svm, vlan, claims, now)
             ):
                 claims.clear()
@@ -1059,12 +1060,15 @@ class Switch:
             # A member not held to its addresses (trusted) uses a link-local
             # source: it is that member's, whoever claimed it before.
             self._bind_link_local(svm, (vlan, bytes(buf[et_off + 10 : et_off + 26])), now)
-        if svm.guard_bits and not _guards_ok(buf, n, et_off, svm.guard_bits):
-            stats.dropped_guard += 1
-            src.rx_dropped += 1
-            return
+        if svm.guard_bits:
+            if l3 is None:
+                l3 = _l3(buf, n, et_off)
+            if not _guards_ok(buf, n, l3, svm.guard_bits):
+                stats.dropped_guard += 1
+                src.rx_dropped += 1
+                return
         if self._learners and svm.ips is None and not svm.guard_bits & _GUARD_DHCP:
-            self._snoop_dhcp(buf, n, et_off, vlan, now)
+            self._snoop_dhcp(buf, n, l3 or _l3(buf, n, et_off), vlan, now)
         macs = self._macs
         key = (vlan, smac)
         had = macs.get(key)
@@ -1168,17 +1172,14 @@ class Switch:
             owner.learnt -= 1
             self.stats.mac_evictions += 1
 
-    def _snoop_dhcp(self, buf: bytearray, n: int, off: int, vlan: int, now: float) -> None:
+    def _snoop_dhcp(self, buf: bytearray, n: int, l3: L3, vlan: int, now: float) -> None:
         """DHCP snooping: a DHCPACK from a trusted server (a member under
         neither the IP source guard nor the DHCP guard) lets the VM it names
         by MAC send from the leased address, if that VM learns from DHCP."""
-        if buf[off] != 0x08 or buf[off + 1] != 0x00 or n < off + 22:
+        et, _p, proto, u = l3
+        if et != _ETH_IPV4 or proto != _UDP or u < 0 or n < u + 4:
             return
-        p = off + 2
-        if buf[p + 9] != _UDP or buf[p + 6] & 0x1F or buf[p + 7]:
-            return
-        u = p + (buf[p] & 0x0F) * 4
-        if n < u + 4 or (buf[u] << 8 | buf[u + 1]) != _DHCP_SERVER:
+        if (buf[u] << 8 | buf[u + 1]) != _DHCP_SERVER:
             return
         ack = dhcp_ack(buf, n, u)
         if ack is None:
