@@ -2,18 +2,21 @@
 
 Three VMs (a, b, c) join an in-process :class:`~virtnet.ports.switch.Switch`;
 the input's first byte picks what is checked on b and c (MAC lock, IP source
-guard with or without DHCP snooping, DHCP and router guards, VLANs, a rate),
+guard with or without DHCP and SLAAC learning, DHCP and router guards, VLANs,
+a rate),
 then comes a list of frames, each ``who u8`` (the sending VM, and how far the
 clock moves first) + ``len u8`` + that many bytes (the 12-byte virtio-net
 header and the frame; a length of 255 takes the rest of the input).  The tables
-are made small (8 MACs, 3 per VM, 6 link-local bindings, 2 per VM) so that
-eviction, ageing and the per-VM limits are reached.
+are made small (8 MACs, 3 per VM, 6 address bindings, 2 per VM, 2 SLAAC
+prefixes per VLAN) so that eviction, ageing and the limits are reached.
 
 Checks (anything else is a failure): nothing raises; every frame written is
 counted in; what the VMs receive is what the switch counts out; each MAC
 table entry is counted to the VM it points to, and no VM has more than its
-share; each link-local binding is in its owner's set and back; a VM's
-leases are among its addresses, and only a learning VM has any.
+share; each address binding is in its owner's set and back, and a SLAAC
+address is bound only to a trusted member or one that learns SLAAC, within a
+prefix learnt; a VM's leases are among its addresses, and only a learning VM
+has any; no VLAN holds more SLAAC prefixes than its share.
 
 Run with atheris: ``python fuzz/fuzz_switch.py fuzz/corpus/switch -max_total_time=60``.
 Replay the corpus without atheris (CI): ``python fuzz/fuzz_switch.py --corpus-only
@@ -37,6 +40,7 @@ sw_mod.MAC_TABLE_SIZE = 8
 sw_mod.MACS_PER_VM = 3
 sw_mod.LL_TABLE_SIZE = 6
 sw_mod.LL_PER_VM = 2
+sw_mod.PREFIXES_PER_VLAN = 2
 
 _REST = 255
 _VMS = "abc"
@@ -74,7 +78,8 @@ def _configure(sw: Switch, bits: int) -> None:
     if bits & 0x01:
         sw.set_macs("b", [MACS["b"]])
     if bits & 0x02:
-        sw.set_ips("b", _IPS["b"] + ([sw_mod.DHCP_LEARNING] if bits & 0x80 else []))
+        learn = [sw_mod.DHCP_LEARNING, sw_mod.SLAAC_LEARNING] if bits & 0x80 else []
+        sw.set_ips("b", _IPS["b"] + learn)
     guards = [g for bit, g in ((0x04, "dhcp"), (0x08, "router")) if bits & bit]
     sw.set_guards("b", guards)
     if bits & 0x10:
@@ -96,16 +101,20 @@ def _check_tables(sw: Switch) -> None:
     for vm in sw._vms.values():
         assert vm.learnt == owners[id(vm)], f"{vm.id}: learnt {vm.learnt}, owns {owners[id(vm)]}"
         assert vm.learnt <= sw_mod.MACS_PER_VM
-        for key in vm.link_locals:
-            assert sw._lls[key][0] is vm, f"{vm.id}: binding {key} not its own"
-    for key, (vm, _t) in sw._lls.items():
-        assert key in vm.link_locals, f"{key} missing from {vm.id}'s set"
+        for key in vm.bound:
+            assert sw._bindings[key][0] is vm, f"{vm.id}: binding {key} not its own"
+    for key, (vm, _t) in sw._bindings.items():
+        assert key in vm.bound, f"{key} missing from {vm.id}'s set"
         assert sw._vms.get(vm.id) is vm, f"{key} bound to a removed VM"
+        if not sw_mod._link_local(key[1]):
+            assert vm.ips is None or vm.slaac, f"{key} bound to {vm.id}, which may not learn it"
+    for vlan, prefixes in sw._prefixes.items():
+        assert 0 < len(prefixes) <= sw_mod.PREFIXES_PER_VLAN, (vlan, prefixes)
     for vm in sw._vms.values():
         assert len(vm.leases) <= sw_mod.LEASES_PER_VM
         assert vm.ips4 >= vm.leases.keys() and (vm.dhcp or not vm.leases)
     assert len(sw._macs) <= sw_mod.MAC_TABLE_SIZE
-    assert len(sw._lls) <= sw_mod.LL_TABLE_SIZE
+    assert len(sw._bindings) <= sw_mod.LL_TABLE_SIZE
 
 
 def test_one_input(data: bytes) -> None:
@@ -168,6 +177,15 @@ def _dhcp_ack(client: bytes, addr: str, lease: int) -> bytes:
                        bytes([10, 0, 0, 1]), b"\xff" * 4) + udp  # fmt: skip
 
 
+def _ra(*prefixes: str) -> bytes:
+    """A router advertisement offering ``prefixes`` (/64, autonomous) for SLAAC."""
+    ra = struct.pack("!BBHI", 134, 0, 0, 0) + bytes(8)
+    for prefix in prefixes:
+        ra += struct.pack("!BBBBIII16s", 3, 4, 64, 0xC0, 600, 600, 0,
+                          ipaddress.ip_address(prefix).packed)  # fmt: skip
+    return ra
+
+
 def _rec(who: int, frame: bytes) -> bytes:
     return bytes([who, len(frame)]) + frame if len(frame) < _REST else bytes([who, _REST]) + frame
 
@@ -203,6 +221,15 @@ def _seeds() -> dict[str, bytes]:
         + _rec(0, _eth("a", bcast, 0x0800, _dhcp_ack(MACS["b"], "10.0.0.9", 60)))
         + _rec(1, _eth("b", bcast, 0x0800, _ipv4("10.0.0.9", 17, 1, 2)))
         + _rec(0x80 | 1, _eth("b", bcast, 0x0800, _ipv4("10.0.0.9", 17, 1, 2))),
+        "slaac_learning": bytes([0x83])
+        + _rec(
+            0,
+            _eth("a", bcast, 0x86DD, _ipv6("fe80::a", 58, _ra("fd00:1::", "fd00:2::", "fd00:3::"))),
+        )
+        + _rec(1, _eth("b", bcast, 0x86DD, _ipv6("fd00:1::b", 59, b"")))
+        + _rec(2, _eth("c", bcast, 0x86DD, _ipv6("fd00:1::b", 59, b"")))
+        + _rec(1, _eth("b", bcast, 0x86DD, _ipv6("fd00:2::b", 58, na)))
+        + _rec(0x80 | 1, _eth("b", bcast, 0x86DD, _ipv6("fd00:1::b", 59, b""))),
     }
 
 

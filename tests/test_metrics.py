@@ -177,6 +177,8 @@ _SWITCH = {
     "macs_unlearnt": 7,
     "leases_learnt": 3,
     "leases_refused": 1,
+    "prefixes_learnt": 2,
+    "prefixes_refused": 5,
     "control_errors": 0,
     "uplinks": [{"name": "up0", "dropped": {"to_guest": 4, "from_guest": 0}}],
     "restarts": 1,
@@ -205,6 +207,8 @@ def test_the_drops_no_worker_sees_tap_and_switch() -> None:
     assert got[("virtnet_switch_macs_unlearnt_total", ())] == 7
     assert got[("virtnet_switch_dhcp_leases_total", (("result", "learnt"),))] == 3
     assert got[("virtnet_switch_dhcp_leases_total", (("result", "refused"),))] == 1
+    assert got[("virtnet_switch_slaac_prefixes_total", (("result", "learnt"),))] == 2
+    assert got[("virtnet_switch_slaac_prefixes_total", (("result", "refused"),))] == 5
     assert got[("virtnet_switch_restarts_total", ())] == 1
     # A switch that did not answer: down, and none of its counters but restarts.
     doc["switch"] = {

@@ -808,11 +808,118 @@ def test_link_local_addresses_go_to_their_first_user(sw: Switch, clock: Clock) -
     assert not passes("c", _ipv6("fe80::a"))
     sw.remove_vm("r")
     assert passes("a", _ipv6("fe80::1"))
-    held = len([k for k in sw._lls if sw._lls[k][0].id == "a"])
+    held = len([k for k in sw._bindings if sw._bindings[k][0].id == "a"])
     for i in range(sw_mod.LL_PER_VM - held):
         assert passes("a", _ipv6(f"fe80::a:{i}"))
     assert not passes("a", _ipv6("fe80::a:ffff"))
     assert passes("a", _ipv6("fe80::a:0"))  # one it holds
+
+
+def _ra(src: str, *prefixes: tuple[str, int, int], flags: int = 0x40, hop: int = 255) -> bytes:
+    """An IPv6 router advertisement from ``src`` with a prefix information
+    option for each (prefix, length, valid lifetime); ``flags``: their L/A
+    bits (A, autonomous, by default); ``hop``: the IPv6 hop limit."""
+    ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0)
+    for prefix, length, valid in prefixes:
+        ra += struct.pack("!BBBBIII16s", 3, 4, length, flags, valid, valid, 0, _ip(prefix))
+    return struct.pack("!IHBB16s16s", 0x60000000, len(ra), 58, hop, _ip(src),
+                       _ip("ff02::1")) + ra  # fmt: skip
+
+
+def test_slaac_learning_lets_a_vm_send_from_its_slaac_addresses(sw: Switch, clock: Clock) -> None:
+    """``SLAAC_LEARNING`` in a VM's IP set: once a trusted router (r, under no
+    IP source guard nor router guard) advertises a /64 for autoconfiguration,
+    the VM may send from (and claim in neighbour advertisements) addresses in
+    it on that VLAN, each the first member's to use it (another VM held to it
+    statically is first); until the prefix's valid lifetime ends (which an
+    advertisement may cut to no less than two hours); PREFIXES_PER_VLAN at
+    once.  A guarded VM's advertisements, prefixes without the autonomous
+    flag or not /64, and link-local prefixes teach nothing."""
+    names = "acrgb"
+    queues = {v: sw.open_queue(v, 0) for v in names}
+    for v in names:
+        sw.set_vlans(v, [0, 100])
+    sw.set_ips("a", [_ip("10.0.0.5"), sw_mod.SLAAC_LEARNING])
+    sw.set_ips("c", [_ip("fd00:1::7"), sw_mod.SLAAC_LEARNING])
+    sw.set_ips("g", [_ip("10.0.0.9")])
+    sw.set_ips("b", [_ip("10.0.0.6")])  # no SLAAC
+    sw.set_guards("r", ["dhcp"])  # not a router guard: r is still a trusted router
+
+    def passes(who: str, body: bytes, vlan: int | None = None) -> bool:
+        """Whether ``who``'s IPv6 ``body`` gets through (is not dropped as spoofed)."""
+        before = sw.snapshot().dropped_spoofed
+        assert send(queues[who], _eth(mac(1 + names.index(who)), 0x86DD, body, vlan=vlan))
+        pump(sw)
+        for q in queues.values():
+            drain(q)
+        return sw.snapshot().dropped_spoofed == before
+
+    assert not passes("a", _ipv6("fd00:1::a"))
+    assert passes("g", _ra("fe80::9", ("fd00:1::", 64, 3600)))  # g's RAs teach nothing
+    assert not passes("a", _ipv6("fd00:1::a"))
+    assert passes("r", _ra("fe80::1", ("fd00:1::", 64, 3600), ("fd00:3::", 48, 3600),
+                           ("fe80::", 64, 3600), ("ff02::", 64, 3600)))  # fmt: skip
+    assert passes("r", _ra("fe80::1", ("fd00:2::", 64, 3600), flags=0x80))  # on-link only
+    assert passes("r", _ra("fe80::1", ("fd00:4::", 64, 3600), hop=64))  # not from the link
+    assert sw.snapshot().prefixes == ["fd00:1::/64"]
+    assert sw.snapshot().prefixes_learnt == 1
+    assert passes("a", _ipv6("fd00:1::a"))
+    assert passes("a", _na("fe80::a", "fd00:1::a:1"))
+    for other in ("fd00:2::a", "fd00:3::a", "fd00:4::a"):
+        assert not passes("a", _ipv6(other))
+    assert not passes("a", _ipv6("fd00:1::a"), vlan=100)  # advertised on VLAN 0 only
+    assert not passes("c", _ipv6("fd00:1::a"))  # a's, first come first served
+    assert not passes("c", _na("fe80::c", "fd00:1::a"))
+    assert passes("c", _ipv6("fd00:1::7"))  # its own, statically
+    assert not passes("a", _ipv6("fd00:1::7"))  # c's, statically
+    assert not passes("b", _ipv6("fd00:1::b"))  # b does not learn SLAAC
+    assert passes("r", _ipv6("fd00:1::1"))  # a trusted member's address is its own
+    assert not passes("c", _ipv6("fd00:1::1"))
+    assert sw.snapshot().slaac == {"a": ["fd00:1::a", "fd00:1::a:1"]}
+    # A valid lifetime of 0 cuts the remaining hour no shorter: it ends in an hour.
+    assert passes("r", _ra("fe80::1", ("fd00:1::", 64, 0)))
+    clock.t += 3500
+    assert passes("a", _ipv6("fd00:1::a"))
+    clock.t += 101
+    pump(sw)
+    assert sw.snapshot().prefixes == []
+    assert not passes("a", _ipv6("fd00:1::a"))
+    # An infinite lifetime is PREFIX_MAX_S; a shorter one cuts it to two hours.
+    assert passes("r", _ra("fe80::1", ("fd00:1::", 64, 0xFFFFFFFF)))
+    assert passes("r", _ra("fe80::1", ("fd00:1::", 64, 60)))
+    clock.t += sw_mod.PREFIX_CUT_FLOOR_S - 10
+    assert passes("a", _ipv6("fd00:1::a"))
+    clock.t += 20
+    pump(sw)  # the sweep, once a second, ends prefixes
+    assert not passes("a", _ipv6("fd00:1::a"))
+    many = [(f"fd00:{i:x}::", 64, 3600) for i in range(0x10, 0x10 + sw_mod.PREFIXES_PER_VLAN + 1)]
+    assert passes("r", _ra("fe80::1", *many))
+    assert len(sw.snapshot().prefixes) == sw_mod.PREFIXES_PER_VLAN
+    assert sw.snapshot().prefixes_refused == 1
+    assert passes("r", _ra("fe80::1", ("fd00:5::", 64, 3600)), vlan=100)
+    assert passes("a", _ipv6("fd00:5::a"), vlan=100)
+    assert "fd00:5::/64 vlan 100" in sw.snapshot().prefixes
+    sw.set_ips("a", [_ip("10.0.0.5")])  # no longer learns SLAAC: lets go of its addresses
+    assert "a" not in sw.snapshot().slaac
+    assert not passes("a", _ipv6("fd00:5::a"), vlan=100)
+    sw.set_ips("c", [_ip("fd00:1::7"), sw_mod.SLAAC_LEARNING])
+    assert passes("c", _ipv6("fd00:5::a"), vlan=100)
+
+
+@given(st.binary(min_size=0, max_size=200), st.integers(0, 210))
+@settings(max_examples=300, deadline=None)
+def test_router_prefixes_takes_any_bytes(data: bytes, n: int) -> None:
+    """Whatever a router sends, ``router_prefixes`` answers None or /64
+    prefixes read within the frame."""
+    buf = bytearray(2048)
+    buf[: len(data)] = data
+    n = min(n, len(data))
+    got = sw_mod.router_prefixes(buf, n, sw_mod._l3(buf, n, 0))
+    assert got is None or all(len(p) == 8 and 0 <= v < 1 << 32 for p, v in got)
+    good = bytearray(b"\x86\xdd" + _ra("fe80::1", ("fd00:1::", 64, 30)))
+    l3 = sw_mod._l3(good, len(good), 0)
+    assert sw_mod.router_prefixes(good, len(good), l3) == [(_ip("fd00:1::")[:8], 30)]
+    assert sw_mod.router_prefixes(good, len(good) - 1, sw_mod._l3(good, len(good) - 1, 0)) is None
 
 
 def _dhcp(kind: int, client: bytes, addr: str, lease: int, *, src: str = "10.0.0.1") -> bytes:

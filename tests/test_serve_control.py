@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtnet.errors import ProtocolError
-from virtnet.ports.switch import DHCP_LEARNING, Guard
+from virtnet.ports.switch import DHCP_LEARNING, SLAAC_LEARNING, Guard
 from virtnet.testing.guest import wait_for
 from virtnet.testing.netns import NetNS
 from virtnet.testing.procs import stop_process
@@ -60,6 +60,9 @@ def test_parse_request() -> None:
     assert parse_request(b'{"op": "set", "name": "b", "ips": null}') == SetVm("b", unlock_ips=True)
     assert parse_request(b'{"op": "set", "name": "b", "ips": ["dhcp"]}') == SetVm(
         "b", ips=frozenset({DHCP_LEARNING})
+    )
+    assert parse_request(b'{"op": "set", "name": "b", "ips": ["slaac", "10.0.0.5"]}') == SetVm(
+        "b", ips=frozenset({SLAAC_LEARNING, bytes([10, 0, 0, 5])})
     )
     assert parse_request(b'{"op": "set", "name": "b", "rate": 100000000}') == SetVm(
         "b", rate=100_000_000
@@ -433,7 +436,8 @@ def test_state_file_brings_added_vms_back_after_a_restart(tmp_path: Path) -> Non
             _ctl(control, "set", "b.sock", "--vlans", "100", "--mac", MAC_B.hex(":")).returncode
             == 0
         )
-        assert _ctl(control, "set", "b.sock", "--ip", "10.0.0.2,fd00::2").returncode == 0
+        assert _ctl(control, "set", "b.sock", "--ip", "slaac,10.0.0.2,fd00::2").returncode == 0
+        assert fetch(str(stats))["vms"][1]["ips"] == ["10.0.0.2", "fd00::2", "slaac"]
         assert _ctl(control, "set", "b.sock", "--rate", "1.5G").returncode == 0
         assert _ctl(control, "set", "b.sock", "--guard", "router").returncode == 0
         assert _ctl(control, "remove", "c.sock").returncode == 0
@@ -442,7 +446,7 @@ def test_state_file_brings_added_vms_back_after_a_restart(tmp_path: Path) -> Non
         vms = fetch(str(stats))["vms"]
         assert [vm["name"] for vm in vms] == ["a.sock", "b.sock"], vms
         assert vms[1]["vlans"] == [100] and vms[1]["macs"] == [MAC_B.hex(":")], vms[1]
-        assert vms[1]["ips"] == ["10.0.0.2", "fd00::2"], vms[1]
+        assert vms[1]["ips"] == ["10.0.0.2", "fd00::2", "slaac"], vms[1]
         assert vms[1]["rate_bps"] == 1_500_000_000, vms[1]
         assert vms[1]["guards"] == ["router"], vms[1]
         with VhostUserFrontend(b, queue_pairs=1, mac=MAC_B):

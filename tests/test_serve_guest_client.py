@@ -5,10 +5,18 @@ backend; ``virtnet serve --client --port switch:uplink=IF`` runs in a test
 namespace, dials QEMU, and joins the guest (2 pairs) to a tap uplink in the
 namespace (10.77.2.1/24).  The guest (10.77.2.2/24) pings the host side and
 runs iperf3 both ways through the switch process.
+
+serve holds the guest to 10.77.2.2 and its SLAAC addresses (``--ip
+qemu.sock=10.77.2.2,slaac``): dnsmasq on the uplink advertises fd77:2::/64,
+the guest's own kernel makes its address in it, and pings the host from it;
+from an address in that prefix before the advertisement, or outside it, the
+switch drops its pings as spoofed.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +33,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(600)]
 
 QUEUES = 2
 HOST_IP, GUEST_IP = "10.77.2.1", "10.77.2.2"
+#: The prefix dnsmasq advertises on the uplink for SLAAC, and the host's address in it.
+PREFIX, HOST_IP6 = "fd77:2::", "fd77:2::1"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +49,7 @@ def setup(
             serve = ns.popen(
                 [sys.executable, "-m", "virtnet.cli", "-v", "serve", "--client", "--socket",
                  str(sock), "--port", f"switch:uplink={uplink}", "--queues", str(QUEUES),
-                 "--stats-socket", str(stats)],
+                 "--ip", f"qemu.sock={GUEST_IP},slaac", "--stats-socket", str(stats)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         try:
@@ -83,3 +93,84 @@ def test_client_mode_ping_and_iperf_through_switch_uplink(
     assert vm["connected"] and vm["connections"] == 1
     assert sum(p["rx_packets"] for p in vm["pairs"]) > 100
     assert all(p["errors"] == 0 for p in vm["pairs"])
+
+
+def _spoofed(stats: Path) -> int:
+    return int(fetch(str(stats))["switch"]["dropped_spoofed"])
+
+
+def _ping6_from(guest: Guest, addr: str) -> bool:
+    """Whether the guest, from its address ``addr`` (added without duplicate
+    address detection, then removed), gets an answer from the host."""
+    dad = "/proc/sys/net/ipv6/conf/eth0/accept_dad"  # busybox ip has no nodad
+    guest.run(f"echo 0 > {dad}; ip -6 addr add {addr}/64 dev eth0; echo 1 > {dad}")
+    try:
+        return guest.run(f"ping -6 -c 2 -W 3 -I {addr} {HOST_IP6}", check=False).status == 0
+    finally:
+        guest.run(f"ip -6 addr del {addr}/64 dev eth0")
+
+
+def _slaac_address(guest: Guest) -> str | None:
+    """The guest's address in PREFIX that its kernel made (``dynamic``), if any."""
+    out = guest.run("ip -6 addr show dev eth0 scope global", check=False).output
+    for line in out.splitlines():
+        words = line.split()
+        if words[:1] == ["inet6"] and words[1].startswith(PREFIX) and "dynamic" in words:
+            return words[1].split("/")[0]
+    return None
+
+
+def test_a_guest_may_send_from_its_slaac_address(
+    setup: tuple[Guest, NetNS, Path], tmp_path: Path
+) -> None:
+    """``--ip qemu.sock=10.77.2.2,slaac``: before a router advertises
+    fd77:2::/64, the guest's pings from an address in it are dropped as
+    spoofed; once dnsmasq on the uplink does, the guest's kernel makes its
+    SLAAC address and pings the host from it, ``virtnet stats`` shows the
+    prefix and the address; an address outside the prefix is still refused."""
+    dnsmasq = shutil.which("dnsmasq")
+    if dnsmasq is None:
+        pytest.skip("dnsmasq is not installed (Debian package dnsmasq-base)")
+    guest, ns, stats = setup
+    uplink = fetch(str(stats))["switch"]["uplinks"][0]["name"]
+    ns.ip("-6", "addr", "add", f"{HOST_IP6}/64", "dev", uplink, "nodad")
+    spoofed = _spoofed(stats)
+    assert not _ping6_from(guest, "fd77:2::99")
+    assert _spoofed(stats) > spoofed
+    log = tmp_path / "dnsmasq.log"
+    with log.open("w") as logged:
+        router = ns.popen(
+            [dnsmasq, "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
+             f"--interface={uplink}", "--bind-interfaces", "--enable-ra",
+             f"--dhcp-range={PREFIX},ra-only,64,1h", f"--ra-param={uplink},10",
+             f"--pid-file={tmp_path / 'dnsmasq.pid'}",
+             f"--dhcp-leasefile={tmp_path / 'dnsmasq.leases'}", "--user=root",
+             "--log-facility=-"],
+            stdout=logged, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        assert wait_for(lambda: _slaac_address(guest) is not None, timeout=60), (
+            log.read_text() + guest.run("ip -6 addr; ip -6 route", check=False).output
+        )
+        addr = _slaac_address(guest)
+        ping = f"ping -6 -c 1 -W 3 -I {addr} {HOST_IP6}"
+        assert wait_for(lambda: guest.run(ping, check=False).status == 0, timeout=30), fetch(
+            str(stats)
+        )["switch"]
+        doc = fetch(str(stats))
+        assert doc["switch"]["prefixes"] == ["fd77:2::/64"], doc["switch"]
+        assert doc["switch"]["prefixes_learnt"] == 1
+        assert doc["vms"][0]["slaac"] == [addr], doc["vms"][0]
+        shown = subprocess.run(
+            [sys.executable, "-m", "virtnet.cli", "stats", "--stats-socket", str(stats)],
+            capture_output=True, text=True, timeout=30, check=True,
+            env={**os.environ, "COLUMNS": "300"},
+        )  # fmt: skip
+        text = shown.stdout
+        assert f"SLAAC {addr}" in text and "SLAAC prefixes fd77:2::/64" in text, text
+        spoofed = _spoofed(stats)
+        assert not _ping6_from(guest, "fd77:3::5")
+        assert _spoofed(stats) > spoofed
+    finally:
+        stop_process(router, timeout=10)
+        ns.ip("-6", "addr", "del", f"{HOST_IP6}/64", "dev", uplink, check=False)

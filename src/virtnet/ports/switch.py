@@ -74,6 +74,7 @@ from __future__ import annotations
 import array
 import contextlib
 import functools
+import ipaddress
 import json
 import os
 import select
@@ -121,6 +122,9 @@ __all__ = [
     "MAX_ND_OPTIONS",
     "MAX_PAIRS_PER_VM",
     "MAX_VMS",
+    "PREFIXES_PER_VLAN",
+    "PREFIX_MAX_S",
+    "SLAAC_LEARNING",
     "Guard",
     "Switch",
     "SwitchPort",
@@ -129,6 +133,7 @@ __all__ = [
     "flow_id",
     "mac_text",
     "rate_burst",
+    "router_prefixes",
     "serve",
     "spread",
 ]
@@ -144,13 +149,16 @@ MAC_TABLE_SIZE = 16384
 MACS_PER_VM = 256
 # 802.1D-2004 section 7.9.2 recommends an ageing time of 300 s.
 MAC_AGING_S = 300.0
-# Link-local IPv6 addresses, per VLAN, bound to the member that used one first
-# (SAVI-FCFS, RFC 6620), so that a VM held to its addresses (set_ips) cannot
-# claim another member's -- a router's among them.  Bounded like the MAC table;
-# a binding lapses after LL_AGING_S unused, the longest a router may stay
-# silent between its advertisements (MaxRtrAdvInterval's upper bound, RFC 4861
-# section 6.2.1), so a quiet router keeps its address.  A guarded VM may hold
-# LL_PER_VM of them (a host makes one per interface; VLANs are other links).
+# Link-local IPv6 addresses, and the SLAAC ones of VMs that learn them, per
+# VLAN, bound to the member that used one first (SAVI-FCFS, RFC 6620), so that
+# a VM held to its addresses (set_ips) cannot claim another member's -- a
+# router's among them.  Bounded like the MAC table; a binding lapses after
+# LL_AGING_S unused, the longest a router may stay silent between its
+# advertisements (MaxRtrAdvInterval's upper bound, RFC 4861 section 6.2.1), so
+# a quiet router keeps its address.  A guarded VM may hold LL_PER_VM of them
+# (a host makes one link-local address per interface -- VLANs are other links
+# -- and one or two SLAAC addresses per prefix, RFC 8981's temporary ones
+# among them).
 LL_TABLE_SIZE = 16384
 LL_AGING_S = 1800.0
 LL_PER_VM = 16
@@ -160,6 +168,16 @@ LL_PER_VM = 16
 # taken as this long; the client renews at half of it), LEASES_PER_VM at once.
 LEASE_MAX_S = 7 * 86400
 LEASES_PER_VM = 8
+# SLAAC learning (set_ips with SLAAC_LEARNING): the /64 prefixes a trusted
+# router advertises for autoconfiguration (RFC 4862 section 5.5.3), per VLAN,
+# each until its valid lifetime ends, at most PREFIX_MAX_S (an infinite one is
+# taken as this long; routers advertise every 1800 s at most), PREFIXES_PER_VLAN
+# at once (a new one past that is not learnt).
+PREFIX_MAX_S = 7 * 86400
+PREFIXES_PER_VLAN = 16
+# RFC 4862 section 5.5.3 e: an advertisement may cut a prefix's remaining valid
+# lifetime to no less than two hours -- as the hosts keep their addresses.
+PREFIX_CUT_FLOOR_S = 2 * 3600
 # Remembered (VM, flow) -> last tx pair entries for rx-follows-tx.
 FLOW_TABLE_SIZE = 16384
 # A flow not sent on for this long is placed by hash again.
@@ -260,10 +278,14 @@ class SwitchStats:
     macs_unlearnt: int = 0  # new source MACs of a VM that has taught MACS_PER_VM
     leases_learnt: int = 0  # DHCPACKs that let a VM send from its lease (set_ips)
     leases_refused: int = 0  # ... for an address another VM holds, or past LEASES_PER_VM
+    prefixes_learnt: int = 0  # SLAAC prefixes a trusted router advertised (set_ips)
+    prefixes_refused: int = 0  # ... past PREFIXES_PER_VLAN
     flow_evictions: int = 0
     control_errors: int = 0
     ports: dict[str, dict[str, int]] = field(default_factory=dict)
     leases: dict[str, list[str]] = field(default_factory=dict)  # VM -> its DHCP leases
+    slaac: dict[str, list[str]] = field(default_factory=dict)  # VM -> its SLAAC addresses
+    prefixes: list[str] = field(default_factory=list)  # "fd00::/64" or "fd00::/64 vlan 100"
 
 
 _NO_OFFLOAD: frozenset[Offload] = frozenset()
@@ -328,6 +350,11 @@ _NOT_FIRST = -1
 #: In an IP set (``set_ips``): the VM may also send from the IPv4 addresses a
 #: trusted DHCP server leases to it (libvirt's ``CTRL_IP_LEARNING=dhcp``).
 DHCP_LEARNING = b""
+#: In an IP set: the VM may also send from IPv6 addresses it makes itself
+#: (SLAAC, RFC 4862) in the prefixes a trusted router advertises, each the
+#: first member's to use it (FCFS SAVI, RFC 6620).
+SLAAC_LEARNING = b"\x00"
+_LEARNING = frozenset({DHCP_LEARNING, SLAAC_LEARNING})
 # BOOTP/DHCP (RFC 2131 section 2, RFC 2132): offsets in the UDP payload, the
 # magic cookie, and the options read.
 _BOOTP_YIADDR, _BOOTP_CHADDR, _BOOTP_COOKIE, _BOOTP_OPTIONS = 16, 28, 236, 240
@@ -461,7 +488,8 @@ def _ip_source_ok(
     l3: L3,
     v4: frozenset[int],
     v6: frozenset[bytes],
-    link_locals: list[bytes] | None = None,
+    claims: list[bytes] | None = None,
+    prefixes: dict[bytes, float] | None = None,
 ) -> bool:
     """IP source guard: whether the frame in ``buf[:n]`` (parsed as ``l3``)
     claims only addresses of ``v4`` (IPv4, as integers) and ``v6`` (IPv6,
@@ -469,10 +497,12 @@ def _ip_source_ok(
 
     IPv4 source and ARP sender address must be in ``v4``; an IPv6 source in
     ``v6``, unless link-local (fe80::/10, which every IPv6 host makes for
-    itself), and so must the target a neighbour advertisement claims, behind
-    whatever extension headers.  The link-local addresses the frame claims so
-    are appended to ``link_locals`` (when given), for the caller to hold to
-    their first user (:meth:`Switch._claim_link_locals`).  The unspecified
+    itself) or in one of ``prefixes`` (the /64s, as their first 8 bytes, a
+    trusted router offers for SLAAC, when the VM learns those), and so must
+    the target a neighbour advertisement claims, behind whatever extension
+    headers.  The link-local and SLAAC addresses the frame claims so are
+    appended to ``claims`` (when given), for the caller to hold to their
+    first user (:meth:`Switch._claim_addresses`).  The unspecified
     address is allowed where a host must use it, before it has an address: a
     DHCP client's UDP 68 -> 67 (RFC 2131), an ARP probe (RFC 5227), and
     duplicate address detection's neighbour solicitations, router
@@ -497,9 +527,9 @@ def _ip_source_ok(
         src6 = bytes(buf[p + 8 : p + 24])
         if src6 in v6 or src6 == _IPV6_ANY:
             pass
-        elif _link_local(src6):
-            if link_locals is not None:
-                link_locals.append(src6)
+        elif _link_local(src6) or (prefixes and src6[:8] in prefixes):
+            if claims is not None:
+                claims.append(src6)
         else:
             return False
         if src6 == _IPV6_ANY:
@@ -512,10 +542,10 @@ def _ip_source_ok(
             target = bytes(buf[u + 8 : u + 24])
             if target in v6:
                 return True
-            if not _link_local(target):
+            if not _link_local(target) and not (prefixes and target[:8] in prefixes):
                 return False
-            if link_locals is not None:
-                link_locals.append(target)
+            if claims is not None:
+                claims.append(target)
         return True
     return et not in _ETH_TAGS
 
@@ -539,6 +569,71 @@ MAX_ND_OPTIONS = 64
 _LLADDR_ET_LOW = frozenset({_ETH_ARP & 0xFF, _ETH_IPV6 & 0xFF})
 
 
+def _nd_options(buf: bytearray, n: int, l3: L3) -> list[tuple[int, int, int]] | None:
+    """The options of the IPv6 neighbour discovery message in ``buf[:n]``
+    (parsed as ``l3``), each (type, offset, size in bytes), walked within
+    the IPv6 payload length; [] for a frame that is no such message; None for
+    a malformed option list (running past the payload, a zero-length option,
+    RFC 4861 section 4.6, or more than :data:`MAX_ND_OPTIONS`)."""
+    et, p, nh, u = l3
+    if et != _ETH_IPV6 or nh != _ICMPV6 or u < 0 or n <= u:
+        return []
+    at = _ND_OPTIONS_AT.get(buf[u])
+    if at is None:
+        return []
+    end = p + 40 + (buf[p + 4] << 8 | buf[p + 5])  # the payload length, not the frame's
+    if end > n:
+        return None
+    out: list[tuple[int, int, int]] = []
+    q = u + at
+    for _ in range(MAX_ND_OPTIONS):
+        if q + 2 > end:
+            return out if q >= end else None
+        size = buf[q + 1] * 8
+        if not size or q + size > end:
+            return None
+        out.append((buf[q], q, size))
+        q += size
+    return None
+
+
+_ND_RA = 134  # ICMPv6 router advertisement
+_ND_PREFIX_INFO = 3  # its prefix information option (RFC 4861 section 4.6.2)
+_PIO_AUTONOMOUS = 0x40
+#: The prefix length SLAAC works with on Ethernet (RFC 4862 section 5.5.3,
+#: RFC 2464 section 4: 64-bit interface identifiers).
+_SLAAC_PREFIX_LEN = 64
+
+
+def router_prefixes(buf: bytearray, n: int, l3: L3) -> list[tuple[bytes, int]] | None:
+    """The (prefix, valid lifetime in seconds) of each /64 the router
+    advertisement in ``buf[:n]`` (parsed as ``l3``) offers for SLAAC (the
+    autonomous flag set, RFC 4862 section 5.5.3), prefix as its first 8 bytes;
+    None when it is not a valid advertisement (RFC 4861 section 6.1.2: ICMPv6
+    type 134 code 0, hop limit 255, from a link-local address, options well
+    formed).  Link-local and multicast prefixes are skipped, as hosts skip
+    them."""
+    et, p, nh, u = l3
+    if et != _ETH_IPV6 or nh != _ICMPV6 or u < 0 or n < u + 16 or buf[u] != _ND_RA:
+        return None
+    if buf[u + 1] or buf[p + 7] != 255 or not _link_local(bytes(buf[p + 8 : p + 10])):
+        return None
+    opts = _nd_options(buf, n, l3)
+    if opts is None:
+        return None
+    out = []
+    for kind, q, size in opts:
+        if kind != _ND_PREFIX_INFO or size != 32:
+            continue
+        if buf[q + 2] != _SLAAC_PREFIX_LEN or not buf[q + 3] & _PIO_AUTONOMOUS:
+            continue
+        prefix = bytes(buf[q + 16 : q + 24])
+        if _link_local(prefix) or prefix[0] == 0xFF:
+            continue
+        out.append((prefix, _U32.unpack_from(buf, q + 4)[0]))
+    return out
+
+
 def _lladdr_ok(buf: bytearray, n: int, l3: L3, macs: frozenset[bytes]) -> bool:
     """Port security inside the frame: whether the MAC an ARP packet gives as
     its sender, and the link-layer addresses an IPv6 neighbour discovery
@@ -546,30 +641,15 @@ def _lladdr_ok(buf: bytearray, n: int, l3: L3, macs: frozenset[bytes]) -> bool:
     ``no-arp-mac-spoofing``, for ND too): else a VM locked to its MAC could
     have the others send what is meant for its addresses to another's MAC.
     A :data:`_MALFORMED` frame (``l3``: :func:`_l3`) is refused."""
-    et, p, nh, u = l3
+    et, p, _nh, u = l3
     if u == _MALFORMED:
         return False
     if et == _ETH_ARP:
         return bytes(buf[p + 8 : p + 14]) in macs
-    if et != _ETH_IPV6 or nh != _ICMPV6 or u < 0 or n <= u:
-        return True
-    at = _ND_OPTIONS_AT.get(buf[u])
-    if at is None:
-        return True
-    end = p + 40 + (buf[p + 4] << 8 | buf[p + 5])  # the payload length, not the frame's
-    if end > n:
+    opts = _nd_options(buf, n, l3)
+    if opts is None:
         return False
-    q = u + at
-    for _ in range(MAX_ND_OPTIONS):
-        if q + 2 > end:
-            return q >= end
-        size = buf[q + 1] * 8
-        if not size or q + size > end:
-            return False  # a zero-length option is invalid (RFC 4861 section 4.6)
-        if buf[q] in _ND_LLAO and (size < 8 or bytes(buf[q + 2 : q + 8]) not in macs):
-            return False
-        q += size
-    return False
+    return all(k not in _ND_LLAO or bytes(buf[q + 2 : q + 8]) in macs for k, q, _s in opts)
 
 
 def _guards_ok(buf: bytearray, n: int, l3: L3, guards: int) -> bool:
@@ -607,9 +687,9 @@ def _link_local(addr: bytes) -> bool:
 
 class _Vm:
     __slots__ = (
-        "active", "burst", "dhcp", "guard_bits", "id", "ips", "ips4", "ips6", "learnt",
-        "leases", "link_locals", "macs", "ports", "rate", "rx_offloads", "rx_ports", "stamp",
-        "steering", "tokens", "vlans",
+        "active", "bound", "burst", "dhcp", "guard_bits", "id", "ips", "ips4", "ips6",
+        "learnt", "leases", "macs", "ports", "rate", "rx_offloads", "rx_ports", "slaac",
+        "stamp", "steering", "tokens", "vlans",
     )  # fmt: skip
 
     def __init__(self, vm_id: str) -> None:
@@ -621,8 +701,9 @@ class _Vm:
         self.ips6: frozenset[bytes] = frozenset()
         self.dhcp = False  # its IPv4 leases count too (DHCP_LEARNING in its set)
         self.leases: dict[int, float] = {}  # leased IPv4 address -> when the lease ends
+        self.slaac = False  # may use SLAAC addresses (SLAAC_LEARNING in its set)
         self.guard_bits = 0  # what it may not send (set_guards), as _GUARD_* bits
-        self.link_locals: set[tuple[int, bytes]] = set()  # (VLAN, address) bound to it
+        self.bound: set[tuple[int, bytes]] = set()  # (VLAN, IPv6 address) bound to it
         self.learnt = 0  # MAC table entries that point to it
         # Policing of what the VM sends (set_rate): a token bucket in bytes.
         self.rate = 0.0  # bytes per second; 0: not policed
@@ -691,10 +772,13 @@ class Switch:
         self._macs: OrderedDict[tuple[int, bytes], tuple[_Vm, float]] = OrderedDict()
         self._locked: dict[bytes, _Vm] = {}  # port security: MAC -> the VM it is locked to
         self._flows: OrderedDict[tuple[str, int], tuple[int, float]] = OrderedDict()
-        # (VLAN, link-local IPv6 address) -> the member bound to it, when last used.
-        self._lls: OrderedDict[tuple[int, bytes], tuple[_Vm, float]] = OrderedDict()
-        self._claims: list[bytes] = []  # a guarded frame's link-local claims
-        self._learners = 0  # VMs whose DHCP leases count (DHCP snooping on when > 0)
+        # (VLAN, link-local or SLAAC IPv6 address) -> the member bound to it, when last used.
+        self._bindings: OrderedDict[tuple[int, bytes], tuple[_Vm, float]] = OrderedDict()
+        self._claims: list[bytes] = []  # a guarded frame's link-local and SLAAC claims
+        # VMs whose DHCP leases or SLAAC addresses count (snooping on when > 0).
+        self._learners = 0
+        # VLAN -> SLAAC prefix (8 bytes) a trusted router advertised -> when it ends.
+        self._prefixes: dict[int, dict[bytes, float]] = {}
         self._buf = bytearray(_BUF_LEN)
         self._view = memoryview(self._buf)
         self._ctl: socket.socket | None = None
@@ -800,22 +884,30 @@ class Switch:
         None: unlock); see IP source guard."""
         vm = self._vm(vm_id)
         new = None if ips is None else frozenset(ips)
-        if new is not None and (not new or any(len(a) not in (0, 4, 16) for a in new)):
+        if new is not None and (
+            not new or any(len(a) not in (4, 16) and a not in _LEARNING for a in new)
+        ):
             raise UsageError(
-                f"bad IP set for {vm_id!r}: IPv4 or IPv6 addresses or DHCP_LEARNING, at least one"
+                f"bad IP set for {vm_id!r}: IPv4 or IPv6 addresses, DHCP_LEARNING or"
+                " SLAAC_LEARNING, at least one"
             )
         vm.ips = new
         vm.ips6 = frozenset(a for a in new or () if len(a) == 16)
         vm.dhcp = new is not None and DHCP_LEARNING in new
         if not vm.dhcp:
             vm.leases.clear()
+        vm.slaac = new is not None and SLAAC_LEARNING in new
+        if new is not None and not vm.slaac:  # its SLAAC addresses are no longer its
+            for key in [k for k in vm.bound if not _link_local(k[1])]:
+                del self._bindings[key]
+                vm.bound.discard(key)
         vm.refresh_ips4()
         self._count_learners()
 
     def _count_learners(self) -> None:
-        """``_learners``: how many VMs learn addresses from DHCP (snooping is
-        off, and costs a frame nothing, while there are none)."""
-        self._learners = sum(v.dhcp for v in self._vms.values())
+        """``_learners``: how many VMs learn addresses from DHCP or SLAAC
+        (snooping is off, and costs a frame nothing, while there are none)."""
+        self._learners = sum(v.dhcp or v.slaac for v in self._vms.values())
 
     def set_guards(self, vm_id: str, guards: Iterable[str]) -> None:
         """What the VM may not send (:class:`Guard` values; empty: anything):
@@ -874,8 +966,8 @@ class Switch:
             del self._macs[k]
         for fk in [fk for fk in self._flows if fk[0] == vm_id]:
             del self._flows[fk]
-        for key in vm.link_locals:
-            del self._lls[key]
+        for key in vm.bound:
+            del self._bindings[key]
         self._count_learners()
 
     def add_control(self, sock: socket.socket) -> None:
@@ -885,8 +977,10 @@ class Switch:
         self._ep.register(sock.fileno(), select.EPOLLIN)
 
     def snapshot(self) -> SwitchStats:
-        """Counters, with per-port counters under ``ports['vm/pair']`` and each
-        VM's DHCP leases (dotted quads) under ``leases['vm']``."""
+        """Counters, with per-port counters under ``ports['vm/pair']``, each
+        VM's DHCP leases (dotted quads) under ``leases['vm']``, the SLAAC
+        addresses bound to each VM that learns them under ``slaac['vm']``, and
+        the SLAAC prefixes learnt under ``prefixes``."""
         self.stats.ports = {
             f"{vm.id}/{p}": port.counters()
             for vm in self._vms.values()
@@ -897,6 +991,17 @@ class Switch:
             for vm in self._vms.values()
             if vm.leases
         }
+        self.stats.slaac = {
+            vm.id: [str(ipaddress.IPv6Address(a)) for _v, a in sorted(vm.bound)
+                    if not _link_local(a)]
+            for vm in self._vms.values()
+            if vm.slaac and any(not _link_local(a) for _v, a in vm.bound)
+        }  # fmt: skip
+        self.stats.prefixes = [
+            f"{ipaddress.IPv6Address(pfx + bytes(8))}/64" + (f" vlan {vlan}" if vlan else "")
+            for vlan, pfxs in sorted(self._prefixes.items())
+            for pfx in sorted(pfxs)
+        ]
         return self.stats
 
     def mac_table_len(self) -> int:
@@ -1042,8 +1147,9 @@ class Switch:
             claims = self._claims
             if l3 is None:
                 l3 = _l3(buf, n, et_off)
-            if not _ip_source_ok(buf, n, l3, svm.ips4, svm.ips6, claims) or (
-                claims and not self._claim_link_locals(svm, vlan, claims, now)
+            pfxs = self._prefixes.get(vlan) if svm.slaac else None
+            if not _ip_source_ok(buf, n, l3, svm.ips4, svm.ips6, claims, pfxs) or (
+                claims and not self._claim_addresses(svm, vlan, claims, now)
             ):
                 claims.clear()
                 stats.dropped_spoofed += 1
@@ -1054,12 +1160,17 @@ class Switch:
             buf[et_off] == 0x86
             and buf[et_off + 1] == 0xDD
             and n >= et_off + 42
-            and buf[et_off + 10] == 0xFE
-            and buf[et_off + 11] & 0xC0 == 0x80
+            and (
+                (buf[et_off + 10] == 0xFE and buf[et_off + 11] & 0xC0 == 0x80)
+                or (
+                    self._prefixes
+                    and bytes(buf[et_off + 10 : et_off + 18]) in self._prefixes.get(vlan, ())
+                )
+            )
         ):
             # A member not held to its addresses (trusted) uses a link-local
-            # source: it is that member's, whoever claimed it before.
-            self._bind_link_local(svm, (vlan, bytes(buf[et_off + 10 : et_off + 26])), now)
+            # or SLAAC source: it is that member's, whoever claimed it before.
+            self._bind_address(svm, (vlan, bytes(buf[et_off + 10 : et_off + 26])), now)
         if svm.guard_bits:
             if l3 is None:
                 l3 = _l3(buf, n, et_off)
@@ -1067,8 +1178,13 @@ class Switch:
                 stats.dropped_guard += 1
                 src.rx_dropped += 1
                 return
-        if self._learners and svm.ips is None and not svm.guard_bits & _GUARD_DHCP:
-            self._snoop_dhcp(buf, n, l3 or _l3(buf, n, et_off), vlan, now)
+        if self._learners and svm.ips is None:
+            l3 = l3 or _l3(buf, n, et_off)
+            if l3[0] == _ETH_IPV4:
+                if not svm.guard_bits & _GUARD_DHCP:
+                    self._snoop_dhcp(buf, n, l3, vlan, now)
+            elif l3[2] == _ICMPV6 and not svm.guard_bits & _GUARD_ROUTER:
+                self._snoop_ra(buf, n, l3, vlan, now)
         macs = self._macs
         key = (vlan, smac)
         had = macs.get(key)
@@ -1199,48 +1315,84 @@ class Switch:
         vm.refresh_ips4()
         self.stats.leases_learnt += 1
 
-    def _claim_link_locals(self, vm: _Vm, vlan: int, addrs: list[bytes], now: float) -> bool:
+    def _snoop_ra(self, buf: bytearray, n: int, l3: L3, vlan: int, now: float) -> None:
+        """SLAAC learning: a router advertisement from a trusted router (a
+        member under neither the IP source guard nor the router guard) offers
+        its /64 prefixes for autoconfiguration on ``vlan``; VMs that learn
+        SLAAC may then use addresses in them (:func:`_ip_source_ok`)."""
+        offered = router_prefixes(buf, n, l3)
+        if not offered:
+            return
+        pfxs = self._prefixes.setdefault(vlan, {})
+        for prefix, valid in offered:
+            end = now + min(valid, PREFIX_MAX_S)
+            had = pfxs.get(prefix)
+            if had is None:
+                if not valid:
+                    continue
+                if len(pfxs) >= PREFIXES_PER_VLAN:
+                    self.stats.prefixes_refused += 1
+                    continue
+                self.stats.prefixes_learnt += 1
+            elif end < had:
+                end = max(end, min(had, now + PREFIX_CUT_FLOOR_S))
+            pfxs[prefix] = end
+        if not pfxs:
+            del self._prefixes[vlan]
+
+    def _claim_addresses(self, vm: _Vm, vlan: int, addrs: list[bytes], now: float) -> bool:
         """First come, first served (RFC 6620) for a guarded VM: whether
         ``vm`` may use the link-local ``addrs`` on ``vlan``; each is then bound
         to it.  No when another member holds one (used within
         :data:`LL_AGING_S`), or when ``vm`` would hold more than
         :data:`LL_PER_VM`."""
-        lls = self._lls
+        lls = self._bindings
         for addr in addrs:
             ent = lls.get((vlan, addr))
-            if ent is not None and ent[0] is not vm and now - ent[1] <= LL_AGING_S:
+            if ent is None:
+                # A SLAAC address first used: not one another VM is held to.
+                if not _link_local(addr) and any(
+                    addr in v.ips6 for v in self._vms.values() if v is not vm
+                ):
+                    return False
+            elif ent[0] is not vm and now - ent[1] <= LL_AGING_S:
                 return False
-        new = {(vlan, a) for a in addrs} - vm.link_locals
-        if len(vm.link_locals) + len(new) > LL_PER_VM:
-            self._expire_link_locals(vm, now)
-            if len(vm.link_locals) + len(new) > LL_PER_VM:
+        new = {(vlan, a) for a in addrs} - vm.bound
+        if len(vm.bound) + len(new) > LL_PER_VM:
+            self._expire_bindings(vm, now)
+            if len(vm.bound) + len(new) > LL_PER_VM:
                 return False
         for addr in addrs:
-            self._bind_link_local(vm, (vlan, addr), now)
+            self._bind_address(vm, (vlan, addr), now)
         return True
 
-    def _bind_link_local(self, vm: _Vm, key: tuple[int, bytes], now: float) -> None:
+    def _bind_address(self, vm: _Vm, key: tuple[int, bytes], now: float) -> None:
         """Bind ``key`` (VLAN, link-local address) to ``vm``, used ``now``."""
-        lls = self._lls
+        lls = self._bindings
         ent = lls.get(key)
         if ent is not None and ent[0] is not vm:
-            ent[0].link_locals.discard(key)
+            ent[0].bound.discard(key)
         lls[key] = (vm, now)
         lls.move_to_end(key)
-        vm.link_locals.add(key)
+        vm.bound.add(key)
         if len(lls) > LL_TABLE_SIZE:
             old, (owner, _t) = lls.popitem(last=False)
-            owner.link_locals.discard(old)
+            owner.bound.discard(old)
 
-    def _expire_link_locals(self, vm: _Vm, now: float) -> None:
+    def _expire_bindings(self, vm: _Vm, now: float) -> None:
         """Let go of ``vm``'s link-local bindings unused for LL_AGING_S."""
-        lls = self._lls
-        for key in [k for k in vm.link_locals if now - lls[k][1] > LL_AGING_S]:
+        lls = self._bindings
+        for key in [k for k in vm.bound if now - lls[k][1] > LL_AGING_S]:
             del lls[key]
-            vm.link_locals.discard(key)
+            vm.bound.discard(key)
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + SWEEP_INTERVAL_S
+        for vlan, pfxs in list(self._prefixes.items()):
+            for prefix in [x for x, end in pfxs.items() if end <= now]:
+                del pfxs[prefix]
+            if not pfxs:
+                del self._prefixes[vlan]
         if self._learners:
             for vm in self._vms.values():
                 ended = [a for a, end in vm.leases.items() if end <= now]
@@ -1261,13 +1413,13 @@ class Switch:
             if now - t <= FLOW_AGING_S:
                 break
             del flows[fk]
-        lls = self._lls
+        lls = self._bindings
         while lls:
             key, (owner, t) = next(iter(lls.items()))
             if now - t <= LL_AGING_S:
                 break
             del lls[key]
-            owner.link_locals.discard(key)
+            owner.bound.discard(key)
 
     # -- control channel (process mode) ---------------------------------------
 

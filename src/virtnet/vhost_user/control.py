@@ -16,8 +16,9 @@ serve answers one JSON line and closes:
   source IP addresses, as ``--ip`` does; ``rate``: police what it sends to
   this many bit/s, as ``--rate`` does; ``guards``: ``["dhcp", "router"]`` or
   either, the servers it may not be, as ``--guard`` does (an ``ips`` entry
-  ``"dhcp"``: its DHCP leases count too).  Answer ``{"ok": true, "name":
-  NAME}``, NAME being what ``virtnet stats`` shows.
+  ``"dhcp"``: its DHCP leases count too; ``"slaac"``: its SLAAC addresses).
+  Answer ``{"ok": true, "name": NAME}``, NAME being what ``virtnet stats``
+  shows.
 * ``{"op": "remove", "name": NAME}``: stop serving that VM: its connection is
   closed (its workers stop), its socket file removed, its switch membership
   or tap dropped.  The guest sees its link go down.
@@ -45,7 +46,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtnet.errors import ProtocolError, UsageError
-from virtnet.ports.switch import DHCP_LEARNING, MAX_RATE_BPS, MIN_RATE_BPS, VLAN_MAX, Guard
+from virtnet.ports.switch import (
+    DHCP_LEARNING,
+    MAX_RATE_BPS,
+    MIN_RATE_BPS,
+    SLAAC_LEARNING,
+    VLAN_MAX,
+    Guard,
+)
 from virtnet.vhost_user.stats import ask
 
 __all__ = [
@@ -121,15 +129,22 @@ def parse_macs(text: str) -> frozenset[bytes]:
     return frozenset(out)
 
 
+#: ``--ip`` words for what a VM may learn, and their markers in an IP set.
+_LEARNING = {"dhcp": DHCP_LEARNING, "slaac": SLAAC_LEARNING}
+
+
 def parse_ips(text: str) -> frozenset[bytes]:
-    """``10.0.0.5,fd00::5,dhcp`` -> the packed addresses (4 or 16 bytes), and
+    """``10.0.0.5,fd00::5,dhcp,slaac`` -> the packed addresses (4 or 16 bytes),
     :data:`~virtnet.ports.switch.DHCP_LEARNING` for ``dhcp`` (the leases a
-    trusted DHCP server gives count too); ValueError unless each is that or an
-    IPv4 or IPv6 address a host may have as its own."""
+    trusted DHCP server gives count too) and
+    :data:`~virtnet.ports.switch.SLAAC_LEARNING` for ``slaac`` (so do the
+    addresses the VM makes in the prefixes a trusted router advertises);
+    ValueError unless each is one of those or an IPv4 or IPv6 address a host
+    may have as its own."""
     out = set()
     for part in text.split(","):
-        if part.strip() == "dhcp":
-            out.add(DHCP_LEARNING)
+        if part.strip() in _LEARNING:
+            out.add(_LEARNING[part.strip()])
             continue
         addr = ipaddress.ip_address(part.strip())
         if addr.is_multicast or addr.is_unspecified or str(addr) == "255.255.255.255":
@@ -340,7 +355,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--tap", metavar="IFNAME", help="its tap (with --port tap:...)")
     add.add_argument("--mac", metavar="MAC[,MAC]", help="the source MACs it may use on the switch")
     add.add_argument(
-        "--ip", metavar="ADDR[,ADDR]", help="the source IPs it may use on the switch (dhcp: leases)"
+        "--ip",
+        metavar="ADDR[,ADDR]",
+        help="the source IPs it may use on the switch (dhcp: leases; slaac: SLAAC addresses)",
     )
     add.add_argument("--rate", type=_rate_arg, metavar="RATE", help="police what it sends (100M)")
     add.add_argument(
@@ -356,7 +373,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lock.add_argument("--no-mac", action="store_true", help="let it use any MAC")
     guard = st.add_mutually_exclusive_group()
     guard.add_argument(
-        "--ip", metavar="ADDR[,ADDR]", help="lock it to these source IPs (dhcp: and its leases)"
+        "--ip",
+        metavar="ADDR[,ADDR]",
+        help="lock it to these source IPs (dhcp: and its leases; slaac: its SLAAC addresses)",
     )
     guard.add_argument("--no-ip", action="store_true", help="let it use any IP")
     limit = st.add_mutually_exclusive_group()

@@ -27,7 +27,8 @@ Metrics (labels ``vm`` -- the socket's name -- and ``pair``):
   (``reason``: full, unknown_vm, bad_frame, vlan, spoofed, offload, no_queue,
   rate, guard),
   ``virtnet_switch_evictions_total`` (``table`` mac/flow),
-  ``virtnet_switch_macs_unlearnt_total``, ``virtnet_switch_dhcp_leases_total``
+  ``virtnet_switch_macs_unlearnt_total``, ``virtnet_switch_dhcp_leases_total``,
+  ``virtnet_switch_slaac_prefixes_total``
   (``result`` learnt/refused),
   ``virtnet_switch_control_errors_total`` and ``virtnet_switch_restarts_total``
   (the other switch counters start from zero after a restart).
@@ -269,6 +270,13 @@ def _switch_families(sw: Any, taps: CounterMetricFamily) -> list[Metric]:
     )
     leases.add_metric(["learnt"], _count(sw, "leases_learnt"))
     leases.add_metric(["refused"], _count(sw, "leases_refused"))
+    prefixes = CounterMetricFamily(
+        "virtnet_switch_slaac_prefixes",
+        "Router-advertised SLAAC prefixes snooped for VMs that learn their SLAAC addresses.",
+        labels=["result"],
+    )
+    prefixes.add_metric(["learnt"], _count(sw, "prefixes_learnt"))
+    prefixes.add_metric(["refused"], _count(sw, "prefixes_refused"))
     ctl = CounterMetricFamily(
         "virtnet_switch_control_errors", "Bad control messages the switch refused."
     )
@@ -278,7 +286,10 @@ def _switch_families(sw: Any, taps: CounterMetricFamily) -> list[Metric]:
         raise SnapshotError("switch 'uplinks' is not a list")
     for tap in uplinks:
         _add_tap(taps, "uplink", tap)
-    return [up, restarts, frames, flooded, filtered, dropped, evictions, unlearnt, leases, ctl]
+    return [
+        up, restarts, frames, flooded, filtered, dropped, evictions, unlearnt, leases, prefixes,
+        ctl,
+    ]  # fmt: skip
 
 
 def parse_listen(text: str) -> tuple[str, int]:

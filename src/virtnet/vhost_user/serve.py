@@ -93,7 +93,14 @@ from typing import Any, TypeVar
 
 from virtnet.errors import PeerError, ProtocolError, UsageError
 from virtnet.ports.base import Port, make_port
-from virtnet.ports.switch import DHCP_LEARNING, VLAN_MAX, Guard, SwitchPort, mac_text
+from virtnet.ports.switch import (
+    DHCP_LEARNING,
+    SLAAC_LEARNING,
+    VLAN_MAX,
+    Guard,
+    SwitchPort,
+    mac_text,
+)
 from virtnet.ports.tap import TapPort, tun_kind
 from virtnet.sdnotify import notify
 from virtnet.vhost_user.backend import LOG_ALL, MAX_QUEUE_PAIRS, Backend, BackendConfig
@@ -432,7 +439,7 @@ class Daemon:
     ) -> None:
         """UsageError when a VM other than ``name`` holds one of ``addrs`` in
         ``held`` (the MAC locks or the IP guards); ``text`` names the address."""
-        claimed = addrs - {DHCP_LEARNING}  # every VM may learn its leases
+        claimed = addrs - _LEARNING  # every VM may learn its leases and SLAAC addresses
         taken = sorted(a for who, mine in held.items() if who != name for a in mine & claimed)
         if taken:
             raise UsageError(f"{text(taken[0])} belongs to another VM")
@@ -914,11 +921,12 @@ def snapshot(d: Daemon) -> dict[str, Any]:
     doc: dict[str, Any] = {"time": time.time(), "queues": d.queues, "vms": vms}
     if isinstance(d._shared, SwitchPort):
         doc["switch"] = _switch_snapshot(d._shared)
-        leases = doc["switch"].pop("leases", None)
-        if isinstance(leases, dict):
-            for entry in vms:
-                if leases.get(entry["name"]):
-                    entry["leases"] = leases[entry["name"]]
+        for key in ("leases", "slaac"):
+            learnt = doc["switch"].pop(key, None)
+            if isinstance(learnt, dict):
+                for entry in vms:
+                    if learnt.get(entry["name"]):
+                        entry[key] = learnt[entry["name"]]
     return doc
 
 
@@ -1088,13 +1096,18 @@ def _ip_owned(addr: bytes) -> str:
     return f"IP {ipaddress.ip_address(addr)}"
 
 
+#: What a VM may learn (``--ip`` words) beside its addresses.
+_LEARNING = frozenset({DHCP_LEARNING, SLAAC_LEARNING})
+
+
 def _ip_texts(addrs: frozenset[bytes]) -> list[str]:
-    """Packed addresses as text, IPv4 first, each family in order; ``dhcp`` last."""
+    """Packed addresses as text, IPv4 first, each family in order; ``dhcp``
+    and ``slaac`` last."""
     texts = [
-        str(ipaddress.ip_address(a))
-        for a in sorted(addrs - {DHCP_LEARNING}, key=lambda a: (len(a), a))
+        str(ipaddress.ip_address(a)) for a in sorted(addrs - _LEARNING, key=lambda a: (len(a), a))
     ]
-    return [*texts, "dhcp"] if DHCP_LEARNING in addrs else texts
+    learnt = (("dhcp", DHCP_LEARNING), ("slaac", SLAAC_LEARNING))
+    return texts + [word for word, marker in learnt if marker in addrs]
 
 
 _T = TypeVar("_T")
@@ -1131,7 +1144,7 @@ def _guard_arg(text: str) -> tuple[str, frozenset[Guard]]:
 
 def _ip_arg(text: str) -> tuple[str, frozenset[bytes]]:
     """``--ip VM=ADDR[,ADDR...]``."""
-    return _per_vm(text, "ip", parse_ips, "vm1.sock=10.0.0.5,fd00::5 or vm1.sock=dhcp")
+    return _per_vm(text, "ip", parse_ips, "vm1.sock=10.0.0.5,fd00::5 or vm1.sock=dhcp,slaac")
 
 
 def _mac_arg(text: str) -> tuple[str, frozenset[bytes]]:
@@ -1278,7 +1291,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--port switch: VM may send IPv4, ARP and IPv6 only from these addresses"
         " (IPv6 link-local too; IP source guard; default: any); 'dhcp' among them adds the"
         " IPv4 leases a trusted DHCP server (uplink, or a VM with neither --ip nor --guard"
-        " dhcp) gives it, e.g. vm1.sock=dhcp or vm1.sock=fd00::5,dhcp",
+        " dhcp) gives it, 'slaac' the IPv6 addresses it makes in the prefixes a trusted"
+        " router (neither --ip nor --guard router) advertises, first come first served;"
+        " e.g. vm1.sock=dhcp or vm1.sock=10.0.0.5,dhcp,slaac",
     )
     parser.add_argument(
         "--rate",

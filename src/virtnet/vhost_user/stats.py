@@ -155,6 +155,8 @@ def render(doc: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
             title += f"; guards {','.join(vm['guards'])}"
         if vm.get("leases"):
             title += f"; DHCP leases {','.join(vm['leases'])}"
+        if vm.get("slaac"):
+            title += f"; SLAAC {','.join(vm['slaac'])}"
         t = Table(title=title, caption=vm.get("features") or None)
         t.add_column("pair", justify="right")
         t.add_column("on")
@@ -198,10 +200,14 @@ def _switch_table(sw: dict[str, Any]) -> Any:
             "macs_unlearnt",
             "leases_learnt",
             "leases_refused",
+            "prefixes_learnt",
+            "prefixes_refused",
             "control_errors",
         )
         if sw.get(key)
     ]
+    if sw.get("prefixes"):
+        notes.append(f"SLAAC prefixes {', '.join(map(str, sw['prefixes']))}")
     notes += [tap_drops_text(up) for up in sw.get("uplinks") or []]
     t = Table(title="switch", caption="; ".join(notes) or None)
     for header in SWITCH_COLUMNS.values():
