@@ -13,7 +13,12 @@ timed.  Variants, alternated round by round in the same process:
 * ``guarded``: ``locked`` plus ``set_ips`` on both (IP source guard), so
   every frame's IPv4 source is checked too;
 * ``shielded``: ``guarded`` plus ``set_guards`` (DHCP and router guards) on
-  both, so every frame's UDP source port is checked as well.
+  both, so every frame's UDP source port is checked as well;
+* ``learning``: ``shielded``, but a learns its IPv6 address by SLAAC (``set_ips``
+  with ``SLAAC_LEARNING``) from a prefix a third member, a trusted router,
+  advertised before the rounds: with ``--ipv6`` each of a's frames is held to
+  the prefix and its address's first-come binding is renewed.  (With IPv4
+  frames it checks what ``shielded`` does.)
 
 ``--ipv6`` sends IPv6/UDP frames instead (fd00::1 -> fd00::2), whose
 header the checks of ``locked``, ``guarded`` and ``shielded`` all read.
@@ -33,7 +38,7 @@ import time
 from collections.abc import Sequence
 
 from virtnet.ports import VNET_HDR_LEN, SocketQueue
-from virtnet.ports.switch import Switch
+from virtnet.ports.switch import SLAAC_LEARNING, Switch
 
 MAC_A = bytes.fromhex("525400000001")
 MAC_B = bytes.fromhex("525400000002")
@@ -42,7 +47,19 @@ MAC_B = bytes.fromhex("525400000002")
 IP_A, IP_B = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 IP6_A, IP6_B = bytes.fromhex("fd00" + "00" * 13 + "01"), bytes.fromhex("fd00" + "00" * 13 + "02")
 #: Each variant checks what the one before it does, and more.
-VARIANTS = ("open", "locked", "guarded", "shielded")
+VARIANTS = ("open", "locked", "guarded", "shielded", "learning")
+MAC_R = bytes.fromhex("525400000003")
+
+
+def router_advertisement(prefix: bytes) -> bytes:
+    """An IPv6 router advertisement from fe80::1 offering ``prefix`` (/64) for SLAAC."""
+    ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0)
+    ra += struct.pack("!BBBBIII16s", 3, 4, 64, 0xC0, 3600, 3600, 0, prefix)
+    ll = bytes.fromhex("fe80" + "00" * 13 + "01")
+    ip = struct.pack(
+        "!IHBB16s16s", 6 << 28, len(ra), 58, 255, ll, bytes.fromhex("ff02" + "00" * 13 + "01")
+    )
+    return bytes(VNET_HDR_LEN) + b"\xff" * 6 + MAC_R + b"\x86\xdd" + ip + ra
 
 
 def unicast(dst: bytes, src: bytes, n: int, ip_src: bytes = IP_A) -> bytes:
@@ -116,6 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if level >= VARIANTS.index("shielded"):
             sw.set_guards("a", ["dhcp", "router"])
             sw.set_guards("b", ["dhcp", "router"])
+        if level >= VARIANTS.index("learning"):
+            sw.set_ips("a", [IP_A, SLAAC_LEARNING])
+            router = sw.open_queue("r", 0)
+            router.send([memoryview(router_advertisement(IP6_A[:8] + bytes(8)))])
+            while sw.poll_once(0):
+                pass
+            _drain(a, memoryview(bytearray(2048)))
+            _drain(b, memoryview(bytearray(2048)))
         b.send([memoryview(unicast(MAC_A, MAC_B, 0, ip_b))])  # the switch learns b's MAC
         while sw.poll_once(0):
             pass

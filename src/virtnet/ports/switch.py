@@ -162,6 +162,10 @@ MAC_AGING_S = 300.0
 LL_TABLE_SIZE = 16384
 LL_AGING_S = 1800.0
 LL_PER_VM = 16
+# A MAC table, flow table or address binding entry in use has its time renewed
+# (and moves to the young end of its table) at most this often: their ageing
+# counts in tens of seconds or minutes.
+_RENEW_S = 1.0
 # DHCP snooping (set_ips with DHCP_LEARNING): the IPv4 leases a trusted DHCP
 # server acknowledges to a VM are added to the addresses it may send from, each
 # until its lease ends, at most LEASE_MAX_S (a longer or infinite lease is
@@ -1189,8 +1193,9 @@ class Switch:
         key = (vlan, smac)
         had = macs.get(key)
         if had is not None and had[0] is svm:
-            macs[key] = (svm, now)
-            macs.move_to_end(key)
+            if now - had[1] > _RENEW_S:
+                macs[key] = (svm, now)
+                macs.move_to_end(key)
         else:
             self._learn(svm, key, had, now)
         view = self._view[:n]
@@ -1200,11 +1205,13 @@ class Switch:
         else:
             flows = self._flows
             fkey = (svm.id, fid)
-            flows[fkey] = (src.pair, now)
-            flows.move_to_end(fkey)
-            if len(flows) > FLOW_TABLE_SIZE:
-                flows.popitem(last=False)
-                stats.flow_evictions += 1
+            fent = flows.get(fkey)
+            if fent is None or fent[0] != src.pair or now - fent[1] > _RENEW_S:
+                flows[fkey] = (src.pair, now)
+                flows.move_to_end(fkey)
+                if len(flows) > FLOW_TABLE_SIZE:
+                    flows.popitem(last=False)
+                    stats.flow_evictions += 1
         need = _NO_OFFLOAD if not (buf[0] | buf[1]) else _needed_offloads(buf[0], buf[1])
         if not buf[_E] & 1:
             dmac = bytes(buf[_E : _E + 6])
@@ -1342,11 +1349,19 @@ class Switch:
 
     def _claim_addresses(self, vm: _Vm, vlan: int, addrs: list[bytes], now: float) -> bool:
         """First come, first served (RFC 6620) for a guarded VM: whether
-        ``vm`` may use the link-local ``addrs`` on ``vlan``; each is then bound
-        to it.  No when another member holds one (used within
-        :data:`LL_AGING_S`), or when ``vm`` would hold more than
-        :data:`LL_PER_VM`."""
+        ``vm`` may use the link-local or SLAAC ``addrs`` on ``vlan``; each is
+        then bound to it.  No when another member holds one (used within
+        :data:`LL_AGING_S`), when a SLAAC one is another VM's by ``set_ips``,
+        or when ``vm`` would hold more than :data:`LL_PER_VM`."""
         lls = self._bindings
+        if len(addrs) == 1:  # the common case: one source address, already the VM's
+            key = (vlan, addrs[0])
+            ent = lls.get(key)
+            if ent is not None and ent[0] is vm:
+                if now - ent[1] > _RENEW_S:
+                    lls[key] = (vm, now)
+                    lls.move_to_end(key)
+                return True
         for addr in addrs:
             ent = lls.get((vlan, addr))
             if ent is None:
@@ -1367,7 +1382,7 @@ class Switch:
         return True
 
     def _bind_address(self, vm: _Vm, key: tuple[int, bytes], now: float) -> None:
-        """Bind ``key`` (VLAN, link-local address) to ``vm``, used ``now``."""
+        """Bind ``key`` (VLAN, link-local or SLAAC address) to ``vm``, used ``now``."""
         lls = self._bindings
         ent = lls.get(key)
         if ent is not None and ent[0] is not vm:
