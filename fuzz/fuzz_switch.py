@@ -112,7 +112,9 @@ def _check_tables(sw: Switch) -> None:
         assert 0 < len(prefixes) <= sw_mod.PREFIXES_PER_VLAN, (vlan, prefixes)
     for vm in sw._vms.values():
         assert len(vm.leases) <= sw_mod.LEASES_PER_VM
-        assert vm.ips4 >= vm.leases.keys() and (vm.dhcp or not vm.leases)
+        assert vm.ips4 >= {a for a in vm.leases if isinstance(a, int)}
+        assert vm.ips6 >= {a for a in vm.leases if isinstance(a, bytes)}
+        assert vm.dhcp or not vm.leases
     assert len(sw._macs) <= sw_mod.MAC_TABLE_SIZE
     assert len(sw._bindings) <= sw_mod.LL_TABLE_SIZE
 
@@ -186,6 +188,15 @@ def _ra(*prefixes: str) -> bytes:
     return ra
 
 
+def _dhcp6_reply(*addrs: str) -> bytes:
+    """A DHCPv6 Reply assigning ``addrs`` in one IA_NA, as UDP 547 -> 546."""
+    inner = b"".join(struct.pack("!HH16sII", 5, 24, ipaddress.ip_address(a).packed, 60, 60)
+                     for a in addrs)  # fmt: skip
+    ia = struct.pack("!HHIII", 3, 12 + len(inner), 1, 0, 0) + inner
+    msg = bytes([7, 0, 0, 1]) + ia
+    return struct.pack("!HHHH", 547, 546, 8 + len(msg), 0) + msg
+
+
 def _rec(who: int, frame: bytes) -> bytes:
     return bytes([who, len(frame)]) + frame if len(frame) < _REST else bytes([who, _REST]) + frame
 
@@ -221,6 +232,21 @@ def _seeds() -> dict[str, bytes]:
         + _rec(0, _eth("a", bcast, 0x0800, _dhcp_ack(MACS["b"], "10.0.0.9", 60)))
         + _rec(1, _eth("b", bcast, 0x0800, _ipv4("10.0.0.9", 17, 1, 2)))
         + _rec(0x80 | 1, _eth("b", bcast, 0x0800, _ipv4("10.0.0.9", 17, 1, 2))),
+        "dhcpv6_snooping": bytes([0x83])
+        + _rec(
+            1, _eth("b", bcast, 0x86DD, _ipv6("fe80::b", 17, struct.pack("!HHHH", 546, 547, 8, 0)))
+        )
+        + _rec(
+            0,
+            _eth(
+                "a",
+                MACS["b"],
+                0x86DD,
+                _ipv6("fe80::a", 17, _dhcp6_reply("fd00::9", "fd00::a", "fd00::3")),
+            ),
+        )
+        + _rec(1, _eth("b", bcast, 0x86DD, _ipv6("fd00::9", 59, b"")))
+        + _rec(0x80 | 1, _eth("b", bcast, 0x86DD, _ipv6("fd00::9", 59, b""))),
         "slaac_learning": bytes([0x83])
         + _rec(
             0,

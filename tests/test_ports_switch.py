@@ -1003,6 +1003,84 @@ def test_dhcp_snooping_lets_a_vm_send_from_its_lease(sw: Switch, clock: Clock) -
     assert not b_sends_from("10.0.1.1")
 
 
+def _dhcp6(kind: int, *ias: tuple[int, list[tuple[str, int]]]) -> bytes:
+    """A DHCPv6 message of type ``kind`` (7: Reply) from a server's port 547 to
+    a client's 546, with an IA option for each (3: IA_NA, 4: IA_TA; its
+    addresses and their valid lifetimes)."""
+    opts = struct.pack("!HH", 1, 4) + b"duid"  # the client identifier
+    for code, addrs in ias:
+        head = struct.pack("!I", 1) + (struct.pack("!II", 0, 0) if code == 3 else b"")
+        inner = b"".join(struct.pack("!HH16sII", 5, 24, _ip(a), v, v) for a, v in addrs)
+        opts += struct.pack("!HH", code, len(head) + len(inner)) + head + inner
+    msg = bytes([kind, 0, 0, 1]) + opts
+    udp = struct.pack("!HHHH", 547, 546, 8 + len(msg), 0) + msg
+    return struct.pack("!IHBB16s16s", 0x60000000, len(udp), 17, 64, _ip("fe80::1"),
+                       _ip("fe80::2")) + udp  # fmt: skip
+
+
+def test_dhcpv6_snooping_lets_a_vm_send_from_its_addresses(sw: Switch, clock: Clock) -> None:
+    """``DHCP_LEARNING`` covers DHCPv6: b may send from the global addresses a
+    trusted server's Reply, sent to b's MAC, assigns it in IA_NA and IA_TA
+    options, until their valid lifetimes end (0: at once); not from what an
+    Advertise offers, what an IP-guarded VM's Reply assigns, what a Reply to
+    another MAC assigns, nor another VM's address."""
+    b, c, r = (sw.open_queue(v, 0) for v in "bcr")
+    sw.set_macs("b", [mac(2)])
+    sw.set_ips("b", [sw_mod.DHCP_LEARNING, _ip("10.0.0.2")])
+    sw.set_ips("c", [_ip("fd00::7")])
+
+    def b_sends_from(addr: str) -> bool:
+        before = sw.snapshot().dropped_spoofed
+        assert send(b, _eth(mac(2), 0x86DD, _ipv6(addr)))
+        pump(sw)
+        for q in (b, c, r):
+            drain(q)
+        return sw.snapshot().dropped_spoofed == before
+
+    def reply(q: SocketQueue, src: bytes, body: bytes, dst: bytes = mac(2)) -> None:
+        assert send(q, bytes(VNET_HDR_LEN) + dst + src + b"\x86\xdd" + body)
+        pump(sw)
+        for q2 in (b, c, r):
+            drain(q2)
+
+    assert not b_sends_from("fd00::50")
+    reply(c, mac(3), _dhcp6(7, (3, [("fd00::50", 100)])))  # c is held to its addresses
+    reply(r, mac(4), _dhcp6(2, (3, [("fd00::50", 100)])))  # an Advertise
+    reply(r, mac(4), _dhcp6(7, (3, [("fd00::50", 100)])), dst=mac(9))  # to another client
+    assert not b_sends_from("fd00::50")
+    reply(r, mac(4), _dhcp6(7, (3, [("fd00::50", 100), ("fe80::9", 100), ("ff02::9", 100)]),
+                            (4, [("fd00::51", 100)])))  # fmt: skip
+    assert b_sends_from("fd00::50") and b_sends_from("fd00::51")
+    assert not b_sends_from("fd00::52")
+    assert sw.snapshot().leases == {"b": ["fd00::50", "fd00::51"]}
+    assert sw.snapshot().leases_learnt == 2
+    reply(r, mac(4), _dhcp6(7, (3, [("fd00::7", 100)])))  # c's address
+    assert sw.snapshot().leases_refused == 1 and not b_sends_from("fd00::7")
+    reply(r, mac(4), _dhcp6(7, (4, [("fd00::51", 0)])))  # taken back
+    assert not b_sends_from("fd00::51")
+    assert send(r, _eth(mac(4), 0x0800, _dhcp(5, mac(2), "10.0.0.50", 100)))
+    pump(sw)
+    assert sw.snapshot().leases == {"b": ["10.0.0.50", "fd00::50"]}
+    clock.t += 101
+    pump(sw)
+    assert not b_sends_from("fd00::50")  # the lease ended
+    assert sw.snapshot().leases == {}
+
+
+@given(st.binary(max_size=300), st.integers(0, 320))
+@settings(max_examples=300, deadline=None)
+def test_dhcp6_reply_takes_any_bytes(data: bytes, n: int) -> None:
+    """Whatever a server sends, ``dhcp6_reply`` answers None or global
+    addresses within the frame."""
+    buf = bytearray(2048)
+    buf[: len(data)] = data
+    got = sw_mod.dhcp6_reply(buf, min(n, len(data)), 0)
+    assert got is None or all(len(a) == 16 and 0 <= v < 1 << 32 for a, v in got)
+    good = bytearray(_dhcp6(7, (3, [("fd00::50", 30)]))[40:])
+    assert sw_mod.dhcp6_reply(good, len(good), 0) == [(_ip("fd00::50"), 30)]
+    assert sw_mod.dhcp6_reply(good, len(good) - 1, 0) is None
+
+
 @given(st.binary(max_size=400), st.integers(0, 420))
 @settings(max_examples=300, deadline=None)
 def test_dhcp_ack_takes_any_bytes(data: bytes, n: int) -> None:

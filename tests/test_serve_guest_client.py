@@ -6,11 +6,13 @@ namespace, dials QEMU, and joins the guest (2 pairs) to a tap uplink in the
 namespace (10.77.2.1/24).  The guest (10.77.2.2/24) pings the host side and
 runs iperf3 both ways through the switch process.
 
-serve holds the guest to 10.77.2.2 and its SLAAC addresses (``--ip
-qemu.sock=10.77.2.2,slaac``): dnsmasq on the uplink advertises fd77:2::/64,
-the guest's own kernel makes its address in it, and pings the host from it;
-from an address in that prefix before the advertisement, or outside it, the
-switch drops its pings as spoofed.
+serve holds the guest to 10.77.2.2, its SLAAC addresses and its DHCP leases
+(``--ip qemu.sock=10.77.2.2,slaac,dhcp``): dnsmasq on the uplink advertises
+fd77:2::/64, the guest's own kernel makes its address in it, and pings the
+host from it; from an address in that prefix before the advertisement, or
+outside it, the switch drops its pings as spoofed.  dnsmasq as a DHCPv6
+server leases the guest's ISC ``dhclient -6`` an address in fd77:3::/64: the
+guest may send from that one, not from another of the range.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from virtnet.testing.guest import Guest, vhost_user_netdev_args, wait_for
+from virtnet.testing.guest import (
+    Guest,
+    build_initramfs,
+    default_initramfs_dir,
+    vhost_user_netdev_args,
+    wait_for,
+)
 from virtnet.testing.netns import NetNS, unique_name
 from virtnet.testing.procs import stop_process
 from virtnet.vhost_user.stats import fetch
@@ -35,11 +43,23 @@ QUEUES = 2
 HOST_IP, GUEST_IP = "10.77.2.1", "10.77.2.2"
 #: The prefix dnsmasq advertises on the uplink for SLAAC, and the host's address in it.
 PREFIX, HOST_IP6 = "fd77:2::", "fd77:2::1"
+#: The DHCPv6 server's subnet on the uplink, its address there, and its range.
+DHCP6_NET, DHCP6_HOST, DHCP6_RANGE = "fd77:3::", "fd77:3::1", ("fd77:3::100", "fd77:3::1ff")
+#: ISC's DHCP client (Debian isc-dhcp-client), copied into the guest when the host has it.
+DHCLIENT = shutil.which("dhclient")
+
+
+@pytest.fixture(scope="module")
+def initramfs(guest_initramfs: Path) -> Path:
+    """The test guest's initramfs, with ``dhclient`` in it when the host has one."""
+    if DHCLIENT is None:
+        return guest_initramfs
+    return build_initramfs(default_initramfs_dir(), extra_programs=(DHCLIENT,))
 
 
 @pytest.fixture(scope="module")
 def setup(
-    guest_initramfs: Path, tmp_path_factory: pytest.TempPathFactory
+    initramfs: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Guest, NetNS, Path]]:
     tmp = tmp_path_factory.mktemp("serve-client")
     sock, stats, log = tmp / "qemu.sock", tmp / "stats.sock", tmp / "serve.log"
@@ -49,7 +69,7 @@ def setup(
             serve = ns.popen(
                 [sys.executable, "-m", "virtnet.cli", "-v", "serve", "--client", "--socket",
                  str(sock), "--port", f"switch:uplink={uplink}", "--queues", str(QUEUES),
-                 "--ip", f"qemu.sock={GUEST_IP},slaac", "--stats-socket", str(stats)],
+                 "--ip", f"qemu.sock={GUEST_IP},slaac,dhcp", "--stats-socket", str(stats)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         try:
@@ -59,7 +79,7 @@ def setup(
             ns.set_address(uplink, f"{HOST_IP}/24")
             guest = Guest(
                 vhost_user_netdev_args(sock, queues=QUEUES, server=True),
-                initramfs=guest_initramfs,
+                initramfs=initramfs,
                 ip=f"{GUEST_IP}/24",
             )
             # QEMU blocks until serve has dialed in; Guest.start waits for the agent.
@@ -99,13 +119,13 @@ def _spoofed(stats: Path) -> int:
     return int(fetch(str(stats))["switch"]["dropped_spoofed"])
 
 
-def _ping6_from(guest: Guest, addr: str) -> bool:
+def _ping6_from(guest: Guest, addr: str, host: str = HOST_IP6) -> bool:
     """Whether the guest, from its address ``addr`` (added without duplicate
-    address detection, then removed), gets an answer from the host."""
+    address detection, then removed), gets an answer from ``host``."""
     dad = "/proc/sys/net/ipv6/conf/eth0/accept_dad"  # busybox ip has no nodad
     guest.run(f"echo 0 > {dad}; ip -6 addr add {addr}/64 dev eth0; echo 1 > {dad}")
     try:
-        return guest.run(f"ping -6 -c 2 -W 3 -I {addr} {HOST_IP6}", check=False).status == 0
+        return guest.run(f"ping -6 -c 2 -W 3 -I {addr} {host}", check=False).status == 0
     finally:
         guest.run(f"ip -6 addr del {addr}/64 dev eth0")
 
@@ -174,3 +194,59 @@ def test_a_guest_may_send_from_its_slaac_address(
     finally:
         stop_process(router, timeout=10)
         ns.ip("-6", "addr", "del", f"{HOST_IP6}/64", "dev", uplink, check=False)
+
+
+def _link_local_ready(guest: Guest) -> bool:
+    """Whether the guest's eth0 has a link-local address past duplicate address detection."""
+    out = guest.run("ip -6 addr show dev eth0 scope link", check=False).output
+    return "inet6 fe80" in out and "tentative" not in out
+
+
+def test_a_guest_may_send_from_the_address_dhcpv6_leased_it(
+    setup: tuple[Guest, NetNS, Path], tmp_path: Path
+) -> None:
+    """``--ip qemu.sock=...,dhcp`` and DHCPv6: dnsmasq on the uplink leases
+    the guest's ``dhclient -6`` an address; the switch snooped the Reply, so
+    the guest may send from that address, and still not from another of the
+    range; ``virtnet stats`` shows the lease."""
+    dnsmasq = shutil.which("dnsmasq")
+    if dnsmasq is None or DHCLIENT is None:
+        pytest.skip("dnsmasq and dhclient are not installed (dnsmasq-base, isc-dhcp-client)")
+    guest, ns, stats = setup
+    uplink = fetch(str(stats))["switch"]["uplinks"][0]["name"]
+    ns.ip("-6", "addr", "add", f"{DHCP6_HOST}/64", "dev", uplink, "nodad")
+    log = tmp_path / "dnsmasq.log"
+    with log.open("w") as logged:
+        server = ns.popen(
+            [dnsmasq, "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
+             f"--interface={uplink}", "--bind-interfaces",
+             f"--dhcp-range={DHCP6_RANGE[0]},{DHCP6_RANGE[1]},64,1h",
+             f"--pid-file={tmp_path / 'dnsmasq.pid'}",
+             f"--dhcp-leasefile={tmp_path / 'dnsmasq.leases'}", "--user=root",
+             "--log-facility=-", "--log-dhcp"],
+            stdout=logged, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    leases = "/tmp/dhclient6.leases"
+    try:
+        # dhclient binds to the link-local address: wait out its duplicate address detection.
+        assert wait_for(lambda: _link_local_ready(guest), timeout=30), guest.run("ip addr").output
+        guest.run("echo > /tmp/dhclient.conf; rm -f " + leases)
+        # One try; on a lease it goes to the background (renewing), its script a no-op.
+        out = guest.run(f"dhclient -6 -1 -v -cf /tmp/dhclient.conf -lf {leases} "
+                        "-pf /tmp/dhclient6.pid -sf /bin/true eth0", check=False,
+                        timeout=90)  # fmt: skip
+        held = guest.run(f"cat {leases}", check=False).output
+        assert out.status == 0 and "iaaddr" in held, out.output + held + log.read_text()
+        leased = held.split("iaaddr ")[1].split()[0]
+        assert DHCP6_NET[:-1] in leased, held
+        doc = fetch(str(stats))
+        assert leased in doc["vms"][0].get("leases", []), (leased, doc["vms"][0])
+        other = DHCP6_RANGE[1] if leased != DHCP6_RANGE[1] else DHCP6_RANGE[0]
+        spoofed = _spoofed(stats)
+        assert _ping6_from(guest, leased, DHCP6_HOST), log.read_text()
+        assert not _ping6_from(guest, other, DHCP6_HOST)
+        assert _spoofed(stats) > spoofed
+    finally:
+        guest.run("killall dhclient", check=False)
+        stop_process(server, timeout=10)
+        ns.ip("-6", "addr", "del", f"{DHCP6_HOST}/64", "dev", uplink, check=False)

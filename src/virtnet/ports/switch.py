@@ -39,7 +39,12 @@ Invariants:
   RFC 6620; at most :data:`LL_TABLE_SIZE` bindings, each lapsing after
   :data:`LL_AGING_S` unused): a guarded VM may not use one bound to another
   member, nor hold more than :data:`LL_PER_VM`; a member without addresses
-  (trusted) takes over any binding it uses.
+  (trusted) takes over any binding it uses.  What a VM learns counts too:
+  with :data:`DHCP_LEARNING`, the IPv4 and IPv6 addresses a trusted DHCP or
+  DHCPv6 server leases it (the switch snoops the server's DHCPACKs and
+  Replies); with :data:`SLAAC_LEARNING`, the addresses it makes in the /64
+  prefixes a trusted router advertises for SLAAC, bound first come first
+  served like link-local ones.
 * DHCP and router guards (``set_guards``): a guarded VM may not send DHCP or
   DHCPv6 server or relay messages, or ICMP/ICMPv6 router advertisements and
   redirects (:class:`Guard`), so that it cannot make itself another VM's
@@ -129,6 +134,7 @@ __all__ = [
     "Switch",
     "SwitchPort",
     "SwitchStats",
+    "dhcp6_reply",
     "dhcp_ack",
     "flow_id",
     "mac_text",
@@ -167,9 +173,11 @@ LL_PER_VM = 16
 # counts in tens of seconds or minutes.
 _RENEW_S = 1.0
 # DHCP snooping (set_ips with DHCP_LEARNING): the IPv4 leases a trusted DHCP
-# server acknowledges to a VM are added to the addresses it may send from, each
-# until its lease ends, at most LEASE_MAX_S (a longer or infinite lease is
-# taken as this long; the client renews at half of it), LEASES_PER_VM at once.
+# server acknowledges to a VM, and the IPv6 addresses a trusted DHCPv6 server's
+# replies assign it, are added to the addresses it may send from, each until its
+# lease (valid lifetime) ends, at most LEASE_MAX_S (a longer or infinite lease
+# is taken as this long; the client renews at half of it), LEASES_PER_VM at
+# once, both families together.
 LEASE_MAX_S = 7 * 86400
 LEASES_PER_VM = 8
 # SLAAC learning (set_ips with SLAAC_LEARNING): the /64 prefixes a trusted
@@ -280,14 +288,14 @@ class SwitchStats:
     dropped_guard: int = 0  # a DHCP server or router message from a guarded VM (set_guards)
     mac_evictions: int = 0
     macs_unlearnt: int = 0  # new source MACs of a VM that has taught MACS_PER_VM
-    leases_learnt: int = 0  # DHCPACKs that let a VM send from its lease (set_ips)
+    leases_learnt: int = 0  # DHCPACKs and DHCPv6 addresses a VM may now send from (set_ips)
     leases_refused: int = 0  # ... for an address another VM holds, or past LEASES_PER_VM
     prefixes_learnt: int = 0  # SLAAC prefixes a trusted router advertised (set_ips)
     prefixes_refused: int = 0  # ... past PREFIXES_PER_VLAN
     flow_evictions: int = 0
     control_errors: int = 0
     ports: dict[str, dict[str, int]] = field(default_factory=dict)
-    leases: dict[str, list[str]] = field(default_factory=dict)  # VM -> its DHCP leases
+    leases: dict[str, list[str]] = field(default_factory=dict)  # VM -> its DHCP(v6) leases
     slaac: dict[str, list[str]] = field(default_factory=dict)  # VM -> its SLAAC addresses
     prefixes: list[str] = field(default_factory=list)  # "fd00::/64" or "fd00::/64 vlan 100"
 
@@ -352,7 +360,8 @@ MAX_IPV6_EXT_HEADERS = 8
 #: A non-first fragment: no upper-layer header in this packet.
 _NOT_FIRST = -1
 #: In an IP set (``set_ips``): the VM may also send from the IPv4 addresses a
-#: trusted DHCP server leases to it (libvirt's ``CTRL_IP_LEARNING=dhcp``).
+#: trusted DHCP server leases to it (libvirt's ``CTRL_IP_LEARNING=dhcp``) and
+#: the IPv6 addresses a trusted DHCPv6 server assigns it.
 DHCP_LEARNING = b""
 #: In an IP set: the VM may also send from IPv6 addresses it makes itself
 #: (SLAAC, RFC 4862) in the prefixes a trusted router advertises, each the
@@ -401,6 +410,65 @@ def dhcp_ack(buf: bytearray, n: int, u: int) -> tuple[bytes, int, int] | None:
     if kind != _DHCPACK or lease < 0 or not addr or addr >> 28 >= 0xE:
         return None  # 0.0.0.0, multicast and class E are no host's lease
     return bytes(buf[b + _BOOTP_CHADDR : b + _BOOTP_CHADDR + 6]), addr, lease
+
+
+# DHCPv6 (RFC 8415): the Reply message, the options read (IA_NA, IA_TA and
+# their IA Address options) and where an IA's options start.
+_DHCP6_REPLY = 7
+_DHCP6_IA_NA, _DHCP6_IA_TA, _DHCP6_IAADDR = 3, 4, 5
+_DHCP6_IA_OPTIONS_AT = {_DHCP6_IA_NA: 12, _DHCP6_IA_TA: 4}
+
+
+def _dhcp6_options(buf: bytearray, q: int, end: int) -> list[tuple[int, int, int]] | None:
+    """The DHCPv6 options in ``buf[q:end]``, each (code, offset of its data,
+    length); None when one runs past ``end`` or there are more than
+    :data:`MAX_DHCP_OPTIONS`."""
+    out: list[tuple[int, int, int]] = []
+    for _ in range(MAX_DHCP_OPTIONS):
+        if q >= end:
+            return out
+        if q + 4 > end:
+            return None
+        code, size = _PORTS.unpack_from(buf, q)
+        if q + 4 + size > end:
+            return None
+        out.append((code, q + 4, size))
+        q += 4 + size
+    return None
+
+
+def dhcp6_reply(buf: bytearray, n: int, u: int) -> list[tuple[bytes, int]] | None:
+    """The (address, valid lifetime in seconds) of each IA Address option in
+    the IA_NA and IA_TA options of the DHCPv6 Reply whose UDP header is at
+    ``buf[u:n]``, or None when it is not a well-formed Reply.  Only global
+    unicast addresses count (not ::, link-local or multicast); a valid
+    lifetime of 0 is the server taking the address back."""
+    b = u + 8
+    if n < b + 4 or buf[b] != _DHCP6_REPLY:
+        return None
+    top = _dhcp6_options(buf, b + 4, n)
+    if top is None:
+        return None
+    out = []
+    for code, q, size in top:
+        at = _DHCP6_IA_OPTIONS_AT.get(code)
+        if at is None:
+            continue
+        if size < at:
+            return None
+        inner = _dhcp6_options(buf, q + at, q + size)
+        if inner is None:
+            return None
+        for icode, iq, isize in inner:
+            if icode != _DHCP6_IAADDR:
+                continue
+            if isize < 24:
+                return None
+            addr = bytes(buf[iq : iq + 16])
+            if addr == _IPV6_ANY or addr[0] == 0xFF or _link_local(addr):
+                continue
+            out.append((addr, _U32.unpack_from(buf, iq + 20)[0]))
+    return out
 
 
 class Guard(StrEnum):
@@ -704,7 +772,8 @@ class _Vm:
         self.ips4: frozenset[int] = frozenset()  # the IPv4 ones as integers
         self.ips6: frozenset[bytes] = frozenset()
         self.dhcp = False  # its IPv4 leases count too (DHCP_LEARNING in its set)
-        self.leases: dict[int, float] = {}  # leased IPv4 address -> when the lease ends
+        # Leased address (IPv4 as an int, IPv6 packed) -> when the lease ends.
+        self.leases: dict[int | bytes, float] = {}
         self.slaac = False  # may use SLAAC addresses (SLAAC_LEARNING in its set)
         self.guard_bits = 0  # what it may not send (set_guards), as _GUARD_* bits
         self.bound: set[tuple[int, bytes]] = set()  # (VLAN, IPv6 address) bound to it
@@ -720,10 +789,16 @@ class _Vm:
         self.rx_ports: list[_Port] = []  # open ports of active pairs, by pair
         self.steering: Steering | None = None
 
-    def refresh_ips4(self) -> None:
-        """``ips4``: the static IPv4 addresses and the leased ones."""
-        static = (int.from_bytes(a, "big") for a in self.ips or () if len(a) == 4)
-        self.ips4 = frozenset((*static, *self.leases))
+    def refresh_ips(self) -> None:
+        """``ips4`` and ``ips6``: the static addresses and the leased ones."""
+        static = self.ips or frozenset()
+        leased = self.leases
+        self.ips4 = frozenset(int.from_bytes(a, "big") for a in static if len(a) == 4) | {
+            a for a in leased if isinstance(a, int)
+        }
+        self.ips6 = frozenset(a for a in static if len(a) == 16) | {
+            a for a in leased if isinstance(a, bytes)
+        }
 
     def refresh(self) -> None:
         self.rx_ports = sorted(
@@ -896,7 +971,6 @@ class Switch:
                 " SLAAC_LEARNING, at least one"
             )
         vm.ips = new
-        vm.ips6 = frozenset(a for a in new or () if len(a) == 16)
         vm.dhcp = new is not None and DHCP_LEARNING in new
         if not vm.dhcp:
             vm.leases.clear()
@@ -905,7 +979,7 @@ class Switch:
             for key in [k for k in vm.bound if not _link_local(k[1])]:
                 del self._bindings[key]
                 vm.bound.discard(key)
-        vm.refresh_ips4()
+        vm.refresh_ips()
         self._count_learners()
 
     def _count_learners(self) -> None:
@@ -991,7 +1065,10 @@ class Switch:
             for p, port in vm.ports.items()
         }
         self.stats.leases = {
-            vm.id: [socket.inet_ntoa(a.to_bytes(4, "big")) for a in sorted(vm.leases)]
+            vm.id: [
+                str(ipaddress.ip_address(a))
+                for a in sorted(vm.leases, key=lambda a: (isinstance(a, bytes), a))
+            ]
             for vm in self._vms.values()
             if vm.leases
         }
@@ -1187,8 +1264,11 @@ class Switch:
             if l3[0] == _ETH_IPV4:
                 if not svm.guard_bits & _GUARD_DHCP:
                     self._snoop_dhcp(buf, n, l3, vlan, now)
-            elif l3[2] == _ICMPV6 and not svm.guard_bits & _GUARD_ROUTER:
-                self._snoop_ra(buf, n, l3, vlan, now)
+            elif l3[2] == _ICMPV6:
+                if not svm.guard_bits & _GUARD_ROUTER:
+                    self._snoop_ra(buf, n, l3, vlan, now)
+            elif l3[2] == _UDP and l3[3] >= 0 and not svm.guard_bits & _GUARD_DHCP:
+                self._snoop_dhcp6(buf, n, l3, vlan, now)
         macs = self._macs
         key = (vlan, smac)
         had = macs.get(key)
@@ -1319,8 +1399,41 @@ class Switch:
             self.stats.leases_refused += 1
             return
         vm.leases[addr] = now + min(seconds, LEASE_MAX_S)
-        vm.refresh_ips4()
+        vm.refresh_ips()
         self.stats.leases_learnt += 1
+
+    def _snoop_dhcp6(self, buf: bytearray, n: int, l3: L3, vlan: int, now: float) -> None:
+        """DHCPv6 snooping: the addresses a Reply from a trusted server (a
+        member under neither the IP source guard nor the DHCP guard) assigns
+        may be sent from by the VM it is sent to (by destination MAC: a server
+        or relay answers a client at its link-local address), if that VM
+        learns from DHCP; a valid lifetime of 0 ends such a lease."""
+        u = l3[3]
+        if n < u + 4 or _PORTS.unpack_from(buf, u) != (_DHCP6_SERVER, _DHCP6_CLIENT):
+            return
+        dmac = bytes(buf[_E : _E + 6])
+        vm = self._locked.get(dmac)
+        if vm is None:
+            ent = self._macs.get((vlan, dmac))
+            vm = ent[0] if ent is not None else None
+        if vm is None or not vm.dhcp or vlan not in vm.vlans:
+            return
+        assigned = dhcp6_reply(buf, n, u)
+        if not assigned:
+            return
+        for addr, valid in assigned:
+            if not valid:
+                vm.leases.pop(addr, None)
+                continue
+            taken = any(
+                addr in v.ips6 for v in self._vms.values() if v is not vm and v.ips is not None
+            )
+            if taken or (addr not in vm.leases and len(vm.leases) >= LEASES_PER_VM):
+                self.stats.leases_refused += 1
+                continue
+            vm.leases[addr] = now + min(valid, LEASE_MAX_S)
+            self.stats.leases_learnt += 1
+        vm.refresh_ips()
 
     def _snoop_ra(self, buf: bytearray, n: int, l3: L3, vlan: int, now: float) -> None:
         """SLAAC learning: a router advertisement from a trusted router (a
@@ -1414,7 +1527,7 @@ class Switch:
                 if ended:
                     for a in ended:
                         del vm.leases[a]
-                    vm.refresh_ips4()
+                    vm.refresh_ips()
         macs = self._macs
         while macs:
             k, (owner, t) = next(iter(macs.items()))

@@ -136,7 +136,7 @@ _LEARNING = {"dhcp": DHCP_LEARNING, "slaac": SLAAC_LEARNING}
 def parse_ips(text: str) -> frozenset[bytes]:
     """``10.0.0.5,fd00::5,dhcp,slaac`` -> the packed addresses (4 or 16 bytes),
     :data:`~virtnet.ports.switch.DHCP_LEARNING` for ``dhcp`` (the leases a
-    trusted DHCP server gives count too) and
+    trusted DHCP or DHCPv6 server gives count too) and
     :data:`~virtnet.ports.switch.SLAAC_LEARNING` for ``slaac`` (so do the
     addresses the VM makes in the prefixes a trusted router advertises);
     ValueError unless each is one of those or an IPv4 or IPv6 address a host

@@ -1290,8 +1290,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="VM=ADDR[,ADDR]",
         help="--port switch: VM may send IPv4, ARP and IPv6 only from these addresses"
         " (IPv6 link-local too; IP source guard; default: any); 'dhcp' among them adds the"
-        " IPv4 leases a trusted DHCP server (uplink, or a VM with neither --ip nor --guard"
-        " dhcp) gives it, 'slaac' the IPv6 addresses it makes in the prefixes a trusted"
+        " leases a trusted DHCP or DHCPv6 server (uplink, or a VM with neither --ip nor"
+        " --guard dhcp) gives it, 'slaac' the IPv6 addresses it makes in the prefixes a trusted"
         " router (neither --ip nor --guard router) advertises, first come first served;"
         " e.g. vm1.sock=dhcp or vm1.sock=10.0.0.5,dhcp,slaac",
     )
