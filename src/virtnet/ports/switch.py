@@ -1388,18 +1388,39 @@ class Switch:
         if ack is None:
             return
         chaddr, addr, seconds = ack
-        vm = self._locked.get(chaddr)
+        vm = self._dhcp_client(chaddr, vlan)
+        if vm is not None:
+            self._lease(vm, addr, seconds, now)
+            vm.refresh_ips()
+
+    def _dhcp_client(self, mac: bytes, vlan: int) -> _Vm | None:
+        """The VM behind ``mac`` on ``vlan`` (locked to it, or learnt), if it
+        learns its addresses from DHCP."""
+        vm = self._locked.get(mac)
         if vm is None:
-            ent = self._macs.get((vlan, chaddr))
+            ent = self._macs.get((vlan, mac))
             vm = ent[0] if ent is not None else None
         if vm is None or not vm.dhcp or vlan not in vm.vlans:
+            return None
+        return vm
+
+    def _lease(self, vm: _Vm, addr: int | bytes, seconds: int, now: float) -> None:
+        """Let ``vm`` send from ``addr`` (IPv4 as an int, IPv6 packed) for
+        ``seconds`` (at most LEASE_MAX_S; 0: no longer), unless another VM is
+        held to it or ``vm`` holds LEASES_PER_VM leases; the caller refreshes
+        ``vm``'s addresses."""
+        if not seconds:
+            vm.leases.pop(addr, None)
             return
-        taken = any(addr in v.ips4 for v in self._vms.values() if v is not vm and v.ips is not None)
+        taken = any(
+            addr in (v.ips4 if isinstance(addr, int) else v.ips6)
+            for v in self._vms.values()
+            if v is not vm and v.ips is not None
+        )
         if taken or (addr not in vm.leases and len(vm.leases) >= LEASES_PER_VM):
             self.stats.leases_refused += 1
             return
         vm.leases[addr] = now + min(seconds, LEASE_MAX_S)
-        vm.refresh_ips()
         self.stats.leases_learnt += 1
 
     def _snoop_dhcp6(self, buf: bytearray, n: int, l3: L3, vlan: int, now: float) -> None:
@@ -1411,28 +1432,12 @@ class Switch:
         u = l3[3]
         if n < u + 4 or _PORTS.unpack_from(buf, u) != (_DHCP6_SERVER, _DHCP6_CLIENT):
             return
-        dmac = bytes(buf[_E : _E + 6])
-        vm = self._locked.get(dmac)
-        if vm is None:
-            ent = self._macs.get((vlan, dmac))
-            vm = ent[0] if ent is not None else None
-        if vm is None or not vm.dhcp or vlan not in vm.vlans:
-            return
-        assigned = dhcp6_reply(buf, n, u)
-        if not assigned:
+        vm = self._dhcp_client(bytes(buf[_E : _E + 6]), vlan)
+        assigned = dhcp6_reply(buf, n, u) if vm is not None else None
+        if vm is None or not assigned:
             return
         for addr, valid in assigned:
-            if not valid:
-                vm.leases.pop(addr, None)
-                continue
-            taken = any(
-                addr in v.ips6 for v in self._vms.values() if v is not vm and v.ips is not None
-            )
-            if taken or (addr not in vm.leases and len(vm.leases) >= LEASES_PER_VM):
-                self.stats.leases_refused += 1
-                continue
-            vm.leases[addr] = now + min(valid, LEASE_MAX_S)
-            self.stats.leases_learnt += 1
+            self._lease(vm, addr, valid, now)
         vm.refresh_ips()
 
     def _snoop_ra(self, buf: bytearray, n: int, l3: L3, vlan: int, now: float) -> None:

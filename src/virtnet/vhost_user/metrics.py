@@ -108,6 +108,15 @@ def _count(row: dict[str, Any], key: str) -> int:
     return v
 
 
+def _learnt(sw: dict[str, Any], what: str, name: str, help_text: str) -> CounterMetricFamily:
+    """A counter of what the switch learnt by snooping, by ``result``: its
+    ``WHAT_learnt`` and ``WHAT_refused`` counters."""
+    family = CounterMetricFamily(name, help_text, labels=["result"])
+    for result in ("learnt", "refused"):
+        family.add_metric([result], _count(sw, f"{what}_{result}"))
+    return family
+
+
 def _vms(doc: Any) -> list[dict[str, Any]]:
     if not isinstance(doc, dict):
         raise SnapshotError("not a JSON object")
@@ -263,20 +272,14 @@ def _switch_families(sw: Any, taps: CounterMetricFamily) -> list[Metric]:
         "Source MACs not learnt: their VM already taught the table its share.",
     )
     unlearnt.add_metric([], _count(sw, "macs_unlearnt"))
-    leases = CounterMetricFamily(
-        "virtnet_switch_dhcp_leases",
-        "DHCPACKs snooped for VMs that learn their addresses from DHCP.",
-        labels=["result"],
-    )
-    leases.add_metric(["learnt"], _count(sw, "leases_learnt"))
-    leases.add_metric(["refused"], _count(sw, "leases_refused"))
-    prefixes = CounterMetricFamily(
-        "virtnet_switch_slaac_prefixes",
+    leases = _learnt(
+        sw, "leases", "virtnet_switch_dhcp_leases",
+        "DHCP leases and DHCPv6 addresses snooped for VMs that learn their addresses from DHCP.",
+    )  # fmt: skip
+    prefixes = _learnt(
+        sw, "prefixes", "virtnet_switch_slaac_prefixes",
         "Router-advertised SLAAC prefixes snooped for VMs that learn their SLAAC addresses.",
-        labels=["result"],
-    )
-    prefixes.add_metric(["learnt"], _count(sw, "prefixes_learnt"))
-    prefixes.add_metric(["refused"], _count(sw, "prefixes_refused"))
+    )  # fmt: skip
     ctl = CounterMetricFamily(
         "virtnet_switch_control_errors", "Bad control messages the switch refused."
     )
