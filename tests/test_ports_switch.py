@@ -1095,6 +1095,44 @@ def test_dhcp_ack_takes_any_bytes(data: bytes, n: int) -> None:
     assert sw_mod.dhcp_ack(buf, len(good) - 10, 0) is None
 
 
+def test_dhcp_ack_reads_overloaded_options() -> None:
+    """Option overload (52, RFC 2132 section 9.3): the message type and lease
+    time may sit in the 'file' field (1), the 'sname' field (2) or both (3);
+    they are read there only when the options field says so; an option that
+    runs past its field, or more than MAX_DHCP_OPTIONS, refuses the message."""
+    ack = bytearray(_dhcp(5, mac(2), "10.0.0.9", 60)[28:])  # the UDP payload
+    ack[240:] = bytes([52, 1, 0, 255])  # overload: its options
+    ack[240 + 2] = 3
+    typ, lease = bytes([53, 1, 5]), bytes([51, 4]) + struct.pack("!I", 70)
+
+    def parse(sname: bytes, file: bytes, overload: int) -> tuple[bytes, int, int] | None:
+        msg = bytearray(ack)
+        msg[242] = overload
+        msg[44 : 44 + len(sname)] = sname
+        msg[108 : 108 + len(file)] = file
+        buf = bytearray(8) + msg
+        return sw_mod.dhcp_ack(buf, len(buf), 0)
+
+    assert parse(typ, lease, 3) == (mac(2), 0x0A000009, 70)
+    assert parse(lease, typ, 3) == (mac(2), 0x0A000009, 70)
+    assert parse(b"", typ + lease, 1) == (mac(2), 0x0A000009, 70)
+    assert parse(typ + lease, b"", 2) == (mac(2), 0x0A000009, 70)
+    assert parse(typ + lease, b"", 1) is None  # sname not overloaded: no type, no lease
+    assert parse(b"", bytes([53, 200]), 1) is None  # runs past the file field
+    assert parse(b"", bytes(100) + typ + lease, 1) == (mac(2), 0x0A000009, 70)  # pads first
+
+    def padded(pads: int) -> tuple[bytes, int, int] | None:
+        """The ack with ``pads`` pad options after the overload option, and
+        the type and lease (then 119 pads) in the file field."""
+        buf = bytearray(8) + ack[:242] + bytes([1]) + bytes(pads) + b"\xff"
+        buf[8 + 108 : 8 + 108 + 9] = typ + lease
+        return sw_mod.dhcp_ack(buf, len(buf), 0)
+
+    room = sw_mod.MAX_DHCP_OPTIONS - 1 - 2 - (128 - 9)  # one budget for every field
+    assert padded(room) == (mac(2), 0x0A000009, 70)
+    assert padded(room + 1) is None
+
+
 def test_dhcp_and_router_guards(sw: Switch) -> None:
     """``set_guards``: a VM with the DHCP guard may not send DHCP (from UDP
     67) or DHCPv6 (from 547) server messages, one with the router guard no

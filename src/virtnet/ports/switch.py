@@ -371,41 +371,65 @@ _LEARNING = frozenset({DHCP_LEARNING, SLAAC_LEARNING})
 # BOOTP/DHCP (RFC 2131 section 2, RFC 2132): offsets in the UDP payload, the
 # magic cookie, and the options read.
 _BOOTP_YIADDR, _BOOTP_CHADDR, _BOOTP_COOKIE, _BOOTP_OPTIONS = 16, 28, 236, 240
+_BOOTP_SNAME, _BOOTP_FILE = 44, 108  # 64 and 128 bytes, before the cookie
 _DHCP_COOKIE = 0x63825363
 _DHCP_OPT_PAD, _DHCP_OPT_END, _DHCP_OPT_LEASE, _DHCP_OPT_TYPE = 0, 255, 51, 53
+#: Option overload (RFC 2132 section 9.3): 1, the 'file' field holds options
+#: too; 2, the 'sname' field; 3, both (read in that order, after the options).
+_DHCP_OPT_OVERLOAD = 52
 _DHCPACK = 5
 #: Options read in one DHCP message before giving up on it (each takes at least
 #: a byte; a 1500-byte frame holds fewer than 1260 of them).
 MAX_DHCP_OPTIONS = 255
 
 
+def _dhcp_options(
+    buf: bytearray, q: int, end: int, found: dict[int, int], budget: list[int]
+) -> bool:
+    """Read the DHCP options in ``buf[q:end]`` up to the end option into
+    ``found`` (message type, lease time, overload: code -> value; the first
+    of each counts, RFC 2131 section 4.1 and RFC 3396 aside), spending
+    ``budget[0]`` options; False when one runs past ``end`` or the budget
+    (:data:`MAX_DHCP_OPTIONS` a message) is spent."""
+    while q < end and buf[q] != _DHCP_OPT_END:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return False
+        code = buf[q]
+        if code == _DHCP_OPT_PAD:
+            q += 1
+            continue
+        if q + 2 > end or q + 2 + buf[q + 1] > end:
+            return False
+        size = buf[q + 1]
+        if code in (_DHCP_OPT_TYPE, _DHCP_OPT_OVERLOAD) and size == 1:
+            found.setdefault(code, buf[q + 2])
+        elif code == _DHCP_OPT_LEASE and size == 4:
+            found.setdefault(code, _U32.unpack_from(buf, q + 2)[0])
+        q += 2 + size
+    return True
+
+
 def dhcp_ack(buf: bytearray, n: int, u: int) -> tuple[bytes, int, int] | None:
     """The (client MAC, leased IPv4 address, lease seconds) of the DHCPACK
     whose UDP header is at ``buf[u:n]``, or None when it is not a well-formed
     one (BOOTREPLY over Ethernet, the magic cookie, message type ACK, a lease
-    time, a unicast address)."""
+    time, a unicast address).  Options in the 'file' and 'sname' fields
+    (option overload) are read too."""
     b = u + 8
     if n < b + _BOOTP_OPTIONS or buf[b] != 2 or buf[b + 1] != 1 or buf[b + 2] != 6:
         return None
     if _U32.unpack_from(buf, b + _BOOTP_COOKIE)[0] != _DHCP_COOKIE:
         return None
-    kind = lease = -1
-    q = b + _BOOTP_OPTIONS
-    for _ in range(MAX_DHCP_OPTIONS):
-        if q >= n or buf[q] == _DHCP_OPT_END:
-            break
-        code = buf[q]
-        if code == _DHCP_OPT_PAD:
-            q += 1
-            continue
-        if q + 2 > n or q + 2 + buf[q + 1] > n:
+    found: dict[int, int] = {}
+    budget = [MAX_DHCP_OPTIONS]
+    if not _dhcp_options(buf, b + _BOOTP_OPTIONS, n, found, budget):
+        return None
+    overload = found.get(_DHCP_OPT_OVERLOAD, 0)
+    for bit, start, end in ((1, _BOOTP_FILE, _BOOTP_COOKIE), (2, _BOOTP_SNAME, _BOOTP_FILE)):
+        if overload & bit and not _dhcp_options(buf, b + start, b + end, found, budget):
             return None
-        size = buf[q + 1]
-        if code == _DHCP_OPT_TYPE and size == 1:
-            kind = buf[q + 2]
-        elif code == _DHCP_OPT_LEASE and size == 4:
-            lease = _U32.unpack_from(buf, q + 2)[0]
-        q += 2 + size
+    kind, lease = found.get(_DHCP_OPT_TYPE, -1), found.get(_DHCP_OPT_LEASE, -1)
     addr = _U32.unpack_from(buf, b + _BOOTP_YIADDR)[0]
     if kind != _DHCPACK or lease < 0 or not addr or addr >> 28 >= 0xE:
         return None  # 0.0.0.0, multicast and class E are no host's lease
