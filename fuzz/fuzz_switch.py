@@ -1,10 +1,10 @@
 """Fuzz target: the switch's forwarding path under frames from hostile guests.
 
 Three VMs (a, b, c) join an in-process :class:`~virtnet.ports.switch.Switch`;
-the input's first byte picks what is checked on b and c (MAC lock, IP source
-guard with or without DHCP and SLAAC learning, DHCP and router guards, VLANs,
-a rate),
-then comes a list of frames, each ``who u8`` (the sending VM, and how far the
+the input's first byte picks what is checked on b and c (MAC lock, with the
+switch answering ARP and NS for b; IP source guard with or without DHCP and
+SLAAC learning; DHCP and router guards; VLANs; a rate), then comes a list of
+frames, each ``who u8`` (the sending VM, and how far the
 clock moves first) + ``len u8`` + that many bytes (the 12-byte virtio-net
 header and the frame; a length of 255 takes the rest of the input).  The tables
 are made small (8 MACs, 3 per VM, 6 address bindings, 2 per VM, 2 SLAAC
@@ -77,6 +77,7 @@ def _configure(sw: Switch, bits: int) -> None:
             sw.set_vlans(v, [0, 100])
     if bits & 0x01:
         sw.set_macs("b", [MACS["b"]])
+        sw.set_neigh_suppress(True)  # answers for b when it is held to its addresses too
     if bits & 0x02:
         learn = [sw_mod.DHCP_LEARNING, sw_mod.SLAAC_LEARNING] if bits & 0x80 else []
         sw.set_ips("b", _IPS["b"] + learn)
@@ -117,6 +118,11 @@ def _check_tables(sw: Switch) -> None:
         assert vm.dhcp or not vm.leases
     assert len(sw._macs) <= sw_mod.MAC_TABLE_SIZE
     assert len(sw._bindings) <= sw_mod.LL_TABLE_SIZE
+    if sw._held is not None:  # the neighbour suppression index is not stale
+        held = sw._held
+        sw._held = None
+        sw._holder(0, 0)
+        assert sw._held == held, (sw._held, held)
 
 
 def test_one_input(data: bytes) -> None:
@@ -232,6 +238,40 @@ def _seeds() -> dict[str, bytes]:
         + _rec(0, _eth("a", bcast, 0x0800, _dhcp_ack(MACS["b"], "10.0.0.9", 60)))
         + _rec(1, _eth("b", bcast, 0x0800, _ipv4("10.0.0.9", 17, 1, 2)))
         + _rec(0x80 | 1, _eth("b", bcast, 0x0800, _ipv4("10.0.0.9", 17, 1, 2))),
+        "neigh_suppress": bytes([0x03])
+        + _rec(
+            0,
+            _eth(
+                "a",
+                bcast,
+                0x0806,
+                struct.pack(
+                    "!HHBBH6s4s6s4s",
+                    1,
+                    0x0800,
+                    6,
+                    4,
+                    1,
+                    MACS["a"],
+                    bytes([10, 0, 0, 1]),
+                    bytes(6),
+                    bytes([10, 0, 0, 2]),
+                ),
+            ),
+        )
+        + _rec(
+            0,
+            _eth(
+                "a",
+                b"\x33\x33\xff\x00\x00\x02",
+                0x86DD,
+                _ipv6(
+                    "fe80::a",
+                    58,
+                    struct.pack("!BBHI16s", 135, 0, 0, 0, ipaddress.ip_address("fd00::2").packed),
+                ),
+            ),
+        ),
         "dhcpv6_snooping": bytes([0x83])
         + _rec(
             1, _eth("b", bcast, 0x86DD, _ipv6("fe80::b", 17, struct.pack("!HHHH", 546, 547, 8, 0)))

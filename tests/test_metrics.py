@@ -179,6 +179,7 @@ _SWITCH = {
     "leases_refused": 1,
     "prefixes_learnt": 2,
     "prefixes_refused": 5,
+    "neigh_suppressed": 11,
     "control_errors": 0,
     "uplinks": [{"name": "up0", "dropped": {"to_guest": 4, "from_guest": 0}}],
     "restarts": 1,
@@ -209,6 +210,7 @@ def test_the_drops_no_worker_sees_tap_and_switch() -> None:
     assert got[("virtnet_switch_dhcp_leases_total", (("result", "refused"),))] == 1
     assert got[("virtnet_switch_slaac_prefixes_total", (("result", "learnt"),))] == 2
     assert got[("virtnet_switch_slaac_prefixes_total", (("result", "refused"),))] == 5
+    assert got[("virtnet_switch_neigh_suppressed_total", ())] == 11
     assert got[("virtnet_switch_restarts_total", ())] == 1
     # A switch that did not answer: down, and none of its counters but restarts.
     doc["switch"] = {

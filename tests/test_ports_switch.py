@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtnet.errors import UsageError
+from virtnet.net import inet_checksum
 from virtnet.ports import VNET_HDR_LEN, Offload, SocketQueue, make_port
 from virtnet.ports import switch as sw_mod
 from virtnet.ports.switch import Switch, SwitchPort, flow_id, spread
@@ -1270,6 +1271,88 @@ def test_guards_take_any_bytes(data: bytes, n: int, off: int) -> None:
     assert sw_mod._guards_ok(buf, n, l3, every) in (True, False)
     assert sw_mod._ip_source_ok(buf, n, l3, frozenset(), frozenset()) in (True, False)
     assert sw_mod._lladdr_ok(buf, n, l3, frozenset({bytes(6)})) in (True, False)
+
+
+def _arp_request(sha: bytes, spa: str, tpa: str) -> bytes:
+    return struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, sha, _ip(spa), bytes(6), _ip(tpa))
+
+
+def _ns(src: str, target: str) -> bytes:
+    """A neighbour solicitation from ``src`` for ``target`` (no options)."""
+    icmp = struct.pack("!BBHI16s", 135, 0, 0, 0, _ip(target))
+    return struct.pack("!IHBB16s16s", 0x60000000, len(icmp), 58, 255, _ip(src),
+                       _ip("ff02::1:ff00:5")) + icmp  # fmt: skip
+
+
+def test_neigh_suppress_answers_for_held_vms(sw: Switch) -> None:
+    """``set_neigh_suppress``: an ARP request or neighbour solicitation for an
+    address of a VM held to one MAC and its addresses (a: static, and the
+    link-local address bound to it) is answered by the switch to the asker
+    alone, with a's MAC; for anyone else's address, a gratuitous ARP, duplicate
+    address detection, or with suppression off, it is flooded as before."""
+    a, b, c = (sw.open_queue(v, 0) for v in "abc")
+    for v in "abc":
+        sw.set_vlans(v, [0, 100])
+    sw.set_macs("a", [mac(1)])
+    sw.set_ips("a", [_ip("10.0.0.5"), _ip("fd00::5")])
+    sw.set_macs("b", [mac(2)])  # held to its MAC only: not answered for
+    sw.set_neigh_suppress(True)
+    assert send(a, _eth(mac(1), 0x86DD, _ipv6("fe80::a")))  # binds fe80::a to a
+    pump(sw)
+    drain(b), drain(c)
+    mcast = bytes.fromhex("3333ff000005")
+
+    def ask(body: bytes, ethertype: int = 0x0806, vlan: int | None = None) -> list[bytes]:
+        """c asks; what c gets back (b and a must get nothing)."""
+        tag = b"" if vlan is None else struct.pack("!HH", 0x8100, vlan)
+        dst = BCAST if ethertype == 0x0806 else mcast
+        assert send(c, bytes(VNET_HDR_LEN) + dst + mac(3) + tag + struct.pack("!H", ethertype)
+                    + body)  # fmt: skip
+        pump(sw)
+        assert drain(a) == [] and drain(b) == []
+        return drain(c)
+
+    def flooded(body: bytes, ethertype: int = 0x0806) -> bool:
+        before = sw.snapshot().neigh_suppressed
+        assert send(c, _eth(mac(3), ethertype, body))
+        pump(sw)
+        to_b = drain(b)
+        return (
+            len(drain(a)) == len(to_b) == 1
+            and drain(c) == []
+            and (sw.snapshot().neigh_suppressed == before)
+        )
+
+    (reply,) = ask(_arp_request(mac(3), "10.0.0.9", "10.0.0.5"))
+    assert reply == bytes(VNET_HDR_LEN) + mac(3) + mac(1) + b"\x08\x06" + struct.pack(
+        "!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, mac(1), _ip("10.0.0.5"), mac(3), _ip("10.0.0.9")
+    )
+    (tagged,) = ask(_arp_request(mac(3), "10.0.0.9", "10.0.0.5"), vlan=100)
+    assert tagged[VNET_HDR_LEN + 12 : VNET_HDR_LEN + 18] == b"\x81\x00\x00\x64\x08\x06"
+    for target in ("fd00::5", "fe80::a"):
+        (na,) = ask(_ns("fe80::c", target), 0x86DD)
+        eth, ip6 = na[VNET_HDR_LEN : VNET_HDR_LEN + 14], na[VNET_HDR_LEN + 14 :]
+        assert eth == mac(3) + mac(1) + b"\x86\xdd"
+        assert ip6[6:8] == bytes([58, 255]) and ip6[8:24] == _ip(target)
+        assert ip6[24:40] == _ip("fe80::c")
+        icmp = ip6[40:]
+        assert icmp[0] == 136 and icmp[4] == 0x60 and icmp[8:24] == _ip(target)
+        assert icmp[24:32] == bytes([2, 1]) + mac(1)  # target link-layer address: a's MAC
+        pseudo = ip6[8:40] + struct.pack("!IxxxB", len(icmp), 58)
+        assert inet_checksum(pseudo + icmp) == 0
+    assert sw.snapshot().neigh_suppressed == 4
+    assert flooded(_arp_request(mac(3), "10.0.0.9", "10.0.0.6"))  # nobody's held address
+    assert flooded(_arp_request(mac(3), "10.0.0.5", "10.0.0.5"))  # gratuitous
+    assert flooded(_ns("::", "fd00::5"), 0x86DD)  # duplicate address detection
+    assert flooded(_ns("fe80::c", "fd00::9"), 0x86DD)
+    sw.set_ips("b", [_ip("10.0.0.6")])  # now held to its addresses too: answered for
+    (reply,) = ask(_arp_request(mac(3), "10.0.0.9", "10.0.0.6"))
+    assert reply[VNET_HDR_LEN + 6 : VNET_HDR_LEN + 12] == mac(2)
+    sw.set_macs("a", [mac(1), mac(7)])  # which of two MACs? the owner answers
+    assert flooded(_arp_request(mac(3), "10.0.0.9", "10.0.0.5"))
+    sw.set_macs("a", [mac(1)])
+    sw.set_neigh_suppress(False)
+    assert flooded(_arp_request(mac(3), "10.0.0.9", "10.0.0.5"))
 
 
 def test_rate_policing(sw: Switch, clock: Clock) -> None:

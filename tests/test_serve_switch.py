@@ -10,6 +10,8 @@ IP address not its own (``--ip``) or from the other's link-local IPv6
 address, and one is held to a rate (``--rate``).
 One may not be a DHCP server (``--guard``): the other's DHCP client gets a
 lease from it only once ``virtnet ctl`` lifts the guard.
+The switch answers the guests' ARP requests and neighbour solicitations for
+each other itself (``--neigh-suppress``).
 A third guest is plugged in and out with ``virtnet ctl``.  The switch process
 is killed: serve starts it again and the guests talk on through it, still
 locked to their MACs.
@@ -65,7 +67,7 @@ def pair(
              "--socket", str(b), "--port", "switch", "--queues", str(QUEUES),
              "--vlans", f"0,{VLAN}", "--mac", f"a.sock={MAC_A}", "--mac", f"b.sock={MAC_B}",
              "--ip", f"a.sock={_ips(2)}", "--ip", f"b.sock={_ips(3)},dhcp",
-             "--guard", "a.sock=dhcp,router",
+             "--guard", "a.sock=dhcp,router", "--neigh-suppress",
              "--stats-socket", str(stats), "--control-socket", str(_control(stats))],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
@@ -129,6 +131,26 @@ def test_jumbo_frames_between_guests(pair: tuple[Guest, Guest, Path]) -> None:
     out = ga.run(f"ping -c 3 -W 5 -s {MTU - 28} {IP_B}").output
     assert f"{MTU - 20} bytes from {IP_B}" in out, out
     assert rx_packets() - before <= 3 + 2  # 3 echo requests (+ ARP), no fragments
+
+
+def test_the_switch_answers_arp_and_ns_for_the_guests(pair: tuple[Guest, Guest, Path]) -> None:
+    """``--neigh-suppress``: with their neighbour caches flushed, the guests
+    reach each other over IPv4 and link-local IPv6, and learn each other's
+    MAC, from the answers the switch gives on their behalf (counted)."""
+    ga, gb, stats = pair
+    ll_b = "fe80::5054:ff:fe77:103"  # EUI-64 of B's MAC
+    # B's link-local address is bound to it once B has sent from it.
+    assert wait_for(lambda: gb.run("ping -6 -c 1 -W 2 fe80::5054:ff:fe77:102%eth0",
+                                   check=False).status == 0, timeout=30)  # fmt: skip
+    before = fetch(str(stats))["switch"]["neigh_suppressed"]
+    for g in (ga, gb):
+        g.run("ip neigh flush dev eth0")
+    assert ga.ping(IP_B, count=1)
+    assert MAC_B in ga.run(f"ip neigh show {IP_B}").output.lower()
+    assert ga.run(f"ping -6 -c 1 -W 3 {ll_b}%eth0", check=False).status == 0
+    assert MAC_B in ga.run(f"ip -6 neigh show {ll_b}").output.lower()
+    # A's ARP request and NS, and B's for its answers: none flooded.
+    assert fetch(str(stats))["switch"]["neigh_suppressed"] >= before + 3
 
 
 def test_guests_iperf3_both_ways(pair: tuple[Guest, Guest, Path]) -> None:

@@ -109,6 +109,7 @@ __all__ = [
     "config_size",
     "ctrl_index",
     "hdr_len",
+    "inet_checksum",
     "negotiate",
     "num_queue_pairs",
     "pair_of",
@@ -530,3 +531,15 @@ CTRL_NOTF_COAL_VQ_GET: Final = 3
 CTRL_STATS: Final = 8  # virtio 1.4 "Device Statistics" (not implemented: answered ERR)
 CTRL_STATS_QUERY: Final = 0
 CTRL_STATS_GET: Final = 1
+
+
+def inet_checksum(data: bytes | bytearray) -> int:
+    """The Internet checksum (RFC 1071) of ``data``, an odd length padded
+    with a zero byte: for the IPv4 headers and ICMPv6 messages virtnet's
+    tools and switch build themselves."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF

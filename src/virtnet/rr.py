@@ -55,6 +55,7 @@ from typing import Any, Literal
 from virtnet.demo import GUEST_MAC, PEER_MAC
 from virtnet.driver import flow_hash
 from virtnet.errors import UsageError, VirtqueueError
+from virtnet.net import inet_checksum
 from virtnet.pktgen import (
     _BATCHES,
     _CPU_US,
@@ -114,20 +115,13 @@ _U16 = 0xFFFF
 _SENT, _DONE, _STALE, _LOST, _WAKE = _TX_PK, _RX_PK, _RX_BY, _BATCHES, _RX_KICK
 
 
-def _ip_checksum(hdr: bytes) -> int:
-    s = sum(int(x) for x in struct.unpack(f"!{len(hdr) // 2}H", hdr))
-    while s >> 16:
-        s = (s & _U16) + (s >> 16)
-    return ~s & _U16
-
-
 def request_frame(session: int) -> bytes:
     """Session ``session``'s request: Ethernet/IPv4/UDP, 1-byte payload, padded to 60 bytes."""
     if not 0 <= session < MAX_SESSIONS:
         raise UsageError(f"session {session} outside 0..{MAX_SESSIONS - 1}")
     dst = bytes((10, 78, 1 + session // 250, 1 + session % 250))
     ip = _IP.pack(0x45, 0, 20 + 8 + 1, 0, 0, 64, 17, 0, bytes((10, 78, 0, 1)), dst)
-    ip = ip[:10] + struct.pack("!H", _ip_checksum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", inet_checksum(ip)) + ip[12:]
     udp = _UDP.pack(BASE_PORT + session, 7, 8 + 1, 0)
     frame = _ETH.pack(PEER_MAC, GUEST_MAC, 0x0800) + ip + udp + b"\x00"
     return frame.ljust(FRAME_LEN, b"\x00")

@@ -49,6 +49,9 @@ Invariants:
   DHCPv6 server or relay messages, or ICMP/ICMPv6 router advertisements and
   redirects (:class:`Guard`), so that it cannot make itself another VM's
   gateway; they are dropped and counted (``dropped_guard``).
+* Neighbour suppression (``set_neigh_suppress``): ARP requests and neighbour
+  solicitations for the addresses of VMs held to one MAC and to their
+  addresses are answered by the switch, to the asker alone, not flooded.
 * Policing (``set_rate``): what a VM sends is held to its rate by a token
   bucket (:func:`rate_burst` bytes); a frame over it is dropped and counted
   (``dropped_rate``) before anything else is looked at.
@@ -96,6 +99,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from virtnet.errors import ProtocolError, UsageError
 from virtnet.forking import fork_child
+from virtnet.net import inet_checksum
 from virtnet.ports.base import (
     MAX_FRAME_LEN,
     VNET_HDR_LEN,
@@ -292,6 +296,7 @@ class SwitchStats:
     leases_refused: int = 0  # ... for an address another VM holds, or past LEASES_PER_VM
     prefixes_learnt: int = 0  # SLAAC prefixes a trusted router advertised (set_ips)
     prefixes_refused: int = 0  # ... past PREFIXES_PER_VLAN
+    neigh_suppressed: int = 0  # ARP requests and NS the switch answered itself (set_neigh_suppress)
     flow_evictions: int = 0
     control_errors: int = 0
     ports: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -663,6 +668,27 @@ MAX_ND_OPTIONS = 64
 
 
 _LLADDR_ET_LOW = frozenset({_ETH_ARP & 0xFF, _ETH_IPV6 & 0xFF})
+_ND_NS = 135  # ICMPv6 neighbour solicitation
+_ARP_ETH_IPV4 = bytes.fromhex("0001080006040001")  # Ethernet, IPv4, 6, 4, request
+#: The neighbour advertisement's flags: solicited and override (RFC 4861 section 4.4).
+_NA_SOLICITED_OVERRIDE = 0x60000000
+_NA = struct.Struct("!BBHI16sBB6s")  # type, code, checksum, flags, target, TLLAO
+
+
+def arp_reply(request: bytes | bytearray | memoryview, mac: bytes) -> bytes:
+    """The ARP reply of ``mac`` to the request ``request`` (its 28 bytes)."""
+    sha, spa, tpa = bytes(request[8:14]), bytes(request[14:18]), bytes(request[24:28])
+    return _ARP_ETH_IPV4[:7] + b"\x02" + mac + tpa + sha + spa
+
+
+def na_reply(src: bytes, dst: bytes, target: bytes, mac: bytes) -> bytes:
+    """The IPv6 packet of a solicited neighbour advertisement from ``src`` to
+    ``dst``: ``target`` is at ``mac`` (a target link-layer address option),
+    its ICMPv6 checksum set."""
+    icmp = bytearray(_NA.pack(_ND_NA, 0, 0, _NA_SOLICITED_OVERRIDE, target, 2, 1, mac))
+    pseudo = src + dst + struct.pack("!IxxxB", len(icmp), _ICMPV6)
+    icmp[2:4] = _U16.pack(inet_checksum(pseudo + icmp))
+    return struct.pack("!IHBB16s16s", 6 << 28, len(icmp), _ICMPV6, 255, src, dst) + icmp
 
 
 def _nd_options(buf: bytearray, n: int, l3: L3) -> list[tuple[int, int, int]] | None:
@@ -882,6 +908,10 @@ class Switch:
         self._learners = 0
         # VLAN -> SLAAC prefix (8 bytes) a trusted router advertised -> when it ends.
         self._prefixes: dict[int, dict[bytes, float]] = {}
+        self._suppress = False  # answer ARP and NS for held VMs (set_neigh_suppress)
+        # Address (IPv4 as an int, IPv6 packed) -> the VM held to it and to one
+        # MAC, for neighbour suppression; None: to be built again (_holders).
+        self._held: dict[int | bytes, _Vm] | None = None
         self._buf = bytearray(_BUF_LEN)
         self._view = memoryview(self._buf)
         self._ctl: socket.socket | None = None
@@ -956,6 +986,7 @@ class Switch:
 
     def set_vlans(self, vm_id: str, vlans: Iterable[int]) -> None:
         """The VLANs the VM is a member of (0 = untagged)."""
+        self._held = None
         vs = frozenset(vlans)
         if not vs or any(not isinstance(v, int) or not 0 <= v <= VLAN_MAX for v in vs):
             raise UsageError(f"bad VLAN set {sorted(vs)!r} (ids 0..{VLAN_MAX}, at least one)")
@@ -963,6 +994,7 @@ class Switch:
 
     def set_macs(self, vm_id: str, macs: Iterable[bytes] | None) -> None:
         """Lock the VM to these source MACs (None: unlock); see port security."""
+        self._held = None
         vm = self._vm(vm_id)
         new = None if macs is None else frozenset(macs)
         if new is not None and (not new or any(len(m) != 6 or m[0] & 1 for m in new)):
@@ -1003,7 +1035,7 @@ class Switch:
             for key in [k for k in vm.bound if not _link_local(k[1])]:
                 del self._bindings[key]
                 vm.bound.discard(key)
-        vm.refresh_ips()
+        self._refresh_ips(vm)
         self._count_learners()
 
     def _count_learners(self) -> None:
@@ -1055,8 +1087,18 @@ class Switch:
         """What the VM's guest accepts on rx (its negotiated GUEST_CSUM/TSO4/TSO6/ECN)."""
         self._vm(vm_id).rx_offloads = frozenset(offloads)
 
+    def set_neigh_suppress(self, on: bool) -> None:
+        """Neighbour suppression (Linux bridge's ``neigh_suppress``, an ARP
+        responder): an ARP request or neighbour solicitation for an address
+        of a VM held to one MAC and to its addresses (``set_macs``,
+        ``set_ips``: static, leased, or bound to it first come first served)
+        is answered by the switch on that VM's behalf, to the asker alone,
+        instead of being flooded to every VM of the VLAN."""
+        self._suppress = bool(on)
+
     def remove_vm(self, vm_id: str) -> None:
         """Close every socket of the VM and forget what was learnt about it."""
+        self._held = None
         vm = self._vms.pop(vm_id, None)
         if vm is None:
             return
@@ -1316,6 +1358,8 @@ class Switch:
                 if len(flows) > FLOW_TABLE_SIZE:
                     flows.popitem(last=False)
                     stats.flow_evictions += 1
+        if self._suppress and buf[_E] & 1 and self._answer(svm, vlan, n, et_off, l3, now):
+            return
         need = _NO_OFFLOAD if not (buf[0] | buf[1]) else _needed_offloads(buf[0], buf[1])
         if not buf[_E] & 1:
             dmac = bytes(buf[_E : _E + 6])
@@ -1338,6 +1382,68 @@ class Switch:
         for dvm in self._vms.values():
             if dvm is not svm and vlan in dvm.vlans:
                 self._deliver(dvm, view, fid, now, need)
+
+    def _refresh_ips(self, vm: _Vm) -> None:
+        vm.refresh_ips()
+        self._held = None
+
+    def _holder(self, vlan: int, addr: int | bytes) -> _Vm | None:
+        """The VM on ``vlan`` held to one MAC and to ``addr`` (IPv4 as an int,
+        IPv6 packed) among its addresses (static, leased, or bound to it)."""
+        if isinstance(addr, bytes):
+            ent = self._bindings.get((vlan, addr))
+            if ent is not None and ent[0].ips is not None:
+                vm = ent[0]
+                return vm if vm.macs is not None and len(vm.macs) == 1 else None
+        held = self._held
+        if held is None:
+            held = self._held = {}
+            for vm in self._vms.values():
+                if vm.macs is not None and len(vm.macs) == 1 and vm.ips is not None:
+                    held.update(dict.fromkeys(vm.ips4, vm))
+                    held.update(dict.fromkeys(vm.ips6, vm))
+        owner = held.get(addr)
+        return owner if owner is not None and vlan in owner.vlans else None
+
+    def _answer(self, svm: _Vm, vlan: int, n: int, et_off: int, l3: L3 | None, now: float) -> bool:
+        """Neighbour suppression: whether the multicast frame ``svm`` sent is
+        an ARP request or neighbour solicitation the switch answered itself,
+        to ``svm`` alone, on behalf of the VM holding the address."""
+        buf = self._buf
+        et = buf[et_off] << 8 | buf[et_off + 1]
+        p = et_off + 2
+        if et == _ETH_ARP:
+            if n < p + 28 or buf[p : p + 8] != _ARP_ETH_IPV4:
+                return False
+            tpa = _U32.unpack_from(buf, p + 24)[0]
+            if tpa == _U32.unpack_from(buf, p + 14)[0]:
+                return False  # a gratuitous ARP: news for everyone
+            owner = self._holder(vlan, tpa)
+            if owner is None or owner is svm:
+                return False
+            assert owner.macs is not None
+            (omac,) = owner.macs
+            body = arp_reply(self._view[p : p + 28], omac)
+        elif et == _ETH_IPV6:
+            nh, u = (l3 or _l3(buf, n, et_off))[2:]
+            if nh != _ICMPV6 or u < 0 or n < u + 24 or buf[u] != _ND_NS or buf[u + 1]:
+                return False
+            src = bytes(buf[p + 8 : p + 24])
+            if buf[p + 7] != 255 or src == _IPV6_ANY:
+                return False  # not from the link; duplicate address detection
+            owner = self._holder(vlan, bytes(buf[u + 8 : u + 24]))
+            if owner is None or owner is svm:
+                return False
+            assert owner.macs is not None
+            (omac,) = owner.macs
+            body = na_reply(bytes(buf[u + 8 : u + 24]), src, bytes(buf[u + 8 : u + 24]), omac)
+        else:
+            return False
+        head = bytes(VNET_HDR_LEN) + bytes(buf[_E + 6 : _E + 12]) + omac
+        frame = memoryview(head + bytes(buf[_E + 12 : et_off + 2]) + body)
+        self.stats.neigh_suppressed += 1
+        self._deliver(svm, frame, flow_id(frame), now, _NO_OFFLOAD)
+        return True
 
     def _deliver(
         self,
@@ -1415,7 +1521,7 @@ class Switch:
         vm = self._dhcp_client(chaddr, vlan)
         if vm is not None:
             self._lease(vm, addr, seconds, now)
-            vm.refresh_ips()
+            self._refresh_ips(vm)
 
     def _dhcp_client(self, mac: bytes, vlan: int) -> _Vm | None:
         """The VM behind ``mac`` on ``vlan`` (locked to it, or learnt), if it
@@ -1462,7 +1568,7 @@ class Switch:
             return
         for addr, valid in assigned:
             self._lease(vm, addr, valid, now)
-        vm.refresh_ips()
+        self._refresh_ips(vm)
 
     def _snoop_ra(self, buf: bytearray, n: int, l3: L3, vlan: int, now: float) -> None:
         """SLAAC learning: a router advertisement from a trusted router (a
@@ -1556,7 +1662,7 @@ class Switch:
                 if ended:
                     for a in ended:
                         del vm.leases[a]
-                    vm.refresh_ips()
+                    self._refresh_ips(vm)
         macs = self._macs
         while macs:
             k, (owner, t) = next(iter(macs.items()))
@@ -1655,6 +1761,8 @@ class Switch:
             self.set_guards(vm_id, guards)
         elif op == "offloads":
             self.set_rx_offloads(vm_id, (Offload(o) for o in msg["offloads"]))
+        elif op == "neigh_suppress":
+            self.set_neigh_suppress(msg["on"] is True)
         elif op == "remove":
             self.remove_vm(vm_id)
         elif op == "stats":
@@ -1895,6 +2003,10 @@ class SwitchPort:
     def set_rate(self, vm_id: str, bits_per_s: int | None) -> None:
         """Police what the VM sends (see :meth:`Switch.set_rate`)."""
         self._configure({"op": "rate", "vm": vm_id, "bps": bits_per_s})
+
+    def set_neigh_suppress(self, on: bool) -> None:
+        """Answer ARP and NS for held VMs (see :meth:`Switch.set_neigh_suppress`)."""
+        self._configure({"op": "neigh_suppress", "vm": "", "on": on})
 
     def set_rx_offloads(self, vm_id: str, offloads: Iterable[Offload]) -> None:
         self._configure(

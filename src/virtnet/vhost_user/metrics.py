@@ -29,7 +29,7 @@ Metrics (labels ``vm`` -- the socket's name -- and ``pair``):
   ``virtnet_switch_evictions_total`` (``table`` mac/flow),
   ``virtnet_switch_macs_unlearnt_total``, ``virtnet_switch_dhcp_leases_total``,
   ``virtnet_switch_slaac_prefixes_total``
-  (``result`` learnt/refused),
+  (``result`` learnt/refused), ``virtnet_switch_neigh_suppressed_total``,
   ``virtnet_switch_control_errors_total`` and ``virtnet_switch_restarts_total``
   (the other switch counters start from zero after a restart).
 
@@ -280,6 +280,11 @@ def _switch_families(sw: Any, taps: CounterMetricFamily) -> list[Metric]:
         sw, "prefixes", "virtnet_switch_slaac_prefixes",
         "Router-advertised SLAAC prefixes snooped for VMs that learn their SLAAC addresses.",
     )  # fmt: skip
+    suppressed = CounterMetricFamily(
+        "virtnet_switch_neigh_suppressed",
+        "ARP requests and neighbour solicitations the switch answered itself.",
+    )
+    suppressed.add_metric([], _count(sw, "neigh_suppressed"))
     ctl = CounterMetricFamily(
         "virtnet_switch_control_errors", "Bad control messages the switch refused."
     )
@@ -291,7 +296,7 @@ def _switch_families(sw: Any, taps: CounterMetricFamily) -> list[Metric]:
         _add_tap(taps, "uplink", tap)
     return [
         up, restarts, frames, flooded, filtered, dropped, evictions, unlearnt, leases, prefixes,
-        ctl,
+        suppressed, ctl,
     ]  # fmt: skip
 
 

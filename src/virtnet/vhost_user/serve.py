@@ -202,6 +202,7 @@ class Daemon:
         ips: Sequence[tuple[str, frozenset[bytes]]] = (),
         rates: Sequence[tuple[str, int]] = (),
         guards: Sequence[tuple[str, frozenset[Guard]]] = (),
+        neigh_suppress: bool = False,
     ) -> None:
         """``vlans``: the ``--vlans`` options (:func:`_vlans_arg`), switch only;
         ``control_socket``: where ``virtnet ctl`` adds and removes VMs;
@@ -209,6 +210,8 @@ class Daemon:
         ``ips``: the ``--ip`` options (:func:`_ip_arg`), switch only;
         ``rates``: the ``--rate`` options (:func:`_rate_vm_arg`), switch only;
         ``guards``: the ``--guard`` options (:func:`_guard_arg`), switch only;
+        ``neigh_suppress``: the switch answers ARP and neighbour solicitations
+        for VMs held to one MAC and their addresses (``--neigh-suppress``);
         ``state_file``: where the VMs ``virtnet ctl`` added are kept, to be
         served again after a restart (:meth:`_restore_state`);
         ``socket_group``, ``socket_mode``: ownership and mode of the VM sockets
@@ -293,6 +296,12 @@ class Daemon:
                 if name in self.guards:
                     raise UsageError(f"--guard for {name} given twice")
                 self._set_guards(name, gs)
+            if neigh_suppress:
+                if not isinstance(self._shared, SwitchPort):
+                    raise UsageError(
+                        "--neigh-suppress needs --port switch (a tap's neighbours are the host's)"
+                    )
+                self._shared.set_neigh_suppress(True)
             if isinstance(self._shared, SwitchPort):
                 # Its death wakes the loop at once instead of at the next tick.
                 self.server.watch(self._shared.control, self._shared.drain_replies)
@@ -1315,6 +1324,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " vm1.sock=dhcp,router; refused frames are dropped and counted (default: none)",
     )
     parser.add_argument(
+        "--neigh-suppress",
+        action="store_true",
+        help="--port switch: answer ARP requests and IPv6 neighbour solicitations for the"
+        " addresses of VMs held to one MAC (--mac) and to their IPs (--ip) on their behalf,"
+        " to the asker alone, instead of flooding them to every VM (Linux bridge's"
+        " neigh_suppress; default: flood)",
+    )
+    parser.add_argument(
         "--no-offloads",
         dest="offloads",
         action="store_false",
@@ -1343,6 +1360,7 @@ def run(args: argparse.Namespace) -> int:
         rates=args.rate,
         guards=args.guard,
         socket_mode=args.socket_mode,
+        neigh_suppress=args.neigh_suppress,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -202,6 +202,7 @@ def _switch_table(sw: dict[str, Any]) -> Any:
             "leases_refused",
             "prefixes_learnt",
             "prefixes_refused",
+            "neigh_suppressed",
             "control_errors",
         )
         if sw.get(key)
