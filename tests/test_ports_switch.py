@@ -1080,6 +1080,8 @@ def test_dhcp6_reply_takes_any_bytes(data: bytes, n: int) -> None:
     good = bytearray(_dhcp6(7, (3, [("fd00::50", 30)]))[40:])
     assert sw_mod.dhcp6_reply(good, len(good), 0) == [(_ip("fd00::50"), 30)]
     assert sw_mod.dhcp6_reply(good, len(good) - 1, 0) is None
+    padded = good + bytes(20)  # Ethernet padding past the UDP length
+    assert sw_mod.dhcp6_reply(padded, len(padded), 0) == [(_ip("fd00::50"), 30)]
 
 
 @given(st.binary(max_size=400), st.integers(0, 420))

@@ -471,11 +471,15 @@ def dhcp6_reply(buf: bytearray, n: int, u: int) -> list[tuple[bytes, int]] | Non
     the IA_NA and IA_TA options of the DHCPv6 Reply whose UDP header is at
     ``buf[u:n]``, or None when it is not a well-formed Reply.  Only global
     unicast addresses count (not ::, link-local or multicast); a valid
-    lifetime of 0 is the server taking the address back."""
+    lifetime of 0 is the server taking the address back.  The message ends
+    where the UDP length says (a frame may be padded past it)."""
     b = u + 8
     if n < b + 4 or buf[b] != _DHCP6_REPLY:
         return None
-    top = _dhcp6_options(buf, b + 4, n)
+    end = u + _U16.unpack_from(buf, u + 4)[0]
+    if not b + 4 <= end <= n:
+        return None
+    top = _dhcp6_options(buf, b + 4, end)
     if top is None:
         return None
     out = []
