@@ -485,3 +485,17 @@ def test_switch_forward_bench_runs(
     assert bench_module("switch_forward").main(["--burst", "20", "--repeat", "3"]) == 0
     out = capsys.readouterr().out
     assert "open" in out and "locked" in out and "locked / open" in out
+    assert bench_module("switch_forward").main(["--burst", "20", "--repeat", "2", "--ipv6"]) == 0
+    out = capsys.readouterr().out
+    assert "IPv6" in out and "learning / open" in out
+
+
+def test_switch_neigh_bench_runs(
+    bench_module: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/switch_neigh.py: flooded, each request reaches the other VMs;
+    suppressed, one answer reaches the asker."""
+    assert bench_module("switch_neigh").main(["--vms", "4", "--burst", "10", "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(3.0 frames delivered a request)" in out
+    assert "(1.0 frames delivered a request)" in out
