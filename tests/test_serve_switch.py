@@ -263,8 +263,8 @@ def test_a_guest_cannot_take_anothers_mac(pair: tuple[Guest, Guest, Path]) -> No
 def test_a_killed_switch_process_is_started_again(pair: tuple[Guest, Guest, Path]) -> None:
     """SIGKILL of the switch process: serve starts a new one with the same
     configuration and gives both guests' running pairs new queues on it; the
-    guests ping and run TCP both ways again on the same connections, and B
-    still cannot send from A's MAC."""
+    guests ping and run TCP both ways again on the same connections, B
+    still cannot send from A's MAC, and the switch still answers ARP."""
     ga, gb, stats = pair
     doc = fetch(str(stats))
     old = doc["switch"]["pid"]
@@ -287,6 +287,8 @@ def test_a_killed_switch_process_is_started_again(pair: tuple[Guest, Guest, Path
     finally:
         gb.run(f"ip link set eth0 address {MAC_B}")
     assert wait_for(lambda: gb.ping(IP_A, count=1, timeout=5), timeout=30), gb.console_tail()
+    # B's ARP request for A, its cache flushed, was answered by the new process.
+    assert fetch(str(stats))["switch"]["neigh_suppressed"] > 0
 
 
 def test_a_guest_cannot_send_from_an_ip_not_its_own(pair: tuple[Guest, Guest, Path]) -> None:
