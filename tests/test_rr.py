@@ -11,11 +11,11 @@ import pytest
 
 from virtnet.driver import flow_hash
 from virtnet.errors import UsageError
+from virtnet.net import inet_checksum
 from virtnet.rr import (
     BASE_PORT,
     FRAME_LEN,
     MAX_SESSIONS,
-    _ip_checksum,
     _session_of,
     assign_sessions,
     request_frame,
@@ -31,7 +31,7 @@ def test_request_frame_is_a_valid_udp_frame() -> None:
     f = request_frame(7)
     assert len(f) == FRAME_LEN
     assert f[12:14] == b"\x08\x00" and f[23] == 17  # IPv4, UDP
-    assert _ip_checksum(f[14:34]) == 0  # header checksum verifies
+    assert inet_checksum(f[14:34]) == 0  # header checksum verifies
     assert int.from_bytes(f[34:36], "big") == BASE_PORT + 7
     assert int.from_bytes(f[16:18], "big") == 20 + 8 + 1  # IP total length: 1-byte payload
     assert flow_id(f) is not None
@@ -115,3 +115,9 @@ def test_cli_json(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["sessions"] == 4 and doc["transactions"] > 0 and doc["tps"] > 0
+
+
+def test_inet_checksum_pads_odd_lengths() -> None:
+    """RFC 1071's example bytes sum to 0xddf2; an odd length counts a zero byte after."""
+    assert inet_checksum(bytes.fromhex("0001f203f4f5f6f7")) == ~0xDDF2 & 0xFFFF
+    assert inet_checksum(b"\x01") == inet_checksum(b"\x01\x00") == 0xFEFF
