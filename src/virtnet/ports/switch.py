@@ -549,10 +549,10 @@ _MALFORMED = -2
 
 #: What :func:`_l3` makes of a frame: (EtherType, offset of the header it
 #: names, upper-layer protocol, offset of the upper-layer header).
-L3 = tuple[int, int, int, int]
+_L3 = tuple[int, int, int, int]
 
 
-def _l3(buf: bytearray, n: int, off: int) -> L3:
+def _l3(buf: bytearray, n: int, off: int) -> _L3:
     """The frame in ``buf[:n]``, its EtherType at ``off``, parsed once for
     every check the switch holds a VM to (:func:`_lladdr_ok`,
     :func:`_ip_source_ok`, :func:`_guards_ok`, DHCP snooping).
@@ -590,7 +590,7 @@ def _l3(buf: bytearray, n: int, off: int) -> L3:
 def _ip_source_ok(
     buf: bytearray,
     n: int,
-    l3: L3,
+    l3: _L3,
     v4: frozenset[int],
     v6: frozenset[bytes],
     claims: list[bytes] | None = None,
@@ -695,7 +695,7 @@ def na_reply(src: bytes, dst: bytes, target: bytes, mac: bytes) -> bytes:
     return struct.pack("!IHBB16s16s", 6 << 28, len(icmp), _ICMPV6, 255, src, dst) + icmp
 
 
-def _nd_options(buf: bytearray, n: int, l3: L3) -> list[tuple[int, int, int]] | None:
+def _nd_options(buf: bytearray, n: int, l3: _L3) -> list[tuple[int, int, int]] | None:
     """The options of the IPv6 neighbour discovery message in ``buf[:n]``
     (parsed as ``l3``), each (type, offset, size in bytes), walked within
     the IPv6 payload length; [] for a frame that is no such message; None for
@@ -731,7 +731,7 @@ _PIO_AUTONOMOUS = 0x40
 _SLAAC_PREFIX_LEN = 64
 
 
-def router_prefixes(buf: bytearray, n: int, l3: L3) -> list[tuple[bytes, int]] | None:
+def router_prefixes(buf: bytearray, n: int, l3: _L3) -> list[tuple[bytes, int]] | None:
     """The (prefix, valid lifetime in seconds) of each /64 the router
     advertisement in ``buf[:n]`` (parsed as ``l3``) offers for SLAAC (the
     autonomous flag set, RFC 4862 section 5.5.3), prefix as its first 8 bytes;
@@ -760,7 +760,7 @@ def router_prefixes(buf: bytearray, n: int, l3: L3) -> list[tuple[bytes, int]] |
     return out
 
 
-def _lladdr_ok(buf: bytearray, n: int, l3: L3, macs: frozenset[bytes]) -> bool:
+def _lladdr_ok(buf: bytearray, n: int, l3: _L3, macs: frozenset[bytes]) -> bool:
     """Port security inside the frame: whether the MAC an ARP packet gives as
     its sender, and the link-layer addresses an IPv6 neighbour discovery
     message carries in its options, are among ``macs`` (libvirt's
@@ -778,7 +778,7 @@ def _lladdr_ok(buf: bytearray, n: int, l3: L3, macs: frozenset[bytes]) -> bool:
     return all(k not in _ND_LLAO or bytes(buf[q + 2 : q + 8]) in macs for k, q, _s in opts)
 
 
-def _guards_ok(buf: bytearray, n: int, l3: L3, guards: int) -> bool:
+def _guards_ok(buf: bytearray, n: int, l3: _L3, guards: int) -> bool:
     """DHCP and router guards: whether the frame in ``buf[:n]`` (parsed as
     ``l3``) is none of the server messages ``guards`` (a sum of ``_GUARD_*``
     bits) refuse.
@@ -1276,7 +1276,7 @@ class Switch:
             src.rx_dropped += 1
             return
         smac = bytes(buf[_E + 6 : _E + 12])
-        l3: L3 | None = None  # the frame parsed (_l3) when a check first needs it
+        l3: _L3 | None = None  # the frame parsed (_l3) when a check first needs it
         if self._locked:
             owner = self._locked.get(smac)
             if (owner is not None and owner is not svm) or (
@@ -1409,7 +1409,7 @@ class Switch:
         owner = held.get(addr)
         return owner if owner is not None and vlan in owner.vlans else None
 
-    def _answer(self, svm: _Vm, vlan: int, n: int, et_off: int, l3: L3 | None, now: float) -> bool:
+    def _answer(self, svm: _Vm, vlan: int, n: int, et_off: int, l3: _L3 | None, now: float) -> bool:
         """Neighbour suppression: whether the multicast frame ``svm`` sent is
         an ARP request or neighbour solicitation the switch answered itself,
         to ``svm`` alone, on behalf of the VM holding the address."""
@@ -1509,7 +1509,7 @@ class Switch:
             owner.learnt -= 1
             self.stats.mac_evictions += 1
 
-    def _snoop_dhcp(self, buf: bytearray, n: int, l3: L3, vlan: int, now: float) -> None:
+    def _snoop_dhcp(self, buf: bytearray, n: int, l3: _L3, vlan: int, now: float) -> None:
         """DHCP snooping: a DHCPACK from a trusted server (a member under
         neither the IP source guard nor the DHCP guard) lets the VM it names
         by MAC send from the leased address, if that VM learns from DHCP."""
@@ -1557,7 +1557,7 @@ class Switch:
         vm.leases[addr] = now + min(seconds, LEASE_MAX_S)
         self.stats.leases_learnt += 1
 
-    def _snoop_dhcp6(self, buf: bytearray, n: int, l3: L3, vlan: int, now: float) -> None:
+    def _snoop_dhcp6(self, buf: bytearray, n: int, l3: _L3, vlan: int, now: float) -> None:
         """DHCPv6 snooping: the addresses a Reply from a trusted server (a
         member under neither the IP source guard nor the DHCP guard) assigns
         may be sent from by the VM it is sent to (by destination MAC: a server
@@ -1574,7 +1574,7 @@ class Switch:
             self._lease(vm, addr, valid, now)
         self._refresh_ips(vm)
 
-    def _snoop_ra(self, buf: bytearray, n: int, l3: L3, vlan: int, now: float) -> None:
+    def _snoop_ra(self, buf: bytearray, n: int, l3: _L3, vlan: int, now: float) -> None:
         """SLAAC learning: a router advertisement from a trusted router (a
         member under neither the IP source guard nor the router guard) offers
         its /64 prefixes for autoconfiguration on ``vlan``; VMs that learn
