@@ -130,6 +130,26 @@ def _ping6_from(guest: Guest, addr: str, host: str = HOST_IP6) -> bool:
         guest.run(f"ip -6 addr del {addr}/64 dev eth0")
 
 
+def _dnsmasq(
+    ns: NetNS, uplink: str, tmp_path: Path, *options: str
+) -> tuple[subprocess.Popen[str], Path]:
+    """dnsmasq, DNS off, on the uplink in ``ns`` with ``options`` (its DHCP
+    and RA settings), logging to a file: the process and its log."""
+    dnsmasq = shutil.which("dnsmasq")
+    assert dnsmasq is not None
+    log = tmp_path / "dnsmasq.log"
+    with log.open("w") as logged:
+        proc = ns.popen(
+            [dnsmasq, "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
+             f"--interface={uplink}", "--bind-interfaces",
+             f"--pid-file={tmp_path / 'dnsmasq.pid'}",
+             f"--dhcp-leasefile={tmp_path / 'dnsmasq.leases'}", "--user=root",
+             "--log-facility=-", *options],
+            stdout=logged, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    return proc, log
+
+
 def _slaac_address(guest: Guest) -> str | None:
     """The guest's address in PREFIX that its kernel made (``dynamic``), if any."""
     out = guest.run("ip -6 addr show dev eth0 scope global", check=False).output
@@ -148,8 +168,7 @@ def test_a_guest_may_send_from_its_slaac_address(
     spoofed; once dnsmasq on the uplink does, the guest's kernel makes its
     SLAAC address and pings the host from it, ``virtnet stats`` shows the
     prefix and the address; an address outside the prefix is still refused."""
-    dnsmasq = shutil.which("dnsmasq")
-    if dnsmasq is None:
+    if shutil.which("dnsmasq") is None:
         pytest.skip("dnsmasq is not installed (Debian package dnsmasq-base)")
     guest, ns, stats = setup
     uplink = fetch(str(stats))["switch"]["uplinks"][0]["name"]
@@ -157,17 +176,14 @@ def test_a_guest_may_send_from_its_slaac_address(
     spoofed = _spoofed(stats)
     assert not _ping6_from(guest, "fd77:2::99")
     assert _spoofed(stats) > spoofed
-    log = tmp_path / "dnsmasq.log"
-    with log.open("w") as logged:
-        router = ns.popen(
-            [dnsmasq, "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
-             f"--interface={uplink}", "--bind-interfaces", "--enable-ra",
-             f"--dhcp-range={PREFIX},ra-only,64,1h", f"--ra-param={uplink},10",
-             f"--pid-file={tmp_path / 'dnsmasq.pid'}",
-             f"--dhcp-leasefile={tmp_path / 'dnsmasq.leases'}", "--user=root",
-             "--log-facility=-"],
-            stdout=logged, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+    router, log = _dnsmasq(
+        ns,
+        uplink,
+        tmp_path,
+        "--enable-ra",
+        f"--dhcp-range={PREFIX},ra-only,64,1h",
+        f"--ra-param={uplink},10",
+    )
     try:
         assert wait_for(lambda: _slaac_address(guest) is not None, timeout=60), (
             log.read_text() + guest.run("ip -6 addr; ip -6 route", check=False).output
@@ -209,23 +225,14 @@ def test_a_guest_may_send_from_the_address_dhcpv6_leased_it(
     the guest's ``dhclient -6`` an address; the switch snooped the Reply, so
     the guest may send from that address, and still not from another of the
     range; ``virtnet stats`` shows the lease."""
-    dnsmasq = shutil.which("dnsmasq")
-    if dnsmasq is None or DHCLIENT is None:
+    if shutil.which("dnsmasq") is None or DHCLIENT is None:
         pytest.skip("dnsmasq and dhclient are not installed (dnsmasq-base, isc-dhcp-client)")
     guest, ns, stats = setup
     uplink = fetch(str(stats))["switch"]["uplinks"][0]["name"]
     ns.ip("-6", "addr", "add", f"{DHCP6_HOST}/64", "dev", uplink, "nodad")
-    log = tmp_path / "dnsmasq.log"
-    with log.open("w") as logged:
-        server = ns.popen(
-            [dnsmasq, "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
-             f"--interface={uplink}", "--bind-interfaces",
-             f"--dhcp-range={DHCP6_RANGE[0]},{DHCP6_RANGE[1]},64,1h",
-             f"--pid-file={tmp_path / 'dnsmasq.pid'}",
-             f"--dhcp-leasefile={tmp_path / 'dnsmasq.leases'}", "--user=root",
-             "--log-facility=-", "--log-dhcp"],
-            stdout=logged, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+    server, log = _dnsmasq(
+        ns, uplink, tmp_path, f"--dhcp-range={DHCP6_RANGE[0]},{DHCP6_RANGE[1]},64,1h", "--log-dhcp"
+    )
     leases = "/tmp/dhclient6.leases"
     try:
         # dhclient binds to the link-local address: wait out its duplicate address detection.
