@@ -860,6 +860,12 @@ class _Vm:
         )
 
 
+def _answerable(vm: _Vm) -> bool:
+    """Whether the switch may answer ARP and NS for ``vm`` (neighbour
+    suppression): it is held to one MAC and to its addresses."""
+    return vm.macs is not None and len(vm.macs) == 1 and vm.ips is not None
+
+
 class _Port(QueueCounters):
     """The switch's end of one (VM, pair): rx = from the worker, tx = to it."""
 
@@ -1036,9 +1042,7 @@ class Switch:
             vm.leases.clear()
         vm.slaac = new is not None and SLAAC_LEARNING in new
         if new is not None and not vm.slaac:  # its SLAAC addresses are no longer its
-            for key in [k for k in vm.bound if not _link_local(k[1])]:
-                del self._bindings[key]
-                vm.bound.discard(key)
+            self._unbind(vm, [k for k in vm.bound if not _link_local(k[1])])
         self._refresh_ips(vm)
         self._count_learners()
 
@@ -1397,13 +1401,12 @@ class Switch:
         if isinstance(addr, bytes):
             ent = self._bindings.get((vlan, addr))
             if ent is not None and ent[0].ips is not None:
-                vm = ent[0]
-                return vm if vm.macs is not None and len(vm.macs) == 1 else None
+                return ent[0] if _answerable(ent[0]) else None
         held = self._held
         if held is None:
             held = self._held = {}
             for vm in self._vms.values():
-                if vm.macs is not None and len(vm.macs) == 1 and vm.ips is not None:
+                if _answerable(vm):
                     held.update(dict.fromkeys(vm.ips4, vm))
                     held.update(dict.fromkeys(vm.ips6, vm))
         owner = held.get(addr)
@@ -1435,12 +1438,13 @@ class Switch:
             src = bytes(buf[p + 8 : p + 24])
             if buf[p + 7] != 255 or src == _IPV6_ANY:
                 return False  # not from the link; duplicate address detection
-            owner = self._holder(vlan, bytes(buf[u + 8 : u + 24]))
+            target = bytes(buf[u + 8 : u + 24])
+            owner = self._holder(vlan, target)
             if owner is None or owner is svm:
                 return False
             assert owner.macs is not None
             (omac,) = owner.macs
-            body = na_reply(bytes(buf[u + 8 : u + 24]), src, bytes(buf[u + 8 : u + 24]), omac)
+            body = na_reply(target, src, target, omac)
         else:
             return False
         head = bytes(VNET_HDR_LEN) + bytes(buf[_E + 6 : _E + 12]) + omac
@@ -1610,9 +1614,7 @@ class Switch:
             key = (vlan, addrs[0])
             ent = lls.get(key)
             if ent is not None and ent[0] is vm:
-                if now - ent[1] > _RENEW_S:
-                    lls[key] = (vm, now)
-                    lls.move_to_end(key)
+                self._bind_address(vm, key, now)
                 return True
         for addr in addrs:
             ent = lls.get((vlan, addr))
@@ -1634,10 +1636,13 @@ class Switch:
         return True
 
     def _bind_address(self, vm: _Vm, key: tuple[int, bytes], now: float) -> None:
-        """Bind ``key`` (VLAN, link-local or SLAAC address) to ``vm``, used ``now``."""
+        """Bind ``key`` (VLAN, link-local or SLAAC address) to ``vm``, used
+        ``now`` (a binding already ``vm``'s is renewed at most every _RENEW_S)."""
         lls = self._bindings
         ent = lls.get(key)
-        if ent is not None and ent[0] is not vm:
+        if ent is not None:
+            if ent[0] is vm and now - ent[1] <= _RENEW_S:
+                return
             ent[0].bound.discard(key)
         lls[key] = (vm, now)
         lls.move_to_end(key)
@@ -1647,10 +1652,14 @@ class Switch:
             owner.bound.discard(old)
 
     def _expire_bindings(self, vm: _Vm, now: float) -> None:
-        """Let go of ``vm``'s link-local bindings unused for LL_AGING_S."""
+        """Let go of ``vm``'s address bindings unused for LL_AGING_S."""
         lls = self._bindings
-        for key in [k for k in vm.bound if now - lls[k][1] > LL_AGING_S]:
-            del lls[key]
+        self._unbind(vm, [k for k in vm.bound if now - lls[k][1] > LL_AGING_S])
+
+    def _unbind(self, vm: _Vm, keys: Iterable[tuple[int, bytes]]) -> None:
+        """Let go of these bindings of ``vm``."""
+        for key in keys:
+            del self._bindings[key]
             vm.bound.discard(key)
 
     def _sweep(self, now: float) -> None:
