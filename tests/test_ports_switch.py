@@ -9,7 +9,7 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -81,6 +81,17 @@ def drain(q: SocketQueue) -> list[bytes]:
     while (f := recv(q)) is not None:
         out.append(f)
     return out
+
+
+def not_spoofed(sw: Switch, q: SocketQueue, data: bytes, queues: Iterable[SocketQueue]) -> bool:
+    """Whether ``data`` sent on ``q`` gets past the switch's source checks (is
+    not dropped as spoofed); every queue of ``queues`` is drained after."""
+    before = sw.snapshot().dropped_spoofed
+    assert send(q, data)
+    pump(sw)
+    for other in queues:
+        drain(other)
+    return sw.snapshot().dropped_spoofed == before
 
 
 class Clock:
@@ -786,12 +797,8 @@ def test_link_local_addresses_go_to_their_first_user(sw: Switch, clock: Clock) -
 
     def passes(who: str, body: bytes, vlan: int | None = None) -> bool:
         """Whether ``who``'s IPv6 ``body`` gets through (is not dropped as spoofed)."""
-        before = sw.snapshot().dropped_spoofed
-        assert send(queues[who], _eth(mac(1 + "acr".index(who)), 0x86DD, body, vlan=vlan))
-        pump(sw)
-        for q in queues.values():
-            drain(q)
-        return sw.snapshot().dropped_spoofed == before
+        frame = _eth(mac(1 + "acr".index(who)), 0x86DD, body, vlan=vlan)
+        return not_spoofed(sw, queues[who], frame, queues.values())
 
     assert passes("r", _ipv6("fe80::1"))  # the router's address is r's
     assert not passes("a", _ipv6("fe80::1"))
@@ -848,12 +855,8 @@ def test_slaac_learning_lets_a_vm_send_from_its_slaac_addresses(sw: Switch, cloc
 
     def passes(who: str, body: bytes, vlan: int | None = None) -> bool:
         """Whether ``who``'s IPv6 ``body`` gets through (is not dropped as spoofed)."""
-        before = sw.snapshot().dropped_spoofed
-        assert send(queues[who], _eth(mac(1 + names.index(who)), 0x86DD, body, vlan=vlan))
-        pump(sw)
-        for q in queues.values():
-            drain(q)
-        return sw.snapshot().dropped_spoofed == before
+        frame = _eth(mac(1 + names.index(who)), 0x86DD, body, vlan=vlan)
+        return not_spoofed(sw, queues[who], frame, queues.values())
 
     assert not passes("a", _ipv6("fd00:1::a"))
     assert passes("g", _ra("fe80::9", ("fd00:1::", 64, 3600)))  # g's RAs teach nothing
@@ -963,12 +966,7 @@ def test_dhcp_snooping_lets_a_vm_send_from_its_lease(sw: Switch, clock: Clock) -
     sw.set_ips("c", [_ip("10.0.0.7")])
 
     def b_sends_from(addr: str) -> bool:
-        before = sw.snapshot().dropped_spoofed
-        assert send(b, _eth(mac(2), 0x0800, _ipv4(addr)))
-        pump(sw)
-        for q in (b, c, r):
-            drain(q)
-        return sw.snapshot().dropped_spoofed == before
+        return not_spoofed(sw, b, _eth(mac(2), 0x0800, _ipv4(addr)), (b, c, r))
 
     def ack(q: SocketQueue, src: bytes, addr: str, lease: int = 100, kind: int = 5) -> None:
         assert send(q, _eth(src, 0x0800, _dhcp(kind, mac(2), addr, lease)))
@@ -1031,12 +1029,7 @@ def test_dhcpv6_snooping_lets_a_vm_send_from_its_addresses(sw: Switch, clock: Cl
     sw.set_ips("c", [_ip("fd00::7")])
 
     def b_sends_from(addr: str) -> bool:
-        before = sw.snapshot().dropped_spoofed
-        assert send(b, _eth(mac(2), 0x86DD, _ipv6(addr)))
-        pump(sw)
-        for q in (b, c, r):
-            drain(q)
-        return sw.snapshot().dropped_spoofed == before
+        return not_spoofed(sw, b, _eth(mac(2), 0x86DD, _ipv6(addr)), (b, c, r))
 
     def reply(q: SocketQueue, src: bytes, body: bytes, dst: bytes = mac(2)) -> None:
         assert send(q, bytes(VNET_HDR_LEN) + dst + src + b"\x86\xdd" + body)
