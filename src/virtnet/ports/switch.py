@@ -52,6 +52,16 @@ Invariants:
 * Neighbour suppression (``set_neigh_suppress``): ARP requests and neighbour
   solicitations for the addresses of VMs held to one MAC and to their
   addresses are answered by the switch, to the asker alone, not flooded.
+* Multicast snooping (``set_mcast_snoop``, RFC 4541; :mod:`virtnet.ports.mcast`):
+  the switch reads IGMP and MLD reports and queries.  Traffic to a group some
+  member reported goes only to its members, to router ports (trusted members
+  that sent a query in the last :data:`~virtnet.ports.mcast.OTHER_QUERIER_S`)
+  and to members whose reports the switch could not take; reports and leaves
+  go to router ports alone.  Unreported groups, 224.0.0.0/24 and ff02::1
+  still flood.  A membership lasts
+  :data:`~virtnet.ports.mcast.MEMBERSHIP_S` unless renewed; a VM's leave
+  ends it at once (one host per port), an uplink's is left to age; a VM may
+  hold :data:`MCAST_GROUPS_PER_VM`.
 * Policing (``set_rate``): what a VM sends is held to its rate by a token
   bucket (:func:`rate_burst` bytes); a frame over it is dropped and counted
   (``dropped_rate``) before anything else is looked at.
@@ -108,6 +118,14 @@ from virtnet.ports.base import (
     QueueCounters,
     SocketQueue,
 )
+from virtnet.ports.mcast import (
+    MEMBERSHIP_S,
+    OTHER_QUERIER_S,
+    QUERY,
+    MembershipError,
+    flooded_group,
+    membership,
+)
 from virtnet.rss import flow_id as _rss_flow_id
 
 if TYPE_CHECKING:
@@ -131,6 +149,7 @@ __all__ = [
     "MAX_ND_OPTIONS",
     "MAX_PAIRS_PER_VM",
     "MAX_VMS",
+    "MCAST_GROUPS_PER_VM",
     "PREFIXES_PER_VLAN",
     "PREFIX_MAX_S",
     "SLAAC_LEARNING",
@@ -195,6 +214,11 @@ PREFIXES_PER_VLAN = 16
 # lifetime to no less than two hours -- as the hosts keep their addresses.
 PREFIX_CUT_FLOOR_S = 2 * 3600
 # Remembered (VM, flow) -> last tx pair entries for rx-follows-tx.
+#: Multicast groups one VM may be a member of per VLAN and all (the model:
+#: Linux bridge's ``mcast_max_groups``); a report past it makes the VM get
+#: every group, as if the switch did not snoop, until it would have ended.
+MCAST_GROUPS_PER_VM = 256
+
 FLOW_TABLE_SIZE = 16384
 # A flow not sent on for this long is placed by hash again.
 FLOW_AGING_S = 30.0
@@ -297,12 +321,17 @@ class SwitchStats:
     prefixes_learnt: int = 0  # SLAAC prefixes a trusted router advertised (set_ips)
     prefixes_refused: int = 0  # ... past PREFIXES_PER_VLAN
     neigh_suppressed: int = 0  # ARP requests and NS the switch answered itself (set_neigh_suppress)
+    mcast_joined: int = 0  # group records of IGMP/MLD reports that made or renewed a membership
+    mcast_refused: int = 0  # reports the switch could not take: their sender gets every group
+    mcast_forwarded: int = 0  # multicast frames sent to a group's members and routers, not flooded
     flow_evictions: int = 0
     control_errors: int = 0
     ports: dict[str, dict[str, int]] = field(default_factory=dict)
     leases: dict[str, list[str]] = field(default_factory=dict)  # VM -> its DHCP(v6) leases
     slaac: dict[str, list[str]] = field(default_factory=dict)  # VM -> its SLAAC addresses
     prefixes: list[str] = field(default_factory=list)  # "fd00::/64" or "fd00::/64 vlan 100"
+    groups: dict[str, list[str]] = field(default_factory=dict)  # VM -> its multicast groups
+    mrouters: list[str] = field(default_factory=list)  # "vm" or "vm vlan 100": router ports
 
 
 _NO_OFFLOAD: frozenset[Offload] = frozenset()
@@ -350,9 +379,12 @@ _DHCP_CLIENT, _DHCP_SERVER = 68, 67
 #: agents send from 547, and only they send to 546.
 _DHCP6_CLIENT, _DHCP6_SERVER = 546, 547
 #: What the router guard refuses: ICMP redirect and router advertisement
-#: (RFC 792, RFC 1256); ICMPv6 router advertisement and redirect (RFC 4861).
+#: (RFC 792, RFC 1256); ICMPv6 router advertisement and redirect (RFC 4861),
+#: MLD query (RFC 3810 section 5.1); IGMP membership query (RFC 3376
+#: section 4.1), on protocol 2.
 _ICMP_ROUTER = frozenset({5, 9})
-_ICMPV6_ROUTER = frozenset({134, 137})
+_ICMPV6_ROUTER = frozenset({134, 137, 130})
+_IGMP, _IGMP_QUERY = 2, 0x11
 # IPv6 extension headers (RFC 8200 section 4; AH: RFC 4302).
 _IPV6_HBH, _IPV6_ROUTING, _IPV6_FRAGMENT, _IPV6_AH, _IPV6_DEST = 0, 43, 44, 51, 60
 _IPV6_OPTS = frozenset({_IPV6_HBH, _IPV6_ROUTING, _IPV6_DEST})
@@ -511,7 +543,8 @@ class Guard(StrEnum):
     #: DHCP and DHCPv6 server and relay messages: UDP from port 67 or 547, or to a
     #: client's port 68 or 546 (a client may not look at the source port).
     DHCP = "dhcp"
-    #: Router advertisements and redirects, ICMP and ICMPv6.
+    #: Router advertisements and redirects, ICMP and ICMPv6; IGMP and MLD
+    #: queries (a querier is a multicast router port, which gets every group).
     ROUTER = "router"
 
 
@@ -802,6 +835,8 @@ def _guards_ok(buf: bytearray, n: int, l3: _L3, guards: int) -> bool:
             )
         if proto == (_ICMPV6 if v6 else _ICMP) and guards & _GUARD_ROUTER:
             return n > u and buf[u] not in (_ICMPV6_ROUTER if v6 else _ICMP_ROUTER)
+        if proto == _IGMP and not v6 and guards & _GUARD_ROUTER:
+            return n > u and buf[u] != _IGMP_QUERY
         return True
     return et not in _ETH_TAGS
 
@@ -813,9 +848,9 @@ def _link_local(addr: bytes) -> bool:
 
 class _Vm:
     __slots__ = (
-        "active", "bound", "burst", "dhcp", "guard_bits", "id", "ips", "ips4", "ips6",
-        "learnt", "leases", "macs", "ports", "rate", "rx_offloads", "rx_ports", "slaac",
-        "stamp", "steering", "tokens", "vlans",
+        "active", "bound", "burst", "dhcp", "groups", "guard_bits", "id", "ips", "ips4",
+        "ips6", "learnt", "leases", "macs", "ports", "rate", "rx_offloads", "rx_ports",
+        "slaac", "stamp", "steering", "tokens", "vlans",
     )  # fmt: skip
 
     def __init__(self, vm_id: str) -> None:
@@ -832,6 +867,7 @@ class _Vm:
         self.guard_bits = 0  # what it may not send (set_guards), as _GUARD_* bits
         self.bound: set[tuple[int, bytes]] = set()  # (VLAN, IPv6 address) bound to it
         self.learnt = 0  # MAC table entries that point to it
+        self.groups: set[tuple[int, int | bytes]] = set()  # (VLAN, multicast group) it joined
         # Policing of what the VM sends (set_rate): a token bucket in bytes.
         self.rate = 0.0  # bytes per second; 0: not policed
         self.burst = 0.0
@@ -858,6 +894,11 @@ class _Vm:
         self.rx_ports = sorted(
             (p for p in self.ports.values() if p.pair < self.active), key=lambda p: p.pair
         )
+
+
+def _group_text(vlan: int, group: int | bytes) -> str:
+    """A multicast group as ``virtnet stats`` shows it."""
+    return str(ipaddress.ip_address(group)) + (f" vlan {vlan}" if vlan else "")
 
 
 def _answerable(vm: _Vm) -> bool:
@@ -922,6 +963,15 @@ class Switch:
         # Address (IPv4 as an int, IPv6 packed) -> the VM held to it and to one
         # MAC, for neighbour suppression; None: to be built again (_holders).
         self._held: dict[int | bytes, _Vm] | None = None
+        self._mcast = False  # IGMP and MLD snooping (set_mcast_snoop)
+        # (VLAN, group: IPv4 as an int, IPv6 packed) -> member -> when its membership ends.
+        self._groups: dict[tuple[int, int | bytes], dict[_Vm, float]] = {}
+        # The same memberships, (VLAN, group, member), in the order they end.
+        self._memberships: OrderedDict[tuple[int, int | bytes, _Vm], float] = OrderedDict()
+        # VLAN -> router port (a trusted member that sent a query) -> until when.
+        self._mrouters: dict[int, dict[_Vm, float]] = {}
+        # Members whose report the switch could not take -> until when they get every group.
+        self._mcast_all: dict[_Vm, float] = {}
         self._buf = bytearray(_BUF_LEN)
         self._view = memoryview(self._buf)
         self._ctl: socket.socket | None = None
@@ -1104,12 +1154,30 @@ class Switch:
         instead of being flooded to every VM of the VLAN."""
         self._suppress = bool(on)
 
+    def set_mcast_snoop(self, on: bool) -> None:
+        """IGMP and MLD snooping (RFC 4541): a multicast group's traffic
+        goes to the members that reported it and to router ports, not to
+        every VM of the VLAN (see the module's invariants).  Off (the
+        default) forgets every membership: all multicast floods again."""
+        self._mcast = bool(on)
+        if not self._mcast:
+            for vm in self._vms.values():
+                vm.groups.clear()
+            self._groups.clear()
+            self._memberships.clear()
+            self._mrouters.clear()
+            self._mcast_all.clear()
+
     def remove_vm(self, vm_id: str) -> None:
         """Close every socket of the VM and forget what was learnt about it."""
         self._held = None
         vm = self._vms.pop(vm_id, None)
         if vm is None:
             return
+        self._leave_groups(vm, list(vm.groups))
+        for routers in self._mrouters.values():
+            routers.pop(vm, None)
+        self._mcast_all.pop(vm, None)
         for m in vm.macs or ():
             del self._locked[m]
         for port in list(vm.ports.values()):
@@ -1156,6 +1224,17 @@ class Switch:
             f"{ipaddress.IPv6Address(pfx + bytes(8))}/64" + (f" vlan {vlan}" if vlan else "")
             for vlan, pfxs in sorted(self._prefixes.items())
             for pfx in sorted(pfxs)
+        ]
+        self.stats.groups = {
+            vm.id: [_group_text(vlan, g) for vlan, g in
+                    sorted(vm.groups, key=lambda k: (k[0], isinstance(k[1], bytes), k[1]))]
+            for vm in self._vms.values()
+            if vm.groups
+        }  # fmt: skip
+        self.stats.mrouters = [
+            vm.id + (f" vlan {vlan}" if vlan else "")
+            for vlan, routers in sorted(self._mrouters.items())
+            for vm in routers
         ]
         return self.stats
 
@@ -1369,6 +1448,13 @@ class Switch:
         if self._suppress and buf[_E] & 1 and self._answer(svm, vlan, n, et_off, l3, now):
             return
         need = _NO_OFFLOAD if not (buf[0] | buf[1]) else _needed_offloads(buf[0], buf[1])
+        if (
+            self._mcast
+            and buf[_E] & 1
+            and (buf[_E] == buf[_E + 1] == 0x33 or buf[_E : _E + 3] == b"\x01\x00\x5e")
+            and self._mcast_forward(src, vlan, n, l3 or _l3(buf, n, et_off), fid, now, need)
+        ):
+            return
         if not buf[_E] & 1:
             dmac = bytes(buf[_E : _E + 6])
             owner = self._locked.get(dmac) if self._locked else None
@@ -1390,6 +1476,88 @@ class Switch:
         for dvm in self._vms.values():
             if dvm is not svm and vlan in dvm.vlans:
                 self._deliver(dvm, view, fid, now, need)
+
+    def _mcast_forward(
+        self, src: _Port, vlan: int, n: int, l3: _L3, fid: int, now: float, need: frozenset[Offload]
+    ) -> bool:
+        """IGMP and MLD snooping of the IP multicast frame ``src`` sent:
+        whether it was sent here, to a group's members and router ports or
+        (a report) to router ports; False: it is flooded."""
+        buf = self._buf
+        svm = src.vm
+        et, p, proto, u = l3
+        if u == _MALFORMED:
+            return False
+        try:
+            msg = membership(buf, n, et, p, proto, u)
+        except MembershipError:
+            self.stats.mcast_refused += 1
+            self._mcast_all[svm] = now + MEMBERSHIP_S
+            return False
+        out: dict[_Vm, None] = {}
+        if msg is not None:
+            kind, records = msg
+            if kind == QUERY:
+                if svm.ips is None:  # a trusted member: a router port
+                    self._mrouters.setdefault(vlan, {})[svm] = now + OTHER_QUERIER_S
+                return False  # for every host on the link
+            self._membership(src, vlan, records, now)
+        else:
+            group: int | bytes = (
+                _U32.unpack_from(buf, p + 16)[0] if et == _ETH_IPV4 else bytes(buf[p + 24 : p + 40])
+            )
+            members = self._groups.get((vlan, group))
+            if members is None or flooded_group(group):
+                return False
+            out = dict.fromkeys(m for m, end in members.items() if end > now)
+            if not out:
+                return False
+            out.update((m, None) for m, end in self._mcast_all.items() if end > now)
+        # Reports go to router ports alone (RFC 4541 section 2.1.1), lest
+        # IGMPv1/v2 and MLDv1 hosts hear each other and stay silent.
+        out.update((m, None) for m, end in self._mrouters.get(vlan, {}).items() if end > now)
+        if msg is not None and not out:
+            return False  # no router known: as before
+        self.stats.mcast_forwarded += 1
+        view = self._view[:n]
+        for dvm in out:
+            if dvm is not svm and vlan in dvm.vlans:
+                self._deliver(dvm, view, fid, now, need)
+        return True
+
+    def _membership(
+        self, src: _Port, vlan: int, records: list[tuple[int | bytes, bool]], now: float
+    ) -> None:
+        """Take the group records of a report ``src`` sent on ``vlan``."""
+        vm = src.vm
+        order = self._memberships
+        for group, joined in records:
+            if flooded_group(group):
+                continue
+            key = (vlan, group)
+            if not joined:
+                if src.sock is not None:  # a VM: one host, its leave is final
+                    self._leave_groups(vm, [key])
+                continue
+            if key not in vm.groups:
+                if len(vm.groups) >= MCAST_GROUPS_PER_VM:
+                    self.stats.mcast_refused += 1
+                    self._mcast_all[vm] = now + MEMBERSHIP_S
+                    continue
+                vm.groups.add(key)
+            self._groups.setdefault(key, {})[vm] = order[(vlan, group, vm)] = now + MEMBERSHIP_S
+            order.move_to_end((vlan, group, vm))
+            self.stats.mcast_joined += 1
+
+    def _leave_groups(self, vm: _Vm, keys: Iterable[tuple[int, int | bytes]]) -> None:
+        """End these memberships of ``vm``."""
+        for key in keys:
+            vm.groups.discard(key)
+            members = self._groups.get(key)
+            if members is not None and members.pop(vm, None) is not None:
+                del self._memberships[(key[0], key[1], vm)]
+                if not members:
+                    del self._groups[key]
 
     def _refresh_ips(self, vm: _Vm) -> None:
         vm.refresh_ips()
@@ -1689,6 +1857,8 @@ class Switch:
             if now - t <= FLOW_AGING_S:
                 break
             del flows[fk]
+        if self._mcast:
+            self._sweep_mcast(now)
         lls = self._bindings
         while lls:
             key, (owner, t) = next(iter(lls.items()))
@@ -1696,6 +1866,22 @@ class Switch:
                 break
             del lls[key]
             owner.bound.discard(key)
+
+    def _sweep_mcast(self, now: float) -> None:
+        """End the memberships, router ports and every-group grants past their time."""
+        order = self._memberships
+        while order:
+            (vlan, group, vm), end = next(iter(order.items()))
+            if end > now:
+                break
+            self._leave_groups(vm, [(vlan, group)])
+        for vlan, routers in list(self._mrouters.items()):
+            for vm in [vm for vm, end in routers.items() if end <= now]:
+                del routers[vm]
+            if not routers:
+                del self._mrouters[vlan]
+        for vm in [vm for vm, end in self._mcast_all.items() if end <= now]:
+            del self._mcast_all[vm]
 
     # -- control channel (process mode) ---------------------------------------
 
@@ -1776,6 +1962,8 @@ class Switch:
             self.set_rx_offloads(vm_id, (Offload(o) for o in msg["offloads"]))
         elif op == "neigh_suppress":
             self.set_neigh_suppress(msg["on"] is True)
+        elif op == "mcast_snoop":
+            self.set_mcast_snoop(msg["on"] is True)
         elif op == "remove":
             self.remove_vm(vm_id)
         elif op == "stats":
@@ -2020,6 +2208,10 @@ class SwitchPort:
     def set_neigh_suppress(self, on: bool) -> None:
         """Answer ARP and NS for held VMs (see :meth:`Switch.set_neigh_suppress`)."""
         self._configure({"op": "neigh_suppress", "vm": "", "on": on})
+
+    def set_mcast_snoop(self, on: bool) -> None:
+        """IGMP and MLD snooping (see :meth:`Switch.set_mcast_snoop`)."""
+        self._configure({"op": "mcast_snoop", "vm": "", "on": on})
 
     def set_rx_offloads(self, vm_id: str, offloads: Iterable[Offload]) -> None:
         self._configure(

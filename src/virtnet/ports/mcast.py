@@ -1,0 +1,174 @@
+"""IGMP and MLD snooping's reading of membership messages (RFC 4541).
+
+The switch (``--mcast-snoop``) reads the membership reports a member sends
+and the queries multicast routers send, and forwards a multicast group's
+traffic only to the members that asked for it and to the router ports.
+This module is the pure part: it tells what one frame says.
+
+* IGMPv1/v2 reports and v2 leaves (RFC 1112, RFC 2236), IGMPv3 reports
+  (RFC 3376 section 4.2) and queries of every version.
+* MLDv1 reports and dones (RFC 2710), MLDv2 reports (RFC 3810 section 5.2)
+  and queries.  An MLD message must come with hop limit 1 from a link-local
+  address or, for a report, from :: (RFC 3810 sections 5.1.14 and 5.2.13).
+
+Sources are not tracked (RFC 4541 section 2.1.1 lets a switch forward by
+group alone): a group record that asks for any source makes the sender a
+member; one that asks for none (``TO_IN({})``, ``IS_IN({})``) is a leave.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from virtnet.errors import PeerError
+from virtnet.net import inet_checksum
+
+__all__ = [
+    "MAX_GROUP_RECORDS",
+    "MEMBERSHIP_S",
+    "OTHER_QUERIER_S",
+    "QUERY",
+    "REPORT",
+    "MembershipError",
+    "flooded_group",
+    "membership",
+]
+
+#: How long a membership lasts without a new report: the Group Membership
+#: Interval, robustness 2 x query interval 125 s + response interval 10 s
+#: (RFC 3376 section 8.4; MLDv2's Multicast Address Listening Interval is the
+#: same, RFC 3810 section 9.4).
+MEMBERSHIP_S: Final = 260.0
+#: How long a member that sent a query stays a router port: the Other
+#: Querier Present Interval (RFC 3376 section 8.5, RFC 3810 section 9.5).
+OTHER_QUERIER_S: Final = 255.0
+#: Group records read from one IGMPv3 or MLDv2 report (a 1500-byte report
+#: holds at most 183 IGMPv3 records; a host splits larger state over several
+#: reports, RFC 3376 section 4.2.16).
+MAX_GROUP_RECORDS: Final = 256
+
+#: What :func:`membership` found.
+QUERY: Final = 0
+REPORT: Final = 1
+
+_IGMP = 2
+_ICMPV6 = 58
+_ETH_IPV4, _ETH_IPV6 = 0x0800, 0x86DD
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_IGMP_QUERY, _IGMP_V1_REPORT, _IGMP_V2_REPORT, _IGMP_LEAVE, _IGMP_V3_REPORT = (
+    0x11, 0x12, 0x16, 0x17, 0x22,
+)  # fmt: skip
+_MLD_QUERY, _MLD_REPORT, _MLD_DONE, _MLD_V2_REPORT = 130, 131, 132, 143
+#: Group record types (RFC 3376 section 4.2.12, RFC 3810 section 5.2.12):
+#: MODE_IS_INCLUDE, MODE_IS_EXCLUDE, CHANGE_TO_INCLUDE_MODE,
+#: CHANGE_TO_EXCLUDE_MODE, ALLOW_NEW_SOURCES, BLOCK_OLD_SOURCES.
+_IS_IN, _IS_EX, _TO_IN, _TO_EX, _ALLOW, _BLOCK = 1, 2, 3, 4, 5, 6
+_ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
+_IPV6_ANY = bytes(16)
+
+#: A membership message: :data:`QUERY` or :data:`REPORT`, and for a report
+#: its (group, joined) records (IPv4 groups as integers, IPv6 ones packed).
+Membership = tuple[int, list[tuple[int | bytes, bool]]]
+
+
+class MembershipError(PeerError):
+    """An IGMP or MLD message the switch cannot read."""
+
+
+def flooded_group(group: int | bytes) -> bool:
+    """Whether ``group`` is one every member of the VLAN gets, whoever
+    reported it: IPv4 224.0.0.0/24, the local network control block
+    (RFC 4541 section 2.1.2), and IPv6 ff02::1, all nodes (section 3),
+    and groups of interface-local or reserved scope, which are never
+    reported (RFC 3810 section 6)."""
+    if isinstance(group, int):
+        return group >> 8 == 0xE00000
+    return group == _ALL_NODES or group[1] & 0x0F < 2
+
+
+def _group(group: int | bytes) -> int | bytes:
+    """``group`` if it is a multicast address, else MembershipError."""
+    if isinstance(group, int) and group >> 28 == 0xE:
+        return group
+    if isinstance(group, bytes) and group[0] == 0xFF:
+        return group
+    raise MembershipError("a group record names no multicast address")
+
+
+def membership(buf: bytearray, n: int, et: int, p: int, proto: int, u: int) -> Membership | None:
+    """The IGMP or MLD message in ``buf[:n]``: ``et`` the EtherType, ``p``
+    the IP header's offset, ``proto`` the upper-layer protocol and ``u`` its
+    header's offset (negative: a later fragment or an unreadable header).
+
+    None for a frame that is neither (other IGMP types, such as DVMRP and
+    PIMv1, too).  :class:`MembershipError` for one the switch must not read:
+    fragmented, truncated, a bad checksum, an MLD message that did not come
+    from the link, a group that is not multicast, more than
+    :data:`MAX_GROUP_RECORDS` records."""
+    if et == _ETH_IPV4 and proto == _IGMP:
+        if u < 0 or buf[p + 6] & 0x20:
+            raise MembershipError("a fragmented IGMP message")
+        end = p + _U16.unpack_from(buf, p + 2)[0]
+        if end > n or end < u + 8:
+            raise MembershipError("an IGMP message shorter than 8 bytes or past the frame")
+        kind = buf[u]
+        if kind not in (_IGMP_QUERY, _IGMP_V1_REPORT, _IGMP_V2_REPORT, _IGMP_LEAVE,
+                        _IGMP_V3_REPORT):  # fmt: skip
+            return None
+        if inet_checksum(buf[u:end]):
+            raise MembershipError("an IGMP message with a bad checksum")
+        if kind == _IGMP_QUERY:
+            return QUERY, []
+        if kind != _IGMP_V3_REPORT:
+            group = _group(_U32.unpack_from(buf, u + 4)[0])
+            return REPORT, [(group, kind != _IGMP_LEAVE)]
+        return REPORT, _records(buf, u, end, 4)
+    if et != _ETH_IPV6 or proto != _ICMPV6 or u < 0 or n < u + 1:
+        return None
+    kind = buf[u]
+    if kind not in (_MLD_QUERY, _MLD_REPORT, _MLD_DONE, _MLD_V2_REPORT):
+        return None
+    end = p + 40 + _U16.unpack_from(buf, p + 4)[0]
+    if end > n or end < u + (8 if kind == _MLD_V2_REPORT else 24):
+        raise MembershipError("an MLD message too short or past the frame")
+    src = bytes(buf[p + 8 : p + 24])
+    if buf[p + 7] != 1 or not (
+        (src[0] == 0xFE and src[1] & 0xC0 == 0x80) or (src == _IPV6_ANY and kind != _MLD_QUERY)
+    ):
+        raise MembershipError("an MLD message not from the link (hop limit 1, fe80::/10)")
+    pseudo = src + bytes(buf[p + 24 : p + 40]) + struct.pack("!IxxxB", end - u, _ICMPV6)
+    if inet_checksum(pseudo + buf[u:end]):
+        raise MembershipError("an MLD message with a bad checksum")
+    if kind == _MLD_QUERY:
+        return QUERY, []
+    if kind != _MLD_V2_REPORT:
+        return REPORT, [(_group(bytes(buf[u + 8 : u + 24])), kind == _MLD_REPORT)]
+    return REPORT, _records(buf, u, end, 16)
+
+
+def _records(buf: bytearray, u: int, end: int, size: int) -> list[tuple[int | bytes, bool]]:
+    """The group records of the IGMPv3 (``size`` 4) or MLDv2 (16) report at
+    ``buf[u:end]`` as (group, joined); records of unknown types are skipped
+    (RFC 3376 section 4.2.12) and BLOCK_OLD_SOURCES leaves the group on."""
+    count = _U16.unpack_from(buf, u + 6)[0]
+    if count > MAX_GROUP_RECORDS:
+        raise MembershipError(f"a report of {count} group records (at most {MAX_GROUP_RECORDS})")
+    out: list[tuple[int | bytes, bool]] = []
+    q = u + 8
+    for _ in range(count):
+        if q + 4 + size > end:
+            raise MembershipError("a group record past the report")
+        rtype, aux = buf[q], buf[q + 1]
+        sources = _U16.unpack_from(buf, q + 2)[0]
+        raw = bytes(buf[q + 4 : q + 4 + size])
+        q += 4 + size + sources * size + aux * 4
+        if q > end:
+            raise MembershipError("a group record past the report")
+        group = _group(_U32.unpack_from(raw)[0] if size == 4 else raw)
+        if rtype in (_IS_EX, _TO_EX) or (rtype in (_IS_IN, _TO_IN, _ALLOW) and sources):
+            out.append((group, True))
+        elif rtype in (_IS_IN, _TO_IN) and not sources:
+            out.append((group, False))
+    return out

@@ -1,0 +1,334 @@
+"""IGMP and MLD snooping on the switch (``set_mcast_snoop``, virtnet.ports.mcast)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Iterator, Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from test_ports_switch import Clock, TrackingSwitch, drain, mac, pump, send
+from virtnet.net import inet_checksum
+from virtnet.ports import VNET_HDR_LEN, SocketQueue
+from virtnet.ports import switch as sw_mod
+from virtnet.ports.mcast import (
+    MAX_GROUP_RECORDS,
+    MEMBERSHIP_S,
+    OTHER_QUERIER_S,
+    Membership,
+    MembershipError,
+    membership,
+)
+from virtnet.ports.switch import Switch
+
+# Group record types (RFC 3376 section 4.2.12).
+IS_IN, IS_EX, TO_IN, TO_EX, ALLOW, BLOCK = 1, 2, 3, 4, 5, 6
+ROUTER_ALERT = b"\x94\x04\x00\x00"  # IPv4 option (RFC 2113)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def sw(clock: Clock) -> Iterator[Switch]:
+    s = TrackingSwitch(clock)
+    s.set_mcast_snoop(True)
+    yield s
+    s.close()
+    for q in s.handed:
+        q.close()
+
+
+def _packed(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+def _group_mac(group: str) -> bytes:
+    """The Ethernet address of an IP multicast group (RFC 1112 section 6.4, RFC 2464 section 7)."""
+    g = _packed(group)
+    return b"\x33\x33" + g[12:] if len(g) == 16 else bytes([1, 0, 0x5E, g[1] & 0x7F, g[2], g[3]])
+
+
+def _frame(src: bytes, dst_ip: str, ethertype: int, ip: bytes, vlan: int | None) -> bytes:
+    tag = b"" if vlan is None else struct.pack("!HH", 0x8100, vlan)
+    eth = _group_mac(dst_ip) + src + tag + struct.pack("!H", ethertype)
+    return bytes(VNET_HDR_LEN) + eth + ip
+
+
+def _ipv4(src: str, dst: str, proto: int, body: bytes, *, ttl: int = 1) -> bytes:
+    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x46, 0, 24 + len(body), 0, 0, ttl, proto, 0,
+                                _packed(src), _packed(dst)) + ROUTER_ALERT)  # fmt: skip
+    hdr[10:12] = struct.pack("!H", inet_checksum(hdr))
+    return bytes(hdr) + body
+
+
+def igmp(
+    src: bytes,
+    kind: int,
+    group: str = "0.0.0.0",
+    *,
+    records: Sequence[tuple[int, str, int]] = (),
+    vlan: int | None = None,
+    bad_checksum: bool = False,
+    claimed: int | None = None,
+) -> bytes:
+    """An IGMP message from MAC ``src``: a v1/v2 report, v2 leave or query
+    of ``group``, or (``kind`` 0x22) a v3 report of ``records``, each
+    (record type, group, number of sources; each record claims ``claimed``
+    sources if given)."""
+    if kind == 0x22:
+        body = bytearray(struct.pack("!BBHHH", kind, 0, 0, 0, len(records)))
+        for rtype, g, nsrc in records:
+            body += struct.pack("!BBH4s", rtype, 0, nsrc if claimed is None else claimed,
+                                _packed(g)) + bytes(4 * nsrc)  # fmt: skip
+        dst = "224.0.0.22"
+    else:
+        body = bytearray(struct.pack("!BBH4s", kind, 100, 0, _packed(group)))
+        dst = {0x11: "224.0.0.1", 0x17: "224.0.0.2"}.get(kind, group)
+    body[2:4] = struct.pack("!H", inet_checksum(body) ^ (0x1111 if bad_checksum else 0))
+    return _frame(src, dst, 0x0800, _ipv4("10.0.0.9", dst, 2, bytes(body)), vlan)
+
+
+def mld(
+    src: bytes,
+    kind: int,
+    group: str = "::",
+    *,
+    records: Sequence[tuple[int, str, int]] = (),
+    vlan: int | None = None,
+    ip_src: str = "fe80::9",
+    hop: int = 1,
+) -> bytes:
+    """An MLD message from MAC ``src`` (behind a hop-by-hop router alert):
+    a v1 report (131), done (132) or query (130) of ``group``, or (143) a
+    v2 report of ``records``."""
+    if kind == 143:
+        body = bytearray(struct.pack("!BBHHH", kind, 0, 0, 0, len(records)))
+        for rtype, g, nsrc in records:
+            body += struct.pack("!BBH16s", rtype, 0, nsrc, _packed(g)) + bytes(16 * nsrc)
+        dst = "ff02::16"
+    else:
+        body = bytearray(struct.pack("!BBHHH16s", kind, 0, 0, 1000, 0, _packed(group)))
+        dst = {130: "ff02::1", 132: "ff02::2"}.get(kind, group)
+    pseudo = _packed(ip_src) + _packed(dst) + struct.pack("!IxxxB", len(body), 58)
+    body[2:4] = struct.pack("!H", inet_checksum(pseudo + body))
+    hbh = bytes([58, 0, 5, 2, 0, 0, 1, 0])  # router alert (RFC 2711), PadN
+    ip = struct.pack("!IHBB16s16s", 0x60000000, len(hbh) + len(body), 0, hop, _packed(ip_src),
+                     _packed(dst)) + hbh + bytes(body)  # fmt: skip
+    return _frame(src, dst, 0x86DD, ip, vlan)
+
+
+def data(src: bytes, group: str, *, vlan: int | None = None) -> bytes:
+    """A UDP datagram from MAC ``src`` to ``group``."""
+    udp = struct.pack("!HHHH", 5000, 5000, 8, 0)
+    if ":" in group:
+        ip = struct.pack("!IHBB16s16s", 0x60000000, 8, 17, 1, _packed("fe80::9"), _packed(group))
+        return _frame(src, group, 0x86DD, ip + udp, vlan)
+    return _frame(src, group, 0x0800, _ipv4("10.0.0.9", group, 17, udp, ttl=4), vlan)
+
+
+def who_gets(sw: Switch, q: SocketQueue, f: bytes, queues: dict[str, SocketQueue]) -> set[str]:
+    """The members of ``queues`` the frame ``f`` sent on ``q`` reaches."""
+    for other in queues.values():
+        drain(other)
+    assert send(q, f)
+    pump(sw)
+    return {name for name, other in queues.items() if drain(other)}
+
+
+def test_igmp_snooping_sends_a_group_to_its_members(sw: Switch) -> None:
+    """A group's traffic goes to the VMs that reported it (IGMPv2 and v3
+    records), unreported groups and 224.0.0.0/24 flood, a leave or TO_IN({})
+    ends a VM's membership at once, and with snooping off all floods."""
+    qs = {v: sw.open_queue(v, 0) for v in "abcd"}
+    a = qs["a"]
+    everyone = {"b", "c", "d"}
+    assert who_gets(sw, a, data(mac(1), "239.1.1.1"), qs) == everyone  # nobody reported it
+    # With no router known, reports flood as before.
+    assert who_gets(sw, qs["b"], igmp(mac(2), 0x16, "239.1.1.1"), qs) == {"a", "c", "d"}
+    v3 = igmp(mac(3), 0x22, records=[(TO_EX, "239.1.1.1", 0), (IS_IN, "239.2.2.2", 2),
+                                     (IS_IN, "239.3.3.3", 0), (9, "239.4.4.4", 0)])  # fmt: skip
+    who_gets(sw, qs["c"], v3, qs)
+    assert sw.snapshot().groups == {"b": ["239.1.1.1"], "c": ["239.1.1.1", "239.2.2.2"]}
+    assert sw.snapshot().mcast_joined == 3
+    assert who_gets(sw, a, data(mac(1), "239.1.1.1"), qs) == {"b", "c"}
+    assert who_gets(sw, a, data(mac(1), "239.2.2.2"), qs) == {"c"}
+    assert who_gets(sw, qs["c"], data(mac(3), "239.2.2.2"), qs) == set()  # its only member
+    assert who_gets(sw, a, data(mac(1), "239.3.3.3"), qs) == everyone  # IS_IN({}): not joined
+    assert sw.snapshot().mcast_forwarded == 3
+    # The local network control block always floods, reported or not.
+    who_gets(sw, qs["b"], igmp(mac(2), 0x16, "224.0.0.251"), qs)
+    assert who_gets(sw, a, data(mac(1), "224.0.0.251"), qs) == everyone
+    # A leave (v2) and a TO_IN({}) record (v3) end a VM's membership at once.
+    who_gets(sw, qs["b"], igmp(mac(2), 0x17, "239.1.1.1"), qs)
+    assert who_gets(sw, a, data(mac(1), "239.1.1.1"), qs) == {"c"}
+    who_gets(sw, qs["c"], igmp(mac(3), 0x22, records=[(TO_IN, "239.1.1.1", 0)]), qs)
+    assert who_gets(sw, a, data(mac(1), "239.1.1.1"), qs) == everyone
+    # BLOCK_OLD_SOURCES keeps the group (sources are not tracked); TO_IN of a source joins.
+    who_gets(sw, qs["c"], igmp(mac(3), 0x22, records=[(BLOCK, "239.2.2.2", 1)]), qs)
+    who_gets(sw, qs["d"], igmp(mac(4), 0x22, records=[(TO_IN, "239.2.2.2", 1)]), qs)
+    assert who_gets(sw, a, data(mac(1), "239.2.2.2"), qs) == {"c", "d"}
+    sw.set_mcast_snoop(False)
+    assert sw.snapshot().groups == {}
+    assert who_gets(sw, a, data(mac(1), "239.2.2.2"), qs) == everyone
+
+
+def test_mld_snooping_and_vlans(sw: Switch) -> None:
+    """MLDv1 and v2 reports make memberships per VLAN; ff02::1 floods; a
+    done ends one; a report not from the link (hop limit, source) or with
+    a bad checksum is refused and its sender gets every group."""
+    qs = {v: sw.open_queue(v, 0) for v in "abcd"}
+    for v in "abcd":
+        sw.set_vlans(v, [0, 100])
+    a = qs["a"]
+    who_gets(sw, qs["b"], mld(mac(2), 131, "ff05::1:3"), qs)
+    v2 = mld(mac(3), 143, records=[(IS_EX, "ff02::1:ff00:3", 0), (ALLOW, "ff0e::77", 1)],
+             ip_src="::", vlan=100)  # fmt: skip
+    who_gets(sw, qs["c"], v2, qs)
+    assert sw.snapshot().groups == {
+        "b": ["ff05::1:3"], "c": ["ff02::1:ff00:3 vlan 100", "ff0e::77 vlan 100"],
+    }  # fmt: skip
+    assert who_gets(sw, a, data(mac(1), "ff05::1:3"), qs) == {"b"}
+    assert who_gets(sw, a, data(mac(1), "ff05::1:3", vlan=100), qs) == {"b", "c", "d"}
+    assert who_gets(sw, a, data(mac(1), "ff0e::77", vlan=100), qs) == {"c"}
+    assert who_gets(sw, a, data(mac(1), "ff0e::77"), qs) == {"b", "c", "d"}
+    who_gets(sw, qs["b"], mld(mac(2), 131, "ff02::1"), qs)  # all nodes: never snooped
+    assert who_gets(sw, a, data(mac(1), "ff02::1"), qs) == {"b", "c", "d"}
+    who_gets(sw, qs["b"], mld(mac(2), 132, "ff05::1:3"), qs)
+    assert who_gets(sw, a, data(mac(1), "ff05::1:3"), qs) == {"b", "c", "d"}
+    # d's reports the switch may not read: d gets every group from then on.
+    assert who_gets(sw, a, data(mac(1), "ff0e::77", vlan=100), qs) == {"c"}
+    for refused, bad in enumerate(
+        (
+            mld(mac(4), 131, "ff05::9", hop=255),
+            mld(mac(4), 131, "ff05::9", ip_src="2001:db8::4"),
+            mld(mac(4), 130, ip_src="::"),  # a query from ::
+            igmp(mac(4), 0x16, "239.9.9.9", bad_checksum=True),
+            igmp(mac(4), 0x16, "10.0.0.1"),  # not a group
+            igmp(mac(4), 0x22, records=[(IS_EX, "239.9.9.9", 1)], claimed=2),  # past the report
+        ),
+        start=1,
+    ):
+        assert who_gets(sw, qs["d"], bad, qs) == {"a", "b", "c"}  # flooded as before
+        assert sw.snapshot().mcast_refused == refused
+    assert who_gets(sw, a, data(mac(1), "ff0e::77", vlan=100), qs) == {"c", "d"}
+    assert "d" not in sw.snapshot().groups
+
+
+def test_router_ports_get_reports_and_every_group(sw: Switch, clock: Clock) -> None:
+    """A trusted member that sends a query is a router port: it gets every
+    reported group and the reports, which no longer reach the other VMs,
+    until OTHER_QUERIER_S passes without a query.  A VM held to its
+    addresses does not become one; one under the router guard may not send
+    queries at all.  Memberships end MEMBERSHIP_S after their last report."""
+    qs = {v: sw.open_queue(v, 0) for v in "abcde"}
+    sw.set_ips("e", [_packed("10.0.0.9"), _packed("fe80::9")])
+    sw.set_guards("c", ["router"])
+    assert who_gets(sw, qs["e"], igmp(mac(5), 0x11), qs) == {"a", "b", "c", "d"}
+    assert who_gets(sw, qs["c"], igmp(mac(3), 0x11), qs) == set()
+    assert who_gets(sw, qs["c"], mld(mac(3), 130), qs) == set()
+    assert sw.snapshot().dropped_guard == 2
+    assert sw.snapshot().mrouters == []
+    assert who_gets(sw, qs["d"], mld(mac(4), 130), qs) == {"a", "b", "c", "e"}
+    assert sw.snapshot().mrouters == ["d"]
+    assert who_gets(sw, qs["b"], igmp(mac(2), 0x16, "239.1.1.1"), qs) == {"d"}
+    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b", "d"}
+    assert who_gets(sw, qs["a"], data(mac(1), "239.7.7.7"), qs) == {"b", "c", "d", "e"}
+    clock.t += MEMBERSHIP_S / 2
+    who_gets(sw, qs["b"], igmp(mac(2), 0x16, "239.1.1.1"), qs)  # renewed
+    clock.t += OTHER_QUERIER_S / 2 + 1
+    pump(sw)
+    assert sw.snapshot().mrouters == []
+    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b"}
+    clock.t += MEMBERSHIP_S - OTHER_QUERIER_S / 2 - 2  # 1 s before the renewal ends
+    sw.poll_once(0)
+    assert sw.snapshot().groups == {"b": ["239.1.1.1"]}
+    clock.t += 2
+    sw.poll_once(0)
+    assert sw.snapshot().groups == {}
+    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b", "c", "d", "e"}
+
+
+def test_an_uplinks_leave_waits_and_groups_are_capped(
+    sw: Switch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The uplink may have several hosts behind it: its leaves do not end its
+    membership (it ages out).  A VM past MCAST_GROUPS_PER_VM gets every
+    group; a removed VM's memberships go with it."""
+    monkeypatch.setattr(sw_mod, "MCAST_GROUPS_PER_VM", 2)
+    qs = {v: sw.open_queue(v, 0) for v in "ab"}
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sw.attach_tap("up", os.dup(theirs.fileno()))
+    theirs.close()
+    qs["up"] = up = SocketQueue(mine)
+    try:
+        who_gets(sw, up, igmp(mac(9), 0x16, "239.1.1.1"), qs)
+        who_gets(sw, up, igmp(mac(9), 0x17, "239.1.1.1"), qs)
+        assert sw.snapshot().groups == {"up": ["239.1.1.1"]}
+        assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"up"}
+        records = [(IS_EX, f"239.0.0.{i}", 0) for i in (1, 2, 3)]
+        who_gets(sw, qs["b"], igmp(mac(2), 0x22, records=records), qs)
+        assert sw.snapshot().groups["b"] == ["239.0.0.1", "239.0.0.2"]
+        assert sw.snapshot().mcast_refused == 1
+        assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"up", "b"}
+        sw.remove_vm("up")
+        assert sw.snapshot().groups == {"b": ["239.0.0.1", "239.0.0.2"]}
+        assert not sw._groups.get((0, int(ipaddress.IPv4Address("239.1.1.1"))))
+    finally:
+        up.close()
+
+
+def test_the_control_channel_turns_snooping_on_and_off(sw: Switch) -> None:
+    sw._command({"op": "mcast_snoop", "vm": "", "on": False}, [])
+    assert not sw._mcast
+    sw._command({"op": "mcast_snoop", "vm": "", "on": True}, [])
+    assert sw._mcast
+
+
+def test_membership_limits() -> None:
+    """MAX_GROUP_RECORDS records per report at most; a fragmented IGMP
+    message is refused; other IGMP types (DVMRP) are none of snooping's."""
+    many = [(IS_EX, "239.0.0.1", 0)] * (MAX_GROUP_RECORDS + 1)
+
+    def parse(f: bytes) -> Membership | None:
+        buf = bytearray(f)
+        return membership(buf, len(buf), *sw_mod._l3(buf, len(buf), VNET_HDR_LEN + 12))
+
+    for bad in (
+        igmp(mac(1), 0x22, records=many),
+        igmp(mac(1), 0x22, records=many[:-1])[:-8],  # truncated
+    ):
+        with pytest.raises(MembershipError):
+            parse(bad)
+    got = parse(igmp(mac(1), 0x22, records=many[:-1]))
+    assert got is not None and len(got[1]) == MAX_GROUP_RECORDS
+    fragment = bytearray(igmp(mac(1), 0x16, "239.1.1.1"))
+    fragment[VNET_HDR_LEN + 14 + 6] |= 0x20  # more fragments
+    with pytest.raises(MembershipError):
+        parse(bytes(fragment))
+    assert parse(igmp(mac(1), 0x13, "239.1.1.1")) is None  # DVMRP
+
+
+@given(st.binary(min_size=0, max_size=200), st.integers(0, 210))
+@settings(max_examples=400, deadline=None)
+def test_membership_takes_any_bytes(raw: bytes, n: int) -> None:
+    """Whatever a guest sends, membership() answers or raises MembershipError."""
+    buf = bytearray(2048)
+    for base in (igmp(mac(1), 0x22, records=[(IS_EX, "239.0.0.1", 1)]),
+                 mld(mac(1), 143, records=[(IS_EX, "ff05::1", 1)])):  # fmt: skip
+        buf[: len(base)] = base
+        buf[VNET_HDR_LEN + 14 : VNET_HDR_LEN + 14 + len(raw)] = raw
+        n = min(n, len(base))
+        l3 = sw_mod._l3(buf, n, VNET_HDR_LEN + 12)
+        try:
+            got = membership(buf, n, *l3)
+        except MembershipError:
+            continue
+        assert got is None or all(isinstance(g, (int, bytes)) for g, _ in got[1])
