@@ -180,6 +180,9 @@ _SWITCH = {
     "prefixes_learnt": 2,
     "prefixes_refused": 5,
     "neigh_suppressed": 11,
+    "mcast_joined": 12,
+    "mcast_refused": 1,
+    "mcast_forwarded": 40,
     "control_errors": 0,
     "uplinks": [{"name": "up0", "dropped": {"to_guest": 4, "from_guest": 0}}],
     "restarts": 1,
@@ -211,6 +214,9 @@ def test_the_drops_no_worker_sees_tap_and_switch() -> None:
     assert got[("virtnet_switch_slaac_prefixes_total", (("result", "learnt"),))] == 2
     assert got[("virtnet_switch_slaac_prefixes_total", (("result", "refused"),))] == 5
     assert got[("virtnet_switch_neigh_suppressed_total", ())] == 11
+    assert got[("virtnet_switch_mcast_total", (("event", "joined"),))] == 12
+    assert got[("virtnet_switch_mcast_total", (("event", "refused"),))] == 1
+    assert got[("virtnet_switch_mcast_total", (("event", "forwarded"),))] == 40
     assert got[("virtnet_switch_restarts_total", ())] == 1
     # A switch that did not answer: down, and none of its counters but restarts.
     doc["switch"] = {
@@ -254,10 +260,16 @@ def test_stats_table_shows_tap_and_switch_drops() -> None:
     doc = copy.deepcopy(SNAPSHOT)
     doc["vms"][0]["tap"] = {"name": "vn0", "dropped": {"to_guest": 31337, "from_guest": 2}}
     doc["vms"][1] |= {"socket": "/run/vm2.sock", "tap": {"name": "vn1", "dropped": None}}
-    doc["switch"] = copy.deepcopy(_SWITCH)
+    doc["vms"][0]["groups"] = ["239.1.1.1", "ff02::1:ff00:2"]
+    doc["switch"] = copy.deepcopy(_SWITCH) | {
+        "mrouters": ["uplink:up0"], "groups": {"uplink:up0": ["239.9.9.9 vlan 100"]},
+    }  # fmt: skip
     console = Console(width=200, record=True)
     console.print(render(doc))
     text = " ".join(console.export_text().split())
+    assert "multicast groups 239.1.1.1,ff02::1:ff00:2" in text
+    assert "multicast routers uplink:up0" in text and "mcast forwarded 40" in text
+    assert "uplink:up0 multicast groups 239.9.9.9 vlan 100" in text
     assert "tap vn0: the kernel dropped 31337 frames to the guest, 2 from it" in text
     assert "tap vn1: not found in this network namespace" in text
     assert "drop full" in text and "flow evictions 2" in text and "macs unlearnt 7" in text

@@ -409,6 +409,15 @@ def test_rate_option_parsing_and_errors(tmp_path: Path) -> None:
         d.close()
 
 
+def test_switch_only_flags(tmp_path: Path) -> None:
+    """``--neigh-suppress`` and ``--mcast-snoop`` need the switch."""
+    a = str(tmp_path / "a")
+    with pytest.raises(UsageError, match="--neigh-suppress needs --port switch"):
+        Daemon([a], port="null", neigh_suppress=True)
+    with pytest.raises(UsageError, match="--mcast-snoop needs --port switch"):
+        Daemon([a], port="loopback", mcast_snoop=True)
+
+
 def test_mac_locks_stop_a_spoofing_vm(tmp_path: Path) -> None:
     """``--mac b.sock=MAC_B``: B's frames from A's MAC are dropped as spoofed
     (A does not get them), its own go through; stats show the lock."""

@@ -203,6 +203,7 @@ class Daemon:
         rates: Sequence[tuple[str, int]] = (),
         guards: Sequence[tuple[str, frozenset[Guard]]] = (),
         neigh_suppress: bool = False,
+        mcast_snoop: bool = False,
     ) -> None:
         """``vlans``: the ``--vlans`` options (:func:`_vlans_arg`), switch only;
         ``control_socket``: where ``virtnet ctl`` adds and removes VMs;
@@ -212,6 +213,8 @@ class Daemon:
         ``guards``: the ``--guard`` options (:func:`_guard_arg`), switch only;
         ``neigh_suppress``: the switch answers ARP and neighbour solicitations
         for VMs held to one MAC and their addresses (``--neigh-suppress``);
+        ``mcast_snoop``: the switch sends a multicast group's traffic to the
+        VMs that reported it in IGMP or MLD (``--mcast-snoop``);
         ``state_file``: where the VMs ``virtnet ctl`` added are kept, to be
         served again after a restart (:meth:`_restore_state`);
         ``socket_group``, ``socket_mode``: ownership and mode of the VM sockets
@@ -302,6 +305,12 @@ class Daemon:
                         "--neigh-suppress needs --port switch (a tap's neighbours are the host's)"
                     )
                 self._shared.set_neigh_suppress(True)
+            if mcast_snoop:
+                if not isinstance(self._shared, SwitchPort):
+                    raise UsageError(
+                        "--mcast-snoop needs --port switch (a tap's multicast is the host's)"
+                    )
+                self._shared.set_mcast_snoop(True)
             if isinstance(self._shared, SwitchPort):
                 # Its death wakes the loop at once instead of at the next tick.
                 self.server.watch(self._shared.control, self._shared.drain_replies)
@@ -930,12 +939,14 @@ def snapshot(d: Daemon) -> dict[str, Any]:
     doc: dict[str, Any] = {"time": time.time(), "queues": d.queues, "vms": vms}
     if isinstance(d._shared, SwitchPort):
         doc["switch"] = _switch_snapshot(d._shared)
-        for key in ("leases", "slaac"):
+        for key in ("leases", "slaac", "groups"):
             learnt = doc["switch"].pop(key, None)
             if isinstance(learnt, dict):
                 for entry in vms:
                     if learnt.get(entry["name"]):
-                        entry[key] = learnt[entry["name"]]
+                        entry[key] = learnt.pop(entry["name"])
+                if learnt and key == "groups":  # the uplinks' multicast groups
+                    doc["switch"][key] = learnt
     return doc
 
 
@@ -1332,6 +1343,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " neigh_suppress; default: flood)",
     )
     parser.add_argument(
+        "--mcast-snoop",
+        action="store_true",
+        help="--port switch: IGMP and MLD snooping (RFC 4541): send a multicast group's"
+        " traffic only to the VMs that reported it and to multicast routers (members that"
+        " send queries), not to every VM (Linux bridge's multicast_snooping; default: flood)",
+    )
+    parser.add_argument(
         "--no-offloads",
         dest="offloads",
         action="store_false",
@@ -1361,6 +1379,7 @@ def run(args: argparse.Namespace) -> int:
         guards=args.guard,
         socket_mode=args.socket_mode,
         neigh_suppress=args.neigh_suppress,
+        mcast_snoop=args.mcast_snoop,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -157,6 +157,8 @@ def render(doc: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
             title += f"; DHCP leases {','.join(vm['leases'])}"
         if vm.get("slaac"):
             title += f"; SLAAC {','.join(vm['slaac'])}"
+        if vm.get("groups"):
+            title += f"; multicast groups {','.join(vm['groups'])}"
         t = Table(title=title, caption=vm.get("features") or None)
         t.add_column("pair", justify="right")
         t.add_column("on")
@@ -203,12 +205,19 @@ def _switch_table(sw: dict[str, Any]) -> Any:
             "prefixes_learnt",
             "prefixes_refused",
             "neigh_suppressed",
+            "mcast_joined",
+            "mcast_refused",
+            "mcast_forwarded",
             "control_errors",
         )
         if sw.get(key)
     ]
     if sw.get("prefixes"):
         notes.append(f"SLAAC prefixes {', '.join(map(str, sw['prefixes']))}")
+    if sw.get("mrouters"):
+        notes.append(f"multicast routers {', '.join(map(str, sw['mrouters']))}")
+    if isinstance(sw.get("groups"), dict):
+        notes += [f"{m} multicast groups {','.join(map(str, g))}" for m, g in sw["groups"].items()]
     notes += [tap_drops_text(up) for up in sw.get("uplinks") or []]
     t = Table(title="switch", caption="; ".join(notes) or None)
     for header in SWITCH_COLUMNS.values():
