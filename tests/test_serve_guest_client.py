@@ -13,10 +13,17 @@ host from it; from an address in that prefix before the advertisement, or
 outside it, the switch drops its pings as spoofed.  dnsmasq as a DHCPv6
 server leases the guest's ISC ``dhclient -6`` an address in fd77:3::/64: the
 guest may send from that one, not from another of the range.
+
+The switch snoops IGMP and MLD (``--mcast-snoop``): the guest kernel's own
+MLDv2 reports make it a member of its solicited-node group; a group the
+guest joins (IGMPv3, ``socat``) gets the host's datagrams by that membership,
+and one the host joins on the uplink gets the guest's; the guest's leave
+ends its membership at once.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -47,14 +54,19 @@ PREFIX, HOST_IP6 = "fd77:2::", "fd77:2::1"
 DHCP6_NET, DHCP6_HOST, DHCP6_RANGE = "fd77:3::", "fd77:3::1", ("fd77:3::100", "fd77:3::1ff")
 #: ISC's DHCP client (Debian isc-dhcp-client), copied into the guest when the host has it.
 DHCLIENT = shutil.which("dhclient")
+#: socat, which joins the guest to IPv4 multicast groups (copied in likewise).
+SOCAT = shutil.which("socat")
+#: The groups the guest and the host join, and the UDP port datagrams to them go to.
+GUEST_GROUP, HOST_GROUP, MCAST_PORT = "239.77.2.9", "239.77.2.10", 5009
 
 
 @pytest.fixture(scope="module")
 def initramfs(guest_initramfs: Path) -> Path:
-    """The test guest's initramfs, with ``dhclient`` in it when the host has one."""
-    if DHCLIENT is None:
+    """The test guest's initramfs, with ``dhclient`` and ``socat`` in it when the host has them."""
+    extra = tuple(p for p in (DHCLIENT, SOCAT) if p is not None)
+    if not extra:
         return guest_initramfs
-    return build_initramfs(default_initramfs_dir(), extra_programs=(DHCLIENT,))
+    return build_initramfs(default_initramfs_dir(), extra_programs=extra)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +81,8 @@ def setup(
             serve = ns.popen(
                 [sys.executable, "-m", "virtnet.cli", "-v", "serve", "--client", "--socket",
                  str(sock), "--port", f"switch:uplink={uplink}", "--queues", str(QUEUES),
-                 "--ip", f"qemu.sock={GUEST_IP},slaac,dhcp", "--stats-socket", str(stats)],
+                 "--ip", f"qemu.sock={GUEST_IP},slaac,dhcp", "--mcast-snoop",
+                 "--stats-socket", str(stats)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         try:
@@ -257,3 +270,90 @@ def test_a_guest_may_send_from_the_address_dhcpv6_leased_it(
         guest.run("killall dhclient", check=False)
         stop_process(server, timeout=10)
         ns.ip("-6", "addr", "del", f"{DHCP6_HOST}/64", "dev", uplink, check=False)
+
+
+#: The host's end of a multicast test: join ``group`` on the interface with
+#: address ``addr``, print the first datagram to it (10 s at most).
+_RECEIVE = """
+import socket, sys
+group, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("", port))
+s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+             socket.inet_aton(group) + socket.inet_aton(addr))
+print("joined", flush=True)
+s.settimeout(10)
+print(s.recv(2048).decode(), flush=True)
+"""
+
+#: ... and its sender: one datagram to ``group`` out of the interface with address ``addr``.
+_SEND = """
+import socket, sys
+group, addr, port, text = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(addr))
+s.sendto(text.encode(), (group, port))
+"""
+
+
+def _groups(stats: Path) -> list[str]:
+    """The guest's multicast groups as ``virtnet stats`` shows them."""
+    return list(fetch(str(stats))["vms"][0].get("groups", []))
+
+
+def _forwarded(stats: Path) -> int:
+    return int(fetch(str(stats))["switch"]["mcast_forwarded"])
+
+
+def test_multicast_snooping_with_the_guests_own_igmp_and_mld(
+    setup: tuple[Guest, NetNS, Path],
+) -> None:
+    """``--mcast-snoop`` with the guest's and the host's kernels reporting:
+    the guest is a member of the solicited-node group of its link-local
+    address (its MLDv2 reports); a group it joins with socat (IGMPv3) gets
+    the host's datagram, sent to the group's members rather than flooded;
+    a group the host joins on the uplink gets the guest's; when socat exits
+    the guest's leave ends its membership at once."""
+    if SOCAT is None:
+        pytest.skip("socat is not installed (Debian package socat)")
+    guest, ns, stats = setup
+    assert wait_for(lambda: _link_local_ready(guest), timeout=30)
+    out = guest.run("ip -6 addr show dev eth0 scope link").output
+    ll = ipaddress.IPv6Address(out.split("inet6 ")[1].split("/")[0]).packed
+    solicited = str(ipaddress.IPv6Address(bytes.fromhex("ff0200000000000000000001ff") + ll[13:]))
+    assert wait_for(lambda: solicited in _groups(stats), timeout=30), fetch(str(stats))
+    # The guest joins GUEST_GROUP; the host sends to it.
+    join = f"UDP4-RECV:{MCAST_PORT},ip-add-membership={GUEST_GROUP}:eth0"
+    guest.run(f"rm -f /tmp/mcast; socat -u {join} OPEN:/tmp/mcast,creat,append"
+              " </dev/null >/dev/null 2>&1 &")  # fmt: skip
+    try:
+        assert wait_for(lambda: GUEST_GROUP in _groups(stats), timeout=30), fetch(str(stats))
+        forwarded = _forwarded(stats)
+        ns.run([sys.executable, "-c", _SEND, GUEST_GROUP, HOST_IP, str(MCAST_PORT), "to-guest"])
+        assert wait_for(
+            lambda: "to-guest" in guest.run("cat /tmp/mcast", check=False).output, timeout=20
+        )
+        assert _forwarded(stats) > forwarded
+    finally:
+        guest.run("killall socat", check=False)
+    # socat's exit makes the guest's kernel leave (an IGMPv3 TO_IN({}) record).
+    assert wait_for(lambda: GUEST_GROUP not in _groups(stats), timeout=30), fetch(str(stats))
+    # The host joins HOST_GROUP on the uplink; the guest sends to it.
+    receiver = ns.popen(
+        [sys.executable, "-c", _RECEIVE, HOST_GROUP, HOST_IP, str(MCAST_PORT)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert receiver.stdout is not None
+        assert receiver.stdout.readline().strip() == "joined"
+
+        def uplink_joined() -> bool:
+            groups = fetch(str(stats))["switch"].get("groups", {})
+            return any(HOST_GROUP in g for g in groups.values())
+
+        assert wait_for(uplink_joined, timeout=30), fetch(str(stats))["switch"]
+        guest.run(f"echo to-host | socat -u - UDP4-DATAGRAM:{HOST_GROUP}:{MCAST_PORT},"
+                  f"ip-multicast-if={GUEST_IP}")  # fmt: skip
+        assert receiver.stdout.readline().strip() == "to-host"
+    finally:
+        stop_process(receiver, timeout=10)
