@@ -183,6 +183,7 @@ _SWITCH = {
     "mcast_joined": 12,
     "mcast_refused": 1,
     "mcast_forwarded": 40,
+    "mcast_queries": 6,
     "control_errors": 0,
     "uplinks": [{"name": "up0", "dropped": {"to_guest": 4, "from_guest": 0}}],
     "restarts": 1,
@@ -217,6 +218,7 @@ def test_the_drops_no_worker_sees_tap_and_switch() -> None:
     assert got[("virtnet_switch_mcast_total", (("event", "joined"),))] == 12
     assert got[("virtnet_switch_mcast_total", (("event", "refused"),))] == 1
     assert got[("virtnet_switch_mcast_total", (("event", "forwarded"),))] == 40
+    assert got[("virtnet_switch_mcast_total", (("event", "queries"),))] == 6
     assert got[("virtnet_switch_restarts_total", ())] == 1
     # A switch that did not answer: down, and none of its counters but restarts.
     doc["switch"] = {

@@ -20,6 +20,8 @@ from virtnet.ports.mcast import (
     MAX_GROUP_RECORDS,
     MEMBERSHIP_S,
     OTHER_QUERIER_S,
+    QUERY,
+    QUERY_INTERVAL_S,
     Membership,
     MembershipError,
     membership,
@@ -332,3 +334,63 @@ def test_membership_takes_any_bytes(raw: bytes, n: int) -> None:
         except MembershipError:
             continue
         assert got is None or all(isinstance(g, (int, bytes)) for g, _ in got[1])
+
+
+def _queries(frames: list[bytes]) -> list[tuple[int | None, int]]:
+    """The general queries among ``frames``: (VLAN or None, EtherType), each
+    checked as a valid query (checksums, hop limit, link-local source)."""
+    out: list[tuple[int | None, int]] = []
+    for f in frames:
+        buf = bytearray(f)
+        tagged = buf[VNET_HDR_LEN + 12 : VNET_HDR_LEN + 14] == b"\x81\x00"
+        l3 = sw_mod._l3(buf, len(buf), VNET_HDR_LEN + 12 + (4 if tagged else 0))
+        assert membership(buf, len(buf), *l3) == (QUERY, []), f.hex()
+        vlan = struct.unpack_from("!H", buf, VNET_HDR_LEN + 14)[0] if tagged else None
+        out.append((vlan, l3[0]))
+    return sorted(out, key=lambda q: (q[0] or 0, q[1]))
+
+
+def test_the_switch_as_querier(sw: Switch, clock: Clock) -> None:
+    """``set_mcast_querier``: a second after it starts or a VM joins, then a
+    quarter interval later, then every QUERY_INTERVAL_S, every member of each
+    VLAN gets an IGMPv3 and an MLDv2 general query (tagged on its VLAN) -
+    except on a VLAN where a member sends queries itself; reports reach no
+    other VM."""
+    qs = {v: sw.open_queue(v, 0) for v in "ab"}
+    sw.set_vlans("b", [0, 100])
+    sw.set_mcast_querier(True)
+    pump(sw)
+    assert drain(qs["a"]) == []
+    clock.t += 1
+    pump(sw)
+    both = [(None, 0x0800), (None, 0x86DD)]
+    assert _queries(drain(qs["a"])) == both
+    assert _queries(drain(qs["b"])) == [*both, (100, 0x0800), (100, 0x86DD)]
+    assert sw.snapshot().mcast_queries == 4
+    clock.t += QUERY_INTERVAL_S / 4
+    pump(sw)
+    assert len(drain(qs["a"])) == 2  # the second startup query
+    clock.t += QUERY_INTERVAL_S / 2
+    pump(sw)
+    assert drain(qs["a"]) == []
+    clock.t += QUERY_INTERVAL_S / 2
+    pump(sw)
+    assert len(drain(qs["a"])) == 2
+    # The guests' answers are snooped and sent to no one.
+    assert who_gets(sw, qs["b"], igmp(mac(2), 0x22, records=[(IS_EX, "239.1.1.1", 0)]), qs) == set()
+    assert sw.snapshot().groups == {"b": ["239.1.1.1"]}
+    # A member that queries on VLAN 0 silences the switch there, not on VLAN 100.
+    who_gets(sw, qs["b"], mld(mac(2), 130), qs)
+    clock.t += QUERY_INTERVAL_S
+    pump(sw)
+    assert drain(qs["a"]) == []
+    assert _queries(drain(qs["b"])) == [(100, 0x0800), (100, 0x86DD)]
+    # A new VM is asked at once (in a second).
+    c = sw.open_queue("c", 0)
+    clock.t += 1
+    pump(sw)
+    assert len(drain(qs["b"])) == 2 and drain(c) == []  # VLAN 0 has b for querier
+    sw.set_mcast_snoop(False)
+    clock.t += QUERY_INTERVAL_S
+    pump(sw)
+    assert drain(qs["b"]) == []

@@ -14,11 +14,13 @@ outside it, the switch drops its pings as spoofed.  dnsmasq as a DHCPv6
 server leases the guest's ISC ``dhclient -6`` an address in fd77:3::/64: the
 guest may send from that one, not from another of the range.
 
-The switch snoops IGMP and MLD (``--mcast-snoop``): the guest kernel's own
-MLDv2 reports make it a member of its solicited-node group; a group the
-guest joins (IGMPv3, ``socat``) gets the host's datagrams by that membership,
-and one the host joins on the uplink gets the guest's; the guest's leave
-ends its membership at once.
+The switch snoops IGMP and MLD and is the querier (``--mcast-querier``):
+the guest kernel's own MLDv2 reports make it a member of its solicited-node
+group; a group the guest joins (IGMPv3, ``socat``) gets the host's datagrams
+by that membership, and one the host joins on the uplink gets the guest's;
+the guest's leave ends its membership at once.  When the switch process is
+killed, the new one asks, and the guest's answers make its memberships known
+again.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -81,7 +84,7 @@ def setup(
             serve = ns.popen(
                 [sys.executable, "-m", "virtnet.cli", "-v", "serve", "--client", "--socket",
                  str(sock), "--port", f"switch:uplink={uplink}", "--queues", str(QUEUES),
-                 "--ip", f"qemu.sock={GUEST_IP},slaac,dhcp", "--mcast-snoop",
+                 "--ip", f"qemu.sock={GUEST_IP},slaac,dhcp", "--mcast-querier",
                  "--stats-socket", str(stats)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
@@ -305,6 +308,15 @@ def _forwarded(stats: Path) -> int:
     return int(fetch(str(stats))["switch"]["mcast_forwarded"])
 
 
+def _solicited_node_group(guest: Guest) -> str:
+    """The solicited-node multicast group (RFC 4291 section 2.7.1) of the
+    guest's link-local address."""
+    assert wait_for(lambda: _link_local_ready(guest), timeout=30)
+    out = guest.run("ip -6 addr show dev eth0 scope link").output
+    ll = ipaddress.IPv6Address(out.split("inet6 ")[1].split("/")[0]).packed
+    return str(ipaddress.IPv6Address(bytes.fromhex("ff0200000000000000000001ff") + ll[13:]))
+
+
 def test_multicast_snooping_with_the_guests_own_igmp_and_mld(
     setup: tuple[Guest, NetNS, Path],
 ) -> None:
@@ -317,10 +329,7 @@ def test_multicast_snooping_with_the_guests_own_igmp_and_mld(
     if SOCAT is None:
         pytest.skip("socat is not installed (Debian package socat)")
     guest, ns, stats = setup
-    assert wait_for(lambda: _link_local_ready(guest), timeout=30)
-    out = guest.run("ip -6 addr show dev eth0 scope link").output
-    ll = ipaddress.IPv6Address(out.split("inet6 ")[1].split("/")[0]).packed
-    solicited = str(ipaddress.IPv6Address(bytes.fromhex("ff0200000000000000000001ff") + ll[13:]))
+    solicited = _solicited_node_group(guest)
     assert wait_for(lambda: solicited in _groups(stats), timeout=30), fetch(str(stats))
     # The guest joins GUEST_GROUP; the host sends to it.
     join = f"UDP4-RECV:{MCAST_PORT},ip-add-membership={GUEST_GROUP}:eth0"
@@ -357,3 +366,25 @@ def test_multicast_snooping_with_the_guests_own_igmp_and_mld(
         assert receiver.stdout.readline().strip() == "to-host"
     finally:
         stop_process(receiver, timeout=10)
+
+
+def test_the_switch_asks_the_guest_for_its_groups_after_a_restart(
+    setup: tuple[Guest, NetNS, Path],
+) -> None:
+    """``--mcast-querier``: the switch process is killed; serve starts a new
+    one, which knows no group and sends general queries; the guest kernel
+    answers (no unsolicited report is due: its link never went down), and
+    its solicited-node group is known again.  (Last: it restarts the switch.)"""
+    guest, _ns, stats = setup
+    solicited = _solicited_node_group(guest)
+    assert wait_for(lambda: solicited in _groups(stats), timeout=30), fetch(str(stats))
+    sw = fetch(str(stats))["switch"]
+    os.kill(sw["pid"], signal.SIGKILL)
+
+    def restarted() -> bool:
+        return int(fetch(str(stats))["switch"].get("restarts", 0)) > sw["restarts"]
+
+    assert wait_for(restarted, timeout=30)
+    assert wait_for(lambda: solicited in _groups(stats), timeout=60), fetch(str(stats))
+    assert fetch(str(stats))["switch"]["mcast_queries"] >= 2
+    assert wait_for(lambda: guest.ping(HOST_IP, count=1, timeout=5), timeout=30)

@@ -410,12 +410,14 @@ def test_rate_option_parsing_and_errors(tmp_path: Path) -> None:
 
 
 def test_switch_only_flags(tmp_path: Path) -> None:
-    """``--neigh-suppress`` and ``--mcast-snoop`` need the switch."""
+    """``--neigh-suppress``, ``--mcast-snoop`` and ``--mcast-querier`` need the switch."""
     a = str(tmp_path / "a")
     with pytest.raises(UsageError, match="--neigh-suppress needs --port switch"):
         Daemon([a], port="null", neigh_suppress=True)
     with pytest.raises(UsageError, match="--mcast-snoop needs --port switch"):
         Daemon([a], port="loopback", mcast_snoop=True)
+    with pytest.raises(UsageError, match="--mcast-querier needs --port switch"):
+        Daemon([a], port="loopback", mcast_querier=True)
 
 
 def test_mac_locks_stop_a_spoofing_vm(tmp_path: Path) -> None:

@@ -29,10 +29,14 @@ __all__ = [
     "MEMBERSHIP_S",
     "OTHER_QUERIER_S",
     "QUERY",
+    "QUERY_INTERVAL_S",
     "REPORT",
+    "STARTUP_QUERIES",
     "MembershipError",
     "flooded_group",
+    "igmp_query",
     "membership",
+    "mld_query",
 ]
 
 #: How long a membership lasts without a new report: the Group Membership
@@ -43,6 +47,16 @@ MEMBERSHIP_S: Final = 260.0
 #: How long a member that sent a query stays a router port: the Other
 #: Querier Present Interval (RFC 3376 section 8.5, RFC 3810 section 9.5).
 OTHER_QUERIER_S: Final = 255.0
+#: How often a querier asks (the Query Interval, RFC 3376 section 8.2, RFC
+#: 3810 section 9.2); at start it asks :data:`STARTUP_QUERIES` times a
+#: quarter of that apart (the Startup Query Count and Interval, 8.6 and 8.7).
+QUERY_INTERVAL_S: Final = 125.0
+STARTUP_QUERIES: Final = 2
+#: The Query Response Interval a querier sets: hosts answer within 10 s.
+_RESPONSE_MS = 10_000
+#: The Querier's Robustness Variable (RFC 3376 section 4.1.6) and Query
+#: Interval Code (section 4.1.7: under 128, the seconds themselves).
+_QRV, _QQIC = 2, 125
 #: Group records read from one IGMPv3 or MLDv2 report (a 1500-byte report
 #: holds at most 183 IGMPv3 records; a host splits larger state over several
 #: reports, RFC 3376 section 4.2.16).
@@ -146,6 +160,35 @@ def membership(buf: bytearray, n: int, et: int, p: int, proto: int, u: int) -> M
     if kind != _MLD_V2_REPORT:
         return REPORT, [(_group(bytes(buf[u + 8 : u + 24])), kind == _MLD_REPORT)]
     return REPORT, _records(buf, u, end, 16)
+
+
+def igmp_query(mac: bytes) -> bytes:
+    """The Ethernet frame (from ``mac``, to 224.0.0.1) of an IGMPv3 general
+    query from 0.0.0.0, as a snooping switch's querier sends it (RFC 4541
+    section 2.1.1: a proxy querier's source; it loses every election): TTL 1
+    and a router alert option (RFC 3376 section 4)."""
+    igmp = bytearray(struct.pack("!BBH4sBBH", 0x11, _RESPONSE_MS // 100, 0, bytes(4), _QRV,
+                                 _QQIC, 0))  # fmt: skip
+    igmp[2:4] = _U16.pack(inet_checksum(igmp))
+    ip = bytearray(struct.pack("!BBHHHBBH4s4sI", 0x46, 0xC0, 24 + len(igmp), 0, 0, 1, _IGMP, 0,
+                               bytes(4), bytes([224, 0, 0, 1]), 0x94040000))  # fmt: skip
+    ip[10:12] = _U16.pack(inet_checksum(ip))
+    return bytes([1, 0, 0x5E, 0, 0, 1]) + mac + _U16.pack(_ETH_IPV4) + ip + igmp
+
+
+def mld_query(mac: bytes) -> bytes:
+    """The Ethernet frame (from ``mac``, to ff02::1) of an MLDv2 general query
+    from the EUI-64 link-local address of ``mac`` (RFC 4291 appendix A; a
+    query must come from a link-local address, RFC 3810 section 5.1.14): hop
+    limit 1 behind a router alert (RFC 2711)."""
+    src = bytes.fromhex("fe80000000000000") + bytes([mac[0] ^ 2]) + mac[1:3] + b"\xff\xfe" + mac[3:]
+    mld = bytearray(struct.pack("!BBHHH16sBBH", _MLD_QUERY, 0, 0, _RESPONSE_MS, 0, bytes(16),
+                                _QRV, _QQIC, 0))  # fmt: skip
+    pseudo = src + _ALL_NODES + struct.pack("!IxxxB", len(mld), _ICMPV6)
+    mld[2:4] = _U16.pack(inet_checksum(pseudo + mld))
+    hbh = bytes([_ICMPV6, 0, 5, 2, 0, 0, 1, 0])  # router alert (MLD), PadN
+    ip = struct.pack("!IHBB16s16s", 6 << 28, len(hbh) + len(mld), 0, 1, src, _ALL_NODES)
+    return b"\x33\x33\x00\x00\x00\x01" + mac + _U16.pack(_ETH_IPV6) + ip + hbh + bytes(mld)
 
 
 def _records(buf: bytearray, u: int, end: int, size: int) -> list[tuple[int | bytes, bool]]:

@@ -61,7 +61,10 @@ Invariants:
   still flood.  A membership lasts
   :data:`~virtnet.ports.mcast.MEMBERSHIP_S` unless renewed; a VM's leave
   ends it at once (one host per port), an uplink's is left to age; a VM may
-  hold :data:`MCAST_GROUPS_PER_VM`.
+  hold :data:`MCAST_GROUPS_PER_VM`.  As a querier (``set_mcast_querier``)
+  the switch asks every member of a VLAN with no other querier for its
+  groups (IGMPv3 and MLDv2 general queries), so that memberships stay
+  fresh without a multicast router; reports then reach no other VM.
 * Policing (``set_rate``): what a VM sends is held to its rate by a token
   bucket (:func:`rate_burst` bytes); a frame over it is dropped and counted
   (``dropped_rate``) before anything else is looked at.
@@ -122,9 +125,13 @@ from virtnet.ports.mcast import (
     MEMBERSHIP_S,
     OTHER_QUERIER_S,
     QUERY,
+    QUERY_INTERVAL_S,
+    STARTUP_QUERIES,
     MembershipError,
     flooded_group,
+    igmp_query,
     membership,
+    mld_query,
 )
 from virtnet.rss import flow_id as _rss_flow_id
 
@@ -324,6 +331,7 @@ class SwitchStats:
     mcast_joined: int = 0  # group records of IGMP/MLD reports that made or renewed a membership
     mcast_refused: int = 0  # reports the switch could not take: their sender gets every group
     mcast_forwarded: int = 0  # multicast frames sent to a group's members and routers, not flooded
+    mcast_queries: int = 0  # IGMP and MLD general queries the switch sent as querier
     flow_evictions: int = 0
     control_errors: int = 0
     ports: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -972,6 +980,11 @@ class Switch:
         self._mrouters: dict[int, dict[_Vm, float]] = {}
         # Members whose report the switch could not take -> until when they get every group.
         self._mcast_all: dict[_Vm, float] = {}
+        self._querier = False  # send IGMP and MLD queries (set_mcast_querier)
+        self._next_query = 0.0
+        self._startup_queries = 0  # queries left to send a quarter interval apart
+        # The querier's source MAC: locally administered, this process's own.
+        self._mac = bytes([0x02 | (os.urandom(1)[0] & 0xFC)]) + os.urandom(5)
         self._buf = bytearray(_BUF_LEN)
         self._view = memoryview(self._buf)
         self._ctl: socket.socket | None = None
@@ -1022,6 +1035,8 @@ class Switch:
         port = _Port(vm, pair, sock, fd)
         vm.ports[pair] = port
         vm.refresh()
+        if self._querier and len(vm.ports) == 1:
+            self._query_soon()  # a new member: ask for its groups
         self._by_fd[port.fd] = port
         self._ep.register(port.fd, select.EPOLLIN)
 
@@ -1161,12 +1176,33 @@ class Switch:
         default) forgets every membership: all multicast floods again."""
         self._mcast = bool(on)
         if not self._mcast:
+            self._querier = False
             for vm in self._vms.values():
                 vm.groups.clear()
             self._groups.clear()
             self._memberships.clear()
             self._mrouters.clear()
             self._mcast_all.clear()
+
+    def set_mcast_querier(self, on: bool) -> None:
+        """Be the IGMP and MLD querier (Linux bridge's ``multicast_querier``;
+        on turns snooping on too): on every VLAN where no member sent a query
+        in the last :data:`~virtnet.ports.mcast.OTHER_QUERIER_S`, the switch
+        sends general queries to every member, a second after it starts or a
+        VM joins, :data:`~virtnet.ports.mcast.STARTUP_QUERIES` times a quarter
+        interval apart, then every
+        :data:`~virtnet.ports.mcast.QUERY_INTERVAL_S`.  Reports are then sent
+        to router ports alone, never flooded."""
+        self._querier = bool(on)
+        if self._querier:
+            self.set_mcast_snoop(True)
+            self._query_soon()
+
+    def _query_soon(self) -> None:
+        """Send the startup queries, the first in a second."""
+        self._startup_queries = STARTUP_QUERIES
+        self._next_query = self._clock() + 1.0
+        self._next_sweep = min(self._next_sweep, self._next_query)
 
     def remove_vm(self, vm_id: str) -> None:
         """Close every socket of the VM and forget what was learnt about it."""
@@ -1516,7 +1552,7 @@ class Switch:
         # Reports go to router ports alone (RFC 4541 section 2.1.1), lest
         # IGMPv1/v2 and MLDv1 hosts hear each other and stay silent.
         out.update((m, None) for m, end in self._mrouters.get(vlan, {}).items() if end > now)
-        if msg is not None and not out:
+        if msg is not None and not out and not self._querier:
             return False  # no router known: as before
         self.stats.mcast_forwarded += 1
         view = self._view[:n]
@@ -1859,6 +1895,8 @@ class Switch:
             del flows[fk]
         if self._mcast:
             self._sweep_mcast(now)
+            if self._querier and now >= self._next_query:
+                self._query(now)
         lls = self._bindings
         while lls:
             key, (owner, t) = next(iter(lls.items()))
@@ -1882,6 +1920,22 @@ class Switch:
                 del self._mrouters[vlan]
         for vm in [vm for vm, end in self._mcast_all.items() if end <= now]:
             del self._mcast_all[vm]
+
+    def _query(self, now: float) -> None:
+        """Send general queries on every VLAN no other querier asks on."""
+        self._startup_queries = max(0, self._startup_queries - 1)
+        self._next_query = now + QUERY_INTERVAL_S / (4 if self._startup_queries else 1)
+        self._next_sweep = min(self._next_sweep, self._next_query)
+        vlans = {v for vm in self._vms.values() for v in vm.vlans}
+        for vlan in sorted(vlans - self._mrouters.keys()):
+            for query in (igmp_query(self._mac), mld_query(self._mac)):
+                tag = struct.pack("!HH", 0x8100, vlan) if vlan else b""
+                frame = memoryview(bytes(VNET_HDR_LEN) + query[:12] + tag + query[12:])
+                fid = flow_id(frame)
+                self.stats.mcast_queries += 1
+                for vm in list(self._vms.values()):
+                    if vlan in vm.vlans:
+                        self._deliver(vm, frame, fid, now, _NO_OFFLOAD)
 
     # -- control channel (process mode) ---------------------------------------
 
@@ -1964,6 +2018,8 @@ class Switch:
             self.set_neigh_suppress(msg["on"] is True)
         elif op == "mcast_snoop":
             self.set_mcast_snoop(msg["on"] is True)
+        elif op == "mcast_querier":
+            self.set_mcast_querier(msg["on"] is True)
         elif op == "remove":
             self.remove_vm(vm_id)
         elif op == "stats":
@@ -2212,6 +2268,10 @@ class SwitchPort:
     def set_mcast_snoop(self, on: bool) -> None:
         """IGMP and MLD snooping (see :meth:`Switch.set_mcast_snoop`)."""
         self._configure({"op": "mcast_snoop", "vm": "", "on": on})
+
+    def set_mcast_querier(self, on: bool) -> None:
+        """Be the IGMP and MLD querier (see :meth:`Switch.set_mcast_querier`)."""
+        self._configure({"op": "mcast_querier", "vm": "", "on": on})
 
     def set_rx_offloads(self, vm_id: str, offloads: Iterable[Offload]) -> None:
         self._configure(

@@ -30,7 +30,7 @@ Metrics (labels ``vm`` -- the socket's name -- and ``pair``):
   ``virtnet_switch_macs_unlearnt_total``, ``virtnet_switch_dhcp_leases_total``,
   ``virtnet_switch_slaac_prefixes_total``
   (``result`` learnt/refused), ``virtnet_switch_neigh_suppressed_total``,
-  ``virtnet_switch_mcast_total`` (``event`` joined/refused/forwarded),
+  ``virtnet_switch_mcast_total`` (``event`` joined/refused/forwarded/queries),
   ``virtnet_switch_control_errors_total`` and ``virtnet_switch_restarts_total``
   (the other switch counters start from zero after a restart).
 
@@ -289,10 +289,11 @@ def _switch_families(sw: Any, taps: CounterMetricFamily) -> list[Metric]:
     mcast = CounterMetricFamily(
         "virtnet_switch_mcast",
         "IGMP/MLD snooping: group records that made or renewed a membership (joined), reports"
-        " the switch could not take (refused), frames sent to a group's members (forwarded).",
+        " the switch could not take (refused), frames sent to a group's members (forwarded),"
+        " general queries the switch sent as querier (queries).",
         labels=["event"],
     )
-    for event in ("joined", "refused", "forwarded"):
+    for event in ("joined", "refused", "forwarded", "queries"):
         mcast.add_metric([event], _count(sw, f"mcast_{event}"))
     ctl = CounterMetricFamily(
         "virtnet_switch_control_errors", "Bad control messages the switch refused."

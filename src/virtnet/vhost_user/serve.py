@@ -204,6 +204,7 @@ class Daemon:
         guards: Sequence[tuple[str, frozenset[Guard]]] = (),
         neigh_suppress: bool = False,
         mcast_snoop: bool = False,
+        mcast_querier: bool = False,
     ) -> None:
         """``vlans``: the ``--vlans`` options (:func:`_vlans_arg`), switch only;
         ``control_socket``: where ``virtnet ctl`` adds and removes VMs;
@@ -215,6 +216,7 @@ class Daemon:
         for VMs held to one MAC and their addresses (``--neigh-suppress``);
         ``mcast_snoop``: the switch sends a multicast group's traffic to the
         VMs that reported it in IGMP or MLD (``--mcast-snoop``);
+        ``mcast_querier``: and asks the VMs for their groups (``--mcast-querier``);
         ``state_file``: where the VMs ``virtnet ctl`` added are kept, to be
         served again after a restart (:meth:`_restore_state`);
         ``socket_group``, ``socket_mode``: ownership and mode of the VM sockets
@@ -305,12 +307,13 @@ class Daemon:
                         "--neigh-suppress needs --port switch (a tap's neighbours are the host's)"
                     )
                 self._shared.set_neigh_suppress(True)
-            if mcast_snoop:
+            if mcast_snoop or mcast_querier:
                 if not isinstance(self._shared, SwitchPort):
-                    raise UsageError(
-                        "--mcast-snoop needs --port switch (a tap's multicast is the host's)"
-                    )
+                    flag = "--mcast-snoop" if mcast_snoop else "--mcast-querier"
+                    raise UsageError(f"{flag} needs --port switch (a tap's groups are the host's)")
                 self._shared.set_mcast_snoop(True)
+                if mcast_querier:
+                    self._shared.set_mcast_querier(True)
             if isinstance(self._shared, SwitchPort):
                 # Its death wakes the loop at once instead of at the next tick.
                 self.server.watch(self._shared.control, self._shared.drain_replies)
@@ -1350,6 +1353,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " send queries), not to every VM (Linux bridge's multicast_snooping; default: flood)",
     )
     parser.add_argument(
+        "--mcast-querier",
+        action="store_true",
+        help="--port switch: --mcast-snoop, and the switch sends IGMP and MLD queries on VLANs"
+        " where no multicast router does, so that the VMs' memberships stay known"
+        " (Linux bridge's multicast_querier; default: off)",
+    )
+    parser.add_argument(
         "--no-offloads",
         dest="offloads",
         action="store_false",
@@ -1380,6 +1390,7 @@ def run(args: argparse.Namespace) -> int:
         socket_mode=args.socket_mode,
         neigh_suppress=args.neigh_suppress,
         mcast_snoop=args.mcast_snoop,
+        mcast_querier=args.mcast_querier,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

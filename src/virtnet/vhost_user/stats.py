@@ -208,6 +208,7 @@ def _switch_table(sw: dict[str, Any]) -> Any:
             "mcast_joined",
             "mcast_refused",
             "mcast_forwarded",
+            "mcast_queries",
             "control_errors",
         )
         if sw.get(key)
