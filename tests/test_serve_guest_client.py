@@ -378,11 +378,19 @@ def test_the_switch_asks_the_guest_for_its_groups_after_a_restart(
     guest, _ns, stats = setup
     solicited = _solicited_node_group(guest)
     assert wait_for(lambda: solicited in _groups(stats), timeout=30), fetch(str(stats))
+    # No report in flight: none came for 5 s (the guest's unsolicited ones are sent 1 s apart).
+    joined: list[int] = []
+
+    def quiet() -> bool:
+        joined.append(int(fetch(str(stats))["switch"]["mcast_joined"]))
+        return len(joined) > 5 and joined[-6] == joined[-1]
+
+    assert wait_for(quiet, timeout=60, interval=1.0)
     sw = fetch(str(stats))["switch"]
     os.kill(sw["pid"], signal.SIGKILL)
 
     def restarted() -> bool:
-        return int(fetch(str(stats))["switch"].get("restarts", 0)) > sw["restarts"]
+        return int(fetch(str(stats))["switch"].get("restarts", 0)) > int(sw["restarts"])
 
     assert wait_for(restarted, timeout=30)
     assert wait_for(lambda: solicited in _groups(stats), timeout=60), fetch(str(stats))
