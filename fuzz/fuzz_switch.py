@@ -1,14 +1,16 @@
 """Fuzz target: the switch's forwarding path under frames from hostile guests.
 
-Three VMs (a, b, c) join an in-process :class:`~virtnet.ports.switch.Switch`;
-the input's first byte picks what is checked on b and c (MAC lock, with the
-switch answering ARP and NS for b; IP source guard with or without DHCP and
-SLAAC learning; DHCP and router guards; VLANs; a rate), then comes a list of
+Three VMs (a, b, c) join an in-process :class:`~virtnet.ports.switch.Switch`
+that snoops IGMP and MLD as the querier; the input's first byte picks what is
+checked on b and c (MAC lock, with the switch answering ARP and NS for b; IP
+source guard with or without DHCP and SLAAC learning; DHCP and router guards;
+VLANs; a rate), then comes a list of
 frames, each ``who u8`` (the sending VM, and how far the
 clock moves first) + ``len u8`` + that many bytes (the 12-byte virtio-net
 header and the frame; a length of 255 takes the rest of the input).  The tables
 are made small (8 MACs, 3 per VM, 6 address bindings, 2 per VM, 2 SLAAC
-prefixes per VLAN) so that eviction, ageing and the limits are reached.
+prefixes per VLAN, 3 multicast groups per VM) so that eviction, ageing and
+the limits are reached.
 
 Checks (anything else is a failure): nothing raises; every frame written is
 counted in; what the VMs receive is what the switch counts out; each MAC
@@ -16,7 +18,10 @@ table entry is counted to the VM it points to, and no VM has more than its
 share; each address binding is in its owner's set and back, and a SLAAC
 address is bound only to a trusted member or one that learns SLAAC, within a
 prefix learnt; a VM's leases are among its addresses, and only a learning VM
-has any; no VLAN holds more SLAAC prefixes than its share.
+has any; no VLAN holds more SLAAC prefixes than its share; each multicast
+membership is in the group index, its member's set and the expiry order
+alike, of a VM still there, within the per-VM cap; router ports are
+trusted members.
 
 Run with atheris: ``python fuzz/fuzz_switch.py fuzz/corpus/switch -max_total_time=60``.
 Replay the corpus without atheris (CI): ``python fuzz/fuzz_switch.py --corpus-only
@@ -31,6 +36,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 
+from virtnet.net import inet_checksum
 from virtnet.ports import VNET_HDR_LEN, SocketQueue
 from virtnet.ports import switch as sw_mod
 from virtnet.ports.base import MAX_FRAME_LEN
@@ -41,6 +47,7 @@ sw_mod.MACS_PER_VM = 3
 sw_mod.LL_TABLE_SIZE = 6
 sw_mod.LL_PER_VM = 2
 sw_mod.PREFIXES_PER_VLAN = 2
+sw_mod.MCAST_GROUPS_PER_VM = 3
 
 _REST = 255
 _VMS = "abc"
@@ -72,6 +79,7 @@ def _records(body: bytes) -> Iterator[tuple[int, bytes]]:
 
 
 def _configure(sw: Switch, bits: int) -> None:
+    sw.set_mcast_querier(True)
     if bits & 0x20:
         for v in _VMS:
             sw.set_vlans(v, [0, 100])
@@ -118,6 +126,22 @@ def _check_tables(sw: Switch) -> None:
         assert vm.dhcp or not vm.leases
     assert len(sw._macs) <= sw_mod.MAC_TABLE_SIZE
     assert len(sw._bindings) <= sw_mod.LL_TABLE_SIZE
+    order = sw._memberships
+    assert len(order) == sum(len(m) for m in sw._groups.values())
+    ends = list(order.values())
+    assert ends == sorted(ends), "memberships out of order"
+    for (vlan, group, vm), end in order.items():
+        assert sw._groups[(vlan, group)][vm] == end
+    for group_key, members in sw._groups.items():
+        assert members, f"empty group {group_key}"
+        for vm in members:
+            assert group_key in vm.groups and sw._vms.get(vm.id) is vm, (group_key, vm.id)
+    for vm in sw._vms.values():
+        assert len(vm.groups) <= sw_mod.MCAST_GROUPS_PER_VM
+        assert all(vm in sw._groups[g] for g in vm.groups)
+    for routers in sw._mrouters.values():
+        assert all(sw._vms.get(vm.id) is vm and vm.ips is None for vm in routers)
+    assert all(sw._vms.get(vm.id) is vm for vm in sw._mcast_all)
     if sw._held is not None:  # the neighbour suppression index is not stale
         held = sw._held
         sw._held = None
@@ -203,6 +227,24 @@ def _dhcp6_reply(*addrs: str) -> bytes:
     return struct.pack("!HHHH", 547, 546, 8 + len(msg), 0) + msg
 
 
+def _igmp_report(*groups: str) -> bytes:
+    """An IGMPv3 report joining ``groups`` (EXCLUDE {}), to 224.0.0.22."""
+    body = bytearray(struct.pack("!BBHHH", 0x22, 0, 0, 0, len(groups)))
+    for g in groups:
+        body += struct.pack("!BBH4s", 4, 0, 0, ipaddress.ip_address(g).packed)
+    body[2:4] = struct.pack("!H", inet_checksum(body))
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 0, 0, 1, 2, 0,
+                       bytes([10, 0, 0, 3]), bytes([224, 0, 0, 22])) + bytes(body)  # fmt: skip
+
+
+def _mld_query() -> bytes:
+    """An MLDv1 general query from fe80::a, hop limit 1."""
+    src, dst = ipaddress.ip_address("fe80::a").packed, ipaddress.ip_address("ff02::1").packed
+    body = bytearray(struct.pack("!BBHHH16s", 130, 0, 0, 1000, 0, bytes(16)))
+    body[2:4] = struct.pack("!H", inet_checksum(src + dst + struct.pack("!IxxxB", 24, 58) + body))
+    return struct.pack("!IHBB16s16s", 0x60000000, 24, 58, 1, src, dst) + bytes(body)
+
+
 def _rec(who: int, frame: bytes) -> bytes:
     return bytes([who, len(frame)]) + frame if len(frame) < _REST else bytes([who, _REST]) + frame
 
@@ -220,7 +262,16 @@ def _seeds() -> dict[str, bytes]:
         )
         for i in range(12)
     )
+    group_mac = bytes([1, 0, 0x5E, 1, 1, 1])
+    data = struct.pack("!BBHHHBBH4s4sHHHH", 0x45, 0, 28, 0, 0, 4, 17, 0, bytes([10, 0, 0, 2]),
+                       bytes([239, 1, 1, 1]), 1, 2, 8, 0)  # fmt: skip
     return {
+        "mcast_snooping": bytes([0x10])
+        + _rec(2, _eth("c", group_mac, 0x0800, _igmp_report("239.1.1.1", "239.2.2.2")))
+        + _rec(1, _eth("b", group_mac, 0x0800, data))
+        + _rec(0, _eth("a", b"\x33\x33\0\0\0\x01", 0x86DD, _mld_query()))
+        + _rec(2, _eth("c", group_mac, 0x0800, _igmp_report("239.3.3.3", "239.4.4.4")))
+        + _rec(0x80 | 1, _eth("b", group_mac, 0x0800, data)),
         "dhcp_offer": bytes([0x0F])
         + _rec(1, _eth("b", bcast, 0x0800, _ipv4("10.0.0.2", 17, 67, 68)))
         + _rec(2, _eth("c", bcast, 0x0800, _ipv4("0.0.0.0", 17, 68, 67))),

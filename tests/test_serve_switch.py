@@ -11,7 +11,9 @@ address, and one is held to a rate (``--rate``).
 One may not be a DHCP server (``--guard``): the other's DHCP client gets a
 lease from it only once ``virtnet ctl`` lifts the guard.
 The switch answers the guests' ARP requests and neighbour solicitations for
-each other itself (``--neigh-suppress``).
+each other itself (``--neigh-suppress``), and snoops their IGMP and MLD
+reports as their querier (``--mcast-querier``): neighbour solicitations it
+does not answer go to the solicited-node group's members alone.
 A third guest is plugged in and out with ``virtnet ctl``.  The switch process
 is killed: serve starts it again and the guests talk on through it, still
 locked to their MACs.
@@ -67,7 +69,7 @@ def pair(
              "--socket", str(b), "--port", "switch", "--queues", str(QUEUES),
              "--vlans", f"0,{VLAN}", "--mac", f"a.sock={MAC_A}", "--mac", f"b.sock={MAC_B}",
              "--ip", f"a.sock={_ips(2)}", "--ip", f"b.sock={_ips(3)},dhcp",
-             "--guard", "a.sock=dhcp,router", "--neigh-suppress",
+             "--guard", "a.sock=dhcp,router", "--neigh-suppress", "--mcast-querier",
              "--stats-socket", str(stats), "--control-socket", str(_control(stats))],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
@@ -151,6 +153,23 @@ def test_the_switch_answers_arp_and_ns_for_the_guests(pair: tuple[Guest, Guest, 
     assert MAC_B in ga.run(f"ip -6 neigh show {ll_b}").output.lower()
     # A's ARP request and NS, and B's for its answers: none flooded.
     assert fetch(str(stats))["switch"]["neigh_suppressed"] >= before + 3
+
+
+def test_the_switch_knows_the_guests_multicast_groups(pair: tuple[Guest, Guest, Path]) -> None:
+    """``--mcast-querier``: the switch asked both guests for their groups,
+    and each is a member of the solicited-node group of its link-local
+    address (RFC 4291 section 2.7.1: ff02::1:ff and the address's last 24
+    bits), from its own kernel's MLDv2 reports; the querier's queries and
+    the membership records are counted."""
+    _ga, _gb, stats = pair
+
+    def known() -> bool:
+        groups = {vm["name"]: vm.get("groups", []) for vm in fetch(str(stats))["vms"]}
+        return "ff02::1:ff77:102" in groups["a.sock"] and "ff02::1:ff77:103" in groups["b.sock"]
+
+    assert wait_for(known, timeout=30), fetch(str(stats))
+    sw = fetch(str(stats))["switch"]
+    assert sw["mcast_queries"] >= 2 and sw["mcast_joined"] >= 2, sw
 
 
 def test_guests_iperf3_both_ways(pair: tuple[Guest, Guest, Path]) -> None:
