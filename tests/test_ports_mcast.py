@@ -22,6 +22,7 @@ from virtnet.ports.mcast import (
     OTHER_QUERIER_S,
     QUERY,
     QUERY_INTERVAL_S,
+    RESPONSE_S,
     Membership,
     MembershipError,
     membership,
@@ -145,26 +146,42 @@ def who_gets(sw: Switch, q: SocketQueue, f: bytes, queues: dict[str, SocketQueue
     return {name for name, other in queues.items() if drain(other)}
 
 
-def test_igmp_snooping_sends_a_group_to_its_members(sw: Switch) -> None:
-    """A group's traffic goes to the VMs that reported it (IGMPv2 and v3
-    records), unreported groups and 224.0.0.0/24 flood, a leave or TO_IN({})
-    ends a VM's membership at once, and with snooping off all floods."""
+def ask(sw: Switch, clock: Clock, qs: dict[str, SocketQueue]) -> None:
+    """Make the switch the querier and wait until its first queries have
+    been answered (snooping holds traffic back from then on)."""
+    sw.set_mcast_querier(True)
+    for wait in (1.0, RESPONSE_S):
+        clock.t += wait
+        pump(sw)
+        for q in qs.values():
+            drain(q)
+
+
+def test_igmp_snooping_sends_a_group_to_its_members(sw: Switch, clock: Clock) -> None:
+    """With a querier, a group's traffic goes to the VMs that reported it
+    (IGMPv2 and v3 records), unreported groups and 224.0.0.0/24 flood, a
+    leave or TO_IN({}) ends a VM's membership at once; with no querier, or
+    snooping off, all floods."""
     qs = {v: sw.open_queue(v, 0) for v in "abcd"}
     a = qs["a"]
     everyone = {"b", "c", "d"}
     assert who_gets(sw, a, data(mac(1), "239.1.1.1"), qs) == everyone  # nobody reported it
-    # With no router known, reports flood as before.
+    # With no querier, reports flood and so does a reported group's traffic.
     assert who_gets(sw, qs["b"], igmp(mac(2), 0x16, "239.1.1.1"), qs) == {"a", "c", "d"}
+    assert who_gets(sw, a, data(mac(1), "239.1.1.1"), qs) == everyone
+    ask(sw, clock, qs)
+    # Now reports reach no other VM (no multicast router here).
+    assert who_gets(sw, qs["b"], igmp(mac(2), 0x16, "239.1.1.1"), qs) == set()
     v3 = igmp(mac(3), 0x22, records=[(TO_EX, "239.1.1.1", 0), (IS_IN, "239.2.2.2", 2),
                                      (IS_IN, "239.3.3.3", 0), (9, "239.4.4.4", 0)])  # fmt: skip
     who_gets(sw, qs["c"], v3, qs)
     assert sw.snapshot().groups == {"b": ["239.1.1.1"], "c": ["239.1.1.1", "239.2.2.2"]}
-    assert sw.snapshot().mcast_joined == 3
+    assert sw.snapshot().mcast_joined == 4
     assert who_gets(sw, a, data(mac(1), "239.1.1.1"), qs) == {"b", "c"}
     assert who_gets(sw, a, data(mac(1), "239.2.2.2"), qs) == {"c"}
     assert who_gets(sw, qs["c"], data(mac(3), "239.2.2.2"), qs) == set()  # its only member
     assert who_gets(sw, a, data(mac(1), "239.3.3.3"), qs) == everyone  # IS_IN({}): not joined
-    assert sw.snapshot().mcast_forwarded == 3
+    assert sw.snapshot().mcast_forwarded == 5  # 3 datagrams and 2 reports held back
     # The local network control block always floods, reported or not.
     who_gets(sw, qs["b"], igmp(mac(2), 0x16, "224.0.0.251"), qs)
     assert who_gets(sw, a, data(mac(1), "224.0.0.251"), qs) == everyone
@@ -182,13 +199,14 @@ def test_igmp_snooping_sends_a_group_to_its_members(sw: Switch) -> None:
     assert who_gets(sw, a, data(mac(1), "239.2.2.2"), qs) == everyone
 
 
-def test_mld_snooping_and_vlans(sw: Switch) -> None:
+def test_mld_snooping_and_vlans(sw: Switch, clock: Clock) -> None:
     """MLDv1 and v2 reports make memberships per VLAN; ff02::1 floods; a
     done ends one; a report not from the link (hop limit, source) or with
     a bad checksum is refused and its sender gets every group."""
     qs = {v: sw.open_queue(v, 0) for v in "abcd"}
     for v in "abcd":
         sw.set_vlans(v, [0, 100])
+    ask(sw, clock, qs)
     a = qs["a"]
     who_gets(sw, qs["b"], mld(mac(2), 131, "ff05::1:3"), qs)
     v2 = mld(mac(3), 143, records=[(IS_EX, "ff02::1:ff00:3", 0), (ALLOW, "ff0e::77", 1)],
@@ -225,41 +243,53 @@ def test_mld_snooping_and_vlans(sw: Switch) -> None:
 
 
 def test_router_ports_get_reports_and_every_group(sw: Switch, clock: Clock) -> None:
-    """A trusted member that sends a query is a router port: it gets every
-    reported group and the reports, which no longer reach the other VMs,
-    until OTHER_QUERIER_S passes without a query.  A VM held to its
-    addresses does not become one; one under the router guard may not send
-    queries at all.  Memberships end MEMBERSHIP_S after their last report."""
+    """A trusted member that sends a query is a router port and the VLAN's
+    querier: it gets every reported group and the reports, which no longer
+    reach the other VMs; from RESPONSE_S after its first query snooping holds
+    traffic back, until OTHER_QUERIER_S passes without a query.  A VM held
+    to its addresses does not become one; one under the router guard may not
+    send queries at all.  Memberships end MEMBERSHIP_S after their last report."""
     qs = {v: sw.open_queue(v, 0) for v in "abcde"}
     sw.set_ips("e", [_packed("10.0.0.9"), _packed("fe80::9")])
     sw.set_guards("c", ["router"])
+    everyone = {"b", "c", "d", "e"}
     assert who_gets(sw, qs["e"], igmp(mac(5), 0x11), qs) == {"a", "b", "c", "d"}
     assert who_gets(sw, qs["c"], igmp(mac(3), 0x11), qs) == set()
     assert who_gets(sw, qs["c"], mld(mac(3), 130), qs) == set()
     assert sw.snapshot().dropped_guard == 2
     assert sw.snapshot().mrouters == []
+    assert who_gets(sw, qs["b"], igmp(mac(2), 0x16, "239.1.1.1"), qs) == {"a", "c", "d", "e"}
+    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == everyone  # no querier
     assert who_gets(sw, qs["d"], mld(mac(4), 130), qs) == {"a", "b", "c", "e"}
     assert sw.snapshot().mrouters == ["d"]
     assert who_gets(sw, qs["b"], igmp(mac(2), 0x16, "239.1.1.1"), qs) == {"d"}
+    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == everyone  # hosts answering
+    clock.t += RESPONSE_S
     assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b", "d"}
-    assert who_gets(sw, qs["a"], data(mac(1), "239.7.7.7"), qs) == {"b", "c", "d", "e"}
+    assert who_gets(sw, qs["a"], data(mac(1), "239.7.7.7"), qs) == everyone
     clock.t += MEMBERSHIP_S / 2
     who_gets(sw, qs["b"], igmp(mac(2), 0x16, "239.1.1.1"), qs)  # renewed
-    clock.t += OTHER_QUERIER_S / 2 + 1
+    renewed = clock.t
+    clock.t += OTHER_QUERIER_S / 2
     pump(sw)
+    # The querier went silent: b is still a member, but everything floods again.
     assert sw.snapshot().mrouters == []
-    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b"}
-    clock.t += MEMBERSHIP_S - OTHER_QUERIER_S / 2 - 2  # 1 s before the renewal ends
+    assert sw.snapshot().groups == {"b": ["239.1.1.1"]}
+    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == everyone
+    who_gets(sw, qs["d"], mld(mac(4), 130), qs)
+    clock.t += RESPONSE_S
+    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b", "d"}
+    clock.t = renewed + MEMBERSHIP_S - 1
     sw.poll_once(0)
     assert sw.snapshot().groups == {"b": ["239.1.1.1"]}
     clock.t += 2
     sw.poll_once(0)
     assert sw.snapshot().groups == {}
-    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b", "c", "d", "e"}
+    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == everyone
 
 
 def test_an_uplinks_leave_waits_and_groups_are_capped(
-    sw: Switch, monkeypatch: pytest.MonkeyPatch
+    sw: Switch, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The uplink may have several hosts behind it: its leaves do not end its
     membership (it ages out).  A VM past MCAST_GROUPS_PER_VM gets every
@@ -271,6 +301,7 @@ def test_an_uplinks_leave_waits_and_groups_are_capped(
     theirs.close()
     qs["up"] = up = SocketQueue(mine)
     try:
+        ask(sw, clock, qs)
         who_gets(sw, up, igmp(mac(9), 0x16, "239.1.1.1"), qs)
         who_gets(sw, up, igmp(mac(9), 0x17, "239.1.1.1"), qs)
         assert sw.snapshot().groups == {"up": ["239.1.1.1"]}
@@ -355,7 +386,7 @@ def test_the_switch_as_querier(sw: Switch, clock: Clock) -> None:
     quarter interval later, then every QUERY_INTERVAL_S, every member of each
     VLAN gets an IGMPv3 and an MLDv2 general query (tagged on its VLAN) -
     except on a VLAN where a member sends queries itself; reports reach no
-    other VM."""
+    other VM; a reported group floods until RESPONSE_S after the first query."""
     qs = {v: sw.open_queue(v, 0) for v in "ab"}
     sw.set_vlans("b", [0, 100])
     sw.set_mcast_querier(True)
@@ -367,6 +398,11 @@ def test_the_switch_as_querier(sw: Switch, clock: Clock) -> None:
     assert _queries(drain(qs["a"])) == both
     assert _queries(drain(qs["b"])) == [*both, (100, 0x0800), (100, 0x86DD)]
     assert sw.snapshot().mcast_queries == 4
+    who_gets(sw, qs["b"], igmp(mac(2), 0x16, "239.1.1.1"), qs)
+    assert who_gets(sw, qs["b"], data(mac(2), "239.1.1.1"), qs) == {"a"}  # not held back yet
+    clock.t += RESPONSE_S
+    assert who_gets(sw, qs["b"], data(mac(2), "239.1.1.1"), qs) == set()  # its own group
+    clock.t -= RESPONSE_S
     clock.t += QUERY_INTERVAL_S / 4
     pump(sw)
     assert len(drain(qs["a"])) == 2  # the second startup query

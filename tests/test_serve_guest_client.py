@@ -338,11 +338,16 @@ def test_multicast_snooping_with_the_guests_own_igmp_and_mld(
     try:
         assert wait_for(lambda: GUEST_GROUP in _groups(stats), timeout=30), fetch(str(stats))
         forwarded = _forwarded(stats)
-        ns.run([sys.executable, "-c", _SEND, GUEST_GROUP, HOST_IP, str(MCAST_PORT), "to-guest"])
+
+        def sent_to_members() -> bool:
+            # Snooping holds traffic back from 10 s after the switch's first query.
+            ns.run([sys.executable, "-c", _SEND, GUEST_GROUP, HOST_IP, str(MCAST_PORT), "to-guest"])
+            return _forwarded(stats) > forwarded
+
+        assert wait_for(sent_to_members, timeout=30, interval=1.0)
         assert wait_for(
             lambda: "to-guest" in guest.run("cat /tmp/mcast", check=False).output, timeout=20
         )
-        assert _forwarded(stats) > forwarded
     finally:
         guest.run("killall socat", check=False)
     # socat's exit makes the guest's kernel leave (an IGMPv3 TO_IN({}) record).

@@ -31,6 +31,7 @@ __all__ = [
     "QUERY",
     "QUERY_INTERVAL_S",
     "REPORT",
+    "RESPONSE_S",
     "STARTUP_QUERIES",
     "MembershipError",
     "flooded_group",
@@ -52,8 +53,11 @@ OTHER_QUERIER_S: Final = 255.0
 #: quarter of that apart (the Startup Query Count and Interval, 8.6 and 8.7).
 QUERY_INTERVAL_S: Final = 125.0
 STARTUP_QUERIES: Final = 2
-#: The Query Response Interval a querier sets: hosts answer within 10 s.
-_RESPONSE_MS = 10_000
+#: The Query Response Interval a querier sets (RFC 3376 section 8.3): hosts
+#: answer a general query within it, so the memberships a switch has heard
+#: of are complete that long after the first query.
+RESPONSE_S: Final = 10.0
+_RESPONSE_MS = int(RESPONSE_S * 1000)
 #: The Querier's Robustness Variable (RFC 3376 section 4.1.6) and Query
 #: Interval Code (section 4.1.7: under 128, the seconds themselves).
 _QRV, _QQIC = 2, 125

@@ -53,12 +53,16 @@ Invariants:
   solicitations for the addresses of VMs held to one MAC and to their
   addresses are answered by the switch, to the asker alone, not flooded.
 * Multicast snooping (``set_mcast_snoop``, RFC 4541; :mod:`virtnet.ports.mcast`):
-  the switch reads IGMP and MLD reports and queries.  Traffic to a group some
-  member reported goes only to its members, to router ports (trusted members
-  that sent a query in the last :data:`~virtnet.ports.mcast.OTHER_QUERIER_S`)
-  and to members whose reports the switch could not take; reports and leaves
-  go to router ports alone.  Unreported groups, 224.0.0.0/24 and ff02::1
-  still flood.  A membership lasts
+  the switch reads IGMP and MLD reports and queries.  On a VLAN with a
+  querier (a trusted member that sent a query in the last
+  :data:`~virtnet.ports.mcast.OTHER_QUERIER_S`: a router port; or the switch
+  itself), from :data:`~virtnet.ports.mcast.RESPONSE_S` after the first
+  query (when every host has answered), traffic to a group some member
+  reported goes only to its members, to router ports and to members whose
+  reports the switch could not take; reports and leaves go to router ports
+  alone.  Unreported groups, 224.0.0.0/24 and ff02::1 still flood, and so
+  does everything on a VLAN with no querier: without queries memberships
+  cannot be trusted (Linux bridge does the same).  A membership lasts
   :data:`~virtnet.ports.mcast.MEMBERSHIP_S` unless renewed; a VM's leave
   ends it at once (one host per port), an uplink's is left to age; a VM may
   hold :data:`MCAST_GROUPS_PER_VM`.  As a querier (``set_mcast_querier``)
@@ -126,6 +130,7 @@ from virtnet.ports.mcast import (
     OTHER_QUERIER_S,
     QUERY,
     QUERY_INTERVAL_S,
+    RESPONSE_S,
     STARTUP_QUERIES,
     MembershipError,
     flooded_group,
@@ -978,6 +983,9 @@ class Switch:
         self._memberships: OrderedDict[tuple[int, int | bytes, _Vm], float] = OrderedDict()
         # VLAN -> router port (a trusted member that sent a query) -> until when.
         self._mrouters: dict[int, dict[_Vm, float]] = {}
+        # VLAN -> (when snooping may hold traffic back on it, until when a
+        # querier is known on it): see _querier_heard.
+        self._queriers: dict[int, tuple[float, float]] = {}
         # Members whose report the switch could not take -> until when they get every group.
         self._mcast_all: dict[_Vm, float] = {}
         self._querier = False  # send IGMP and MLD queries (set_mcast_querier)
@@ -1182,6 +1190,7 @@ class Switch:
             self._groups.clear()
             self._memberships.clear()
             self._mrouters.clear()
+            self._queriers.clear()
             self._mcast_all.clear()
 
     def set_mcast_querier(self, on: bool) -> None:
@@ -1536,9 +1545,13 @@ class Switch:
             if kind == QUERY:
                 if svm.ips is None:  # a trusted member: a router port
                     self._mrouters.setdefault(vlan, {})[svm] = now + OTHER_QUERIER_S
+                    self._querier_heard(vlan, now)
                 return False  # for every host on the link
             self._membership(src, vlan, records, now)
         else:
+            q = self._queriers.get(vlan)
+            if q is None or not q[0] <= now < q[1]:
+                return False  # no querier (yet): memberships may be missing
             group: int | bytes = (
                 _U32.unpack_from(buf, p + 16)[0] if et == _ETH_IPV4 else bytes(buf[p + 24 : p + 40])
             )
@@ -1552,14 +1565,23 @@ class Switch:
         # Reports go to router ports alone (RFC 4541 section 2.1.1), lest
         # IGMPv1/v2 and MLDv1 hosts hear each other and stay silent.
         out.update((m, None) for m, end in self._mrouters.get(vlan, {}).items() if end > now)
-        if msg is not None and not out and not self._querier:
-            return False  # no router known: as before
+        if msg is not None and not out and self._queriers.get(vlan, (0.0, 0.0))[1] <= now:
+            return False  # no querier: no host holds back its report for hearing another's
         self.stats.mcast_forwarded += 1
         view = self._view[:n]
         for dvm in out:
             if dvm is not svm and vlan in dvm.vlans:
                 self._deliver(dvm, view, fid, now, need)
         return True
+
+    def _querier_heard(self, vlan: int, now: float) -> None:
+        """A query was sent on ``vlan`` (by a router port or the switch):
+        snooping holds traffic back there from RESPONSE_S after the first
+        one, when every host has answered, until OTHER_QUERIER_S after the
+        last."""
+        q = self._queriers.get(vlan)
+        start = q[0] if q is not None and q[1] > now else now + RESPONSE_S
+        self._queriers[vlan] = (start, now + OTHER_QUERIER_S)
 
     def _membership(
         self, src: _Port, vlan: int, records: list[tuple[int | bytes, bool]], now: float
@@ -1920,6 +1942,8 @@ class Switch:
                 del self._mrouters[vlan]
         for vm in [vm for vm, end in self._mcast_all.items() if end <= now]:
             del self._mcast_all[vm]
+        for vlan in [v for v, (_start, end) in self._queriers.items() if end <= now]:
+            del self._queriers[vlan]
 
     def _query(self, now: float) -> None:
         """Send general queries on every VLAN no other querier asks on."""
@@ -1928,6 +1952,7 @@ class Switch:
         self._next_sweep = min(self._next_sweep, self._next_query)
         vlans = {v for vm in self._vms.values() for v in vm.vlans}
         for vlan in sorted(vlans - self._mrouters.keys()):
+            self._querier_heard(vlan, now)
             for query in (igmp_query(self._mac), mld_query(self._mac)):
                 tag = struct.pack("!HH", 0x8100, vlan) if vlan else b""
                 frame = memoryview(bytes(VNET_HDR_LEN) + query[:12] + tag + query[12:])

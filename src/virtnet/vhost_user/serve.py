@@ -1348,9 +1348,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mcast-snoop",
         action="store_true",
-        help="--port switch: IGMP and MLD snooping (RFC 4541): send a multicast group's"
-        " traffic only to the VMs that reported it and to multicast routers (members that"
-        " send queries), not to every VM (Linux bridge's multicast_snooping; default: flood)",
+        help="--port switch: IGMP and MLD snooping (RFC 4541): on VLANs with a querier (a member"
+        " that sends queries, or --mcast-querier), send a multicast group's traffic only to the"
+        " VMs that reported it and to the queriers, not to every VM (Linux bridge's"
+        " multicast_snooping; default: flood)",
     )
     parser.add_argument(
         "--mcast-querier",
