@@ -499,3 +499,14 @@ def test_switch_neigh_bench_runs(
     out = capsys.readouterr().out
     assert "(3.0 frames delivered a request)" in out
     assert "(1.0 frames delivered a request)" in out
+
+
+def test_switch_mcast_bench_runs(
+    bench_module: Callable[[str], ModuleType], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bench/switch_mcast.py: flooded (no snooping, or a group nobody
+    reported), each datagram reaches the other VMs; snooped, the one member."""
+    assert bench_module("switch_mcast").main(["--vms", "4", "--burst", "10", "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(3.0 frames delivered a datagram)") == 2, out
+    assert "snoop" in out and "(1.0 frames delivered a datagram)" in out, out
