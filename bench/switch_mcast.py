@@ -21,14 +21,13 @@ bench/switch_mcast.py [--vms 8] [--burst 100] [--repeat 30]``.  No root, no VM.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import struct
 import sys
 import time
 from collections.abc import Sequence
 
-from switch_neigh import MAX_BENCH_VMS, _drain, mac, one_round
+from switch_neigh import _drain, alternate, bench_args, mac
 
 from virtnet.net import inet_checksum
 from virtnet.ports import VNET_HDR_LEN, SocketQueue
@@ -104,35 +103,14 @@ def build(vms: int, snoop: bool) -> tuple[Switch, list[SocketQueue]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--vms", type=int, default=8, help="VMs on the switch (default 8)")
-    ap.add_argument("--burst", type=int, default=100, help="datagrams per round (default 100)")
-    ap.add_argument("--repeat", type=int, default=30, help="rounds per switch (default 30)")
-    args = ap.parse_args(argv)
-    if not 2 <= args.vms <= MAX_BENCH_VMS:
-        ap.error(f"--vms must be 2..{MAX_BENCH_VMS}")
-    if args.burst < 1 or args.repeat < 1:
-        ap.error("--burst and --repeat must be positive")
+    args = bench_args(argv, __doc__, "datagrams")
     frames = {
         "flood": memoryview(datagram(0, GROUP)),
         "snoop": memoryview(datagram(0, GROUP)),
         "unreported": memoryview(datagram(0, OTHER)),
     }
     setups = {name: build(args.vms, name != "flood") for name in SETUPS}
-    rates: dict[str, list[float]] = {name: [] for name in SETUPS}
-    delivered: dict[str, int] = dict.fromkeys(SETUPS, 0)
-    try:
-        for r in range(args.repeat):
-            for name in SETUPS if r % 2 == 0 else reversed(SETUPS):
-                sw, queues = setups[name]
-                rate, got = one_round(sw, queues, frames[name], args.burst)
-                rates[name].append(rate)
-                delivered[name] += got
-    finally:
-        for sw, queues in setups.values():
-            sw.close()
-            for q in queues:
-                q.close()
+    rates, delivered = alternate(setups, frames, args.burst, args.repeat)
     sent = args.repeat * args.burst
     print(f"{args.vms} VMs, VM 1 in the group; {args.repeat} rounds of {args.burst}"
           " datagrams from VM 0, medians:")  # fmt: skip

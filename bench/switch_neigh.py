@@ -78,25 +78,37 @@ def one_round(
     return burst / dt, sum(_drain(q, buf) for q in queues)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def bench_args(argv: Sequence[str] | None, doc: str, what: str) -> argparse.Namespace:
+    """``--vms``, ``--burst`` and ``--repeat`` (of ``what``), checked."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n", maxsplit=1)[0])
     ap.add_argument("--vms", type=int, default=8, help="VMs on the switch (default 8)")
-    ap.add_argument("--burst", type=int, default=100, help="requests per round (default 100)")
+    ap.add_argument("--burst", type=int, default=100, help=f"{what} per round (default 100)")
     ap.add_argument("--repeat", type=int, default=30, help="rounds per switch (default 30)")
     args = ap.parse_args(argv)
     if not 2 <= args.vms <= MAX_BENCH_VMS:
         ap.error(f"--vms must be 2..{MAX_BENCH_VMS}")
     if args.burst < 1 or args.repeat < 1:
         ap.error("--burst and --repeat must be positive")
-    frame = memoryview(arp_request(0, 1))
-    setups = {name: build(args.vms, name == "suppress") for name in ("flood", "suppress")}
+    return args
+
+
+def alternate(
+    setups: dict[str, tuple[Switch, list[SocketQueue]]],
+    frames: dict[str, memoryview],
+    burst: int,
+    repeat: int,
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """``repeat`` rounds of ``burst`` of its frame through each switch, in
+    turn (the order reversed every other round), then every switch closed:
+    each one's rates (frames a second through the switch) and the frames it
+    delivered in all."""
     rates: dict[str, list[float]] = {name: [] for name in setups}
     delivered: dict[str, int] = dict.fromkeys(setups, 0)
     try:
-        for r in range(args.repeat):
+        for r in range(repeat):
             for name in setups if r % 2 == 0 else reversed(list(setups)):
                 sw, queues = setups[name]
-                rate, got = one_round(sw, queues, frame, args.burst)
+                rate, got = one_round(sw, queues, frames[name], burst)
                 rates[name].append(rate)
                 delivered[name] += got
     finally:
@@ -104,6 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             sw.close()
             for q in queues:
                 q.close()
+    return rates, delivered
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = bench_args(argv, __doc__, "requests")
+    setups = {name: build(args.vms, name == "suppress") for name in ("flood", "suppress")}
+    frame = memoryview(arp_request(0, 1))
+    rates, delivered = alternate(setups, dict.fromkeys(setups, frame), args.burst, args.repeat)
     sent = args.repeat * args.burst
     print(f"{args.vms} VMs, {args.repeat} rounds of {args.burst} ARP requests vm0 -> vm1, medians:")
     for name, rs in rates.items():

@@ -21,7 +21,7 @@ prefix learnt; a VM's leases are among its addresses, and only a learning VM
 has any; no VLAN holds more SLAAC prefixes than its share; each multicast
 membership is in the group index, its member's set and the expiry order
 alike, of a VM still there, within the per-VM cap; router ports are
-trusted members.
+trusted members, each its VLAN's querier for as long.
 
 Run with atheris: ``python fuzz/fuzz_switch.py fuzz/corpus/switch -max_total_time=60``.
 Replay the corpus without atheris (CI): ``python fuzz/fuzz_switch.py --corpus-only
@@ -139,8 +139,12 @@ def _check_tables(sw: Switch) -> None:
     for vm in sw._vms.values():
         assert len(vm.groups) <= sw_mod.MCAST_GROUPS_PER_VM
         assert all(vm in sw._groups[g] for g in vm.groups)
-    for routers in sw._mrouters.values():
+    for vlan, routers in sw._mrouters.items():
         assert all(sw._vms.get(vm.id) is vm and vm.ips is None for vm in routers)
+        # A router port is its VLAN's querier for as long.
+        assert all(sw._queriers[vlan][1] >= end for end in routers.values()), vlan
+    for start, end in sw._queriers.values():  # held back from 10 s after the first query
+        assert start < end, (start, end)
     assert all(sw._vms.get(vm.id) is vm for vm in sw._mcast_all)
     if sw._held is not None:  # the neighbour suppression index is not stale
         held = sw._held
