@@ -32,6 +32,7 @@ from virtnet.vhost_user.control import (
     MAX_REQUEST_BYTES,
     AddVm,
     RemoveVm,
+    SetSwitch,
     SetVm,
     parse_rate,
     parse_request,
@@ -74,6 +75,12 @@ def test_parse_request() -> None:
     assert parse_request(b'{"op": "set", "name": "b", "guards": []}') == SetVm(
         "b", guards=frozenset()
     )
+    assert parse_request(b'{"op": "switch", "mcast_querier": true}') == SetSwitch(
+        mcast_querier=True
+    )
+    assert parse_request(
+        b'{"op": "switch", "neigh_suppress": false, "mcast_snoop": true}'
+    ) == SetSwitch(neigh_suppress=False, mcast_snoop=True)
     assert parse_rate("100M") == parse_rate("0.1G") == 100_000_000
     assert parse_rate("64k") == 64_000 and parse_rate("2000000") == 2_000_000
     for text in ("fast", "1T", "63k", "500G", "", "M"):
@@ -103,6 +110,8 @@ def test_parse_request() -> None:
         b'{"op": "remove"}', b'{"op": "remove", "name": "b", "also": 1}',
         b'{"op": "set", "name": "b"}', b'{"op": "set", "vlans": [1]}',
         b'{"op": "set", "name": "b", "tap": "x", "vlans": [1]}',
+        b'{"op": "switch"}', b'{"op": "switch", "mcast_snoop": 1}',
+        b'{"op": "switch", "mcast_snoop": null}', b'{"op": "switch", "name": "b"}',
         b" " * (MAX_REQUEST_BYTES + 1),
     ]  # fmt: skip
     for line in bad:
@@ -173,6 +182,38 @@ def _gone(fe: VhostUserFrontend) -> bool:
 
 def _broadcast(n: int) -> bytes:
     return b"\xff" * 6 + MAC_A + b"\x08\x00" + n.to_bytes(4, "big") + bytes(42)
+
+
+def test_switch_settings_changed_at_run_time(
+    serve: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """``virtnet ctl switch``: neighbour suppression, multicast snooping and
+    the querier go on and off in the switch process (its own stats say so);
+    the querier brings snooping, snooping off takes the querier; serve with
+    another port refuses."""
+    _a, stats, control = serve
+
+    def on() -> list[str]:
+        return list(fetch(str(stats))["switch"]["on"])
+
+    assert on() == []
+    assert _ctl(control, "switch", "--mcast-querier", "on").returncode == 0
+    assert on() == ["mcast_snoop", "mcast_querier"]
+    assert _ctl(control, "switch", "--neigh-suppress", "on", "--mcast-snoop", "off").returncode == 0
+    assert on() == ["neigh_suppress"]
+    res = _ctl(control, "switch")
+    assert res.returncode != 0 and "switch what?" in res.stderr, res
+    shown = subprocess.run(
+        [sys.executable, "-m", "virtnet.cli", "stats", "--stats-socket", str(stats)],
+        capture_output=True, text=True, timeout=30, check=True,
+        env={**os.environ, "COLUMNS": "300"},
+    )  # fmt: skip
+    assert "on: neigh-suppress" in shown.stdout, shown.stdout
+    other = tmp_path / "other"
+    other.mkdir()
+    with _serving(other, "--socket", str(other / "b.sock"), "--port", "null") as (_s, ctl, _p):
+        res = _ctl(ctl, "switch", "--mcast-snoop", "on")
+        assert res.returncode != 0 and "needs --port switch" in res.stderr, res
 
 
 def test_vms_added_and_removed_at_run_time(serve: tuple[Path, Path, Path], tmp_path: Path) -> None:

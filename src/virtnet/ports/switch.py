@@ -345,6 +345,7 @@ class SwitchStats:
     prefixes: list[str] = field(default_factory=list)  # "fd00::/64" or "fd00::/64 vlan 100"
     groups: dict[str, list[str]] = field(default_factory=dict)  # VM -> its multicast groups
     mrouters: list[str] = field(default_factory=list)  # "vm" or "vm vlan 100": router ports
+    on: list[str] = field(default_factory=list)  # neigh_suppress, mcast_snoop, mcast_querier
 
 
 _NO_OFFLOAD: frozenset[Offload] = frozenset()
@@ -1276,6 +1277,12 @@ class Switch:
             for vm in self._vms.values()
             if vm.groups
         }  # fmt: skip
+        self.stats.on = [
+            name
+            for name, on in (("neigh_suppress", self._suppress), ("mcast_snoop", self._mcast),
+                             ("mcast_querier", self._querier))
+            if on
+        ]  # fmt: skip
         self.stats.mrouters = [
             vm.id + (f" vlan {vlan}" if vlan else "")
             for vlan, routers in sorted(self._mrouters.items())

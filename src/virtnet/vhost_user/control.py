@@ -27,6 +27,11 @@ serve answers one JSON line and closes:
   a served VM's switch VLANs, MAC lock, IP source guard, rate (``null``: none)
   or DHCP and router guards (``[]``: none) while it runs.
   Answer ``{"ok": true}``.
+* ``{"op": "switch", "neigh_suppress": BOOL?, "mcast_snoop": BOOL?,
+  "mcast_querier": BOOL?}``: turn the switch's neighbour suppression, IGMP
+  and MLD snooping, or querier on or off while it runs, as ``--neigh-suppress``,
+  ``--mcast-snoop`` and ``--mcast-querier`` do at start (querier on turns
+  snooping on; snooping off turns the querier off).  Answer ``{"ok": true}``.
 * Failures: ``{"ok": false, "error": TEXT}``.
 
 Invariants: a request that is not such an object (too long, not JSON, unknown
@@ -59,9 +64,11 @@ from virtnet.vhost_user.stats import ask
 __all__ = [
     "DEFAULT_CONTROL_SOCKET",
     "MAX_REQUEST_BYTES",
+    "SWITCH_SETTINGS",
     "TIMEOUT_S",
     "AddVm",
     "RemoveVm",
+    "SetSwitch",
     "SetVm",
     "add_arguments",
     "parse_guards",
@@ -92,6 +99,19 @@ class AddVm:
     ips: frozenset[bytes] | None = None
     rate: int | None = None
     guards: frozenset[Guard] | None = None
+
+
+@dataclass(frozen=True)
+class SetSwitch:
+    """Turn switch-wide settings on or off; None leaves one as it is."""
+
+    neigh_suppress: bool | None = None
+    mcast_snoop: bool | None = None
+    mcast_querier: bool | None = None
+
+
+#: The settings ``{"op": "switch"}`` changes (:class:`SetSwitch`'s fields).
+SWITCH_SETTINGS = ("neigh_suppress", "mcast_snoop", "mcast_querier")
 
 
 @dataclass(frozen=True)
@@ -256,9 +276,9 @@ def _name(doc: dict[str, Any]) -> str:
     return name
 
 
-def parse_request(line: bytes) -> AddVm | RemoveVm | SetVm:
-    """One request line -> :class:`AddVm`, :class:`RemoveVm` or :class:`SetVm`;
-    ProtocolError otherwise."""
+def parse_request(line: bytes) -> AddVm | RemoveVm | SetVm | SetSwitch:
+    """One request line -> :class:`AddVm`, :class:`RemoveVm`, :class:`SetVm`
+    or :class:`SetSwitch`; ProtocolError otherwise."""
     if len(line) > MAX_REQUEST_BYTES:
         raise ProtocolError(f"request longer than {MAX_REQUEST_BYTES} bytes")
     try:
@@ -298,7 +318,15 @@ def parse_request(line: bytes) -> AddVm | RemoveVm | SetVm:
                 " IP guard, no rate; []: no guards)"
             )
         return SetVm(name, vlans, macs, unlock, ips, unlock_ips, rate, unlimit, guards)
-    raise ProtocolError(f"unknown op {op!r} (add, remove, set)")
+    if op == "switch":
+        _fields(doc, {"op", *SWITCH_SETTINGS})
+        settings = {key: doc.get(key) for key in SWITCH_SETTINGS}
+        if any(v is not None and not isinstance(v, bool) for v in settings.values()):
+            raise ProtocolError(f"{', '.join(SWITCH_SETTINGS)} must be true or false")
+        if all(v is None for v in settings.values()):
+            raise ProtocolError(f"'switch' needs one of {', '.join(SWITCH_SETTINGS)}")
+        return SetSwitch(**settings)
+    raise ProtocolError(f"unknown op {op!r} (add, remove, set, switch)")
 
 
 def request(path: str, doc: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:
@@ -386,6 +414,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--guard", type=_guards_arg, metavar="GUARDS", help="servers it may not be: dhcp,router"
     )
     guards.add_argument("--no-guard", action="store_true", help="it may be any server")
+    sw = sub.add_parser(
+        "switch",
+        help="turn the switch's neighbour suppression, multicast snooping or querier on or off",
+    )
+    for key in SWITCH_SETTINGS:
+        flag = "--" + key.replace("_", "-")
+        sw.add_argument(flag, choices=("on", "off"), help=f"as serve's {flag}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -406,6 +441,12 @@ def run(args: argparse.Namespace) -> int:
         print(request(args.control_socket, doc)["name"])
     elif args.action == "remove":
         request(args.control_socket, {"op": "remove", "name": args.name})
+    elif args.action == "switch":
+        doc = {"op": "switch"}
+        doc |= {k: getattr(args, k) == "on" for k in SWITCH_SETTINGS if getattr(args, k)}
+        if len(doc) == 1:
+            raise UsageError("switch what? --neigh-suppress, --mcast-snoop or --mcast-querier")
+        request(args.control_socket, doc)
     else:
         doc = {"op": "set", "name": args.name}
         if args.vlans is not None:

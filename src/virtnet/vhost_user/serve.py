@@ -106,9 +106,11 @@ from virtnet.sdnotify import notify
 from virtnet.vhost_user.backend import LOG_ALL, MAX_QUEUE_PAIRS, Backend, BackendConfig
 from virtnet.vhost_user.control import (
     MAX_REQUEST_BYTES,
+    SWITCH_SETTINGS,
     TIMEOUT_S,
     AddVm,
     RemoveVm,
+    SetSwitch,
     parse_guards,
     parse_ips,
     parse_macs,
@@ -282,6 +284,9 @@ class Daemon:
         #: VMs added at run time, by name: their add request as it stands after
         #: later ``set`` requests (what the state file keeps).
         self.runtime: dict[str, AddVm] = {}
+        #: The switch-wide settings (``--neigh-suppress``, ``--mcast-snoop``,
+        #: ``--mcast-querier``, or ``virtnet ctl switch`` since).
+        self.switch_settings: dict[str, bool] = dict.fromkeys(SWITCH_SETTINGS, False)
         try:
             for i, path in enumerate(sockets):
                 self._add_vm(path, _tap_spec(port, i, len(sockets)))
@@ -301,19 +306,17 @@ class Daemon:
                 if name in self.guards:
                     raise UsageError(f"--guard for {name} given twice")
                 self._set_guards(name, gs)
-            if neigh_suppress:
-                if not isinstance(self._shared, SwitchPort):
-                    raise UsageError(
-                        "--neigh-suppress needs --port switch (a tap's neighbours are the host's)"
-                    )
-                self._shared.set_neigh_suppress(True)
-            if mcast_snoop or mcast_querier:
-                if not isinstance(self._shared, SwitchPort):
-                    flag = "--mcast-snoop" if mcast_snoop else "--mcast-querier"
-                    raise UsageError(f"{flag} needs --port switch (a tap's groups are the host's)")
-                self._shared.set_mcast_snoop(True)
-                if mcast_querier:
-                    self._shared.set_mcast_querier(True)
+            if neigh_suppress and not isinstance(self._shared, SwitchPort):
+                raise UsageError(
+                    "--neigh-suppress needs --port switch (a tap's neighbours are the host's)"
+                )
+            if (mcast_snoop or mcast_querier) and not isinstance(self._shared, SwitchPort):
+                flag = "--mcast-snoop" if mcast_snoop else "--mcast-querier"
+                raise UsageError(f"{flag} needs --port switch (a tap's groups are the host's)")
+            if isinstance(self._shared, SwitchPort):
+                self.set_switch(
+                    SetSwitch(neigh_suppress, mcast_snoop or mcast_querier, mcast_querier)
+                )
             if isinstance(self._shared, SwitchPort):
                 # Its death wakes the loop at once instead of at the next tick.
                 self.server.watch(self._shared.control, self._shared.drain_replies)
@@ -664,6 +667,8 @@ class Daemon:
             elif isinstance(req, RemoveVm):
                 self.remove_vm(req.name)
                 self.runtime.pop(req.name, None)
+            elif isinstance(req, SetSwitch):
+                self.set_switch(req)
             else:
                 self.set_vm(
                     req.name, vlans=req.vlans, macs=req.macs, unlock=req.unlock,
@@ -685,6 +690,32 @@ class Daemon:
             return {"ok": False, "error": str(exc)}
         self._save_state()
         return reply
+
+    def set_switch(self, req: SetSwitch) -> None:
+        """Turn switch-wide settings on or off (``virtnet ctl switch``); kept
+        until serve stops (a restart goes back to its command line's)."""
+        sw = self._shared
+        if not isinstance(sw, SwitchPort):
+            raise UsageError("'switch' needs --port switch")
+        if req.neigh_suppress is not None:
+            sw.set_neigh_suppress(req.neigh_suppress)
+            self.switch_settings["neigh_suppress"] = req.neigh_suppress
+        if req.mcast_snoop is not None:
+            sw.set_mcast_snoop(req.mcast_snoop)
+            self.switch_settings["mcast_snoop"] = req.mcast_snoop
+            if not req.mcast_snoop:
+                self.switch_settings["mcast_querier"] = False
+        if req.mcast_querier is not None:
+            if req.mcast_querier:
+                sw.set_mcast_snoop(True)
+                self.switch_settings["mcast_snoop"] = True
+            sw.set_mcast_querier(req.mcast_querier)
+            self.switch_settings["mcast_querier"] = req.mcast_querier
+        log.info(
+            "switch: %s",
+            ", ".join(f"{k.replace('_', '-')} {'on' if v else 'off'}"
+                      for k, v in self.switch_settings.items()),
+        )  # fmt: skip
 
     def _add_remembered(self, req: AddVm) -> str:
         """Serve ``req``'s VM and remember its add request for the state file."""

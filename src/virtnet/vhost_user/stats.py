@@ -215,6 +215,8 @@ def _switch_table(sw: dict[str, Any]) -> Any:
     ]
     if sw.get("prefixes"):
         notes.append(f"SLAAC prefixes {', '.join(map(str, sw['prefixes']))}")
+    if sw.get("on"):
+        notes.append(f"on: {', '.join(str(k).replace('_', '-') for k in sw['on'])}")
     if sw.get("mrouters"):
         notes.append(f"multicast routers {', '.join(map(str, sw['mrouters']))}")
     if isinstance(sw.get("groups"), dict):
