@@ -219,6 +219,9 @@ def test_mld_snooping_and_vlans(sw: Switch, clock: Clock) -> None:
     assert who_gets(sw, a, data(mac(1), "ff05::1:3", vlan=100), qs) == {"b", "c", "d"}
     assert who_gets(sw, a, data(mac(1), "ff0e::77", vlan=100), qs) == {"c"}
     assert who_gets(sw, a, data(mac(1), "ff0e::77"), qs) == {"b", "c", "d"}
+    # Not IP, though its bytes where an IPv6 group would be name b's: flooded.
+    other = _frame(mac(1), "ff05::1:3", 0x88B5, bytes(24) + _packed("ff05::1:3"), None)
+    assert who_gets(sw, a, other, qs) == {"b", "c", "d"}
     who_gets(sw, qs["b"], mld(mac(2), 131, "ff02::1"), qs)  # all nodes: never snooped
     assert who_gets(sw, a, data(mac(1), "ff02::1"), qs) == {"b", "c", "d"}
     who_gets(sw, qs["b"], mld(mac(2), 132, "ff05::1:3"), qs)

@@ -1555,6 +1555,8 @@ class Switch:
                     self._querier_heard(vlan, now)
                 return False  # for every host on the link
             self._membership(src, vlan, records, now)
+        elif et not in (_ETH_IPV4, _ETH_IPV6):
+            return False  # not IP: no group to look up
         else:
             q = self._queriers.get(vlan)
             if q is None or not q[0] <= now < q[1]:
