@@ -25,7 +25,9 @@ from virtnet.ports.mcast import (
     RESPONSE_S,
     Membership,
     MembershipError,
+    igmp_query,
     membership,
+    mld_query,
 )
 from virtnet.ports.switch import Switch
 
@@ -352,6 +354,49 @@ def test_membership_limits() -> None:
     assert parse(igmp(mac(1), 0x13, "239.1.1.1")) is None  # DVMRP
 
 
+def _igmp3_query(src: bytes, code: int) -> bytes:
+    """An IGMPv3 general query whose Max Resp Code is ``code``."""
+    body = bytearray(struct.pack("!BBH4sBBH", 0x11, code, 0, bytes(4), 2, 125, 0))
+    body[2:4] = struct.pack("!H", inet_checksum(body))
+    return _frame(src, "224.0.0.1", 0x0800, _ipv4("10.0.0.9", "224.0.0.1", 2, bytes(body)), None)
+
+
+def test_query_response_times() -> None:
+    """A query's Maximum Response Time: IGMPv1 (code 0) 10 s, IGMPv2 in
+    tenths, IGMPv3 and MLDv2 in their floating-point form, MLDv1 in ms."""
+
+    def response(f: bytes) -> float:
+        buf = bytearray(f)
+        got = membership(buf, len(buf), *sw_mod._l3(buf, len(buf), VNET_HDR_LEN + 12))
+        assert got is not None and got.kind == QUERY
+        return got.response_s
+
+    v2 = bytearray(igmp(mac(1), 0x11))
+    v2[VNET_HDR_LEN + 14 + 24 + 1] = 0  # code 0: IGMPv1
+    v2[VNET_HDR_LEN + 14 + 24 + 2 : VNET_HDR_LEN + 14 + 24 + 4] = bytes(2)
+    cs = inet_checksum(v2[VNET_HDR_LEN + 14 + 24 :])
+    v2[VNET_HDR_LEN + 14 + 24 + 2 : VNET_HDR_LEN + 14 + 24 + 4] = struct.pack("!H", cs)
+    assert response(bytes(v2)) == 10.0
+    assert response(igmp(mac(1), 0x11)) == 10.0  # code 100
+    assert response(_igmp3_query(mac(1), 50)) == 5.0
+    assert response(_igmp3_query(mac(1), 0x8F)) == 24.8  # (0xF | 0x10) << 3 tenths
+    assert response(mld(mac(1), 130)) == 1.0  # MLDv1, 1000 ms
+    assert response(bytes(VNET_HDR_LEN) + mld_query(mac(1))) == 10.0  # the switch's own
+    assert response(bytes(VNET_HDR_LEN) + igmp_query(mac(1))) == 10.0
+
+
+def test_an_outside_queriers_response_time_delays_snooping(sw: Switch, clock: Clock) -> None:
+    """Snooping holds traffic back from the querier's Maximum Response Time
+    after its first query, not a fixed 10 s: hosts may answer that late."""
+    qs = {v: sw.open_queue(v, 0) for v in "abcd"}
+    who_gets(sw, qs["c"], _igmp3_query(mac(3), 0x8F), qs)  # 24.8 s
+    assert who_gets(sw, qs["b"], igmp(mac(2), 0x16, "239.1.1.1"), qs) == {"c"}
+    clock.t += 20
+    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b", "c", "d"}
+    clock.t += 5
+    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b", "c"}
+
+
 @given(st.binary(min_size=0, max_size=200), st.integers(0, 210))
 @settings(max_examples=400, deadline=None)
 def test_membership_takes_any_bytes(raw: bytes, n: int) -> None:
@@ -378,7 +423,7 @@ def _queries(frames: list[bytes]) -> list[tuple[int | None, int]]:
         buf = bytearray(f)
         tagged = buf[VNET_HDR_LEN + 12 : VNET_HDR_LEN + 14] == b"\x81\x00"
         l3 = sw_mod._l3(buf, len(buf), VNET_HDR_LEN + 12 + (4 if tagged else 0))
-        assert membership(buf, len(buf), *l3) == (QUERY, []), f.hex()
+        assert membership(buf, len(buf), *l3) == (QUERY, [], RESPONSE_S), f.hex()
         vlan = struct.unpack_from("!H", buf, VNET_HDR_LEN + 14)[0] if tagged else None
         out.append((vlan, l3[0]))
     return sorted(out, key=lambda q: (q[0] or 0, q[1]))

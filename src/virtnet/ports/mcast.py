@@ -19,7 +19,7 @@ member; one that asks for none (``TO_IN({})``, ``IS_IN({})``) is a leave.
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import Final, NamedTuple
 
 from virtnet.errors import PeerError
 from virtnet.net import inet_checksum
@@ -33,6 +33,7 @@ __all__ = [
     "REPORT",
     "RESPONSE_S",
     "STARTUP_QUERIES",
+    "Membership",
     "MembershipError",
     "flooded_group",
     "igmp_query",
@@ -86,9 +87,15 @@ _IS_IN, _IS_EX, _TO_IN, _TO_EX, _ALLOW, _BLOCK = 1, 2, 3, 4, 5, 6
 _ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
 _IPV6_ANY = bytes(16)
 
-#: A membership message: :data:`QUERY` or :data:`REPORT`, and for a report
-#: its (group, joined) records (IPv4 groups as integers, IPv6 ones packed).
-Membership = tuple[int, list[tuple[int | bytes, bool]]]
+
+class Membership(NamedTuple):
+    """A membership message."""
+
+    kind: int  # QUERY or REPORT
+    #: A report's (group, joined) records (IPv4 groups as integers, IPv6 ones packed).
+    records: list[tuple[int | bytes, bool]]
+    #: A query's Maximum Response Time in seconds: hosts answer within it.
+    response_s: float = 0.0
 
 
 class MembershipError(PeerError):
@@ -138,11 +145,16 @@ def membership(buf: bytearray, n: int, et: int, p: int, proto: int, u: int) -> M
         if inet_checksum(buf[u:end]):
             raise MembershipError("an IGMP message with a bad checksum")
         if kind == _IGMP_QUERY:
-            return QUERY, []
+            # Tenths of a second (RFC 2236 section 2.2; 0: an IGMPv1 query,
+            # RFC 3376 section 7.1: 10 s), in IGMPv3 a float from 128 on (4.1.1).
+            code = buf[u + 1]
+            if code >= 128 and end >= u + 12:
+                code = ((code & 0x0F) | 0x10) << (((code >> 4) & 7) + 3)
+            return Membership(QUERY, [], code / 10 if code else RESPONSE_S)
         if kind != _IGMP_V3_REPORT:
             group = _group(_U32.unpack_from(buf, u + 4)[0])
-            return REPORT, [(group, kind != _IGMP_LEAVE)]
-        return REPORT, _records(buf, u, end, 4)
+            return Membership(REPORT, [(group, kind != _IGMP_LEAVE)])
+        return Membership(REPORT, _records(buf, u, end, 4))
     if et != _ETH_IPV6 or proto != _ICMPV6 or u < 0 or n < u + 1:
         return None
     kind = buf[u]
@@ -160,10 +172,14 @@ def membership(buf: bytearray, n: int, et: int, p: int, proto: int, u: int) -> M
     if inet_checksum(pseudo + buf[u:end]):
         raise MembershipError("an MLD message with a bad checksum")
     if kind == _MLD_QUERY:
-        return QUERY, []
+        # Milliseconds (RFC 2710 section 3.4), in MLDv2 a float from 32768 on (RFC 3810 5.1.3).
+        code = _U16.unpack_from(buf, u + 4)[0]
+        if code >= 32768 and end >= u + 28:
+            code = ((code & 0x0FFF) | 0x1000) << (((code >> 12) & 7) + 3)
+        return Membership(QUERY, [], code / 1000)
     if kind != _MLD_V2_REPORT:
-        return REPORT, [(_group(bytes(buf[u + 8 : u + 24])), kind == _MLD_REPORT)]
-    return REPORT, _records(buf, u, end, 16)
+        return Membership(REPORT, [(_group(bytes(buf[u + 8 : u + 24])), kind == _MLD_REPORT)])
+    return Membership(REPORT, _records(buf, u, end, 16))
 
 
 def igmp_query(mac: bytes) -> bytes:

@@ -1548,13 +1548,12 @@ class Switch:
             return False
         out: dict[_Vm, None] = {}
         if msg is not None:
-            kind, records = msg
-            if kind == QUERY:
+            if msg.kind == QUERY:
                 if svm.ips is None:  # a trusted member: a router port
                     self._mrouters.setdefault(vlan, {})[svm] = now + OTHER_QUERIER_S
-                    self._querier_heard(vlan, now)
+                    self._querier_heard(vlan, now, msg.response_s)
                 return False  # for every host on the link
-            self._membership(src, vlan, records, now)
+            self._membership(src, vlan, msg.records, now)
         elif et not in (_ETH_IPV4, _ETH_IPV6):
             return False  # not IP: no group to look up
         else:
@@ -1583,13 +1582,13 @@ class Switch:
                 self._deliver(dvm, view, fid, now, need)
         return True
 
-    def _querier_heard(self, vlan: int, now: float) -> None:
-        """A query was sent on ``vlan`` (by a router port or the switch):
-        snooping holds traffic back there from RESPONSE_S after the first
-        one, when every host has answered, until OTHER_QUERIER_S after the
-        last."""
+    def _querier_heard(self, vlan: int, now: float, response_s: float = RESPONSE_S) -> None:
+        """A query was sent on ``vlan`` (by a router port or the switch),
+        which hosts answer within ``response_s``: snooping holds traffic back
+        there from that long after the first one (at most OTHER_QUERIER_S),
+        when every host has answered, until OTHER_QUERIER_S after the last."""
         q = self._queriers.get(vlan)
-        start = q[0] if q is not None and q[1] > now else now + RESPONSE_S
+        start = q[0] if q is not None and q[1] > now else now + min(response_s, OTHER_QUERIER_S)
         self._queriers[vlan] = (start, now + OTHER_QUERIER_S)
 
     def _membership(
