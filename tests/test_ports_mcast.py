@@ -43,8 +43,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def sw(clock: Clock) -> Iterator[Switch]:
-    s = TrackingSwitch(clock)
-    s.set_mcast_snoop(True)
+    s = TrackingSwitch(clock)  # snooping comes on once the test's VMs are in
     yield s
     s.close()
     for q in s.handed:
@@ -165,6 +164,7 @@ def test_igmp_snooping_sends_a_group_to_its_members(sw: Switch, clock: Clock) ->
     leave or TO_IN({}) ends a VM's membership at once; with no querier, or
     snooping off, all floods."""
     qs = {v: sw.open_queue(v, 0) for v in "abcd"}
+    sw.set_mcast_snoop(True)
     a = qs["a"]
     everyone = {"b", "c", "d"}
     assert who_gets(sw, a, data(mac(1), "239.1.1.1"), qs) == everyone  # nobody reported it
@@ -257,6 +257,7 @@ def test_router_ports_get_reports_and_every_group(sw: Switch, clock: Clock) -> N
     qs = {v: sw.open_queue(v, 0) for v in "abcde"}
     sw.set_ips("e", [_packed("10.0.0.9"), _packed("fe80::9")])
     sw.set_guards("c", ["router"])
+    sw.set_mcast_snoop(True)
     everyone = {"b", "c", "d", "e"}
     assert who_gets(sw, qs["e"], igmp(mac(5), 0x11), qs) == {"a", "b", "c", "d"}
     assert who_gets(sw, qs["c"], igmp(mac(3), 0x11), qs) == set()
@@ -324,10 +325,12 @@ def test_an_uplinks_leave_waits_and_groups_are_capped(
 
 
 def test_the_control_channel_turns_snooping_on_and_off(sw: Switch) -> None:
-    sw._command({"op": "mcast_snoop", "vm": "", "on": False}, [])
-    assert not sw._mcast
     sw._command({"op": "mcast_snoop", "vm": "", "on": True}, [])
     assert sw._mcast
+    sw._command({"op": "mcast_querier", "vm": "", "on": True}, [])
+    assert sw._querier
+    sw._command({"op": "mcast_snoop", "vm": "", "on": False}, [])
+    assert not sw._mcast and not sw._querier
 
 
 def test_membership_limits() -> None:
@@ -387,13 +390,24 @@ def test_query_response_times() -> None:
 
 def test_an_outside_queriers_response_time_delays_snooping(sw: Switch, clock: Clock) -> None:
     """Snooping holds traffic back from the querier's Maximum Response Time
-    after its first query, not a fixed 10 s: hosts may answer that late."""
+    after its first query, not a fixed 10 s: hosts may answer that late.  A
+    VM that joins the switch then gets every group for MEMBERSHIP_S."""
     qs = {v: sw.open_queue(v, 0) for v in "abcd"}
+    sw.set_mcast_snoop(True)
     who_gets(sw, qs["c"], _igmp3_query(mac(3), 0x8F), qs)  # 24.8 s
     assert who_gets(sw, qs["b"], igmp(mac(2), 0x16, "239.1.1.1"), qs) == {"c"}
     clock.t += 20
     assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b", "c", "d"}
     clock.t += 5
+    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b", "c"}
+    # A VM that comes now gets every group until it would have answered c's
+    # next query: it may listen to groups it reported elsewhere.
+    qs["e"] = sw.open_queue("e", 0)
+    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b", "c", "e"}
+    clock.t += MEMBERSHIP_S
+    who_gets(sw, qs["c"], _igmp3_query(mac(3), 0x8F), qs)  # c was silent too long: anew
+    who_gets(sw, qs["b"], igmp(mac(2), 0x16, "239.1.1.1"), qs)
+    clock.t += 25
     assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b", "c"}
 
 
@@ -469,11 +483,15 @@ def test_the_switch_as_querier(sw: Switch, clock: Clock) -> None:
     pump(sw)
     assert drain(qs["a"]) == []
     assert _queries(drain(qs["b"])) == [(100, 0x0800), (100, 0x86DD)]
-    # A new VM is asked at once (in a second).
-    c = sw.open_queue("c", 0)
+    # A new VM is asked at once (in a second), and gets every group until
+    # it has answered.
+    qs["c"] = sw.open_queue("c", 0)
     clock.t += 1
     pump(sw)
-    assert len(drain(qs["b"])) == 2 and drain(c) == []  # VLAN 0 has b for querier
+    assert len(drain(qs["b"])) == 2 and drain(qs["c"]) == []  # VLAN 0 has b for querier
+    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b", "c"}
+    clock.t += RESPONSE_S
+    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b"}
     sw.set_mcast_snoop(False)
     clock.t += QUERY_INTERVAL_S
     pump(sw)

@@ -63,7 +63,8 @@ Invariants:
   alone.  Unreported groups, 224.0.0.0/24 and ff02::1 still flood, and so
   does everything on a VLAN with no querier: without queries memberships
   cannot be trusted (Linux bridge does the same).  A membership lasts
-  :data:`~virtnet.ports.mcast.MEMBERSHIP_S` unless renewed; a VM's leave
+  :data:`~virtnet.ports.mcast.MEMBERSHIP_S` unless renewed, and a member
+  that joins gets every group until it has answered a query; a VM's leave
   ends it at once (one host per port), an uplink's is left to age; a VM may
   hold :data:`MCAST_GROUPS_PER_VM`.  As a querier (``set_mcast_querier``)
   the switch asks every member of a VLAN with no other querier for its
@@ -1044,8 +1045,14 @@ class Switch:
         port = _Port(vm, pair, sock, fd)
         vm.ports[pair] = port
         vm.refresh()
-        if self._querier and len(vm.ports) == 1:
-            self._query_soon()  # a new member: ask for its groups
+        if self._mcast and len(vm.ports) == 1:
+            # A new member (or one back after a restart) may listen to groups
+            # it reported before: it gets every group until it has answered
+            # the switch's query, or would have answered a router's.
+            wait = 1.0 + RESPONSE_S if self._querier else MEMBERSHIP_S
+            self._mcast_all[vm] = self._clock() + wait
+            if self._querier:
+                self._query_soon()
         self._by_fd[port.fd] = port
         self._ep.register(port.fd, select.EPOLLIN)
 
