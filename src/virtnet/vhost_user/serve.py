@@ -313,10 +313,13 @@ class Daemon:
             if (mcast_snoop or mcast_querier) and not isinstance(self._shared, SwitchPort):
                 flag = "--mcast-snoop" if mcast_snoop else "--mcast-querier"
                 raise UsageError(f"{flag} needs --port switch (a tap's groups are the host's)")
-            if isinstance(self._shared, SwitchPort):
+            if neigh_suppress or mcast_snoop or mcast_querier:
                 self.set_switch(
-                    SetSwitch(neigh_suppress, mcast_snoop or mcast_querier, mcast_querier)
-                )
+                    SetSwitch(
+                        neigh_suppress or None, mcast_snoop or mcast_querier or None,
+                        mcast_querier or None,
+                    )
+                )  # fmt: skip
             if isinstance(self._shared, SwitchPort):
                 # Its death wakes the loop at once instead of at the next tick.
                 self.server.watch(self._shared.control, self._shared.drain_replies)
