@@ -20,7 +20,8 @@ address is bound only to a trusted member or one that learns SLAAC, within a
 prefix learnt; a VM's leases are among its addresses, and only a learning VM
 has any; no VLAN holds more SLAAC prefixes than its share; each multicast
 membership is in the group index, its member's set and the expiry order
-alike, of a VM still there, within the per-VM cap; router ports are
+alike, of a VM still there, within the per-VM cap, with a source filter
+of at most MAX_SOURCES sources (none kept for "any source"); router ports are
 trusted members, each its VLAN's querier for as long.
 
 Run with atheris: ``python fuzz/fuzz_switch.py fuzz/corpus/switch -max_total_time=60``.
@@ -37,7 +38,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from virtnet.net import inet_checksum
-from virtnet.ports import VNET_HDR_LEN, SocketQueue
+from virtnet.ports import VNET_HDR_LEN, SocketQueue, mcast
 from virtnet.ports import switch as sw_mod
 from virtnet.ports.base import MAX_FRAME_LEN
 from virtnet.ports.switch import Switch
@@ -132,6 +133,8 @@ def _check_tables(sw: Switch) -> None:
     assert ends == sorted(ends), "memberships out of order"
     for (vlan, group, vm), end in order.items():
         assert sw._groups[(vlan, group)][vm] == end
+    for fkey, (include, sources) in sw._filters.items():  # only where not "any source"
+        assert fkey in order and 0 < len(sources) <= mcast.MAX_SOURCES, (fkey, include)
     for group_key, members in sw._groups.items():
         assert members, f"empty group {group_key}"
         for vm in members:
@@ -231,11 +234,13 @@ def _dhcp6_reply(*addrs: str) -> bytes:
     return struct.pack("!HHHH", 547, 546, 8 + len(msg), 0) + msg
 
 
-def _igmp_report(*groups: str) -> bytes:
-    """An IGMPv3 report joining ``groups`` (EXCLUDE {}), to 224.0.0.22."""
+def _igmp_report(*groups: str, rtype: int = 4, sources: tuple[str, ...] = ()) -> bytes:
+    """An IGMPv3 report of ``groups``, each a record of type ``rtype``
+    (default CHANGE_TO_EXCLUDE) naming ``sources``, to 224.0.0.22."""
     body = bytearray(struct.pack("!BBHHH", 0x22, 0, 0, 0, len(groups)))
     for g in groups:
-        body += struct.pack("!BBH4s", 4, 0, 0, ipaddress.ip_address(g).packed)
+        body += struct.pack("!BBH4s", rtype, 0, len(sources), ipaddress.ip_address(g).packed)
+        body += b"".join(ipaddress.ip_address(a).packed for a in sources)
     body[2:4] = struct.pack("!H", inet_checksum(body))
     return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 0, 0, 1, 2, 0,
                        bytes([10, 0, 0, 3]), bytes([224, 0, 0, 22])) + bytes(body)  # fmt: skip
@@ -276,6 +281,35 @@ def _seeds() -> dict[str, bytes]:
         + _rec(0, _eth("a", b"\x33\x33\0\0\0\x01", 0x86DD, _mld_query()))
         + _rec(2, _eth("c", group_mac, 0x0800, _igmp_report("239.3.3.3", "239.4.4.4")))
         + _rec(0x80 | 1, _eth("b", group_mac, 0x0800, data)),
+        "mcast_sources": bytes([0x00])
+        + _rec(
+            2,
+            _eth("c", group_mac, 0x0800, _igmp_report("239.1.1.1", rtype=1, sources=("10.0.0.2",))),
+        )
+        + _rec(
+            0,
+            _eth(
+                "a",
+                group_mac,
+                0x0800,
+                _igmp_report("239.1.1.1", rtype=4, sources=("10.0.0.2", "10.0.0.7")),
+            ),
+        )
+        + _rec(
+            0x10 | 2,
+            _eth("c", group_mac, 0x0800, _igmp_report("239.1.1.1", rtype=5, sources=("10.0.0.9",))),
+        )
+        + _rec(1, _eth("b", group_mac, 0x0800, data))
+        + _rec(
+            2,
+            _eth(
+                "c",
+                group_mac,
+                0x0800,
+                _igmp_report("239.1.1.1", rtype=6, sources=("10.0.0.2", "10.0.0.9")),
+            ),
+        )
+        + _rec(1, _eth("b", group_mac, 0x0800, data)),
         "dhcp_offer": bytes([0x0F])
         + _rec(1, _eth("b", bcast, 0x0800, _ipv4("10.0.0.2", 17, 67, 68)))
         + _rec(2, _eth("c", bcast, 0x0800, _ipv4("0.0.0.0", 17, 68, 67))),

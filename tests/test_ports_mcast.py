@@ -17,22 +17,31 @@ from virtnet.net import inet_checksum
 from virtnet.ports import VNET_HDR_LEN, SocketQueue
 from virtnet.ports import switch as sw_mod
 from virtnet.ports.mcast import (
+    ALLOW,
+    ANY_SOURCE,
+    BLOCK,
+    IS_EX,
+    IS_IN,
     MAX_GROUP_RECORDS,
+    MAX_SOURCES,
     MEMBERSHIP_S,
     OTHER_QUERIER_S,
     QUERY,
     QUERY_INTERVAL_S,
     RESPONSE_S,
+    TO_EX,
+    TO_IN,
+    Filter,
     Membership,
     MembershipError,
+    admits,
+    after_record,
     igmp_query,
     membership,
     mld_query,
 )
 from virtnet.ports.switch import Switch
 
-# Group record types (RFC 3376 section 4.2.12).
-IS_IN, IS_EX, TO_IN, TO_EX, ALLOW, BLOCK = 1, 2, 3, 4, 5, 6
 ROUTER_ALERT = b"\x94\x04\x00\x00"  # IPv4 option (RFC 2113)
 
 
@@ -85,13 +94,14 @@ def igmp(
 ) -> bytes:
     """An IGMP message from MAC ``src``: a v1/v2 report, v2 leave or query
     of ``group``, or (``kind`` 0x22) a v3 report of ``records``, each
-    (record type, group, number of sources; each record claims ``claimed``
-    sources if given)."""
+    (record type, group, number of sources: :func:`source` 1, 2...; each
+    record claims ``claimed`` sources if given)."""
     if kind == 0x22:
         body = bytearray(struct.pack("!BBHHH", kind, 0, 0, 0, len(records)))
         for rtype, g, nsrc in records:
             body += struct.pack("!BBH4s", rtype, 0, nsrc if claimed is None else claimed,
-                                _packed(g)) + bytes(4 * nsrc)  # fmt: skip
+                                _packed(g))  # fmt: skip
+            body += b"".join(_packed(source(i, 4)) for i in range(1, nsrc + 1))
         dst = "224.0.0.22"
     else:
         body = bytearray(struct.pack("!BBH4s", kind, 100, 0, _packed(group)))
@@ -116,7 +126,8 @@ def mld(
     if kind == 143:
         body = bytearray(struct.pack("!BBHHH", kind, 0, 0, 0, len(records)))
         for rtype, g, nsrc in records:
-            body += struct.pack("!BBH16s", rtype, 0, nsrc, _packed(g)) + bytes(16 * nsrc)
+            body += struct.pack("!BBH16s", rtype, 0, nsrc, _packed(g))
+            body += b"".join(_packed(source(i, 6)) for i in range(1, nsrc + 1))
         dst = "ff02::16"
     else:
         body = bytearray(struct.pack("!BBHHH16s", kind, 0, 0, 1000, 0, _packed(group)))
@@ -129,13 +140,21 @@ def mld(
     return _frame(src, dst, 0x86DD, ip, vlan)
 
 
-def data(src: bytes, group: str, *, vlan: int | None = None) -> bytes:
-    """A UDP datagram from MAC ``src`` to ``group``."""
+def source(i: int, version: int) -> str:
+    """The ``i``-th source address of the group records these tests build."""
+    return f"10.9.0.{i}" if version == 4 else f"fd09::{i}"
+
+
+def data(src: bytes, group: str, *, vlan: int | None = None, ip: int = 0) -> bytes:
+    """A UDP datagram from MAC ``src`` to ``group``, from IP :func:`source`
+    ``ip`` (0: 10.0.0.9 or fe80::9, a source no record names)."""
     udp = struct.pack("!HHHH", 5000, 5000, 8, 0)
     if ":" in group:
-        ip = struct.pack("!IHBB16s16s", 0x60000000, 8, 17, 1, _packed("fe80::9"), _packed(group))
-        return _frame(src, group, 0x86DD, ip + udp, vlan)
-    return _frame(src, group, 0x0800, _ipv4("10.0.0.9", group, 17, udp, ttl=4), vlan)
+        sip = source(ip, 6) if ip else "fe80::9"
+        hdr = struct.pack("!IHBB16s16s", 0x60000000, 8, 17, 1, _packed(sip), _packed(group))
+        return _frame(src, group, 0x86DD, hdr + udp, vlan)
+    sip = source(ip, 4) if ip else "10.0.0.9"
+    return _frame(src, group, 0x0800, _ipv4(sip, group, 17, udp, ttl=4), vlan)
 
 
 def who_gets(sw: Switch, q: SocketQueue, f: bytes, queues: dict[str, SocketQueue]) -> set[str]:
@@ -177,13 +196,16 @@ def test_igmp_snooping_sends_a_group_to_its_members(sw: Switch, clock: Clock) ->
     v3 = igmp(mac(3), 0x22, records=[(TO_EX, "239.1.1.1", 0), (IS_IN, "239.2.2.2", 2),
                                      (IS_IN, "239.3.3.3", 0), (9, "239.4.4.4", 0)])  # fmt: skip
     who_gets(sw, qs["c"], v3, qs)
-    assert sw.snapshot().groups == {"b": ["239.1.1.1"], "c": ["239.1.1.1", "239.2.2.2"]}
+    assert sw.snapshot().groups == {
+        "b": ["239.1.1.1"], "c": ["239.1.1.1", "239.2.2.2 from 10.9.0.1,10.9.0.2"],
+    }  # fmt: skip
     assert sw.snapshot().mcast_joined == 4
     assert who_gets(sw, a, data(mac(1), "239.1.1.1"), qs) == {"b", "c"}
-    assert who_gets(sw, a, data(mac(1), "239.2.2.2"), qs) == {"c"}
-    assert who_gets(sw, qs["c"], data(mac(3), "239.2.2.2"), qs) == set()  # its only member
+    assert who_gets(sw, a, data(mac(1), "239.2.2.2", ip=2), qs) == {"c"}
+    assert who_gets(sw, a, data(mac(1), "239.2.2.2"), qs) == set()  # not a source c asked for
+    assert who_gets(sw, qs["c"], data(mac(3), "239.2.2.2", ip=1), qs) == set()  # its only member
     assert who_gets(sw, a, data(mac(1), "239.3.3.3"), qs) == everyone  # IS_IN({}): not joined
-    assert sw.snapshot().mcast_forwarded == 5  # 3 datagrams and 2 reports held back
+    assert sw.snapshot().mcast_forwarded == 6  # 4 datagrams and 2 reports held back
     # The local network control block always floods, reported or not.
     who_gets(sw, qs["b"], igmp(mac(2), 0x16, "224.0.0.251"), qs)
     assert who_gets(sw, a, data(mac(1), "224.0.0.251"), qs) == everyone
@@ -192,13 +214,14 @@ def test_igmp_snooping_sends_a_group_to_its_members(sw: Switch, clock: Clock) ->
     assert who_gets(sw, a, data(mac(1), "239.1.1.1"), qs) == {"c"}
     who_gets(sw, qs["c"], igmp(mac(3), 0x22, records=[(TO_IN, "239.1.1.1", 0)]), qs)
     assert who_gets(sw, a, data(mac(1), "239.1.1.1"), qs) == everyone
-    # BLOCK_OLD_SOURCES keeps the group (sources are not tracked); TO_IN of a source joins.
+    # BLOCK takes a source from c's INCLUDE list; TO_IN of a source joins d for it.
     who_gets(sw, qs["c"], igmp(mac(3), 0x22, records=[(BLOCK, "239.2.2.2", 1)]), qs)
     who_gets(sw, qs["d"], igmp(mac(4), 0x22, records=[(TO_IN, "239.2.2.2", 1)]), qs)
-    assert who_gets(sw, a, data(mac(1), "239.2.2.2"), qs) == {"c", "d"}
+    assert who_gets(sw, a, data(mac(1), "239.2.2.2", ip=1), qs) == {"d"}
+    assert who_gets(sw, a, data(mac(1), "239.2.2.2", ip=2), qs) == {"c"}
     sw.set_mcast_snoop(False)
     assert sw.snapshot().groups == {}
-    assert who_gets(sw, a, data(mac(1), "239.2.2.2"), qs) == everyone
+    assert who_gets(sw, a, data(mac(1), "239.2.2.2", ip=1), qs) == everyone
 
 
 def test_mld_snooping_and_vlans(sw: Switch, clock: Clock) -> None:
@@ -215,11 +238,11 @@ def test_mld_snooping_and_vlans(sw: Switch, clock: Clock) -> None:
              ip_src="::", vlan=100)  # fmt: skip
     who_gets(sw, qs["c"], v2, qs)
     assert sw.snapshot().groups == {
-        "b": ["ff05::1:3"], "c": ["ff02::1:ff00:3 vlan 100", "ff0e::77 vlan 100"],
+        "b": ["ff05::1:3"], "c": ["ff02::1:ff00:3 vlan 100", "ff0e::77 from fd09::1 vlan 100"],
     }  # fmt: skip
     assert who_gets(sw, a, data(mac(1), "ff05::1:3"), qs) == {"b"}
     assert who_gets(sw, a, data(mac(1), "ff05::1:3", vlan=100), qs) == {"b", "c", "d"}
-    assert who_gets(sw, a, data(mac(1), "ff0e::77", vlan=100), qs) == {"c"}
+    assert who_gets(sw, a, data(mac(1), "ff0e::77", vlan=100, ip=1), qs) == {"c"}
     assert who_gets(sw, a, data(mac(1), "ff0e::77"), qs) == {"b", "c", "d"}
     # Not IP, though its bytes where an IPv6 group would be name b's: flooded.
     other = _frame(mac(1), "ff05::1:3", 0x88B5, bytes(24) + _packed("ff05::1:3"), None)
@@ -229,7 +252,7 @@ def test_mld_snooping_and_vlans(sw: Switch, clock: Clock) -> None:
     who_gets(sw, qs["b"], mld(mac(2), 132, "ff05::1:3"), qs)
     assert who_gets(sw, a, data(mac(1), "ff05::1:3"), qs) == {"b", "c", "d"}
     # d's reports the switch may not read: d gets every group from then on.
-    assert who_gets(sw, a, data(mac(1), "ff0e::77", vlan=100), qs) == {"c"}
+    assert who_gets(sw, a, data(mac(1), "ff0e::77", vlan=100, ip=1), qs) == {"c"}
     for refused, bad in enumerate(
         (
             mld(mac(4), 131, "ff05::9", hop=255),
@@ -243,7 +266,7 @@ def test_mld_snooping_and_vlans(sw: Switch, clock: Clock) -> None:
     ):
         assert who_gets(sw, qs["d"], bad, qs) == {"a", "b", "c"}  # flooded as before
         assert sw.snapshot().mcast_refused == refused
-    assert who_gets(sw, a, data(mac(1), "ff0e::77", vlan=100), qs) == {"c", "d"}
+    assert who_gets(sw, a, data(mac(1), "ff0e::77", vlan=100, ip=1), qs) == {"c", "d"}
     assert "d" not in sw.snapshot().groups
 
 
@@ -426,7 +449,7 @@ def test_membership_takes_any_bytes(raw: bytes, n: int) -> None:
             got = membership(buf, n, *l3)
         except MembershipError:
             continue
-        assert got is None or all(isinstance(g, (int, bytes)) for g, _ in got[1])
+        assert got is None or all(isinstance(g, (int, bytes)) for g, _t, _s in got.records)
 
 
 def _queries(frames: list[bytes]) -> list[tuple[int | None, int]]:
@@ -496,3 +519,71 @@ def test_the_switch_as_querier(sw: Switch, clock: Clock) -> None:
     clock.t += QUERY_INTERVAL_S
     pump(sw)
     assert drain(qs["b"]) == []
+
+
+def test_a_one_host_members_source_filter() -> None:
+    """after_record follows RFC 3376 section 6.4 for a port with one host;
+    more sources than MAX_SOURCES read as any source (BLOCK: no change)."""
+    a, b = frozenset({1}), frozenset({2})
+    many = frozenset(range(MAX_SOURCES))
+    none: frozenset[int | bytes] = frozenset()
+    cases: list[tuple[Filter | None, int, frozenset[int | bytes] | None, Filter | None]] = [
+        (None, IS_EX, none, ANY_SOURCE),
+        (None, TO_EX, a, (False, a)),
+        (None, IS_IN, a, (True, a)),
+        (None, TO_IN, none, None),
+        (None, ALLOW, a, (True, a)),
+        (None, ALLOW, none, None),
+        (None, BLOCK, a, None),
+        ((True, a), ALLOW, b, (True, a | b)),
+        ((True, a | b), BLOCK, a, (True, b)),
+        ((True, a), BLOCK, a, None),
+        ((False, a), ALLOW, a, ANY_SOURCE),
+        ((False, a), BLOCK, b, (False, a | b)),
+        ((True, a), TO_EX, b, (False, b)),
+        ((False, a), TO_IN, b, (True, b)),
+        ((False, a), IS_IN, none, None),
+        ((True, a), IS_IN, None, ANY_SOURCE),
+        ((True, a), BLOCK, None, (True, a)),
+        ((True, many), ALLOW, frozenset({-1}), ANY_SOURCE),
+        ((False, many), BLOCK, frozenset({-1}), (False, many)),
+    ]
+    for cur, rtype, sources, want in cases:
+        assert after_record(cur, rtype, sources) == want, (cur, rtype, sources)
+    assert admits((True, a), 1) and not admits((True, a), 2)
+    assert admits((False, a), 2) and not admits((False, a), 1)
+    assert admits(None, 1) and admits(ANY_SOURCE, 1)
+
+
+def test_source_specific_memberships(sw: Switch, clock: Clock) -> None:
+    """A VM's INCLUDE or EXCLUDE list decides which sources' datagrams it
+    gets; a record of more than MAX_SOURCES sources, and any join from the
+    uplink (several hosts may be behind it), is for any source."""
+    qs = {v: sw.open_queue(v, 0) for v in "abc"}
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sw.attach_tap("up", os.dup(theirs.fileno()))
+    theirs.close()
+    qs["up"] = up = SocketQueue(mine)
+    try:
+        ask(sw, clock, qs)
+        who_gets(sw, qs["b"], igmp(mac(2), 0x22, records=[(TO_EX, "239.5.5.5", 1)]), qs)
+        who_gets(sw, qs["c"], igmp(mac(3), 0x22, records=[(IS_IN, "239.5.5.5", 2)]), qs)
+        who_gets(sw, up, igmp(mac(9), 0x22, records=[(IS_IN, "239.5.5.5", 1)]), qs)
+        assert sw.snapshot().groups == {
+            "b": ["239.5.5.5 not from 10.9.0.1"],
+            "c": ["239.5.5.5 from 10.9.0.1,10.9.0.2"],
+            "up": ["239.5.5.5"],
+        }
+        assert who_gets(sw, qs["a"], data(mac(1), "239.5.5.5", ip=1), qs) == {"c", "up"}
+        assert who_gets(sw, qs["a"], data(mac(1), "239.5.5.5", ip=2), qs) == {"b", "c", "up"}
+        assert who_gets(sw, qs["a"], data(mac(1), "239.5.5.5"), qs) == {"b", "up"}
+        big = igmp(mac(3), 0x22, records=[(IS_IN, "239.5.5.5", MAX_SOURCES + 1)])
+        who_gets(sw, qs["c"], big, qs)
+        assert sw.snapshot().groups["c"] == ["239.5.5.5"]
+        assert who_gets(sw, qs["a"], data(mac(1), "239.5.5.5"), qs) == {"b", "c", "up"}
+        # The uplink's leave changes nothing (it ages out); a VM's ends its membership.
+        who_gets(sw, up, igmp(mac(9), 0x22, records=[(TO_IN, "239.5.5.5", 0)]), qs)
+        who_gets(sw, qs["b"], igmp(mac(2), 0x22, records=[(TO_IN, "239.5.5.5", 0)]), qs)
+        assert who_gets(sw, qs["a"], data(mac(1), "239.5.5.5", ip=2), qs) == {"c", "up"}
+    finally:
+        up.close()

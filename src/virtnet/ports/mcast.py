@@ -11,9 +11,10 @@ This module is the pure part: it tells what one frame says.
   and queries.  An MLD message must come with hop limit 1 from a link-local
   address or, for a report, from :: (RFC 3810 sections 5.1.14 and 5.2.13).
 
-Sources are not tracked (RFC 4541 section 2.1.1 lets a switch forward by
-group alone): a group record that asks for any source makes the sender a
-member; one that asks for none (``TO_IN({})``, ``IS_IN({})``) is a leave.
+Each group record comes with its sources (:data:`MAX_SOURCES` at most;
+more is read as "any source", so that nobody gets fewer frames than it asked
+for), and the switch keeps each VM's filter: INCLUDE these sources or
+EXCLUDE those (RFC 3376 section 6.4's router state for one host).
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from virtnet.errors import PeerError
 from virtnet.net import inet_checksum
 
 __all__ = [
+    "ALLOW",
+    "ANY_SOURCE",
+    "BLOCK",
+    "IS_EX",
+    "IS_IN",
     "MAX_GROUP_RECORDS",
+    "MAX_SOURCES",
     "MEMBERSHIP_S",
     "OTHER_QUERIER_S",
     "QUERY",
@@ -33,8 +40,14 @@ __all__ = [
     "REPORT",
     "RESPONSE_S",
     "STARTUP_QUERIES",
+    "TO_EX",
+    "TO_IN",
+    "Filter",
     "Membership",
     "MembershipError",
+    "Record",
+    "admits",
+    "after_record",
     "flooded_group",
     "igmp_query",
     "membership",
@@ -62,6 +75,10 @@ _RESPONSE_MS = int(RESPONSE_S * 1000)
 #: The Querier's Robustness Variable (RFC 3376 section 4.1.6) and Query
 #: Interval Code (section 4.1.7: under 128, the seconds themselves).
 _QRV, _QQIC = 2, 125
+#: Sources a group record may name and be taken at its word (Linux bridge
+#: keeps 32 per port and group, ``BR_MCAST_DEFAULT_EHT_HOSTS_LIMIT`` 512 per
+#: port); past it a record reads as "any source".
+MAX_SOURCES: Final = 64
 #: Group records read from one IGMPv3 or MLDv2 report (a 1500-byte report
 #: holds at most 183 IGMPv3 records; a host splits larger state over several
 #: reports, RFC 3376 section 4.2.16).
@@ -83,17 +100,23 @@ _MLD_QUERY, _MLD_REPORT, _MLD_DONE, _MLD_V2_REPORT = 130, 131, 132, 143
 #: Group record types (RFC 3376 section 4.2.12, RFC 3810 section 5.2.12):
 #: MODE_IS_INCLUDE, MODE_IS_EXCLUDE, CHANGE_TO_INCLUDE_MODE,
 #: CHANGE_TO_EXCLUDE_MODE, ALLOW_NEW_SOURCES, BLOCK_OLD_SOURCES.
-_IS_IN, _IS_EX, _TO_IN, _TO_EX, _ALLOW, _BLOCK = 1, 2, 3, 4, 5, 6
+IS_IN, IS_EX, TO_IN, TO_EX, ALLOW, BLOCK = 1, 2, 3, 4, 5, 6
+_TYPES = frozenset({IS_IN, IS_EX, TO_IN, TO_EX, ALLOW, BLOCK})
 _ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
 _IPV6_ANY = bytes(16)
+
+#: A group record: (group, record type, its sources; None: more than
+#: MAX_SOURCES).  IPv4 addresses as integers, IPv6 ones packed.  An IGMPv1/v2
+#: or MLDv1 report is a TO_EX record of no source, a leave or done TO_IN.
+Record = tuple[int | bytes, int, frozenset[int | bytes] | None]
 
 
 class Membership(NamedTuple):
     """A membership message."""
 
     kind: int  # QUERY or REPORT
-    #: A report's (group, joined) records (IPv4 groups as integers, IPv6 ones packed).
-    records: list[tuple[int | bytes, bool]]
+    #: A report's group records.
+    records: list[Record]
     #: A query's Maximum Response Time in seconds: hosts answer within it.
     response_s: float = 0.0
 
@@ -153,7 +176,7 @@ def membership(buf: bytearray, n: int, et: int, p: int, proto: int, u: int) -> M
             return Membership(QUERY, [], code / 10 if code else RESPONSE_S)
         if kind != _IGMP_V3_REPORT:
             group = _group(_U32.unpack_from(buf, u + 4)[0])
-            return Membership(REPORT, [(group, kind != _IGMP_LEAVE)])
+            return Membership(REPORT, [(group, TO_IN if kind == _IGMP_LEAVE else TO_EX, _NONE)])
         return Membership(REPORT, _records(buf, u, end, 4))
     if et != _ETH_IPV6 or proto != _ICMPV6 or u < 0 or n < u + 1:
         return None
@@ -178,7 +201,8 @@ def membership(buf: bytearray, n: int, et: int, p: int, proto: int, u: int) -> M
             code = ((code & 0x0FFF) | 0x1000) << (((code >> 12) & 7) + 3)
         return Membership(QUERY, [], code / 1000)
     if kind != _MLD_V2_REPORT:
-        return Membership(REPORT, [(_group(bytes(buf[u + 8 : u + 24])), kind == _MLD_REPORT)])
+        group = _group(bytes(buf[u + 8 : u + 24]))
+        return Membership(REPORT, [(group, TO_EX if kind == _MLD_REPORT else TO_IN, _NONE)])
     return Membership(REPORT, _records(buf, u, end, 16))
 
 
@@ -211,27 +235,76 @@ def mld_query(mac: bytes) -> bytes:
     return b"\x33\x33\x00\x00\x00\x01" + mac + _U16.pack(_ETH_IPV6) + ip + hbh + bytes(mld)
 
 
-def _records(buf: bytearray, u: int, end: int, size: int) -> list[tuple[int | bytes, bool]]:
+_NONE: frozenset[int | bytes] = frozenset()
+
+#: A member's source filter: (INCLUDE?, sources); the sources it wants
+#: (INCLUDE) or does not (EXCLUDE).
+Filter = tuple[bool, frozenset[int | bytes]]
+#: EXCLUDE nothing: any source (IGMPv1/v2, MLDv1, and most IGMPv3 joins).
+ANY_SOURCE: Filter = (False, _NONE)
+
+
+def admits(f: Filter | None, source: int | bytes) -> bool:
+    """Whether a member with filter ``f`` (None: any source) wants ``source``."""
+    return f is None or (source in f[1]) == f[0]
+
+
+def after_record(
+    cur: Filter | None, rtype: int, sources: frozenset[int | bytes] | None
+) -> Filter | None:
+    """A one-host member's filter after one of its group records (RFC 3376
+    section 6.4 with the host's own state; ``cur`` None: not a member, and
+    None back: no longer one).  A record of more than MAX_SOURCES sources
+    (``sources`` None) means any source, except BLOCK, which then changes
+    nothing; a set that would grow past MAX_SOURCES likewise."""
+    if sources is None:
+        return cur if rtype == BLOCK else ANY_SOURCE
+    if rtype in (IS_EX, TO_EX):
+        return (False, sources)
+    if rtype in (IS_IN, TO_IN):
+        return (True, sources) if sources else None
+    if cur is None:
+        return (True, sources) if rtype == ALLOW and sources else None
+    include, have = cur
+    if rtype == ALLOW:
+        if not include:
+            return (False, have - sources)
+        grown = have | sources
+        return (True, grown) if len(grown) <= MAX_SOURCES else ANY_SOURCE
+    if include:  # BLOCK
+        left = have - sources
+        return (True, left) if left else None
+    grown = have | sources
+    return (False, grown) if len(grown) <= MAX_SOURCES else cur
+
+
+def _records(buf: bytearray, u: int, end: int, size: int) -> list[Record]:
     """The group records of the IGMPv3 (``size`` 4) or MLDv2 (16) report at
-    ``buf[u:end]`` as (group, joined); records of unknown types are skipped
-    (RFC 3376 section 4.2.12) and BLOCK_OLD_SOURCES leaves the group on."""
+    ``buf[u:end]``; records of unknown types are skipped (RFC 3376 section
+    4.2.12)."""
     count = _U16.unpack_from(buf, u + 6)[0]
     if count > MAX_GROUP_RECORDS:
         raise MembershipError(f"a report of {count} group records (at most {MAX_GROUP_RECORDS})")
-    out: list[tuple[int | bytes, bool]] = []
+    out: list[Record] = []
     q = u + 8
     for _ in range(count):
         if q + 4 + size > end:
             raise MembershipError("a group record past the report")
         rtype, aux = buf[q], buf[q + 1]
-        sources = _U16.unpack_from(buf, q + 2)[0]
+        nsrc = _U16.unpack_from(buf, q + 2)[0]
         raw = bytes(buf[q + 4 : q + 4 + size])
-        q += 4 + size + sources * size + aux * 4
+        first = q + 4 + size
+        q = first + nsrc * size + aux * 4
         if q > end:
             raise MembershipError("a group record past the report")
         group = _group(_U32.unpack_from(raw)[0] if size == 4 else raw)
-        if rtype in (_IS_EX, _TO_EX) or (rtype in (_IS_IN, _TO_IN, _ALLOW) and sources):
-            out.append((group, True))
-        elif rtype in (_IS_IN, _TO_IN) and not sources:
-            out.append((group, False))
+        if rtype not in _TYPES:
+            continue
+        sources: frozenset[int | bytes] | None = None
+        if nsrc <= MAX_SOURCES:
+            sources = frozenset(
+                _U32.unpack_from(buf, s)[0] if size == 4 else bytes(buf[s : s + 16])
+                for s in range(first, first + nsrc * size, size)
+            )
+        out.append((group, rtype, sources))
     return out

@@ -58,7 +58,8 @@ Invariants:
   :data:`~virtnet.ports.mcast.OTHER_QUERIER_S`: a router port; or the switch
   itself), from :data:`~virtnet.ports.mcast.RESPONSE_S` after the first
   query (when every host has answered), traffic to a group some member
-  reported goes only to its members, to router ports and to members whose
+  reported goes only to its members whose source filter admits its source
+  (IGMPv3/MLDv2 INCLUDE and EXCLUDE lists), to router ports and to members whose
   reports the switch could not take; reports and leaves go to router ports
   alone.  Unreported groups, 224.0.0.0/24 and ff02::1 still flood, and so
   does everything on a VLAN with no querier: without queries memberships
@@ -127,13 +128,18 @@ from virtnet.ports.base import (
     SocketQueue,
 )
 from virtnet.ports.mcast import (
+    ANY_SOURCE,
     MEMBERSHIP_S,
     OTHER_QUERIER_S,
     QUERY,
     QUERY_INTERVAL_S,
     RESPONSE_S,
     STARTUP_QUERIES,
+    Filter,
     MembershipError,
+    Record,
+    admits,
+    after_record,
     flooded_group,
     igmp_query,
     membership,
@@ -911,9 +917,13 @@ class _Vm:
         )
 
 
-def _group_text(vlan: int, group: int | bytes) -> str:
-    """A multicast group as ``virtnet stats`` shows it."""
-    return str(ipaddress.ip_address(group)) + (f" vlan {vlan}" if vlan else "")
+def _group_text(vlan: int, group: int | bytes, f: Filter | None = None) -> str:
+    """A multicast group (and a member's source filter) as ``virtnet stats`` shows it."""
+    text = str(ipaddress.ip_address(group))
+    if f is not None:
+        sources = ",".join(sorted(str(ipaddress.ip_address(s)) for s in f[1]))
+        text += f" {'from' if f[0] else 'not from'} {sources}"
+    return text + (f" vlan {vlan}" if vlan else "")
 
 
 def _answerable(vm: _Vm) -> bool:
@@ -983,6 +993,8 @@ class Switch:
         self._groups: dict[tuple[int, int | bytes], dict[_Vm, float]] = {}
         # The same memberships, (VLAN, group, member), in the order they end.
         self._memberships: OrderedDict[tuple[int, int | bytes, _Vm], float] = OrderedDict()
+        # Their source filters, where not ANY_SOURCE.
+        self._filters: dict[tuple[int, int | bytes, _Vm], Filter] = {}
         # VLAN -> router port (a trusted member that sent a query) -> until when.
         self._mrouters: dict[int, dict[_Vm, float]] = {}
         # VLAN -> (when snooping may hold traffic back on it, until when a
@@ -1197,6 +1209,7 @@ class Switch:
                 vm.groups.clear()
             self._groups.clear()
             self._memberships.clear()
+            self._filters.clear()
             self._mrouters.clear()
             self._queriers.clear()
             self._mcast_all.clear()
@@ -1279,7 +1292,7 @@ class Switch:
             for pfx in sorted(pfxs)
         ]
         self.stats.groups = {
-            vm.id: [_group_text(vlan, g) for vlan, g in
+            vm.id: [_group_text(vlan, g, self._filters.get((vlan, g, vm))) for vlan, g in
                     sorted(vm.groups, key=lambda k: (k[0], isinstance(k[1], bytes), k[1]))]
             for vm in self._vms.values()
             if vm.groups
@@ -1567,15 +1580,19 @@ class Switch:
             q = self._queriers.get(vlan)
             if q is None or not q[0] <= now < q[1]:
                 return False  # no querier (yet): memberships may be missing
-            group: int | bytes = (
-                _U32.unpack_from(buf, p + 16)[0] if et == _ETH_IPV4 else bytes(buf[p + 24 : p + 40])
-            )
+            source: int | bytes
+            if et == _ETH_IPV4:
+                group, source = _U32.unpack_from(buf, p + 16)[0], _U32.unpack_from(buf, p + 12)[0]
+            else:
+                group, source = bytes(buf[p + 24 : p + 40]), bytes(buf[p + 8 : p + 24])
             members = self._groups.get((vlan, group))
             if members is None or flooded_group(group):
                 return False
-            out = dict.fromkeys(m for m, end in members.items() if end > now)
-            if not out:
-                return False
+            live = [m for m, end in members.items() if end > now]
+            if not live:
+                return False  # every membership has lapsed: unreported again
+            filters = self._filters
+            out = dict.fromkeys(m for m in live if admits(filters.get((vlan, group, m)), source))
             out.update((m, None) for m, end in self._mcast_all.items() if end > now)
         # Reports go to router ports alone (RFC 4541 section 2.1.1), lest
         # IGMPv1/v2 and MLDv1 hosts hear each other and stay silent.
@@ -1598,28 +1615,44 @@ class Switch:
         start = q[0] if q is not None and q[1] > now else now + min(response_s, OTHER_QUERIER_S)
         self._queriers[vlan] = (start, now + OTHER_QUERIER_S)
 
-    def _membership(
-        self, src: _Port, vlan: int, records: list[tuple[int | bytes, bool]], now: float
-    ) -> None:
-        """Take the group records of a report ``src`` sent on ``vlan``."""
+    def _membership(self, src: _Port, vlan: int, records: list[Record], now: float) -> None:
+        """Take the group records of a report ``src`` sent on ``vlan``.
+
+        A VM is one host: its records set its filter, and a leave ends its
+        membership at once.  Behind an uplink there may be many: a record
+        that joins makes it a member for any source, and leaves are left to
+        age (another host may still listen)."""
         vm = src.vm
         order = self._memberships
-        for group, joined in records:
+        filters = self._filters
+        for group, rtype, sources in records:
             if flooded_group(group):
                 continue
-            key = (vlan, group)
-            if not joined:
-                if src.sock is not None:  # a VM: one host, its leave is final
+            key, fkey = (vlan, group), (vlan, group, vm)
+            member = key in vm.groups
+            if src.sock is None:
+                if after_record(None, rtype, sources) is None:
+                    continue
+                new: Filter | None = ANY_SOURCE
+            else:
+                cur = filters.get(fkey, ANY_SOURCE) if member else None
+                new = after_record(cur, rtype, sources)
+            if new is None:
+                if member:
                     self._leave_groups(vm, [key])
                 continue
-            if key not in vm.groups:
+            if not member:
                 if len(vm.groups) >= MCAST_GROUPS_PER_VM:
                     self.stats.mcast_refused += 1
                     self._mcast_all[vm] = now + MEMBERSHIP_S
                     continue
                 vm.groups.add(key)
-            self._groups.setdefault(key, {})[vm] = order[(vlan, group, vm)] = now + MEMBERSHIP_S
-            order.move_to_end((vlan, group, vm))
+            self._groups.setdefault(key, {})[vm] = order[fkey] = now + MEMBERSHIP_S
+            order.move_to_end(fkey)
+            if new == ANY_SOURCE:
+                filters.pop(fkey, None)
+            else:
+                filters[fkey] = new
             self.stats.mcast_joined += 1
 
     def _leave_groups(self, vm: _Vm, keys: Iterable[tuple[int, int | bytes]]) -> None:
@@ -1629,6 +1662,7 @@ class Switch:
             members = self._groups.get(key)
             if members is not None and members.pop(vm, None) is not None:
                 del self._memberships[(key[0], key[1], vm)]
+                self._filters.pop((key[0], key[1], vm), None)
                 if not members:
                     del self._groups[key]
 
