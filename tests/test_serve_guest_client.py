@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,9 @@ DHCP6_NET, DHCP6_HOST, DHCP6_RANGE = "fd77:3::", "fd77:3::1", ("fd77:3::100", "f
 DHCLIENT = shutil.which("dhclient")
 #: socat, which joins the guest to IPv4 multicast groups (copied in likewise).
 SOCAT = shutil.which("socat")
-#: The groups the guest and the host join, and the UDP port datagrams to them go to.
-GUEST_GROUP, HOST_GROUP, MCAST_PORT = "239.77.2.9", "239.77.2.10", 5009
+#: The groups the guest and the host join (the last from the guest's address
+#: alone: source-specific multicast, 232/8), and the UDP port datagrams to them go to.
+GUEST_GROUP, HOST_GROUP, SSM_GROUP, MCAST_PORT = "239.77.2.9", "239.77.2.10", "232.77.2.11", 5009
 
 
 @pytest.fixture(scope="module")
@@ -276,14 +278,20 @@ def test_a_guest_may_send_from_the_address_dhcpv6_leased_it(
 
 
 #: The host's end of a multicast test: join ``group`` on the interface with
-#: address ``addr``, print the first datagram to it (10 s at most).
+#: address ``addr`` (from the source ``argv[4]`` alone if given: a
+#: source-specific join), print the first datagram to it (10 s at most).
 _RECEIVE = """
 import socket, sys
 group, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("", port))
-s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
-             socket.inet_aton(group) + socket.inet_aton(addr))
+if len(sys.argv) > 4:  # struct ip_mreq_source: group, interface, source
+    # IP_ADD_SOURCE_MEMBERSHIP, <linux/in.h> (Python has it from 3.12 on)
+    s.setsockopt(socket.IPPROTO_IP, 39, socket.inet_aton(group)
+                 + socket.inet_aton(addr) + socket.inet_aton(sys.argv[4]))
+else:
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                 socket.inet_aton(group) + socket.inet_aton(addr))
 print("joined", flush=True)
 s.settimeout(10)
 print(s.recv(2048).decode(), flush=True)
@@ -302,6 +310,12 @@ s.sendto(text.encode(), (group, port))
 def _groups(stats: Path) -> list[str]:
     """The guest's multicast groups as ``virtnet stats`` shows them."""
     return list(fetch(str(stats))["vms"][0].get("groups", []))
+
+
+def _uplink_joined(stats: Path, group: str) -> bool:
+    """Whether ``virtnet stats`` shows an uplink in ``group``."""
+    groups = fetch(str(stats))["switch"].get("groups", {})
+    return any(group in g for g in groups.values())
 
 
 def _forwarded(stats: Path) -> int:
@@ -324,8 +338,9 @@ def test_multicast_snooping_with_the_guests_own_igmp_and_mld(
     the guest is a member of the solicited-node group of its link-local
     address (its MLDv2 reports); a group it joins with socat (IGMPv3) gets
     the host's datagram, sent to the group's members rather than flooded;
-    a group the host joins on the uplink gets the guest's; when socat exits
-    the guest's leave ends its membership at once."""
+    a group the host joins on the uplink gets the guest's, and so does one it
+    joins for the guest's address alone; when socat exits the guest's leave
+    ends its membership at once."""
     if SOCAT is None:
         pytest.skip("socat is not installed (Debian package socat)")
     guest, ns, stats = setup
@@ -352,25 +367,23 @@ def test_multicast_snooping_with_the_guests_own_igmp_and_mld(
         guest.run("killall socat", check=False)
     # socat's exit makes the guest's kernel leave (an IGMPv3 TO_IN({}) record).
     assert wait_for(lambda: GUEST_GROUP not in _groups(stats), timeout=30), fetch(str(stats))
-    # The host joins HOST_GROUP on the uplink; the guest sends to it.
-    receiver = ns.popen(
-        [sys.executable, "-c", _RECEIVE, HOST_GROUP, HOST_IP, str(MCAST_PORT)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        assert receiver.stdout is not None
-        assert receiver.stdout.readline().strip() == "joined"
-
-        def uplink_joined() -> bool:
-            groups = fetch(str(stats))["switch"].get("groups", {})
-            return any(HOST_GROUP in g for g in groups.values())
-
-        assert wait_for(uplink_joined, timeout=30), fetch(str(stats))["switch"]
-        guest.run(f"echo to-host | socat -u - UDP4-DATAGRAM:{HOST_GROUP}:{MCAST_PORT},"
-                  f"ip-multicast-if={GUEST_IP}")  # fmt: skip
-        assert receiver.stdout.readline().strip() == "to-host"
-    finally:
-        stop_process(receiver, timeout=10)
+    # The host joins HOST_GROUP on the uplink, then SSM_GROUP from the guest's
+    # address alone (its kernel's IGMPv3 ALLOW record); the guest sends to each.
+    for group, only in ((HOST_GROUP, ()), (SSM_GROUP, (GUEST_IP,))):
+        receiver = ns.popen(
+            [sys.executable, "-c", _RECEIVE, group, HOST_IP, str(MCAST_PORT), *only],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            assert receiver.stdout is not None
+            assert receiver.stdout.readline().strip() == "joined"
+            joined = partial(_uplink_joined, stats, group)
+            assert wait_for(joined, timeout=30), fetch(str(stats))["switch"]
+            guest.run(f"echo to-host | socat -u - UDP4-DATAGRAM:{group}:{MCAST_PORT},"
+                      f"ip-multicast-if={GUEST_IP}")  # fmt: skip
+            assert receiver.stdout.readline().strip() == "to-host"
+        finally:
+            stop_process(receiver, timeout=10)
 
 
 def test_the_switch_asks_the_guest_for_its_groups_after_a_restart(
