@@ -82,6 +82,20 @@ def _ipv4(src: str, dst: str, proto: int, body: bytes, *, ttl: int = 1) -> bytes
     return bytes(hdr) + body
 
 
+def _report(
+    records: Sequence[tuple[int, str, int]], version: int, claimed: int | None = None
+) -> bytearray:
+    """An IGMPv3 (``version`` 4) or MLDv2 (6) report of ``records``, each
+    (record type, group, number of sources: :func:`source` 1, 2...; each
+    claims ``claimed`` sources if given), its checksum not set."""
+    kind, record = (0x22, "!BBH4s") if version == 4 else (143, "!BBH16s")
+    body = bytearray(struct.pack("!BBHHH", kind, 0, 0, 0, len(records)))
+    for rtype, g, nsrc in records:
+        body += struct.pack(record, rtype, 0, nsrc if claimed is None else claimed, _packed(g))
+        body += b"".join(_packed(source(i, version)) for i in range(1, nsrc + 1))
+    return body
+
+
 def igmp(
     src: bytes,
     kind: int,
@@ -93,15 +107,9 @@ def igmp(
     claimed: int | None = None,
 ) -> bytes:
     """An IGMP message from MAC ``src``: a v1/v2 report, v2 leave or query
-    of ``group``, or (``kind`` 0x22) a v3 report of ``records``, each
-    (record type, group, number of sources: :func:`source` 1, 2...; each
-    record claims ``claimed`` sources if given)."""
+    of ``group``, or (``kind`` 0x22) a v3 report of ``records`` (:func:`_report`)."""
     if kind == 0x22:
-        body = bytearray(struct.pack("!BBHHH", kind, 0, 0, 0, len(records)))
-        for rtype, g, nsrc in records:
-            body += struct.pack("!BBH4s", rtype, 0, nsrc if claimed is None else claimed,
-                                _packed(g))  # fmt: skip
-            body += b"".join(_packed(source(i, 4)) for i in range(1, nsrc + 1))
+        body = _report(records, 4, claimed)
         dst = "224.0.0.22"
     else:
         body = bytearray(struct.pack("!BBH4s", kind, 100, 0, _packed(group)))
@@ -124,10 +132,7 @@ def mld(
     a v1 report (131), done (132) or query (130) of ``group``, or (143) a
     v2 report of ``records``."""
     if kind == 143:
-        body = bytearray(struct.pack("!BBHHH", kind, 0, 0, 0, len(records)))
-        for rtype, g, nsrc in records:
-            body += struct.pack("!BBH16s", rtype, 0, nsrc, _packed(g))
-            body += b"".join(_packed(source(i, 6)) for i in range(1, nsrc + 1))
+        body = _report(records, 6)
         dst = "ff02::16"
     else:
         body = bytearray(struct.pack("!BBHHH16s", kind, 0, 0, 1000, 0, _packed(group)))
