@@ -592,3 +592,64 @@ def test_source_specific_memberships(sw: Switch, clock: Clock) -> None:
         assert who_gets(sw, qs["a"], data(mac(1), "239.5.5.5", ip=2), qs) == {"c", "up"}
     finally:
         up.close()
+
+
+def _pim_hello(src: bytes, ip_src: str, *, bad_checksum: bool = False) -> bytes:
+    """A PIMv2 hello (holdtime option 105 s) from ``ip_src`` to ALL-PIM-ROUTERS."""
+    body = bytearray(struct.pack("!BBHHHH", 0x20, 0, 0, 1, 2, 105))
+    if ":" in ip_src:
+        dst = "ff02::d"
+        pseudo = _packed(ip_src) + _packed(dst) + struct.pack("!IxxxB", len(body), 103)
+        body[2:4] = struct.pack("!H", inet_checksum(pseudo + body) ^ (1 if bad_checksum else 0))
+        ip = struct.pack("!IHBB16s16s", 0x60000000, len(body), 103, 1, _packed(ip_src),
+                         _packed(dst)) + bytes(body)  # fmt: skip
+        return _frame(src, dst, 0x86DD, ip, None)
+    body[2:4] = struct.pack("!H", inet_checksum(body) ^ (1 if bad_checksum else 0))
+    return _frame(src, "224.0.0.13", 0x0800, _ipv4(ip_src, "224.0.0.13", 103, bytes(body)), None)
+
+
+def _mrd_advert(src: bytes, version: int) -> bytes:
+    """A multicast router discovery advertisement (RFC 4286), IGMP or ICMPv6."""
+    if version == 4:
+        body = bytearray(struct.pack("!BBHHH", 0x30, 20, 0, 125, 2))
+        body[2:4] = struct.pack("!H", inet_checksum(body))
+        return _frame(src, "224.0.0.106", 0x0800, _ipv4("10.0.0.9", "224.0.0.106", 2, bytes(body)),
+                      None)  # fmt: skip
+    ip_src, dst = "fe80::9", "ff02::6a"
+    body = bytearray(struct.pack("!BBHHH", 151, 20, 0, 125, 2))
+    pseudo = _packed(ip_src) + _packed(dst) + struct.pack("!IxxxB", len(body), 58)
+    body[2:4] = struct.pack("!H", inet_checksum(pseudo + body))
+    ip = struct.pack("!IHBB16s16s", 0x60000000, len(body), 58, 1, _packed(ip_src),
+                     _packed(dst)) + bytes(body)  # fmt: skip
+    return _frame(src, dst, 0x86DD, ip, None)
+
+
+def test_routers_that_do_not_query(sw: Switch, clock: Clock) -> None:
+    """A trusted member that sends a PIM hello (IPv4 or IPv6) or a multicast
+    router discovery advertisement is a router port without being the
+    querier: it gets every reported group.  A VM held to its addresses does
+    not become one; a hello with a bad checksum is not one (and is no report
+    either: nothing is refused)."""
+    qs = {v: sw.open_queue(v, 0) for v in "abcde"}
+    sw.set_ips("e", [_packed("10.0.0.9"), _packed("fe80::9")])
+    ask(sw, clock, qs)
+    who_gets(sw, qs["b"], igmp(mac(2), 0x16, "239.1.1.1"), qs)
+    assert who_gets(sw, qs["a"], data(mac(1), "239.1.1.1"), qs) == {"b"}
+    for sender, hello in (
+        ("e", _pim_hello(mac(5), "10.0.0.9")),
+        ("c", _pim_hello(mac(3), "fe80::3", bad_checksum=True)),
+        ("c", _pim_hello(mac(3), "10.0.0.3", bad_checksum=True)),
+    ):
+        assert who_gets(sw, qs[sender], hello, qs) == {"a", "b", "c", "d", "e"} - {sender}
+    assert sw.snapshot().mrouters == [] and sw.snapshot().mcast_refused == 0
+    for sender, hello in (
+        ("c", _pim_hello(mac(3), "fe80::3")),
+        ("d", _mrd_advert(mac(4), 4)),
+        ("a", _mrd_advert(mac(1), 6)),
+    ):
+        who_gets(sw, qs[sender], hello, qs)
+    assert sorted(sw.snapshot().mrouters) == ["a", "c", "d"]
+    assert who_gets(sw, qs["e"], data(mac(5), "239.1.1.1"), qs) == {"a", "b", "c", "d"}
+    clock.t += OTHER_QUERIER_S + 1
+    pump(sw)
+    assert sw.snapshot().mrouters == []

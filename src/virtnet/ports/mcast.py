@@ -39,6 +39,7 @@ __all__ = [
     "QUERY_INTERVAL_S",
     "REPORT",
     "RESPONSE_S",
+    "ROUTER",
     "STARTUP_QUERIES",
     "TO_EX",
     "TO_IN",
@@ -84,9 +85,13 @@ MAX_SOURCES: Final = 64
 #: reports, RFC 3376 section 4.2.16).
 MAX_GROUP_RECORDS: Final = 256
 
-#: What :func:`membership` found.
+#: What :func:`membership` found: a query, a report, or a multicast router
+#: announcing itself (a PIMv2 hello, RFC 7761 section 4.9.2, or a multicast
+#: router discovery advertisement, RFC 4286 section 3), which makes its
+#: sender a router port as a query does (RFC 4541 section 2.1.1).
 QUERY: Final = 0
 REPORT: Final = 1
+ROUTER: Final = 2
 
 _IGMP = 2
 _ICMPV6 = 58
@@ -97,6 +102,8 @@ _IGMP_QUERY, _IGMP_V1_REPORT, _IGMP_V2_REPORT, _IGMP_LEAVE, _IGMP_V3_REPORT = (
     0x11, 0x12, 0x16, 0x17, 0x22,
 )  # fmt: skip
 _MLD_QUERY, _MLD_REPORT, _MLD_DONE, _MLD_V2_REPORT = 130, 131, 132, 143
+_MRD_ADVERT, _MRD6_ADVERT = 0x30, 151  # IGMP type, ICMPv6 type (RFC 4286 section 5)
+_PIM, _PIM_HELLO = 103, 0x20  # protocol; version 2, type 0
 #: Group record types (RFC 3376 section 4.2.12, RFC 3810 section 5.2.12):
 #: MODE_IS_INCLUDE, MODE_IS_EXCLUDE, CHANGE_TO_INCLUDE_MODE,
 #: CHANGE_TO_EXCLUDE_MODE, ALLOW_NEW_SOURCES, BLOCK_OLD_SOURCES.
@@ -150,11 +157,14 @@ def membership(buf: bytearray, n: int, et: int, p: int, proto: int, u: int) -> M
     the IP header's offset, ``proto`` the upper-layer protocol and ``u`` its
     header's offset (negative: a later fragment or an unreadable header).
 
-    None for a frame that is neither (other IGMP types, such as DVMRP and
-    PIMv1, too).  :class:`MembershipError` for one the switch must not read:
+    A PIMv2 hello with a good checksum is a :data:`ROUTER` message too.
+    None for a frame that is none of these (other IGMP and PIM types, such
+    as DVMRP and PIMv1, too).  :class:`MembershipError` for one the switch must not read:
     fragmented, truncated, a bad checksum, an MLD message that did not come
     from the link, a group that is not multicast, more than
     :data:`MAX_GROUP_RECORDS` records."""
+    if proto == _PIM:
+        return _pim_hello(buf, n, et, p, u)
     if et == _ETH_IPV4 and proto == _IGMP:
         if u < 0 or buf[p + 6] & 0x20:
             raise MembershipError("a fragmented IGMP message")
@@ -163,10 +173,12 @@ def membership(buf: bytearray, n: int, et: int, p: int, proto: int, u: int) -> M
             raise MembershipError("an IGMP message shorter than 8 bytes or past the frame")
         kind = buf[u]
         if kind not in (_IGMP_QUERY, _IGMP_V1_REPORT, _IGMP_V2_REPORT, _IGMP_LEAVE,
-                        _IGMP_V3_REPORT):  # fmt: skip
+                        _IGMP_V3_REPORT, _MRD_ADVERT):  # fmt: skip
             return None
         if inet_checksum(buf[u:end]):
             raise MembershipError("an IGMP message with a bad checksum")
+        if kind == _MRD_ADVERT:
+            return Membership(ROUTER, [])
         if kind == _IGMP_QUERY:
             # Tenths of a second (RFC 2236 section 2.2; 0: an IGMPv1 query,
             # RFC 3376 section 7.1: 10 s), in IGMPv3 a float from 128 on (4.1.1).
@@ -181,10 +193,10 @@ def membership(buf: bytearray, n: int, et: int, p: int, proto: int, u: int) -> M
     if et != _ETH_IPV6 or proto != _ICMPV6 or u < 0 or n < u + 1:
         return None
     kind = buf[u]
-    if kind not in (_MLD_QUERY, _MLD_REPORT, _MLD_DONE, _MLD_V2_REPORT):
+    if kind not in (_MLD_QUERY, _MLD_REPORT, _MLD_DONE, _MLD_V2_REPORT, _MRD6_ADVERT):
         return None
     end = p + 40 + _U16.unpack_from(buf, p + 4)[0]
-    if end > n or end < u + (8 if kind == _MLD_V2_REPORT else 24):
+    if end > n or end < u + (8 if kind in (_MLD_V2_REPORT, _MRD6_ADVERT) else 24):
         raise MembershipError("an MLD message too short or past the frame")
     src = bytes(buf[p + 8 : p + 24])
     if buf[p + 7] != 1 or not (
@@ -194,6 +206,8 @@ def membership(buf: bytearray, n: int, et: int, p: int, proto: int, u: int) -> M
     pseudo = src + bytes(buf[p + 24 : p + 40]) + struct.pack("!IxxxB", end - u, _ICMPV6)
     if inet_checksum(pseudo + buf[u:end]):
         raise MembershipError("an MLD message with a bad checksum")
+    if kind == _MRD6_ADVERT:
+        return Membership(ROUTER, [])
     if kind == _MLD_QUERY:
         # Milliseconds (RFC 2710 section 3.4), in MLDv2 a float from 32768 on (RFC 3810 5.1.3).
         code = _U16.unpack_from(buf, u + 4)[0]
@@ -204,6 +218,26 @@ def membership(buf: bytearray, n: int, et: int, p: int, proto: int, u: int) -> M
         group = _group(bytes(buf[u + 8 : u + 24]))
         return Membership(REPORT, [(group, TO_EX if kind == _MLD_REPORT else TO_IN, _NONE)])
     return Membership(REPORT, _records(buf, u, end, 16))
+
+
+def _pim_hello(buf: bytearray, n: int, et: int, p: int, u: int) -> Membership | None:
+    """A :data:`ROUTER` message for the PIMv2 hello at ``buf[u:]`` whose
+    checksum is good (over the message, IPv6 with its pseudo-header: RFC 7761
+    section 4.9); None for anything else (PIM that is not snooping's business
+    goes on as before)."""
+    if et == _ETH_IPV4:
+        end = p + _U16.unpack_from(buf, p + 2)[0]
+        pseudo = b""
+    elif et == _ETH_IPV6:
+        end = p + 40 + _U16.unpack_from(buf, p + 4)[0]
+        pseudo = bytes(buf[p + 8 : p + 40]) + struct.pack("!IxxxB", max(end - u, 0), _PIM)
+    else:
+        return None
+    if u < 0 or end > n or end < u + 4 or buf[u] != _PIM_HELLO:
+        return None
+    if inet_checksum(pseudo + buf[u:end]):
+        return None
+    return Membership(ROUTER, [])
 
 
 def igmp_query(mac: bytes) -> bytes:

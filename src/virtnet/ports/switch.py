@@ -53,11 +53,13 @@ Invariants:
   solicitations for the addresses of VMs held to one MAC and to their
   addresses are answered by the switch, to the asker alone, not flooded.
 * Multicast snooping (``set_mcast_snoop``, RFC 4541; :mod:`virtnet.ports.mcast`):
-  the switch reads IGMP and MLD reports and queries.  On a VLAN with a
-  querier (a trusted member that sent a query in the last
-  :data:`~virtnet.ports.mcast.OTHER_QUERIER_S`: a router port; or the switch
-  itself), from :data:`~virtnet.ports.mcast.RESPONSE_S` after the first
-  query (when every host has answered), traffic to a group some member
+  the switch reads IGMP and MLD reports and queries.  A router port is a
+  trusted member that sent a query, a PIM hello or a multicast router
+  discovery advertisement in the last
+  :data:`~virtnet.ports.mcast.OTHER_QUERIER_S`.  On a VLAN with a querier (a
+  member that sent a query in that time, or the switch itself), from the
+  first query's maximum response time on (when every host has answered;
+  :data:`~virtnet.ports.mcast.RESPONSE_S` for the switch's own), traffic to a group some member
   reported goes only to its members whose source filter admits its source
   (IGMPv3/MLDv2 INCLUDE and EXCLUDE lists), to router ports and to members whose
   reports the switch could not take; reports and leaves go to router ports
@@ -134,6 +136,7 @@ from virtnet.ports.mcast import (
     QUERY,
     QUERY_INTERVAL_S,
     RESPONSE_S,
+    ROUTER,
     STARTUP_QUERIES,
     Filter,
     MembershipError,
@@ -1573,6 +1576,10 @@ class Switch:
                     self._mrouters.setdefault(vlan, {})[svm] = now + OTHER_QUERIER_S
                     self._querier_heard(vlan, now, msg.response_s)
                 return False  # for every host on the link
+            if msg.kind == ROUTER:  # a PIM hello or MRD advertisement
+                if svm.ips is None:
+                    self._mrouters.setdefault(vlan, {})[svm] = now + OTHER_QUERIER_S
+                return False  # to a link-local group: every member
             self._membership(src, vlan, msg.records, now)
         elif et not in (_ETH_IPV4, _ETH_IPV6):
             return False  # not IP: no group to look up
