@@ -37,7 +37,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 
-from virtnet.net import inet_checksum
+from virtnet.net import inet_checksum, ipv6_checksum
 from virtnet.ports import VNET_HDR_LEN, SocketQueue, mcast
 from virtnet.ports import switch as sw_mod
 from virtnet.ports.base import MAX_FRAME_LEN
@@ -248,7 +248,7 @@ def _mld_query() -> bytes:
     """An MLDv1 general query from fe80::a, hop limit 1."""
     src, dst = ipaddress.ip_address("fe80::a").packed, ipaddress.ip_address("ff02::1").packed
     body = bytearray(struct.pack("!BBHHH16s", 130, 0, 0, 1000, 0, bytes(16)))
-    body[2:4] = struct.pack("!H", inet_checksum(src + dst + struct.pack("!IxxxB", 24, 58) + body))
+    body[2:4] = struct.pack("!H", ipv6_checksum(src + dst, 58, body))
     return struct.pack("!IHBB16s16s", 0x60000000, 24, 58, 1, src, dst) + bytes(body)
 
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from test_ports_switch import Clock, TrackingSwitch, drain, mac, pump, send
-from virtnet.net import inet_checksum
+from virtnet.net import inet_checksum, ipv6_checksum
 from virtnet.ports import VNET_HDR_LEN, SocketQueue
 from virtnet.ports import switch as sw_mod
 from virtnet.ports.mcast import (
@@ -137,8 +137,7 @@ def mld(
     else:
         body = bytearray(struct.pack("!BBHHH16s", kind, 0, 0, 1000, 0, _packed(group)))
         dst = {130: "ff02::1", 132: "ff02::2"}.get(kind, group)
-    pseudo = _packed(ip_src) + _packed(dst) + struct.pack("!IxxxB", len(body), 58)
-    body[2:4] = struct.pack("!H", inet_checksum(pseudo + body))
+    body[2:4] = struct.pack("!H", ipv6_checksum(_packed(ip_src) + _packed(dst), 58, body))
     hbh = bytes([58, 0, 5, 2, 0, 0, 1, 0])  # router alert (RFC 2711), PadN
     ip = struct.pack("!IHBB16s16s", 0x60000000, len(hbh) + len(body), 0, hop, _packed(ip_src),
                      _packed(dst)) + hbh + bytes(body)  # fmt: skip
@@ -599,8 +598,8 @@ def _pim_hello(src: bytes, ip_src: str, *, bad_checksum: bool = False) -> bytes:
     body = bytearray(struct.pack("!BBHHHH", 0x20, 0, 0, 1, 2, 105))
     if ":" in ip_src:
         dst = "ff02::d"
-        pseudo = _packed(ip_src) + _packed(dst) + struct.pack("!IxxxB", len(body), 103)
-        body[2:4] = struct.pack("!H", inet_checksum(pseudo + body) ^ (1 if bad_checksum else 0))
+        cs = ipv6_checksum(_packed(ip_src) + _packed(dst), 103, body)
+        body[2:4] = struct.pack("!H", cs ^ (1 if bad_checksum else 0))
         ip = struct.pack("!IHBB16s16s", 0x60000000, len(body), 103, 1, _packed(ip_src),
                          _packed(dst)) + bytes(body)  # fmt: skip
         return _frame(src, dst, 0x86DD, ip, None)
@@ -617,8 +616,7 @@ def _mrd_advert(src: bytes, version: int) -> bytes:
                       None)  # fmt: skip
     ip_src, dst = "fe80::9", "ff02::6a"
     body = bytearray(struct.pack("!BBHHH", 151, 20, 0, 125, 2))
-    pseudo = _packed(ip_src) + _packed(dst) + struct.pack("!IxxxB", len(body), 58)
-    body[2:4] = struct.pack("!H", inet_checksum(pseudo + body))
+    body[2:4] = struct.pack("!H", ipv6_checksum(_packed(ip_src) + _packed(dst), 58, body))
     ip = struct.pack("!IHBB16s16s", 0x60000000, len(body), 58, 1, _packed(ip_src),
                      _packed(dst)) + bytes(body)  # fmt: skip
     return _frame(src, dst, 0x86DD, ip, None)

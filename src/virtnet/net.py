@@ -110,6 +110,7 @@ __all__ = [
     "ctrl_index",
     "hdr_len",
     "inet_checksum",
+    "ipv6_checksum",
     "negotiate",
     "num_queue_pairs",
     "pair_of",
@@ -543,3 +544,12 @@ def inet_checksum(data: bytes | bytearray) -> int:
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return ~s & 0xFFFF
+
+
+def ipv6_checksum(addrs: bytes | bytearray, nh: int, data: bytes | bytearray) -> int:
+    """The Internet checksum of the upper-layer message ``data`` (protocol
+    ``nh``: ICMPv6, PIM...) behind the IPv6 pseudo-header of ``addrs``, the
+    packet's source and destination addresses (32 bytes; RFC 8200 section
+    8.1): 0 for a message whose checksum field is right, else the value to
+    put there while it is zero."""
+    return inet_checksum(bytes(addrs) + struct.pack("!IxxxB", len(data), nh) + data)

@@ -23,7 +23,7 @@ import struct
 from typing import Final, NamedTuple
 
 from virtnet.errors import PeerError
-from virtnet.net import inet_checksum
+from virtnet.net import inet_checksum, ipv6_checksum
 
 __all__ = [
     "ALLOW",
@@ -203,8 +203,7 @@ def membership(buf: bytearray, n: int, et: int, p: int, proto: int, u: int) -> M
         (src[0] == 0xFE and src[1] & 0xC0 == 0x80) or (src == _IPV6_ANY and kind != _MLD_QUERY)
     ):
         raise MembershipError("an MLD message not from the link (hop limit 1, fe80::/10)")
-    pseudo = src + bytes(buf[p + 24 : p + 40]) + struct.pack("!IxxxB", end - u, _ICMPV6)
-    if inet_checksum(pseudo + buf[u:end]):
+    if ipv6_checksum(buf[p + 8 : p + 40], _ICMPV6, buf[u:end]):
         raise MembershipError("an MLD message with a bad checksum")
     if kind == _MRD6_ADVERT:
         return Membership(ROUTER, [])
@@ -227,15 +226,14 @@ def _pim_hello(buf: bytearray, n: int, et: int, p: int, u: int) -> Membership | 
     goes on as before)."""
     if et == _ETH_IPV4:
         end = p + _U16.unpack_from(buf, p + 2)[0]
-        pseudo = b""
     elif et == _ETH_IPV6:
         end = p + 40 + _U16.unpack_from(buf, p + 4)[0]
-        pseudo = bytes(buf[p + 8 : p + 40]) + struct.pack("!IxxxB", max(end - u, 0), _PIM)
     else:
         return None
     if u < 0 or end > n or end < u + 4 or buf[u] != _PIM_HELLO:
         return None
-    if inet_checksum(pseudo + buf[u:end]):
+    msg = buf[u:end]
+    if ipv6_checksum(buf[p + 8 : p + 40], _PIM, msg) if et == _ETH_IPV6 else inet_checksum(msg):
         return None
     return Membership(ROUTER, [])
 
@@ -262,8 +260,7 @@ def mld_query(mac: bytes) -> bytes:
     src = bytes.fromhex("fe80000000000000") + bytes([mac[0] ^ 2]) + mac[1:3] + b"\xff\xfe" + mac[3:]
     mld = bytearray(struct.pack("!BBHHH16sBBH", _MLD_QUERY, 0, 0, _RESPONSE_MS, 0, bytes(16),
                                 _QRV, _QQIC, 0))  # fmt: skip
-    pseudo = src + _ALL_NODES + struct.pack("!IxxxB", len(mld), _ICMPV6)
-    mld[2:4] = _U16.pack(inet_checksum(pseudo + mld))
+    mld[2:4] = _U16.pack(ipv6_checksum(src + _ALL_NODES, _ICMPV6, mld))
     hbh = bytes([_ICMPV6, 0, 5, 2, 0, 0, 1, 0])  # router alert (MLD), PadN
     ip = struct.pack("!IHBB16s16s", 6 << 28, len(hbh) + len(mld), 0, 1, src, _ALL_NODES)
     return b"\x33\x33\x00\x00\x00\x01" + mac + _U16.pack(_ETH_IPV6) + ip + hbh + bytes(mld)

@@ -120,7 +120,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from virtnet.errors import ProtocolError, UsageError
 from virtnet.forking import fork_child
-from virtnet.net import inet_checksum
+from virtnet.net import ipv6_checksum
 from virtnet.ports.base import (
     MAX_FRAME_LEN,
     VNET_HDR_LEN,
@@ -747,8 +747,7 @@ def na_reply(src: bytes, dst: bytes, target: bytes, mac: bytes) -> bytes:
     ``dst``: ``target`` is at ``mac`` (a target link-layer address option),
     its ICMPv6 checksum set."""
     icmp = bytearray(_NA.pack(_ND_NA, 0, 0, _NA_SOLICITED_OVERRIDE, target, 2, 1, mac))
-    pseudo = src + dst + struct.pack("!IxxxB", len(icmp), _ICMPV6)
-    icmp[2:4] = _U16.pack(inet_checksum(pseudo + icmp))
+    icmp[2:4] = _U16.pack(ipv6_checksum(src + dst, _ICMPV6, icmp))
     return struct.pack("!IHBB16s16s", 6 << 28, len(icmp), _ICMPV6, 255, src, dst) + icmp
 
 
