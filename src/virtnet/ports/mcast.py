@@ -184,7 +184,7 @@ def membership(buf: bytearray, n: int, et: int, p: int, proto: int, u: int) -> M
             # RFC 3376 section 7.1: 10 s), in IGMPv3 a float from 128 on (4.1.1).
             code = buf[u + 1]
             if code >= 128 and end >= u + 12:
-                code = ((code & 0x0F) | 0x10) << (((code >> 4) & 7) + 3)
+                code = _float_code(code, 4)
             return Membership(QUERY, [], code / 10 if code else RESPONSE_S)
         if kind != _IGMP_V3_REPORT:
             group = _group(_U32.unpack_from(buf, u + 4)[0])
@@ -211,12 +211,20 @@ def membership(buf: bytearray, n: int, et: int, p: int, proto: int, u: int) -> M
         # Milliseconds (RFC 2710 section 3.4), in MLDv2 a float from 32768 on (RFC 3810 5.1.3).
         code = _U16.unpack_from(buf, u + 4)[0]
         if code >= 32768 and end >= u + 28:
-            code = ((code & 0x0FFF) | 0x1000) << (((code >> 12) & 7) + 3)
+            code = _float_code(code, 12)
         return Membership(QUERY, [], code / 1000)
     if kind != _MLD_V2_REPORT:
         group = _group(bytes(buf[u + 8 : u + 24]))
         return Membership(REPORT, [(group, TO_EX if kind == _MLD_REPORT else TO_IN, _NONE)])
     return Membership(REPORT, _records(buf, u, end, 16))
+
+
+def _float_code(code: int, bits: int) -> int:
+    """The value of a Max Resp Code in its floating-point form: a mantissa
+    of ``bits`` bits under a 3-bit exponent (RFC 3376 section 4.1.1: 4 bits;
+    RFC 3810 section 5.1.3: 12)."""
+    mant, exp = code & ((1 << bits) - 1), (code >> bits) & 7
+    return (mant | 1 << bits) << (exp + 3)
 
 
 def _pim_hello(buf: bytearray, n: int, et: int, p: int, u: int) -> Membership | None:

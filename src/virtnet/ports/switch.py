@@ -135,8 +135,8 @@ from virtnet.ports.mcast import (
     OTHER_QUERIER_S,
     QUERY,
     QUERY_INTERVAL_S,
+    REPORT,
     RESPONSE_S,
-    ROUTER,
     STARTUP_QUERIES,
     Filter,
     MembershipError,
@@ -1008,7 +1008,9 @@ class Switch:
         self._next_query = 0.0
         self._startup_queries = 0  # queries left to send a quarter interval apart
         # The querier's source MAC: locally administered, this process's own.
-        self._mac = bytes([0x02 | (os.urandom(1)[0] & 0xFC)]) + os.urandom(5)
+        mac = bytes([0x02 | (os.urandom(1)[0] & 0xFC)]) + os.urandom(5)
+        # The querier's IGMP and MLD general queries, from that MAC.
+        self._queries = (igmp_query(mac), mld_query(mac))
         self._buf = bytearray(_BUF_LEN)
         self._view = memoryview(self._buf)
         self._ctl: socket.socket | None = None
@@ -1565,20 +1567,16 @@ class Switch:
         try:
             msg = membership(buf, n, et, p, proto, u)
         except MembershipError:
-            self.stats.mcast_refused += 1
-            self._mcast_all[svm] = now + MEMBERSHIP_S
+            self._refuse_report(svm, now)
             return False
         out: dict[_Vm, None] = {}
         if msg is not None:
-            if msg.kind == QUERY:
+            if msg.kind != REPORT:  # a query, PIM hello or MRD advertisement
                 if svm.ips is None:  # a trusted member: a router port
                     self._mrouters.setdefault(vlan, {})[svm] = now + OTHER_QUERIER_S
-                    self._querier_heard(vlan, now, msg.response_s)
+                    if msg.kind == QUERY:
+                        self._querier_heard(vlan, now, msg.response_s)
                 return False  # for every host on the link
-            if msg.kind == ROUTER:  # a PIM hello or MRD advertisement
-                if svm.ips is None:
-                    self._mrouters.setdefault(vlan, {})[svm] = now + OTHER_QUERIER_S
-                return False  # to a link-local group: every member
             self._membership(src, vlan, msg.records, now)
         elif et not in (_ETH_IPV4, _ETH_IPV6):
             return False  # not IP: no group to look up
@@ -1611,6 +1609,12 @@ class Switch:
             if dvm is not svm and vlan in dvm.vlans:
                 self._deliver(dvm, view, fid, now, need)
         return True
+
+    def _refuse_report(self, vm: _Vm, now: float) -> None:
+        """A report of ``vm`` the switch could not take: counted, and ``vm``
+        gets every group until a membership it reported would have ended."""
+        self.stats.mcast_refused += 1
+        self._mcast_all[vm] = now + MEMBERSHIP_S
 
     def _querier_heard(self, vlan: int, now: float, response_s: float = RESPONSE_S) -> None:
         """A query was sent on ``vlan`` (by a router port or the switch),
@@ -1649,8 +1653,7 @@ class Switch:
                 continue
             if not member:
                 if len(vm.groups) >= MCAST_GROUPS_PER_VM:
-                    self.stats.mcast_refused += 1
-                    self._mcast_all[vm] = now + MEMBERSHIP_S
+                    self._refuse_report(vm, now)
                     continue
                 vm.groups.add(key)
             self._groups.setdefault(key, {})[vm] = order[fkey] = now + MEMBERSHIP_S
@@ -2008,7 +2011,7 @@ class Switch:
         vlans = {v for vm in self._vms.values() for v in vm.vlans}
         for vlan in sorted(vlans - self._mrouters.keys()):
             self._querier_heard(vlan, now)
-            for query in (igmp_query(self._mac), mld_query(self._mac)):
+            for query in self._queries:
                 tag = struct.pack("!HH", 0x8100, vlan) if vlan else b""
                 frame = memoryview(bytes(VNET_HDR_LEN) + query[:12] + tag + query[12:])
                 fid = flow_id(frame)
