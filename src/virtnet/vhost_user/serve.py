@@ -284,9 +284,6 @@ class Daemon:
         #: VMs added at run time, by name: their add request as it stands after
         #: later ``set`` requests (what the state file keeps).
         self.runtime: dict[str, AddVm] = {}
-        #: The switch-wide settings (``--neigh-suppress``, ``--mcast-snoop``,
-        #: ``--mcast-querier``, or ``virtnet ctl switch`` since).
-        self.switch_settings: dict[str, bool] = dict.fromkeys(SWITCH_SETTINGS, False)
         try:
             for i, path in enumerate(sockets):
                 self._add_vm(path, _tap_spec(port, i, len(sockets)))
@@ -315,11 +312,8 @@ class Daemon:
                 raise UsageError(f"{flag} needs --port switch (a tap's groups are the host's)")
             if neigh_suppress or mcast_snoop or mcast_querier:
                 self.set_switch(
-                    SetSwitch(
-                        neigh_suppress or None, mcast_snoop or mcast_querier or None,
-                        mcast_querier or None,
-                    )
-                )  # fmt: skip
+                    SetSwitch(neigh_suppress or None, mcast_snoop or None, mcast_querier or None)
+                )
             if isinstance(self._shared, SwitchPort):
                 # Its death wakes the loop at once instead of at the next tick.
                 self.server.watch(self._shared.control, self._shared.drain_replies)
@@ -700,25 +694,17 @@ class Daemon:
         sw = self._shared
         if not isinstance(sw, SwitchPort):
             raise UsageError("'switch' needs --port switch")
-        if req.neigh_suppress is not None:
-            sw.set_neigh_suppress(req.neigh_suppress)
-            self.switch_settings["neigh_suppress"] = req.neigh_suppress
-        if req.mcast_snoop is not None:
-            sw.set_mcast_snoop(req.mcast_snoop)
-            self.switch_settings["mcast_snoop"] = req.mcast_snoop
-            if not req.mcast_snoop:
-                self.switch_settings["mcast_querier"] = False
-        if req.mcast_querier is not None:
-            if req.mcast_querier:
-                sw.set_mcast_snoop(True)
-                self.switch_settings["mcast_snoop"] = True
-            sw.set_mcast_querier(req.mcast_querier)
-            self.switch_settings["mcast_querier"] = req.mcast_querier
+        # In this order; the switch makes the querier bring snooping on, and
+        # snooping off take the querier (its stats say what is on).
+        setters = {"neigh_suppress": sw.set_neigh_suppress, "mcast_snoop": sw.set_mcast_snoop,
+                   "mcast_querier": sw.set_mcast_querier}  # fmt: skip
+        asked = {key: on for key in SWITCH_SETTINGS if (on := getattr(req, key)) is not None}
+        for key, on in asked.items():
+            setters[key](on)
         log.info(
             "switch: %s",
-            ", ".join(f"{k.replace('_', '-')} {'on' if v else 'off'}"
-                      for k, v in self.switch_settings.items()),
-        )  # fmt: skip
+            ", ".join(f"{k.replace('_', '-')} {'on' if on else 'off'}" for k, on in asked.items()),
+        )
 
     def _add_remembered(self, req: AddVm) -> str:
         """Serve ``req``'s VM and remember its add request for the state file."""
