@@ -109,13 +109,21 @@ def _count(row: dict[str, Any], key: str) -> int:
     return v
 
 
+def _labelled(
+    sw: dict[str, Any], what: str, name: str, help_text: str, label: str, values: tuple[str, ...]
+) -> CounterMetricFamily:
+    """One counter family of the switch's ``WHAT_VALUE`` counters, a sample
+    for each of ``values`` under ``label``."""
+    family = CounterMetricFamily(name, help_text, labels=[label])
+    for value in values:
+        family.add_metric([value], _count(sw, f"{what}_{value}"))
+    return family
+
+
 def _learnt(sw: dict[str, Any], what: str, name: str, help_text: str) -> CounterMetricFamily:
     """A counter of what the switch learnt by snooping, by ``result``: its
     ``WHAT_learnt`` and ``WHAT_refused`` counters."""
-    family = CounterMetricFamily(name, help_text, labels=["result"])
-    for result in ("learnt", "refused"):
-        family.add_metric([result], _count(sw, f"{what}_{result}"))
-    return family
+    return _labelled(sw, what, name, help_text, "result", ("learnt", "refused"))
 
 
 def _vms(doc: Any) -> list[dict[str, Any]]:
@@ -286,15 +294,13 @@ def _switch_families(sw: Any, taps: CounterMetricFamily) -> list[Metric]:
         "ARP requests and neighbour solicitations the switch answered itself.",
     )
     suppressed.add_metric([], _count(sw, "neigh_suppressed"))
-    mcast = CounterMetricFamily(
-        "virtnet_switch_mcast",
+    mcast = _labelled(
+        sw, "mcast", "virtnet_switch_mcast",
         "IGMP/MLD snooping: group records that made or renewed a membership (joined), reports"
         " the switch could not take (refused), frames sent to a group's members (forwarded),"
         " general queries the switch sent as querier (queries).",
-        labels=["event"],
-    )
-    for event in ("joined", "refused", "forwarded", "queries"):
-        mcast.add_metric([event], _count(sw, f"mcast_{event}"))
+        "event", ("joined", "refused", "forwarded", "queries"),
+    )  # fmt: skip
     ctl = CounterMetricFamily(
         "virtnet_switch_control_errors", "Bad control messages the switch refused."
     )
