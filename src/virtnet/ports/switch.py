@@ -919,13 +919,18 @@ class _Vm:
         )
 
 
+def _on_vlan(vlan: int) -> str:
+    """How ``virtnet stats`` names a VLAN after a table entry ("" for untagged)."""
+    return f" vlan {vlan}" if vlan else ""
+
+
 def _group_text(vlan: int, group: int | bytes, f: Filter | None = None) -> str:
     """A multicast group (and a member's source filter) as ``virtnet stats`` shows it."""
     text = str(ipaddress.ip_address(group))
     if f is not None:
         sources = ",".join(sorted(str(ipaddress.ip_address(s)) for s in f[1]))
         text += f" {'from' if f[0] else 'not from'} {sources}"
-    return text + (f" vlan {vlan}" if vlan else "")
+    return text + _on_vlan(vlan)
 
 
 def _answerable(vm: _Vm) -> bool:
@@ -1291,7 +1296,7 @@ class Switch:
             if vm.slaac and any(not _link_local(a) for _v, a in vm.bound)
         }  # fmt: skip
         self.stats.prefixes = [
-            f"{ipaddress.IPv6Address(pfx + bytes(8))}/64" + (f" vlan {vlan}" if vlan else "")
+            f"{ipaddress.IPv6Address(pfx + bytes(8))}/64" + _on_vlan(vlan)
             for vlan, pfxs in sorted(self._prefixes.items())
             for pfx in sorted(pfxs)
         ]
@@ -1308,7 +1313,7 @@ class Switch:
             if on
         ]  # fmt: skip
         self.stats.mrouters = [
-            vm.id + (f" vlan {vlan}" if vlan else "")
+            vm.id + _on_vlan(vlan)
             for vlan, routers in sorted(self._mrouters.items())
             for vm in routers
         ]
