@@ -39,10 +39,10 @@ RAW = struct.Struct("<QIHH")
 
 
 def make(
-    size: int = 8, event_idx: bool = False
+    size: int = 8, event_idx: bool = False, in_order: bool = False
 ) -> tuple[GuestMemory, PackedDriverQueue, PackedDeviceQueue]:
     mem = GuestMemory.anonymous(MEM)
-    drv = PackedDriverQueue(mem, size, DESC, DRIVER, DEVICE, event_idx=event_idx)
+    drv = PackedDriverQueue(mem, size, DESC, DRIVER, DEVICE, event_idx=event_idx, in_order=in_order)
     dev = PackedDeviceQueue(mem, size, DESC, DRIVER, DEVICE, event_idx=event_idx)
     return mem, drv, dev
 
@@ -133,6 +133,23 @@ def test_many_laps_of_mixed_buffers(size: int, shapes: list[tuple[int, int, bool
     assert [t for t, _ in got] == sent
     assert drv.num_free == size and drv.in_flight() == 0
     assert not dev.has_available()
+
+
+@pytest.mark.parametrize("in_order", [False, True])
+def test_in_order_driver_refuses_a_device_that_uses_out_of_order(in_order: bool) -> None:
+    """VIRTIO_F_IN_ORDER: buffers must come back in the order they were made
+    available; the in-order driver refuses anything else."""
+    _mem, drv, dev = make(size=8, in_order=in_order)
+    for k in range(3):
+        drv.add([(buf(k), 1)], [], k)
+    drv.publish()
+    a, b, c = dev.pop(8)
+    dev.push([(a.head, 0), (c.head, 0), (b.head, 0)])
+    if not in_order:
+        assert [t for t, _ in drv.get_used()] == [0, 2, 1]
+        return
+    with pytest.raises(VirtqueueError, match=r"before \d+ although IN_ORDER"):
+        drv.get_used()
 
 
 def test_unpop_gives_back_chains_of_several_slots() -> None:

@@ -51,8 +51,13 @@ RX_RING = 0x10000
 TX_RING = 0x20000
 BUFS = 0x100000
 BUF_SIZE = 2048
+#: IN_ORDER: the rigs' driver queues check that the worker uses buffers in order.
 FEATURES = int(
-    NetFeature.VERSION_1 | NetFeature.MRG_RXBUF | NetFeature.EVENT_IDX | NetFeature.INDIRECT_DESC
+    NetFeature.VERSION_1
+    | NetFeature.MRG_RXBUF
+    | NetFeature.EVENT_IDX
+    | NetFeature.INDIRECT_DESC
+    | NetFeature.IN_ORDER
 )
 
 
@@ -114,12 +119,24 @@ def _queue(mem: GuestMemory, base: int, packed: bool = False) -> DriverQueue:
     if packed:
         lay = packed_layout()
         q: object = PackedDriverQueue(
-            mem, QSIZE, base + lay.desc, base + lay.avail, base + lay.used, event_idx=True
+            mem,
+            QSIZE,
+            base + lay.desc,
+            base + lay.avail,
+            base + lay.used,
+            event_idx=True,
+            in_order=True,
         )
         return q  # type: ignore[return-value]  # the same driver interface
     lay = split_ring_layout(QSIZE)
     return DriverQueue(
-        mem, QSIZE, base + lay.desc, base + lay.avail, base + lay.used, event_idx=True
+        mem,
+        QSIZE,
+        base + lay.desc,
+        base + lay.avail,
+        base + lay.used,
+        event_idx=True,
+        in_order=True,
     )
 
 
@@ -854,9 +871,9 @@ def test_rx_publishes_large_frames_without_waiting_for_the_batch(
         )
         lay = split_ring_layout(QSIZE)
         rx = DriverQueue(mem, QSIZE, RX_RING + lay.desc, RX_RING + lay.avail,
-                         RX_RING + lay.used, event_idx=False)  # fmt: skip
+                         RX_RING + lay.used, event_idx=False, in_order=True)  # fmt: skip
         tx = DriverQueue(mem, QSIZE, TX_RING + lay.desc, TX_RING + lay.avail,
-                         TX_RING + lay.used, event_idx=False)  # fmt: skip
+                         TX_RING + lay.used, event_idx=False, in_order=True)  # fmt: skip
         feats = (FEATURES & ~int(NetFeature.EVENT_IDX)) | int(
             NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4
         )
@@ -945,7 +962,7 @@ def _inproc(kick_defer_us: int) -> Iterator[InProc]:
                       "null", None, kick_defer_us=kick_defer_us)  # fmt: skip
     w = Worker(spec, a)
     tx = DriverQueue(mem, QSIZE, TX_RING + lay.desc, TX_RING + lay.avail, TX_RING + lay.used,
-                     event_idx=False)  # fmt: skip
+                     event_idx=False, in_order=True)  # fmt: skip
     try:
         yield InProc(w, mem, tx, call)
     finally:

@@ -44,11 +44,13 @@ def guards_intact(backing: bytearray) -> bool:
 
 
 def make_pair(
-    size: int = 16, event_idx: bool = False
+    size: int = 16, event_idx: bool = False, in_order: bool = False
 ) -> tuple[GuestMemory, DriverQueue, DeviceQueue]:
     mem = GuestMemory.anonymous(MEM_SIZE)
     lay = split_ring_layout(size)
-    drv = DriverQueue(mem, size, lay.desc, lay.avail, lay.used, event_idx=event_idx)
+    drv = DriverQueue(
+        mem, size, lay.desc, lay.avail, lay.used, event_idx=event_idx, in_order=in_order
+    )
     dev = DeviceQueue(mem, size, lay.desc, lay.avail, lay.used, event_idx=event_idx)
     return mem, drv, dev
 
@@ -305,6 +307,38 @@ def test_driver_rejects_unknown_used_head() -> None:
     drv.kick_needed()
     dev.push([(5, 0)])  # a device that lies
     with pytest.raises(VirtqueueError):
+        drv.get_used()
+
+
+def test_in_order_driver_takes_descriptors_in_ring_order() -> None:
+    """VIRTIO_F_IN_ORDER (virtio 1.3 2.7.9): the driver uses descriptors in
+    ring order, wrapping at the end of the table, across chains of any length."""
+    _mem, drv, dev = make_pair(8, in_order=True)
+    heads = [drv.add([(DATA_BASE, 1)] * n, [], n) for n in (3, 1, 2)]
+    assert heads == [0, 3, 4]
+    drv.kick_needed()
+    dev.push([(ch.head, 0) for ch in dev.pop(8)])
+    assert [t for t, _ in drv.get_used()] == [3, 1, 2]
+    # Two descriptors (6, 7) are left before the wrap; a chain of 3 runs over it.
+    assert drv.add([(DATA_BASE, 1)] * 3, [], "wrap") == 6
+    drv.kick_needed()
+    (ch,) = dev.pop(8)
+    assert ch.out_len == 3
+    assert drv.add([(DATA_BASE, 1)], [], "next") == 1
+
+
+@pytest.mark.parametrize("in_order", [False, True])
+def test_in_order_driver_refuses_a_device_that_uses_out_of_order(in_order: bool) -> None:
+    _mem, drv, dev = make_pair(8, in_order=in_order)
+    for k in range(3):
+        drv.add([(DATA_BASE, 1)], [], k)
+    drv.kick_needed()
+    a, b, c = dev.pop(8)
+    dev.push([(a.head, 0), (c.head, 0), (b.head, 0)])
+    if not in_order:
+        assert [t for t, _ in drv.get_used()] == [0, 2, 1]
+        return
+    with pytest.raises(VirtqueueError, match=r"before \d+ although IN_ORDER"):
         drv.get_used()
 
 

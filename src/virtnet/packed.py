@@ -42,6 +42,7 @@ counter in bit 15, used index in bits 16-30, its wrap counter in bit 31.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Iterable, Sequence
 from itertools import repeat
 
@@ -56,6 +57,7 @@ from virtnet.virtq import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     Chain,
+    _check_order,
     _full_barrier,
     first_region,
     vring_need_event,
@@ -658,6 +660,7 @@ class PackedDriverQueue:
         device_addr: int,
         *,
         event_idx: bool = False,
+        in_order: bool = False,
     ) -> None:
         self.mem = mem
         self.desc, self.driver_event, self.device_event = _views(
@@ -666,6 +669,10 @@ class PackedDriverQueue:
         self.flags = self.desc.cast("H")
         self.size = size
         self.event_idx = event_idx
+        # VIRTIO_F_IN_ORDER: buffer ids in the order they were made available,
+        # which get_used checks the device's used ids against.
+        self.in_order = in_order
+        self._order: deque[int] = deque()
         self.desc[:] = bytes(size * DESC_SIZE)
         self.driver_event[0] = self.driver_event[1] = 0
         self.device_event[0] = self.device_event[1] = 0
@@ -717,6 +724,8 @@ class PackedDriverQueue:
         self.avail_idx, self.avail_wrap = slot, wrap
         self._tokens[bid] = token
         self._ndesc[bid] = n
+        if self.in_order:
+            self._order.append(bid)
         self.num_free -= n
         return bid
 
@@ -748,6 +757,8 @@ class PackedDriverQueue:
         self.avail_idx = slot
         self._tokens[bid] = token
         self._ndesc[bid] = 1
+        if self.in_order:
+            self._order.append(bid)
         self.num_free -= 1
         return bid
 
@@ -795,6 +806,8 @@ class PackedDriverQueue:
             _addr, length, bid, _f = _desc_unpack(self.desc, self.used_idx * DESC_SIZE)
             if bid >= self.size or self._tokens[bid] is None:
                 raise VirtqueueError(f"device returned id {bid} that is not in flight")
+            if self.in_order:
+                _check_order(self._order, bid)
             res.append((self._tokens[bid], length))
             self._tokens[bid] = None
             n = self._ndesc[bid]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -530,6 +531,17 @@ class DeviceQueue:
         return self.has_available()
 
 
+def _check_order(order: deque[int], used: int) -> None:
+    """``used`` is the next buffer made available (VIRTIO_F_IN_ORDER), else
+    :class:`VirtqueueError`.  A device that writes one used entry per batch
+    (which the spec allows) is refused too: no device we test does."""
+    expected = order.popleft()
+    if used != expected:
+        raise VirtqueueError(
+            f"device used buffer {used} before {expected} although IN_ORDER was negotiated"
+        )
+
+
 class DriverQueue:
     """The driver's side of one split virtqueue (what Linux's virtio_ring does)."""
 
@@ -542,14 +554,21 @@ class DriverQueue:
         used_addr: int,
         *,
         event_idx: bool = False,
+        in_order: bool = False,
     ) -> None:
         self.mem = mem
         self._r = _Rings(mem, size, desc_addr, avail_addr, used_addr)
         self.size = size
         self.event_idx = event_idx
-        # Free descriptors as a stack; next pointers kept in our own shadow,
-        # never read back from (device-writable) guest memory.
-        self._free = list(range(size - 1, -1, -1))
+        # Free descriptors; next pointers kept in our own shadow, never read
+        # back from (device-writable) guest memory.  A stack, or with
+        # VIRTIO_F_IN_ORDER a queue: descriptors are then taken in ring order
+        # (virtio 1.3 2.7.9), and the device must use the chains in the order
+        # they were made available (:attr:`_order`, checked by get_used).
+        self.in_order = in_order
+        self._free: deque[int] = deque(range(size) if in_order else range(size - 1, -1, -1))
+        self._take = self._free.popleft if in_order else self._free.pop
+        self._order: deque[int] = deque()
         self._tokens: list[object | None] = [None] * size
         self._chain: list[list[int]] = [[] for _ in range(size)]
         self.avail_idx = 0
@@ -584,7 +603,8 @@ class DriverQueue:
         if len(free) < n:
             return None
         desc = self._r.desc
-        ids = [free.pop() for _ in range(n)]
+        take = self._take
+        ids = [take() for _ in range(n)]
         last = n - 1
         for k, (addr, length) in enumerate((*out, *in_)):
             flags = VIRTQ_DESC_F_WRITE if k >= len(out) else 0
@@ -596,6 +616,8 @@ class DriverQueue:
         head = ids[0]
         self._tokens[head] = token
         self._chain[head] = ids
+        if self.in_order:
+            self._order.append(head)
         r = self._r
         r.avail[2 + (self.avail_idx & r.mask)] = head
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
@@ -618,12 +640,14 @@ class DriverQueue:
             _desc_pack(table, k * DESC_SIZE, addr, length, flags, k + 1 if k < len(bufs) - 1 else 0)
         if not self._free:
             return None
-        d = self._free.pop()
+        d = self._take()
         _desc_pack(
             self._r.desc, d * DESC_SIZE, table_addr, len(bufs) * DESC_SIZE, VIRTQ_DESC_F_INDIRECT, 0
         )
         self._tokens[d] = token
         self._chain[d] = [d]
+        if self.in_order:
+            self._order.append(d)
         r = self._r
         r.avail[2 + (self.avail_idx & r.mask)] = d
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
@@ -675,9 +699,13 @@ class DriverQueue:
             idx += 1
             if head >= self.size or tokens[head] is None:
                 raise VirtqueueError(f"device returned head {head} that is not in flight")
+            if self.in_order:
+                _check_order(self._order, head)
+                free.extend(chains[head])
+            else:
+                free.extend(reversed(chains[head]))
             tok = tokens[head]
             tokens[head] = None
-            free.extend(reversed(chains[head]))
             res.append((tok, length))
         self.last_used_idx = idx & 0xFFFF
         return res

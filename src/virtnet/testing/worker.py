@@ -81,10 +81,20 @@ class WorkerHarness:
         )
         queue = PackedDriverQueue if packed else DriverQueue
         self.rx, self.tx = (
-            queue(self.mem, QSIZE, b + lay.desc, b + lay.avail, b + lay.used, event_idx=True)
+            queue(
+                self.mem,
+                QSIZE,
+                b + lay.desc,
+                b + lay.avail,
+                b + lay.used,
+                event_idx=True,
+                in_order=True,
+            )
             for b in (RX_RING, TX_RING)
         )
-        feats = NetFeature.VERSION_1 | NetFeature.MRG_RXBUF | NetFeature.EVENT_IDX
+        feats = (
+            NetFeature.VERSION_1 | NetFeature.MRG_RXBUF | NetFeature.EVENT_IDX | NetFeature.IN_ORDER
+        )
         if packed:
             feats |= NetFeature.RING_PACKED
         if gso:
