@@ -114,12 +114,15 @@ def _pairs(stats: Path) -> list[dict[str, int]]:
     return pairs
 
 
+@pytest.mark.parametrize("in_order", [True, False], ids=["in-order", "any-order"])
 @pytest.mark.parametrize("ring", ["split", "packed"])
 def test_testpmd_io_forwarding_on_two_queues_then_one(
-    serve_loopback: tuple[Path, Path, Path], ring: str
+    serve_loopback: tuple[Path, Path, Path], ring: str, in_order: bool
 ) -> None:
-    """``packed``: virtio-user's ``packed_vq=1`` negotiates VIRTIO_F_RING_PACKED."""
-    io_forwarding_on_two_queues_then_one(*serve_loopback, ring=ring)
+    """``packed``: virtio-user's ``packed_vq=1`` negotiates VIRTIO_F_RING_PACKED;
+    virtio-user asks for VIRTIO_F_IN_ORDER unless ``in_order=0`` (and then
+    takes its in-order receive and transmit paths)."""
+    io_forwarding_on_two_queues_then_one(*serve_loopback, ring=ring, in_order=in_order)
 
 
 @pytest.mark.root
@@ -156,6 +159,7 @@ def io_forwarding_on_two_queues_then_one(
     tmp: Path,
     *,
     ring: str,
+    in_order: bool = True,
     memory: Sequence[str] = NO_HUGE,
     while_two: Callable[[], None] | None = None,
 ) -> None:
@@ -164,6 +168,8 @@ def io_forwarding_on_two_queues_then_one(
     vdev = f"net_virtio_user0,path={sock},queues=2,cq=1" + (
         ",packed_vq=1" if ring == "packed" else ""
     )
+    if not in_order:
+        vdev += ",in_order=0"
     pmd = PmdProcess(tmp, vdev, "--rxq=2", "--txq=2", memory=memory)
     try:
         assert wait_for(lambda: "testpmd>" in pmd.output(), timeout=30), pmd.output()
@@ -200,6 +206,7 @@ def io_forwarding_on_two_queues_then_one(
     log = (tmp / "serve.log").read_text()
     assert "negotiated features" in log and "ring 3 disabled" in log
     assert ("RING_PACKED" in log) is (ring == "packed")
+    assert ("IN_ORDER" in log) is in_order
     assert "broken" not in log and "ERROR" not in log, log[-3000:]
 
 

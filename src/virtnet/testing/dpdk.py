@@ -223,13 +223,18 @@ class TestPmd:
         server: bool = False,
         fwd: str = "txonly",
         packed: bool = False,
+        in_order: bool = True,
         **kw: object,
     ) -> TestPmd:
         """testpmd with one ``net_virtio_user`` port (DPDK's own frontend) on
-        ``sock``; ``packed``: packed virtqueues (``packed_vq=1``)."""
+        ``sock``; ``packed``: packed virtqueues (``packed_vq=1``); not
+        ``in_order``: VIRTIO_F_IN_ORDER left out (``in_order=0``; virtio-user
+        asks for it by default and then takes its in-order paths)."""
         vdev = f"net_virtio_user0,path={sock},queues={queues}" + (",server=1" if server else "")
         if packed:
             vdev += ",packed_vq=1"
+        if not in_order:
+            vdev += ",in_order=0"
         return cls([vdev], rxq=queues, txq=queues, fwd=fwd, **kw)  # type: ignore[arg-type]
 
     # -- life cycle -------------------------------------------------------

@@ -128,6 +128,9 @@ DEFAULT_FEATURES = (
         # Packed virtqueues (virtio 1.3 2.8, virtnet.packed); QEMU passes the
         # bit on with -device virtio-net-pci,packed=on, DPDK with packed_vq=1.
         | NetFeature.RING_PACKED
+        # Every worker uses buffers in the order they were made available
+        # (virtio 1.3 2.7.9/2.8.23); DPDK's virtio-user asks for it by default.
+        | NetFeature.IN_ORDER
     )
     | (1 << F_PROTOCOL_FEATURES)
     | LOG_ALL
