@@ -31,11 +31,13 @@ backend's CPU seconds per million packets (virtnet: serve and its workers;
 DPDK: the vhost testpmd, which spins a core whatever the load).
 
 ``--rings packed`` (or ``split packed``) has the peer negotiate packed
-virtqueues (``packed_vq=1``) with either backend.
+virtqueues (``packed_vq=1``) with either backend.  ``--orders any`` (or
+``in any``) has it leave out VIRTIO_F_IN_ORDER (``in_order=0``), which it
+otherwise asks for and both backends offer.
 
 Usage: ``python bench/backend_capacity.py [--seconds S] [--queues 1 2]
 [--sizes 64 1518] [--modes txonly pingpong] [--rings split packed]
-[--poll-us U] [--json FILE]``
+[--orders in any] [--poll-us U] [--json FILE]``
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Figure:
     cpu_s_per_mpkt: float
     backend_cpu_share: float
     ring: str = "split"
+    order: str = "in"
 
 
 def _wait(path: Path, timeout: float = 20.0) -> None:
@@ -114,6 +117,7 @@ def one(
     tmp: Path,
     poll_us: int,
     ring: str = "split",
+    order: str = "in",
 ) -> Figure:
     peer_lcores = "0-1"  # main lcore 0, forwarding on 1
     fwd = "io" if mode == "pingpong" else "txonly"
@@ -178,6 +182,7 @@ def one(
                 main_lcore=0,
                 extra_app=[f"--txpkts={size}"],
                 packed=ring == "packed",
+                in_order=order == "in",
             )
         )
         if mode == "pingpong":
@@ -208,6 +213,7 @@ def one(
         cpu_s_per_mpkt=cpu_s / (pkts / 1e6) if pkts else float("inf"),
         backend_cpu_share=cpu_s / dt,
         ring=ring,
+        order=order,
     )
 
 
@@ -231,6 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["split", "packed"],
         help="virtqueue layout the peer negotiates (packed: virtio-user packed_vq=1)",
     )
+    ap.add_argument(
+        "--orders",
+        nargs="+",
+        default=["in"],
+        choices=["in", "any"],
+        help="in: the peer asks for VIRTIO_F_IN_ORDER (its default); any: in_order=0",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     reason = skip_reason()
@@ -240,12 +253,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="vncap-") as d:
         tmp = Path(d)
-        for mode, ring in ((m, r) for m in args.modes for r in args.rings):
+        for mode, ring, order in (
+            (m, r, o) for m in args.modes for r in args.rings for o in args.orders
+        ):
             for q in args.queues:
                 for size in args.sizes:
                     row = {}
                     for backend in args.backends:
-                        f = one(backend, mode, q, size, args.seconds, tmp, args.poll_us, ring)
+                        f = one(
+                            backend, mode, q, size, args.seconds, tmp, args.poll_us, ring, order
+                        )
                         figures.append(f)
                         row[backend] = f
                     p = row.get("dpdk")
@@ -256,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ]
                     for f in row.values():
                         print(
-                            f"{f.mode:8} {f.ring:6} q={f.queues} {f.size:5}B {f.backend:8}"
+                            f"{f.mode:8} {f.ring:6} {f.order:3} q={f.queues} {f.size:5}B"
+                            f" {f.backend:8}"
                             f" {f.pps / 1e6:7.3f} Mpps {f.gbps:7.3f} Gbit/s"
                             f" {f.cpu_s_per_mpkt:7.3f} CPU-s/Mpkt"
                             f" (backend CPU {f.backend_cpu_share:4.2f})",
