@@ -82,6 +82,10 @@ Invariants:
   always equals the used index: at stop the reserve is given back
   (``unpop``) and the reported next-avail index equals the used index, and a
   crashed worker can be restarted from the used index in guest memory.
+  Buffers are thus used in the order they were made available, which is
+  what ``VIRTIO_F_IN_ORDER`` promises; with it negotiated on a split ring a
+  tx batch is returned with one used entry naming its last buffer
+  (virtio 1.3 2.7.9), the used index moved on by the whole batch.
 * Packed rings (``VIRTIO_F_RING_PACKED``, :mod:`virtnet.packed`) are served
   by the same loop through :class:`~virtnet.packed.PackedDeviceQueue`; their
   next-avail report is the 32-bit packed base (both positions and wrap
@@ -401,6 +405,10 @@ class Worker:
         self.tap_fd = self.port.fileno() if spec.port_kind == "tap" else None
         self.port_readable = True
         self.packed = bool(feats & NetFeature.RING_PACKED)
+        # VIRTIO_F_IN_ORDER on a split ring: a tx batch is returned with one
+        # used entry (DeviceQueue.push_batch).  Packed rings mark every slot
+        # of a used buffer anyway (see virtnet.packed), so they gain nothing.
+        self.tx_one_entry = bool(feats & NetFeature.IN_ORDER) and not self.packed
         self.rxq: AnyQueue | None = None
         self.txq: AnyQueue | None = None
         self.call = {spec.rx.index: spec.rx.call_fd, spec.tx.index: spec.tx.call_fd}
@@ -610,8 +618,11 @@ class Worker:
             send = port.send
             for ch in chains:
                 send(ch.out)
-        q.push_heads([ch.head for ch in chains])
         n = len(chains)
+        if self.tx_one_entry and isinstance(q, DeviceQueue):
+            q.push_batch(chains[-1].head, n)
+        else:
+            q.push_heads([ch.head for ch in chains])
         if q.should_notify():
             self.tx_signal_pending = True
         if self.tx_signal_pending:
