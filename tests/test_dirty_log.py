@@ -192,6 +192,12 @@ def test_used_ring_is_marked_at_its_log_address_when_asked() -> None:
     log.clear()
     dev.enable_notify(False)  # flags / avail_event are used-ring writes too
     assert pages(log) == want
+    log.clear()
+    drv.add([(DATA, 64)], [], "tx2")
+    drv.add([(DATA, 64)], [], "tx3")
+    _a, b = _pop(drv, dev, 2)
+    dev.push_batch(b.head, 2)  # IN_ORDER: one entry for the batch, marked the same
+    assert pages(log) == want
 
 
 def test_no_log_no_marks_and_logging_stops() -> None:

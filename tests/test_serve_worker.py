@@ -453,6 +453,22 @@ def test_null_port_counts_and_drops(rig: Rig) -> None:
     assert rig.counter("tx_packets") == 50 and rig.counter("tx_bytes") == 50 * 64
 
 
+@pytest.mark.parametrize("in_order", [True, False], ids=["in-order", "any-order"])
+def test_tx_batch_goes_back_with_one_used_entry_under_in_order(rig: Rig, in_order: bool) -> None:
+    """VIRTIO_F_IN_ORDER on a split ring: the worker returns a tx batch with
+    one used entry, where the batch's first would go, naming its last buffer
+    (virtio 1.3 2.7.9); without it, an entry per buffer."""
+    feats = FEATURES if in_order else FEATURES & ~int(NetFeature.IN_ORDER)
+    _send(rig, [_frame(i) for i in range(50)])  # all available before it starts: one batch
+    _start(rig, dataclasses.replace(rig.spec("null"), features=feats))
+    assert [t for t, _ in _wait_used(rig.tx, 50)] == list(range(50))
+    used = rig.mem.view(TX_RING + split_ring_layout(QSIZE).used, 4 + 8 * 50).cast("I")
+    heads = [used[1 + 2 * i] for i in range(50)]
+    assert heads == ([49] + [0] * 49 if in_order else list(range(50)))
+    _stop(rig)
+    assert rig.counter("tx_packets") == 50
+
+
 def test_packed_rings_loop_back_over_several_laps(prig: Rig) -> None:
     """Packed rings: frames come back intact over three laps of both rings,
     and the stop reports 32-bit bases whose used and avail halves agree."""

@@ -9,7 +9,8 @@ process per running queue pair.
 Invariants:
 
 * Features offered: VERSION_1, MQ (``--queues`` pairs, 1..MAX_QUEUE_PAIRS),
-  MRG_RXBUF, EVENT_IDX, INDIRECT_DESC, MTU, STATUS and, unless
+  MRG_RXBUF, EVENT_IDX, INDIRECT_DESC, MTU, STATUS, GUEST_ANNOUNCE,
+  RING_PACKED, IN_ORDER and, unless
   ``--no-offloads``, CSUM/GUEST_CSUM/HOST_TSO4/6/GUEST_TSO4/6: tap applies
   what the guest accepted with TUNSETOFFLOAD; loopback and null carry
   anything; the switch is told each VM's rx offloads and drops (counting)
