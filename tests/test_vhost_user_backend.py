@@ -416,6 +416,15 @@ def test_reply_ack() -> None:
     be.close()
 
 
+def test_features_offered_and_withheld() -> None:
+    """IN_ORDER is offered (every worker uses buffers in order); RING_RESET
+    is not: QEMU would offer it to the guest but never tells a vhost-user
+    backend of a queue reset, so the worker would go on with a ring the
+    guest has freed."""
+    assert DEFAULT_FEATURES & NetFeature.IN_ORDER
+    assert not DEFAULT_FEATURES & NetFeature.RING_RESET
+
+
 def test_rarp_only_when_configured() -> None:
     rec = Recorder()
     be = Backend(rec, BackendConfig(rarp=True))

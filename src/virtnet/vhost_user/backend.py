@@ -129,8 +129,12 @@ DEFAULT_FEATURES = (
         # bit on with -device virtio-net-pci,packed=on, DPDK with packed_vq=1.
         | NetFeature.RING_PACKED
         # Every worker uses buffers in the order they were made available
-        # (virtio 1.3 2.7.9/2.8.23); DPDK's virtio-user asks for it by default.
+        # (virtio 1.3 2.7.9); DPDK's virtio-user asks for it by default.
         | NetFeature.IN_ORDER
+        # Not RING_RESET: QEMU would pass it on to the guest (its
+        # user_feature_bits), but its virtio-net tells only vhost-kernel of a
+        # queue reset (virtio_net_queue_reset), so a guest resizing a ring
+        # (ethtool -G) would leave the worker on the old one in freed memory.
     )
     | (1 << F_PROTOCOL_FEATURES)
     | LOG_ALL
