@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from virtnet.demo import PAYLOAD_OFF, build_frame
+from virtnet.net import NetFeature
 from virtnet.testing.dpdk import TestPmd, skip_reason
 from virtnet.vhost_user.frontend import VhostUserFrontend
 
@@ -77,6 +78,9 @@ def test_rxonly_counts_every_frame(sock: Path) -> None:
 
 def test_macswap_echoes_on_the_same_pair(macswap4: TestPmd, sock: Path) -> None:
     with VhostUserFrontend(sock, queue_pairs=4) as fe:
+        # DPDK's vhost offers IN_ORDER: our driver's queues then check that it
+        # uses every buffer in the order it was made available.
+        assert fe.features & NetFeature.IN_ORDER
         assert fe.max_pairs == 4
         assert fe.set_queue_pairs(4)
         frames = [build_frame(f, 0) for f in range(64)]

@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import virtnet
 from virtnet.demo import PAYLOAD_OFF, build_frame
+from virtnet.net import NetFeature
 from virtnet.pktgen import PairCounters, PktgenResult, run_pktgen
 from virtnet.rr import run_rr
 from virtnet.testing.guest import wait_for
@@ -86,6 +87,9 @@ def collect(fe: VhostUserFrontend, want: int, timeout: float = 5.0) -> list[tupl
 
 def test_loopback_echoes_on_the_same_pair(tmp_path: Path) -> None:
     with serve(tmp_path, "loopback") as (sock,), VhostUserFrontend(sock, queue_pairs=4) as fe:
+        # IN_ORDER: serve's workers return tx batches with one used entry,
+        # which our driver's in-order queues read.
+        assert fe.features & NetFeature.IN_ORDER
         assert fe.max_pairs == 4 and fe.set_queue_pairs(4)
         frames = [build_frame(f, 0) for f in range(32)]
         pair_of = {f: fe.driver.select_queue(fr) for f, fr in enumerate(frames)}
@@ -97,6 +101,14 @@ def test_loopback_echoes_on_the_same_pair(tmp_path: Path) -> None:
             orig = frames[flow]
             assert pair == pair_of[flow]
             assert data == orig[6:12] + orig[0:6] + orig[12:]  # MACs swapped
+
+
+def test_fast_rings_leave_in_order_out(tmp_path: Path) -> None:
+    """FastPair (pktgen, rr) gives buffers back by every used entry's id, so
+    it does not take IN_ORDER, under which a device may batch them."""
+    with serve(tmp_path, "loopback") as (sock,), VhostUserFrontend(sock, fast=True) as fe:
+        assert not fe.features & NetFeature.IN_ORDER
+        assert fe.features & NetFeature.EVENT_IDX
 
 
 def _marked_pages(log: memoryview) -> set[int]:

@@ -63,6 +63,9 @@ DEFAULT_DRIVER_FEATURES = (
     | NetFeature.CTRL_MAC_ADDR
     | NetFeature.EVENT_IDX
     | NetFeature.INDIRECT_DESC
+    # Linux asks for it since 6.17 (its in-order virtqueues); the queues then
+    # take descriptors in ring order and read batched used entries.
+    | NetFeature.IN_ORDER
 )
 
 #: Linux's mergeable rx buffers are sized from the average packet, around
@@ -163,6 +166,7 @@ class VirtioNetDriver:
         self.kick_cb = kick
         self.pump = pump
         self.event_idx = bool(self.features & NetFeature.EVENT_IDX)
+        self.in_order = bool(self.features & NetFeature.IN_ORDER)
         self.alloc = alloc
         self.layouts: dict[int, tuple[int, int, int, int]] = {}
         self.rxqs: list[_RxQueue] = []
@@ -192,7 +196,7 @@ class VirtioNetDriver:
         base = self.alloc.alloc(lay.total, 4096)
         addrs = (base + lay.desc, base + lay.avail, base + lay.used)
         self.layouts[index] = (size, *addrs)
-        vq = DriverQueue(self.mem, size, *addrs, event_idx=self.event_idx)
+        vq = DriverQueue(self.mem, size, *addrs, event_idx=self.event_idx, in_order=self.in_order)
         vq.enable_interrupts(True)
         return vq
 

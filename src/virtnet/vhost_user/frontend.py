@@ -205,6 +205,7 @@ BACKEND_FEATURE_BITS = int(
     | _N.INDIRECT_DESC
     | _N.EVENT_IDX
     | _N.VERSION_1
+    | _N.IN_ORDER
 )
 #: Bits the frontend itself provides (the control queue and config space live
 #: in the VMM); never sent to the backend.
@@ -857,6 +858,10 @@ class VhostUserFrontend:
         backend = self.backend_features & BACKEND_FEATURE_BITS
         if not self.protocol_features & _PF.MQ.mask:
             backend &= ~int(_N.MQ)
+        if self.fast:
+            # FastPair gives buffers back by the id of every used entry; a
+            # device may return an in-order batch with one entry.
+            backend &= ~int(_N.IN_ORDER)
         return backend | FRONTEND_FEATURE_BITS
 
     def _build_guest(self) -> None:
