@@ -76,11 +76,13 @@ def test_rxonly_counts_every_frame(sock: Path) -> None:
             assert fe.driver_stats()["tx_queue_0_packets"] == sent
 
 
-def test_macswap_echoes_on_the_same_pair(macswap4: TestPmd, sock: Path) -> None:
-    with VhostUserFrontend(sock, queue_pairs=4) as fe:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_macswap_echoes_on_the_same_pair(macswap4: TestPmd, sock: Path, packed: bool) -> None:
+    with VhostUserFrontend(sock, queue_pairs=4, packed=packed) as fe:
         # DPDK's vhost offers IN_ORDER: our driver's queues then check that it
         # uses every buffer in the order it was made available.
         assert fe.features & NetFeature.IN_ORDER
+        assert bool(fe.features & NetFeature.RING_PACKED) is packed
         assert fe.max_pairs == 4
         assert fe.set_queue_pairs(4)
         frames = [build_frame(f, 0) for f in range(64)]
@@ -108,16 +110,19 @@ def test_io_echoes_unchanged(sock: Path) -> None:
             assert sorted(d for _, d in got) == sorted(frames)
 
 
-def test_queue_change_under_load_loses_nothing_uncounted(macswap4: TestPmd, sock: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_queue_change_under_load_loses_nothing_uncounted(
+    macswap4: TestPmd, sock: Path, packed: bool
+) -> None:
     """Frames keep flowing while the pairs go 4 -> 1 -> 2 -> 3 -> 4.
 
     Every frame sent comes back exactly once, or is counted as a drop by the
     driver (tx ring full) or by testpmd (TX-errors: it could not put the echo
-    into our receive ring).
+    into our receive ring).  ``packed``: on packed virtqueues.
     """
     flows = 48
     window = 192
-    with VhostUserFrontend(sock, queue_pairs=4, queue_size=256) as fe:
+    with VhostUserFrontend(sock, queue_pairs=4, queue_size=256, packed=packed) as fe:
         assert fe.set_queue_pairs(4)
         seqs = [0] * flows
         seen: list[set[int]] = [set() for _ in range(flows)]

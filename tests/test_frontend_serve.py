@@ -85,11 +85,16 @@ def collect(fe: VhostUserFrontend, want: int, timeout: float = 5.0) -> list[tupl
     return got
 
 
-def test_loopback_echoes_on_the_same_pair(tmp_path: Path) -> None:
-    with serve(tmp_path, "loopback") as (sock,), VhostUserFrontend(sock, queue_pairs=4) as fe:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_loopback_echoes_on_the_same_pair(tmp_path: Path, packed: bool) -> None:
+    with (
+        serve(tmp_path, "loopback") as (sock,),
+        VhostUserFrontend(sock, queue_pairs=4, packed=packed) as fe,
+    ):
         # IN_ORDER: serve's workers return tx batches with one used entry,
-        # which our driver's in-order queues read.
+        # which our driver's in-order queues read (split rings).
         assert fe.features & NetFeature.IN_ORDER
+        assert bool(fe.features & NetFeature.RING_PACKED) is packed
         assert fe.max_pairs == 4 and fe.set_queue_pairs(4)
         frames = [build_frame(f, 0) for f in range(32)]
         pair_of = {f: fe.driver.select_queue(fr) for f, fr in enumerate(frames)}
@@ -398,8 +403,11 @@ def test_queue_change_under_load_against_loopback(tmp_path: Path) -> None:
     assert all(q.tx_packets > 0 for q in res.queues)
 
 
-def test_reconnect_after_serve_restarts(tmp_path: Path) -> None:
-    fe = VhostUserFrontend(tmp_path / "vm0.sock", queue_pairs=2, timeout=10.0)
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_reconnect_after_serve_restarts(tmp_path: Path, packed: bool) -> None:
+    """The new serve takes up each ring where the old one had used buffers to
+    (packed: the used position the driver walks off the ring)."""
+    fe = VhostUserFrontend(tmp_path / "vm0.sock", queue_pairs=2, timeout=10.0, packed=packed)
     try:
         with serve(tmp_path, "loopback", queues=2):
             fe.open()

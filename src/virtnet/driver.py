@@ -45,6 +45,7 @@ from virtnet.net import (
     rx_index,
     tx_index,
 )
+from virtnet.packed import PackedDriverQueue
 from virtnet.virtq import DriverQueue, split_ring_layout
 
 __all__ = ["DEFAULT_DRIVER_FEATURES", "BumpAllocator", "QueueStats", "RxFrame", "VirtioNetDriver"]
@@ -66,6 +67,9 @@ DEFAULT_DRIVER_FEATURES = (
     # Linux asks for it since 6.17 (its in-order virtqueues); the queues then
     # take descriptors in ring order and read batched used entries.
     | NetFeature.IN_ORDER
+    # Taken when the device offers it, as Linux does (QEMU offers it with
+    # packed=on; VhostUserFrontend with packed=True).
+    | NetFeature.RING_PACKED
 )
 
 #: Linux's mergeable rx buffers are sized from the average packet, around
@@ -111,9 +115,13 @@ class RxFrame:
     data: bytes
 
 
+#: A split or a packed virtqueue's driver side (the same interface).
+AnyDriverQueue = DriverQueue | PackedDriverQueue
+
+
 @dataclass
 class _RxQueue:
-    vq: DriverQueue
+    vq: AnyDriverQueue
     bufs: list[int]  # buffer index -> guest address
     free: list[int] = field(default_factory=list)
     stats: QueueStats = field(default_factory=QueueStats)
@@ -121,7 +129,7 @@ class _RxQueue:
 
 @dataclass
 class _TxQueue:
-    vq: DriverQueue
+    vq: AnyDriverQueue
     slots: list[int]
     free: list[int] = field(default_factory=list)
     stats: QueueStats = field(default_factory=QueueStats)
@@ -167,6 +175,7 @@ class VirtioNetDriver:
         self.pump = pump
         self.event_idx = bool(self.features & NetFeature.EVENT_IDX)
         self.in_order = bool(self.features & NetFeature.IN_ORDER)
+        self.packed = bool(self.features & NetFeature.RING_PACKED)
         self.alloc = alloc
         self.layouts: dict[int, tuple[int, int, int, int]] = {}
         self.rxqs: list[_RxQueue] = []
@@ -182,7 +191,7 @@ class VirtioNetDriver:
             tvq = self._make_vq(tx_index(p))
             slots = [alloc.alloc(self.hdr_len + MAX_TX_FRAME) for _ in range(queue_size)]
             self.txqs.append(_TxQueue(tvq, slots, list(range(queue_size))))
-        self.ctrl: DriverQueue | None = None
+        self.ctrl: AnyDriverQueue | None = None
         if self.has_ctrl:
             self.ctrl = self._make_vq(ctrl_index(self.max_pairs), size=64)
             self._ctrl_buf = alloc.alloc(4096)
@@ -190,13 +199,25 @@ class VirtioNetDriver:
             self.refill(p)
 
     # -- set-up -----------------------------------------------------------
-    def _make_vq(self, index: int, size: int | None = None) -> DriverQueue:
+    def _make_vq(self, index: int, size: int | None = None) -> AnyDriverQueue:
         size = size or self.queue_size
-        lay = split_ring_layout(size)
-        base = self.alloc.alloc(lay.total, 4096)
-        addrs = (base + lay.desc, base + lay.avail, base + lay.used)
+        vq: AnyDriverQueue
+        if self.packed:
+            # Descriptors, then the driver and device event areas: what
+            # vhost-user's SET_VRING_ADDR sends as desc, avail and used.
+            desc = self.alloc.alloc(16 * size + 8, 4096)
+            addrs = (desc, desc + 16 * size, desc + 16 * size + 4)
+            vq = PackedDriverQueue(
+                self.mem, size, *addrs, event_idx=self.event_idx, in_order=self.in_order
+            )
+        else:
+            lay = split_ring_layout(size)
+            base = self.alloc.alloc(lay.total, 4096)
+            addrs = (base + lay.desc, base + lay.avail, base + lay.used)
+            vq = DriverQueue(
+                self.mem, size, *addrs, event_idx=self.event_idx, in_order=self.in_order
+            )
         self.layouts[index] = (size, *addrs)
-        vq = DriverQueue(self.mem, size, *addrs, event_idx=self.event_idx, in_order=self.in_order)
         vq.enable_interrupts(True)
         return vq
 
@@ -209,7 +230,7 @@ class VirtioNetDriver:
     def num_vqs(self) -> int:
         return 2 * self.max_pairs + (1 if self.has_ctrl else 0)
 
-    def _kick(self, vq_index: int, vq: DriverQueue) -> None:
+    def _kick(self, vq_index: int, vq: AnyDriverQueue) -> None:
         if vq.kick_needed():
             self.kick_cb(vq_index)
             pair = vq_index >> 1

@@ -57,7 +57,6 @@ from virtnet.virtq import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     Chain,
-    _check_order,
     _full_barrier,
     first_region,
     vring_need_event,
@@ -800,19 +799,30 @@ class PackedDriverQueue:
         return 1 if self._used_ready() else 0
 
     def get_used(self, max_items: int = MAX_QUEUE_SIZE) -> list[tuple[object, int]]:
-        """Reclaim used buffers: ``(token, written_len)`` in the order the device used them."""
+        """Reclaim used buffers: ``(token, written_len)`` in the order the device used them.
+
+        With VIRTIO_F_IN_ORDER a used descriptor may stand for a batch: it
+        names the batch's last buffer, and the device skips the slots of the
+        rest (virtio 1.3, packed virtqueues, "In-order use of descriptors";
+        DPDK's vhost does so for transmit).  The batch comes back whole, the buffers before
+        its last with length 0."""
         res: list[tuple[object, int]] = []
         while len(res) < max_items and self._used_ready():
             _addr, length, bid, _f = _desc_unpack(self.desc, self.used_idx * DESC_SIZE)
             if bid >= self.size or self._tokens[bid] is None:
                 raise VirtqueueError(f"device returned id {bid} that is not in flight")
-            if self.in_order:
-                _check_order(self._order, bid)
-            res.append((self._tokens[bid], length))
-            self._tokens[bid] = None
-            n = self._ndesc[bid]
+            batch = (
+                [self._order.popleft() for _ in range(self._order.index(bid) + 1)]
+                if self.in_order
+                else [bid]
+            )
+            n = 0
+            for b in batch:
+                res.append((self._tokens[b], length if b == bid else 0))
+                self._tokens[b] = None
+                n += self._ndesc[b]
+                self._free_ids.append(b)
             self.num_free += n
-            self._free_ids.append(bid)
             self.used_idx += n
             if self.used_idx >= self.size:
                 self.used_idx -= self.size
@@ -833,3 +843,47 @@ class PackedDriverQueue:
 
     def in_flight(self) -> int:
         return sum(1 for t in self._tokens if t is not None)
+
+    def _device_position(self) -> tuple[int, int]:
+        """The device's used position: past every buffer it has used, reaped
+        or not, walked from ours by each used buffer's slot count (what the
+        driver knows; a device need not mark a chain's later slots)."""
+        idx, wrap = self.used_idx, self.used_wrap
+        walked = 0
+        order = list(self._order) if self.in_order else []
+        k = 0  # in order: the buffers up to order[k] are behind us
+        while walked < self.size:
+            f = self.flags[8 * idx + 7]
+            if f & _BOTH != (_BOTH if wrap else 0):
+                break
+            bid = self.flags[8 * idx + 6]
+            if bid >= self.size or self._tokens[bid] is None:
+                break
+            if self.in_order:
+                # An in-order batch: its slots are those of every buffer up to bid.
+                try:
+                    end = order.index(bid, k) + 1
+                except ValueError:
+                    break
+                n = sum(self._ndesc[b] for b in order[k:end])
+                k = end
+            else:
+                n = self._ndesc[bid]
+            walked += n
+            idx += n
+            if idx >= self.size:
+                idx -= self.size
+                wrap ^= 1
+        return idx, wrap
+
+    def device_base(self) -> int:
+        """Where the device stands, as a vhost-user ring base (SET_VRING_BASE:
+        both halves at its used position, so a new backend takes up every
+        buffer the old one had not used)."""
+        idx, wrap = self._device_position()
+        return encode_base(idx, wrap, idx, wrap)
+
+    def device_done(self) -> bool:
+        """Whether the device has used every buffer made available."""
+        self.publish()
+        return self._device_position() == (self.avail_idx, self.avail_wrap)

@@ -553,16 +553,6 @@ class DeviceQueue:
         return self.has_available()
 
 
-def _check_order(order: deque[int], used: int) -> None:
-    """``used`` is the next buffer made available (VIRTIO_F_IN_ORDER), else
-    :class:`VirtqueueError`."""
-    expected = order.popleft()
-    if used != expected:
-        raise VirtqueueError(
-            f"device used buffer {used} before {expected} although IN_ORDER was negotiated"
-        )
-
-
 class DriverQueue:
     """The driver's side of one split virtqueue (what Linux's virtio_ring does)."""
 
@@ -777,3 +767,12 @@ class DriverQueue:
 
     def in_flight(self) -> int:
         return sum(1 for t in self._tokens if t is not None)
+
+    def device_base(self) -> int:
+        """Where the device stands, as a vhost-user ring base: its used index
+        (a new backend goes on from there, as with QEMU)."""
+        return int(self._r.used[1])
+
+    def device_done(self) -> bool:
+        """Whether the device has used every buffer made available."""
+        return int(self._r.used[1]) == self._published

@@ -70,6 +70,7 @@ from virtnet.driver import (
     DEFAULT_DRIVER_FEATURES,
     MAX_TX_FRAME,
     MERGEABLE_BUF_SIZE,
+    AnyDriverQueue,
     BumpAllocator,
     RxFrame,
     VirtioNetDriver,
@@ -89,6 +90,7 @@ from virtnet.net import (
     rx_index,
     tx_index,
 )
+from virtnet.packed import FRESH_BASE, PackedDeviceQueue
 from virtnet.vhost_user.codec import (
     MAX_FDS_PER_MESSAGE,
     MAX_MEM_REGIONS,
@@ -206,6 +208,7 @@ BACKEND_FEATURE_BITS = int(
     | _N.EVENT_IDX
     | _N.VERSION_1
     | _N.IN_ORDER
+    | _N.RING_PACKED
 )
 #: Bits the frontend itself provides (the control queue and config space live
 #: in the VMM); never sent to the backend.
@@ -649,9 +652,12 @@ class VhostUserFrontend:
         mac: bytes = DEFAULT_MAC,
         fast: bool = False,
         auto_reconnect: bool = True,
+        packed: bool = False,
     ) -> None:
         if mode not in ("connect", "listen"):
             raise UsageError(f"mode must be connect or listen, not {mode!r}")
+        if packed and fast:
+            raise UsageError("packed rings are not available with fast=True (split rings only)")
         if not 1 <= queue_pairs <= MAX_QUEUE_PAIRS:
             raise UsageError(f"queue pairs must be within 1..{MAX_QUEUE_PAIRS}")
         if not 2 <= queue_size <= MAX_QUEUE_SIZE or queue_size & (queue_size - 1):
@@ -669,6 +675,9 @@ class VhostUserFrontend:
         self.wanted_protocol = protocol_features
         self.mac = bytes(mac)
         self.fast = fast
+        # QEMU's -device virtio-net-pci,packed=on: the device offers packed
+        # virtqueues (if the backend does) and a driver that wants them uses them.
+        self.packed = packed
         self.auto_reconnect = auto_reconnect
         self.stats = FrontendStats()
         # negotiated state
@@ -689,7 +698,7 @@ class VhostUserFrontend:
         self.rings: dict[int, RingInfo] = {}
         self.fast_pairs: list[FastPair] = []
         self._ctrl_state: ControlState | None = None
-        self._ctrl_q: DeviceQueue | None = None
+        self._ctrl_q: DeviceQueue | PackedDeviceQueue | None = None
         self._ctrl_failure: PeerError | None = None
         self._closed = False
         self._opened = False
@@ -862,6 +871,8 @@ class VhostUserFrontend:
             # FastPair gives buffers back by the id of every used entry; a
             # device may return an in-order batch with one entry.
             backend &= ~int(_N.IN_ORDER)
+        if not self.packed:
+            backend &= ~int(_N.RING_PACKED)
         return backend | FRONTEND_FEATURE_BITS
 
     def _build_guest(self) -> None:
@@ -902,7 +913,8 @@ class VhostUserFrontend:
             self.rings[index] = RingInfo(index, size_, d, a, u, kick, call)
         if drv.ctrl is not None:
             cs, cd, ca, cu = drv.vq_layout(ctrl_index(drv.max_pairs))
-            self._ctrl_q = DeviceQueue(
+            ctrl_queue = PackedDeviceQueue if drv.packed else DeviceQueue
+            self._ctrl_q = ctrl_queue(
                 self.mem, cs, cd, ca, cu, event_idx=bool(drv.features & _N.EVENT_IDX)
             )
             self._ctrl_state = ControlState.new(
@@ -963,9 +975,11 @@ class VhostUserFrontend:
         else:
             self.rings[index].enabled = True
 
-    def _used_idx(self, r: RingInfo) -> int:
-        assert self.mem is not None
-        return int(self.mem.view(r.used + 2, 2).cast("H")[0])
+    def _driver_vq(self, index: int) -> AnyDriverQueue:
+        """The guest driver's side of data ring ``index``."""
+        drv = self.driver
+        pair, tx = divmod(index, 2)
+        return (drv.txqs if tx else drv.rxqs)[pair].vq
 
     def _vhost_features(self) -> int:
         """What SET_FEATURES acks: the guest's backend bits plus vhost's own."""
@@ -983,9 +997,13 @@ class VhostUserFrontend:
         self._send_memory()
         for index in sorted(self.rings):
             r = self.rings[index]
-            # A fresh device starts at 0; after a backend restart, continue from
-            # the used index the old backend left (QEMU's behaviour).
-            base = self._used_idx(r) if resume else 0
+            # A fresh device starts at the ring's start; after a backend
+            # restart, continue from where the old backend had used buffers to
+            # (the split used index, as QEMU does; a packed ring's used position).
+            if resume:
+                base = self._driver_vq(index).device_base()
+            else:
+                base = FRESH_BASE if self.driver.packed else 0
             self._send_ring(r, base)
         want = max(self.curr_pairs, 1)
         for p in range(self.max_pairs):
@@ -1218,9 +1236,8 @@ class VhostUserFrontend:
         deadline = time.monotonic() + DRAIN_TIMEOUT
         assert self.mem is not None
         for p in pairs:
-            r = self.rings[tx_index(p)]
-            avail = self.mem.view(r.avail + 2, 2).cast("H")
-            while self._used_idx(r) != avail[0]:
+            vq = self._driver_vq(tx_index(p))
+            while not vq.device_done():
                 if time.monotonic() > deadline:
                     self.stats.drain_timeouts += 1
                     log.warning("tx ring of pair %d did not drain before detach", p)
