@@ -116,28 +116,13 @@ def packed_layout() -> RingLayout:
 
 
 def _queue(mem: GuestMemory, base: int, packed: bool = False) -> DriverQueue:
-    if packed:
-        lay = packed_layout()
-        q: object = PackedDriverQueue(
-            mem,
-            QSIZE,
-            base + lay.desc,
-            base + lay.avail,
-            base + lay.used,
-            event_idx=True,
-            in_order=True,
-        )
-        return q  # type: ignore[return-value]  # the same driver interface
-    lay = split_ring_layout(QSIZE)
-    return DriverQueue(
-        mem,
-        QSIZE,
-        base + lay.desc,
-        base + lay.avail,
-        base + lay.used,
-        event_idx=True,
-        in_order=True,
-    )
+    """The driver's side of a ring at ``base`` (in order: every rig checks
+    that the worker uses buffers in the order they were made available)."""
+    lay = packed_layout() if packed else split_ring_layout(QSIZE)
+    queue = PackedDriverQueue if packed else DriverQueue
+    q = queue(mem, QSIZE, *(base + a for a in (lay.desc, lay.avail, lay.used)),
+              event_idx=True, in_order=True)  # fmt: skip
+    return q  # type: ignore[return-value]  # packed: the same driver interface
 
 
 @pytest.fixture

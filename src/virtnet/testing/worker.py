@@ -80,13 +80,12 @@ class WorkerHarness:
             else split_ring_layout(QSIZE)
         )
         queue = PackedDriverQueue if packed else DriverQueue
+        # In order: the harness checks that the worker uses buffers in turn.
         self.rx, self.tx = (
             queue(
                 self.mem,
                 QSIZE,
-                b + lay.desc,
-                b + lay.avail,
-                b + lay.used,
+                *(b + a for a in (lay.desc, lay.avail, lay.used)),
                 event_idx=True,
                 in_order=True,
             )
