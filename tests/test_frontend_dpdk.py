@@ -172,11 +172,14 @@ def test_queue_change_under_load_loses_nothing_uncounted(
         assert received + tx_drops + pmd_drops == sum(seqs), (received, tx_drops, pmd_drops)
 
 
-def test_reconnect_when_testpmd_restarts(sock: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_reconnect_when_testpmd_restarts(sock: Path, packed: bool) -> None:
+    """``packed``: the new testpmd takes up each ring at the used position our
+    driver walks off it, through DPDK's one-descriptor transmit batches."""
     first = pmd(sock, 2, "macswap").start()
     try:
         first.start_forwarding()
-        fe = VhostUserFrontend(sock, queue_pairs=2, timeout=15.0)
+        fe = VhostUserFrontend(sock, queue_pairs=2, timeout=15.0, packed=packed)
         with fe:
             assert fe.set_queue_pairs(2)
             assert fe.send([build_frame(f, 0) for f in range(8)]) == 8
