@@ -64,8 +64,8 @@ DEFAULT_DRIVER_FEATURES = (
     | NetFeature.CTRL_MAC_ADDR
     | NetFeature.EVENT_IDX
     | NetFeature.INDIRECT_DESC
-    # Linux asks for it since 6.17 (its in-order virtqueues); the queues then
-    # take descriptors in ring order and read batched used entries.
+    # The queues then take descriptors in ring order and read batched used
+    # entries (virtio 1.3 2.7.9).
     | NetFeature.IN_ORDER
     # Taken when the device offers it, as Linux does (QEMU offers it with
     # packed=on; VhostUserFrontend with packed=True).
