@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -170,6 +171,19 @@ def who_gets(sw: Switch, q: SocketQueue, f: bytes, queues: dict[str, SocketQueue
     return {name for name, other in queues.items() if drain(other)}
 
 
+@contextlib.contextmanager
+def uplink(sw: Switch) -> Iterator[SocketQueue]:
+    """A tap uplink ``up`` on ``sw``: our end of it, closed afterwards."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sw.attach_tap("up", os.dup(theirs.fileno()))
+    theirs.close()
+    up = SocketQueue(mine)
+    try:
+        yield up
+    finally:
+        up.close()
+
+
 def ask(sw: Switch, clock: Clock, qs: dict[str, SocketQueue]) -> None:
     """Make the switch the querier and wait until its first queries have
     been answered (snooping holds traffic back from then on)."""
@@ -329,11 +343,8 @@ def test_an_uplinks_leave_waits_and_groups_are_capped(
     group; a removed VM's memberships go with it."""
     monkeypatch.setattr(sw_mod, "MCAST_GROUPS_PER_VM", 2)
     qs = {v: sw.open_queue(v, 0) for v in "ab"}
-    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sw.attach_tap("up", os.dup(theirs.fileno()))
-    theirs.close()
-    qs["up"] = up = SocketQueue(mine)
-    try:
+    with uplink(sw) as up:
+        qs["up"] = up
         ask(sw, clock, qs)
         who_gets(sw, up, igmp(mac(9), 0x16, "239.1.1.1"), qs)
         who_gets(sw, up, igmp(mac(9), 0x17, "239.1.1.1"), qs)
@@ -347,8 +358,6 @@ def test_an_uplinks_leave_waits_and_groups_are_capped(
         sw.remove_vm("up")
         assert sw.snapshot().groups == {"b": ["239.0.0.1", "239.0.0.2"]}
         assert not sw._groups.get((0, int(ipaddress.IPv4Address("239.1.1.1"))))
-    finally:
-        up.close()
 
 
 def test_the_control_channel_turns_snooping_on_and_off(sw: Switch) -> None:
@@ -564,11 +573,8 @@ def test_source_specific_memberships(sw: Switch, clock: Clock) -> None:
     gets; a record of more than MAX_SOURCES sources, and any join from the
     uplink (several hosts may be behind it), is for any source."""
     qs = {v: sw.open_queue(v, 0) for v in "abc"}
-    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sw.attach_tap("up", os.dup(theirs.fileno()))
-    theirs.close()
-    qs["up"] = up = SocketQueue(mine)
-    try:
+    with uplink(sw) as up:
+        qs["up"] = up
         ask(sw, clock, qs)
         who_gets(sw, qs["b"], igmp(mac(2), 0x22, records=[(TO_EX, "239.5.5.5", 1)]), qs)
         who_gets(sw, qs["c"], igmp(mac(3), 0x22, records=[(IS_IN, "239.5.5.5", 2)]), qs)
@@ -589,8 +595,6 @@ def test_source_specific_memberships(sw: Switch, clock: Clock) -> None:
         who_gets(sw, up, igmp(mac(9), 0x22, records=[(TO_IN, "239.5.5.5", 0)]), qs)
         who_gets(sw, qs["b"], igmp(mac(2), 0x22, records=[(TO_IN, "239.5.5.5", 0)]), qs)
         assert who_gets(sw, qs["a"], data(mac(1), "239.5.5.5", ip=2), qs) == {"c", "up"}
-    finally:
-        up.close()
 
 
 def _pim_hello(src: bytes, ip_src: str, *, bad_checksum: bool = False) -> bytes:
