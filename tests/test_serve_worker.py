@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from virtnet.memory import GuestMemory, MemoryRegion
 from virtnet.net import NetFeature
-from virtnet.packed import FRESH_BASE, PackedDriverQueue, decode_base
+from virtnet.packed import FRESH_BASE, PackedDriverQueue, decode_base, packed_ring_layout
 from virtnet.vhost_user.backend import RingConfig
 from virtnet.vhost_user.supervisor import Supervisor
 from virtnet.vhost_user.worker import (
@@ -43,7 +43,7 @@ from virtnet.vhost_user.worker import (
     WorkerSpec,
     spawn_worker,
 )
-from virtnet.virtq import DriverQueue, RingLayout, split_ring_layout
+from virtnet.virtq import DriverQueue, split_ring_layout
 
 MEM = 4 << 20
 QSIZE = 256
@@ -76,7 +76,7 @@ class Rig:
     packed: bool = False
 
     def spec(self, port: str = "loopback", rx_avail: int = 0, tx_avail: int = 0) -> WorkerSpec:
-        lay = packed_layout() if self.packed else split_ring_layout(QSIZE)
+        lay = packed_ring_layout(QSIZE) if self.packed else split_ring_layout(QSIZE)
         rings = []
         fresh = FRESH_BASE if self.packed else 0
         for i, base, asked in ((0, RX_RING, rx_avail), (1, TX_RING, tx_avail)):
@@ -109,16 +109,10 @@ class Rig:
         return int(self.counters[FIELDS.index(name)])
 
 
-def packed_layout() -> RingLayout:
-    """A packed ring in the split ring's slot: descriptors, then the driver
-    and device event areas (SET_VRING_ADDR's avail and used)."""
-    return RingLayout(QSIZE, 0, 16 * QSIZE, 16 * QSIZE + 4, 16 * QSIZE + 8)
-
-
 def _queue(mem: GuestMemory, base: int, packed: bool = False) -> DriverQueue:
     """The driver's side of a ring at ``base`` (in order: every rig checks
     that the worker uses buffers in the order they were made available)."""
-    lay = packed_layout() if packed else split_ring_layout(QSIZE)
+    lay = packed_ring_layout(QSIZE) if packed else split_ring_layout(QSIZE)
     queue = PackedDriverQueue if packed else DriverQueue
     q = queue(mem, QSIZE, *(base + a for a in (lay.desc, lay.avail, lay.used)),
               event_idx=True, in_order=True)  # fmt: skip
@@ -499,7 +493,7 @@ def test_packed_restart_continues_from_reported_bases(prig: Rig) -> None:
 def test_packed_chain_round_the_ring_breaks_only_that_ring(prig: Rig) -> None:
     _post_rx(prig, 64)
     _start(prig, prig.spec())
-    lay = packed_layout()
+    lay = packed_ring_layout(QSIZE)
     for slot in range(QSIZE):  # every slot available, every one saying NEXT
         struct.pack_into("<QIHH", prig.mem.view(TX_RING + lay.desc + 16 * slot, 16), 0,
                          0x200000, 64, 0, 1 << 7 | 1)  # fmt: skip

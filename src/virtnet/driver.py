@@ -45,7 +45,7 @@ from virtnet.net import (
     rx_index,
     tx_index,
 )
-from virtnet.packed import PackedDriverQueue
+from virtnet.packed import PackedDriverQueue, packed_ring_layout
 from virtnet.virtq import DriverQueue, split_ring_layout
 
 __all__ = ["DEFAULT_DRIVER_FEATURES", "BumpAllocator", "QueueStats", "RxFrame", "VirtioNetDriver"]
@@ -201,22 +201,13 @@ class VirtioNetDriver:
     # -- set-up -----------------------------------------------------------
     def _make_vq(self, index: int, size: int | None = None) -> AnyDriverQueue:
         size = size or self.queue_size
-        vq: AnyDriverQueue
-        if self.packed:
-            # Descriptors, then the driver and device event areas: what
-            # vhost-user's SET_VRING_ADDR sends as desc, avail and used.
-            desc = self.alloc.alloc(16 * size + 8, 4096)
-            addrs = (desc, desc + 16 * size, desc + 16 * size + 4)
-            vq = PackedDriverQueue(
-                self.mem, size, *addrs, event_idx=self.event_idx, in_order=self.in_order
-            )
-        else:
-            lay = split_ring_layout(size)
-            base = self.alloc.alloc(lay.total, 4096)
-            addrs = (base + lay.desc, base + lay.avail, base + lay.used)
-            vq = DriverQueue(
-                self.mem, size, *addrs, event_idx=self.event_idx, in_order=self.in_order
-            )
+        lay = packed_ring_layout(size) if self.packed else split_ring_layout(size)
+        base = self.alloc.alloc(lay.total, 4096)
+        addrs = (base + lay.desc, base + lay.avail, base + lay.used)
+        queue = PackedDriverQueue if self.packed else DriverQueue
+        vq: AnyDriverQueue = queue(
+            self.mem, size, *addrs, event_idx=self.event_idx, in_order=self.in_order
+        )
         self.layouts[index] = (size, *addrs)
         vq.enable_interrupts(True)
         return vq

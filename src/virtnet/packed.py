@@ -57,6 +57,7 @@ from virtnet.virtq import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     Chain,
+    RingLayout,
     _full_barrier,
     first_region,
     vring_need_event,
@@ -74,6 +75,7 @@ __all__ = [
     "decode_base",
     "encode_base",
     "is_position",
+    "packed_ring_layout",
     "ring_position",
 ]
 
@@ -106,6 +108,15 @@ def check_packed_size(size: int) -> None:
     """2.8: a packed ring has 1..32768 entries, any number (not only powers of 2)."""
     if not 0 < size <= MAX_QUEUE_SIZE:
         raise VirtqueueError(f"packed queue size {size} is not in 1..{MAX_QUEUE_SIZE}")
+
+
+def packed_ring_layout(size: int) -> RingLayout:
+    """A packed ring in one block: the descriptors, then the driver and the
+    device event suppression areas, 4 bytes each (what vhost-user's
+    SET_VRING_ADDR sends as desc, avail and used)."""
+    check_packed_size(size)
+    driver = size * DESC_SIZE
+    return RingLayout(size, 0, driver, driver + EVENT_SIZE, driver + 2 * EVENT_SIZE)
 
 
 def encode_base(avail: int, avail_wrap: int, used: int, used_wrap: int) -> int:

@@ -17,11 +17,11 @@ import subprocess
 
 from virtnet.memory import GuestMemory, MemoryRegion
 from virtnet.net import NetFeature
-from virtnet.packed import FRESH_BASE, PackedDriverQueue
+from virtnet.packed import FRESH_BASE, PackedDriverQueue, packed_ring_layout
 from virtnet.ports.base import PortQueue
 from virtnet.ports.tap import TapPort
 from virtnet.vhost_user.worker import RegionSpec, RingSpec, Worker, WorkerSpec
-from virtnet.virtq import DriverQueue, RingLayout, split_ring_layout
+from virtnet.virtq import DriverQueue, split_ring_layout
 
 QSIZE = 256
 MEM_SIZE = 8 << 20
@@ -74,11 +74,7 @@ class WorkerHarness:
         self.mem = GuestMemory(
             [MemoryRegion.from_fd(self.memfd, guest_addr=0, size=MEM_SIZE, user_addr=USER_ADDR)]
         )
-        lay = (
-            RingLayout(QSIZE, 0, 16 * QSIZE, 16 * QSIZE + 4, 16 * QSIZE + 8)
-            if packed
-            else split_ring_layout(QSIZE)
-        )
+        lay = packed_ring_layout(QSIZE) if packed else split_ring_layout(QSIZE)
         queue = PackedDriverQueue if packed else DriverQueue
         # In order: the harness checks that the worker uses buffers in turn.
         self.rx, self.tx = (
