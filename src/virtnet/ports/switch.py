@@ -2016,8 +2016,8 @@ class Switch:
         vlans = {v for vm in self._vms.values() for v in vm.vlans}
         for vlan in sorted(vlans - self._mrouters.keys()):
             self._querier_heard(vlan, now)
+            tag = struct.pack("!HH", 0x8100, vlan) if vlan else b""
             for query in self._queries:
-                tag = struct.pack("!HH", 0x8100, vlan) if vlan else b""
                 frame = memoryview(bytes(VNET_HDR_LEN) + query[:12] + tag + query[12:])
                 fid = flow_id(frame)
                 self.stats.mcast_queries += 1
